@@ -1,0 +1,355 @@
+//! The `IncomingMailProvider` resource: one login to one POP3 or IMAP mailbox.
+//!
+//! Field documentation lives here, in doc comments, so that `kubectl explain` and the
+//! generated CRD say what the code does. Validation that the API server can do itself
+//! (schema and CEL rules) is declared here too, so bad input is refused at apply time.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// One login to one POP3 or IMAP mailbox, tested continuously by mailroom.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "mailroom.dev",
+    version = "v1alpha1",
+    kind = "IncomingMailProvider",
+    plural = "incomingmailproviders",
+    shortname = "imp",
+    shortname = "mailprovider",
+    category = "mailroom",
+    doc = "One login to one POP3 or IMAP mailbox, tested continuously by mailroom; .status says whether it works and why not.",
+    namespaced,
+    status = "IncomingMailProviderStatus",
+    printcolumn(name = "Protocol", type_ = "string", json_path = ".spec.server.protocol"),
+    printcolumn(name = "Host", type_ = "string", json_path = ".spec.server.host"),
+    printcolumn(name = "Port", type_ = "integer", json_path = ".status.endpoint.port"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
+    printcolumn(name = "Last Check", type_ = "date", json_path = ".status.lastCheckTime"),
+    printcolumn(name = "Message", type_ = "string", priority = "1", json_path = ".status.conditions[?(@.type==\"Ready\")].message"),
+    validation = Rule::new("self.spec.tls.mode != 'None' || self.spec.authentication.method != 'Password' || self.spec.authentication.allowUnencrypted")
+        .message("a password may not be sent without TLS: set spec.tls.mode to Implicit or StartTLS, or spec.authentication.allowUnencrypted to true")
+        .field_path(".spec.authentication.allowUnencrypted")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct IncomingMailProviderSpec {
+    /// A free-text name for people; mailroom does not use it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub display_name: Option<String>,
+    /// Where the mail server is and what it speaks.
+    pub server: ServerSpec,
+    /// How the connection is secured. Defaults to implicit TLS with the platform's roots.
+    #[serde(default)]
+    pub tls: TlsSpec,
+    /// How mailroom logs in.
+    pub authentication: AuthenticationSpec,
+    /// How often and how long each test may take, and what it opens.
+    #[serde(default)]
+    pub check: CheckSpec,
+    /// When true, no tests run and Ready is Unknown with reason Suspended.
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+/// The mail server's address and protocol.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerSpec {
+    /// DNS name or IP literal (v4, or v6 without brackets) of the server. No scheme, port,
+    /// path or spaces: put the port in `port` and the protocol in `protocol`.
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(
+        validation = Rule::new("!self.contains('://')").message("host must not contain a scheme such as imaps://: give the bare DNS name or IP, and the protocol in spec.server.protocol"),
+        validation = Rule::new("!self.contains('/')").message("host must not contain a path or '/': give the bare DNS name or IP"),
+        validation = Rule::new("!self.matches('\\\\s')").message("host must not contain spaces"),
+        validation = Rule::new("!self.contains(':') || isIP(self)").message("host must not contain a port: give the port in spec.server.port (an IPv6 literal is written without brackets)"),
+    )]
+    pub host: String,
+    /// TCP port. Defaults from protocol and TLS mode: IMAP 993 (Implicit) or 143;
+    /// POP3 995 (Implicit) or 110.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
+    /// IMAP or POP3.
+    pub protocol: Protocol,
+}
+
+/// The mail access protocol.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    #[serde(rename = "IMAP")]
+    Imap,
+    #[serde(rename = "POP3")]
+    Pop3,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Imap => "IMAP",
+            Protocol::Pop3 => "POP3",
+        }
+    }
+}
+
+/// How the connection is secured.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// Implicit: TLS from the first byte (993, 995). StartTLS: plaintext greeting, then
+    /// STARTTLS (IMAP) or STLS (POP3), which must be offered and must succeed; mailroom
+    /// never falls back to plaintext. None: no TLS at all.
+    #[serde(default)]
+    pub mode: TlsMode,
+    /// Extra trust anchors (PEM) from a ConfigMap or Secret in the provider's namespace,
+    /// trusted besides the platform's roots. A self-signed server certificate placed here
+    /// is trusted exactly (pinned).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle_ref: Option<CaBundleRef>,
+    /// The name to verify in the server's certificate (and to send as SNI), instead of
+    /// spec.server.host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub server_name: Option<String>,
+    /// Accept any certificate. Only for experiments: the Ready message says so.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+}
+
+/// How TLS is used on the connection.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum TlsMode {
+    #[default]
+    Implicit,
+    #[serde(rename = "StartTLS")]
+    StartTls,
+    None,
+}
+
+impl TlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Implicit => "Implicit",
+            TlsMode::StartTls => "StartTLS",
+            TlsMode::None => "None",
+        }
+    }
+}
+
+/// A key in a ConfigMap or Secret of the provider's own namespace that holds PEM certificates.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CaBundleRef {
+    /// ConfigMap or Secret.
+    pub kind: CaBundleKind,
+    /// The object's name, in the provider's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// The key that holds the PEM certificates.
+    #[serde(default = "default_ca_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+fn default_ca_key() -> String {
+    "ca.crt".into()
+}
+
+/// The kind of object a caBundleRef points at.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CaBundleKind {
+    ConfigMap,
+    Secret,
+}
+
+/// How mailroom logs in.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.method != 'Password' || has(self.secretRef)")
+    .message("secretRef is required when method is Password")
+    .field_path(".secretRef")
+    .reason(Reason::FieldValueRequired))]
+pub struct AuthenticationSpec {
+    /// Password: log in with a username and password from a Secret. None: test
+    /// connectivity and the greeting only.
+    pub method: AuthMethod,
+    /// The login name. When empty, the Secret's username key is used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 320))]
+    pub username: Option<String>,
+    /// The Secret, in the provider's namespace, that holds the password (and the username
+    /// when `username` is not set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<PasswordSecretRef>,
+    /// Allow a password over a connection without TLS (tls.mode None). Off by default.
+    #[serde(default)]
+    pub allow_unencrypted: bool,
+}
+
+/// How the provider authenticates.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthMethod {
+    Password,
+    None,
+}
+
+/// A Secret in the provider's namespace holding the login.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PasswordSecretRef {
+    /// The Secret's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// The key holding the username (used when authentication.username is not set).
+    #[serde(default = "default_username_key")]
+    pub username_key: String,
+    /// The key holding the password.
+    #[serde(default = "default_password_key")]
+    pub password_key: String,
+}
+
+fn default_username_key() -> String {
+    "username".into()
+}
+fn default_password_key() -> String {
+    "password".into()
+}
+
+/// When and how the connection is tested.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("duration(self.timeout) <= duration(self.interval)")
+    .message("timeout must not be longer than interval")
+    .field_path(".timeout"))]
+pub struct CheckSpec {
+    /// How often to test, as a duration such as 30s, 5m or 1h (minimum 30s).
+    #[serde(default = "default_interval")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('30s')").message("interval must be at least 30s"))]
+    pub interval: String,
+    /// Bound on one whole test, such as 30s (at least 1s, at most the interval).
+    #[serde(default = "default_timeout")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1s')").message("timeout must be at least 1s"))]
+    pub timeout: String,
+    /// IMAP: the folder whose STATUS (messages, unseen) is read as part of the test.
+    #[serde(default = "default_mailbox")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub mailbox: String,
+}
+
+fn default_interval() -> String {
+    "5m".into()
+}
+fn default_timeout() -> String {
+    "30s".into()
+}
+fn default_mailbox() -> String {
+    "INBOX".into()
+}
+
+impl Default for CheckSpec {
+    fn default() -> Self {
+        CheckSpec {
+            interval: default_interval(),
+            timeout: default_timeout(),
+            mailbox: default_mailbox(),
+        }
+    }
+}
+
+/// What the last tests found. Written by the controller only.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct IncomingMailProviderStatus {
+    /// The generation of the spec the last test used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready (the summary), Reachable (DNS, TCP, TLS and greeting) and Authenticated.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// The endpoint tested, after defaulting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<EndpointStatus>,
+    /// What the server said of itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<ServerStatus>,
+    /// The TLS session of the last test that reached the server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsStatus>,
+    /// The mailbox opened by the last successful test.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mailbox: Option<MailboxStatus>,
+    /// When the last test finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_check_time: Option<Time>,
+    /// When a test last succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_success_time: Option<Time>,
+    /// How long the last test took, such as 143ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_check_duration: Option<String>,
+    /// Failed tests in a row; 0 after a success.
+    #[serde(default)]
+    pub consecutive_failures: i32,
+    /// The value of the mailroom.dev/check-requested-at annotation last acted upon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_check_request: Option<String>,
+}
+
+/// The endpoint after defaulting.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointStatus {
+    pub host: String,
+    pub port: i32,
+    pub protocol: Protocol,
+    pub tls_mode: TlsMode,
+}
+
+/// The server's greeting and capabilities.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub greeting: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<String>,
+}
+
+/// The negotiated TLS session.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsStatus {
+    pub version: String,
+    pub cipher_suite: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_certificate: Option<CertificateStatus>,
+}
+
+/// The server's certificate.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateStatus {
+    pub subject: String,
+    pub issuer: String,
+    /// Expiry, RFC 3339.
+    pub not_after: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_names: Vec<String>,
+}
+
+/// Counts from IMAP STATUS or POP3 STAT.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct MailboxStatus {
+    pub name: String,
+    pub messages: i64,
+    /// IMAP only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unseen: Option<i64>,
+}

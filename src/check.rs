@@ -1,0 +1,105 @@
+//! One test of one provider: from the spec and the objects it references to the probe's
+//! inputs, the probe's report, and a verdict (a Ready reason and a message). The CLI's
+//! `check` and the controller both call [`run`], so they always agree.
+
+use std::time::Duration;
+
+use crate::api::{Endpoint, IncomingMailProviderSpec, Reason, parse_duration};
+use crate::credentials::{self, Fetched};
+use crate::probe::{self, Login, Report, Target, Trust};
+
+/// What one test concluded.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub endpoint: Endpoint,
+    /// None when the test stopped before any connection (bad spec, missing Secret).
+    pub report: Option<Report>,
+    pub reason: Reason,
+    pub message: String,
+    /// The login method was None: Authenticated is "not required".
+    pub anonymous: bool,
+}
+
+impl Outcome {
+    pub fn is_ready(&self) -> bool {
+        self.reason == Reason::Connected
+    }
+}
+
+/// The durations of `spec.check`, parsed (the CRD's pattern makes failure rare; a manifest
+/// checked before it is applied may still carry a bad one).
+pub fn timing(spec: &IncomingMailProviderSpec) -> Result<(Duration, Duration), String> {
+    let interval = parse_duration(&spec.check.interval).map_err(|e| format!("spec.check.interval: {e}"))?;
+    let timeout = parse_duration(&spec.check.timeout).map_err(|e| format!("spec.check.timeout: {e}"))?;
+    Ok((interval, timeout))
+}
+
+/// Builds the probe's inputs, or the verdict that stops the test before it connects.
+pub fn prepare(
+    spec: &IncomingMailProviderSpec,
+    objects: &Fetched,
+) -> Result<(Target, Login), (Reason, String)> {
+    let (_, timeout) = timing(spec).map_err(|e| (Reason::InvalidSpec, e))?;
+    let endpoint = Endpoint::of(spec);
+    let login = credentials::login(spec, objects).map_err(|e| (e.reason(), e.to_string()))?;
+    let extra_roots_pem = credentials::ca_bundle(spec, objects).map_err(|e| (e.reason(), e.to_string()))?;
+    let target = Target {
+        host: endpoint.host,
+        port: endpoint.port,
+        protocol: endpoint.protocol,
+        tls_mode: endpoint.tls_mode,
+        trust: Trust {
+            extra_roots_pem,
+            server_name: spec.tls.server_name.clone(),
+            insecure_skip_verify: spec.tls.insecure_skip_verify,
+        },
+        mailbox: spec.check.mailbox.clone(),
+        timeout,
+    };
+    Ok((target, login))
+}
+
+/// Runs one test.
+pub async fn run(spec: &IncomingMailProviderSpec, objects: &Fetched) -> Outcome {
+    let endpoint = Endpoint::of(spec);
+    let anonymous = spec.authentication.method == crate::api::AuthMethod::None;
+    let (target, login) = match prepare(spec, objects) {
+        Ok(inputs) => inputs,
+        Err((reason, message)) => {
+            return Outcome { endpoint, report: None, reason, message, anonymous };
+        }
+    };
+    let report = probe::run(&target, &login).await;
+    let (reason, message) = verdict(spec, &endpoint, &login, &report);
+    Outcome { endpoint, report: Some(report), reason, message, anonymous }
+}
+
+/// The Ready reason and message a report leads to.
+pub fn verdict(
+    spec: &IncomingMailProviderSpec,
+    endpoint: &Endpoint,
+    login: &Login,
+    report: &Report,
+) -> (Reason, String) {
+    if let Some(f) = &report.failure {
+        return (f.reason, f.message.clone());
+    }
+    let who = match login {
+        Login::None => "connected (no login configured)".to_string(),
+        Login::Password { username, .. } => {
+            let how = report.findings.mechanism.as_deref().unwrap_or("password");
+            format!("logged in as {username} ({how})")
+        }
+    };
+    let mut message = format!("{} {endpoint}: {who}", endpoint.protocol.as_str());
+    if let Some(m) = &report.findings.mailbox {
+        match m.unseen {
+            Some(unseen) => message.push_str(&format!("; {} has {} messages, {} unseen", m.name, m.messages, unseen)),
+            None => message.push_str(&format!("; {} has {} messages", m.name, m.messages)),
+        }
+    }
+    if spec.tls.insecure_skip_verify {
+        message.push_str("; WARNING: the server's certificate is not verified (tls.insecureSkipVerify)");
+    }
+    (Reason::Connected, message)
+}

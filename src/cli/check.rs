@@ -1,0 +1,160 @@
+//! `mailroom check`: one test now, with the caller's kube credentials (or of a manifest
+//! before it is applied), printing each step with its timing and the server's words.
+//! Exit status 0 only if the provider would be Ready.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::Api;
+use kube::{Client, ResourceExt};
+
+use crate::api::IncomingMailProvider;
+use crate::check::{self, Outcome};
+use crate::controller::status::format_duration;
+use crate::credentials::{Fetched, ObjectKind, references};
+
+#[derive(clap::Args, Debug)]
+pub struct CheckArgs {
+    /// The provider to test (omit with -f).
+    pub name: Option<String>,
+    /// Its namespace; the kubeconfig's namespace when absent.
+    #[arg(long, short = 'n')]
+    pub namespace: Option<String>,
+    /// Test the provider in a manifest instead (repeatable). Secrets and ConfigMaps in the
+    /// files are used first; the cluster supplies the rest when it can be reached.
+    #[arg(long = "filename", short = 'f')]
+    pub files: Vec<PathBuf>,
+}
+
+pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
+    let client = Client::try_default().await;
+    let (provider, mut fetched) = if args.files.is_empty() {
+        let client = client.as_ref().map_err(|e| anyhow::anyhow!("connecting to the cluster: {e}"))?;
+        let Some(name) = &args.name else { bail!("give a provider NAME, or -f FILE") };
+        let ns = args.namespace.clone().unwrap_or_else(|| client.default_namespace().to_string());
+        let api: Api<IncomingMailProvider> = Api::namespaced(client.clone(), &ns);
+        let p = api.get(name).await.with_context(|| format!("reading IncomingMailProvider {ns}/{name}"))?;
+        (p, Fetched { namespace: ns, ..Default::default() })
+    } else {
+        from_files(&args)?
+    };
+    if provider.namespace().is_none() {
+        fetched.namespace = args.namespace.clone().unwrap_or_else(|| match &client {
+            Ok(c) => c.default_namespace().to_string(),
+            Err(_) => "default".into(),
+        });
+    }
+    for r in references(&provider.spec) {
+        let present = match r.kind {
+            ObjectKind::Secret => fetched.secrets.contains_key(&r.name),
+            ObjectKind::ConfigMap => fetched.config_maps.contains_key(&r.name),
+        };
+        if present {
+            continue;
+        }
+        let Ok(client) = &client else { continue };
+        let ns = fetched.namespace.clone();
+        match r.kind {
+            ObjectKind::Secret => {
+                let found = Api::<Secret>::namespaced(client.clone(), &ns)
+                    .get_opt(&r.name)
+                    .await
+                    .with_context(|| format!("reading Secret {ns}/{}", r.name))?;
+                if let Some(s) = found {
+                    fetched.secrets.insert(r.name.clone(), s);
+                }
+            }
+            ObjectKind::ConfigMap => {
+                let found = Api::<ConfigMap>::namespaced(client.clone(), &ns)
+                    .get_opt(&r.name)
+                    .await
+                    .with_context(|| format!("reading ConfigMap {ns}/{}", r.name))?;
+                if let Some(c) = found {
+                    fetched.config_maps.insert(r.name.clone(), c);
+                }
+            }
+        }
+    }
+
+    let label = format!("{}/{}", fetched.namespace, provider.name_any());
+    let outcome = check::run(&provider.spec, &fetched).await;
+    let mut out = std::io::stdout().lock();
+    print_outcome(&mut out, &label, &outcome)?;
+    Ok(if outcome.is_ready() { 0 } else { 1 })
+}
+
+/// Reads the provider (exactly one) and any Secrets and ConfigMaps from the files.
+fn from_files(args: &CheckArgs) -> anyhow::Result<(IncomingMailProvider, Fetched)> {
+    let mut providers = Vec::new();
+    let mut fetched = Fetched::default();
+    for path in &args.files {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+            let value = serde_yaml::Value::deserialize_from(doc)
+                .with_context(|| format!("{}: document {} is not YAML", path.display(), i + 1))?;
+            if value.is_null() {
+                continue;
+            }
+            let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_string();
+            let at = || format!("{}: document {} ({kind})", path.display(), i + 1);
+            match kind.as_str() {
+                "IncomingMailProvider" => {
+                    let p: IncomingMailProvider = serde_yaml::from_value(value).with_context(at)?;
+                    providers.push(p);
+                }
+                "Secret" => {
+                    let s: Secret = serde_yaml::from_value(value).with_context(at)?;
+                    fetched.secrets.insert(s.name_any(), s);
+                }
+                "ConfigMap" => {
+                    let c: ConfigMap = serde_yaml::from_value(value).with_context(at)?;
+                    fetched.config_maps.insert(c.name_any(), c);
+                }
+                _ => {}
+            }
+        }
+    }
+    let provider = match (providers.len(), &args.name) {
+        (0, _) => bail!("no IncomingMailProvider in the files given with -f"),
+        (_, Some(name)) => providers
+            .into_iter()
+            .find(|p| &p.name_any() == name)
+            .with_context(|| format!("no IncomingMailProvider named {name} in the files"))?,
+        (1, None) => providers.remove(0),
+        (n, None) => bail!("{n} IncomingMailProviders in the files: name the one to test"),
+    };
+    if let Some(ns) = provider.namespace() {
+        fetched.namespace = ns;
+    }
+    Ok((provider, fetched))
+}
+
+trait DeserializeFrom: Sized {
+    fn deserialize_from(d: serde_yaml::Deserializer) -> Result<Self, serde_yaml::Error>;
+}
+impl DeserializeFrom for serde_yaml::Value {
+    fn deserialize_from(d: serde_yaml::Deserializer) -> Result<Self, serde_yaml::Error> {
+        serde::Deserialize::deserialize(d)
+    }
+}
+
+/// The step table and the verdict, as people read them.
+pub fn print_outcome(out: &mut impl Write, label: &str, outcome: &Outcome) -> std::io::Result<()> {
+    let e = &outcome.endpoint;
+    writeln!(out, "Testing {label}: {} {e} (TLS {})", e.protocol.as_str(), e.tls_mode.as_str())?;
+    if let Some(report) = &outcome.report {
+        for s in &report.steps {
+            let mark = if s.ok { "ok " } else { "ERR" };
+            writeln!(out, "  {mark} {:<14} {:>7}  {}", s.step.as_str(), format_duration(s.duration), s.detail)?;
+        }
+        writeln!(out, "  total {}", format_duration(report.duration))?;
+    }
+    let ready = outcome.reason.ready_status();
+    writeln!(out, "Ready={ready} reason={} message: {}", outcome.reason, outcome.message)?;
+    if !outcome.is_ready() {
+        writeln!(out, "What to do: {}", outcome.reason.hint())?;
+    }
+    Ok(())
+}

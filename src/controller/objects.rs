@@ -1,0 +1,116 @@
+//! The Secrets and ConfigMaps providers reference. Only their metadata is watched (and
+//! cached), so the controller's memory does not grow with every Secret in the cluster;
+//! a value is fetched when a test needs it and kept until its resourceVersion changes,
+//! so a steady fleet costs the API server no reads.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::Api;
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, ResourceExt};
+
+use crate::credentials::{Fetched, ObjectKind, Reference};
+
+#[derive(Clone)]
+enum Value {
+    Secret(Arc<Secret>),
+    ConfigMap(Arc<ConfigMap>),
+}
+
+/// Metadata stores (one per watched scope) and the value cache.
+pub struct Objects {
+    client: Client,
+    secrets: Vec<Store<PartialObjectMeta<Secret>>>,
+    config_maps: Vec<Store<PartialObjectMeta<ConfigMap>>>,
+    values: Mutex<HashMap<(ObjectKind, String, String), (String, Value)>>,
+}
+
+impl Objects {
+    pub fn new(
+        client: Client,
+        secrets: Vec<Store<PartialObjectMeta<Secret>>>,
+        config_maps: Vec<Store<PartialObjectMeta<ConfigMap>>>,
+    ) -> Self {
+        Objects { client, secrets, config_maps, values: Mutex::new(HashMap::new()) }
+    }
+
+    /// The resourceVersion of a referenced object, or None when it does not exist.
+    fn version(&self, namespace: &str, r: &Reference) -> Option<String> {
+        match r.kind {
+            ObjectKind::Secret => {
+                let key = ObjectRef::new(&r.name).within(namespace);
+                self.secrets.iter().find_map(|s| s.get(&key)).and_then(|m| m.resource_version())
+            }
+            ObjectKind::ConfigMap => {
+                let key = ObjectRef::new(&r.name).within(namespace);
+                self.config_maps.iter().find_map(|s| s.get(&key)).and_then(|m| m.resource_version())
+            }
+        }
+    }
+
+    /// A hash of the references' current versions: a change means "test again".
+    pub fn fingerprint(&self, namespace: &str, refs: &[Reference]) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for r in refs {
+            r.hash(&mut h);
+            self.version(namespace, r).hash(&mut h);
+        }
+        h.finish()
+    }
+
+    /// The referenced objects that exist, read from the cache or, when their version
+    /// moved, from the API server.
+    pub async fn fetch(&self, namespace: &str, refs: &[Reference]) -> Result<Fetched, kube::Error> {
+        let mut fetched = Fetched { namespace: namespace.to_string(), ..Default::default() };
+        for r in refs {
+            let Some(version) = self.version(namespace, r) else {
+                continue;
+            };
+            let key = (r.kind, namespace.to_string(), r.name.clone());
+            let cached = {
+                let values = self.values.lock().unwrap();
+                values.get(&key).filter(|(v, _)| *v == version).map(|(_, value)| value.clone())
+            };
+            let value = match cached {
+                Some(v) => Some(v),
+                None => self.get(namespace, r).await?,
+            };
+            match value {
+                Some(Value::Secret(s)) => {
+                    let rv = s.resource_version().unwrap_or_default();
+                    self.values.lock().unwrap().insert(key, (rv, Value::Secret(s.clone())));
+                    fetched.secrets.insert(r.name.clone(), (*s).clone());
+                }
+                Some(Value::ConfigMap(c)) => {
+                    let rv = c.resource_version().unwrap_or_default();
+                    self.values.lock().unwrap().insert(key, (rv, Value::ConfigMap(c.clone())));
+                    fetched.config_maps.insert(r.name.clone(), (*c).clone());
+                }
+                None => {}
+            }
+        }
+        Ok(fetched)
+    }
+
+    async fn get(&self, namespace: &str, r: &Reference) -> Result<Option<Value>, kube::Error> {
+        Ok(match r.kind {
+            ObjectKind::Secret => Api::<Secret>::namespaced(self.client.clone(), namespace)
+                .get_opt(&r.name)
+                .await?
+                .map(|s| Value::Secret(Arc::new(s))),
+            ObjectKind::ConfigMap => Api::<ConfigMap>::namespaced(self.client.clone(), namespace)
+                .get_opt(&r.name)
+                .await?
+                .map(|c| Value::ConfigMap(Arc::new(c))),
+        })
+    }
+
+    /// Drops cached values no provider references any more.
+    pub fn retain(&self, live: &std::collections::HashSet<(ObjectKind, String, String)>) {
+        self.values.lock().unwrap().retain(|k, _| live.contains(k));
+    }
+}

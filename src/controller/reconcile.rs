@@ -1,0 +1,175 @@
+//! One reconcile of one provider: decide whether a test is due, run it, write the status
+//! if it changed (or a heartbeat is due), and record an Event when Ready changed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tracing::{Instrument, info, info_span, warn};
+
+use super::schedule::{self, Memory, Seen};
+use super::status::{self, Context as StatusContext};
+use super::{Context, FIELD_MANAGER};
+use crate::api::{CHECK_REQUESTED_AT, IncomingMailProvider, IncomingMailProviderStatus, Reason};
+use crate::check;
+use crate::credentials::references;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading a referenced object: {0}")]
+    Fetch(#[source] kube::Error),
+    #[error("writing status: {0}")]
+    WriteStatus(#[source] kube::Error),
+}
+
+pub async fn reconcile(p: Arc<IncomingMailProvider>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = p.namespace().unwrap_or_default();
+    let name = p.name_any();
+    let span = info_span!("provider", namespace = %ns, name = %name);
+    reconcile_inner(p, ctx, ns).instrument(span).await
+}
+
+async fn reconcile_inner(p: Arc<IncomingMailProvider>, ctx: Arc<Context>, ns: String) -> Result<Action, Error> {
+    let key = ObjectRef::from_obj(&*p);
+    let api: Api<IncomingMailProvider> = Api::namespaced(ctx.client.clone(), &ns);
+    let old = p.status.as_ref();
+    let generation = p.meta().generation;
+    let request = p.annotations().get(CHECK_REQUESTED_AT).map(String::as_str);
+    let now = Timestamp::now();
+    let sctx = StatusContext { generation, now, check_request: request };
+
+    if p.spec.suspend {
+        ctx.memory.lock().unwrap().remove(&key);
+        let new = status::suspended(old, &sctx);
+        if status::differs(old, &new) {
+            write(&api, &p, &new, &ctx).await?;
+        }
+        return Ok(Action::await_change());
+    }
+
+    let (interval, _) = match check::timing(&p.spec) {
+        Ok(t) => t,
+        Err(message) => {
+            // The CRD refuses such durations; an object stored before a rule existed may not.
+            let outcome = check::Outcome {
+                endpoint: crate::api::Endpoint::of(&p.spec),
+                report: None,
+                reason: Reason::InvalidSpec,
+                message,
+                anonymous: false,
+            };
+            let new = status::after_test(old, &outcome, &sctx);
+            if status::differs(old, &new) {
+                write(&api, &p, &new, &ctx).await?;
+            }
+            return Ok(Action::await_change());
+        }
+    };
+
+    let refs = references(&p.spec);
+    let fingerprint = ctx.objects.fingerprint(&ns, &refs);
+    let memory = ctx.memory.lock().unwrap().get(&key).cloned();
+    let seen = Seen { generation, request, references: fingerprint, status: old, interval, now };
+    let why = match schedule::decide(memory.as_ref(), &seen, &*ctx.jitter) {
+        Ok(wait) => {
+            if memory.is_none() {
+                // First sight after a restart: adopt the schedule the status implies.
+                let next_due = now.checked_add(SignedDuration::try_from(wait).unwrap_or_default()).unwrap_or(now);
+                let request = request.map(str::to_string);
+                ctx.memory.lock().unwrap().insert(key, Memory { generation, request, references: fingerprint, next_due });
+            }
+            return Ok(Action::requeue(wait));
+        }
+        Err(why) => why,
+    };
+
+    if old.is_none_or(|s| s.conditions.is_empty()) {
+        write(&api, &p, &status::checking(old, &sctx), &ctx).await?;
+    }
+
+    let fetched = ctx.objects.fetch(&ns, &refs).await.map_err(Error::Fetch)?;
+    let outcome = {
+        let _slot = ctx.tests.acquire().await.expect("the test semaphore is never closed");
+        let _host = ctx.limits.acquire(&p.spec.server.host).await;
+        check::run(&p.spec, &fetched).await
+    };
+    let finished = Timestamp::now();
+    let sctx = StatusContext { now: finished, ..sctx };
+    let new = status::after_test(old, &outcome, &sctx);
+    info!(
+        why = why.as_str(),
+        reason = outcome.reason.as_str(),
+        duration = new.last_check_duration.as_deref().unwrap_or(""),
+        "tested"
+    );
+
+    let since_write = old
+        .and_then(|s| s.last_check_time.as_ref())
+        .map(|t| Duration::try_from(t.0.duration_until(finished)).unwrap_or_default())
+        .unwrap_or(Duration::MAX);
+    if status::differs(old, &new) || schedule::heartbeat_due(since_write, interval) {
+        write(&api, &p, &new, &ctx).await?;
+    }
+    announce(&p, old, &new, &ctx).await;
+
+    let failures = u32::try_from(new.consecutive_failures).unwrap_or(u32::MAX);
+    let wait = schedule::next_wait(interval, failures, &*ctx.jitter);
+    let next_due = finished.checked_add(SignedDuration::try_from(wait).unwrap_or_default()).unwrap_or(finished);
+    let request = request.map(str::to_string);
+    ctx.memory.lock().unwrap().insert(key, Memory { generation, request, references: fingerprint, next_due });
+    Ok(Action::requeue(wait))
+}
+
+/// Server-side apply of the whole status, by one field manager: fields mailroom no longer
+/// sets are removed, and nobody else's fields are touched.
+async fn write(
+    api: &Api<IncomingMailProvider>,
+    p: &IncomingMailProvider,
+    status: &IncomingMailProviderStatus,
+    _ctx: &Context,
+) -> Result<(), Error> {
+    let patch = json!({
+        "apiVersion": IncomingMailProvider::api_version(&()),
+        "kind": IncomingMailProvider::kind(&()),
+        "status": status,
+    });
+    api.patch_status(&p.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+        .await
+        .map_err(Error::WriteStatus)?;
+    Ok(())
+}
+
+/// An Event when Ready's status or reason changed: what `kubectl describe` shows.
+async fn announce(
+    p: &IncomingMailProvider,
+    old: Option<&IncomingMailProviderStatus>,
+    new: &IncomingMailProviderStatus,
+    ctx: &Context,
+) {
+    let before = status::ready(old).map(|c| (c.status.clone(), c.reason.clone()));
+    let Some(after) = status::ready(Some(new)) else { return };
+    if before.as_ref() == Some(&(after.status.clone(), after.reason.clone())) {
+        return;
+    }
+    let event = Event {
+        type_: if after.status == "True" { EventType::Normal } else { EventType::Warning },
+        reason: after.reason.clone(),
+        note: Some(after.message.chars().take(1000).collect()),
+        action: "Test".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &p.object_ref(&())).await {
+        warn!(error = %e, "could not record an Event");
+    }
+}
+
+pub fn error_policy(_p: Arc<IncomingMailProvider>, error: &Error, _ctx: Arc<Context>) -> Action {
+    warn!(%error, "will retry");
+    Action::requeue(Duration::from_secs(5))
+}

@@ -1,0 +1,249 @@
+//! When the next test is due: pure functions of durations and counts, with randomness
+//! passed in, so schedules are tested without sleeping.
+
+use std::time::Duration;
+
+/// The first retry after a failure; doubles per failure, never past the interval.
+pub const FIRST_BACKOFF: Duration = Duration::from_secs(10);
+
+/// A source of uniform numbers in [0, 1), for jitter.
+pub trait Jitter: Send + Sync {
+    fn unit(&self) -> f64;
+}
+
+/// Jitter from the thread's random generator.
+pub struct RandomJitter;
+
+impl Jitter for RandomJitter {
+    fn unit(&self) -> f64 {
+        rand::random::<f64>()
+    }
+}
+
+/// The wait after a test. A success waits the interval plus up to 10% (at most 30s), so
+/// tests of one provider are never closer than the interval and heartbeats never exceed
+/// one per interval, while providers applied together drift apart. A failure waits
+/// 10s, 20s, 40s, ... (± 10%), never more than the interval.
+pub fn next_wait(interval: Duration, consecutive_failures: u32, jitter: &dyn Jitter) -> Duration {
+    if consecutive_failures == 0 {
+        let spread = (interval / 10).min(Duration::from_secs(30));
+        return interval + spread.mul_f64(jitter.unit());
+    }
+    let exp = consecutive_failures.saturating_sub(1).min(16);
+    let base = FIRST_BACKOFF.saturating_mul(1 << exp).min(interval);
+    let factor = 0.9 + 0.2 * jitter.unit();
+    base.mul_f64(factor).min(interval)
+}
+
+/// Whether a heartbeat write (only lastCheckTime changed) is due: at most one per
+/// interval, so an unchanged provider costs the API server one write per interval.
+pub fn heartbeat_due(since_last_write: Duration, interval: Duration) -> bool {
+    since_last_write >= interval
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixed(f64);
+    impl Jitter for Fixed {
+        fn unit(&self) -> f64 {
+            self.0
+        }
+    }
+
+    const FIVE_MIN: Duration = Duration::from_secs(300);
+
+    #[test]
+    fn success_waits_at_least_the_interval_and_at_most_ten_percent_more() {
+        assert_eq!(next_wait(FIVE_MIN, 0, &Fixed(0.0)), FIVE_MIN);
+        assert_eq!(next_wait(FIVE_MIN, 0, &Fixed(0.999_999)).as_secs(), 329);
+        let hour = Duration::from_secs(3600);
+        assert!(next_wait(hour, 0, &Fixed(0.999)) <= hour + Duration::from_secs(30));
+    }
+
+    #[test]
+    fn failures_back_off_from_ten_seconds_doubling_up_to_the_interval() {
+        let mid = Fixed(0.5);
+        let waits: Vec<u64> = (1..=7).map(|n| next_wait(FIVE_MIN, n, &mid).as_secs()).collect();
+        assert_eq!(waits, vec![10, 20, 40, 80, 160, 300, 300]);
+        assert!(next_wait(FIVE_MIN, 1, &Fixed(0.0)) >= Duration::from_secs(9));
+        assert!(next_wait(FIVE_MIN, 1, &Fixed(0.999)) <= Duration::from_secs(11));
+        assert!(next_wait(FIVE_MIN, u32::MAX, &Fixed(0.999)) <= FIVE_MIN);
+    }
+
+    #[test]
+    fn backoff_never_exceeds_a_short_interval() {
+        let thirty = Duration::from_secs(30);
+        for n in 1..10 {
+            assert!(next_wait(thirty, n, &Fixed(0.999)) <= thirty);
+        }
+    }
+
+    #[test]
+    fn heartbeat_once_per_interval() {
+        assert!(!heartbeat_due(Duration::from_secs(299), FIVE_MIN));
+        assert!(heartbeat_due(FIVE_MIN, FIVE_MIN));
+    }
+}
+
+/// Why a test runs now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Why {
+    /// Never tested (or the controller has no record and the status has none).
+    First,
+    /// The spec's generation moved past the one last tested.
+    SpecChanged,
+    /// A new value of the check-requested-at annotation.
+    Requested,
+    /// A referenced Secret or ConfigMap changed, appeared or went away.
+    ReferencesChanged,
+    /// The interval (or backoff) elapsed.
+    Scheduled,
+}
+
+impl Why {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Why::First => "first test",
+            Why::SpecChanged => "spec changed",
+            Why::Requested => "test requested",
+            Why::ReferencesChanged => "referenced object changed",
+            Why::Scheduled => "scheduled",
+        }
+    }
+}
+
+/// What the controller remembers of a provider between tests.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Memory {
+    pub generation: Option<i64>,
+    pub request: Option<String>,
+    pub references: u64,
+    pub next_due: k8s_openapi::jiff::Timestamp,
+}
+
+/// What the provider looks like now.
+pub struct Seen<'a> {
+    pub generation: Option<i64>,
+    pub request: Option<&'a str>,
+    pub references: u64,
+    pub status: Option<&'a crate::api::IncomingMailProviderStatus>,
+    pub interval: Duration,
+    pub now: k8s_openapi::jiff::Timestamp,
+}
+
+/// Test now (and why), or wait this long. Memory wins over status (the status in the
+/// cache may lag behind our own last write); status alone is used after a restart, so a
+/// restarted controller resumes each provider's schedule instead of testing all at once.
+pub fn decide(memory: Option<&Memory>, seen: &Seen, jitter: &dyn Jitter) -> Result<Duration, Why> {
+    let until = |due: k8s_openapi::jiff::Timestamp| -> Result<Duration, Why> {
+        let left = seen.now.duration_until(due);
+        if left.is_positive() {
+            Ok(Duration::try_from(left).unwrap_or_default())
+        } else {
+            Err(Why::Scheduled)
+        }
+    };
+    let requested = |handled: Option<&str>| seen.request.is_some() && seen.request != handled;
+    if let Some(m) = memory {
+        if m.generation != seen.generation {
+            return Err(Why::SpecChanged);
+        }
+        if requested(m.request.as_deref()) {
+            return Err(Why::Requested);
+        }
+        if m.references != seen.references {
+            return Err(Why::ReferencesChanged);
+        }
+        return until(m.next_due);
+    }
+    let Some(status) = seen.status else { return Err(Why::First) };
+    let Some(last) = &status.last_check_time else { return Err(Why::First) };
+    if status.observed_generation != seen.generation {
+        return Err(Why::SpecChanged);
+    }
+    if requested(status.last_handled_check_request.as_deref()) {
+        return Err(Why::Requested);
+    }
+    let failures = u32::try_from(status.consecutive_failures).unwrap_or(0);
+    let wait = next_wait(seen.interval, failures, jitter);
+    let due = last
+        .0
+        .checked_add(k8s_openapi::jiff::SignedDuration::try_from(wait).unwrap_or_default())
+        .unwrap_or(seen.now);
+    until(due)
+}
+
+#[cfg(test)]
+mod decide_tests {
+    use super::*;
+    use crate::api::IncomingMailProviderStatus;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+    struct Zero;
+    impl Jitter for Zero {
+        fn unit(&self) -> f64 {
+            0.0
+        }
+    }
+
+    fn at(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + secs).unwrap()
+    }
+
+    fn seen<'a>(status: Option<&'a IncomingMailProviderStatus>, now: i64) -> Seen<'a> {
+        Seen {
+            generation: Some(1),
+            request: None,
+            references: 7,
+            status,
+            interval: Duration::from_secs(300),
+            now: at(now),
+        }
+    }
+
+    fn memory(next_due: i64) -> Memory {
+        Memory { generation: Some(1), request: None, references: 7, next_due: at(next_due) }
+    }
+
+    #[test]
+    fn a_new_provider_is_tested_at_once() {
+        assert_eq!(decide(None, &seen(None, 0), &Zero), Err(Why::First));
+    }
+
+    #[test]
+    fn memory_schedules_and_notices_changes() {
+        let m = memory(100);
+        assert_eq!(decide(Some(&m), &seen(None, 40), &Zero), Ok(Duration::from_secs(60)));
+        assert_eq!(decide(Some(&m), &seen(None, 100), &Zero), Err(Why::Scheduled));
+        let mut s = seen(None, 40);
+        s.generation = Some(2);
+        assert_eq!(decide(Some(&m), &s, &Zero), Err(Why::SpecChanged));
+        let mut s = seen(None, 40);
+        s.references = 8;
+        assert_eq!(decide(Some(&m), &s, &Zero), Err(Why::ReferencesChanged));
+        let mut s = seen(None, 40);
+        s.request = Some("now");
+        assert_eq!(decide(Some(&m), &s, &Zero), Err(Why::Requested));
+        let handled = Memory { request: Some("now".into()), ..m };
+        assert_eq!(decide(Some(&handled), &s, &Zero), Ok(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn after_a_restart_the_schedule_resumes_from_the_status() {
+        let status = IncomingMailProviderStatus {
+            observed_generation: Some(1),
+            last_check_time: Some(Time(at(0))),
+            ..Default::default()
+        };
+        assert_eq!(decide(None, &seen(Some(&status), 200), &Zero), Ok(Duration::from_secs(100)));
+        assert_eq!(decide(None, &seen(Some(&status), 300), &Zero), Err(Why::Scheduled));
+        let failing = IncomingMailProviderStatus { consecutive_failures: 1, ..status.clone() };
+        assert_eq!(decide(None, &seen(Some(&failing), 5), &Zero), Ok(Duration::from_secs(4)));
+        let old_gen = IncomingMailProviderStatus { observed_generation: Some(0), ..status };
+        assert_eq!(decide(None, &seen(Some(&old_gen), 5), &Zero), Err(Why::SpecChanged));
+        let _ = SignedDuration::ZERO;
+    }
+}

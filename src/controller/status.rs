@@ -1,0 +1,206 @@
+//! What status follows from a test, and whether it differs enough from the last one to be
+//! written. Pure functions of values, so they are unit-tested without a cluster.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+
+use crate::api::{
+    CertificateStatus, EndpointStatus, IncomingMailProviderStatus as Status, MailboxStatus, Reason,
+    ServerStatus, TlsStatus,
+};
+use crate::check::Outcome;
+use crate::probe::Step;
+
+pub const READY: &str = "Ready";
+pub const REACHABLE: &str = "Reachable";
+pub const AUTHENTICATED: &str = "Authenticated";
+
+/// The inputs every new status needs besides the outcome.
+pub struct Context<'a> {
+    pub generation: Option<i64>,
+    pub now: Timestamp,
+    pub check_request: Option<&'a str>,
+}
+
+/// The status after a test.
+pub fn after_test(old: Option<&Status>, outcome: &Outcome, ctx: &Context) -> Status {
+    let old = old.cloned().unwrap_or_default();
+    let mut new = Status {
+        observed_generation: ctx.generation,
+        conditions: old.conditions.clone(),
+        endpoint: Some(EndpointStatus {
+            host: outcome.endpoint.host.clone(),
+            port: i32::from(outcome.endpoint.port),
+            protocol: outcome.endpoint.protocol,
+            tls_mode: outcome.endpoint.tls_mode,
+        }),
+        // What this test did not reach stays as last seen: "last known" beats "unknown".
+        server: old.server.clone(),
+        tls: old.tls.clone(),
+        mailbox: old.mailbox.clone(),
+        last_check_time: Some(Time(ctx.now)),
+        last_success_time: old.last_success_time.clone(),
+        last_check_duration: outcome.report.as_ref().map(|r| format_duration(r.duration)),
+        consecutive_failures: if outcome.is_ready() { 0 } else { old.consecutive_failures.saturating_add(1) },
+        last_handled_check_request: ctx.check_request.map(str::to_string).or(old.last_handled_check_request.clone()),
+    };
+    if outcome.is_ready() {
+        new.last_success_time = Some(Time(ctx.now));
+    }
+    if let Some(report) = &outcome.report {
+        let f = &report.findings;
+        if let Some(greeting) = &f.greeting {
+            new.server = Some(ServerStatus {
+                greeting: Some(greeting.clone()),
+                capabilities: f.capabilities.clone(),
+            });
+        }
+        if let Some(tls) = &f.tls {
+            new.tls = Some(TlsStatus {
+                version: tls.version.clone(),
+                cipher_suite: tls.cipher_suite.clone(),
+                peer_certificate: tls.peer_certificate.as_ref().map(|c| CertificateStatus {
+                    subject: c.subject.clone(),
+                    issuer: c.issuer.clone(),
+                    not_after: c.not_after.clone(),
+                    dns_names: c.dns_names.clone(),
+                }),
+            });
+        }
+        if let Some(m) = &f.mailbox {
+            new.mailbox = Some(MailboxStatus {
+                name: m.name.clone(),
+                messages: m.messages as i64,
+                unseen: m.unseen.map(|u| u as i64),
+            });
+        }
+    }
+    let (reachable, authenticated) = sub_conditions(outcome);
+    let generation = ctx.generation;
+    set_condition(&mut new.conditions, READY, outcome.reason.ready_status(), outcome.reason.as_str(), &outcome.message, generation, ctx.now);
+    set_condition(&mut new.conditions, REACHABLE, reachable.0, reachable.1, &reachable.2, generation, ctx.now);
+    set_condition(&mut new.conditions, AUTHENTICATED, authenticated.0, authenticated.1, &authenticated.2, generation, ctx.now);
+    new
+}
+
+/// The status while `spec.suspend` is true: Ready Unknown, the rest as last seen.
+pub fn suspended(old: Option<&Status>, ctx: &Context) -> Status {
+    let mut new = old.cloned().unwrap_or_default();
+    new.observed_generation = ctx.generation;
+    set_condition(
+        &mut new.conditions,
+        READY,
+        "Unknown",
+        Reason::Suspended.as_str(),
+        "spec.suspend is true: no tests run until it is false",
+        ctx.generation,
+        ctx.now,
+    );
+    new
+}
+
+/// The status of a provider whose first test has not finished.
+pub fn checking(old: Option<&Status>, ctx: &Context) -> Status {
+    let mut new = old.cloned().unwrap_or_default();
+    new.observed_generation = ctx.generation;
+    set_condition(&mut new.conditions, READY, "Unknown", Reason::Checking.as_str(), "the first test is running", ctx.generation, ctx.now);
+    new
+}
+
+type Cond = (&'static str, &'static str, String);
+
+/// Reachable (DNS, TCP, TLS, greeting) and Authenticated, from where the test stopped.
+fn sub_conditions(outcome: &Outcome) -> (Cond, Cond) {
+    let not_tested = || ("Unknown", "NotTested", format!("no connection was attempted: {}", outcome.reason));
+    let not_reached = || ("Unknown", "NotReached", "the server was not reached far enough to log in".to_string());
+    let Some(report) = &outcome.report else {
+        return (not_tested(), not_tested());
+    };
+    let failed_step = report.failure.as_ref().map(|f| f.step);
+    let reached = matches!(failed_step, None | Some(Step::Authenticate | Step::Mailbox | Step::Logout));
+    let reachable: Cond = if reached {
+        let greeting = report.findings.greeting.clone().unwrap_or_default();
+        ("True", "Connected", format!("{} {} answered: {greeting}", outcome.endpoint.protocol.as_str(), outcome.endpoint))
+    } else {
+        ("False", outcome.reason.as_str(), outcome.message.clone())
+    };
+    let authenticated: Cond = if !reached {
+        not_reached()
+    } else if outcome.anonymous {
+        ("True", "NotRequired", "authentication.method is None: no login is tested".to_string())
+    } else if failed_step == Some(Step::Authenticate) {
+        ("False", outcome.reason.as_str(), outcome.message.clone())
+    } else {
+        let mech = report.findings.mechanism.clone().unwrap_or_else(|| "password".into());
+        ("True", "LoginAccepted", format!("the server accepted the login ({mech})"))
+    };
+    (reachable, authenticated)
+}
+
+/// Sets one condition, keeping lastTransitionTime when the status did not change.
+pub fn set_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) {
+    let message: String = message.chars().take(1024).collect();
+    match conditions.iter_mut().find(|c| c.type_ == type_) {
+        Some(c) => {
+            if c.status != status {
+                c.last_transition_time = Time(now);
+            }
+            c.status = status.into();
+            c.reason = reason.into();
+            c.message = message;
+            c.observed_generation = generation;
+        }
+        None => conditions.push(Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message,
+            observed_generation: generation,
+            last_transition_time: Time(now),
+        }),
+    }
+    conditions.sort_by_key(|c| match c.type_.as_str() {
+        READY => 0,
+        REACHABLE => 1,
+        AUTHENTICATED => 2,
+        _ => 3,
+    });
+}
+
+/// True when `new` says something `old` did not: anything but the timing fields
+/// (lastCheckTime, lastCheckDuration), which alone are only worth a heartbeat write.
+pub fn differs(old: Option<&Status>, new: &Status) -> bool {
+    let Some(old) = old else { return true };
+    let strip = |s: &Status| Status {
+        last_check_time: None,
+        last_check_duration: None,
+        ..s.clone()
+    };
+    strip(old) != strip(new)
+}
+
+/// The Ready condition of a status, if any.
+pub fn ready(status: Option<&Status>) -> Option<&Condition> {
+    status?.conditions.iter().find(|c| c.type_ == READY)
+}
+
+/// "143ms", "2.5s": short, for people.
+pub fn format_duration(d: std::time::Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,193 @@
+//! From the Secrets and ConfigMaps a provider references to what a test needs: the login
+//! and the extra trust anchors. The decisions are pure functions of the objects; fetching
+//! them is the caller's business (the controller reads a cache, the CLI the API server).
+
+mod references;
+
+pub use references::{ObjectKind, Reference, References, references};
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use secrecy::SecretString;
+
+use crate::api::{AuthMethod, CaBundleKind, CaBundleRef, IncomingMailProviderSpec, Reason};
+use crate::probe::Login;
+
+/// A referenced object was missing or incomplete. The message names the object and the
+/// key, never a value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CredentialError {
+    #[error("{kind} {name:?} ({field}) not found in namespace {namespace:?}")]
+    NotFound {
+        kind: ObjectKind,
+        name: String,
+        namespace: String,
+        field: &'static str,
+    },
+    #[error("{kind} {name:?} ({field}) has no key {key:?}{present}")]
+    KeyMissing {
+        kind: ObjectKind,
+        name: String,
+        key: String,
+        field: &'static str,
+        present: String,
+    },
+    #[error("{kind} {name:?} key {key:?} ({field}) is not UTF-8 text")]
+    NotText {
+        kind: ObjectKind,
+        name: String,
+        key: String,
+        field: &'static str,
+    },
+}
+
+impl CredentialError {
+    pub fn reason(&self) -> Reason {
+        match self {
+            CredentialError::NotFound { .. } => Reason::SecretNotFound,
+            CredentialError::KeyMissing { .. } | CredentialError::NotText { .. } => {
+                Reason::SecretKeyMissing
+            }
+        }
+    }
+}
+
+/// The referenced objects, fetched by the caller, keyed by name (same namespace).
+#[derive(Default, Clone, Debug)]
+pub struct Fetched {
+    pub namespace: String,
+    pub secrets: BTreeMap<String, Secret>,
+    pub config_maps: BTreeMap<String, ConfigMap>,
+}
+
+/// The login a test uses.
+pub fn login(spec: &IncomingMailProviderSpec, objects: &Fetched) -> Result<Login, CredentialError> {
+    let auth = &spec.authentication;
+    match auth.method {
+        AuthMethod::None => Ok(Login::None),
+        AuthMethod::Password => {
+            let Some(sref) = &auth.secret_ref else {
+                // The CRD's CEL rule refuses this at apply time; a manifest checked with
+                // `mailroom check -f` may still carry it.
+                return Err(CredentialError::NotFound {
+                    kind: ObjectKind::Secret,
+                    name: String::new(),
+                    namespace: objects.namespace.clone(),
+                    field: "spec.authentication.secretRef",
+                });
+            };
+            let field = "spec.authentication.secretRef";
+            let secret = objects.secrets.get(&sref.name).ok_or_else(|| CredentialError::NotFound {
+                kind: ObjectKind::Secret,
+                name: sref.name.clone(),
+                namespace: objects.namespace.clone(),
+                field,
+            })?;
+            let password = secret_text(secret, &sref.name, &sref.password_key, field)?;
+            let username = match &auth.username {
+                Some(u) => u.clone(),
+                None => secret_text(secret, &sref.name, &sref.username_key, field)?,
+            };
+            Ok(Login::Password {
+                username,
+                password: SecretString::from(password),
+                allow_unencrypted: auth.allow_unencrypted,
+            })
+        }
+    }
+}
+
+/// The PEM bytes of `tls.caBundleRef`, if the spec has one.
+pub fn ca_bundle(
+    spec: &IncomingMailProviderSpec,
+    objects: &Fetched,
+) -> Result<Option<Vec<u8>>, CredentialError> {
+    let Some(CaBundleRef { kind, name, key }) = &spec.tls.ca_bundle_ref else {
+        return Ok(None);
+    };
+    let field = "spec.tls.caBundleRef";
+    let not_found = |kind| CredentialError::NotFound {
+        kind,
+        name: name.clone(),
+        namespace: objects.namespace.clone(),
+        field,
+    };
+    match kind {
+        CaBundleKind::Secret => {
+            let secret = objects.secrets.get(name).ok_or_else(|| not_found(ObjectKind::Secret))?;
+            secret_bytes(secret, name, key, field).map(Some)
+        }
+        CaBundleKind::ConfigMap => {
+            let cm = objects
+                .config_maps
+                .get(name)
+                .ok_or_else(|| not_found(ObjectKind::ConfigMap))?;
+            let text = cm.data.as_ref().and_then(|d| d.get(key)).map(|s| s.as_bytes().to_vec());
+            let binary = || {
+                cm.binary_data
+                    .as_ref()
+                    .and_then(|d| d.get(key))
+                    .map(|b| b.0.clone())
+            };
+            text.or_else(binary).map(Some).ok_or_else(|| CredentialError::KeyMissing {
+                kind: ObjectKind::ConfigMap,
+                name: name.clone(),
+                key: key.clone(),
+                field,
+                present: present_keys(
+                    cm.data.iter().flat_map(|d| d.keys()).chain(cm.binary_data.iter().flat_map(|d| d.keys())),
+                ),
+            })
+        }
+    }
+}
+
+fn secret_bytes(secret: &Secret, name: &str, key: &str, field: &'static str) -> Result<Vec<u8>, CredentialError> {
+    let from_data = secret.data.as_ref().and_then(|d| d.get(key)).map(|b| b.0.clone());
+    let from_string = || {
+        secret
+            .string_data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|s| s.as_bytes().to_vec())
+    };
+    from_data.or_else(from_string).ok_or_else(|| CredentialError::KeyMissing {
+        kind: ObjectKind::Secret,
+        name: name.to_string(),
+        key: key.to_string(),
+        field,
+        present: present_keys(
+            secret
+                .data
+                .iter()
+                .flat_map(|d| d.keys())
+                .chain(secret.string_data.iter().flat_map(|d| d.keys())),
+        ),
+    })
+}
+
+fn secret_text(secret: &Secret, name: &str, key: &str, field: &'static str) -> Result<String, CredentialError> {
+    let bytes = secret_bytes(secret, name, key, field)?;
+    let text = String::from_utf8(bytes).map_err(|_| CredentialError::NotText {
+        kind: ObjectKind::Secret,
+        name: name.to_string(),
+        key: key.to_string(),
+        field,
+    })?;
+    // A trailing newline is nearly always an accident of `echo` or a file; servers reject it.
+    Ok(text.trim_end_matches(['\r', '\n']).to_string())
+}
+
+/// "; it has keys a, b" — key names only, which are not secret and help fix a typo.
+fn present_keys<'a>(keys: impl Iterator<Item = &'a String>) -> String {
+    let keys: Vec<&str> = keys.map(String::as_str).collect();
+    if keys.is_empty() {
+        "; it has no keys".into()
+    } else {
+        format!("; it has keys {}", keys.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests;

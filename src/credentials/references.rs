@@ -1,0 +1,54 @@
+//! Which objects a provider depends on: the controller re-tests a provider when one of
+//! them changes, and the CLI fetches them before a test.
+
+use crate::api::{AuthMethod, CaBundleKind, IncomingMailProviderSpec};
+
+/// The kinds of object a provider may reference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ObjectKind {
+    Secret,
+    ConfigMap,
+}
+
+impl std::fmt::Display for ObjectKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ObjectKind::Secret => "Secret",
+            ObjectKind::ConfigMap => "ConfigMap",
+        })
+    }
+}
+
+/// One referenced object, in the provider's own namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Reference {
+    pub kind: ObjectKind,
+    pub name: String,
+}
+
+pub type References = Vec<Reference>;
+
+/// The Secrets and ConfigMaps a spec names, sorted and without duplicates.
+pub fn references(spec: &IncomingMailProviderSpec) -> References {
+    let mut refs = Vec::new();
+    if spec.authentication.method == AuthMethod::Password {
+        if let Some(s) = &spec.authentication.secret_ref {
+            refs.push(Reference {
+                kind: ObjectKind::Secret,
+                name: s.name.clone(),
+            });
+        }
+    }
+    if let Some(ca) = &spec.tls.ca_bundle_ref {
+        refs.push(Reference {
+            kind: match ca.kind {
+                CaBundleKind::ConfigMap => ObjectKind::ConfigMap,
+                CaBundleKind::Secret => ObjectKind::Secret,
+            },
+            name: ca.name.clone(),
+        });
+    }
+    refs.sort();
+    refs.dedup();
+    refs
+}

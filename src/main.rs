@@ -1,0 +1,10 @@
+#[tokio::main]
+async fn main() {
+    match mailroom::cli::main().await {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("mailroom: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}

@@ -1,0 +1,7 @@
+# Versions and cache paths of the test bed, sourced by prepare and by the bed itself.
+K8S_VERSION=v1.35.4
+ETCD_VERSION=v3.6.16
+CACHE_ROOT=${MAILROOM_TESTBED_CACHE:-$HOME/.cache/mailroom-testbed}
+ETCD_BIN=$CACHE_ROOT/etcd-$ETCD_VERSION/etcd
+KUBE_APISERVER_BIN=$CACHE_ROOT/k8s-$K8S_VERSION/kube-apiserver
+KUBECTL_BIN=$CACHE_ROOT/k8s-$K8S_VERSION/kubectl
