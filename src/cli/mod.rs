@@ -80,3 +80,38 @@ pub fn crd_yaml() -> String {
         serde_yaml::to_string(&crd).expect("the CRD serializes")
     )
 }
+
+/// The README's table of reasons, generated from the one enum that status uses.
+pub fn reasons_table() -> String {
+    let mut t = String::from("| reason | Ready | what to do |\n|---|---|---|\n");
+    for r in crate::api::Reason::ALL {
+        t.push_str(&format!("| `{}` | {} | {} |\n", r.as_str(), r.ready_status(), r.hint()));
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    fn repo_file(path: &str) -> String {
+        let full = format!("{}/{path}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("reading {full}: {e}"))
+    }
+
+    #[test]
+    fn the_crd_file_is_what_mailroom_crd_prints() {
+        assert!(
+            repo_file("crds/incomingmailprovider.yaml") == super::crd_yaml(),
+            "crds/incomingmailprovider.yaml is stale: run `cargo run -q -- crd > crds/incomingmailprovider.yaml`"
+        );
+    }
+
+    #[test]
+    fn the_readme_documents_every_reason() {
+        let readme = repo_file("README.md");
+        let block = format!("<!-- reasons:start -->\n{}<!-- reasons:end -->", super::reasons_table());
+        assert!(
+            readme.contains(&block),
+            "README.md's reason table differs from Reason::ALL; replace the block between the reasons markers with:\n{block}"
+        );
+    }
+}

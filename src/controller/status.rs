@@ -176,12 +176,14 @@ pub fn set_condition(
 }
 
 /// True when `new` says something `old` did not: anything but the timing fields
-/// (lastCheckTime, lastCheckDuration), which alone are only worth a heartbeat write.
+/// (lastCheckTime, lastCheckDuration, lastSuccessTime), which alone are only worth a
+/// heartbeat write.
 pub fn differs(old: Option<&Status>, new: &Status) -> bool {
     let Some(old) = old else { return true };
     let strip = |s: &Status| Status {
         last_check_time: None,
         last_check_duration: None,
+        last_success_time: None,
         ..s.clone()
     };
     strip(old) != strip(new)

@@ -1,0 +1,130 @@
+use std::time::Duration;
+
+use super::*;
+use crate::api::{Endpoint, Protocol, TlsMode};
+use crate::probe::{Failure, Findings, MailboxInfo, Report};
+
+fn at(secs: i64) -> Timestamp {
+    Timestamp::from_second(1_800_000_000 + secs).unwrap()
+}
+
+fn endpoint() -> Endpoint {
+    Endpoint { host: "127.0.0.1".into(), port: 993, protocol: Protocol::Imap, tls_mode: TlsMode::Implicit }
+}
+
+fn findings() -> Findings {
+    Findings {
+        greeting: Some("* OK Dovecot ready.".into()),
+        capabilities: vec!["IMAP4rev1".into()],
+        tls: None,
+        authenticated: true,
+        mechanism: Some("PLAIN".into()),
+        mailbox: Some(MailboxInfo { name: "INBOX".into(), messages: 3, unseen: Some(2) }),
+    }
+}
+
+fn success() -> Outcome {
+    Outcome {
+        endpoint: endpoint(),
+        report: Some(Report { steps: vec![], findings: findings(), failure: None, duration: Duration::from_millis(21) }),
+        reason: Reason::Connected,
+        message: "ok".into(),
+        anonymous: false,
+    }
+}
+
+fn failure(step: Step, reason: Reason, f: Findings) -> Outcome {
+    Outcome {
+        endpoint: endpoint(),
+        report: Some(Report {
+            steps: vec![],
+            findings: f,
+            failure: Some(Failure { reason, step, message: "server said no".into() }),
+            duration: Duration::from_millis(5),
+        }),
+        reason,
+        message: "server said no".into(),
+        anonymous: false,
+    }
+}
+
+fn ctx(now: i64) -> Context<'static> {
+    Context { generation: Some(3), now: at(now), check_request: None }
+}
+
+fn cond<'a>(s: &'a Status, t: &str) -> &'a Condition {
+    s.conditions.iter().find(|c| c.type_ == t).unwrap()
+}
+
+#[test]
+fn a_success_fills_everything_in() {
+    let s = after_test(None, &success(), &ctx(0));
+    assert_eq!(s.observed_generation, Some(3));
+    assert_eq!(cond(&s, READY).status, "True");
+    assert_eq!(cond(&s, READY).reason, "Connected");
+    assert_eq!(cond(&s, REACHABLE).status, "True");
+    assert_eq!(cond(&s, AUTHENTICATED).status, "True");
+    assert_eq!(s.mailbox.as_ref().unwrap().unseen, Some(2));
+    assert_eq!(s.last_check_duration.as_deref(), Some("21ms"));
+    assert_eq!(s.consecutive_failures, 0);
+    assert!(s.last_success_time.is_some());
+    let types: Vec<_> = s.conditions.iter().map(|c| c.type_.as_str()).collect();
+    assert_eq!(types, vec![READY, REACHABLE, AUTHENTICATED]);
+}
+
+#[test]
+fn an_auth_failure_is_reachable_but_not_authenticated() {
+    let mut f = findings();
+    f.authenticated = false;
+    f.mailbox = None;
+    let first = after_test(None, &success(), &ctx(0));
+    let s = after_test(Some(&first), &failure(Step::Authenticate, Reason::AuthenticationFailed, f), &ctx(10));
+    assert_eq!(cond(&s, READY).status, "False");
+    assert_eq!(cond(&s, REACHABLE).status, "True");
+    assert_eq!(cond(&s, AUTHENTICATED).reason, "AuthenticationFailed");
+    assert_eq!(s.consecutive_failures, 1);
+    // What this test did not reach stays as last seen.
+    assert_eq!(s.mailbox, first.mailbox);
+    assert_eq!(s.last_success_time, first.last_success_time);
+}
+
+#[test]
+fn a_connection_failure_leaves_authentication_unknown() {
+    let f = Findings::default();
+    let s = after_test(None, &failure(Step::Connect, Reason::ConnectionRefused, f), &ctx(0));
+    assert_eq!(cond(&s, REACHABLE).status, "False");
+    assert_eq!(cond(&s, REACHABLE).reason, "ConnectionRefused");
+    assert_eq!(cond(&s, AUTHENTICATED).status, "Unknown");
+}
+
+#[test]
+fn transition_time_moves_only_when_the_status_does() {
+    let a = after_test(None, &success(), &ctx(0));
+    let b = after_test(Some(&a), &success(), &ctx(60));
+    assert_eq!(cond(&b, READY).last_transition_time, cond(&a, READY).last_transition_time);
+    let c = after_test(Some(&b), &failure(Step::Connect, Reason::ConnectionRefused, Findings::default()), &ctx(120));
+    assert_eq!(cond(&c, READY).last_transition_time.0, at(120));
+}
+
+#[test]
+fn only_news_is_worth_a_write() {
+    let a = after_test(None, &success(), &ctx(0));
+    let b = after_test(Some(&a), &success(), &ctx(60));
+    assert!(!differs(Some(&a), &b), "only the timing moved");
+    let mut more_mail = success();
+    more_mail.report.as_mut().unwrap().findings.mailbox.as_mut().unwrap().messages = 4;
+    assert!(differs(Some(&a), &after_test(Some(&a), &more_mail, &ctx(60))));
+    let requested = Context { check_request: Some("now"), ..ctx(60) };
+    assert!(differs(Some(&a), &after_test(Some(&a), &success(), &requested)));
+    assert!(differs(None, &a));
+}
+
+#[test]
+fn suspension_keeps_what_was_known() {
+    let a = after_test(None, &success(), &ctx(0));
+    let s = suspended(Some(&a), &ctx(5));
+    assert_eq!(cond(&s, READY).status, "Unknown");
+    assert_eq!(cond(&s, READY).reason, "Suspended");
+    assert_eq!(s.mailbox, a.mailbox);
+    assert!(!differs(Some(&s), &suspended(Some(&s), &ctx(10))));
+}

@@ -1,0 +1,248 @@
+//! What every end-to-end test needs: its own namespace on the shared test bed, the CRD,
+//! a controller process run as in production, and waits that poll with a deadline and
+//! say what they saw when they give up.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use mailroom::api::IncomingMailProvider;
+use mailroom_testbed::Bed;
+
+pub const MAILROOM: &str = env!("CARGO_BIN_EXE_mailroom");
+
+/// One test's slice of the bed.
+pub struct Env {
+    pub bed: &'static Bed,
+    pub ns: String,
+    pub client: Client,
+    pub dir: tempfile::TempDir,
+}
+
+static CRD: OnceLock<()> = OnceLock::new();
+
+impl Env {
+    pub async fn new(prefix: &str) -> Env {
+        let bed = mailroom_testbed::shared();
+        CRD.get_or_init(|| install_crd(bed));
+        let ns = bed.namespace(prefix);
+        let client = client_for(&bed.kubeconfig_path()).await;
+        Env { bed, ns, client, dir: tempfile::tempdir().unwrap() }
+    }
+
+    pub fn providers(&self) -> Api<IncomingMailProvider> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    /// `kubectl` as the bed's admin, in this test's namespace.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        let mut cmd = self.bed.kubectl();
+        cmd.arg("-n").arg(&self.ns).args(args);
+        cmd.output().expect("running kubectl")
+    }
+
+    /// `kubectl apply` of a manifest; the output, whether it succeeded or not.
+    pub fn try_apply(&self, yaml: &str) -> Output {
+        let mut cmd = self.bed.kubectl();
+        cmd.args(["-n", &self.ns, "apply", "-f", "-"]);
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("running kubectl");
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(yaml.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    pub fn apply(&self, yaml: &str) {
+        let out = self.try_apply(yaml);
+        assert!(
+            out.status.success(),
+            "kubectl apply failed:\n{}\nmanifest:\n{yaml}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Creates or replaces an Opaque Secret with string data.
+    pub async fn secret(&self, name: &str, pairs: &[(&str, &str)]) {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.ns);
+        let secret: Secret = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "stringData": pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<std::collections::BTreeMap<_, _>>(),
+        }))
+        .unwrap();
+        match api.get_opt(name).await.unwrap() {
+            Some(_) => {
+                let patch = kube::api::Patch::Merge(serde_json::json!({"data": null, "stringData": secret.string_data}));
+                api.patch(name, &kube::api::PatchParams::default(), &patch).await.unwrap();
+            }
+            None => {
+                api.create(&PostParams::default(), &secret).await.unwrap();
+            }
+        }
+    }
+
+    /// Starts `mailroom controller` for this namespace, as it runs in production.
+    pub fn controller(&self) -> Controller {
+        let log = self.dir.path().join(format!("controller-{}.log", Instant::now().elapsed().as_nanos()));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(MAILROOM)
+            .args(["controller", "--namespace", &self.ns, "--log", "info,mailroom=debug"])
+            .env("KUBECONFIG", self.bed.kubeconfig_path())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("starting mailroom controller");
+        Controller { child, log }
+    }
+
+    /// Polls the provider until `done` holds; panics after `within` with what it saw.
+    pub async fn wait(
+        &self,
+        name: &str,
+        what: &str,
+        within: Duration,
+        done: impl Fn(&IncomingMailProvider) -> bool,
+    ) -> IncomingMailProvider {
+        let deadline = Instant::now() + within;
+        let mut last = None;
+        loop {
+            if let Some(p) = self.providers().get_opt(name).await.unwrap() {
+                if done(&p) {
+                    return p;
+                }
+                last = Some(p);
+            }
+            if Instant::now() > deadline {
+                let status = last
+                    .and_then(|p| p.status)
+                    .map(|s| serde_yaml::to_string(&s).unwrap())
+                    .unwrap_or_else(|| "(no status)".into());
+                panic!(
+                    "{}/{name}: expected {what} within {within:?}; status was:\n{status}\ncontroller logs: {}",
+                    self.ns,
+                    self.dir.path().display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Waits until Ready has this reason, and returns the provider.
+    pub async fn wait_reason(&self, name: &str, reason: &str, within: Duration) -> IncomingMailProvider {
+        self.wait(name, &format!("Ready reason {reason}"), within, |p| {
+            ready(p).is_some_and(|c| c.reason == reason)
+        })
+        .await
+    }
+}
+
+/// The Ready condition of a provider.
+pub fn ready(p: &IncomingMailProvider) -> Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    condition(p, "Ready")
+}
+
+pub fn condition<'a>(
+    p: &'a IncomingMailProvider,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    p.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
+}
+
+/// A running controller; stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct Controller {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Controller {
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for a clean exit; returns the exit status.
+    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        unsafe { libc_kill(self.child.id() as i32, 15) };
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            unsafe { libc_kill(self.child.id() as i32, 15) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if self.child.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+async fn client_for(kubeconfig: &std::path::Path) -> Client {
+    let kc = Kubeconfig::read_from(kubeconfig).expect("reading the bed's kubeconfig");
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.unwrap();
+    Client::try_from(config).unwrap()
+}
+
+/// Applies crds/ once per test binary and waits until the API server serves it.
+fn install_crd(bed: &Bed) {
+    let crd = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/incomingmailprovider.yaml");
+    let out = bed.kubectl().args(["apply", "--server-side", "-f", crd]).output().unwrap();
+    assert!(out.status.success(), "applying the CRD: {}", String::from_utf8_lossy(&out.stderr));
+    let out = bed
+        .kubectl()
+        .args(["wait", "--for=condition=Established", "--timeout=60s", "crd/incomingmailproviders.mailroom.dev"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "waiting for the CRD: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A provider manifest; `extra` is YAML appended under `spec:` (indented two spaces).
+pub fn provider(name: &str, protocol: &str, port: u16, mode: &str, auth: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: mailroom.dev/v1alpha1
+kind: IncomingMailProvider
+metadata:
+  name: {name}
+spec:
+  server: {{host: 127.0.0.1, port: {port}, protocol: {protocol}}}
+  tls: {{mode: {mode}, caBundleRef: {{kind: ConfigMap, name: test-ca}}}}
+  authentication: {auth}
+  check: {{interval: 5m, timeout: 10s}}
+{extra}"
+    )
+}
+
+/// The ConfigMap holding the bed's CA, which most providers trust.
+pub async fn trust_bed_ca(env: &Env) {
+    let pem = std::fs::read_to_string(env.bed.dovecot().ca_file()).unwrap();
+    let cm: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "test-ca"},
+        "data": {"ca.crt": pem},
+    }))
+    .unwrap();
+    Api::namespaced(env.client.clone(), &env.ns).create(&PostParams::default(), &cm).await.unwrap();
+}
+
+pub const ALICE_AUTH: &str = "{method: Password, secretRef: {name: alice}}";

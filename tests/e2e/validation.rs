@@ -1,0 +1,82 @@
+//! The API server itself refuses bad manifests at apply time, naming the field.
+
+use crate::support::Env;
+
+fn manifest(spec: &str) -> String {
+    format!("apiVersion: mailroom.dev/v1alpha1\nkind: IncomingMailProvider\nmetadata:\n  name: bad\nspec:\n{spec}")
+}
+
+const OK_AUTH: &str = "  authentication: {method: None}\n";
+
+#[tokio::test]
+async fn invalid_manifests_are_rejected_with_the_field_named() {
+    let env = Env::new("invalid").await;
+    let server = |s: &str| format!("  server: {s}\n{OK_AUTH}");
+    let cases: Vec<(&str, String, &[&str])> = vec![
+        ("missing host", server("{protocol: IMAP}"), &["spec.server.host", "Required"]),
+        ("scheme", server("{host: 'imaps://mail.example.com', protocol: IMAP}"), &["spec.server.host", "scheme"]),
+        ("port in host", server("{host: 'mail.example.com:993', protocol: IMAP}"), &["spec.server.host", "port"]),
+        ("path", server("{host: 'mail.example.com/inbox', protocol: IMAP}"), &["spec.server.host", "path"]),
+        ("spaces", server("{host: 'mail example.com', protocol: IMAP}"), &["spec.server.host", "spaces"]),
+        ("port 0", server("{host: mail.example.com, port: 0, protocol: IMAP}"), &["spec.server.port"]),
+        ("port 70000", server("{host: mail.example.com, port: 70000, protocol: IMAP}"), &["spec.server.port"]),
+        ("protocol", server("{host: mail.example.com, protocol: SMTP}"), &["spec.server.protocol", "IMAP", "POP3"]),
+        (
+            "tls mode",
+            format!("  server: {{host: mail.example.com, protocol: IMAP}}\n  tls: {{mode: Sometimes}}\n{OK_AUTH}"),
+            &["spec.tls.mode", "StartTLS"],
+        ),
+        (
+            "password without secretRef",
+            "  server: {host: mail.example.com, protocol: IMAP}\n  authentication: {method: Password}\n".into(),
+            &["spec.authentication.secretRef", "secretRef is required"],
+        ),
+        (
+            "interval under 30s",
+            format!("  server: {{host: mail.example.com, protocol: IMAP}}\n  check: {{interval: 10s, timeout: 5s}}\n{OK_AUTH}"),
+            &["spec.check.interval", "at least 30s"],
+        ),
+        (
+            "timeout over interval",
+            format!("  server: {{host: mail.example.com, protocol: IMAP}}\n  check: {{interval: 1m, timeout: 2m}}\n{OK_AUTH}"),
+            &["spec.check.timeout", "longer than interval"],
+        ),
+        (
+            "caBundleRef kind",
+            format!(
+                "  server: {{host: mail.example.com, protocol: IMAP}}\n  tls: {{caBundleRef: {{kind: Pod, name: x}}}}\n{OK_AUTH}"
+            ),
+            &["spec.tls.caBundleRef.kind", "ConfigMap", "Secret"],
+        ),
+        (
+            "password without TLS",
+            "  server: {host: mail.example.com, protocol: IMAP}\n  tls: {mode: None}\n  authentication: {method: Password, secretRef: {name: s}}\n".into(),
+            &["spec.authentication.allowUnencrypted", "without TLS"],
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (what, spec, expected) in &cases {
+        let out = env.try_apply(&manifest(spec));
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        if out.status.success() {
+            failures.push(format!("{what}: accepted, expected a rejection naming {expected:?}"));
+        } else if let Some(missing) = expected.iter().find(|e| !stderr.contains(*e)) {
+            failures.push(format!("{what}: rejection does not mention {missing:?}:\n{stderr}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // And a valid one, with every default, is accepted and defaulted by the API server.
+    let out = env.try_apply(&manifest("  server: {host: mail.example.com, protocol: POP3}\n  authentication: {method: None}\n"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = env.kubectl(&["get", "imp", "bad", "-o", "jsonpath={.spec.check.interval} {.spec.check.timeout} {.spec.tls.mode}"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "5m 30s Implicit");
+}
+
+#[tokio::test]
+async fn kubectl_explain_documents_the_fields() {
+    let env = Env::new("explain").await;
+    let out = env.kubectl(&["explain", "incomingmailprovider.spec.tls.mode"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("never falls back to plaintext"), "kubectl explain:\n{text}{}", String::from_utf8_lossy(&out.stderr));
+}
