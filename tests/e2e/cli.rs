@@ -30,10 +30,9 @@ async fn check_prints_each_step_and_exits_zero_only_when_ready() {
     let plugin = plugin_dir.path().join("kubectl-mailroom");
     std::os::unix::fs::symlink(MAILROOM, &plugin).unwrap();
     let path = format!("{}:{}", plugin_dir.path().display(), std::env::var("PATH").unwrap_or_default());
-    let out = env
-        .bed
-        .kubectl()
+    let out = Command::new(env.bed.kubectl_path())
         .args(["mailroom", "check", "starttls", "-n", &env.ns])
+        .env("KUBECONFIG", env.bed.kubeconfig_path())
         .env("PATH", path)
         .output()
         .unwrap();

@@ -63,17 +63,17 @@ async fn network_failures_are_classified() {
 
     // A port nobody listens on.
     let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let l = std::net::TcpListener::bind((mailroom_testbed::MAIL_HOST, 0)).unwrap();
         l.local_addr().unwrap().port()
     };
     env.apply(&provider("closed", "IMAP", closed, "Implicit", ALICE_AUTH, ""));
     // A name that cannot resolve (.invalid is reserved for exactly this).
     env.apply(
         &provider("nxdomain", "IMAP", 993, "Implicit", ALICE_AUTH, "")
-            .replace("host: 127.0.0.1", "host: no-such-host.invalid"),
+            .replace(&format!("host: {}", mailroom_testbed::MAIL_HOST), "host: no-such-host.invalid"),
     );
     // A listener that accepts and never speaks: the greeting never comes.
-    let tarpit = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let tarpit = std::net::TcpListener::bind((mailroom_testbed::MAIL_HOST, 0)).unwrap();
     let tarpit_port = tarpit.local_addr().unwrap().port();
     let _hold = std::thread::spawn(move || {
         let mut held = Vec::new();

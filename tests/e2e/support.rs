@@ -218,15 +218,16 @@ fn install_crd(bed: &Bed) {
     assert!(out.status.success(), "waiting for the CRD: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// A provider manifest; `extra` is YAML appended under `spec:` (indented two spaces).
+/// A provider manifest for a server of the bed (on MAIL_HOST); `extra` is YAML appended under `spec:` (indented two spaces).
 pub fn provider(name: &str, protocol: &str, port: u16, mode: &str, auth: &str, extra: &str) -> String {
+    let host = mailroom_testbed::MAIL_HOST;
     format!(
         "apiVersion: mailroom.dev/v1alpha1
 kind: IncomingMailProvider
 metadata:
   name: {name}
 spec:
-  server: {{host: 127.0.0.1, port: {port}, protocol: {protocol}}}
+  server: {{host: {host}, port: {port}, protocol: {protocol}}}
   tls: {{mode: {mode}, caBundleRef: {{kind: ConfigMap, name: test-ca}}}}
   authentication: {auth}
   check: {{interval: 5m, timeout: 10s}}
