@@ -1,0 +1,532 @@
+//! From what happened to a Ready reason and a message people can act on. Pure functions:
+//! no I/O, so every message is unit-tested.
+//!
+//! Messages say what was expected, what the server said (quoted, cut to a readable
+//! length) and what to do; they never contain a secret, because nothing here ever sees one.
+
+use std::io;
+use std::time::Duration;
+
+use super::stream::limit_exceeded;
+use super::{Failure, Step};
+use crate::api::{Protocol, Reason, TlsMode};
+
+/// Longest server text quoted in a message (characters).
+const QUOTE_MAX: usize = 200;
+
+/// `host:port`, with brackets around an IPv6 literal.
+pub(crate) fn endpoint(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// A duration for people: "5s", "1.5s", "250ms".
+pub(crate) fn human(d: Duration) -> String {
+    if d >= Duration::from_secs(1) {
+        let secs = d.as_secs_f64();
+        let text = format!("{secs:.2}");
+        let text = text.trim_end_matches('0').trim_end_matches('.');
+        format!("{text}s")
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+/// "within 5s", or, when earlier steps used part of the budget, "within 3.2s (what was
+/// left of the 5s timeout)".
+pub(crate) fn within(waited: Duration, total: Duration) -> String {
+    if waited.as_secs_f64() >= total.as_secs_f64() * 0.9 {
+        format!("within {}", human(total))
+    } else {
+        format!(
+            "within {} (what was left of the {} timeout)",
+            human(waited),
+            human(total)
+        )
+    }
+}
+
+/// Server text in double quotes, control characters escaped, cut to a readable length.
+pub(crate) fn quote(text: &str) -> String {
+    let text = text.trim_end_matches(['\r', '\n']);
+    let mut cut: String = text.chars().take(QUOTE_MAX).collect();
+    let more = text.chars().count() > QUOTE_MAX;
+    if more {
+        cut.push('…');
+    }
+    format!("{cut:?}")
+}
+
+/// Raw server bytes, quoted like [`quote`].
+pub(crate) fn quote_bytes(bytes: &[u8]) -> String {
+    quote(&String::from_utf8_lossy(bytes))
+}
+
+/// The text of a tagged IMAP reply among `lines` (the last line whose first word is neither
+/// `*` nor `+`), without its tag: `NO [AUTHENTICATIONFAILED] Authentication failed.`
+pub(crate) fn tagged_reply(lines: &[String]) -> Option<String> {
+    lines.iter().rev().find_map(|line| {
+        let (tag, rest) = line.split_once(' ')?;
+        if tag == "*" || tag.starts_with('+') || tag.is_empty() {
+            return None;
+        }
+        let word = rest.split(' ').next().unwrap_or("");
+        ["OK", "NO", "BAD"]
+            .iter()
+            .any(|s| word.eq_ignore_ascii_case(s))
+            .then(|| rest.to_string())
+    })
+}
+
+/// What else the first line a server sent suggests it is, as a hint for people.
+pub(crate) fn other_protocol_hint(expected: Protocol, first_line: &[u8]) -> Option<&'static str> {
+    let starts =
+        |p: &[u8]| first_line.len() >= p.len() && first_line[..p.len()].eq_ignore_ascii_case(p);
+    if first_line.len() >= 2 && (0x14..=0x18).contains(&first_line[0]) && first_line[1] == 0x03 {
+        return Some("the server speaks TLS from the first byte: set tls.mode Implicit");
+    }
+    match expected {
+        Protocol::Imap if starts(b"+OK") || starts(b"-ERR") => Some("is this a POP3 port?"),
+        Protocol::Pop3 if starts(b"* OK") || starts(b"* PREAUTH") || starts(b"* BYE") => {
+            Some("is this an IMAP port?")
+        }
+        _ if starts(b"220 ") || starts(b"220-") || starts(b"554 ") => Some("is this an SMTP port?"),
+        _ if starts(b"HTTP/") => Some("is this an HTTP port?"),
+        _ if starts(b"SSH-") => Some("is this an SSH port?"),
+        _ => None,
+    }
+}
+
+/// The server's first line is not the greeting the protocol starts with.
+pub(crate) fn unexpected_greeting(protocol: Protocol, endpoint: &str, line: &[u8]) -> Failure {
+    let article = match protocol {
+        Protocol::Imap => "an IMAP",
+        Protocol::Pop3 => "a POP3",
+    };
+    let mut message = format!(
+        "expected {article} greeting from {endpoint}, got {}",
+        quote_bytes(line)
+    );
+    if let Some(hint) = other_protocol_hint(protocol, line) {
+        message.push_str(&format!(" ({hint})"));
+    }
+    Failure::new(Reason::ProtocolError, Step::Greeting, message)
+}
+
+/// The greeting did not arrive in time.
+pub(crate) fn greeting_timeout(
+    protocol: Protocol,
+    mode: TlsMode,
+    endpoint: &str,
+    waited: Duration,
+    total: Duration,
+    recent: &[String],
+) -> Failure {
+    let within = within(waited, total);
+    match recent.first() {
+        None => {
+            let mut message = format!("no greeting from {endpoint} {within}");
+            if mode != TlsMode::Implicit {
+                message.push_str(
+                    "; the server sent nothing (a port that expects TLS from the first byte, \
+                     such as 993 or 995, stays silent like this: try tls.mode Implicit)",
+                );
+            }
+            Failure::new(Reason::Timeout, Step::Greeting, message)
+        }
+        Some(first) => {
+            if other_protocol_hint(protocol, first.as_bytes()).is_some() {
+                return unexpected_greeting(protocol, endpoint, first.as_bytes());
+            }
+            Failure::new(
+                Reason::Timeout,
+                Step::Greeting,
+                format!(
+                    "no complete {} greeting from {endpoint} {within}; it sent {}",
+                    protocol.as_str(),
+                    quote(first)
+                ),
+            )
+        }
+    }
+}
+
+/// A step other than the greeting ran out of time.
+pub(crate) fn timeout_failure(
+    step: Step,
+    endpoint: &str,
+    pending: Option<String>,
+    waited: Duration,
+    total: Duration,
+    recent: &[String],
+) -> Failure {
+    let within = within(waited, total);
+    let mut message = match (step, pending) {
+        (Step::Resolve, _) => format!("resolving the host of {endpoint} did not finish {within}"),
+        (Step::Connect, _) => format!("no TCP connection to {endpoint} {within}"),
+        (Step::TlsHandshake, _) => format!("TLS handshake with {endpoint} did not finish {within}"),
+        (_, Some(command)) => format!("no answer to {command} from {endpoint} {within}"),
+        (step, None) => format!("the {step} step with {endpoint} did not finish {within}"),
+    };
+    if let Some(last) = recent.last() {
+        message.push_str(&format!("; it last sent {}", quote(last)));
+    }
+    Failure::new(Reason::Timeout, step, message)
+}
+
+/// STARTTLS was asked for, but the server does not advertise it.
+pub(crate) fn starttls_not_offered(protocol: Protocol, endpoint: &str, caps: &[String]) -> Failure {
+    let (command, port) = match protocol {
+        Protocol::Imap => ("STARTTLS", 993),
+        Protocol::Pop3 => ("STLS", 995),
+    };
+    let listed = if caps.is_empty() {
+        "it lists no capabilities".to_string()
+    } else {
+        format!("capabilities: {}", caps.join(" "))
+    };
+    Failure::new(
+        Reason::StartTlsUnavailable,
+        Step::StartTls,
+        format!(
+            "{} server {endpoint} does not offer {command} ({listed}); no credentials were \
+             sent. Use tls.mode Implicit on the TLS port (usually {port})",
+            protocol.as_str()
+        ),
+    )
+}
+
+/// An I/O error in the middle of a session: a broken bound, a closed connection, a TLS
+/// error after the handshake, or anything else.
+pub(crate) fn io_failure(
+    protocol: Protocol,
+    step: Step,
+    endpoint: &str,
+    err: &io::Error,
+    recent: &[String],
+) -> Failure {
+    if let Some(limit) = limit_exceeded(err) {
+        return Failure::new(
+            Reason::ProtocolError,
+            step,
+            format!("server {endpoint} sent {limit} at the {step} step"),
+        );
+    }
+    if let Some(tls) = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    {
+        return Failure::new(
+            Reason::ProtocolError,
+            step,
+            format!("TLS error with {endpoint} at the {step} step: {tls}"),
+        );
+    }
+    match err.kind() {
+        io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionAborted
+        | io::ErrorKind::BrokenPipe => connection_closed(step, endpoint, recent),
+        _ => {
+            let mut text = err.to_string();
+            if text.len() > QUOTE_MAX {
+                text = text.chars().take(QUOTE_MAX).collect::<String>() + "…";
+            }
+            let mut message = format!(
+                "{} session with {endpoint} failed at the {step} step: {text}",
+                protocol.as_str()
+            );
+            if let Some(last) = recent.last() {
+                message.push_str(&format!(" (it last sent {})", quote(last)));
+            }
+            Failure::new(Reason::ProtocolError, step, message)
+        }
+    }
+}
+
+/// The server closed the connection when an answer was due.
+pub(crate) fn connection_closed(step: Step, endpoint: &str, recent: &[String]) -> Failure {
+    let message = match recent.last() {
+        Some(last) => format!(
+            "{endpoint} closed the connection at the {step} step after saying {}",
+            quote(last)
+        ),
+        None if step == Step::Greeting => {
+            format!("{endpoint} closed the connection without sending a greeting")
+        }
+        None => format!("{endpoint} closed the connection at the {step} step"),
+    };
+    Failure::new(Reason::ProtocolError, step, message)
+}
+
+/// The Ready reason for a failed TCP connect.
+pub(crate) fn connect_reason(err: &io::Error) -> Reason {
+    match err.kind() {
+        io::ErrorKind::ConnectionRefused => Reason::ConnectionRefused,
+        io::ErrorKind::TimedOut => Reason::ConnectionTimedOut,
+        io::ErrorKind::NetworkUnreachable | io::ErrorKind::HostUnreachable => {
+            Reason::NetworkUnreachable
+        }
+        // Anything else (host down, network down, a local firewall's EPERM): the packets
+        // do not get there.
+        _ => Reason::NetworkUnreachable,
+    }
+}
+
+/// How one connection attempt ended, in words.
+pub(crate) fn connect_error_words(err: &io::Error) -> String {
+    match err.kind() {
+        io::ErrorKind::ConnectionRefused => "refused (nothing listens on that port)".into(),
+        io::ErrorKind::TimedOut => "timed out".into(),
+        io::ErrorKind::NetworkUnreachable => "network unreachable (no route)".into(),
+        io::ErrorKind::HostUnreachable => "host unreachable".into(),
+        _ => err.to_string(),
+    }
+}
+
+/// Which attempt decides the reason when several addresses failed: a refusal proves the
+/// host answered, so it says the most; then a timeout; then unreachability.
+pub(crate) fn connect_priority(reason: Reason) -> u8 {
+    match reason {
+        Reason::ConnectionRefused => 3,
+        Reason::ConnectionTimedOut => 2,
+        _ => 1,
+    }
+}
+
+/// A name that could not be resolved. `err` is the resolver's error.
+pub(crate) fn resolve_failure(host: &str, err: &io::Error) -> Failure {
+    let text = err.to_string();
+    let text = text
+        .strip_prefix("failed to lookup address information: ")
+        .unwrap_or(&text);
+    Failure::new(
+        Reason::DnsResolutionFailed,
+        Step::Resolve,
+        format!("could not resolve {host}: {text}"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::stream::LimitExceeded;
+
+    #[test]
+    fn endpoints_bracket_ipv6() {
+        assert_eq!(endpoint("mail.example.com", 993), "mail.example.com:993");
+        assert_eq!(endpoint("::1", 143), "[::1]:143");
+    }
+
+    #[test]
+    fn human_durations() {
+        assert_eq!(human(Duration::from_secs(5)), "5s");
+        assert_eq!(human(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(human(Duration::from_millis(4950)), "4.95s");
+        assert_eq!(human(Duration::from_millis(250)), "250ms");
+        assert_eq!(
+            within(Duration::from_secs(5), Duration::from_secs(5)),
+            "within 5s"
+        );
+        assert_eq!(
+            within(Duration::from_secs(2), Duration::from_secs(5)),
+            "within 2s (what was left of the 5s timeout)"
+        );
+    }
+
+    #[test]
+    fn quotes_are_escaped_and_cut() {
+        assert_eq!(quote("+OK ready\r\n"), "\"+OK ready\"");
+        assert_eq!(quote_bytes(b"\x01\xffx"), "\"\\u{1}\u{fffd}x\"");
+        let long = "x".repeat(1000);
+        let q = quote(&long);
+        assert!(q.len() < 220 * 3, "{}", q.len());
+        assert!(q.ends_with("…\""));
+    }
+
+    #[test]
+    fn finds_tagged_replies() {
+        let lines: Vec<String> = [
+            "* CAPABILITY IMAP4rev1",
+            "A0002 NO [AUTHENTICATIONFAILED] Authentication failed.",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            tagged_reply(&lines).as_deref(),
+            Some("NO [AUTHENTICATIONFAILED] Authentication failed.")
+        );
+        let lines = vec!["* BYE bye".to_string(), "+ go on".to_string()];
+        assert_eq!(tagged_reply(&lines), None);
+    }
+
+    #[test]
+    fn greeting_of_the_wrong_protocol_says_so() {
+        let f = unexpected_greeting(Protocol::Imap, "127.0.0.1:1234", b"+OK Dovecot ready.");
+        assert_eq!(f.reason, Reason::ProtocolError);
+        assert_eq!(
+            f.message,
+            "expected an IMAP greeting from 127.0.0.1:1234, got \"+OK Dovecot ready.\" (is this a POP3 port?)"
+        );
+        let f = unexpected_greeting(
+            Protocol::Pop3,
+            "h:110",
+            b"* OK [CAPABILITY IMAP4rev1] ready",
+        );
+        assert!(
+            f.message.ends_with("(is this an IMAP port?)"),
+            "{}",
+            f.message
+        );
+        let f = unexpected_greeting(Protocol::Pop3, "h:25", b"220 mx ESMTP");
+        assert!(
+            f.message.ends_with("(is this an SMTP port?)"),
+            "{}",
+            f.message
+        );
+    }
+
+    #[test]
+    fn greeting_timeouts_explain() {
+        let f = greeting_timeout(
+            Protocol::Imap,
+            TlsMode::None,
+            "127.0.0.1:993",
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+            &[],
+        );
+        assert_eq!(f.reason, Reason::Timeout);
+        assert!(
+            f.message
+                .starts_with("no greeting from 127.0.0.1:993 within 5s; the server sent nothing")
+        );
+        assert!(f.message.contains("tls.mode Implicit"));
+        let f = greeting_timeout(
+            Protocol::Imap,
+            TlsMode::Implicit,
+            "h:1",
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+            &["+OK hi".into()],
+        );
+        assert_eq!(f.reason, Reason::ProtocolError);
+        let f = greeting_timeout(
+            Protocol::Imap,
+            TlsMode::Implicit,
+            "h:1",
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+            &["garbage".into()],
+        );
+        assert_eq!(f.reason, Reason::Timeout);
+        assert_eq!(
+            f.message,
+            "no complete IMAP greeting from h:1 within 5s; it sent \"garbage\""
+        );
+    }
+
+    #[test]
+    fn io_errors_are_classified() {
+        let limit = io::Error::other(LimitExceeded::Line { limit: 65536 });
+        let f = io_failure(
+            Protocol::Imap,
+            Step::Greeting,
+            "127.0.0.1:1234",
+            &limit,
+            &[],
+        );
+        assert_eq!(f.reason, Reason::ProtocolError);
+        assert_eq!(
+            f.message,
+            "server 127.0.0.1:1234 sent a line longer than 65536 bytes at the greeting step"
+        );
+        let eof = io::Error::new(io::ErrorKind::UnexpectedEof, "eof");
+        let f = io_failure(
+            Protocol::Pop3,
+            Step::Authenticate,
+            "h:110",
+            &eof,
+            &["-ERR bye".into()],
+        );
+        assert_eq!(
+            f.message,
+            "h:110 closed the connection at the authenticate step after saying \"-ERR bye\""
+        );
+        let tls = io::Error::new(io::ErrorKind::InvalidData, rustls::Error::DecryptError);
+        let f = io_failure(Protocol::Imap, Step::Mailbox, "h:993", &tls, &[]);
+        assert_eq!(f.reason, Reason::ProtocolError);
+        assert!(
+            f.message
+                .starts_with("TLS error with h:993 at the mailbox step"),
+            "{}",
+            f.message
+        );
+    }
+
+    #[test]
+    fn connect_errors_map_to_reasons() {
+        let e = |k| io::Error::from(k);
+        assert_eq!(
+            connect_reason(&e(io::ErrorKind::ConnectionRefused)),
+            Reason::ConnectionRefused
+        );
+        assert_eq!(
+            connect_reason(&e(io::ErrorKind::TimedOut)),
+            Reason::ConnectionTimedOut
+        );
+        assert_eq!(
+            connect_reason(&e(io::ErrorKind::NetworkUnreachable)),
+            Reason::NetworkUnreachable
+        );
+        assert_eq!(
+            connect_reason(&e(io::ErrorKind::HostUnreachable)),
+            Reason::NetworkUnreachable
+        );
+        assert_eq!(
+            connect_reason(&io::Error::from_raw_os_error(111)),
+            Reason::ConnectionRefused
+        );
+        assert_eq!(
+            connect_reason(&io::Error::from_raw_os_error(101)),
+            Reason::NetworkUnreachable
+        );
+        assert_eq!(
+            connect_reason(&io::Error::from_raw_os_error(113)),
+            Reason::NetworkUnreachable
+        );
+        assert_eq!(
+            connect_reason(&io::Error::from_raw_os_error(110)),
+            Reason::ConnectionTimedOut
+        );
+        assert!(
+            connect_priority(Reason::ConnectionRefused)
+                > connect_priority(Reason::NetworkUnreachable)
+        );
+    }
+
+    #[test]
+    fn dns_failures_name_the_host() {
+        let err =
+            io::Error::other("failed to lookup address information: Name or service not known");
+        let f = resolve_failure("mail.invalid", &err);
+        assert_eq!(f.reason, Reason::DnsResolutionFailed);
+        assert_eq!(
+            f.message,
+            "could not resolve mail.invalid: Name or service not known"
+        );
+    }
+
+    #[test]
+    fn starttls_missing() {
+        let f = starttls_not_offered(Protocol::Pop3, "h:110", &["USER".into(), "TOP".into()]);
+        assert_eq!(f.reason, Reason::StartTlsUnavailable);
+        assert_eq!(
+            f.message,
+            "POP3 server h:110 does not offer STLS (capabilities: USER TOP); no credentials were sent. Use tls.mode Implicit on the TLS port (usually 995)"
+        );
+    }
+}

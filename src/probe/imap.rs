@@ -1,0 +1,657 @@
+//! IMAP (RFC 3501) over async-imap: the greeting, CAPABILITY, STARTTLS, LOGIN or
+//! AUTHENTICATE PLAIN, STATUS and LOGOUT.
+//!
+//! async-imap parses responses and runs LOGIN, AUTHENTICATE and STARTTLS. CAPABILITY,
+//! STATUS and LOGOUT are written by us (with our own `M` tags, distinct from async-imap's
+//! `A0001`…) and read back through async-imap's parser, because its own helpers lose what
+//! a test reports: `capabilities()` returns an unordered set, and `status()` silently
+//! ignores a STATUS reply whose mailbox name is spelled differently. Failure messages quote
+//! the server's tagged reply as it was sent, taken from the meter's record of recent lines
+//! (async-imap only keeps a `Debug` rendering of it).
+
+use std::io;
+
+use async_imap::error::Error as ImapError;
+use async_imap::imap_proto::{Capability, MailboxDatum, Response, Status, StatusAttribute};
+use async_imap::{Client, Connection, Session};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD_NO_PAD;
+use secrecy::{ExposeSecret, SecretString};
+use tokio::io::AsyncWriteExt;
+
+use super::classify::{self, quote};
+use super::sasl::Exchange;
+use super::session::{Greeting, MailSession, Mechanism};
+use super::stream::{Limits, Meter, Tcp, Wire, limit_exceeded};
+use super::{Failure, MailboxInfo, Step};
+use crate::api::{Protocol, Reason};
+
+enum State {
+    /// Not authenticated (or PREAUTH).
+    Client(Client<Wire>),
+    /// Logged in.
+    Session(Session<Wire>),
+    /// Handed away for STARTTLS, lost to a dropped future, or logged out.
+    Closed,
+}
+
+/// An IMAP session.
+pub(crate) struct Imap {
+    state: State,
+    endpoint: String,
+    /// Set while a command is in flight; left set when it broke off.
+    busy: bool,
+    pending: Option<String>,
+    next_tag: u32,
+}
+
+/// How a command we wrote ended.
+struct Done {
+    ok: bool,
+    /// The tagged reply without its tag: `NO [NONEXISTENT] Mailbox doesn't exist: Foo`.
+    text: String,
+}
+
+impl Imap {
+    fn conn(&mut self) -> Option<&mut Connection<Wire>> {
+        match &mut self.state {
+            State::Client(client) => Some(&mut **client),
+            State::Session(session) => Some(&mut **session),
+            State::Closed => None,
+        }
+    }
+
+    fn wire(&self) -> Option<&Wire> {
+        match &self.state {
+            State::Client(client) => Some(client.get_ref()),
+            State::Session(session) => Some(session.get_ref()),
+            State::Closed => None,
+        }
+    }
+
+    fn closed(&self, step: Step) -> Failure {
+        Failure::new(
+            Reason::ProtocolError,
+            step,
+            format!(
+                "the IMAP connection to {} is no longer usable",
+                self.endpoint
+            ),
+        )
+    }
+
+    fn mark(&mut self) {
+        if let Some(conn) = self.conn() {
+            conn.get_mut().mark();
+        }
+    }
+
+    /// The server's tagged reply to the last command, as sent.
+    fn tagged_reply(&self) -> Option<String> {
+        classify::tagged_reply(&self.recent())
+    }
+
+    fn io_failure(&self, step: Step, err: &io::Error) -> Failure {
+        let recent = self.recent();
+        if limit_exceeded(err).is_none() && is_parse_error(err) {
+            if step == Step::Greeting
+                && let Some(first) = recent.first()
+            {
+                return classify::unexpected_greeting(
+                    Protocol::Imap,
+                    &self.endpoint,
+                    first.as_bytes(),
+                );
+            }
+            let said = recent
+                .last()
+                .map(|l| format!(": {}", quote(l)))
+                .unwrap_or_default();
+            return Failure::new(
+                Reason::ProtocolError,
+                step,
+                format!(
+                    "IMAP server {} sent something that is not IMAP at the {step} step{said}",
+                    self.endpoint
+                ),
+            );
+        }
+        classify::io_failure(Protocol::Imap, step, &self.endpoint, err, &recent)
+    }
+
+    /// An async-imap error from `command`. `Ok(reason)` is used for a NO or BAD reply
+    /// (after which the session is still usable).
+    fn imap_failure(
+        &mut self,
+        step: Step,
+        command: &str,
+        err: ImapError,
+        refused: Reason,
+    ) -> Failure {
+        match err {
+            ImapError::No(_) | ImapError::Bad(_) => {
+                self.busy = false;
+                let said = self
+                    .tagged_reply()
+                    .map(|t| quote(&t))
+                    .unwrap_or_else(|| "a NO or BAD reply".into());
+                let message = if refused == Reason::AuthenticationFailed {
+                    format!("IMAP {command} rejected by {}: {said}", self.endpoint)
+                } else {
+                    format!("IMAP server {} refused {command}: {said}", self.endpoint)
+                };
+                Failure::new(refused, step, message)
+            }
+            ImapError::Io(io) => self.io_failure(step, &io),
+            ImapError::ConnectionLost => {
+                classify::connection_closed(step, &self.endpoint, &self.recent())
+            }
+            ImapError::Validate(_) => Failure::new(
+                Reason::InvalidSpec,
+                step,
+                format!("{command} cannot be sent: a value contains a line break"),
+            ),
+            other => {
+                let mut text = other.to_string();
+                text.truncate(200);
+                Failure::new(
+                    Reason::ProtocolError,
+                    step,
+                    format!("IMAP {command} with {} failed: {text}", self.endpoint),
+                )
+            }
+        }
+    }
+
+    /// Writes `command` (never a secret) with a tag of ours and reads responses until its
+    /// tagged reply, handing the others to `on_data`.
+    async fn command(
+        &mut self,
+        step: Step,
+        command: &str,
+        mut on_data: impl FnMut(&Response<'_>) + Send,
+    ) -> Result<Done, Failure> {
+        self.busy = true;
+        self.pending = Some(command.to_string());
+        self.next_tag += 1;
+        let tag = format!("M{}", self.next_tag);
+        self.mark();
+        let Some(conn) = self.conn() else {
+            return Err(self.closed(step));
+        };
+        let line = format!("{tag} {command}\r\n");
+        let written = async {
+            let wire = conn.get_mut();
+            wire.write_all(line.as_bytes()).await?;
+            wire.flush().await
+        }
+        .await;
+        if let Err(err) = written {
+            return Err(self.io_failure(step, &err));
+        }
+        loop {
+            let Some(conn) = self.conn() else {
+                return Err(self.closed(step));
+            };
+            let response = match conn.read_response().await {
+                Ok(Some(response)) => response,
+                Ok(None) => {
+                    return Err(classify::connection_closed(
+                        step,
+                        &self.endpoint,
+                        &self.recent(),
+                    ));
+                }
+                Err(err) => return Err(self.io_failure(step, &err)),
+            };
+            match response.parsed() {
+                Response::Done {
+                    tag: done_tag,
+                    status,
+                    outcome,
+                } if done_tag.0 == tag => {
+                    let ok = *status == Status::Ok;
+                    let text = self.tagged_reply().unwrap_or_else(|| {
+                        format!(
+                            "{status:?} {}",
+                            outcome.information.as_deref().unwrap_or_default()
+                        )
+                    });
+                    self.busy = false;
+                    return Ok(Done { ok, text });
+                }
+                other => on_data(other),
+            }
+        }
+    }
+
+    fn take_client(&mut self, step: Step) -> Result<Client<Wire>, Failure> {
+        match std::mem::replace(&mut self.state, State::Closed) {
+            State::Client(client) => Ok(client),
+            other => {
+                self.state = other;
+                Err(Failure::new(
+                    Reason::ProtocolError,
+                    step,
+                    "the IMAP session is not in the not-authenticated state",
+                ))
+            }
+        }
+    }
+}
+
+/// async-imap reports a response it cannot parse as an `io::Error` of kind Other.
+fn is_parse_error(err: &io::Error) -> bool {
+    err.kind() == io::ErrorKind::Other && err.to_string().contains("during parsing of")
+}
+
+/// A capability as the server wrote it.
+fn capability_text(cap: &Capability<'_>) -> String {
+    match cap {
+        Capability::Imap4rev1 => "IMAP4rev1".into(),
+        Capability::Auth(mech) => format!("AUTH={mech}"),
+        Capability::Atom(atom) => atom.to_string(),
+    }
+}
+
+fn has_capability(caps: &[String], name: &str) -> bool {
+    caps.iter().any(|c| c.eq_ignore_ascii_case(name))
+}
+
+/// A mailbox name as an IMAP quoted string, in modified UTF-7 (RFC 3501 §5.1.3).
+pub(crate) fn mailbox_argument(name: &str) -> Result<String, &'static str> {
+    if name.contains(['\r', '\n', '\0']) {
+        return Err("contains a line break or NUL character");
+    }
+    let encoded = modified_utf7(name);
+    let mut quoted = String::with_capacity(encoded.len() + 2);
+    quoted.push('"');
+    for c in encoded.chars() {
+        if c == '"' || c == '\\' {
+            quoted.push('\\');
+        }
+        quoted.push(c);
+    }
+    quoted.push('"');
+    Ok(quoted)
+}
+
+/// RFC 3501 §5.1.3: printable ASCII as is (`&` as `&-`), the rest as UTF-16 in base64
+/// with `,` for `/`, between `&` and `-`.
+pub(crate) fn modified_utf7(name: &str) -> String {
+    fn flush(out: &mut String, pending: &mut Vec<u16>) {
+        if pending.is_empty() {
+            return;
+        }
+        let bytes: Vec<u8> = pending.iter().flat_map(|u| u.to_be_bytes()).collect();
+        out.push('&');
+        out.push_str(&STANDARD_NO_PAD.encode(bytes).replace('/', ","));
+        out.push('-');
+        pending.clear();
+    }
+    let mut out = String::new();
+    let mut pending = Vec::new();
+    for c in name.chars() {
+        if (' '..='~').contains(&c) {
+            flush(&mut out, &mut pending);
+            if c == '&' {
+                out.push_str("&-");
+            } else {
+                out.push(c);
+            }
+        } else {
+            let mut units = [0u16; 2];
+            pending.extend_from_slice(c.encode_utf16(&mut units));
+        }
+    }
+    flush(&mut out, &mut pending);
+    out
+}
+
+impl MailSession for Imap {
+    fn limits() -> Limits {
+        Limits::for_imap()
+    }
+
+    fn open(wire: Wire, endpoint: String) -> Imap {
+        Imap {
+            state: State::Client(Client::new(wire)),
+            endpoint,
+            busy: false,
+            pending: None,
+            next_tag: 0,
+        }
+    }
+
+    async fn greeting(&mut self) -> Result<Greeting, Failure> {
+        let step = Step::Greeting;
+        self.busy = true;
+        self.pending = None;
+        self.mark();
+        let Some(conn) = self.conn() else {
+            return Err(self.closed(step));
+        };
+        let response = match conn.read_response().await {
+            Ok(Some(response)) => response,
+            Ok(None) => {
+                return Err(classify::connection_closed(
+                    step,
+                    &self.endpoint,
+                    &self.recent(),
+                ));
+            }
+            Err(err) => return Err(self.io_failure(step, &err)),
+        };
+        let line = self.recent().into_iter().next().unwrap_or_default();
+        let preauth = match response.parsed() {
+            Response::Data {
+                status: Status::Ok, ..
+            } => false,
+            Response::Data {
+                status: Status::PreAuth,
+                ..
+            } => true,
+            Response::Data {
+                status: Status::Bye,
+                ..
+            } => {
+                return Err(Failure::new(
+                    Reason::ProtocolError,
+                    step,
+                    format!(
+                        "IMAP server {} refused the session: {}",
+                        self.endpoint,
+                        quote(&line)
+                    ),
+                ));
+            }
+            _ => {
+                return Err(classify::unexpected_greeting(
+                    Protocol::Imap,
+                    &self.endpoint,
+                    line.as_bytes(),
+                ));
+            }
+        };
+        self.busy = false;
+        Ok(Greeting {
+            text: line.trim().to_string(),
+            preauth,
+        })
+    }
+
+    async fn capabilities(&mut self) -> Result<Vec<String>, Failure> {
+        let step = Step::Capabilities;
+        let mut caps = Vec::new();
+        let done = self
+            .command(step, "CAPABILITY", |response| {
+                if let Response::Capabilities(list) = response {
+                    caps.extend(list.iter().map(capability_text));
+                }
+            })
+            .await?;
+        if !done.ok {
+            return Err(Failure::new(
+                Reason::ProtocolError,
+                step,
+                format!(
+                    "IMAP server {} refused CAPABILITY: {}",
+                    self.endpoint,
+                    quote(&done.text)
+                ),
+            ));
+        }
+        Ok(caps)
+    }
+
+    fn offers_starttls(&self, caps: &[String]) -> bool {
+        has_capability(caps, "STARTTLS")
+    }
+
+    async fn start_tls(&mut self) -> Result<(Tcp, Meter, String), Failure> {
+        let step = Step::StartTls;
+        self.busy = true;
+        self.pending = Some("STARTTLS".into());
+        self.mark();
+        let State::Client(client) = &mut self.state else {
+            return Err(self.closed(step));
+        };
+        if let Err(err) = client.run_command_and_check_ok("STARTTLS", None).await {
+            return Err(self.imap_failure(step, "STARTTLS", err, Reason::StartTlsUnavailable));
+        }
+        let words = self.tagged_reply().unwrap_or_else(|| "OK".into());
+        let client = self.take_client(step)?;
+        let (tcp, meter) = client.into_inner().into_plain().ok_or_else(|| {
+            Failure::new(
+                Reason::ProtocolError,
+                step,
+                "STARTTLS on a connection that is already TLS",
+            )
+        })?;
+        Ok((tcp, meter, words))
+    }
+
+    fn resume(&mut self, wire: Wire) {
+        self.state = State::Client(Client::new(wire));
+        self.busy = false;
+    }
+
+    fn is_tls(&self) -> bool {
+        self.wire().is_some_and(Wire::is_tls)
+    }
+
+    fn choose_mechanism(&self, caps: &[String]) -> Result<Mechanism, Failure> {
+        if has_capability(caps, "AUTH=PLAIN") {
+            return Ok(Mechanism::SaslPlain);
+        }
+        if has_capability(caps, "AUTH=LOGIN") {
+            return Ok(Mechanism::SaslLogin);
+        }
+        if !has_capability(caps, "LOGINDISABLED") {
+            return Ok(Mechanism::ImapLogin);
+        }
+        let offered: Vec<&str> = caps
+            .iter()
+            .filter(|c| c.len() > 5 && c[..5].eq_ignore_ascii_case("AUTH="))
+            .map(String::as_str)
+            .collect();
+        let offered = if offered.is_empty() {
+            " and no AUTH= mechanism".to_string()
+        } else {
+            format!(
+                " and neither AUTH=PLAIN nor AUTH=LOGIN (it offers {})",
+                offered.join(" ")
+            )
+        };
+        let hint = if self.is_tls() {
+            ""
+        } else {
+            "; servers often allow logins only over TLS: use tls.mode StartTLS or Implicit"
+        };
+        Err(Failure::new(
+            Reason::AuthMechanismUnsupported,
+            Step::Authenticate,
+            format!(
+                "IMAP server {} advertises LOGINDISABLED{offered}{hint}",
+                self.endpoint
+            ),
+        ))
+    }
+
+    async fn authenticate(
+        &mut self,
+        mechanism: Mechanism,
+        username: &str,
+        password: &SecretString,
+    ) -> Result<String, Failure> {
+        let step = Step::Authenticate;
+        let command = mechanism.command(Protocol::Imap);
+        self.busy = true;
+        self.pending = Some(command.to_string());
+        self.mark();
+        let client = self.take_client(step)?;
+        let result = match mechanism {
+            Mechanism::SaslPlain | Mechanism::SaslLogin => {
+                let mut exchange = if mechanism == Mechanism::SaslPlain {
+                    Exchange::plain(username, password)
+                } else {
+                    Exchange::login(username, password)
+                };
+                if let Err(why) = exchange.check() {
+                    self.state = State::Client(client);
+                    self.busy = false;
+                    return Err(Failure::new(Reason::InvalidSpec, step, why));
+                }
+                let result = client
+                    .authenticate(exchange.mechanism(), &mut exchange)
+                    .await;
+                result.map_err(|(err, client)| (err, client, exchange.later_challenges().to_vec()))
+            }
+            Mechanism::ImapLogin | Mechanism::UserPass => {
+                if username.contains('\0') || password.expose_secret().contains('\0') {
+                    self.state = State::Client(client);
+                    self.busy = false;
+                    return Err(Failure::new(
+                        Reason::InvalidSpec,
+                        step,
+                        "the username or password contains a NUL character, which IMAP LOGIN cannot send",
+                    ));
+                }
+                client
+                    .login(username, password.expose_secret())
+                    .await
+                    .map_err(|(err, client)| (err, client, Vec::new()))
+            }
+        };
+        match result {
+            Ok(session) => {
+                self.state = State::Session(session);
+                self.busy = false;
+                Ok(self.tagged_reply().unwrap_or_else(|| "OK".into()))
+            }
+            Err((err, client, challenges)) => {
+                self.state = State::Client(client);
+                let mut failure =
+                    self.imap_failure(step, command, err, Reason::AuthenticationFailed);
+                for challenge in challenges {
+                    failure
+                        .message
+                        .push_str(&format!("; it said {}", quote(&challenge)));
+                }
+                Err(failure)
+            }
+        }
+    }
+
+    async fn inspect(&mut self, mailbox: &str) -> Result<(MailboxInfo, String), Failure> {
+        let step = Step::Mailbox;
+        let argument = mailbox_argument(mailbox).map_err(|why| {
+            Failure::new(
+                Reason::InvalidSpec,
+                step,
+                format!("the mailbox name {} (check.mailbox) {why}", quote(mailbox)),
+            )
+        })?;
+        let command = format!("STATUS {argument} (MESSAGES UNSEEN)");
+        let mut counts: Option<(Option<u64>, Option<u64>)> = None;
+        let done = self
+            .command(step, &command, |response| {
+                if let Response::MailboxData(MailboxDatum::Status { status, .. }) = response
+                    && counts.is_none()
+                {
+                    let mut messages = None;
+                    let mut unseen = None;
+                    for attribute in status {
+                        match attribute {
+                            StatusAttribute::Messages(n) => messages = Some(u64::from(*n)),
+                            StatusAttribute::Unseen(n) => unseen = Some(u64::from(*n)),
+                            _ => {}
+                        }
+                    }
+                    counts = Some((messages, unseen));
+                }
+            })
+            .await?;
+        if !done.ok {
+            return Err(Failure::new(
+                Reason::MailboxUnavailable,
+                step,
+                format!(
+                    "IMAP server {} refused STATUS {argument}: {}",
+                    self.endpoint,
+                    quote(&done.text)
+                ),
+            ));
+        }
+        let Some((Some(messages), unseen)) = counts else {
+            return Err(Failure::new(
+                Reason::ProtocolError,
+                step,
+                format!(
+                    "IMAP server {} answered STATUS {argument} with {} but sent no message count",
+                    self.endpoint,
+                    quote(&done.text)
+                ),
+            ));
+        };
+        let words = match unseen {
+            Some(unseen) => format!("{mailbox}: {messages} messages, {unseen} unseen"),
+            None => format!("{mailbox}: {messages} messages"),
+        };
+        Ok((
+            MailboxInfo {
+                name: mailbox.to_string(),
+                messages,
+                unseen,
+            },
+            words,
+        ))
+    }
+
+    fn can_quit(&self) -> bool {
+        !self.busy && !matches!(self.state, State::Closed)
+    }
+
+    async fn quit(&mut self) -> Result<String, Failure> {
+        let done = self.command(Step::Logout, "LOGOUT", |_| {}).await?;
+        self.state = State::Closed;
+        Ok(done.text)
+    }
+
+    fn pending(&self) -> Option<String> {
+        self.pending.clone()
+    }
+
+    fn recent(&self) -> Vec<String> {
+        self.wire().map(|w| w.meter().recent()).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mailbox_names_are_quoted_in_modified_utf7() {
+        assert_eq!(mailbox_argument("INBOX").unwrap(), "\"INBOX\"");
+        assert_eq!(mailbox_argument("a \"b\\c").unwrap(), "\"a \\\"b\\\\c\"");
+        assert_eq!(modified_utf7("Entwürfe"), "Entw&APw-rfe");
+        assert_eq!(modified_utf7("R&D"), "R&-D");
+        assert_eq!(modified_utf7("日本語"), "&ZeVnLIqe-");
+        assert_eq!(
+            modified_utf7("~peter/mail/台北/日本語"),
+            "~peter/mail/&U,BTFw-/&ZeVnLIqe-"
+        );
+        assert!(mailbox_argument("a\r\nb").is_err());
+    }
+
+    #[test]
+    fn capabilities_render_as_sent() {
+        assert_eq!(capability_text(&Capability::Imap4rev1), "IMAP4rev1");
+        assert_eq!(
+            capability_text(&Capability::Auth("PLAIN".into())),
+            "AUTH=PLAIN"
+        );
+        assert_eq!(capability_text(&Capability::Atom("IDLE".into())), "IDLE");
+    }
+}

@@ -1,0 +1,601 @@
+//! The probe: one test of one mailbox, the "Test button" (DESIGN §3).
+//!
+//! Given an endpoint, a trust configuration and a login, [`run`] resolves, connects,
+//! secures, greets, asks for capabilities, authenticates, inspects the mailbox and logs out,
+//! each step bounded by what is left of [`Target::timeout`] and every read bounded in bytes.
+//! It returns a [`Report`]: the steps it took with their timings and the server's words,
+//! what it learned, and, if the test failed, a classified [`Failure`] whose message says
+//! what was expected, what happened, and what to do.
+//!
+//! The probe knows nothing of Kubernetes; the controller and `mailroom check` both call
+//! [`run`]. IMAP and POP3 differ only in wire format: each fills in the same steps
+//! ([`session::MailSession`]), and this module runs them in order.
+//!
+//! Layout: `net` (resolve, connect), `stream` (the metered plain/TLS stream), `tls`
+//! (configuration, verifier, certificate details), `imap` and `pop3` (the two dialects),
+//! `sasl` (mechanism encodings), `classify` (errors to reasons and messages, pure).
+
+mod classify;
+mod imap;
+mod net;
+mod pop3;
+mod sasl;
+mod session;
+mod stream;
+mod tls;
+
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::api::{Protocol, Reason, TlsMode};
+use session::{Greeting, MailSession};
+use stream::{Meter, Tcp, Wire};
+
+/// Where to connect and how.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Target {
+    /// DNS name or IP literal (IPv6 without brackets).
+    pub host: String,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub tls_mode: TlsMode,
+    pub trust: Trust,
+    /// IMAP: the folder whose `STATUS (MESSAGES UNSEEN)` is read. Ignored for POP3.
+    pub mailbox: String,
+    /// Bound on the whole test.
+    pub timeout: Duration,
+}
+
+/// Which server certificates are accepted.
+#[derive(Clone, Default, PartialEq)]
+pub struct Trust {
+    /// PEM certificates trusted besides the platform's roots. A self-signed server
+    /// certificate placed here is trusted exactly (pinned).
+    pub extra_roots_pem: Option<Vec<u8>>,
+    /// The name to verify (and send as SNI) instead of the host.
+    pub server_name: Option<String>,
+    /// Accept any certificate (it is still recorded).
+    pub insecure_skip_verify: bool,
+}
+
+impl fmt::Debug for Trust {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Trust")
+            .field(
+                "extra_roots_pem",
+                &self
+                    .extra_roots_pem
+                    .as_ref()
+                    .map(|p| format!("{} bytes of PEM", p.len())),
+            )
+            .field("server_name", &self.server_name)
+            .field("insecure_skip_verify", &self.insecure_skip_verify)
+            .finish()
+    }
+}
+
+/// How to log in. The password stays a [`SecretString`] until it is written to the socket.
+#[derive(Clone, Debug)]
+pub enum Login {
+    /// Connectivity, greeting and capabilities only.
+    None,
+    Password {
+        username: String,
+        password: SecretString,
+        /// Allow the password over a connection without TLS.
+        allow_unencrypted: bool,
+    },
+}
+
+/// The outcome of one test.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Report {
+    /// Every step attempted, in order.
+    pub steps: Vec<StepRecord>,
+    /// Whatever was learned, also when the test failed.
+    pub findings: Findings,
+    /// `None`: the test passed (the provider would be Ready).
+    pub failure: Option<Failure>,
+    pub duration: Duration,
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        self.failure.is_none()
+    }
+}
+
+/// One step of a test.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepRecord {
+    pub step: Step,
+    pub duration: Duration,
+    pub ok: bool,
+    /// The server's words or what happened; never a secret.
+    pub detail: String,
+}
+
+/// The steps of a test, in the order they run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Step {
+    Resolve,
+    Connect,
+    TlsHandshake,
+    Greeting,
+    Capabilities,
+    StartTls,
+    Authenticate,
+    Mailbox,
+    Logout,
+}
+
+impl Step {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Resolve => "resolve",
+            Step::Connect => "connect",
+            Step::TlsHandshake => "TLS handshake",
+            Step::Greeting => "greeting",
+            Step::Capabilities => "capabilities",
+            Step::StartTls => "STARTTLS",
+            Step::Authenticate => "authenticate",
+            Step::Mailbox => "mailbox",
+            Step::Logout => "logout",
+        }
+    }
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a test learned about the server.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Findings {
+    /// The server's greeting, trimmed. `Some` means the server was reachable.
+    pub greeting: Option<String>,
+    /// IMAP CAPABILITY or POP3 CAPA lines, in the server's order (after STARTTLS, the
+    /// list the server gave over TLS).
+    pub capabilities: Vec<String>,
+    pub tls: Option<TlsInfo>,
+    pub authenticated: bool,
+    /// The mechanism tried: "PLAIN", "LOGIN" (IMAP LOGIN), "USER" (POP3 USER/PASS) or
+    /// "PREAUTH" (the IMAP server greeted with PREAUTH).
+    pub mechanism: Option<String>,
+    pub mailbox: Option<MailboxInfo>,
+}
+
+/// The negotiated TLS session.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TlsInfo {
+    /// "TLSv1.3" or "TLSv1.2".
+    pub version: String,
+    /// IANA name, such as "TLS13_AES_256_GCM_SHA384".
+    pub cipher_suite: String,
+    pub peer_certificate: Option<CertInfo>,
+}
+
+/// The server's (end-entity) certificate.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CertInfo {
+    pub subject: String,
+    pub issuer: String,
+    /// RFC 3339, such as "2027-01-31T12:00:00Z".
+    pub not_after: String,
+    pub dns_names: Vec<String>,
+}
+
+/// The mailbox's counts: IMAP STATUS, or POP3 STAT (no unseen count).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MailboxInfo {
+    pub name: String,
+    pub messages: u64,
+    pub unseen: Option<u64>,
+}
+
+/// Why a test failed: a Ready reason, the step, and a message for people that quotes the
+/// server where it said anything and never contains a secret.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct Failure {
+    pub reason: Reason,
+    pub step: Step,
+    pub message: String,
+}
+
+impl Failure {
+    pub(crate) fn new(reason: Reason, step: Step, message: impl Into<String>) -> Failure {
+        Failure {
+            reason,
+            step,
+            message: message.into(),
+        }
+    }
+}
+
+/// Runs one test. Never panics and never takes (much) longer than `target.timeout`.
+pub async fn run(target: &Target, login: &Login) -> Report {
+    let started = Instant::now();
+    let mut rec = Recorder {
+        steps: Vec::new(),
+        findings: Findings::default(),
+        deadline: started + target.timeout,
+        timeout: target.timeout,
+    };
+    let span = tracing::debug_span!(
+        "probe",
+        host = %target.host,
+        port = target.port,
+        protocol = target.protocol.as_str(),
+        tls = target.tls_mode.as_str(),
+    );
+    let result = async {
+        match target.protocol {
+            Protocol::Imap => drive::<imap::Imap>(target, login, &mut rec).await,
+            Protocol::Pop3 => drive::<pop3::Pop3>(target, login, &mut rec).await,
+        }
+    }
+    .instrument(span)
+    .await;
+    Report {
+        steps: rec.steps,
+        findings: rec.findings,
+        failure: result.err(),
+        duration: started.elapsed(),
+    }
+}
+
+/// Connects, then lets the protocol's session take the steps, then says goodbye.
+async fn drive<S: MailSession>(
+    target: &Target,
+    login: &Login,
+    rec: &mut Recorder,
+) -> Result<(), Failure> {
+    let endpoint = classify::endpoint(&target.host, target.port);
+
+    let t = rec
+        .timed(Step::Resolve, net::resolve(&target.host, target.port))
+        .await;
+    let addrs = rec.settle(
+        t,
+        |waited, total| {
+            classify::timeout_failure(Step::Resolve, &endpoint, None, waited, total, &[])
+        },
+        |addrs| net::describe_addrs(addrs),
+    )?;
+
+    let deadline = rec.deadline;
+    let t = rec
+        .timed(Step::Connect, net::connect(&addrs, &endpoint, deadline))
+        .await;
+    let (tcp, _) = rec.settle(
+        t,
+        |waited, total| net::connect_timeout(&endpoint, waited, total),
+        |(_, addr)| format!("connected to {addr}"),
+    )?;
+
+    let mut wire = Wire::plain(Tcp::new(tcp), Meter::new(S::limits()));
+    if target.tls_mode == TlsMode::Implicit {
+        let (tcp, meter) = wire.into_plain().expect("a new connection is plaintext");
+        wire = handshake(target, &endpoint, rec, tcp, meter).await?;
+    }
+
+    let mut session = S::open(wire, endpoint.clone());
+    let result = converse(&mut session, target, login, &endpoint, rec).await;
+
+    if session.can_quit() && Instant::now() < rec.deadline {
+        let t = rec.timed(Step::Logout, session.quit()).await;
+        let _ = rec.settle(
+            t,
+            |waited, total| {
+                classify::timeout_failure(
+                    Step::Logout,
+                    &endpoint,
+                    session.pending(),
+                    waited,
+                    total,
+                    &session.recent(),
+                )
+            },
+            |words| words.clone(),
+        );
+    }
+    result
+}
+
+/// Greeting, capabilities, STARTTLS, authentication and the mailbox.
+async fn converse<S: MailSession>(
+    session: &mut S,
+    target: &Target,
+    login: &Login,
+    endpoint: &str,
+    rec: &mut Recorder,
+) -> Result<(), Failure> {
+    let protocol = target.protocol;
+    let t = rec.timed(Step::Greeting, session.greeting()).await;
+    let greeting: Greeting = rec.settle(
+        t,
+        |waited, total| {
+            classify::greeting_timeout(
+                protocol,
+                target.tls_mode,
+                endpoint,
+                waited,
+                total,
+                &session.recent(),
+            )
+        },
+        |g| g.text.clone(),
+    )?;
+    rec.findings.greeting = Some(greeting.text.clone());
+
+    let mut caps = capabilities(session, endpoint, rec).await?;
+
+    if target.tls_mode == TlsMode::StartTls {
+        if greeting.preauth {
+            return rec.fail_now(Failure::new(
+                Reason::StartTlsUnavailable,
+                Step::StartTls,
+                format!(
+                    "IMAP server {endpoint} greeted with PREAUTH, which rules out STARTTLS: \
+                     use tls.mode Implicit, or None if the connection needs no TLS"
+                ),
+            ));
+        }
+        if !session.offers_starttls(&caps) {
+            return rec.fail_now(classify::starttls_not_offered(protocol, endpoint, &caps));
+        }
+        let t = rec.timed(Step::StartTls, session.start_tls()).await;
+        let (tcp, meter, _) = rec.settle(
+            t,
+            |waited, total| {
+                classify::timeout_failure(
+                    Step::StartTls,
+                    endpoint,
+                    session.pending(),
+                    waited,
+                    total,
+                    &session.recent(),
+                )
+            },
+            |(_, _, words)| words.clone(),
+        )?;
+        let wire = handshake(target, endpoint, rec, tcp, meter).await?;
+        session.resume(wire);
+        caps = capabilities(session, endpoint, rec).await?;
+    }
+
+    let Login::Password {
+        username,
+        password,
+        allow_unencrypted,
+    } = login
+    else {
+        return Ok(());
+    };
+
+    if greeting.preauth {
+        rec.findings.authenticated = true;
+        rec.findings.mechanism = Some("PREAUTH".into());
+        rec.record(
+            Step::Authenticate,
+            Duration::ZERO,
+            true,
+            "the server pre-authenticated the connection (PREAUTH); no credentials were sent"
+                .into(),
+        );
+    } else {
+        if !session.is_tls() && !allow_unencrypted {
+            return rec.fail_now(Failure::new(
+                Reason::InvalidSpec,
+                Step::Authenticate,
+                "refusing to send a password without TLS (tls.mode None); set \
+                 authentication.allowUnencrypted: true to allow it",
+            ));
+        }
+        let mechanism = match session.choose_mechanism(&caps) {
+            Ok(m) => m,
+            Err(failure) => return rec.fail_now(failure),
+        };
+        rec.findings.mechanism = Some(mechanism.name().into());
+        let t = rec
+            .timed(
+                Step::Authenticate,
+                session.authenticate(mechanism, username, password),
+            )
+            .await;
+        rec.settle(
+            t,
+            |waited, total| {
+                classify::timeout_failure(
+                    Step::Authenticate,
+                    endpoint,
+                    session.pending(),
+                    waited,
+                    total,
+                    &session.recent(),
+                )
+            },
+            |words| format!("{} as {username}: {words}", mechanism.command(protocol)),
+        )?;
+        rec.findings.authenticated = true;
+    }
+
+    let t = rec
+        .timed(Step::Mailbox, session.inspect(&target.mailbox))
+        .await;
+    let info = rec.settle(
+        t,
+        |waited, total| {
+            classify::timeout_failure(
+                Step::Mailbox,
+                endpoint,
+                session.pending(),
+                waited,
+                total,
+                &session.recent(),
+            )
+        },
+        |(_, words)| words.clone(),
+    )?;
+    rec.findings.mailbox = Some(info.0);
+    Ok(())
+}
+
+async fn capabilities<S: MailSession>(
+    session: &mut S,
+    endpoint: &str,
+    rec: &mut Recorder,
+) -> Result<Vec<String>, Failure> {
+    let t = rec.timed(Step::Capabilities, session.capabilities()).await;
+    let caps = rec.settle(
+        t,
+        |waited, total| {
+            classify::timeout_failure(
+                Step::Capabilities,
+                endpoint,
+                session.pending(),
+                waited,
+                total,
+                &session.recent(),
+            )
+        },
+        |caps| {
+            if caps.is_empty() {
+                "none advertised".into()
+            } else {
+                caps.join(" ")
+            }
+        },
+    )?;
+    rec.findings.capabilities = caps.clone();
+    Ok(caps)
+}
+
+/// The TLS handshake over `tcp`, recording what was negotiated.
+async fn handshake(
+    target: &Target,
+    endpoint: &str,
+    rec: &mut Recorder,
+    mut tcp: Tcp,
+    meter: Meter,
+) -> Result<Wire, Failure> {
+    let setup = match tls::Setup::new(target) {
+        Ok(setup) => setup,
+        Err(failure) => return rec.fail_now(failure),
+    };
+    tcp.reset_sniff();
+    let t = rec
+        .timed(Step::TlsHandshake, setup.handshake(tcp, endpoint))
+        .await;
+    let (stream, info) = rec.settle(
+        t,
+        |waited, total| setup.timeout_failure(endpoint, waited, total),
+        |(_, info)| tls::describe(info, target.trust.insecure_skip_verify),
+    )?;
+    rec.findings.tls = Some(info);
+    Ok(Wire::tls(stream, meter))
+}
+
+/// Why a step stopped early.
+enum Stop {
+    Failed(Failure),
+    TimedOut,
+}
+
+/// A step's outcome with its timing, before it is recorded.
+struct Timed<T> {
+    step: Step,
+    elapsed: Duration,
+    outcome: Result<T, Stop>,
+}
+
+/// Collects the steps and findings of one test and keeps its deadline.
+struct Recorder {
+    steps: Vec<StepRecord>,
+    findings: Findings,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+impl Recorder {
+    /// Runs one step within what is left of the deadline.
+    async fn timed<T, F>(&mut self, step: Step, fut: F) -> Timed<T>
+    where
+        F: Future<Output = Result<T, Failure>>,
+    {
+        let started = Instant::now();
+        let span = tracing::debug_span!("step", step = step.as_str());
+        let outcome = match tokio::time::timeout_at(self.deadline, fut.instrument(span)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(failure)) => Err(Stop::Failed(failure)),
+            Err(_) => Err(Stop::TimedOut),
+        };
+        Timed {
+            step,
+            elapsed: started.elapsed(),
+            outcome,
+        }
+    }
+
+    /// Records a step's outcome. `on_timeout` gets how long the step waited and the whole
+    /// test's timeout, and explains; `detail` describes a success.
+    fn settle<T>(
+        &mut self,
+        timed: Timed<T>,
+        on_timeout: impl FnOnce(Duration, Duration) -> Failure,
+        detail: impl FnOnce(&T) -> String,
+    ) -> Result<T, Failure> {
+        let Timed {
+            step,
+            elapsed,
+            outcome,
+        } = timed;
+        match outcome {
+            Ok(value) => {
+                self.record(step, elapsed, true, detail(&value));
+                Ok(value)
+            }
+            Err(stop) => {
+                let failure = match stop {
+                    Stop::Failed(failure) => failure,
+                    Stop::TimedOut => on_timeout(elapsed, self.timeout),
+                };
+                self.record(step, elapsed, false, failure.message.clone());
+                Err(failure)
+            }
+        }
+    }
+
+    /// Records a failure decided without I/O (the step took no time).
+    fn fail_now<T>(&mut self, failure: Failure) -> Result<T, Failure> {
+        self.record(failure.step, Duration::ZERO, false, failure.message.clone());
+        Err(failure)
+    }
+
+    fn record(&mut self, step: Step, duration: Duration, ok: bool, detail: String) {
+        tracing::debug!(
+            step = step.as_str(),
+            ok,
+            elapsed_ms = duration.as_millis() as u64,
+            detail = %detail,
+            "probe step"
+        );
+        self.steps.push(StepRecord {
+            step,
+            duration,
+            ok,
+            detail,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1263 @@
+//! The probe against small scripted servers on 127.0.0.1: the behaviour a real Dovecot
+//! cannot be made to show (endless lines, never-ending literals, garbage, tarpits, missing
+//! STARTTLS, odd AUTH forms, bad certificates), plus the main paths of both protocols.
+//! Dovecot itself is exercised by the end-to-end tests in `tests/`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+use super::*;
+
+const CA: &[u8] = include_bytes!("testdata/ca.pem");
+const PINNED: &[u8] = include_bytes!("testdata/pinned.pem");
+const SECRET: &str = "Pl4nted-S3cret!zz";
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// One move of a scripted server.
+enum Act {
+    /// Write these bytes; `$TAG` becomes the tag of the last command read.
+    Say(&'static str),
+    SayBytes(Vec<u8>),
+    /// Read a line; after its tag (IMAP) or as a whole (POP3) it must start with this.
+    Cmd(&'static str),
+    /// Read a line whatever it is.
+    Any,
+    /// TLS handshake as the server, with testdata/`name`.pem and .key.
+    Tls(&'static str),
+    /// Write these bytes over and over until the client goes away.
+    Flood(Vec<u8>),
+    /// Say nothing for a minute.
+    Silence,
+}
+
+use Act::*;
+
+struct Server {
+    port: u16,
+    /// The lines the server read, in order; ends with "UNEXPECTED …" if the script broke.
+    seen: JoinHandle<Vec<String>>,
+}
+
+impl Server {
+    async fn seen(self) -> Vec<String> {
+        tokio::time::timeout(Duration::from_secs(10), self.seen)
+            .await
+            .expect("scripted server finished")
+            .expect("scripted server did not panic")
+    }
+}
+
+fn acceptor(name: &str) -> TlsAcceptor {
+    let (cert, key): (&[u8], &[u8]) = match name {
+        "server" => (
+            include_bytes!("testdata/server.pem"),
+            include_bytes!("testdata/server.key"),
+        ),
+        "pinned" => (PINNED, include_bytes!("testdata/pinned.key")),
+        "expired" => (
+            include_bytes!("testdata/expired.pem"),
+            include_bytes!("testdata/expired.key"),
+        ),
+        other => panic!("no test certificate {other}"),
+    };
+    let certs = CertificateDer::pem_slice_iter(cert)
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(key).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    TlsAcceptor::from(Arc::new(config))
+}
+
+async fn read_line(io: &mut Box<dyn Io>) -> Option<String> {
+    let mut line = Vec::new();
+    loop {
+        let mut byte = [0u8];
+        match tokio::time::timeout(Duration::from_secs(10), io.read(&mut byte)).await {
+            Ok(Ok(1)) => {}
+            _ => return None,
+        }
+        if byte[0] == b'\n' {
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            return Some(String::from_utf8_lossy(&line).into_owned());
+        }
+        line.push(byte[0]);
+    }
+}
+
+/// async-imap's tags (A0001) and the probe's own (M1).
+fn is_tag(word: &str) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    word.strip_prefix('A').is_some_and(digits) || word.strip_prefix('M').is_some_and(digits)
+}
+
+/// Serves one connection with `script`.
+async fn serve(script: Vec<Act>) -> Server {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut io: Box<dyn Io> = Box::new(tcp);
+        let mut seen = Vec::new();
+        let mut tag = String::new();
+        for act in script {
+            match act {
+                Say(text) => {
+                    if io
+                        .write_all(text.replace("$TAG", &tag).as_bytes())
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                SayBytes(bytes) => {
+                    if io.write_all(&bytes).await.is_err() {
+                        break;
+                    }
+                }
+                Cmd(expected) => {
+                    let Some(line) = read_line(&mut io).await else {
+                        break;
+                    };
+                    seen.push(line.clone());
+                    let rest = match line.split_once(' ') {
+                        Some((t, rest)) if is_tag(t) => {
+                            tag = t.to_string();
+                            rest
+                        }
+                        _ => line.as_str(),
+                    };
+                    if !rest
+                        .to_ascii_uppercase()
+                        .starts_with(&expected.to_ascii_uppercase())
+                    {
+                        seen.push(format!("UNEXPECTED, wanted {expected}"));
+                        break;
+                    }
+                }
+                Any => {
+                    let Some(line) = read_line(&mut io).await else {
+                        break;
+                    };
+                    seen.push(line);
+                }
+                Tls(name) => match acceptor(name).accept(io).await {
+                    Ok(tls) => io = Box::new(tls),
+                    Err(_) => {
+                        seen.push("TLS handshake failed".into());
+                        return seen;
+                    }
+                },
+                Flood(chunk) => while io.write_all(&chunk).await.is_ok() {},
+                Silence => tokio::time::sleep(Duration::from_secs(60)).await,
+            }
+        }
+        seen
+    });
+    Server { port, seen }
+}
+
+fn target(port: u16, protocol: Protocol, tls_mode: TlsMode) -> Target {
+    Target {
+        host: "127.0.0.1".into(),
+        port,
+        protocol,
+        tls_mode,
+        trust: Trust::default(),
+        mailbox: "INBOX".into(),
+        timeout: Duration::from_secs(5),
+    }
+}
+
+fn trusting(mut t: Target, pem: &[u8]) -> Target {
+    t.trust.extra_roots_pem = Some(pem.to_vec());
+    t
+}
+
+fn password(allow_unencrypted: bool) -> Login {
+    Login::Password {
+        username: "alice".into(),
+        password: SecretString::from(SECRET),
+        allow_unencrypted,
+    }
+}
+
+fn failure(report: &Report) -> &Failure {
+    report
+        .failure
+        .as_ref()
+        .unwrap_or_else(|| panic!("the test should have failed: {report:#?}"))
+}
+
+fn steps(report: &Report) -> Vec<(&'static str, bool)> {
+    report
+        .steps
+        .iter()
+        .map(|s| (s.step.as_str(), s.ok))
+        .collect()
+}
+
+fn assert_secret_kept(report: &Report) {
+    let shown = format!("{report:?} {report:#?}");
+    assert!(!shown.contains(SECRET), "the password leaked: {shown}");
+    // base64 of "\0alice\0<secret>" must not show either.
+    let encoded = sasl::encode(
+        &sasl::Exchange::plain("alice", &SecretString::from(SECRET))
+            .initial_response()
+            .unwrap(),
+    );
+    assert!(
+        !shown.contains(encoded.as_str()),
+        "the SASL response leaked: {shown}"
+    );
+}
+
+const IMAP_GREETING: &str =
+    "* OK [CAPABILITY IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE AUTH=PLAIN] Dovecot ready.\r\n";
+
+#[tokio::test]
+async fn imap_login_status_logout_in_plaintext_when_allowed() {
+    let server = serve(vec![
+        Say("* OK Dovecot ready.\r\n"),
+        Cmd("CAPABILITY"),
+        Say("* CAPABILITY IMAP4rev1 IDLE ID\r\n$TAG OK Pre-login capabilities listed.\r\n"),
+        Cmd("LOGIN"),
+        Say("$TAG OK [CAPABILITY IMAP4rev1] Logged in\r\n"),
+        Cmd("STATUS \"INBOX\" (MESSAGES UNSEEN)"),
+        Say("* STATUS INBOX (MESSAGES 12 UNSEEN 3)\r\n$TAG OK Status completed.\r\n"),
+        Cmd("LOGOUT"),
+        Say("* BYE Logging out\r\n$TAG OK Logout completed.\r\n"),
+    ])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Imap, TlsMode::None),
+        &password(true),
+    )
+    .await;
+    assert!(report.passed(), "{report:#?}");
+    assert_eq!(
+        steps(&report),
+        [
+            ("resolve", true),
+            ("connect", true),
+            ("greeting", true),
+            ("capabilities", true),
+            ("authenticate", true),
+            ("mailbox", true),
+            ("logout", true)
+        ]
+    );
+    let f = &report.findings;
+    assert_eq!(f.greeting.as_deref(), Some("* OK Dovecot ready."));
+    assert_eq!(f.capabilities, ["IMAP4rev1", "IDLE", "ID"]);
+    assert!(f.authenticated);
+    assert_eq!(f.mechanism.as_deref(), Some("LOGIN"));
+    assert_eq!(
+        f.mailbox,
+        Some(MailboxInfo {
+            name: "INBOX".into(),
+            messages: 12,
+            unseen: Some(3)
+        })
+    );
+    assert_eq!(f.tls, None);
+    assert_eq!(
+        report.steps[4].detail,
+        "LOGIN as alice: OK [CAPABILITY IMAP4rev1] Logged in"
+    );
+    assert_eq!(report.steps[5].detail, "INBOX: 12 messages, 3 unseen");
+    let seen = server.seen().await;
+    assert_eq!(seen[1], format!("A0001 LOGIN \"alice\" \"{SECRET}\""));
+    assert_secret_kept(&report);
+}
+
+#[tokio::test]
+async fn imap_wrong_password_quotes_the_server_and_keeps_the_secret() {
+    let server = serve(vec![
+        Say("* OK ready\r\n"),
+        Cmd("CAPABILITY"),
+        Say("* CAPABILITY IMAP4rev1\r\n$TAG OK done\r\n"),
+        Cmd("LOGIN"),
+        Say("$TAG NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"),
+        Cmd("LOGOUT"),
+        Say("* BYE Logging out\r\n$TAG OK Logout completed.\r\n"),
+    ])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Imap, TlsMode::None),
+        &password(true),
+    )
+    .await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::AuthenticationFailed, "{f:?}");
+    assert_eq!(f.step, Step::Authenticate);
+    assert_eq!(
+        f.message,
+        format!(
+            "IMAP LOGIN rejected by 127.0.0.1:{}: \"NO [AUTHENTICATIONFAILED] Authentication failed.\"",
+            server.port
+        )
+    );
+    assert!(!report.findings.authenticated);
+    assert_eq!(report.findings.mechanism.as_deref(), Some("LOGIN"));
+    // Still a polite LOGOUT after the refusal.
+    assert_eq!(steps(&report).last(), Some(&("logout", true)));
+    assert_secret_kept(&report);
+    assert_eq!(server.seen().await.len(), 3);
+}
+
+#[tokio::test]
+async fn imap_implicit_tls_authenticate_plain() {
+    let server = serve(vec![
+        Tls("server"),
+        Say(IMAP_GREETING),
+        Cmd("CAPABILITY"),
+        Say("* CAPABILITY IMAP4rev1 AUTH=PLAIN AUTH=LOGIN\r\n$TAG OK done\r\n"),
+        Cmd("AUTHENTICATE PLAIN"),
+        Say("+ \r\n"),
+        Any,
+        Say("$TAG OK Logged in\r\n"),
+        Cmd("STATUS"),
+        Say("* STATUS \"INBOX\" (MESSAGES 0 UNSEEN 0)\r\n$TAG OK done\r\n"),
+        Cmd("LOGOUT"),
+        Say("* BYE\r\n$TAG OK bye\r\n"),
+    ])
+    .await;
+    let t = trusting(target(server.port, Protocol::Imap, TlsMode::Implicit), CA);
+    let report = run(&t, &password(false)).await;
+    assert!(report.passed(), "{report:#?}");
+    assert_eq!(
+        steps(&report)[..4],
+        [
+            ("resolve", true),
+            ("connect", true),
+            ("TLS handshake", true),
+            ("greeting", true)
+        ]
+    );
+    let tls = report.findings.tls.as_ref().unwrap();
+    assert_eq!(tls.version, "TLSv1.3");
+    assert!(
+        tls.cipher_suite.starts_with("TLS13_"),
+        "{}",
+        tls.cipher_suite
+    );
+    let cert = tls.peer_certificate.as_ref().unwrap();
+    assert_eq!(cert.subject, "CN=localhost");
+    assert_eq!(cert.issuer, "CN=mailroom probe test CA");
+    assert_eq!(cert.dns_names, ["localhost"]);
+    assert!(cert.not_after.starts_with("2126-"), "{}", cert.not_after);
+    assert_eq!(report.findings.mechanism.as_deref(), Some("PLAIN"));
+    let seen = server.seen().await;
+    let expected = sasl::encode(
+        &sasl::Exchange::plain("alice", &SecretString::from(SECRET))
+            .initial_response()
+            .unwrap(),
+    );
+    assert_eq!(seen[2], *expected);
+    assert_secret_kept(&report);
+}
+
+#[tokio::test]
+async fn imap_starttls_rereads_capabilities() {
+    let server = serve(vec![
+        Say("* OK ready\r\n"),
+        Cmd("CAPABILITY"),
+        Say("* CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED\r\n$TAG OK done\r\n"),
+        Cmd("STARTTLS"),
+        Say("$TAG OK Begin TLS negotiation now.\r\n"),
+        Tls("server"),
+        Cmd("CAPABILITY"),
+        Say("* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n$TAG OK done\r\n"),
+        Cmd("AUTHENTICATE PLAIN"),
+        Say("+ \r\n"),
+        Any,
+        Say("$TAG OK Logged in\r\n"),
+        Cmd("STATUS"),
+        Say("* STATUS INBOX (MESSAGES 1 UNSEEN 1)\r\n$TAG OK done\r\n"),
+        Cmd("LOGOUT"),
+        Say("$TAG OK bye\r\n"),
+    ])
+    .await;
+    let mut t = trusting(target(server.port, Protocol::Imap, TlsMode::StartTls), CA);
+    t.host = "localhost".into();
+    let report = run(&t, &password(false)).await;
+    assert!(report.passed(), "{report:#?}");
+    let names: Vec<_> = steps(&report).into_iter().map(|(s, _)| s).collect();
+    assert_eq!(
+        names,
+        [
+            "resolve",
+            "connect",
+            "greeting",
+            "capabilities",
+            "STARTTLS",
+            "TLS handshake",
+            "capabilities",
+            "authenticate",
+            "mailbox",
+            "logout"
+        ]
+    );
+    assert_eq!(report.findings.capabilities, ["IMAP4rev1", "AUTH=PLAIN"]);
+    assert_eq!(report.steps[4].detail, "OK Begin TLS negotiation now.");
+    server.seen().await;
+}
+
+#[tokio::test]
+async fn imap_without_starttls_sends_no_credentials() {
+    let server = serve(vec![
+        Say("* OK ready\r\n"),
+        Cmd("CAPABILITY"),
+        Say("* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n$TAG OK done\r\n"),
+        Cmd("LOGOUT"),
+        Say("$TAG OK bye\r\n"),
+    ])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Imap, TlsMode::StartTls),
+        &password(false),
+    )
+    .await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::StartTlsUnavailable, "{f:?}");
+    assert_eq!(f.step, Step::StartTls);
+    assert_eq!(
+        f.message,
+        format!(
+            "IMAP server 127.0.0.1:{} does not offer STARTTLS (capabilities: IMAP4rev1 AUTH=PLAIN); no credentials were sent. Use tls.mode Implicit on the TLS port (usually 993)",
+            server.port
+        )
+    );
+    let seen = server.seen().await;
+    assert_eq!(seen, ["M1 CAPABILITY", "M2 LOGOUT"]);
+}
+
+#[tokio::test]
+async fn no_password_without_tls_unless_allowed() {
+    let server = serve(vec![
+        Say("* OK ready\r\n"),
+        Cmd("CAPABILITY"),
+        Say("* CAPABILITY IMAP4rev1\r\n$TAG OK done\r\n"),
+        Cmd("LOGOUT"),
+        Say("$TAG OK bye\r\n"),
+    ])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Imap, TlsMode::None),
+        &password(false),
+    )
+    .await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::InvalidSpec, "{f:?}");
+    assert_eq!(
+        f.message,
+        "refusing to send a password without TLS (tls.mode None); set authentication.allowUnencrypted: true to allow it"
+    );
+    assert_eq!(server.seen().await, ["M1 CAPABILITY", "M2 LOGOUT"]);
+}
+
+#[tokio::test]
+async fn imap_logindisabled_without_plain() {
+    let server = serve(vec![
+        Say("* OK ready\r\n"),
+        Cmd("CAPABILITY"),
+        Say("* CAPABILITY IMAP4rev1 LOGINDISABLED AUTH=XOAUTH2\r\n$TAG OK done\r\n"),
+        Cmd("LOGOUT"),
+        Say("$TAG OK bye\r\n"),
+    ])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Imap, TlsMode::None),
+        &password(true),
+    )
+    .await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::AuthMechanismUnsupported, "{f:?}");
+    assert_eq!(
+        f.message,
+        format!(
+            "IMAP server 127.0.0.1:{} advertises LOGINDISABLED and neither AUTH=PLAIN nor AUTH=LOGIN (it offers AUTH=XOAUTH2); servers often allow logins only over TLS: use tls.mode StartTLS or Implicit",
+            server.port
+        )
+    );
+    server.seen().await;
+}
+
+#[tokio::test]
+async fn imap_missing_mailbox() {
+    let server = serve(vec![
+        Say("* PREAUTH ready\r\n"),
+        Cmd("CAPABILITY"),
+        Say("* CAPABILITY IMAP4rev1\r\n$TAG OK done\r\n"),
+        Cmd("STATUS \"Entw&APw-rfe\""),
+        Say("$TAG NO [NONEXISTENT] Mailbox doesn't exist: Entw&APw-rfe\r\n"),
+        Cmd("LOGOUT"),
+        Say("$TAG OK bye\r\n"),
+    ])
+    .await;
+    let mut t = target(server.port, Protocol::Imap, TlsMode::None);
+    t.mailbox = "Entwürfe".into();
+    let report = run(&t, &password(false)).await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::MailboxUnavailable, "{f:?}");
+    assert_eq!(
+        f.message,
+        format!(
+            "IMAP server 127.0.0.1:{} refused STATUS \"Entw&APw-rfe\": \"NO [NONEXISTENT] Mailbox doesn't exist: Entw&APw-rfe\"",
+            server.port
+        )
+    );
+    // PREAUTH: no credentials needed (nor sent, even without TLS).
+    assert!(report.findings.authenticated);
+    assert_eq!(report.findings.mechanism.as_deref(), Some("PREAUTH"));
+    server.seen().await;
+}
+
+#[tokio::test]
+async fn login_none_stops_after_capabilities() {
+    let server = serve(vec![
+        Say("* OK ready\r\n"),
+        Cmd("CAPABILITY"),
+        Say("* CAPABILITY IMAP4rev1\r\n$TAG OK done\r\n"),
+        Cmd("LOGOUT"),
+        Say("* BYE\r\n$TAG OK Logout completed.\r\n"),
+    ])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Imap, TlsMode::None),
+        &Login::None,
+    )
+    .await;
+    assert!(report.passed(), "{report:#?}");
+    assert_eq!(
+        steps(&report)[2..],
+        [("greeting", true), ("capabilities", true), ("logout", true)]
+    );
+    assert_eq!(report.steps[4].detail, "OK Logout completed.");
+    server.seen().await;
+}
+
+#[tokio::test]
+async fn pop3_greeting_on_the_imap_port() {
+    let server = serve(vec![Say("+OK Dovecot ready.\r\n"), Silence]).await;
+    let report = run(
+        &target(server.port, Protocol::Imap, TlsMode::None),
+        &Login::None,
+    )
+    .await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::ProtocolError, "{f:?}");
+    assert_eq!(f.step, Step::Greeting);
+    assert_eq!(
+        f.message,
+        format!(
+            "expected an IMAP greeting from 127.0.0.1:{}, got \"+OK Dovecot ready.\" (is this a POP3 port?)",
+            server.port
+        )
+    );
+    assert!(report.duration < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn imap_greeting_on_the_pop3_port() {
+    let server = serve(vec![Say(IMAP_GREETING), Silence]).await;
+    let report = run(
+        &target(server.port, Protocol::Pop3, TlsMode::None),
+        &Login::None,
+    )
+    .await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::ProtocolError, "{f:?}");
+    assert!(
+        f.message.starts_with(&format!(
+            "expected a POP3 greeting from 127.0.0.1:{}, got \"* OK [CAPABILITY",
+            server.port
+        )),
+        "{}",
+        f.message
+    );
+    assert!(
+        f.message
+            .ends_with("Dovecot ready.\" (is this an IMAP port?)"),
+        "{}",
+        f.message
+    );
+}
+
+#[tokio::test]
+async fn imap_bye_greeting() {
+    let server = serve(vec![Say("* BYE Too many connections\r\n")]).await;
+    let report = run(
+        &target(server.port, Protocol::Imap, TlsMode::None),
+        &Login::None,
+    )
+    .await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::ProtocolError, "{f:?}");
+    assert_eq!(
+        f.message,
+        format!(
+            "IMAP server 127.0.0.1:{} refused the session: \"* BYE Too many connections\"",
+            server.port
+        )
+    );
+}
+
+#[tokio::test]
+async fn endless_line_is_cut_off() {
+    for protocol in [Protocol::Imap, Protocol::Pop3] {
+        let server = serve(vec![Flood(vec![b'x'; 8192])]).await;
+        let report = run(&target(server.port, protocol, TlsMode::None), &Login::None).await;
+        let f = failure(&report);
+        assert_eq!(f.reason, Reason::ProtocolError, "{protocol:?}");
+        assert_eq!(
+            f.message,
+            format!(
+                "server 127.0.0.1:{} sent a line longer than 65536 bytes at the greeting step",
+                server.port
+            )
+        );
+        server.seen().await;
+    }
+}
+
+#[tokio::test]
+async fn endless_short_lines_exhaust_the_budget() {
+    let server = serve(vec![
+        Say("* OK ready\r\n"),
+        Cmd("CAPABILITY"),
+        Flood(b"* CAPABILITY IMAP4rev1 IDLE\r\n".repeat(100)),
+    ])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Imap, TlsMode::None),
+        &Login::None,
+    )
+    .await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::ProtocolError, "{f:?}");
+    assert_eq!(
+        f.message,
+        format!(
+            "server 127.0.0.1:{} sent more than 1048576 bytes in one test at the capabilities step",
+            server.port
+        )
+    );
+    server.seen().await;
+}
+
+#[tokio::test]
+async fn huge_literal_is_refused_before_it_is_buffered() {
+    let server = serve(vec![
+        Say("* OK [ALERT] {4000000000}\r\n"),
+        Flood(vec![b'y'; 8192]),
+    ])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Imap, TlsMode::None),
+        &Login::None,
+    )
+    .await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::ProtocolError, "{f:?}");
+    assert!(
+        f.message
+            .contains("sent an IMAP literal of 4000000000 bytes, more than the"),
+        "{}",
+        f.message
+    );
+    server.seen().await;
+}
+
+#[tokio::test]
+async fn literals_end_within_the_budget_or_are_refused() {
+    // A literal announced within the budget ends after that many bytes; an endless stream
+    // then is no longer IMAP. (One announced beyond the budget is refused at once, above.)
+    let server = serve(vec![
+        Say("* OK ready\r\n"),
+        Cmd("CAPABILITY"),
+        Say("* 1 FETCH (BODY[TEXT] {900000}\r\n"),
+        Flood(b"yyyyyyyyyyyyyyyyyyyyyyyyyyyyy\r\n".repeat(100)),
+    ])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Imap, TlsMode::None),
+        &Login::None,
+    )
+    .await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::ProtocolError, "{f:?}");
+    assert!(
+        f.message.starts_with(&format!(
+            "IMAP server 127.0.0.1:{} sent something that is not IMAP at the capabilities step: \"yyy",
+            server.port
+        )),
+        "{}",
+        f.message
+    );
+    server.seen().await;
+}
+
+#[tokio::test]
+async fn garbage_is_a_protocol_error() {
+    for protocol in [Protocol::Imap, Protocol::Pop3] {
+        let server = serve(vec![
+            SayBytes(b"\x00\x01\xfe\xffGARBAGE 123\r\n".to_vec()),
+            Silence,
+        ])
+        .await;
+        let report = run(&target(server.port, protocol, TlsMode::None), &Login::None).await;
+        let f = failure(&report);
+        assert_eq!(f.reason, Reason::ProtocolError, "{protocol:?}: {f:?}");
+        assert!(f.message.contains("GARBAGE 123"), "{}", f.message);
+        assert!(report.duration < Duration::from_secs(2), "{protocol:?}");
+    }
+}
+
+#[tokio::test]
+async fn silent_tarpit_times_out_at_the_greeting() {
+    let server = serve(vec![Silence]).await;
+    let mut t = target(server.port, Protocol::Imap, TlsMode::None);
+    t.timeout = Duration::from_millis(700);
+    let report = run(&t, &password(true)).await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::Timeout, "{f:?}");
+    assert_eq!(f.step, Step::Greeting);
+    assert!(
+        f.message.starts_with(&format!(
+            "no greeting from 127.0.0.1:{} within ",
+            server.port
+        )),
+        "{}",
+        f.message
+    );
+    assert!(f.message.contains("try tls.mode Implicit"), "{}", f.message);
+    assert!(
+        report.duration < Duration::from_millis(1000),
+        "{:?}",
+        report.duration
+    );
+    assert!(report.findings.greeting.is_none());
+}
+
+#[tokio::test]
+async fn tarpit_after_the_greeting_names_the_command() {
+    let server = serve(vec![Say("+OK hi\r\n"), Cmd("CAPA"), Silence]).await;
+    let mut t = target(server.port, Protocol::Pop3, TlsMode::None);
+    t.timeout = Duration::from_millis(700);
+    let report = run(&t, &Login::None).await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::Timeout, "{f:?}");
+    assert_eq!(f.step, Step::Capabilities);
+    assert!(
+        f.message.starts_with(&format!(
+            "no answer to CAPA from 127.0.0.1:{} within ",
+            server.port
+        )),
+        "{}",
+        f.message
+    );
+    assert_eq!(report.findings.greeting.as_deref(), Some("+OK hi"));
+    assert!(report.duration < Duration::from_millis(1000));
+}
+
+#[tokio::test]
+async fn pop3_user_pass_stat_quit() {
+    let server = serve(vec![
+        Say("+OK Dovecot ready.\r\n"),
+        Cmd("CAPA"),
+        Say("+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nUSER\r\n..dotted\r\n.\r\n"),
+        Cmd("USER alice"),
+        Say("+OK\r\n"),
+        Cmd("PASS "),
+        Say("+OK Logged in.\r\n"),
+        Cmd("STAT"),
+        Say("+OK 2 320\r\n"),
+        Cmd("QUIT"),
+        Say("+OK Logging out.\r\n"),
+    ])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Pop3, TlsMode::None),
+        &password(true),
+    )
+    .await;
+    assert!(report.passed(), "{report:#?}");
+    let f = &report.findings;
+    assert_eq!(f.greeting.as_deref(), Some("+OK Dovecot ready."));
+    assert_eq!(
+        f.capabilities,
+        ["CAPA", "TOP", "UIDL", "RESP-CODES", "USER", ".dotted"]
+    );
+    assert_eq!(f.mechanism.as_deref(), Some("USER"));
+    assert_eq!(
+        f.mailbox,
+        Some(MailboxInfo {
+            name: "INBOX".into(),
+            messages: 2,
+            unseen: None
+        })
+    );
+    assert_eq!(report.steps[5].detail, "STAT: 2 messages, 320 octets");
+    assert_eq!(report.steps[6].detail, "+OK Logging out.");
+    assert_eq!(server.seen().await[2], format!("PASS {SECRET}"));
+    assert_secret_kept(&report);
+}
+
+#[tokio::test]
+async fn pop3_auth_plain_two_line_form() {
+    let server = serve(vec![
+        Say("+OK ready\r\n"),
+        Cmd("CAPA"),
+        Say("+OK\r\nSASL PLAIN\r\n.\r\n"),
+        Cmd("AUTH PLAIN"),
+        Say("+ \r\n"),
+        Any,
+        Say("+OK Logged in.\r\n"),
+        Cmd("STAT"),
+        Say("+OK 0 0\r\n"),
+        Cmd("QUIT"),
+        Say("+OK\r\n"),
+    ])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Pop3, TlsMode::None),
+        &password(true),
+    )
+    .await;
+    assert!(report.passed(), "{report:#?}");
+    assert_eq!(report.findings.mechanism.as_deref(), Some("PLAIN"));
+    let seen = server.seen().await;
+    assert_eq!(seen[1], "AUTH PLAIN");
+    let expected = sasl::encode(
+        &sasl::Exchange::plain("alice", &SecretString::from(SECRET))
+            .initial_response()
+            .unwrap(),
+    );
+    assert_eq!(seen[2], *expected);
+}
+
+#[tokio::test]
+async fn pop3_auth_plain_inline_when_the_two_line_form_is_refused() {
+    let server = serve(vec![
+        Say("+OK ready\r\n"),
+        Cmd("CAPA"),
+        Say("+OK\r\nSASL PLAIN\r\n.\r\n"),
+        Cmd("AUTH PLAIN"),
+        Say("-ERR Initial response required\r\n"),
+        Cmd("AUTH PLAIN "),
+        Say("-ERR [AUTH] Authentication failed.\r\n"),
+        Cmd("QUIT"),
+        Say("+OK\r\n"),
+    ])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Pop3, TlsMode::None),
+        &password(true),
+    )
+    .await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::AuthenticationFailed, "{f:?}");
+    assert_eq!(
+        f.message,
+        format!(
+            "POP3 AUTH PLAIN rejected by 127.0.0.1:{}: \"-ERR [AUTH] Authentication failed.\"",
+            server.port
+        )
+    );
+    let seen = server.seen().await;
+    let expected = sasl::encode(
+        &sasl::Exchange::plain("alice", &SecretString::from(SECRET))
+            .initial_response()
+            .unwrap(),
+    );
+    assert_eq!(seen[2], format!("AUTH PLAIN {}", *expected));
+    assert_secret_kept(&report);
+}
+
+#[tokio::test]
+async fn pop3_stls_then_wrong_password() {
+    let server = serve(vec![
+        Say("+OK ready\r\n"),
+        Cmd("CAPA"),
+        Say("+OK\r\nSTLS\r\nUSER\r\n.\r\n"),
+        Cmd("STLS"),
+        Say("+OK Begin TLS negotiation now.\r\n"),
+        Tls("server"),
+        Cmd("CAPA"),
+        Say("+OK\r\nUSER\r\nSASL PLAIN\r\n.\r\n"),
+        Cmd("AUTH PLAIN"),
+        Say("+ \r\n"),
+        Any,
+        Say("-ERR [AUTH] Authentication failed.\r\n"),
+        Cmd("QUIT"),
+        Say("+OK Logging out.\r\n"),
+    ])
+    .await;
+    let t = trusting(target(server.port, Protocol::Pop3, TlsMode::StartTls), CA);
+    let report = run(&t, &password(false)).await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::AuthenticationFailed, "{f:?}");
+    assert_eq!(
+        f.message,
+        format!(
+            "POP3 AUTH PLAIN rejected by 127.0.0.1:{}: \"-ERR [AUTH] Authentication failed.\"",
+            server.port
+        )
+    );
+    assert_eq!(report.findings.capabilities, ["USER", "SASL PLAIN"]);
+    assert!(report.findings.tls.is_some());
+    assert_eq!(steps(&report).last(), Some(&("logout", true)));
+    assert_secret_kept(&report);
+    server.seen().await;
+}
+
+#[tokio::test]
+async fn pop3_without_stls() {
+    let server = serve(vec![
+        Say("+OK ready\r\n"),
+        Cmd("CAPA"),
+        Say("+OK\r\nUSER\r\n.\r\n"),
+        Cmd("QUIT"),
+        Say("+OK\r\n"),
+    ])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Pop3, TlsMode::StartTls),
+        &password(false),
+    )
+    .await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::StartTlsUnavailable, "{f:?}");
+    assert_eq!(server.seen().await, ["CAPA", "QUIT"]);
+}
+
+#[tokio::test]
+async fn implicit_tls_to_a_plaintext_port() {
+    let server = serve(vec![Say(IMAP_GREETING), Silence]).await;
+    let report = run(
+        &target(server.port, Protocol::Imap, TlsMode::Implicit),
+        &Login::None,
+    )
+    .await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::TlsHandshakeFailed, "{f:?}");
+    assert!(
+        f.message.starts_with(&format!(
+            "TLS handshake with 127.0.0.1:{} failed: the server answered in plaintext (\"* OK [CAPABILITY",
+            server.port
+        )),
+        "{}",
+        f.message
+    );
+    assert!(f.message.contains("use tls.mode StartTLS"), "{}", f.message);
+}
+
+#[tokio::test]
+async fn untrusted_certificate_names_the_issuer() {
+    let server = serve(vec![Tls("server")]).await;
+    let report = run(
+        &target(server.port, Protocol::Imap, TlsMode::Implicit),
+        &Login::None,
+    )
+    .await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::CertificateInvalid, "{f:?}");
+    assert_eq!(
+        f.message,
+        format!(
+            "the certificate of 127.0.0.1:{} (subject \"CN=localhost\") is not trusted: its issuer \"CN=mailroom probe test CA\" is not a trusted root; add it with tls.caBundleRef",
+            server.port
+        )
+    );
+}
+
+#[tokio::test]
+async fn wrong_name_lists_the_names_it_carries() {
+    let server = serve(vec![Tls("server")]).await;
+    let mut t = trusting(target(server.port, Protocol::Imap, TlsMode::Implicit), CA);
+    t.trust.server_name = Some("mail.example.com".into());
+    let report = run(&t, &Login::None).await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::CertificateInvalid, "{f:?}");
+    assert_eq!(
+        f.message,
+        format!(
+            "the certificate of 127.0.0.1:{} (subject \"CN=localhost\") is not valid for \"mail.example.com\": it names localhost, 127.0.0.1; set tls.serverName to one of those names, or connect by a name it carries",
+            server.port
+        )
+    );
+}
+
+#[tokio::test]
+async fn expired_certificate_gives_not_after() {
+    let server = serve(vec![Tls("expired")]).await;
+    let t = trusting(target(server.port, Protocol::Imap, TlsMode::Implicit), CA);
+    let report = run(&t, &Login::None).await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::CertificateInvalid, "{f:?}");
+    assert!(
+        f.message.starts_with(&format!(
+            "the certificate of 127.0.0.1:{} (subject \"CN=localhost\") expired: notAfter 2001-01-01T00:00:00Z, now ",
+            server.port
+        )),
+        "{}",
+        f.message
+    );
+}
+
+#[tokio::test]
+async fn self_signed_certificate_can_be_pinned() {
+    // Not pinned: refused, saying how to pin it.
+    let server = serve(vec![Tls("pinned")]).await;
+    let report = run(
+        &target(server.port, Protocol::Imap, TlsMode::Implicit),
+        &Login::None,
+    )
+    .await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::CertificateInvalid, "{f:?}");
+    assert!(
+        f.message.contains("tls.caBundleRef to pin it"),
+        "{}",
+        f.message
+    );
+
+    // Pinned: accepted, by IP and by name.
+    for server_name in [None, Some("pinned.test")] {
+        let server = serve(vec![
+            Tls("pinned"),
+            Say("* OK ready\r\n"),
+            Cmd("CAPABILITY"),
+            Say("* CAPABILITY IMAP4rev1\r\n$TAG OK done\r\n"),
+            Cmd("LOGOUT"),
+            Say("$TAG OK bye\r\n"),
+        ])
+        .await;
+        let mut t = trusting(
+            target(server.port, Protocol::Imap, TlsMode::Implicit),
+            PINNED,
+        );
+        t.trust.server_name = server_name.map(String::from);
+        let report = run(&t, &Login::None).await;
+        assert!(report.passed(), "{report:#?}");
+        let cert = report.findings.tls.unwrap().peer_certificate.unwrap();
+        assert_eq!(cert.subject, "CN=pinned.test");
+        server.seen().await;
+    }
+
+    // Pinned, but asked for another name: still refused.
+    let server = serve(vec![Tls("pinned")]).await;
+    let mut t = trusting(
+        target(server.port, Protocol::Imap, TlsMode::Implicit),
+        PINNED,
+    );
+    t.trust.server_name = Some("other.test".into());
+    let report = run(&t, &Login::None).await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::CertificateInvalid, "{f:?}");
+    assert!(
+        f.message
+            .contains("is not valid for \"other.test\": it names pinned.test, 127.0.0.1"),
+        "{}",
+        f.message
+    );
+}
+
+#[tokio::test]
+async fn insecure_skip_verify_accepts_and_records() {
+    let server = serve(vec![
+        Tls("expired"),
+        Say("+OK ready\r\n"),
+        Cmd("CAPA"),
+        Say("-ERR unknown command\r\n"),
+        Cmd("QUIT"),
+        Say("+OK\r\n"),
+    ])
+    .await;
+    let mut t = target(server.port, Protocol::Pop3, TlsMode::Implicit);
+    t.trust.insecure_skip_verify = true;
+    let report = run(&t, &Login::None).await;
+    assert!(report.passed(), "{report:#?}");
+    let cert = report
+        .findings
+        .tls
+        .as_ref()
+        .unwrap()
+        .peer_certificate
+        .as_ref()
+        .unwrap();
+    assert_eq!(cert.not_after, "2001-01-01T00:00:00Z");
+    assert!(
+        report.steps[2].detail.contains("NOT verified"),
+        "{}",
+        report.steps[2].detail
+    );
+    // A server without CAPA advertises nothing.
+    assert!(report.findings.capabilities.is_empty());
+    server.seen().await;
+}
+
+#[tokio::test]
+async fn bad_ca_bundle_is_an_invalid_spec() {
+    let server = serve(vec![Silence]).await;
+    let t = trusting(
+        target(server.port, Protocol::Imap, TlsMode::Implicit),
+        b"hello",
+    );
+    let report = run(&t, &Login::None).await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::InvalidSpec, "{f:?}");
+    assert_eq!(f.step, Step::TlsHandshake);
+}
+
+#[tokio::test]
+async fn connection_refused() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let report = run(
+        &target(port, Protocol::Pop3, TlsMode::Implicit),
+        &Login::None,
+    )
+    .await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::ConnectionRefused, "{f:?}");
+    assert_eq!(
+        f.message,
+        format!("TCP connection to 127.0.0.1:{port} refused (nothing listens on that port)")
+    );
+    assert_eq!(steps(&report), [("resolve", true), ("connect", false)]);
+}
+
+#[test]
+fn debug_output_hides_secrets_and_pem() {
+    let mut t = trusting(target(1, Protocol::Imap, TlsMode::Implicit), CA);
+    t.trust.server_name = Some("x".into());
+    let shown = format!("{t:?} {:?}", password(false));
+    assert!(shown.contains("635 bytes of PEM"), "{shown}");
+    assert!(!shown.contains(SECRET), "{shown}");
+}
+
+#[test]
+fn the_test_future_is_send() {
+    fn is_send<T: Send>(_: T) {}
+    let t = target(1, Protocol::Imap, TlsMode::None);
+    is_send(run(&t, &Login::None));
+}
+
+#[tokio::test]
+async fn imap_authenticate_login_when_plain_is_missing() {
+    let server = serve(vec![
+        Say("* OK ready\r\n"),
+        Cmd("CAPABILITY"),
+        Say("* CAPABILITY IMAP4rev1 LOGINDISABLED AUTH=LOGIN\r\n$TAG OK done\r\n"),
+        Cmd("AUTHENTICATE LOGIN"),
+        Say("+ VXNlcm5hbWU6\r\n"),
+        Any,
+        Say("+ UGFzc3dvcmQ6\r\n"),
+        Any,
+        Say("$TAG OK Logged in\r\n"),
+        Cmd("STATUS"),
+        Say("* STATUS INBOX (MESSAGES 5)\r\n$TAG OK done\r\n"),
+        Cmd("LOGOUT"),
+        Say("$TAG OK bye\r\n"),
+    ])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Imap, TlsMode::None),
+        &password(true),
+    )
+    .await;
+    assert!(report.passed(), "{report:#?}");
+    assert_eq!(report.findings.mechanism.as_deref(), Some("LOGIN"));
+    assert_eq!(
+        report.steps[4].detail,
+        "AUTHENTICATE LOGIN as alice: OK Logged in"
+    );
+    // A server that sends no UNSEEN count leaves it unknown.
+    assert_eq!(report.findings.mailbox.as_ref().unwrap().unseen, None);
+    let seen = server.seen().await;
+    assert_eq!(seen[2], "YWxpY2U=");
+    assert_secret_kept(&report);
+}
+
+#[tokio::test]
+async fn pop3_auth_login_rejected() {
+    let server = serve(vec![
+        Say("+OK ready\r\n"),
+        Cmd("CAPA"),
+        Say("+OK\r\nUSER\r\nSASL LOGIN\r\n.\r\n"),
+        Cmd("AUTH LOGIN"),
+        Say("+ VXNlcm5hbWU6\r\n"),
+        Any,
+        Say("+ UGFzc3dvcmQ6\r\n"),
+        Any,
+        Say("-ERR [AUTH] Authentication failed.\r\n"),
+        Cmd("QUIT"),
+        Say("+OK\r\n"),
+    ])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Pop3, TlsMode::None),
+        &password(true),
+    )
+    .await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::AuthenticationFailed, "{f:?}");
+    assert_eq!(
+        f.message,
+        format!(
+            "POP3 AUTH LOGIN rejected by 127.0.0.1:{}: \"-ERR [AUTH] Authentication failed.\"",
+            server.port
+        )
+    );
+    assert_eq!(server.seen().await[1..3], ["AUTH LOGIN", "YWxpY2U="]);
+    assert_secret_kept(&report);
+}
+
+#[tokio::test]
+async fn pop3_without_any_usable_mechanism() {
+    let server = serve(vec![
+        Say("+OK ready\r\n"),
+        Cmd("CAPA"),
+        Say("+OK\r\nSTLS\r\nSASL XOAUTH2\r\n.\r\n"),
+        Cmd("QUIT"),
+        Say("+OK\r\n"),
+    ])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Pop3, TlsMode::None),
+        &password(true),
+    )
+    .await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::AuthMechanismUnsupported, "{f:?}");
+    assert_eq!(
+        f.message,
+        format!(
+            "POP3 server 127.0.0.1:{} offers neither SASL PLAIN, SASL LOGIN nor USER/PASS (it offers SASL XOAUTH2); servers often allow passwords only over TLS: use tls.mode StartTLS or Implicit",
+            server.port
+        )
+    );
+    assert_eq!(server.seen().await, ["CAPA", "QUIT"]);
+}

@@ -1,0 +1,621 @@
+//! TLS: the client configuration, a certificate verifier that also pins self-signed
+//! certificates and remembers what the server presented, the handshake, and the details
+//! (version, cipher suite, certificate) reported in the findings.
+//!
+//! Trust is the platform's roots (rustls-native-certs; unreadable ones are skipped) plus
+//! the PEM certificates of `tls.caBundleRef`. A server certificate that is itself one of
+//! those extra certificates is accepted as it is (pinned), even when it is a CA
+//! certificate, which webpki refuses as an end entity; its name and validity period are
+//! still checked.
+
+use std::io;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::ParsedCertificate;
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+use super::classify::{self, quote_bytes};
+use super::stream::Tcp;
+use super::{CertInfo, Failure, Step, Target, TlsInfo};
+use crate::api::{Protocol, Reason};
+
+/// Everything needed for one handshake, prepared before any byte is sent.
+pub(crate) struct Setup {
+    config: Arc<ClientConfig>,
+    server_name: ServerName<'static>,
+    /// The name verified, as people wrote it.
+    name: String,
+    /// The chain the server presented (end entity first), recorded by the verifier.
+    presented: Arc<Mutex<Vec<CertificateDer<'static>>>>,
+    protocol: Protocol,
+    extra_roots: usize,
+}
+
+impl Setup {
+    /// Builds the configuration; a bad CA bundle or server name is an InvalidSpec.
+    pub fn new(target: &Target) -> Result<Setup, Failure> {
+        let trust = &target.trust;
+        let name = trust
+            .server_name
+            .clone()
+            .unwrap_or_else(|| target.host.clone());
+        let server_name = ServerName::try_from(name.clone()).map_err(|_| {
+            let field = if trust.server_name.is_some() {
+                "tls.serverName"
+            } else {
+                "server.host"
+            };
+            invalid_spec(format!(
+                "{field} {name:?} is not a valid DNS name or IP address to verify the certificate against"
+            ))
+        })?;
+
+        let pinned = match &trust.extra_roots_pem {
+            Some(pem) => parse_bundle(pem)?,
+            None => Vec::new(),
+        };
+        let mut roots = platform_roots().clone();
+        for cert in &pinned {
+            roots.add(cert.clone()).map_err(|err| {
+                invalid_spec(format!(
+                    "the CA bundle (tls.caBundleRef) holds a certificate that cannot be a trust anchor: {err}"
+                ))
+            })?;
+        }
+
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let webpki = if roots.is_empty() {
+            None
+        } else {
+            let built =
+                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                    .build()
+                    .map_err(|err| setup_failed(err.to_string()))?;
+            Some(built)
+        };
+        let presented = Arc::new(Mutex::new(Vec::new()));
+        let verifier = Arc::new(Verifier {
+            webpki,
+            extra_roots: pinned.clone(),
+            insecure: trust.insecure_skip_verify,
+            presented: presented.clone(),
+            algorithms: provider.signature_verification_algorithms,
+        });
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|err| setup_failed(err.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
+
+        Ok(Setup {
+            config: Arc::new(config),
+            server_name,
+            name,
+            presented,
+            protocol: target.protocol,
+            extra_roots: pinned.len(),
+        })
+    }
+
+    /// The handshake over `tcp`; on failure, says why in the words of [`Self::failure`].
+    pub async fn handshake(
+        &self,
+        tcp: Tcp,
+        endpoint: &str,
+    ) -> Result<(TlsStream<Tcp>, TlsInfo), Failure> {
+        let connector = TlsConnector::from(self.config.clone());
+        match connector
+            .connect(self.server_name.clone(), tcp)
+            .into_fallible()
+            .await
+        {
+            Ok(stream) => {
+                let info = tls_info(stream.get_ref().1);
+                Ok((stream, info))
+            }
+            Err((err, tcp)) => Err(self.failure(endpoint, &err, tcp.sniffed())),
+        }
+    }
+
+    /// Why a handshake failed. `sniffed` is what the server sent first, raw.
+    pub fn failure(&self, endpoint: &str, err: &io::Error, sniffed: &[u8]) -> Failure {
+        let tls_error = err
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>());
+        if let Some(rustls::Error::InvalidCertificate(cert_error)) = tls_error {
+            let chain = self.presented.lock().map(|c| c.clone()).unwrap_or_default();
+            return Failure::new(
+                Reason::CertificateInvalid,
+                Step::TlsHandshake,
+                self.certificate_message(endpoint, cert_error, &chain),
+            );
+        }
+        let failed =
+            |message: String| Failure::new(Reason::TlsHandshakeFailed, Step::TlsHandshake, message);
+        if !sniffed.is_empty() && !looks_like_tls(sniffed) {
+            let first_line = sniffed.split(|&b| b == b'\n').next().unwrap_or(sniffed);
+            let (starttls, port) = match self.protocol {
+                Protocol::Imap => ("StartTLS", 993),
+                Protocol::Pop3 => ("StartTLS", 995),
+            };
+            return failed(format!(
+                "TLS handshake with {endpoint} failed: the server answered in plaintext ({}), \
+                 so this port does not start with TLS; use tls.mode {starttls} here, or the \
+                 implicit-TLS port (usually {port})",
+                quote_bytes(first_line)
+            ));
+        }
+        match tls_error {
+            Some(rustls::Error::AlertReceived(alert)) => {
+                let hint = match alert {
+                    rustls::AlertDescription::HandshakeFailure
+                    | rustls::AlertDescription::ProtocolVersion
+                    | rustls::AlertDescription::InsufficientSecurity => {
+                        " (no TLS version or cipher suite in common; mailroom speaks TLS 1.2 and 1.3)"
+                    }
+                    rustls::AlertDescription::UnrecognisedName => {
+                        " (the server does not know the name mailroom sent: check tls.serverName)"
+                    }
+                    rustls::AlertDescription::CertificateRequired => {
+                        " (the server wants a client certificate)"
+                    }
+                    _ => "",
+                };
+                failed(format!(
+                    "TLS handshake with {endpoint} failed: the server sent the alert {alert:?}{hint}"
+                ))
+            }
+            Some(other) => failed(format!("TLS handshake with {endpoint} failed: {other}")),
+            None => match err.kind() {
+                io::ErrorKind::UnexpectedEof
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::BrokenPipe => failed(format!(
+                    "{endpoint} closed the connection during the TLS handshake without a TLS answer \
+                     (is this a TLS port? a STARTTLS port needs tls.mode StartTLS)"
+                )),
+                _ => failed(format!("TLS handshake with {endpoint} failed: {err}")),
+            },
+        }
+    }
+
+    /// The handshake ran out of time.
+    pub fn timeout_failure(&self, endpoint: &str, waited: Duration, total: Duration) -> Failure {
+        Failure::new(
+            Reason::Timeout,
+            Step::TlsHandshake,
+            format!(
+                "TLS handshake with {endpoint} did not finish {} (is this a TLS port?)",
+                classify::within(waited, total)
+            ),
+        )
+    }
+
+    fn certificate_message(
+        &self,
+        endpoint: &str,
+        err: &CertificateError,
+        chain: &[CertificateDer<'static>],
+    ) -> String {
+        let leaf = chain.first().and_then(|der| cert_info(der));
+        let subject = leaf
+            .as_ref()
+            .map(|c| format!(" (subject {:?})", c.subject))
+            .unwrap_or_default();
+        let what = format!("the certificate of {endpoint}{subject}");
+        // The names the certificate carries: from our own reading of it, else from
+        // rustls's rendering (`DnsName("a")`, `IpAddress(1.2.3.4)`).
+        let carried = chain.first().map(|der| san_names(der)).unwrap_or_default();
+        let names = |presented: &[String]| {
+            let list: Vec<String> = if carried.is_empty() {
+                presented.iter().map(|p| plain_name(p)).collect()
+            } else {
+                carried.clone()
+            };
+            if list.is_empty() {
+                "no DNS name or IP address (subjectAltName)".to_string()
+            } else {
+                list.join(", ")
+            }
+        };
+        let expected = match &self.server_name {
+            ServerName::IpAddress(ip) => format!("the IP address {}", IpAddr::from(*ip)),
+            _ => format!("{:?}", self.name),
+        };
+        match err {
+            CertificateError::UnknownIssuer => match &leaf {
+                Some(c) if c.subject == c.issuer => format!(
+                    "{what} is not trusted: it is self-signed; add it with tls.caBundleRef to pin it"
+                ),
+                Some(c) => {
+                    let bundle = if self.extra_roots > 0 {
+                        " (the bundle of tls.caBundleRef holds neither it nor the certificate)"
+                    } else {
+                        ""
+                    };
+                    format!(
+                        "{what} is not trusted: its issuer {:?} is not a trusted root{bundle}; add it with tls.caBundleRef",
+                        c.issuer
+                    )
+                }
+                None => format!(
+                    "{what} is not trusted: its issuer is unknown; add it with tls.caBundleRef"
+                ),
+            },
+            CertificateError::Other(other)
+                if matches!(
+                    other.0.downcast_ref::<webpki::Error>(),
+                    Some(webpki::Error::CaUsedAsEndEntity)
+                ) =>
+            {
+                format!(
+                    "{what} is not trusted: it is a CA certificate used as the server's own; add this very certificate with tls.caBundleRef to pin it"
+                )
+            }
+            CertificateError::ExpiredContext { time, not_after } => format!(
+                "{what} expired: notAfter {}, now {}; renew it on the server",
+                rfc3339(not_after.as_secs() as i64),
+                rfc3339(time.as_secs() as i64)
+            ),
+            CertificateError::Expired => {
+                let not_after = leaf
+                    .as_ref()
+                    .map(|c| c.not_after.as_str())
+                    .unwrap_or("unknown");
+                format!("{what} expired: notAfter {not_after}; renew it on the server")
+            }
+            CertificateError::NotValidYetContext { time, not_before } => format!(
+                "{what} is not valid yet: notBefore {}, now {}; check the clocks of the server and of mailroom",
+                rfc3339(not_before.as_secs() as i64),
+                rfc3339(time.as_secs() as i64)
+            ),
+            CertificateError::NotValidYet => format!("{what} is not valid yet; check the clocks"),
+            CertificateError::NotValidForNameContext { presented, .. } => format!(
+                "{what} is not valid for {expected}: it names {}; set tls.serverName to one of those names, or connect by a name it carries",
+                names(presented)
+            ),
+            CertificateError::NotValidForName => {
+                let presented = Vec::new();
+                format!(
+                    "{what} is not valid for {expected}: it names {}; set tls.serverName to one of those names, or connect by a name it carries",
+                    names(&presented)
+                )
+            }
+            CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+                format!(
+                    "{what} is not meant for TLS servers (its extended key usage lacks serverAuth)"
+                )
+            }
+            CertificateError::BadSignature => format!("{what} has an invalid signature"),
+            CertificateError::BadEncoding => format!("{what} could not be parsed"),
+            CertificateError::Revoked => format!("{what} is revoked"),
+            other => format!("{what} was rejected: {other}"),
+        }
+    }
+}
+
+/// "TLSv1.3 TLS13_AES_256_GCM_SHA384; certificate CN=mail.test issued by CN=Test CA, valid until …".
+pub(crate) fn describe(info: &TlsInfo, insecure: bool) -> String {
+    let mut text = format!("{} {}", info.version, info.cipher_suite);
+    if let Some(cert) = &info.peer_certificate {
+        text.push_str(&format!(
+            "; certificate {:?} issued by {:?}, valid until {}",
+            cert.subject, cert.issuer, cert.not_after
+        ));
+    }
+    if insecure {
+        text.push_str("; certificate NOT verified (insecureSkipVerify)");
+    }
+    text
+}
+
+fn invalid_spec(message: String) -> Failure {
+    Failure::new(Reason::InvalidSpec, Step::TlsHandshake, message)
+}
+
+fn setup_failed(err: String) -> Failure {
+    Failure::new(
+        Reason::TlsHandshakeFailed,
+        Step::TlsHandshake,
+        format!("could not set up TLS: {err}"),
+    )
+}
+
+/// The certificates of a PEM bundle; none, or unreadable PEM, is an InvalidSpec.
+fn parse_bundle(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, Failure> {
+    let mut certs = Vec::new();
+    for item in CertificateDer::pem_slice_iter(pem) {
+        let cert = item.map_err(|err| {
+            invalid_spec(format!(
+                "the CA bundle (tls.caBundleRef) is not valid PEM: {err}"
+            ))
+        })?;
+        certs.push(cert);
+    }
+    if certs.is_empty() {
+        return Err(invalid_spec(
+            "the CA bundle (tls.caBundleRef) holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+                .into(),
+        ));
+    }
+    Ok(certs)
+}
+
+/// The platform's trust anchors, loaded once. Unreadable ones are skipped: a container
+/// without a CA store still works with `tls.caBundleRef`.
+fn platform_roots() -> &'static RootCertStore {
+    static ROOTS: OnceLock<RootCertStore> = OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let loaded = rustls_native_certs::load_native_certs();
+        for err in &loaded.errors {
+            tracing::debug!(error = %err, "could not load some platform root certificates");
+        }
+        let mut store = RootCertStore::empty();
+        let (added, ignored) = store.add_parsable_certificates(loaded.certs);
+        tracing::debug!(added, ignored, "platform root certificates loaded");
+        store
+    })
+}
+
+/// A TLS record starts with a content type 20..=24 and major version 3.
+fn looks_like_tls(bytes: &[u8]) -> bool {
+    bytes.len() < 2 || ((0x14..=0x18).contains(&bytes[0]) && bytes[1] == 0x03)
+}
+
+fn tls_info(conn: &rustls::ClientConnection) -> TlsInfo {
+    let version = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
+        Some(other) => format!("{other:?}"),
+        None => "unknown".to_string(),
+    };
+    let cipher_suite = conn
+        .negotiated_cipher_suite()
+        .map(|s| {
+            let suite = s.suite();
+            suite
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("{suite:?}"))
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let peer_certificate = conn
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|der| cert_info(der));
+    TlsInfo {
+        version,
+        cipher_suite,
+        peer_certificate,
+    }
+}
+
+/// Subject, issuer, notAfter and DNS names of a DER certificate.
+pub(crate) fn cert_info(der: &[u8]) -> Option<CertInfo> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let dns_names = match cert.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::DNSName(name) => Some(name.to_string()),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    Some(CertInfo {
+        subject: cert.subject().to_string(),
+        issuer: cert.issuer().to_string(),
+        not_after: rfc3339(cert.validity().not_after.timestamp()),
+        dns_names,
+    })
+}
+
+/// The DNS names and IP addresses of a certificate's subjectAltName, in order.
+fn san_names(der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = X509Certificate::from_der(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::DNSName(name) => Some(name.to_string()),
+            GeneralName::IPAddress(bytes) => match bytes.len() {
+                4 => Some(IpAddr::from(<[u8; 4]>::try_from(*bytes).ok()?).to_string()),
+                16 => Some(IpAddr::from(<[u8; 16]>::try_from(*bytes).ok()?).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+/// `DnsName("a")` -> `a`, `IpAddress(1.2.3.4)` -> `1.2.3.4`.
+fn plain_name(presented: &str) -> String {
+    let inner = presented
+        .strip_prefix("DnsName(")
+        .or_else(|| presented.strip_prefix("IpAddress("))
+        .and_then(|s| s.strip_suffix(')'));
+    match inner {
+        Some(inner) => inner.trim_matches('"').to_string(),
+        None => presented.to_string(),
+    }
+}
+
+/// Seconds since the Unix epoch as RFC 3339 UTC, "2027-01-31T12:00:00Z".
+pub(crate) fn rfc3339(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rest = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
+/// webpki's verification, plus pinning of certificates in the CA bundle, plus a record of
+/// what the server presented.
+#[derive(Debug)]
+struct Verifier {
+    webpki: Option<Arc<WebPkiServerVerifier>>,
+    extra_roots: Vec<CertificateDer<'static>>,
+    insecure: bool,
+    presented: Arc<Mutex<Vec<CertificateDer<'static>>>>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for Verifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if let Ok(mut presented) = self.presented.lock() {
+            *presented = std::iter::once(end_entity)
+                .chain(intermediates)
+                .map(|c| c.clone().into_owned())
+                .collect();
+        }
+        if self.insecure {
+            return Ok(ServerCertVerified::assertion());
+        }
+        if self
+            .extra_roots
+            .iter()
+            .any(|pinned| pinned.as_ref() == end_entity.as_ref())
+        {
+            check_validity(end_entity, now)?;
+            let parsed = ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_name(&parsed, server_name)?;
+            return Ok(ServerCertVerified::assertion());
+        }
+        match &self.webpki {
+            Some(webpki) => webpki.verify_server_cert(
+                end_entity,
+                intermediates,
+                server_name,
+                ocsp_response,
+                now,
+            ),
+            None => Err(CertificateError::UnknownIssuer.into()),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// The validity period of a pinned certificate (webpki checks it for chained ones).
+fn check_validity(der: &CertificateDer<'_>, now: UnixTime) -> Result<(), rustls::Error> {
+    let (_, cert) =
+        X509Certificate::from_der(der.as_ref()).map_err(|_| CertificateError::BadEncoding)?;
+    let validity = cert.validity();
+    let now_secs = now.as_secs() as i64;
+    let at = |secs: i64| UnixTime::since_unix_epoch(Duration::from_secs(secs.max(0) as u64));
+    if now_secs < validity.not_before.timestamp() {
+        return Err(CertificateError::NotValidYetContext {
+            time: now,
+            not_before: at(validity.not_before.timestamp()),
+        }
+        .into());
+    }
+    if now_secs > validity.not_after.timestamp() {
+        return Err(CertificateError::ExpiredContext {
+            time: now,
+            not_after: at(validity.not_after.timestamp()),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_798_761_599), "2026-12-31T23:59:59Z");
+        assert_eq!(rfc3339(-1), "1969-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn presented_names_are_plain() {
+        assert_eq!(plain_name("DnsName(\"mail.test\")"), "mail.test");
+        assert_eq!(plain_name("IpAddress(127.0.0.1)"), "127.0.0.1");
+        assert_eq!(plain_name("other"), "other");
+    }
+
+    #[test]
+    fn tls_records_are_recognised() {
+        assert!(looks_like_tls(&[0x16, 0x03, 0x03]));
+        assert!(looks_like_tls(&[0x15, 0x03, 0x01]));
+        assert!(!looks_like_tls(b"* OK ready"));
+        assert!(!looks_like_tls(b"+OK ready"));
+    }
+
+    #[test]
+    fn bundles_must_hold_certificates() {
+        let f = parse_bundle(b"not pem at all").unwrap_err();
+        assert_eq!(f.reason, Reason::InvalidSpec);
+        assert!(
+            f.message.contains("holds no PEM certificate"),
+            "{}",
+            f.message
+        );
+    }
+}
