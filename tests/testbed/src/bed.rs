@@ -85,6 +85,8 @@ impl Bed {
                 state_dir.display()
             );
         }
+        // Fail on a missing binary before touching the folder.
+        Binaries::locate()?;
         if state_dir.exists() {
             Bed::down(state_dir)?;
         }
