@@ -2,7 +2,8 @@
 //! test bed's Dovecot, beside Python's imaplib / poplib doing the same sequence (login,
 //! STATUS or STAT, logout) in the same run. Prints a table; asserts nothing.
 //!
-//! Run: `cargo bench --bench probe` (MAILROOM_BENCH_TESTS=N to change the sample size).
+//! Run: `cargo bench --bench probe` (MAILROOM_BENCH_TESTS=N to change the sample size;
+//! MAILROOM_BENCH_PROFILE=1 runs only mailroom's sequential IMAPS loop, for a profiler).
 
 use std::process::Command;
 use std::sync::Arc;
@@ -13,11 +14,16 @@ use mailroom::probe::{self, Login, Target, Trust};
 use secrecy::SecretString;
 
 fn cpu_seconds() -> f64 {
+    let (user, sys) = user_sys();
+    user + sys
+}
+
+fn user_sys() -> (f64, f64) {
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: getrusage fills the struct it is given.
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    tv(ru.ru_utime) + tv(ru.ru_stime)
+    (tv(ru.ru_utime), tv(ru.ru_stime))
 }
 
 struct Run {
@@ -87,6 +93,26 @@ fn main() {
         allow_unencrypted: false,
     });
 
+    if std::env::var_os("MAILROOM_BENCH_PROFILE").is_some() {
+        let target = Arc::new(Target {
+            host: mailroom_testbed::MAIL_HOST.to_string(),
+            port: dovecot.imaps_port(),
+            protocol: Protocol::Imap,
+            tls_mode: TlsMode::Implicit,
+            trust: Trust { extra_roots_pem: Some(pem.clone()), server_name: None, insecure_skip_verify: false },
+            mailbox: "INBOX".into(),
+            timeout: Duration::from_secs(30),
+        });
+        let m = rt.block_on(mailroom_run(target.clone(), login.clone(), tests, 1));
+        println!("mailroom IMAPS sequential, multi-thread runtime: {:.2} ms client CPU per test", m.cpu_ms());
+        let (u0, s0) = user_sys();
+        let ct = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let m = ct.block_on(mailroom_run(target, login, tests, 1));
+        println!("mailroom IMAPS sequential, current-thread runtime: {:.2} ms client CPU per test", m.cpu_ms());
+        let (u1, s1) = user_sys();
+        println!("  of which user {:.2} ms, system {:.2} ms", (u1 - u0) * 1e3 / tests as f64, (s1 - s0) * 1e3 / tests as f64);
+        return;
+    }
     println!("mailroom probe benchmark: {tests} tests per row, Dovecot {} on {}", dovecot_version(), mailroom_testbed::MAIL_HOST);
     println!("machine: {} cores; client CPU = user+system seconds of the client process(es)\n", num_cpus());
     println!(

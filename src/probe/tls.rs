@@ -62,29 +62,8 @@ impl Setup {
             ))
         })?;
 
-        let pinned = match &trust.extra_roots_pem {
-            Some(pem) => parse_bundle(pem)?,
-            None => Vec::new(),
-        };
-        let mut roots = platform_roots().clone();
-        for cert in &pinned {
-            roots.add(cert.clone()).map_err(|err| {
-                invalid_spec(format!(
-                    "the CA bundle (tls.caBundleRef) holds a certificate that cannot be a trust anchor: {err}"
-                ))
-            })?;
-        }
-
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let webpki = if roots.is_empty() {
-            None
-        } else {
-            let built =
-                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                    .build()
-                    .map_err(|err| setup_failed(err.to_string()))?;
-            Some(built)
-        };
+        let (pinned, webpki) = trust_store(trust.extra_roots_pem.as_deref())?;
+        let provider = provider();
         let presented = Arc::new(Mutex::new(Vec::new()));
         let verifier = Arc::new(Verifier {
             webpki,
@@ -93,7 +72,7 @@ impl Setup {
             presented: presented.clone(),
             algorithms: provider.signature_verification_algorithms,
         });
-        let config = ClientConfig::builder_with_provider(provider)
+        let config = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|err| setup_failed(err.to_string()))?
             .dangerous()
@@ -352,6 +331,68 @@ fn parse_bundle(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, Failure> {
         ));
     }
     Ok(certs)
+}
+
+/// The crypto provider, built once. TLS 1.3 suites are offered AES-128-GCM/SHA-256 first:
+/// as strong as a mailbox check needs, and SHA-256 has hardware support where SHA-384
+/// rarely does, which makes each handshake cheaper for the client and the server.
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<rustls::crypto::CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| {
+            let mut p = rustls::crypto::ring::default_provider();
+            p.cipher_suites.sort_by_key(|s| match s.suite() {
+                rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 => 0,
+                rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256 => 1,
+                rustls::CipherSuite::TLS13_AES_256_GCM_SHA384 => 2,
+                _ => 3,
+            });
+            Arc::new(p)
+        })
+        .clone()
+}
+
+/// The extra roots of a bundle and the verifier over the platform roots plus them.
+type Trusted = (Vec<CertificateDer<'static>>, Option<Arc<WebPkiServerVerifier>>);
+
+/// Builds (or reuses) the trust store for a CA bundle. Building one clones the platform's
+/// roots, which costs more than the rest of a test's client work; a fleet shares a few
+/// bundles, so the last ones built are kept, keyed by the bundle's bytes.
+fn trust_store(pem: Option<&[u8]>) -> Result<Trusted, Failure> {
+    const KEEP: usize = 64;
+    static CACHE: OnceLock<Mutex<Vec<(Vec<u8>, Trusted)>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(Vec::new()));
+    let key = pem.unwrap_or_default();
+    if let Some((_, trusted)) = cache.lock().unwrap().iter().find(|(k, _)| k == key) {
+        return Ok(trusted.clone());
+    }
+    let pinned = match pem {
+        Some(pem) => parse_bundle(pem)?,
+        None => Vec::new(),
+    };
+    let mut roots = platform_roots().clone();
+    for cert in &pinned {
+        roots.add(cert.clone()).map_err(|err| {
+            invalid_spec(format!(
+                "the CA bundle (tls.caBundleRef) holds a certificate that cannot be a trust anchor: {err}"
+            ))
+        })?;
+    }
+    let webpki = if roots.is_empty() {
+        None
+    } else {
+        let built = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|err| setup_failed(err.to_string()))?;
+        Some(built)
+    };
+    let trusted = (pinned, webpki);
+    let mut cache = cache.lock().unwrap();
+    if cache.len() >= KEEP {
+        cache.remove(0);
+    }
+    cache.push((key.to_vec(), trusted.clone()));
+    Ok(trusted)
 }
 
 /// The platform's trust anchors, loaded once. Unreadable ones are skipped: a container

@@ -596,9 +596,17 @@ fn config_text(info: &DovecotInfo, run_as: &RunAs) -> String {
     // Port 0 switches off the listeners Dovecot has by default (143, 993, 110, 995).
     let _ = write!(
         c,
-        "service imap-login {{\n  chroot =\n  inet_listener imap {{\n    port = {imap}\n  }}\n  \
+        "# Login processes in Dovecot's high-performance mode (one process serves many\n\
+         # connections, a new TLS context is not built per login), and limits that let a\n\
+         # fleet of providers share one account: benchmarks measure mailroom, not forks.\n\
+         default_client_limit = 4000\n\
+         protocol imap {{\n  mail_max_userip_connections = 1000\n}}\n\
+         protocol pop3 {{\n  mail_max_userip_connections = 1000\n}}\n\
+         service imap-login {{\n  chroot =\n  service_count = 0\n  process_min_avail = 2\n  \
+         inet_listener imap {{\n    port = {imap}\n  }}\n  \
          inet_listener imaps {{\n    port = {imaps}\n    ssl = yes\n  }}\n}}\n\
-         service pop3-login {{\n  chroot =\n  inet_listener pop3 {{\n    port = {pop3}\n  }}\n  \
+         service pop3-login {{\n  chroot =\n  service_count = 0\n  process_min_avail = 2\n  \
+         inet_listener pop3 {{\n    port = {pop3}\n  }}\n  \
          inet_listener pop3s {{\n    port = {pop3s}\n    ssl = yes\n  }}\n}}\n",
         imap = info.imap,
         imaps = info.imaps.unwrap_or(0),
