@@ -29,8 +29,10 @@ impl Outcome {
 /// The durations of `spec.check`, parsed (the CRD's pattern makes failure rare; a manifest
 /// checked before it is applied may still carry a bad one).
 pub fn timing(spec: &IncomingMailProviderSpec) -> Result<(Duration, Duration), String> {
-    let interval = parse_duration(&spec.check.interval).map_err(|e| format!("spec.check.interval: {e}"))?;
-    let timeout = parse_duration(&spec.check.timeout).map_err(|e| format!("spec.check.timeout: {e}"))?;
+    let interval =
+        parse_duration(&spec.check.interval).map_err(|e| format!("spec.check.interval: {e}"))?;
+    let timeout =
+        parse_duration(&spec.check.timeout).map_err(|e| format!("spec.check.timeout: {e}"))?;
     Ok((interval, timeout))
 }
 
@@ -42,7 +44,8 @@ pub fn prepare(
     let (_, timeout) = timing(spec).map_err(|e| (Reason::InvalidSpec, e))?;
     let endpoint = Endpoint::of(spec);
     let login = credentials::login(spec, objects).map_err(|e| (e.reason(), e.to_string()))?;
-    let extra_roots_pem = credentials::ca_bundle(spec, objects).map_err(|e| (e.reason(), e.to_string()))?;
+    let extra_roots_pem =
+        credentials::ca_bundle(spec, objects).map_err(|e| (e.reason(), e.to_string()))?;
     let target = Target {
         host: endpoint.host,
         port: endpoint.port,
@@ -66,12 +69,24 @@ pub async fn run(spec: &IncomingMailProviderSpec, objects: &Fetched) -> Outcome 
     let (target, login) = match prepare(spec, objects) {
         Ok(inputs) => inputs,
         Err((reason, message)) => {
-            return Outcome { endpoint, report: None, reason, message, anonymous };
+            return Outcome {
+                endpoint,
+                report: None,
+                reason,
+                message,
+                anonymous,
+            };
         }
     };
     let report = probe::run(&target, &login).await;
     let (reason, message) = verdict(spec, &endpoint, &login, &report);
-    Outcome { endpoint, report: Some(report), reason, message, anonymous }
+    Outcome {
+        endpoint,
+        report: Some(report),
+        reason,
+        message,
+        anonymous,
+    }
 }
 
 /// The Ready reason and message a report leads to.
@@ -94,12 +109,17 @@ pub fn verdict(
     let mut message = format!("{} {endpoint}: {who}", endpoint.protocol.as_str());
     if let Some(m) = &report.findings.mailbox {
         match m.unseen {
-            Some(unseen) => message.push_str(&format!("; {} has {} messages, {} unseen", m.name, m.messages, unseen)),
+            Some(unseen) => message.push_str(&format!(
+                "; {} has {} messages, {} unseen",
+                m.name, m.messages, unseen
+            )),
             None => message.push_str(&format!("; {} has {} messages", m.name, m.messages)),
         }
     }
     if spec.tls.insecure_skip_verify {
-        message.push_str("; WARNING: the server's certificate is not verified (tls.insecureSkipVerify)");
+        message.push_str(
+            "; WARNING: the server's certificate is not verified (tls.insecureSkipVerify)",
+        );
     }
     (Reason::Connected, message)
 }

@@ -110,27 +110,59 @@ impl Reason {
     /// What the user should do, in one line (the README's reason table uses this).
     pub fn hint(self) -> &'static str {
         match self {
-            Reason::Connected => "Nothing: the last test connected, logged in and opened the mailbox.",
+            Reason::Connected => {
+                "Nothing: the last test connected, logged in and opened the mailbox."
+            }
             Reason::Checking => "Wait: the first test has not finished yet.",
             Reason::Suspended => "Set spec.suspend to false to resume testing.",
             Reason::InvalidSpec => "Fix the field the message names.",
-            Reason::SecretNotFound => "Create the Secret named in spec.authentication.secretRef in the provider's namespace.",
-            Reason::SecretKeyMissing => "Add the key the message names to the Secret (or point usernameKey/passwordKey at the right one).",
-            Reason::AuthorizationRequired => "Run the `mailroom authorize` command the message gives.",
-            Reason::TokenRefreshFailed => "The token endpoint failed; the message quotes it. Tests resume when it answers.",
-            Reason::AuthorizationRevoked => "The grant was revoked or expired: run `mailroom authorize` again.",
+            Reason::SecretNotFound => {
+                "Create the Secret named in spec.authentication.secretRef in the provider's namespace."
+            }
+            Reason::SecretKeyMissing => {
+                "Add the key the message names to the Secret (or point usernameKey/passwordKey at the right one)."
+            }
+            Reason::AuthorizationRequired => {
+                "Run the `mailroom authorize` command the message gives."
+            }
+            Reason::TokenRefreshFailed => {
+                "The token endpoint failed; the message quotes it. Tests resume when it answers."
+            }
+            Reason::AuthorizationRevoked => {
+                "The grant was revoked or expired: run `mailroom authorize` again."
+            }
             Reason::DnsResolutionFailed => "Check spec.server.host and the cluster's DNS.",
-            Reason::ConnectionRefused => "Check spec.server.port and that the server listens there.",
-            Reason::ConnectionTimedOut => "A firewall or NetworkPolicy drops the connection, or the host is down.",
+            Reason::ConnectionRefused => {
+                "Check spec.server.port and that the server listens there."
+            }
+            Reason::ConnectionTimedOut => {
+                "A firewall or NetworkPolicy drops the connection, or the host is down."
+            }
             Reason::NetworkUnreachable => "The controller's network has no route to the host.",
-            Reason::TlsHandshakeFailed => "Check spec.tls.mode against the port (Implicit for 993/995, StartTLS for 143/110).",
-            Reason::CertificateInvalid => "Trust the issuer with spec.tls.caBundleRef, fix spec.tls.serverName, or renew the certificate.",
-            Reason::StartTlsUnavailable => "The server does not offer STARTTLS/STLS here: use mode Implicit on the TLS port.",
-            Reason::ProtocolError => "The server did not speak the protocol expected: check spec.server.protocol and port.",
-            Reason::AuthMechanismUnsupported => "The server offers no mechanism mailroom may use for this login (see the message).",
-            Reason::AuthenticationFailed => "Fix the username or password in the Secret (the message quotes the server).",
-            Reason::MailboxUnavailable => "Check spec.check.mailbox: the server refused to open it.",
-            Reason::Timeout => "The step the message names took longer than spec.check.timeout allows.",
+            Reason::TlsHandshakeFailed => {
+                "Check spec.tls.mode against the port (Implicit for 993/995, StartTLS for 143/110)."
+            }
+            Reason::CertificateInvalid => {
+                "Trust the issuer with spec.tls.caBundleRef, fix spec.tls.serverName, or renew the certificate."
+            }
+            Reason::StartTlsUnavailable => {
+                "The server does not offer STARTTLS/STLS here: use mode Implicit on the TLS port."
+            }
+            Reason::ProtocolError => {
+                "The server did not speak the protocol expected: check spec.server.protocol and port."
+            }
+            Reason::AuthMechanismUnsupported => {
+                "The server offers no mechanism mailroom may use for this login (see the message)."
+            }
+            Reason::AuthenticationFailed => {
+                "Fix the username or password in the Secret (the message quotes the server)."
+            }
+            Reason::MailboxUnavailable => {
+                "Check spec.check.mailbox: the server refused to open it."
+            }
+            Reason::Timeout => {
+                "The step the message names took longer than spec.check.timeout allows."
+            }
         }
     }
 }
@@ -155,7 +187,10 @@ mod tests {
 
     #[test]
     fn only_connected_is_ready() {
-        let ready: Vec<_> = Reason::ALL.iter().filter(|r| r.ready_status() == "True").collect();
+        let ready: Vec<_> = Reason::ALL
+            .iter()
+            .filter(|r| r.ready_status() == "True")
+            .collect();
         assert_eq!(ready, vec![&Reason::Connected]);
     }
 }

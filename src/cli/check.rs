@@ -31,12 +31,28 @@ pub struct CheckArgs {
 pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
     let client = Client::try_default().await;
     let (provider, mut fetched) = if args.files.is_empty() {
-        let client = client.as_ref().map_err(|e| anyhow::anyhow!("connecting to the cluster: {e}"))?;
-        let Some(name) = &args.name else { bail!("give a provider NAME, or -f FILE") };
-        let ns = args.namespace.clone().unwrap_or_else(|| client.default_namespace().to_string());
+        let client = client
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("connecting to the cluster: {e}"))?;
+        let Some(name) = &args.name else {
+            bail!("give a provider NAME, or -f FILE")
+        };
+        let ns = args
+            .namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_string());
         let api: Api<IncomingMailProvider> = Api::namespaced(client.clone(), &ns);
-        let p = api.get(name).await.with_context(|| format!("reading IncomingMailProvider {ns}/{name}"))?;
-        (p, Fetched { namespace: ns, ..Default::default() })
+        let p = api
+            .get(name)
+            .await
+            .with_context(|| format!("reading IncomingMailProvider {ns}/{name}"))?;
+        (
+            p,
+            Fetched {
+                namespace: ns,
+                ..Default::default()
+            },
+        )
     } else {
         from_files(&args)?
     };
@@ -90,14 +106,19 @@ fn from_files(args: &CheckArgs) -> anyhow::Result<(IncomingMailProvider, Fetched
     let mut providers = Vec::new();
     let mut fetched = Fetched::default();
     for path in &args.files {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
             let value = serde_yaml::Value::deserialize_from(doc)
                 .with_context(|| format!("{}: document {} is not YAML", path.display(), i + 1))?;
             if value.is_null() {
                 continue;
             }
-            let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_string();
+            let kind = value
+                .get("kind")
+                .and_then(|k| k.as_str())
+                .unwrap_or_default()
+                .to_string();
             let at = || format!("{}: document {} ({kind})", path.display(), i + 1);
             match kind.as_str() {
                 "IncomingMailProvider" => {
@@ -143,16 +164,31 @@ impl DeserializeFrom for serde_yaml::Value {
 /// The step table and the verdict, as people read them.
 pub fn print_outcome(out: &mut impl Write, label: &str, outcome: &Outcome) -> std::io::Result<()> {
     let e = &outcome.endpoint;
-    writeln!(out, "Testing {label}: {} {e} (TLS {})", e.protocol.as_str(), e.tls_mode.as_str())?;
+    writeln!(
+        out,
+        "Testing {label}: {} {e} (TLS {})",
+        e.protocol.as_str(),
+        e.tls_mode.as_str()
+    )?;
     if let Some(report) = &outcome.report {
         for s in &report.steps {
             let mark = if s.ok { "ok " } else { "ERR" };
-            writeln!(out, "  {mark} {:<14} {:>7}  {}", s.step.as_str(), format_duration(s.duration), s.detail)?;
+            writeln!(
+                out,
+                "  {mark} {:<14} {:>7}  {}",
+                s.step.as_str(),
+                format_duration(s.duration),
+                s.detail
+            )?;
         }
         writeln!(out, "  total {}", format_duration(report.duration))?;
     }
     let ready = outcome.reason.ready_status();
-    writeln!(out, "Ready={ready} reason={} message: {}", outcome.reason, outcome.message)?;
+    writeln!(
+        out,
+        "Ready={ready} reason={} message: {}",
+        outcome.reason, outcome.message
+    )?;
     if !outcome.is_ready() {
         writeln!(out, "What to do: {}", outcome.reason.hint())?;
     }

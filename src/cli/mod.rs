@@ -32,7 +32,12 @@ pub enum Command {
 #[derive(clap::Args, Debug)]
 pub struct ControllerArgs {
     /// Watch only these namespaces (repeat, or comma-separate); all when absent.
-    #[arg(long = "namespace", short = 'n', env = "MAILROOM_NAMESPACES", value_delimiter = ',')]
+    #[arg(
+        long = "namespace",
+        short = 'n',
+        env = "MAILROOM_NAMESPACES",
+        value_delimiter = ','
+    )]
     pub namespaces: Vec<String>,
     /// Tests running at once, in total.
     #[arg(long, env = "MAILROOM_CONCURRENCY", default_value_t = 32)]
@@ -85,7 +90,12 @@ pub fn crd_yaml() -> String {
 pub fn reasons_table() -> String {
     let mut t = String::from("| reason | Ready | what to do |\n|---|---|---|\n");
     for r in crate::api::Reason::ALL {
-        t.push_str(&format!("| `{}` | {} | {} |\n", r.as_str(), r.ready_status(), r.hint()));
+        t.push_str(&format!(
+            "| `{}` | {} | {} |\n",
+            r.as_str(),
+            r.ready_status(),
+            r.hint()
+        ));
     }
     t
 }
@@ -108,7 +118,10 @@ mod tests {
     #[test]
     fn the_readme_documents_every_reason() {
         let readme = repo_file("README.md");
-        let block = format!("<!-- reasons:start -->\n{}<!-- reasons:end -->", super::reasons_table());
+        let block = format!(
+            "<!-- reasons:start -->\n{}<!-- reasons:end -->",
+            super::reasons_table()
+        );
         assert!(
             readme.contains(&block),
             "README.md's reason table differs from Reason::ALL; replace the block between the reasons markers with:\n{block}"

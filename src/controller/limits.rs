@@ -13,7 +13,10 @@ pub struct HostLimits {
 
 impl HostLimits {
     pub fn new(per_host: usize) -> Self {
-        HostLimits { per_host: per_host.max(1), hosts: Mutex::new(HashMap::new()) }
+        HostLimits {
+            per_host: per_host.max(1),
+            hosts: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Waits for a slot for `host` (case-insensitive).
@@ -30,7 +33,9 @@ impl HostLimits {
                 .or_insert_with(|| Arc::new(Semaphore::new(self.per_host)))
                 .clone()
         };
-        sem.acquire_owned().await.expect("host semaphores are never closed")
+        sem.acquire_owned()
+            .await
+            .expect("host semaphores are never closed")
     }
 }
 
@@ -44,9 +49,20 @@ mod tests {
         let limits = HostLimits::new(2);
         let _a = limits.acquire("mail.example.com").await;
         let _b = limits.acquire("MAIL.example.com").await;
-        let third = tokio::time::timeout(Duration::from_millis(50), limits.acquire("mail.example.com")).await;
-        assert!(third.is_err(), "a third simultaneous test of one host must wait");
-        let other = tokio::time::timeout(Duration::from_millis(50), limits.acquire("other.example.com")).await;
+        let third = tokio::time::timeout(
+            Duration::from_millis(50),
+            limits.acquire("mail.example.com"),
+        )
+        .await;
+        assert!(
+            third.is_err(),
+            "a third simultaneous test of one host must wait"
+        );
+        let other = tokio::time::timeout(
+            Duration::from_millis(50),
+            limits.acquire("other.example.com"),
+        )
+        .await;
         assert!(other.is_ok(), "another host must not wait");
     }
 }

@@ -74,7 +74,11 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
                 Api::namespaced(client.clone(), ns),
                 Api::namespaced(client.clone(), ns),
             ),
-            None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone())),
+            None => (
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+            ),
         }
     };
 
@@ -87,10 +91,16 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     for scope in &scopes {
         let (_, secrets, cms) = api_for(scope);
         let (store, writer) = reflector::store::<PartialObjectMeta<Secret>>();
-        secret_streams.push(reflector::reflector(writer, watcher(secrets, watcher::Config::default())));
+        secret_streams.push(reflector::reflector(
+            writer,
+            watcher(secrets, watcher::Config::default()),
+        ));
         secret_stores.push(store);
         let (store, writer) = reflector::store::<PartialObjectMeta<ConfigMap>>();
-        cm_streams.push(reflector::reflector(writer, watcher(cms, watcher::Config::default())));
+        cm_streams.push(reflector::reflector(
+            writer,
+            watcher(cms, watcher::Config::default()),
+        ));
         cm_stores.push(store);
     }
 
@@ -115,7 +125,8 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         let (providers, _, _) = api_for(scope);
         let controller = Controller::new(providers, watcher::Config::default()).with_config(
             // Reconciles that only reschedule are cheap; tests are bounded by `ctx.tests`.
-            ControllerConfig::default().concurrency(u16::try_from(settings.concurrency * 4).unwrap_or(u16::MAX)),
+            ControllerConfig::default()
+                .concurrency(u16::try_from(settings.concurrency * 4).unwrap_or(u16::MAX)),
         );
         let store = controller.store();
         provider_stores.push(store.clone());
@@ -124,11 +135,15 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         let controller = controller
             .watches_stream(
                 secret_stream.default_backoff().touched_objects(),
-                move |meta: PartialObjectMeta<Secret>| dependents(&by_secret, ObjectKind::Secret, &meta),
+                move |meta: PartialObjectMeta<Secret>| {
+                    dependents(&by_secret, ObjectKind::Secret, &meta)
+                },
             )
             .watches_stream(
                 cm_stream.default_backoff().touched_objects(),
-                move |meta: PartialObjectMeta<ConfigMap>| dependents(&by_cm, ObjectKind::ConfigMap, &meta),
+                move |meta: PartialObjectMeta<ConfigMap>| {
+                    dependents(&by_cm, ObjectKind::ConfigMap, &meta)
+                },
             )
             .graceful_shutdown_on(shutdown.clone());
         let ctx = ctx.clone();
@@ -165,7 +180,11 @@ fn dependents<K: Resource>(
         .state()
         .into_iter()
         .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
-        .filter(|p| references(&p.spec).iter().any(|r| r.kind == kind && r.name == name))
+        .filter(|p| {
+            references(&p.spec)
+                .iter()
+                .any(|r| r.kind == kind && r.name == name)
+        })
         .map(|p| ObjectRef::from_obj(&*p))
         .collect()
 }
@@ -176,13 +195,18 @@ async fn sweep(ctx: Arc<Context>, stores: Vec<Store<IncomingMailProvider>>) {
     loop {
         tick.tick().await;
         let providers: Vec<_> = stores.iter().flat_map(|s| s.state()).collect();
-        let live: HashSet<_> = providers.iter().map(|p| ObjectRef::from_obj(&**p)).collect();
+        let live: HashSet<_> = providers
+            .iter()
+            .map(|p| ObjectRef::from_obj(&**p))
+            .collect();
         ctx.memory.lock().unwrap().retain(|k, _| live.contains(k));
         let used: HashSet<_> = providers
             .iter()
             .flat_map(|p| {
                 let ns = p.namespace().unwrap_or_default();
-                references(&p.spec).into_iter().map(move |r| (r.kind, ns.clone(), r.name))
+                references(&p.spec)
+                    .into_iter()
+                    .map(move |r| (r.kind, ns.clone(), r.name))
             })
             .collect();
         ctx.objects.retain(&used);

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
+use futures::FutureExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
@@ -21,12 +22,15 @@ enum Value {
     ConfigMap(Arc<ConfigMap>),
 }
 
+/// (kind, namespace, name) of a referenced object.
+type Key = (ObjectKind, String, String);
+
 /// Metadata stores (one per watched scope) and the value cache.
 pub struct Objects {
     client: Client,
     secrets: Vec<Store<PartialObjectMeta<Secret>>>,
     config_maps: Vec<Store<PartialObjectMeta<ConfigMap>>>,
-    values: Mutex<HashMap<(ObjectKind, String, String), (String, Value)>>,
+    values: Mutex<HashMap<Key, (String, Value)>>,
 }
 
 impl Objects {
@@ -35,7 +39,30 @@ impl Objects {
         secrets: Vec<Store<PartialObjectMeta<Secret>>>,
         config_maps: Vec<Store<PartialObjectMeta<ConfigMap>>>,
     ) -> Self {
-        Objects { client, secrets, config_maps, values: Mutex::new(HashMap::new()) }
+        Objects {
+            client,
+            secrets,
+            config_maps,
+            values: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Waits until every metadata store has listed once: before that, "absent" would be
+    /// a guess, and a test on a guess is a test to repeat.
+    pub async fn ready(&self) -> bool {
+        let waits = self
+            .secrets
+            .iter()
+            .map(|s| s.wait_until_ready().boxed())
+            .chain(
+                self.config_maps
+                    .iter()
+                    .map(|s| s.wait_until_ready().boxed()),
+            );
+        futures::future::join_all(waits)
+            .await
+            .iter()
+            .all(Result::is_ok)
     }
 
     /// The resourceVersion of a referenced object, or None when it does not exist.
@@ -43,11 +70,17 @@ impl Objects {
         match r.kind {
             ObjectKind::Secret => {
                 let key = ObjectRef::new(&r.name).within(namespace);
-                self.secrets.iter().find_map(|s| s.get(&key)).and_then(|m| m.resource_version())
+                self.secrets
+                    .iter()
+                    .find_map(|s| s.get(&key))
+                    .and_then(|m| m.resource_version())
             }
             ObjectKind::ConfigMap => {
                 let key = ObjectRef::new(&r.name).within(namespace);
-                self.config_maps.iter().find_map(|s| s.get(&key)).and_then(|m| m.resource_version())
+                self.config_maps
+                    .iter()
+                    .find_map(|s| s.get(&key))
+                    .and_then(|m| m.resource_version())
             }
         }
     }
@@ -65,7 +98,10 @@ impl Objects {
     /// The referenced objects that exist, read from the cache or, when their version
     /// moved, from the API server.
     pub async fn fetch(&self, namespace: &str, refs: &[Reference]) -> Result<Fetched, kube::Error> {
-        let mut fetched = Fetched { namespace: namespace.to_string(), ..Default::default() };
+        let mut fetched = Fetched {
+            namespace: namespace.to_string(),
+            ..Default::default()
+        };
         for r in refs {
             let Some(version) = self.version(namespace, r) else {
                 continue;
@@ -73,7 +109,10 @@ impl Objects {
             let key = (r.kind, namespace.to_string(), r.name.clone());
             let cached = {
                 let values = self.values.lock().unwrap();
-                values.get(&key).filter(|(v, _)| *v == version).map(|(_, value)| value.clone())
+                values
+                    .get(&key)
+                    .filter(|(v, _)| *v == version)
+                    .map(|(_, value)| value.clone())
             };
             let value = match cached {
                 Some(v) => Some(v),
@@ -82,12 +121,18 @@ impl Objects {
             match value {
                 Some(Value::Secret(s)) => {
                     let rv = s.resource_version().unwrap_or_default();
-                    self.values.lock().unwrap().insert(key, (rv, Value::Secret(s.clone())));
+                    self.values
+                        .lock()
+                        .unwrap()
+                        .insert(key, (rv, Value::Secret(s.clone())));
                     fetched.secrets.insert(r.name.clone(), (*s).clone());
                 }
                 Some(Value::ConfigMap(c)) => {
                     let rv = c.resource_version().unwrap_or_default();
-                    self.values.lock().unwrap().insert(key, (rv, Value::ConfigMap(c.clone())));
+                    self.values
+                        .lock()
+                        .unwrap()
+                        .insert(key, (rv, Value::ConfigMap(c.clone())));
                     fetched.config_maps.insert(r.name.clone(), (*c).clone());
                 }
                 None => {}
@@ -110,7 +155,7 @@ impl Objects {
     }
 
     /// Drops cached values no provider references any more.
-    pub fn retain(&self, live: &std::collections::HashSet<(ObjectKind, String, String)>) {
+    pub fn retain(&self, live: &std::collections::HashSet<Key>) {
         self.values.lock().unwrap().retain(|k, _| live.contains(k));
     }
 }

@@ -20,10 +20,15 @@ use crate::api::{CHECK_REQUESTED_AT, IncomingMailProvider, IncomingMailProviderS
 use crate::check;
 use crate::credentials::references;
 
+/// How long a first test may run before the status says Checking.
+const SHOW_CHECKING_AFTER: Duration = Duration::from_secs(2);
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("reading a referenced object: {0}")]
     Fetch(#[source] kube::Error),
+    #[error("the caches of Secrets and ConfigMaps have not synced yet")]
+    NotSynced,
     #[error("writing status: {0}")]
     WriteStatus(#[source] kube::Error),
 }
@@ -35,14 +40,25 @@ pub async fn reconcile(p: Arc<IncomingMailProvider>, ctx: Arc<Context>) -> Resul
     reconcile_inner(p, ctx, ns).instrument(span).await
 }
 
-async fn reconcile_inner(p: Arc<IncomingMailProvider>, ctx: Arc<Context>, ns: String) -> Result<Action, Error> {
+async fn reconcile_inner(
+    p: Arc<IncomingMailProvider>,
+    ctx: Arc<Context>,
+    ns: String,
+) -> Result<Action, Error> {
+    if tokio::time::timeout(Duration::from_secs(30), ctx.objects.ready()).await != Ok(true) {
+        return Err(Error::NotSynced);
+    }
     let key = ObjectRef::from_obj(&*p);
     let api: Api<IncomingMailProvider> = Api::namespaced(ctx.client.clone(), &ns);
     let old = p.status.as_ref();
     let generation = p.meta().generation;
     let request = p.annotations().get(CHECK_REQUESTED_AT).map(String::as_str);
     let now = Timestamp::now();
-    let sctx = StatusContext { generation, now, check_request: request };
+    let sctx = StatusContext {
+        generation,
+        now,
+        check_request: request,
+    };
 
     if p.spec.suspend {
         ctx.memory.lock().unwrap().remove(&key);
@@ -75,32 +91,64 @@ async fn reconcile_inner(p: Arc<IncomingMailProvider>, ctx: Arc<Context>, ns: St
     let refs = references(&p.spec);
     let fingerprint = ctx.objects.fingerprint(&ns, &refs);
     let memory = ctx.memory.lock().unwrap().get(&key).cloned();
-    let seen = Seen { generation, request, references: fingerprint, status: old, interval, now };
+    let seen = Seen {
+        generation,
+        request,
+        references: fingerprint,
+        status: old,
+        interval,
+        now,
+    };
     let why = match schedule::decide(memory.as_ref(), &seen, &*ctx.jitter) {
         Ok(wait) => {
             if memory.is_none() {
                 // First sight after a restart: adopt the schedule the status implies.
-                let next_due = now.checked_add(SignedDuration::try_from(wait).unwrap_or_default()).unwrap_or(now);
+                let next_due = now
+                    .checked_add(SignedDuration::try_from(wait).unwrap_or_default())
+                    .unwrap_or(now);
                 let request = request.map(str::to_string);
-                ctx.memory.lock().unwrap().insert(key, Memory { generation, request, references: fingerprint, next_due });
+                ctx.memory.lock().unwrap().insert(
+                    key,
+                    Memory {
+                        generation,
+                        request,
+                        references: fingerprint,
+                        next_due,
+                    },
+                );
             }
             return Ok(Action::requeue(wait));
         }
         Err(why) => why,
     };
 
-    if old.is_none_or(|s| s.conditions.is_empty()) {
-        write(&api, &p, &status::checking(old, &sctx), &ctx).await?;
-    }
-
     let fetched = ctx.objects.fetch(&ns, &refs).await.map_err(Error::Fetch)?;
-    let outcome = {
-        let _slot = ctx.tests.acquire().await.expect("the test semaphore is never closed");
+    let test = async {
+        let _slot = ctx
+            .tests
+            .acquire()
+            .await
+            .expect("the test semaphore is never closed");
         let _host = ctx.limits.acquire(&p.spec.server.host).await;
         check::run(&p.spec, &fetched).await
     };
+    tokio::pin!(test);
+    // A new provider shows Checking only if its first test is slow (queued behind others,
+    // or a server taking its time): most finish first, which saves a write each.
+    let outcome = tokio::select! {
+        outcome = &mut test => outcome,
+        _ = tokio::time::sleep(SHOW_CHECKING_AFTER) => {
+            if old.is_none_or(|s| s.conditions.is_empty()) {
+                write(&api, &p, &status::checking(old, &sctx), &ctx).await?;
+            }
+            test.await
+        }
+    };
     let finished = Timestamp::now();
-    let sctx = StatusContext { now: finished, ..sctx };
+    let sctx = StatusContext {
+        now: finished,
+        ..sctx
+    };
     let new = status::after_test(old, &outcome, &sctx);
     info!(
         why = why.as_str(),
@@ -120,9 +168,19 @@ async fn reconcile_inner(p: Arc<IncomingMailProvider>, ctx: Arc<Context>, ns: St
 
     let failures = u32::try_from(new.consecutive_failures).unwrap_or(u32::MAX);
     let wait = schedule::next_wait(interval, failures, &*ctx.jitter);
-    let next_due = finished.checked_add(SignedDuration::try_from(wait).unwrap_or_default()).unwrap_or(finished);
+    let next_due = finished
+        .checked_add(SignedDuration::try_from(wait).unwrap_or_default())
+        .unwrap_or(finished);
     let request = request.map(str::to_string);
-    ctx.memory.lock().unwrap().insert(key, Memory { generation, request, references: fingerprint, next_due });
+    ctx.memory.lock().unwrap().insert(
+        key,
+        Memory {
+            generation,
+            request,
+            references: fingerprint,
+            next_due,
+        },
+    );
     Ok(Action::requeue(wait))
 }
 
@@ -139,9 +197,13 @@ async fn write(
         "kind": IncomingMailProvider::kind(&()),
         "status": status,
     });
-    api.patch_status(&p.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
-        .await
-        .map_err(Error::WriteStatus)?;
+    api.patch_status(
+        &p.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(Error::WriteStatus)?;
     Ok(())
 }
 
@@ -153,12 +215,18 @@ async fn announce(
     ctx: &Context,
 ) {
     let before = status::ready(old).map(|c| (c.status.clone(), c.reason.clone()));
-    let Some(after) = status::ready(Some(new)) else { return };
+    let Some(after) = status::ready(Some(new)) else {
+        return;
+    };
     if before.as_ref() == Some(&(after.status.clone(), after.reason.clone())) {
         return;
     }
     let event = Event {
-        type_: if after.status == "True" { EventType::Normal } else { EventType::Warning },
+        type_: if after.status == "True" {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        },
         reason: after.reason.clone(),
         note: Some(after.message.chars().take(1000).collect()),
         action: "Test".into(),

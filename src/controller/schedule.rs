@@ -65,7 +65,9 @@ mod tests {
     #[test]
     fn failures_back_off_from_ten_seconds_doubling_up_to_the_interval() {
         let mid = Fixed(0.5);
-        let waits: Vec<u64> = (1..=7).map(|n| next_wait(FIVE_MIN, n, &mid).as_secs()).collect();
+        let waits: Vec<u64> = (1..=7)
+            .map(|n| next_wait(FIVE_MIN, n, &mid).as_secs())
+            .collect();
         assert_eq!(waits, vec![10, 20, 40, 80, 160, 300, 300]);
         assert!(next_wait(FIVE_MIN, 1, &Fixed(0.0)) >= Duration::from_secs(9));
         assert!(next_wait(FIVE_MIN, 1, &Fixed(0.999)) <= Duration::from_secs(11));
@@ -158,8 +160,12 @@ pub fn decide(memory: Option<&Memory>, seen: &Seen, jitter: &dyn Jitter) -> Resu
         }
         return until(m.next_due);
     }
-    let Some(status) = seen.status else { return Err(Why::First) };
-    let Some(last) = &status.last_check_time else { return Err(Why::First) };
+    let Some(status) = seen.status else {
+        return Err(Why::First);
+    };
+    let Some(last) = &status.last_check_time else {
+        return Err(Why::First);
+    };
     if status.observed_generation != seen.generation {
         return Err(Why::SpecChanged);
     }
@@ -205,7 +211,12 @@ mod decide_tests {
     }
 
     fn memory(next_due: i64) -> Memory {
-        Memory { generation: Some(1), request: None, references: 7, next_due: at(next_due) }
+        Memory {
+            generation: Some(1),
+            request: None,
+            references: 7,
+            next_due: at(next_due),
+        }
     }
 
     #[test]
@@ -216,8 +227,14 @@ mod decide_tests {
     #[test]
     fn memory_schedules_and_notices_changes() {
         let m = memory(100);
-        assert_eq!(decide(Some(&m), &seen(None, 40), &Zero), Ok(Duration::from_secs(60)));
-        assert_eq!(decide(Some(&m), &seen(None, 100), &Zero), Err(Why::Scheduled));
+        assert_eq!(
+            decide(Some(&m), &seen(None, 40), &Zero),
+            Ok(Duration::from_secs(60))
+        );
+        assert_eq!(
+            decide(Some(&m), &seen(None, 100), &Zero),
+            Err(Why::Scheduled)
+        );
         let mut s = seen(None, 40);
         s.generation = Some(2);
         assert_eq!(decide(Some(&m), &s, &Zero), Err(Why::SpecChanged));
@@ -227,8 +244,14 @@ mod decide_tests {
         let mut s = seen(None, 40);
         s.request = Some("now");
         assert_eq!(decide(Some(&m), &s, &Zero), Err(Why::Requested));
-        let handled = Memory { request: Some("now".into()), ..m };
-        assert_eq!(decide(Some(&handled), &s, &Zero), Ok(Duration::from_secs(60)));
+        let handled = Memory {
+            request: Some("now".into()),
+            ..m
+        };
+        assert_eq!(
+            decide(Some(&handled), &s, &Zero),
+            Ok(Duration::from_secs(60))
+        );
     }
 
     #[test]
@@ -238,12 +261,30 @@ mod decide_tests {
             last_check_time: Some(Time(at(0))),
             ..Default::default()
         };
-        assert_eq!(decide(None, &seen(Some(&status), 200), &Zero), Ok(Duration::from_secs(100)));
-        assert_eq!(decide(None, &seen(Some(&status), 300), &Zero), Err(Why::Scheduled));
-        let failing = IncomingMailProviderStatus { consecutive_failures: 1, ..status.clone() };
-        assert_eq!(decide(None, &seen(Some(&failing), 5), &Zero), Ok(Duration::from_secs(4)));
-        let old_gen = IncomingMailProviderStatus { observed_generation: Some(0), ..status };
-        assert_eq!(decide(None, &seen(Some(&old_gen), 5), &Zero), Err(Why::SpecChanged));
+        assert_eq!(
+            decide(None, &seen(Some(&status), 200), &Zero),
+            Ok(Duration::from_secs(100))
+        );
+        assert_eq!(
+            decide(None, &seen(Some(&status), 300), &Zero),
+            Err(Why::Scheduled)
+        );
+        let failing = IncomingMailProviderStatus {
+            consecutive_failures: 1,
+            ..status.clone()
+        };
+        assert_eq!(
+            decide(None, &seen(Some(&failing), 5), &Zero),
+            Ok(Duration::from_secs(4))
+        );
+        let old_gen = IncomingMailProviderStatus {
+            observed_generation: Some(0),
+            ..status
+        };
+        assert_eq!(
+            decide(None, &seen(Some(&old_gen), 5), &Zero),
+            Err(Why::SpecChanged)
+        );
         let _ = SignedDuration::ZERO;
     }
 }

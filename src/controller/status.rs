@@ -41,8 +41,15 @@ pub fn after_test(old: Option<&Status>, outcome: &Outcome, ctx: &Context) -> Sta
         last_check_time: Some(Time(ctx.now)),
         last_success_time: old.last_success_time.clone(),
         last_check_duration: outcome.report.as_ref().map(|r| format_duration(r.duration)),
-        consecutive_failures: if outcome.is_ready() { 0 } else { old.consecutive_failures.saturating_add(1) },
-        last_handled_check_request: ctx.check_request.map(str::to_string).or(old.last_handled_check_request.clone()),
+        consecutive_failures: if outcome.is_ready() {
+            0
+        } else {
+            old.consecutive_failures.saturating_add(1)
+        },
+        last_handled_check_request: ctx
+            .check_request
+            .map(str::to_string)
+            .or(old.last_handled_check_request.clone()),
     };
     if outcome.is_ready() {
         new.last_success_time = Some(Time(ctx.now));
@@ -77,9 +84,33 @@ pub fn after_test(old: Option<&Status>, outcome: &Outcome, ctx: &Context) -> Sta
     }
     let (reachable, authenticated) = sub_conditions(outcome);
     let generation = ctx.generation;
-    set_condition(&mut new.conditions, READY, outcome.reason.ready_status(), outcome.reason.as_str(), &outcome.message, generation, ctx.now);
-    set_condition(&mut new.conditions, REACHABLE, reachable.0, reachable.1, &reachable.2, generation, ctx.now);
-    set_condition(&mut new.conditions, AUTHENTICATED, authenticated.0, authenticated.1, &authenticated.2, generation, ctx.now);
+    set_condition(
+        &mut new.conditions,
+        READY,
+        outcome.reason.ready_status(),
+        outcome.reason.as_str(),
+        &outcome.message,
+        generation,
+        ctx.now,
+    );
+    set_condition(
+        &mut new.conditions,
+        REACHABLE,
+        reachable.0,
+        reachable.1,
+        &reachable.2,
+        generation,
+        ctx.now,
+    );
+    set_condition(
+        &mut new.conditions,
+        AUTHENTICATED,
+        authenticated.0,
+        authenticated.1,
+        &authenticated.2,
+        generation,
+        ctx.now,
+    );
     new
 }
 
@@ -103,7 +134,15 @@ pub fn suspended(old: Option<&Status>, ctx: &Context) -> Status {
 pub fn checking(old: Option<&Status>, ctx: &Context) -> Status {
     let mut new = old.cloned().unwrap_or_default();
     new.observed_generation = ctx.generation;
-    set_condition(&mut new.conditions, READY, "Unknown", Reason::Checking.as_str(), "the first test is running", ctx.generation, ctx.now);
+    set_condition(
+        &mut new.conditions,
+        READY,
+        "Unknown",
+        Reason::Checking.as_str(),
+        "the first test is running",
+        ctx.generation,
+        ctx.now,
+    );
     new
 }
 
@@ -111,28 +150,63 @@ type Cond = (&'static str, &'static str, String);
 
 /// Reachable (DNS, TCP, TLS, greeting) and Authenticated, from where the test stopped.
 fn sub_conditions(outcome: &Outcome) -> (Cond, Cond) {
-    let not_tested = || ("Unknown", "NotTested", format!("no connection was attempted: {}", outcome.reason));
-    let not_reached = || ("Unknown", "NotReached", "the server was not reached far enough to log in".to_string());
+    let not_tested = || {
+        (
+            "Unknown",
+            "NotTested",
+            format!("no connection was attempted: {}", outcome.reason),
+        )
+    };
+    let not_reached = || {
+        (
+            "Unknown",
+            "NotReached",
+            "the server was not reached far enough to log in".to_string(),
+        )
+    };
     let Some(report) = &outcome.report else {
         return (not_tested(), not_tested());
     };
     let failed_step = report.failure.as_ref().map(|f| f.step);
-    let reached = matches!(failed_step, None | Some(Step::Authenticate | Step::Mailbox | Step::Logout));
+    let reached = matches!(
+        failed_step,
+        None | Some(Step::Authenticate | Step::Mailbox | Step::Logout)
+    );
     let reachable: Cond = if reached {
         let greeting = report.findings.greeting.clone().unwrap_or_default();
-        ("True", "Connected", format!("{} {} answered: {greeting}", outcome.endpoint.protocol.as_str(), outcome.endpoint))
+        (
+            "True",
+            "Connected",
+            format!(
+                "{} {} answered: {greeting}",
+                outcome.endpoint.protocol.as_str(),
+                outcome.endpoint
+            ),
+        )
     } else {
         ("False", outcome.reason.as_str(), outcome.message.clone())
     };
     let authenticated: Cond = if !reached {
         not_reached()
     } else if outcome.anonymous {
-        ("True", "NotRequired", "authentication.method is None: no login is tested".to_string())
+        (
+            "True",
+            "NotRequired",
+            "authentication.method is None: no login is tested".to_string(),
+        )
     } else if failed_step == Some(Step::Authenticate) {
         ("False", outcome.reason.as_str(), outcome.message.clone())
     } else {
-        let mech = report.findings.mechanism.clone().unwrap_or_else(|| "password".into());
-        ("True", "LoginAccepted", format!("the server accepted the login ({mech})"))
+        let mech = report
+            .findings
+            .mechanism
+            .clone()
+            .unwrap_or_else(|| "password".into());
+        (
+            "True",
+            "LoginAccepted",
+            format!("the server accepted the login ({mech})"),
+        )
     };
     (reachable, authenticated)
 }

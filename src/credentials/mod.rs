@@ -78,12 +78,16 @@ pub fn login(spec: &IncomingMailProviderSpec, objects: &Fetched) -> Result<Login
                 });
             };
             let field = "spec.authentication.secretRef";
-            let secret = objects.secrets.get(&sref.name).ok_or_else(|| CredentialError::NotFound {
-                kind: ObjectKind::Secret,
-                name: sref.name.clone(),
-                namespace: objects.namespace.clone(),
-                field,
-            })?;
+            let secret =
+                objects
+                    .secrets
+                    .get(&sref.name)
+                    .ok_or_else(|| CredentialError::NotFound {
+                        kind: ObjectKind::Secret,
+                        name: sref.name.clone(),
+                        namespace: objects.namespace.clone(),
+                        field,
+                    })?;
             let password = secret_text(secret, &sref.name, &sref.password_key, field)?;
             let username = match &auth.username {
                 Some(u) => u.clone(),
@@ -115,7 +119,10 @@ pub fn ca_bundle(
     };
     match kind {
         CaBundleKind::Secret => {
-            let secret = objects.secrets.get(name).ok_or_else(|| not_found(ObjectKind::Secret))?;
+            let secret = objects
+                .secrets
+                .get(name)
+                .ok_or_else(|| not_found(ObjectKind::Secret))?;
             secret_bytes(secret, name, key, field).map(Some)
         }
         CaBundleKind::ConfigMap => {
@@ -123,28 +130,46 @@ pub fn ca_bundle(
                 .config_maps
                 .get(name)
                 .ok_or_else(|| not_found(ObjectKind::ConfigMap))?;
-            let text = cm.data.as_ref().and_then(|d| d.get(key)).map(|s| s.as_bytes().to_vec());
+            let text = cm
+                .data
+                .as_ref()
+                .and_then(|d| d.get(key))
+                .map(|s| s.as_bytes().to_vec());
             let binary = || {
                 cm.binary_data
                     .as_ref()
                     .and_then(|d| d.get(key))
                     .map(|b| b.0.clone())
             };
-            text.or_else(binary).map(Some).ok_or_else(|| CredentialError::KeyMissing {
-                kind: ObjectKind::ConfigMap,
-                name: name.clone(),
-                key: key.clone(),
-                field,
-                present: present_keys(
-                    cm.data.iter().flat_map(|d| d.keys()).chain(cm.binary_data.iter().flat_map(|d| d.keys())),
-                ),
-            })
+            text.or_else(binary)
+                .map(Some)
+                .ok_or_else(|| CredentialError::KeyMissing {
+                    kind: ObjectKind::ConfigMap,
+                    name: name.clone(),
+                    key: key.clone(),
+                    field,
+                    present: present_keys(
+                        cm.data
+                            .iter()
+                            .flat_map(|d| d.keys())
+                            .chain(cm.binary_data.iter().flat_map(|d| d.keys())),
+                    ),
+                })
         }
     }
 }
 
-fn secret_bytes(secret: &Secret, name: &str, key: &str, field: &'static str) -> Result<Vec<u8>, CredentialError> {
-    let from_data = secret.data.as_ref().and_then(|d| d.get(key)).map(|b| b.0.clone());
+fn secret_bytes(
+    secret: &Secret,
+    name: &str,
+    key: &str,
+    field: &'static str,
+) -> Result<Vec<u8>, CredentialError> {
+    let from_data = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|b| b.0.clone());
     let from_string = || {
         secret
             .string_data
@@ -152,22 +177,29 @@ fn secret_bytes(secret: &Secret, name: &str, key: &str, field: &'static str) -> 
             .and_then(|d| d.get(key))
             .map(|s| s.as_bytes().to_vec())
     };
-    from_data.or_else(from_string).ok_or_else(|| CredentialError::KeyMissing {
-        kind: ObjectKind::Secret,
-        name: name.to_string(),
-        key: key.to_string(),
-        field,
-        present: present_keys(
-            secret
-                .data
-                .iter()
-                .flat_map(|d| d.keys())
-                .chain(secret.string_data.iter().flat_map(|d| d.keys())),
-        ),
-    })
+    from_data
+        .or_else(from_string)
+        .ok_or_else(|| CredentialError::KeyMissing {
+            kind: ObjectKind::Secret,
+            name: name.to_string(),
+            key: key.to_string(),
+            field,
+            present: present_keys(
+                secret
+                    .data
+                    .iter()
+                    .flat_map(|d| d.keys())
+                    .chain(secret.string_data.iter().flat_map(|d| d.keys())),
+            ),
+        })
 }
 
-fn secret_text(secret: &Secret, name: &str, key: &str, field: &'static str) -> Result<String, CredentialError> {
+fn secret_text(
+    secret: &Secret,
+    name: &str,
+    key: &str,
+    field: &'static str,
+) -> Result<String, CredentialError> {
     let bytes = secret_bytes(secret, name, key, field)?;
     let text = String::from_utf8(bytes).map_err(|_| CredentialError::NotText {
         kind: ObjectKind::Secret,

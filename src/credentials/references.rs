@@ -31,13 +31,13 @@ pub type References = Vec<Reference>;
 /// The Secrets and ConfigMaps a spec names, sorted and without duplicates.
 pub fn references(spec: &IncomingMailProviderSpec) -> References {
     let mut refs = Vec::new();
-    if spec.authentication.method == AuthMethod::Password {
-        if let Some(s) = &spec.authentication.secret_ref {
-            refs.push(Reference {
-                kind: ObjectKind::Secret,
-                name: s.name.clone(),
-            });
-        }
+    if spec.authentication.method == AuthMethod::Password
+        && let Some(s) = &spec.authentication.secret_ref
+    {
+        refs.push(Reference {
+            kind: ObjectKind::Secret,
+            name: s.name.clone(),
+        });
     }
     if let Some(ca) = &spec.tls.ca_bundle_ref {
         refs.push(Reference {

@@ -33,9 +33,16 @@ authentication: {method: Password, secretRef: {name: alice-mail}}
 
 #[test]
 fn password_login_reads_both_keys_and_trims_the_newline() {
-    let objects = fetched("alice-mail", secret(&[("username", "alice"), ("password", "s3cret\n")]));
+    let objects = fetched(
+        "alice-mail",
+        secret(&[("username", "alice"), ("password", "s3cret\n")]),
+    );
     match login(&spec(PASSWORD), &objects).unwrap() {
-        Login::Password { username, password, allow_unencrypted } => {
+        Login::Password {
+            username,
+            password,
+            allow_unencrypted,
+        } => {
             assert_eq!(username, "alice");
             assert_eq!(password.expose_secret(), "s3cret");
             assert!(!allow_unencrypted);
@@ -46,7 +53,14 @@ fn password_login_reads_both_keys_and_trims_the_newline() {
 
 #[test]
 fn missing_secret_names_it_and_its_namespace() {
-    let err = login(&spec(PASSWORD), &Fetched { namespace: "ops".into(), ..Default::default() }).unwrap_err();
+    let err = login(
+        &spec(PASSWORD),
+        &Fetched {
+            namespace: "ops".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
     assert_eq!(err.reason(), Reason::SecretNotFound);
     assert_eq!(
         err.to_string(),
@@ -56,7 +70,10 @@ fn missing_secret_names_it_and_its_namespace() {
 
 #[test]
 fn missing_key_lists_the_keys_present_but_no_values() {
-    let objects = fetched("alice-mail", secret(&[("username", "alice"), ("pasword", "typo-value")]));
+    let objects = fetched(
+        "alice-mail",
+        secret(&[("username", "alice"), ("pasword", "typo-value")]),
+    );
     let err = login(&spec(PASSWORD), &objects).unwrap_err();
     assert_eq!(err.reason(), Reason::SecretKeyMissing);
     let msg = err.to_string();
@@ -89,8 +106,14 @@ tls: {caBundleRef: {kind: ConfigMap, name: corp-ca}}
 authentication: {method: None}
 ",
     );
-    let mut objects = Fetched { namespace: "ops".into(), ..Default::default() };
-    assert_eq!(ca_bundle(&s, &objects).unwrap_err().reason(), Reason::SecretNotFound);
+    let mut objects = Fetched {
+        namespace: "ops".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        ca_bundle(&s, &objects).unwrap_err().reason(),
+        Reason::SecretNotFound
+    );
     objects.config_maps.insert(
         "corp-ca".into(),
         ConfigMap {
@@ -101,6 +124,9 @@ authentication: {method: None}
     assert_eq!(ca_bundle(&s, &objects).unwrap(), Some(b"PEM".to_vec()));
     assert_eq!(
         references(&s),
-        vec![Reference { kind: ObjectKind::ConfigMap, name: "corp-ca".into() }]
+        vec![Reference {
+            kind: ObjectKind::ConfigMap,
+            name: "corp-ca".into()
+        }]
     );
 }

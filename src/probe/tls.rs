@@ -353,14 +353,18 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// The extra roots of a bundle and the verifier over the platform roots plus them.
-type Trusted = (Vec<CertificateDer<'static>>, Option<Arc<WebPkiServerVerifier>>);
+type Trusted = (
+    Vec<CertificateDer<'static>>,
+    Option<Arc<WebPkiServerVerifier>>,
+);
 
 /// Builds (or reuses) the trust store for a CA bundle. Building one clones the platform's
 /// roots, which costs more than the rest of a test's client work; a fleet shares a few
 /// bundles, so the last ones built are kept, keyed by the bundle's bytes.
 fn trust_store(pem: Option<&[u8]>) -> Result<Trusted, Failure> {
     const KEEP: usize = 64;
-    static CACHE: OnceLock<Mutex<Vec<(Vec<u8>, Trusted)>>> = OnceLock::new();
+    type Entries = Mutex<Vec<(Vec<u8>, Trusted)>>;
+    static CACHE: OnceLock<Entries> = OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(Vec::new()));
     let key = pem.unwrap_or_default();
     if let Some((_, trusted)) = cache.lock().unwrap().iter().find(|(k, _)| k == key) {

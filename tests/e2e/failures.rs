@@ -12,23 +12,35 @@ use crate::support::{ALICE_AUTH, Env, condition, provider, ready, trust_bed_ca};
 async fn a_wrong_password_quotes_the_server_and_fixing_the_secret_heals_at_once() {
     let env = Env::new("wrongpw").await;
     trust_bed_ca(&env).await;
-    env.secret("alice", &[("username", "alice"), ("password", "not-the-password")]).await;
+    env.secret(
+        "alice",
+        &[("username", "alice"), ("password", "not-the-password")],
+    )
+    .await;
     let port = env.bed.dovecot().imaps_port();
     env.apply(&provider("alice", "IMAP", port, "Implicit", ALICE_AUTH, ""));
     let _controller = env.controller();
 
-    let p = env.wait_reason("alice", "AuthenticationFailed", Duration::from_secs(60)).await;
+    let p = env
+        .wait_reason("alice", "AuthenticationFailed", Duration::from_secs(60))
+        .await;
     let r = ready(&p).unwrap();
     assert_eq!(r.status, "False");
-    assert!(r.message.contains("Authentication failed"), "the server's words should be quoted: {:?}", r.message);
+    assert!(
+        r.message.contains("Authentication failed"),
+        "the server's words should be quoted: {:?}",
+        r.message
+    );
     assert_eq!(condition(&p, "Reachable").unwrap().status, "True");
     assert_eq!(condition(&p, "Authenticated").unwrap().status, "False");
 
     // The interval is 5m; the Secret's change must be noticed now, not then.
     let (_, password) = env.bed.dovecot().account("alice");
     let fixed = Instant::now();
-    env.secret("alice", &[("username", "alice"), ("password", &password)]).await;
-    env.wait_reason("alice", "Connected", Duration::from_secs(20)).await;
+    env.secret("alice", &[("username", "alice"), ("password", &password)])
+        .await;
+    env.wait_reason("alice", "Connected", Duration::from_secs(20))
+        .await;
     eprintln!("secret fix reflected in {:?}", fixed.elapsed());
 }
 
@@ -37,40 +49,61 @@ async fn a_missing_secret_or_key_is_named_and_creating_it_heals() {
     let env = Env::new("nosecret").await;
     trust_bed_ca(&env).await;
     let port = env.bed.dovecot().pop3s_port();
-    env.apply(&provider("bob", "POP3", port, "Implicit", "{method: Password, secretRef: {name: bob-mail}}", ""));
+    env.apply(&provider(
+        "bob",
+        "POP3",
+        port,
+        "Implicit",
+        "{method: Password, secretRef: {name: bob-mail}}",
+        "",
+    ));
     let _controller = env.controller();
 
-    let p = env.wait_reason("bob", "SecretNotFound", Duration::from_secs(60)).await;
+    let p = env
+        .wait_reason("bob", "SecretNotFound", Duration::from_secs(60))
+        .await;
     let msg = &ready(&p).unwrap().message;
     assert!(msg.contains("bob-mail") && msg.contains(&env.ns), "{msg:?}");
     assert_eq!(condition(&p, "Reachable").unwrap().status, "Unknown");
 
     env.secret("bob-mail", &[("username", "bob")]).await;
-    let p = env.wait_reason("bob", "SecretKeyMissing", Duration::from_secs(20)).await;
+    let p = env
+        .wait_reason("bob", "SecretKeyMissing", Duration::from_secs(20))
+        .await;
     let msg = &ready(&p).unwrap().message;
-    assert!(msg.contains("\"password\""), "the missing key should be named: {msg:?}");
+    assert!(
+        msg.contains("\"password\""),
+        "the missing key should be named: {msg:?}"
+    );
 
     let (user, password) = env.bed.dovecot().account("bob");
-    env.secret("bob-mail", &[("username", &user), ("password", &password)]).await;
-    env.wait_reason("bob", "Connected", Duration::from_secs(20)).await;
+    env.secret("bob-mail", &[("username", &user), ("password", &password)])
+        .await;
+    env.wait_reason("bob", "Connected", Duration::from_secs(20))
+        .await;
 }
 
 #[tokio::test]
 async fn network_failures_are_classified() {
     let env = Env::new("network").await;
     trust_bed_ca(&env).await;
-    env.secret("alice", &[("username", "alice"), ("password", "whatever")]).await;
+    env.secret("alice", &[("username", "alice"), ("password", "whatever")])
+        .await;
 
     // A port nobody listens on.
     let closed = {
         let l = std::net::TcpListener::bind((mailroom_testbed::MAIL_HOST, 0)).unwrap();
         l.local_addr().unwrap().port()
     };
-    env.apply(&provider("closed", "IMAP", closed, "Implicit", ALICE_AUTH, ""));
+    env.apply(&provider(
+        "closed", "IMAP", closed, "Implicit", ALICE_AUTH, "",
+    ));
     // A name that cannot resolve (.invalid is reserved for exactly this).
     env.apply(
-        &provider("nxdomain", "IMAP", 993, "Implicit", ALICE_AUTH, "")
-            .replace(&format!("host: {}", mailroom_testbed::MAIL_HOST), "host: no-such-host.invalid"),
+        &provider("nxdomain", "IMAP", 993, "Implicit", ALICE_AUTH, "").replace(
+            &format!("host: {}", mailroom_testbed::MAIL_HOST),
+            "host: no-such-host.invalid",
+        ),
     );
     // A listener that accepts and never speaks: the greeting never comes.
     let tarpit = std::net::TcpListener::bind((mailroom_testbed::MAIL_HOST, 0)).unwrap();
@@ -87,25 +120,56 @@ async fn network_failures_are_classified() {
     );
     // A POP3 server where an IMAP one is expected.
     let pop3s = env.bed.dovecot().pop3s_port();
-    env.apply(&provider("wrong-protocol", "IMAP", pop3s, "Implicit", ALICE_AUTH, ""));
+    env.apply(&provider(
+        "wrong-protocol",
+        "IMAP",
+        pop3s,
+        "Implicit",
+        ALICE_AUTH,
+        "",
+    ));
 
     let started = Instant::now();
     let _controller = env.controller();
-    let p = env.wait_reason("closed", "ConnectionRefused", Duration::from_secs(60)).await;
+    let p = env
+        .wait_reason("closed", "ConnectionRefused", Duration::from_secs(60))
+        .await;
     assert!(ready(&p).unwrap().message.contains(&closed.to_string()));
     assert_eq!(condition(&p, "Reachable").unwrap().status, "False");
-    let p = env.wait_reason("nxdomain", "DNSResolutionFailed", Duration::from_secs(60)).await;
+    let p = env
+        .wait_reason("nxdomain", "DNSResolutionFailed", Duration::from_secs(60))
+        .await;
     assert!(ready(&p).unwrap().message.contains("no-such-host.invalid"));
-    let p = env.wait_reason("tarpit", "Timeout", Duration::from_secs(60)).await;
+    let p = env
+        .wait_reason("tarpit", "Timeout", Duration::from_secs(60))
+        .await;
     let msg = &ready(&p).unwrap().message;
-    assert!(msg.contains("greeting"), "the timeout should name the greeting step: {msg:?}");
-    let took = p.status.as_ref().unwrap().last_check_duration.clone().unwrap_or_default();
+    assert!(
+        msg.contains("greeting"),
+        "the timeout should name the greeting step: {msg:?}"
+    );
+    let took = p
+        .status
+        .as_ref()
+        .unwrap()
+        .last_check_duration
+        .clone()
+        .unwrap_or_default();
     assert!(started.elapsed() < Duration::from_secs(60));
-    assert!(took.ends_with('s') && !took.ends_with("ms") && took.trim_end_matches('s').parse::<f64>().unwrap() <= 4.0,
-        "the test must end within check.timeout (3s), took {took}");
-    let p = env.wait_reason("wrong-protocol", "ProtocolError", Duration::from_secs(60)).await;
+    assert!(
+        took.ends_with('s')
+            && !took.ends_with("ms")
+            && took.trim_end_matches('s').parse::<f64>().unwrap() <= 4.0,
+        "the test must end within check.timeout (3s), took {took}"
+    );
+    let p = env
+        .wait_reason("wrong-protocol", "ProtocolError", Duration::from_secs(60))
+        .await;
     let msg = &ready(&p).unwrap().message;
-    assert!(msg.contains("+OK"), "the POP3 greeting should be quoted: {msg:?}");
+    assert!(
+        msg.contains("+OK"),
+        "the POP3 greeting should be quoted: {msg:?}"
+    );
 }
 
 #[tokio::test]
@@ -113,14 +177,17 @@ async fn certificates_are_verified_and_a_ca_bundle_or_pinned_certificate_is_trus
     let env = Env::new("certs").await;
     trust_bed_ca(&env).await;
     let (user, password) = env.bed.dovecot().account("alice");
-    env.secret("alice", &[("username", &user), ("password", &password)]).await;
+    env.secret("alice", &[("username", &user), ("password", &password)])
+        .await;
     let port = env.bed.dovecot().imaps_port();
     let untrusted = provider("untrusted", "IMAP", port, "Implicit", ALICE_AUTH, "")
         .replace(", caBundleRef: {kind: ConfigMap, name: test-ca}", "");
     env.apply(&untrusted);
     env.apply(
-        &provider("wrong-name", "IMAP", port, "Implicit", ALICE_AUTH, "")
-            .replace("mode: Implicit,", "mode: Implicit, serverName: mail.example.org,"),
+        &provider("wrong-name", "IMAP", port, "Implicit", ALICE_AUTH, "").replace(
+            "mode: Implicit,",
+            "mode: Implicit, serverName: mail.example.org,",
+        ),
     );
     // An on-premises style server: a self-signed certificate marked CA:TRUE.
     let selfsigned = env.bed.self_signed_dovecot();
@@ -129,30 +196,73 @@ async fn certificates_are_verified_and_a_ca_bundle_or_pinned_certificate_is_trus
         "metadata": {"name": "pinned"}, "data": {"ca.crt": pem}
     }))
     .unwrap();
-    Api::namespaced(env.client.clone(), &env.ns).create(&PostParams::default(), &cm).await.unwrap();
+    Api::namespaced(env.client.clone(), &env.ns)
+        .create(&PostParams::default(), &cm)
+        .await
+        .unwrap();
     let (user2, password2) = selfsigned.account("alice");
-    env.secret("alice2", &[("username", &user2), ("password", &password2)]).await;
+    env.secret("alice2", &[("username", &user2), ("password", &password2)])
+        .await;
     let pinned_auth = "{method: Password, secretRef: {name: alice2}}";
     env.apply(
-        &provider("pinned", "IMAP", selfsigned.imaps_port(), "Implicit", pinned_auth, "")
-            .replace("name: test-ca", "name: pinned"),
+        &provider(
+            "pinned",
+            "IMAP",
+            selfsigned.imaps_port(),
+            "Implicit",
+            pinned_auth,
+            "",
+        )
+        .replace("name: test-ca", "name: pinned"),
     );
-    env.apply(&provider("selfsigned-untrusted", "IMAP", selfsigned.imaps_port(), "Implicit", pinned_auth, ""));
+    env.apply(&provider(
+        "selfsigned-untrusted",
+        "IMAP",
+        selfsigned.imaps_port(),
+        "Implicit",
+        pinned_auth,
+        "",
+    ));
     let _controller = env.controller();
 
-    let p = env.wait_reason("untrusted", "CertificateInvalid", Duration::from_secs(60)).await;
+    let p = env
+        .wait_reason("untrusted", "CertificateInvalid", Duration::from_secs(60))
+        .await;
     let msg = &ready(&p).unwrap().message;
-    assert!(msg.contains("caBundleRef"), "an untrusted issuer should point at caBundleRef: {msg:?}");
-    let p = env.wait_reason("wrong-name", "CertificateInvalid", Duration::from_secs(60)).await;
+    assert!(
+        msg.contains("caBundleRef"),
+        "an untrusted issuer should point at caBundleRef: {msg:?}"
+    );
+    let p = env
+        .wait_reason("wrong-name", "CertificateInvalid", Duration::from_secs(60))
+        .await;
     let msg = &ready(&p).unwrap().message;
-    assert!(msg.contains("mail.example.org") && msg.contains("localhost"), "the mismatch should name both: {msg:?}");
-    let p = env.wait_reason("selfsigned-untrusted", "CertificateInvalid", Duration::from_secs(60)).await;
+    assert!(
+        msg.contains("mail.example.org") && msg.contains("localhost"),
+        "the mismatch should name both: {msg:?}"
+    );
+    let p = env
+        .wait_reason(
+            "selfsigned-untrusted",
+            "CertificateInvalid",
+            Duration::from_secs(60),
+        )
+        .await;
     assert_eq!(ready(&p).unwrap().status, "False");
-    env.wait_reason("pinned", "Connected", Duration::from_secs(60)).await;
+    env.wait_reason("pinned", "Connected", Duration::from_secs(60))
+        .await;
 
     // The same untrusted provider, once it names the CA, is Ready.
-    env.apply(&provider("untrusted", "IMAP", port, "Implicit", ALICE_AUTH, ""));
-    env.wait_reason("untrusted", "Connected", Duration::from_secs(30)).await;
+    env.apply(&provider(
+        "untrusted",
+        "IMAP",
+        port,
+        "Implicit",
+        ALICE_AUTH,
+        "",
+    ));
+    env.wait_reason("untrusted", "Connected", Duration::from_secs(30))
+        .await;
 }
 
 #[tokio::test]
@@ -160,22 +270,49 @@ async fn starttls_that_is_not_offered_fails_before_any_credential_is_sent() {
     let env = Env::new("nostarttls").await;
     let plain = env.bed.plaintext_dovecot();
     let (user, password) = plain.account("alice");
-    env.secret("alice", &[("username", &user), ("password", &password)]).await;
-    let imap = provider("imap", "IMAP", plain.imap_port(), "StartTLS", ALICE_AUTH, "")
-        .replace(", caBundleRef: {kind: ConfigMap, name: test-ca}", "");
-    let pop3 = provider("pop3", "POP3", plain.pop3_port(), "StartTLS", ALICE_AUTH, "")
-        .replace(", caBundleRef: {kind: ConfigMap, name: test-ca}", "");
+    env.secret("alice", &[("username", &user), ("password", &password)])
+        .await;
+    let imap = provider(
+        "imap",
+        "IMAP",
+        plain.imap_port(),
+        "StartTLS",
+        ALICE_AUTH,
+        "",
+    )
+    .replace(", caBundleRef: {kind: ConfigMap, name: test-ca}", "");
+    let pop3 = provider(
+        "pop3",
+        "POP3",
+        plain.pop3_port(),
+        "StartTLS",
+        ALICE_AUTH,
+        "",
+    )
+    .replace(", caBundleRef: {kind: ConfigMap, name: test-ca}", "");
     env.apply(&imap);
     env.apply(&pop3);
     let _controller = env.controller();
     for name in ["imap", "pop3"] {
-        let p = env.wait_reason(name, "StartTLSUnavailable", Duration::from_secs(60)).await;
-        assert_eq!(condition(&p, "Authenticated").unwrap().status, "Unknown", "{name}");
+        let p = env
+            .wait_reason(name, "StartTLSUnavailable", Duration::from_secs(60))
+            .await;
+        assert_eq!(
+            condition(&p, "Authenticated").unwrap().status,
+            "Unknown",
+            "{name}"
+        );
     }
     // Dovecot logs every login attempt; there must be none, from either provider.
     let log = plain.log();
-    assert!(log.contains("no auth attempts"), "Dovecot should log disconnects without auth:\n{log}");
-    assert!(!log.contains("user=<alice>"), "credentials reached the server:\n{log}");
+    assert!(
+        log.contains("no auth attempts"),
+        "Dovecot should log disconnects without auth:\n{log}"
+    );
+    assert!(
+        !log.contains("user=<alice>"),
+        "credentials reached the server:\n{log}"
+    );
 }
 
 #[tokio::test]
@@ -183,7 +320,8 @@ async fn a_mailbox_that_does_not_exist_is_unavailable() {
     let env = Env::new("nomailbox").await;
     trust_bed_ca(&env).await;
     let (user, password) = env.bed.dovecot().account("alice");
-    env.secret("alice", &[("username", &user), ("password", &password)]).await;
+    env.secret("alice", &[("username", &user), ("password", &password)])
+        .await;
     let port = env.bed.dovecot().imaps_port();
     env.apply(
         &provider("nofolder", "IMAP", port, "Implicit", ALICE_AUTH, "")
@@ -194,10 +332,14 @@ async fn a_mailbox_that_does_not_exist_is_unavailable() {
             .replace("timeout: 10s}", "timeout: 10s, mailbox: Archive}"),
     );
     let _controller = env.controller();
-    let p = env.wait_reason("nofolder", "MailboxUnavailable", Duration::from_secs(60)).await;
+    let p = env
+        .wait_reason("nofolder", "MailboxUnavailable", Duration::from_secs(60))
+        .await;
     let msg = &ready(&p).unwrap().message;
     assert!(msg.contains("NoSuchFolder"), "{msg:?}");
     assert_eq!(condition(&p, "Authenticated").unwrap().status, "True");
-    let p = env.wait_reason("archive", "Connected", Duration::from_secs(60)).await;
+    let p = env
+        .wait_reason("archive", "Connected", Duration::from_secs(60))
+        .await;
     assert_eq!(p.status.unwrap().mailbox.unwrap().name, "Archive");
 }

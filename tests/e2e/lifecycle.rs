@@ -15,11 +15,13 @@ async fn ready_env(prefix: &str, name: &str, extra: &str) -> (Env, crate::suppor
     let env = Env::new(prefix).await;
     trust_bed_ca(&env).await;
     let (user, password) = env.bed.dovecot().account("alice");
-    env.secret("alice", &[("username", &user), ("password", &password)]).await;
+    env.secret("alice", &[("username", &user), ("password", &password)])
+        .await;
     let port = env.bed.dovecot().imaps_port();
     env.apply(&provider(name, "IMAP", port, "Implicit", ALICE_AUTH, extra));
     let controller = env.controller();
-    env.wait_reason(name, "Connected", Duration::from_secs(60)).await;
+    env.wait_reason(name, "Connected", Duration::from_secs(60))
+        .await;
     (env, controller)
 }
 
@@ -52,14 +54,28 @@ async fn an_unchanged_provider_is_written_at_most_once_per_interval() {
     let (env, controller) = ready_env("quiet", "quiet", "").await;
     let api = env.providers();
     // Unrelated churn: a label on the provider, an unrelated Secret.
-    api.patch("quiet", &PatchParams::default(), &Patch::Merge(serde_json::json!({"metadata": {"labels": {"team": "ops"}}})))
-        .await
-        .unwrap();
+    api.patch(
+        "quiet",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"metadata": {"labels": {"team": "ops"}}})),
+    )
+    .await
+    .unwrap();
     env.secret("unrelated", &[("k", "v")]).await;
     let writes = count_status_writes(&env, "quiet", Duration::from_secs(15)).await;
-    assert_eq!(writes, 0, "no status write was expected between intervals; controller log: {}", controller.log.display());
+    assert_eq!(
+        writes,
+        0,
+        "no status write was expected between intervals; controller log: {}",
+        controller.log.display()
+    );
     let tests = controller.logs().matches("tested").count();
-    assert_eq!(tests, 1, "only the first test was expected:\n{}", controller.logs());
+    assert_eq!(
+        tests,
+        1,
+        "only the first test was expected:\n{}",
+        controller.logs()
+    );
 }
 
 #[tokio::test]
@@ -69,68 +85,135 @@ async fn heartbeats_come_once_per_interval() {
     api.patch(
         "beat",
         &PatchParams::default(),
-        &Patch::Merge(serde_json::json!({"spec": {"check": {"interval": "30s", "timeout": "10s"}}})),
+        &Patch::Merge(
+            serde_json::json!({"spec": {"check": {"interval": "30s", "timeout": "10s"}}}),
+        ),
     )
     .await
     .unwrap();
     // The spec change is tested at once, with the new generation in every condition.
     let p = env
-        .wait("beat", "observedGeneration 2", Duration::from_secs(20), |p| {
-            p.status.as_ref().is_some_and(|s| s.observed_generation == Some(2))
-                && p.status.as_ref().unwrap().conditions.iter().all(|c| c.observed_generation == Some(2))
-        })
+        .wait(
+            "beat",
+            "observedGeneration 2",
+            Duration::from_secs(20),
+            |p| {
+                p.status
+                    .as_ref()
+                    .is_some_and(|s| s.observed_generation == Some(2))
+                    && p.status
+                        .as_ref()
+                        .unwrap()
+                        .conditions
+                        .iter()
+                        .all(|c| c.observed_generation == Some(2))
+            },
+        )
         .await;
     assert_eq!(ready(&p).unwrap().reason, "Connected");
     let window = Duration::from_secs(70);
     let writes = count_status_writes(&env, "beat", window).await;
-    assert!((1..=2).contains(&writes), "expected 1 or 2 heartbeat writes in {window:?} at a 30s interval, saw {writes}");
+    assert!(
+        (1..=2).contains(&writes),
+        "expected 1 or 2 heartbeat writes in {window:?} at a 30s interval, saw {writes}"
+    );
 }
 
 #[tokio::test]
 async fn suspend_stops_tests_and_the_annotation_asks_for_one() {
     let (env, controller) = ready_env("suspend", "sus", "").await;
-    let out = env.kubectl(&["annotate", "imp/sus", "mailroom.dev/check-requested-at=first", "--overwrite"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = env.kubectl(&[
+        "annotate",
+        "imp/sus",
+        "mailroom.dev/check-requested-at=first",
+        "--overwrite",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let p = env
-        .wait("sus", "lastHandledCheckRequest=first", Duration::from_secs(20), |p| {
-            p.status.as_ref().and_then(|s| s.last_handled_check_request.as_deref()) == Some("first")
-        })
+        .wait(
+            "sus",
+            "lastHandledCheckRequest=first",
+            Duration::from_secs(20),
+            |p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.last_handled_check_request.as_deref())
+                    == Some("first")
+            },
+        )
         .await;
     assert_eq!(ready(&p).unwrap().reason, "Connected");
-    assert_eq!(controller.logs().matches("tested").count(), 2, "one test on request:\n{}", controller.logs());
+    assert_eq!(
+        controller.logs().matches("tested").count(),
+        2,
+        "one test on request:\n{}",
+        controller.logs()
+    );
 
     env.providers()
-        .patch("sus", &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"suspend": true}})))
+        .patch(
+            "sus",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"suspend": true}})),
+        )
         .await
         .unwrap();
-    let p = env.wait_reason("sus", "Suspended", Duration::from_secs(20)).await;
+    let p = env
+        .wait_reason("sus", "Suspended", Duration::from_secs(20))
+        .await;
     assert_eq!(ready(&p).unwrap().status, "Unknown");
     let before = controller.logs().matches("tested").count();
-    let out = env.kubectl(&["annotate", "imp/sus", "mailroom.dev/check-requested-at=while-suspended", "--overwrite"]);
+    let out = env.kubectl(&[
+        "annotate",
+        "imp/sus",
+        "mailroom.dev/check-requested-at=while-suspended",
+        "--overwrite",
+    ]);
     assert!(out.status.success());
     tokio::time::sleep(Duration::from_secs(3)).await; // a suspended provider must stay untested: nothing to poll for
-    assert_eq!(controller.logs().matches("tested").count(), before, "a suspended provider was tested");
+    assert_eq!(
+        controller.logs().matches("tested").count(),
+        before,
+        "a suspended provider was tested"
+    );
 
     env.providers()
-        .patch("sus", &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"suspend": false}})))
+        .patch(
+            "sus",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"suspend": false}})),
+        )
         .await
         .unwrap();
-    let p = env.wait_reason("sus", "Connected", Duration::from_secs(20)).await;
-    assert_eq!(p.status.unwrap().last_handled_check_request.as_deref(), Some("while-suspended"));
+    let p = env
+        .wait_reason("sus", "Connected", Duration::from_secs(20))
+        .await;
+    assert_eq!(
+        p.status.unwrap().last_handled_check_request.as_deref(),
+        Some("while-suspended")
+    );
 }
 
 #[tokio::test]
 async fn transitions_are_recorded_as_events_and_sigterm_exits_cleanly() {
     let env = Env::new("events").await;
     trust_bed_ca(&env).await;
-    env.secret("alice", &[("username", "alice"), ("password", "wrong")]).await;
+    env.secret("alice", &[("username", "alice"), ("password", "wrong")])
+        .await;
     let port = env.bed.dovecot().imaps_port();
     env.apply(&provider("ev", "IMAP", port, "Implicit", ALICE_AUTH, ""));
     let mut controller = env.controller();
-    env.wait_reason("ev", "AuthenticationFailed", Duration::from_secs(60)).await;
+    env.wait_reason("ev", "AuthenticationFailed", Duration::from_secs(60))
+        .await;
     let (_, password) = env.bed.dovecot().account("alice");
-    env.secret("alice", &[("username", "alice"), ("password", &password)]).await;
-    env.wait_reason("ev", "Connected", Duration::from_secs(20)).await;
+    env.secret("alice", &[("username", "alice"), ("password", &password)])
+        .await;
+    env.wait_reason("ev", "Connected", Duration::from_secs(20))
+        .await;
 
     let events: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -140,7 +223,12 @@ async fn transitions_are_recorded_as_events_and_sigterm_exits_cleanly() {
             .items
             .iter()
             .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("ev"))
-            .map(|e| (e.type_.clone().unwrap_or_default(), e.reason.clone().unwrap_or_default()))
+            .map(|e| {
+                (
+                    e.type_.clone().unwrap_or_default(),
+                    e.reason.clone().unwrap_or_default(),
+                )
+            })
             .collect();
         seen.sort();
         if seen.len() >= 2 || Instant::now() > deadline {
@@ -150,12 +238,24 @@ async fn transitions_are_recorded_as_events_and_sigterm_exits_cleanly() {
     };
     assert_eq!(
         reasons,
-        vec![("Normal".to_string(), "Connected".to_string()), ("Warning".to_string(), "AuthenticationFailed".to_string())]
+        vec![
+            ("Normal".to_string(), "Connected".to_string()),
+            ("Warning".to_string(), "AuthenticationFailed".to_string())
+        ]
     );
     let out = env.kubectl(&["describe", "imp", "ev"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("AuthenticationFailed") && text.contains("Connected"), "kubectl describe:\n{text}");
+    assert!(
+        text.contains("AuthenticationFailed") && text.contains("Connected"),
+        "kubectl describe:\n{text}"
+    );
 
-    let status = controller.terminate(Duration::from_secs(15)).expect("the controller should exit within 15s of SIGTERM");
-    assert!(status.success(), "exit status after SIGTERM: {status:?}\n{}", controller.logs());
+    let status = controller
+        .terminate(Duration::from_secs(15))
+        .expect("the controller should exit within 15s of SIGTERM");
+    assert!(
+        status.success(),
+        "exit status after SIGTERM: {status:?}\n{}",
+        controller.logs()
+    );
 }

@@ -10,7 +10,8 @@ async fn each_protocol_and_tls_mode_goes_ready_with_the_details_filled_in() {
     let env = Env::new("ready").await;
     trust_bed_ca(&env).await;
     let (user, password) = env.bed.dovecot().account("alice");
-    env.secret("alice", &[("username", &user), ("password", &password)]).await;
+    env.secret("alice", &[("username", &user), ("password", &password)])
+        .await;
     let d = env.bed.dovecot();
     let cases = [
         ("imaps", "IMAP", d.imaps_port(), "Implicit"),
@@ -24,27 +25,54 @@ async fn each_protocol_and_tls_mode_goes_ready_with_the_details_filled_in() {
     let _controller = env.controller();
 
     for (name, protocol, port, mode) in cases {
-        let p = env.wait_reason(name, "Connected", Duration::from_secs(60)).await;
+        let p = env
+            .wait_reason(name, "Connected", Duration::from_secs(60))
+            .await;
         let status = p.status.as_ref().unwrap();
         let r = ready(&p).unwrap();
         assert_eq!(r.status, "True", "{name}: {r:?}");
-        assert!(r.message.contains("logged in as alice"), "{name}: Ready message {:?}", r.message);
+        assert!(
+            r.message.contains("logged in as alice"),
+            "{name}: Ready message {:?}",
+            r.message
+        );
         assert_eq!(condition(&p, "Reachable").unwrap().status, "True");
         assert_eq!(condition(&p, "Authenticated").unwrap().status, "True");
         assert_eq!(r.observed_generation, p.metadata.generation);
         assert_eq!(status.observed_generation, p.metadata.generation);
 
         let endpoint = status.endpoint.as_ref().unwrap();
-        assert_eq!((endpoint.port, endpoint.protocol.as_str(), endpoint.tls_mode.as_str()), (i32::from(port), protocol, mode));
+        assert_eq!(
+            (
+                endpoint.port,
+                endpoint.protocol.as_str(),
+                endpoint.tls_mode.as_str()
+            ),
+            (i32::from(port), protocol, mode)
+        );
         let server = status.server.as_ref().expect("status.server");
         let greeting = server.greeting.as_deref().unwrap_or_default();
-        assert!(greeting.contains("Dovecot") || greeting.contains("ready"), "{name}: greeting {greeting:?}");
+        assert!(
+            greeting.contains("Dovecot") || greeting.contains("ready"),
+            "{name}: greeting {greeting:?}"
+        );
         assert!(!server.capabilities.is_empty(), "{name}: no capabilities");
         let tls = status.tls.as_ref().expect("status.tls");
-        assert!(tls.version.starts_with("TLSv1."), "{name}: TLS version {:?}", tls.version);
+        assert!(
+            tls.version.starts_with("TLSv1."),
+            "{name}: TLS version {:?}",
+            tls.version
+        );
         assert!(!tls.cipher_suite.is_empty());
-        let cert = tls.peer_certificate.as_ref().expect("status.tls.peerCertificate");
-        assert!(cert.dns_names.iter().any(|n| n == "localhost"), "{name}: certificate names {:?}", cert.dns_names);
+        let cert = tls
+            .peer_certificate
+            .as_ref()
+            .expect("status.tls.peerCertificate");
+        assert!(
+            cert.dns_names.iter().any(|n| n == "localhost"),
+            "{name}: certificate names {:?}",
+            cert.dns_names
+        );
         assert!(!cert.not_after.is_empty());
         let mailbox = status.mailbox.as_ref().expect("status.mailbox");
         assert_eq!(mailbox.messages, 3, "{name}: mailbox {mailbox:?}");
@@ -57,17 +85,41 @@ async fn each_protocol_and_tls_mode_goes_ready_with_the_details_filled_in() {
     }
 
     // What GitOps tools and scripts use: kubectl wait on the Ready condition.
-    let out = env.kubectl(&["wait", "--for=condition=Ready", "--timeout=30s", "imp/imaps", "mailprovider/pop3-stls"]);
-    assert!(out.status.success(), "kubectl wait: {}", String::from_utf8_lossy(&out.stderr));
+    let out = env.kubectl(&[
+        "wait",
+        "--for=condition=Ready",
+        "--timeout=30s",
+        "imp/imaps",
+        "mailprovider/pop3-stls",
+    ]);
+    assert!(
+        out.status.success(),
+        "kubectl wait: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // And the printer columns people read.
     let out = env.kubectl(&["get", "imp", "imaps", "-o", "wide"]);
     let table = String::from_utf8_lossy(&out.stdout);
     let header = table.lines().next().unwrap_or_default();
-    for column in ["PROTOCOL", "HOST", "PORT", "READY", "REASON", "LAST CHECK", "MESSAGE"] {
-        assert!(header.contains(column), "column {column} missing from:\n{table}");
+    for column in [
+        "PROTOCOL",
+        "HOST",
+        "PORT",
+        "READY",
+        "REASON",
+        "LAST CHECK",
+        "MESSAGE",
+    ] {
+        assert!(
+            header.contains(column),
+            "column {column} missing from:\n{table}"
+        );
     }
-    assert!(table.contains("Connected") && table.contains("True"), "{table}");
+    assert!(
+        table.contains("Connected") && table.contains("True"),
+        "{table}"
+    );
 }
 
 #[tokio::test]
@@ -75,10 +127,25 @@ async fn a_connectivity_only_provider_is_ready_without_a_login() {
     let env = Env::new("anon").await;
     trust_bed_ca(&env).await;
     let port = env.bed.dovecot().imaps_port();
-    env.apply(&provider("anon", "IMAP", port, "Implicit", "{method: None}", ""));
+    env.apply(&provider(
+        "anon",
+        "IMAP",
+        port,
+        "Implicit",
+        "{method: None}",
+        "",
+    ));
     let _controller = env.controller();
-    let p = env.wait_reason("anon", "Connected", Duration::from_secs(60)).await;
+    let p = env
+        .wait_reason("anon", "Connected", Duration::from_secs(60))
+        .await;
     let auth = condition(&p, "Authenticated").unwrap();
-    assert_eq!((auth.status.as_str(), auth.reason.as_str()), ("True", "NotRequired"));
-    assert!(p.status.unwrap().mailbox.is_none(), "no login, so no mailbox");
+    assert_eq!(
+        (auth.status.as_str(), auth.reason.as_str()),
+        ("True", "NotRequired")
+    );
+    assert!(
+        p.status.unwrap().mailbox.is_none(),
+        "no login, so no mailbox"
+    );
 }

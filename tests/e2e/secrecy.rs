@@ -12,32 +12,64 @@ async fn a_planted_password_appears_nowhere() {
     let env = Env::new("secrecy").await;
     trust_bed_ca(&env).await;
     const PLANTED: &str = "Pl4nted-Passw0rd-7f3a9c";
-    env.secret("alice", &[("username", "alice"), ("password", PLANTED)]).await;
+    env.secret("alice", &[("username", "alice"), ("password", PLANTED)])
+        .await;
     let d = env.bed.dovecot();
-    env.apply(&provider("imap", "IMAP", d.imaps_port(), "Implicit", ALICE_AUTH, ""));
-    env.apply(&provider("pop3", "POP3", d.pop3_port(), "StartTLS", ALICE_AUTH, ""));
+    env.apply(&provider(
+        "imap",
+        "IMAP",
+        d.imaps_port(),
+        "Implicit",
+        ALICE_AUTH,
+        "",
+    ));
+    env.apply(&provider(
+        "pop3",
+        "POP3",
+        d.pop3_port(),
+        "StartTLS",
+        ALICE_AUTH,
+        "",
+    ));
     let controller = env.controller();
-    env.wait_reason("imap", "AuthenticationFailed", Duration::from_secs(60)).await;
-    env.wait_reason("pop3", "AuthenticationFailed", Duration::from_secs(60)).await;
+    env.wait_reason("imap", "AuthenticationFailed", Duration::from_secs(60))
+        .await;
+    env.wait_reason("pop3", "AuthenticationFailed", Duration::from_secs(60))
+        .await;
 
     let out = std::process::Command::new(MAILROOM)
         .args(["check", "imap", "-n", &env.ns])
         .env("KUBECONFIG", env.bed.kubeconfig_path())
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1), "check of a failing provider exits 1");
-    let cli = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "check of a failing provider exits 1"
+    );
+    let cli = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(cli.contains("AuthenticationFailed"), "{cli}");
 
     let providers = env.kubectl(&["get", "imp", "-o", "yaml"]);
     let events: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
-    let events = serde_json::to_string(&events.list(&ListParams::default()).await.unwrap().items).unwrap();
+    let events =
+        serde_json::to_string(&events.list(&ListParams::default()).await.unwrap().items).unwrap();
     for (place, text) in [
         ("controller logs", controller.logs()),
-        ("status", String::from_utf8_lossy(&providers.stdout).to_string()),
+        (
+            "status",
+            String::from_utf8_lossy(&providers.stdout).to_string(),
+        ),
         ("events", events),
         ("mailroom check output", cli),
     ] {
-        assert!(!text.contains(PLANTED), "the password appeared in the {place}");
+        assert!(
+            !text.contains(PLANTED),
+            "the password appeared in the {place}"
+        );
     }
 }

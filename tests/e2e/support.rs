@@ -31,8 +31,13 @@ impl Env {
         let bed = mailroom_testbed::shared();
         CRD.get_or_init(|| install_crd(bed));
         let ns = bed.namespace(prefix);
-        let client = client_for(&bed.kubeconfig_path()).await;
-        Env { bed, ns, client, dir: tempfile::tempdir().unwrap() }
+        let client = client_for(bed.kubeconfig_path()).await;
+        Env {
+            bed,
+            ns,
+            client,
+            dir: tempfile::tempdir().unwrap(),
+        }
     }
 
     pub fn providers(&self) -> Api<IncomingMailProvider> {
@@ -50,10 +55,17 @@ impl Env {
     pub fn try_apply(&self, yaml: &str) -> Output {
         let mut cmd = self.bed.kubectl();
         cmd.args(["-n", &self.ns, "apply", "-f", "-"]);
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("running kubectl");
         use std::io::Write;
-        child.stdin.take().unwrap().write_all(yaml.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(yaml.as_bytes())
+            .unwrap();
         child.wait_with_output().unwrap()
     }
 
@@ -76,8 +88,12 @@ impl Env {
         .unwrap();
         match api.get_opt(name).await.unwrap() {
             Some(_) => {
-                let patch = kube::api::Patch::Merge(serde_json::json!({"data": null, "stringData": secret.string_data}));
-                api.patch(name, &kube::api::PatchParams::default(), &patch).await.unwrap();
+                let patch = kube::api::Patch::Merge(
+                    serde_json::json!({"data": null, "stringData": secret.string_data}),
+                );
+                api.patch(name, &kube::api::PatchParams::default(), &patch)
+                    .await
+                    .unwrap();
             }
             None => {
                 api.create(&PostParams::default(), &secret).await.unwrap();
@@ -87,10 +103,19 @@ impl Env {
 
     /// Starts `mailroom controller` for this namespace, as it runs in production.
     pub fn controller(&self) -> Controller {
-        let log = self.dir.path().join(format!("controller-{}.log", Instant::now().elapsed().as_nanos()));
+        let log = self.dir.path().join(format!(
+            "controller-{}.log",
+            Instant::now().elapsed().as_nanos()
+        ));
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(MAILROOM)
-            .args(["controller", "--namespace", &self.ns, "--log", "info,mailroom=debug"])
+            .args([
+                "controller",
+                "--namespace",
+                &self.ns,
+                "--log",
+                "info,mailroom=debug",
+            ])
             .env("KUBECONFIG", self.bed.kubeconfig_path())
             .stdout(file.try_clone().unwrap())
             .stderr(file)
@@ -132,7 +157,12 @@ impl Env {
     }
 
     /// Waits until Ready has this reason, and returns the provider.
-    pub async fn wait_reason(&self, name: &str, reason: &str, within: Duration) -> IncomingMailProvider {
+    pub async fn wait_reason(
+        &self,
+        name: &str,
+        reason: &str,
+        within: Duration,
+    ) -> IncomingMailProvider {
         self.wait(name, &format!("Ready reason {reason}"), within, |p| {
             ready(p).is_some_and(|c| c.reason == reason)
         })
@@ -141,7 +171,9 @@ impl Env {
 }
 
 /// The Ready condition of a provider.
-pub fn ready(p: &IncomingMailProvider) -> Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+pub fn ready(
+    p: &IncomingMailProvider,
+) -> Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
     condition(p, "Ready")
 }
 
@@ -149,7 +181,11 @@ pub fn condition<'a>(
     p: &'a IncomingMailProvider,
     type_: &str,
 ) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
-    p.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
+    p.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
 }
 
 /// A running controller; stopped (SIGTERM, then SIGKILL) when dropped.
@@ -201,25 +237,54 @@ unsafe extern "C" {
 
 async fn client_for(kubeconfig: &std::path::Path) -> Client {
     let kc = Kubeconfig::read_from(kubeconfig).expect("reading the bed's kubeconfig");
-    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.unwrap();
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .unwrap();
     Client::try_from(config).unwrap()
 }
 
 /// Applies crds/ once per test binary and waits until the API server serves it.
 fn install_crd(bed: &Bed) {
-    let crd = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/incomingmailprovider.yaml");
-    let out = bed.kubectl().args(["apply", "--server-side", "-f", crd]).output().unwrap();
-    assert!(out.status.success(), "applying the CRD: {}", String::from_utf8_lossy(&out.stderr));
+    let crd = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/crds/incomingmailprovider.yaml"
+    );
     let out = bed
         .kubectl()
-        .args(["wait", "--for=condition=Established", "--timeout=60s", "crd/incomingmailproviders.mailroom.dev"])
+        .args(["apply", "--server-side", "-f", crd])
         .output()
         .unwrap();
-    assert!(out.status.success(), "waiting for the CRD: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "applying the CRD: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = bed
+        .kubectl()
+        .args([
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/incomingmailproviders.mailroom.dev",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "waiting for the CRD: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A provider manifest for a server of the bed (on MAIL_HOST); `extra` is YAML appended under `spec:` (indented two spaces).
-pub fn provider(name: &str, protocol: &str, port: u16, mode: &str, auth: &str, extra: &str) -> String {
+pub fn provider(
+    name: &str,
+    protocol: &str,
+    port: u16,
+    mode: &str,
+    auth: &str,
+    extra: &str,
+) -> String {
     let host = mailroom_testbed::MAIL_HOST;
     format!(
         "apiVersion: mailroom.dev/v1alpha1
@@ -243,7 +308,10 @@ pub async fn trust_bed_ca(env: &Env) {
         "data": {"ca.crt": pem},
     }))
     .unwrap();
-    Api::namespaced(env.client.clone(), &env.ns).create(&PostParams::default(), &cm).await.unwrap();
+    Api::namespaced(env.client.clone(), &env.ns)
+        .create(&PostParams::default(), &cm)
+        .await
+        .unwrap();
 }
 
 pub const ALICE_AUTH: &str = "{method: Password, secretRef: {name: alice}}";

@@ -3,7 +3,9 @@
 use crate::support::Env;
 
 fn manifest(spec: &str) -> String {
-    format!("apiVersion: mailroom.dev/v1alpha1\nkind: IncomingMailProvider\nmetadata:\n  name: bad\nspec:\n{spec}")
+    format!(
+        "apiVersion: mailroom.dev/v1alpha1\nkind: IncomingMailProvider\nmetadata:\n  name: bad\nspec:\n{spec}"
+    )
 }
 
 const OK_AUTH: &str = "  authentication: {method: None}\n";
@@ -59,17 +61,33 @@ async fn invalid_manifests_are_rejected_with_the_field_named() {
         let out = env.try_apply(&manifest(spec));
         let stderr = String::from_utf8_lossy(&out.stderr).to_string();
         if out.status.success() {
-            failures.push(format!("{what}: accepted, expected a rejection naming {expected:?}"));
+            failures.push(format!(
+                "{what}: accepted, expected a rejection naming {expected:?}"
+            ));
         } else if let Some(missing) = expected.iter().find(|e| !stderr.contains(*e)) {
-            failures.push(format!("{what}: rejection does not mention {missing:?}:\n{stderr}"));
+            failures.push(format!(
+                "{what}: rejection does not mention {missing:?}:\n{stderr}"
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 
     // And a valid one, with every default, is accepted and defaulted by the API server.
-    let out = env.try_apply(&manifest("  server: {host: mail.example.com, protocol: POP3}\n  authentication: {method: None}\n"));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = env.kubectl(&["get", "imp", "bad", "-o", "jsonpath={.spec.check.interval} {.spec.check.timeout} {.spec.tls.mode}"]);
+    let out = env.try_apply(&manifest(
+        "  server: {host: mail.example.com, protocol: POP3}\n  authentication: {method: None}\n",
+    ));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = env.kubectl(&[
+        "get",
+        "imp",
+        "bad",
+        "-o",
+        "jsonpath={.spec.check.interval} {.spec.check.timeout} {.spec.tls.mode}",
+    ]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "5m 30s Implicit");
 }
 
@@ -78,5 +96,9 @@ async fn kubectl_explain_documents_the_fields() {
     let env = Env::new("explain").await;
     let out = env.kubectl(&["explain", "incomingmailprovider.spec.tls.mode"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("never falls back to plaintext"), "kubectl explain:\n{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("never falls back to plaintext"),
+        "kubectl explain:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

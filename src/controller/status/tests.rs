@@ -9,7 +9,12 @@ fn at(secs: i64) -> Timestamp {
 }
 
 fn endpoint() -> Endpoint {
-    Endpoint { host: "127.0.0.1".into(), port: 993, protocol: Protocol::Imap, tls_mode: TlsMode::Implicit }
+    Endpoint {
+        host: "127.0.0.1".into(),
+        port: 993,
+        protocol: Protocol::Imap,
+        tls_mode: TlsMode::Implicit,
+    }
 }
 
 fn findings() -> Findings {
@@ -19,14 +24,23 @@ fn findings() -> Findings {
         tls: None,
         authenticated: true,
         mechanism: Some("PLAIN".into()),
-        mailbox: Some(MailboxInfo { name: "INBOX".into(), messages: 3, unseen: Some(2) }),
+        mailbox: Some(MailboxInfo {
+            name: "INBOX".into(),
+            messages: 3,
+            unseen: Some(2),
+        }),
     }
 }
 
 fn success() -> Outcome {
     Outcome {
         endpoint: endpoint(),
-        report: Some(Report { steps: vec![], findings: findings(), failure: None, duration: Duration::from_millis(21) }),
+        report: Some(Report {
+            steps: vec![],
+            findings: findings(),
+            failure: None,
+            duration: Duration::from_millis(21),
+        }),
         reason: Reason::Connected,
         message: "ok".into(),
         anonymous: false,
@@ -39,7 +53,11 @@ fn failure(step: Step, reason: Reason, f: Findings) -> Outcome {
         report: Some(Report {
             steps: vec![],
             findings: f,
-            failure: Some(Failure { reason, step, message: "server said no".into() }),
+            failure: Some(Failure {
+                reason,
+                step,
+                message: "server said no".into(),
+            }),
             duration: Duration::from_millis(5),
         }),
         reason,
@@ -49,7 +67,11 @@ fn failure(step: Step, reason: Reason, f: Findings) -> Outcome {
 }
 
 fn ctx(now: i64) -> Context<'static> {
-    Context { generation: Some(3), now: at(now), check_request: None }
+    Context {
+        generation: Some(3),
+        now: at(now),
+        check_request: None,
+    }
 }
 
 fn cond<'a>(s: &'a Status, t: &str) -> &'a Condition {
@@ -78,7 +100,11 @@ fn an_auth_failure_is_reachable_but_not_authenticated() {
     f.authenticated = false;
     f.mailbox = None;
     let first = after_test(None, &success(), &ctx(0));
-    let s = after_test(Some(&first), &failure(Step::Authenticate, Reason::AuthenticationFailed, f), &ctx(10));
+    let s = after_test(
+        Some(&first),
+        &failure(Step::Authenticate, Reason::AuthenticationFailed, f),
+        &ctx(10),
+    );
     assert_eq!(cond(&s, READY).status, "False");
     assert_eq!(cond(&s, REACHABLE).status, "True");
     assert_eq!(cond(&s, AUTHENTICATED).reason, "AuthenticationFailed");
@@ -91,7 +117,11 @@ fn an_auth_failure_is_reachable_but_not_authenticated() {
 #[test]
 fn a_connection_failure_leaves_authentication_unknown() {
     let f = Findings::default();
-    let s = after_test(None, &failure(Step::Connect, Reason::ConnectionRefused, f), &ctx(0));
+    let s = after_test(
+        None,
+        &failure(Step::Connect, Reason::ConnectionRefused, f),
+        &ctx(0),
+    );
     assert_eq!(cond(&s, REACHABLE).status, "False");
     assert_eq!(cond(&s, REACHABLE).reason, "ConnectionRefused");
     assert_eq!(cond(&s, AUTHENTICATED).status, "Unknown");
@@ -101,8 +131,19 @@ fn a_connection_failure_leaves_authentication_unknown() {
 fn transition_time_moves_only_when_the_status_does() {
     let a = after_test(None, &success(), &ctx(0));
     let b = after_test(Some(&a), &success(), &ctx(60));
-    assert_eq!(cond(&b, READY).last_transition_time, cond(&a, READY).last_transition_time);
-    let c = after_test(Some(&b), &failure(Step::Connect, Reason::ConnectionRefused, Findings::default()), &ctx(120));
+    assert_eq!(
+        cond(&b, READY).last_transition_time,
+        cond(&a, READY).last_transition_time
+    );
+    let c = after_test(
+        Some(&b),
+        &failure(
+            Step::Connect,
+            Reason::ConnectionRefused,
+            Findings::default(),
+        ),
+        &ctx(120),
+    );
     assert_eq!(cond(&c, READY).last_transition_time.0, at(120));
 }
 
@@ -112,10 +153,27 @@ fn only_news_is_worth_a_write() {
     let b = after_test(Some(&a), &success(), &ctx(60));
     assert!(!differs(Some(&a), &b), "only the timing moved");
     let mut more_mail = success();
-    more_mail.report.as_mut().unwrap().findings.mailbox.as_mut().unwrap().messages = 4;
-    assert!(differs(Some(&a), &after_test(Some(&a), &more_mail, &ctx(60))));
-    let requested = Context { check_request: Some("now"), ..ctx(60) };
-    assert!(differs(Some(&a), &after_test(Some(&a), &success(), &requested)));
+    more_mail
+        .report
+        .as_mut()
+        .unwrap()
+        .findings
+        .mailbox
+        .as_mut()
+        .unwrap()
+        .messages = 4;
+    assert!(differs(
+        Some(&a),
+        &after_test(Some(&a), &more_mail, &ctx(60))
+    ));
+    let requested = Context {
+        check_request: Some("now"),
+        ..ctx(60)
+    };
+    assert!(differs(
+        Some(&a),
+        &after_test(Some(&a), &success(), &requested)
+    ));
     assert!(differs(None, &a));
 }
 
