@@ -24,15 +24,29 @@ fn proc_status(pid: u32, key: &str) -> u64 {
 
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     // utime and stime are fields 14 and 15 of the whole line; 12 and 13 after the ')'.
     (ticks(11) + ticks(12)) / 100.0
 }
 
 /// apiserver_request_total summed by verb, for resources mailroom touches.
 fn requests_by_verb(bed: &mailroom_testbed::Bed) -> BTreeMap<String, f64> {
-    let out = bed.kubectl().args(["get", "--raw", "/metrics"]).output().unwrap();
+    let out = bed
+        .kubectl()
+        .args(["get", "--raw", "/metrics"])
+        .output()
+        .unwrap();
     let mut by_verb = BTreeMap::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         if !line.starts_with("apiserver_request_total{") {
@@ -44,9 +58,21 @@ fn requests_by_verb(bed: &mailroom_testbed::Bed) -> BTreeMap<String, f64> {
         if !touched {
             continue;
         }
-        let verb = line.split("verb=\"").nth(1).and_then(|v| v.split('"').next()).unwrap_or("?");
-        let sub = if line.contains("subresource=\"status\"") { "/status" } else { "" };
-        let value: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        let verb = line
+            .split("verb=\"")
+            .nth(1)
+            .and_then(|v| v.split('"').next())
+            .unwrap_or("?");
+        let sub = if line.contains("subresource=\"status\"") {
+            "/status"
+        } else {
+            ""
+        };
+        let value: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
         *by_verb.entry(format!("{verb}{sub}")).or_insert(0.0) += value;
     }
     by_verb
@@ -54,31 +80,62 @@ fn requests_by_verb(bed: &mailroom_testbed::Bed) -> BTreeMap<String, f64> {
 
 #[tokio::main]
 async fn main() {
-    let n: usize = std::env::var("MAILROOM_BENCH_PROVIDERS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let n: usize = std::env::var("MAILROOM_BENCH_PROVIDERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
     let bed = mailroom_testbed::shared();
-    let crd = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/incomingmailprovider.yaml");
-    assert!(bed.kubectl().args(["apply", "--server-side", "-f", crd]).status().unwrap().success());
-    assert!(bed
-        .kubectl()
-        .args(["wait", "--for=condition=Established", "--timeout=60s", "crd/incomingmailproviders.mailroom.dev"])
-        .status()
-        .unwrap()
-        .success());
+    let crd = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/crds/incomingmailprovider.yaml"
+    );
+    assert!(
+        bed.kubectl()
+            .args(["apply", "--server-side", "-f", crd])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(
+        bed.kubectl()
+            .args([
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                "crd/incomingmailproviders.mailroom.dev"
+            ])
+            .status()
+            .unwrap()
+            .success()
+    );
     let ns = bed.namespace("fleet");
     let kc = Kubeconfig::read_from(bed.kubeconfig_path()).unwrap();
-    let client = kube::Client::try_from(kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.unwrap()).unwrap();
+    let client = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .unwrap(),
+    )
+    .unwrap();
     let dovecot = bed.dovecot();
     let (user, password) = dovecot.account("alice");
     let ca = std::fs::read_to_string(dovecot.ca_file()).unwrap();
     let pp = PostParams::default();
     Api::namespaced(client.clone(), &ns)
-        .create(&pp, &serde_json::from_value::<k8s_openapi::api::core::v1::ConfigMap>(serde_json::json!({
-            "metadata": {"name": "test-ca"}, "data": {"ca.crt": ca}})).unwrap())
+        .create(
+            &pp,
+            &serde_json::from_value::<k8s_openapi::api::core::v1::ConfigMap>(serde_json::json!({
+            "metadata": {"name": "test-ca"}, "data": {"ca.crt": ca}}))
+            .unwrap(),
+        )
         .await
         .unwrap();
     Api::namespaced(client.clone(), &ns)
-        .create(&pp, &serde_json::from_value::<k8s_openapi::api::core::v1::Secret>(serde_json::json!({
-            "metadata": {"name": "alice"}, "stringData": {"username": user, "password": password}})).unwrap())
+        .create(
+            &pp,
+            &serde_json::from_value::<k8s_openapi::api::core::v1::Secret>(serde_json::json!({
+            "metadata": {"name": "alice"}, "stringData": {"username": user, "password": password}}))
+            .unwrap(),
+        )
         .await
         .unwrap();
 
@@ -97,7 +154,10 @@ async fn main() {
 
     let api: Api<IncomingMailProvider> = Api::namespaced(client.clone(), &ns);
     let started = Instant::now();
-    let protocols = [("IMAP", dovecot.imaps_port()), ("POP3", dovecot.pop3s_port())];
+    let protocols = [
+        ("IMAP", dovecot.imaps_port()),
+        ("POP3", dovecot.pop3s_port()),
+    ];
     futures::stream::iter(0..n)
         .map(|i| {
             let api = api.clone();
@@ -129,13 +189,21 @@ async fn main() {
             .items
             .iter()
             .filter(|p| {
-                p.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+                p.status.as_ref().is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+                })
             })
             .count();
         if ready == n {
             break started.elapsed();
         }
-        assert!(started.elapsed() < Duration::from_secs(600), "only {ready} of {n} Ready after 10 minutes; log {}", log.display());
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "only {ready} of {n} Ready after 10 minutes; log {}",
+            log.display()
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     let cpu = cpu_seconds(pid);
@@ -144,10 +212,22 @@ async fn main() {
     let _ = controller.kill();
     let _ = controller.wait();
 
-    println!("mailroom fleet benchmark: {n} providers (half IMAPS, half POP3S) on one Dovecot, one controller");
-    println!("  created (32 in flight)        {:>8.1} s", applied.as_secs_f64());
-    println!("  all Ready after               {:>8.1} s (from the first create)", all_ready.as_secs_f64());
-    println!("  controller RSS idle / peak    {:>8.1} / {:.1} MiB", rss_idle as f64 / 1024.0, peak_rss as f64 / 1024.0);
+    println!(
+        "mailroom fleet benchmark: {n} providers (half IMAPS, half POP3S) on one Dovecot, one controller"
+    );
+    println!(
+        "  created (32 in flight)        {:>8.1} s",
+        applied.as_secs_f64()
+    );
+    println!(
+        "  all Ready after               {:>8.1} s (from the first create)",
+        all_ready.as_secs_f64()
+    );
+    println!(
+        "  controller RSS idle / peak    {:>8.1} / {:.1} MiB",
+        rss_idle as f64 / 1024.0,
+        peak_rss as f64 / 1024.0
+    );
     println!("  controller CPU                {:>8.1} s", cpu);
     println!("  API requests during the ramp, by verb (providers, secrets, configmaps, events):");
     for (verb, count) in &after {

@@ -41,7 +41,12 @@ impl Run {
     }
 }
 
-async fn mailroom_run(target: Arc<Target>, login: Arc<Login>, tests: usize, concurrency: usize) -> Run {
+async fn mailroom_run(
+    target: Arc<Target>,
+    login: Arc<Login>,
+    tests: usize,
+    concurrency: usize,
+) -> Run {
     let cpu0 = cpu_seconds();
     let t0 = Instant::now();
     let per = tests / concurrency;
@@ -51,25 +56,65 @@ async fn mailroom_run(target: Arc<Target>, login: Arc<Login>, tests: usize, conc
         tasks.push(tokio::spawn(async move {
             for _ in 0..per {
                 let report = probe::run(&target, &login).await;
-                assert!(report.failure.is_none(), "a benchmark test failed: {:?}", report.failure);
+                assert!(
+                    report.failure.is_none(),
+                    "a benchmark test failed: {:?}",
+                    report.failure
+                );
             }
         }));
     }
     for t in tasks {
         t.await.unwrap();
     }
-    Run { tests: per * concurrency, wall: t0.elapsed().as_secs_f64(), cpu: cpu_seconds() - cpu0 }
+    Run {
+        tests: per * concurrency,
+        wall: t0.elapsed().as_secs_f64(),
+        cpu: cpu_seconds() - cpu0,
+    }
 }
 
-fn python_run(protocol: &str, port: u16, user: &str, password: &str, ca: &str, tests: usize, workers: usize) -> Run {
+fn python_run(
+    protocol: &str,
+    port: u16,
+    user: &str,
+    password: &str,
+    ca: &str,
+    tests: usize,
+    workers: usize,
+) -> Run {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/python_baseline.py");
     let out = Command::new("python3")
-        .args([script, "--protocol", protocol, "--host", &mailroom_testbed::MAIL_HOST.to_string()])
-        .args(["--port", &port.to_string(), "--user", user, "--password", password, "--ca", ca])
-        .args(["--tests", &tests.to_string(), "--workers", &workers.to_string()])
+        .args([
+            script,
+            "--protocol",
+            protocol,
+            "--host",
+            &mailroom_testbed::MAIL_HOST.to_string(),
+        ])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--user",
+            user,
+            "--password",
+            password,
+            "--ca",
+            ca,
+        ])
+        .args([
+            "--tests",
+            &tests.to_string(),
+            "--workers",
+            &workers.to_string(),
+        ])
         .output()
         .expect("running python3");
-    assert!(out.status.success(), "python baseline failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "python baseline failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     Run {
         tests: v["tests"].as_u64().unwrap() as usize,
@@ -79,14 +124,20 @@ fn python_run(protocol: &str, port: u16, user: &str, password: &str, ca: &str, t
 }
 
 fn main() {
-    let tests: usize = std::env::var("MAILROOM_BENCH_TESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(400);
+    let tests: usize = std::env::var("MAILROOM_BENCH_TESTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(400);
     let bed = mailroom_testbed::shared();
     let dovecot = bed.dovecot();
     let (user, password) = dovecot.account("alice");
     let ca_file = dovecot.ca_file();
     let ca = ca_file.to_str().unwrap().to_string();
     let pem = std::fs::read(&ca_file).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let login = Arc::new(Login::Password {
         username: user.clone(),
         password: SecretString::from(password.clone()),
@@ -99,22 +150,46 @@ fn main() {
             port: dovecot.imaps_port(),
             protocol: Protocol::Imap,
             tls_mode: TlsMode::Implicit,
-            trust: Trust { extra_roots_pem: Some(pem.clone()), server_name: None, insecure_skip_verify: false },
+            trust: Trust {
+                extra_roots_pem: Some(pem.clone()),
+                server_name: None,
+                insecure_skip_verify: false,
+            },
             mailbox: "INBOX".into(),
             timeout: Duration::from_secs(30),
         });
         let m = rt.block_on(mailroom_run(target.clone(), login.clone(), tests, 1));
-        println!("mailroom IMAPS sequential, multi-thread runtime: {:.2} ms client CPU per test", m.cpu_ms());
+        println!(
+            "mailroom IMAPS sequential, multi-thread runtime: {:.2} ms client CPU per test",
+            m.cpu_ms()
+        );
         let (u0, s0) = user_sys();
-        let ct = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let ct = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let m = ct.block_on(mailroom_run(target, login, tests, 1));
-        println!("mailroom IMAPS sequential, current-thread runtime: {:.2} ms client CPU per test", m.cpu_ms());
+        println!(
+            "mailroom IMAPS sequential, current-thread runtime: {:.2} ms client CPU per test",
+            m.cpu_ms()
+        );
         let (u1, s1) = user_sys();
-        println!("  of which user {:.2} ms, system {:.2} ms", (u1 - u0) * 1e3 / tests as f64, (s1 - s0) * 1e3 / tests as f64);
+        println!(
+            "  of which user {:.2} ms, system {:.2} ms",
+            (u1 - u0) * 1e3 / tests as f64,
+            (s1 - s0) * 1e3 / tests as f64
+        );
         return;
     }
-    println!("mailroom probe benchmark: {tests} tests per row, Dovecot {} on {}", dovecot_version(), mailroom_testbed::MAIL_HOST);
-    println!("machine: {} cores; client CPU = user+system seconds of the client process(es)\n", num_cpus());
+    println!(
+        "mailroom probe benchmark: {tests} tests per row, Dovecot {} on {}",
+        dovecot_version(),
+        mailroom_testbed::MAIL_HOST
+    );
+    println!(
+        "machine: {} cores; client CPU = user+system seconds of the client process(es)\n",
+        num_cpus()
+    );
     println!(
         "{:<7} {:>4}  {:>12} {:>12} {:>7}  {:>12} {:>12} {:>7}",
         "test", "conc", "mailroom/s", "python/s", "ratio", "mailroom ms", "python ms", "ratio"
@@ -130,7 +205,11 @@ fn main() {
             port,
             protocol,
             tls_mode: TlsMode::Implicit,
-            trust: Trust { extra_roots_pem: Some(pem.clone()), server_name: None, insecure_skip_verify: false },
+            trust: Trust {
+                extra_roots_pem: Some(pem.clone()),
+                server_name: None,
+                insecure_skip_verify: false,
+            },
             mailbox: "INBOX".into(),
             timeout: Duration::from_secs(30),
         });
@@ -154,9 +233,14 @@ fn main() {
             rows.push((name, conc, m.rate()));
         }
     }
-    println!("\nserver ceiling (best rate any client reached at any concurrency): {ceiling:.0} tests/s");
+    println!(
+        "\nserver ceiling (best rate any client reached at any concurrency): {ceiling:.0} tests/s"
+    );
     for (name, conc, rate) in rows.iter().filter(|r| r.1 == 8) {
-        println!("{name} at concurrency {conc}: mailroom {rate:.0}/s = {:.0}% of the ceiling", 100.0 * rate / ceiling);
+        println!(
+            "{name} at concurrency {conc}: mailroom {rate:.0}/s = {:.0}% of the ceiling",
+            100.0 * rate / ceiling
+        );
     }
 }
 
@@ -164,10 +248,18 @@ fn dovecot_version() -> String {
     Command::new("dovecot")
         .arg("--version")
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().next().unwrap_or("?").to_string())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .next()
+                .unwrap_or("?")
+                .to_string()
+        })
         .unwrap_or_else(|_| "?".into())
 }
 
 fn num_cpus() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
