@@ -105,6 +105,10 @@ pub fn verdict(
             let how = report.findings.mechanism.as_deref().unwrap_or("password");
             format!("logged in as {username} ({how})")
         }
+        Login::OAuth2 { username, .. } => {
+            let how = report.findings.mechanism.as_deref().unwrap_or("OAuth2");
+            format!("logged in as {username} (OAuth2, {how})")
+        }
     };
     let mut message = format!("{} {endpoint}: {who}", endpoint.protocol.as_str());
     if let Some(m) = &report.findings.mailbox {

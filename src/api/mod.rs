@@ -1,6 +1,7 @@
 //! The API: resource types, defaults and the vocabulary of reasons. Pure data, no I/O.
 
 mod defaults;
+pub mod oauth2;
 mod provider;
 mod reason;
 

@@ -29,8 +29,8 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
     printcolumn(name = "Last Check", type_ = "date", json_path = ".status.lastCheckTime"),
     printcolumn(name = "Message", type_ = "string", priority = "1", json_path = ".status.conditions[?(@.type==\"Ready\")].message"),
-    validation = Rule::new("self.spec.tls.mode != 'None' || self.spec.authentication.method != 'Password' || self.spec.authentication.allowUnencrypted")
-        .message("a password may not be sent without TLS: set spec.tls.mode to Implicit or StartTLS, or spec.authentication.allowUnencrypted to true")
+    validation = Rule::new("self.spec.tls.mode != 'None' || self.spec.authentication.method == 'None' || self.spec.authentication.allowUnencrypted")
+        .message("a password or token may not be sent without TLS: set spec.tls.mode to Implicit or StartTLS, or spec.authentication.allowUnencrypted to true")
         .field_path(".spec.authentication.allowUnencrypted")
 )]
 #[serde(rename_all = "camelCase")]
@@ -168,15 +168,23 @@ pub enum CaBundleKind {
 /// How mailroom logs in.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("self.method != 'Password' || has(self.secretRef)")
-    .message("secretRef is required when method is Password")
-    .field_path(".secretRef")
-    .reason(Reason::FieldValueRequired))]
+#[x_kube(
+    validation = Rule::new("self.method != 'Password' || has(self.secretRef)")
+        .message("secretRef is required when method is Password")
+        .field_path(".secretRef")
+        .reason(Reason::FieldValueRequired),
+    validation = Rule::new("self.method != 'OAuth2' || has(self.oauth2)")
+        .message("oauth2 is required when method is OAuth2")
+        .field_path(".oauth2")
+        .reason(Reason::FieldValueRequired),
+)]
 pub struct AuthenticationSpec {
-    /// Password: log in with a username and password from a Secret. None: test
+    /// Password: log in with a username and password from a Secret. OAuth2: log in with
+    /// an access token (SASL XOAUTH2 or OAUTHBEARER) that mailroom keeps fresh. None: test
     /// connectivity and the greeting only.
     pub method: AuthMethod,
-    /// The login name. When empty, the Secret's username key is used.
+    /// The login name. When empty, the Secret's username key is used (for OAuth2, the
+    /// token Secret's `username` key, which `mailroom authorize` writes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 320))]
     pub username: Option<String>,
@@ -187,13 +195,154 @@ pub struct AuthenticationSpec {
     /// Allow a password over a connection without TLS (tls.mode None). Off by default.
     #[serde(default)]
     pub allow_unencrypted: bool,
+    /// OAuth2: where tokens come from and where they are kept. Required when method is
+    /// OAuth2. See docs/oauth2.md.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth2: Option<OAuth2Spec>,
 }
 
 /// How the provider authenticates.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AuthMethod {
     Password,
+    #[serde(rename = "OAuth2")]
+    OAuth2,
     None,
+}
+
+/// OAuth2: the authorization server, the flow, and the Secrets holding the client secret
+/// and the tokens.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.provider != 'Google' || self.flow == 'AuthorizationCode'")
+        .message("Google supports only flow AuthorizationCode for mail (its device flow does not grant https://mail.google.com/, and it has no app-only access to Gmail)")
+        .field_path(".flow"),
+    validation = Rule::new("self.provider != 'Generic' || (has(self.tokenURL) && self.tokenURL != '')")
+        .message("tokenURL is required when provider is Generic")
+        .field_path(".tokenURL")
+        .reason(Reason::FieldValueRequired),
+    validation = Rule::new("self.flow != 'ClientCredentials' || has(self.clientSecretRef)")
+        .message("clientSecretRef is required when flow is ClientCredentials")
+        .field_path(".clientSecretRef")
+        .reason(Reason::FieldValueRequired),
+    validation = Rule::new("self.flow != 'ClientCredentials' || self.provider != 'Microsoft' || (has(self.tenant) && !(self.tenant in ['common', 'consumers', 'organizations']))")
+        .message("tenant must be set to a tenant id or domain when flow is ClientCredentials (app-only tokens come from one tenant, not from common, organizations or consumers)")
+        .field_path(".tenant"),
+)]
+pub struct OAuth2Spec {
+    /// Microsoft (Microsoft 365, Exchange Online, Outlook.com), Google (Gmail, Workspace),
+    /// or Generic (any OAuth2 server, by its URLs).
+    pub provider: OAuth2Provider,
+    /// AuthorizationCode: `mailroom authorize` signs in in a browser (PKCE, loopback
+    /// redirect). DeviceCode: `mailroom authorize --device` shows a code to enter on another
+    /// device. ClientCredentials: app-only; the controller gets tokens itself with the
+    /// client secret, no authorize step.
+    #[serde(default)]
+    pub flow: OAuth2Flow,
+    /// Microsoft: common, organizations (default), consumers (Outlook.com), or a tenant id
+    /// or domain (required for ClientCredentials).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub tenant: Option<String>,
+    /// The application (client) id registered with the authorization server.
+    #[schemars(length(min = 1, max = 512))]
+    pub client_id: String,
+    /// The client secret of a confidential client, in a Secret of the provider's namespace.
+    /// Required for ClientCredentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret_ref: Option<SecretKeyRef>,
+    /// The Secret, in the provider's namespace, where the tokens live (refresh token,
+    /// access token, expiry). `mailroom authorize` creates it; the controller refreshes
+    /// and rewrites it.
+    pub token_secret_ref: TokenSecretRef,
+    /// Scopes to request. Default by provider, protocol and flow: Microsoft delegated
+    /// https://outlook.office.com/IMAP.AccessAsUser.All (or POP.AccessAsUser.All) and
+    /// offline_access; Microsoft app-only https://outlook.office365.com/.default; Google
+    /// https://mail.google.com/.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub scopes: Vec<String>,
+    /// The authorization endpoint: required for Generic with flow AuthorizationCode; for
+    /// Microsoft and Google an override.
+    #[serde(
+        default,
+        rename = "authorizationURL",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(length(max = 2048))]
+    pub authorization_url: Option<String>,
+    /// The token endpoint: required for Generic; for Microsoft and Google an override.
+    #[serde(default, rename = "tokenURL", skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    pub token_url: Option<String>,
+    /// The device authorization endpoint (RFC 8628), for flow DeviceCode: required for
+    /// Generic; for Microsoft an override.
+    #[serde(
+        default,
+        rename = "deviceAuthorizationURL",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(length(max = 2048))]
+    pub device_authorization_url: Option<String>,
+    /// Auto (default): what the server advertises, OAUTHBEARER (RFC 7628) where both are;
+    /// or XOAUTH2 or OAUTHBEARER only.
+    #[serde(default)]
+    pub sasl_mechanism: SaslMechanism,
+}
+
+/// The kind of authorization server.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OAuth2Provider {
+    Microsoft,
+    Google,
+    Generic,
+}
+
+/// How tokens are obtained.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OAuth2Flow {
+    #[default]
+    AuthorizationCode,
+    DeviceCode,
+    ClientCredentials,
+}
+
+/// The SASL mechanism that carries the access token.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SaslMechanism {
+    #[default]
+    Auto,
+    #[serde(rename = "XOAUTH2")]
+    XOAuth2,
+    #[serde(rename = "OAUTHBEARER")]
+    OAuthBearer,
+}
+
+/// A key of a Secret in the provider's namespace.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// The Secret's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// The key (default client-secret).
+    #[serde(default = "default_client_secret_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+fn default_client_secret_key() -> String {
+    "client-secret".into()
+}
+
+/// The Secret that holds a provider's tokens.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenSecretRef {
+    /// The Secret's name, in the provider's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
 }
 
 /// A Secret in the provider's namespace holding the login.

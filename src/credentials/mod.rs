@@ -1,8 +1,11 @@
 //! From the Secrets and ConfigMaps a provider references to what a test needs: the login
-//! and the extra trust anchors. The decisions are pure functions of the objects; fetching
+//! (a password, or an OAuth2 access token that [`tokens`] keeps fresh) and the extra trust
+//! anchors. The decisions are pure functions of the objects; fetching
 //! them is the caller's business (the controller reads a cache, the CLI the API server).
 
+pub mod http;
 mod references;
+pub mod tokens;
 
 pub use references::{ObjectKind, Reference, References, references};
 
@@ -40,6 +43,10 @@ pub enum CredentialError {
         key: String,
         field: &'static str,
     },
+    /// OAuth2: no usable access token (AuthorizationRequired, AuthorizationRevoked,
+    /// TokenRefreshFailed) or an OAuth2 spec that cannot work (InvalidSpec).
+    #[error("{message}")]
+    Token { reason: Reason, message: String },
 }
 
 impl CredentialError {
@@ -49,6 +56,7 @@ impl CredentialError {
             CredentialError::KeyMissing { .. } | CredentialError::NotText { .. } => {
                 Reason::SecretKeyMissing
             }
+            CredentialError::Token { reason, .. } => *reason,
         }
     }
 }
@@ -59,6 +67,9 @@ pub struct Fetched {
     pub namespace: String,
     pub secrets: BTreeMap<String, Secret>,
     pub config_maps: BTreeMap<String, ConfigMap>,
+    /// OAuth2: why the token manager could not provide a usable access token, if it could
+    /// not (the controller sets it; without it, the token Secret's cached token is used).
+    pub token_problem: Option<(Reason, String)>,
 }
 
 /// The login a test uses.
@@ -66,6 +77,7 @@ pub fn login(spec: &IncomingMailProviderSpec, objects: &Fetched) -> Result<Login
     let auth = &spec.authentication;
     match auth.method {
         AuthMethod::None => Ok(Login::None),
+        AuthMethod::OAuth2 => tokens::login(spec, objects),
         AuthMethod::Password => {
             let Some(sref) = &auth.secret_ref else {
                 // The CRD's CEL rule refuses this at apply time; a manifest checked with
@@ -194,7 +206,7 @@ fn secret_bytes(
         })
 }
 
-fn secret_text(
+pub(crate) fn secret_text(
     secret: &Secret,
     name: &str,
     key: &str,

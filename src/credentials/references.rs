@@ -1,5 +1,5 @@
 //! Which objects a provider depends on: the controller re-tests a provider when one of
-//! them changes, and the CLI fetches them before a test.
+//! them changes (a rewritten token Secret too), and the CLI fetches them before a test.
 
 use crate::api::{AuthMethod, CaBundleKind, IncomingMailProviderSpec};
 
@@ -38,6 +38,20 @@ pub fn references(spec: &IncomingMailProviderSpec) -> References {
             kind: ObjectKind::Secret,
             name: s.name.clone(),
         });
+    }
+    if spec.authentication.method == AuthMethod::OAuth2
+        && let Some(o) = &spec.authentication.oauth2
+    {
+        refs.push(Reference {
+            kind: ObjectKind::Secret,
+            name: o.token_secret_ref.name.clone(),
+        });
+        if let Some(c) = &o.client_secret_ref {
+            refs.push(Reference {
+                kind: ObjectKind::Secret,
+                name: c.name.clone(),
+            });
+        }
     }
     if let Some(ca) = &spec.tls.ca_bundle_ref {
         refs.push(Reference {

@@ -22,7 +22,7 @@ fn fetched(name: &str, s: Secret) -> Fetched {
     Fetched {
         namespace: "ops".into(),
         secrets: [(name.to_string(), s)].into(),
-        config_maps: Default::default(),
+        ..Default::default()
     }
 }
 

@@ -32,7 +32,7 @@ use secrecy::SecretString;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::api::{Protocol, Reason, TlsMode};
+use crate::api::{Protocol, Reason, SaslMechanism, TlsMode};
 use session::{Greeting, MailSession};
 use stream::{Meter, Tcp, Wire};
 
@@ -88,6 +88,14 @@ pub enum Login {
         username: String,
         password: SecretString,
         /// Allow the password over a connection without TLS.
+        allow_unencrypted: bool,
+    },
+    /// An OAuth2 access token, by SASL XOAUTH2 or OAUTHBEARER.
+    OAuth2 {
+        username: String,
+        token: SecretString,
+        mechanism: SaslMechanism,
+        /// Allow the token over a connection without TLS.
         allow_unencrypted: bool,
     },
 }
@@ -372,13 +380,19 @@ async fn converse<S: MailSession>(
         caps = capabilities(session, endpoint, rec).await?;
     }
 
-    let Login::Password {
-        username,
-        password,
-        allow_unencrypted,
-    } = login
-    else {
-        return Ok(());
+    let (username, password, allow_unencrypted, oauth) = match login {
+        Login::None => return Ok(()),
+        Login::Password {
+            username,
+            password,
+            allow_unencrypted,
+        } => (username, password, allow_unencrypted, None),
+        Login::OAuth2 {
+            username,
+            token,
+            mechanism,
+            allow_unencrypted,
+        } => (username, token, allow_unencrypted, Some(*mechanism)),
     };
 
     if greeting.preauth {
@@ -393,14 +407,31 @@ async fn converse<S: MailSession>(
         );
     } else {
         if !session.is_tls() && !allow_unencrypted {
+            let what = if oauth.is_some() {
+                "an access token"
+            } else {
+                "a password"
+            };
             return rec.fail_now(Failure::new(
                 Reason::InvalidSpec,
                 Step::Authenticate,
-                "refusing to send a password without TLS (tls.mode None); set \
-                 authentication.allowUnencrypted: true to allow it",
+                format!(
+                    "refusing to send {what} without TLS (tls.mode None); set \
+                     authentication.allowUnencrypted: true to allow it"
+                ),
             ));
         }
-        let mechanism = match session.choose_mechanism(&caps) {
+        let chosen = match oauth {
+            Some(preference) => oauth_mechanism(
+                protocol,
+                endpoint,
+                &session.sasl_offered(&caps),
+                caps.is_empty(),
+                preference,
+            ),
+            None => session.choose_mechanism(&caps),
+        };
+        let mechanism = match chosen {
             Ok(m) => m,
             Err(failure) => return rec.fail_now(failure),
         };
@@ -447,6 +478,49 @@ async fn converse<S: MailSession>(
     )?;
     rec.findings.mailbox = Some(info.0);
     Ok(())
+}
+
+/// The SASL mechanism for an access token: the one asked for, or with `Auto` what the
+/// server advertises, OAUTHBEARER (the standard) before XOAUTH2. A POP3 server without
+/// CAPA (`unknown`) gets the one asked for, or XOAUTH2, the more widely deployed.
+pub(crate) fn oauth_mechanism(
+    protocol: Protocol,
+    endpoint: &str,
+    offered: &[String],
+    unknown: bool,
+    preference: SaslMechanism,
+) -> Result<session::Mechanism, Failure> {
+    use session::Mechanism;
+    let has = |name: &str| offered.iter().any(|m| m.eq_ignore_ascii_case(name));
+    let wanted = match preference {
+        SaslMechanism::OAuthBearer => Some(Mechanism::OAuthBearer),
+        SaslMechanism::XOAuth2 => Some(Mechanism::XOAuth2),
+        SaslMechanism::Auto if has("OAUTHBEARER") => Some(Mechanism::OAuthBearer),
+        SaslMechanism::Auto if has("XOAUTH2") || unknown => Some(Mechanism::XOAuth2),
+        SaslMechanism::Auto => None,
+    };
+    if let Some(m) = wanted
+        && (unknown || has(m.name()))
+    {
+        return Ok(m);
+    }
+    let offers = if offered.is_empty() {
+        "no SASL mechanism".to_string()
+    } else {
+        format!("SASL {}", offered.join(" "))
+    };
+    let asked = match wanted {
+        Some(m) => format!("{} (oauth2.saslMechanism)", m.name()),
+        None => "XOAUTH2 or OAUTHBEARER".to_string(),
+    };
+    Err(Failure::new(
+        Reason::AuthMechanismUnsupported,
+        Step::Authenticate,
+        format!(
+            "{} server {endpoint} does not offer {asked} for an OAuth2 access token; it offers {offers}",
+            protocol.as_str()
+        ),
+    ))
 }
 
 async fn capabilities<S: MailSession>(

@@ -341,7 +341,7 @@ impl Pop3 {
             quote(raw)
         );
         for challenge in challenges {
-            message.push_str(&format!("; it said {}", quote(challenge)));
+            message.push_str(&sasl::describe_challenge(challenge));
         }
         Failure::new(Reason::AuthenticationFailed, Step::Authenticate, message)
     }
@@ -509,6 +509,10 @@ impl MailSession for Pop3 {
         ))
     }
 
+    fn sasl_offered(&self, caps: &[String]) -> Vec<String> {
+        sasl_mechanisms(caps)
+    }
+
     async fn authenticate(
         &mut self,
         mechanism: Mechanism,
@@ -516,6 +520,17 @@ impl MailSession for Pop3 {
         password: &SecretString,
     ) -> Result<String, Failure> {
         match mechanism {
+            Mechanism::XOAuth2 | Mechanism::OAuthBearer => {
+                let exchange = if mechanism == Mechanism::XOAuth2 {
+                    Exchange::xoauth2(username, password)
+                } else {
+                    Exchange::oauthbearer(username, password)
+                };
+                exchange
+                    .check()
+                    .map_err(|why| Failure::new(Reason::InvalidSpec, Step::Authenticate, why))?;
+                self.auth(exchange).await
+            }
             Mechanism::SaslPlain | Mechanism::SaslLogin => {
                 let exchange = if mechanism == Mechanism::SaslPlain {
                     Exchange::plain(username, password)

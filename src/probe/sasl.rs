@@ -1,10 +1,9 @@
 //! SASL mechanisms (RFC 4422) as used by IMAP `AUTHENTICATE` and POP3 `AUTH`: what the
 //! client sends first, and how it answers further challenges. PLAIN (RFC 4616) and the
-//! obsolete but common LOGIN (draft-murchison-sasl-login) now; XOAUTH2 and OAUTHBEARER
-//! (RFC 7628) slot in as further [`Credentials`] variants, which
-//! is why the exchange already handles challenges after the initial response: an OAuth
-//! server reports an error as a challenge carrying JSON, which the client must answer
-//! with an empty response before the server's final NO/-ERR.
+//! obsolete but common LOGIN (draft-murchison-sasl-login), and for OAuth2 access tokens
+//! XOAUTH2 and OAUTHBEARER (RFC 7628). An OAuth server reports an error as a challenge
+//! carrying JSON, which the client answers (an empty response; `^A` for OAUTHBEARER)
+//! before the server's final NO/-ERR; the JSON is kept for the failure message.
 //!
 //! Responses hold secrets: they are [`Zeroizing`] buffers and their `Debug` is redacted.
 
@@ -26,6 +25,16 @@ enum Credentials {
     Login {
         username: String,
         password: SecretString,
+    },
+    /// Google's and Microsoft's XOAUTH2: `user=<u>^Aauth=Bearer <t>^A^A`.
+    XOAuth2 {
+        username: String,
+        token: SecretString,
+    },
+    /// RFC 7628 OAUTHBEARER: a GS2 header naming the user, then `auth=Bearer <t>`.
+    OAuthBearer {
+        username: String,
+        token: SecretString,
     },
 }
 
@@ -80,6 +89,22 @@ impl Exchange {
         })
     }
 
+    /// SASL XOAUTH2 with an OAuth2 access token.
+    pub fn xoauth2(username: &str, token: &SecretString) -> Exchange {
+        Exchange::new(Credentials::XOAuth2 {
+            username: username.to_string(),
+            token: token.clone(),
+        })
+    }
+
+    /// SASL OAUTHBEARER (RFC 7628) with an OAuth2 access token.
+    pub fn oauthbearer(username: &str, token: &SecretString) -> Exchange {
+        Exchange::new(Credentials::OAuthBearer {
+            username: username.to_string(),
+            token: token.clone(),
+        })
+    }
+
     fn new(credentials: Credentials) -> Exchange {
         Exchange {
             credentials,
@@ -94,6 +119,8 @@ impl Exchange {
         match self.credentials {
             Credentials::Plain { .. } => "PLAIN",
             Credentials::Login { .. } => "LOGIN",
+            Credentials::XOAuth2 { .. } => "XOAUTH2",
+            Credentials::OAuthBearer { .. } => "OAUTHBEARER",
         }
     }
 
@@ -106,6 +133,19 @@ impl Exchange {
                     Err(
                         "the username or password contains a NUL character, which SASL cannot carry",
                     )
+                } else {
+                    Ok(())
+                }
+            }
+            Credentials::XOAuth2 { username, token }
+            | Credentials::OAuthBearer { username, token } => {
+                let bad = |c: char| c == '\0' || c == '\x01';
+                if username.contains(bad) || token.expose_secret().contains(bad) {
+                    Err(
+                        "the username or access token contains a control character, which SASL cannot carry",
+                    )
+                } else if token.expose_secret().is_empty() {
+                    Err("the access token is empty")
                 } else {
                     Ok(())
                 }
@@ -134,6 +174,30 @@ impl Exchange {
                 Some(Response(raw))
             }
             Credentials::Login { .. } => None,
+            Credentials::XOAuth2 { username, token } => {
+                self.initial_sent = true;
+                let token = token.expose_secret();
+                let mut raw = Zeroizing::new(Vec::with_capacity(username.len() + token.len() + 24));
+                raw.extend_from_slice(b"user=");
+                raw.extend_from_slice(username.as_bytes());
+                raw.extend_from_slice(b"\x01auth=Bearer ");
+                raw.extend_from_slice(token.as_bytes());
+                raw.extend_from_slice(b"\x01\x01");
+                Some(Response(raw))
+            }
+            Credentials::OAuthBearer { username, token } => {
+                self.initial_sent = true;
+                let token = token.expose_secret();
+                let mut raw = Zeroizing::new(Vec::with_capacity(username.len() + token.len() + 32));
+                // RFC 5801 GS2 header: no channel binding, the authorization identity with
+                // ',' and '=' escaped.
+                raw.extend_from_slice(b"n,a=");
+                raw.extend_from_slice(username.replace('=', "=3D").replace(',', "=2C").as_bytes());
+                raw.extend_from_slice(b",\x01auth=Bearer ");
+                raw.extend_from_slice(token.as_bytes());
+                raw.extend_from_slice(b"\x01\x01");
+                Some(Response(raw))
+            }
         }
     }
 
@@ -146,7 +210,11 @@ impl Exchange {
         let round = self.rounds;
         self.rounds += 1;
         match &self.credentials {
-            Credentials::Plain { .. } if !self.initial_sent => {
+            Credentials::Plain { .. }
+            | Credentials::XOAuth2 { .. }
+            | Credentials::OAuthBearer { .. }
+                if !self.initial_sent =>
+            {
                 if let Some(response) = self.initial_response() {
                     return response;
                 }
@@ -166,6 +234,11 @@ impl Exchange {
                 .collect();
             self.later_challenges.push(text);
         }
+        // RFC 7628 §3.2.3: after an error challenge an OAUTHBEARER client sends a single
+        // %x01 so the server can finish; XOAUTH2 (and everything else) sends an empty line.
+        if matches!(self.credentials, Credentials::OAuthBearer { .. }) {
+            return Response(Zeroizing::new(vec![0x01]));
+        }
         Response(Zeroizing::new(Vec::new()))
     }
 
@@ -173,6 +246,39 @@ impl Exchange {
     /// JSON, say), for the failure message.
     pub fn later_challenges(&self) -> &[String] {
         &self.later_challenges
+    }
+}
+
+/// An OAuth2 error challenge (RFC 7628 §3.2.2, and XOAUTH2's alike), decoded for people:
+/// `status invalid_token, scope "..."`. `None` when it is not such JSON.
+pub(crate) fn describe_oauth_error(challenge: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(challenge.trim()).ok()?;
+    let object = value.as_object()?;
+    let text = |key: &str| {
+        object.get(key).map(|v| match v {
+            serde_json::Value::String(s) => s.chars().take(200).collect::<String>(),
+            other => other.to_string().chars().take(200).collect(),
+        })
+    };
+    let status = text("status")?;
+    let mut out = format!("status {status}");
+    for key in ["scope", "schemes", "openid-configuration"] {
+        if let Some(v) = text(key) {
+            out.push_str(&format!(", {key} {v:?}"));
+        }
+    }
+    Some(out)
+}
+
+/// A challenge received after the credentials, for a failure message: the OAuth2 error
+/// decoded where it is one, else the text quoted.
+pub(crate) fn describe_challenge(challenge: &str) -> String {
+    match describe_oauth_error(challenge) {
+        Some(decoded) => format!(
+            "; the OAuth2 error was {decoded} (the server sent {})",
+            super::classify::quote(challenge)
+        ),
+        None => format!("; it said {}", super::classify::quote(challenge)),
     }
 }
 
@@ -251,6 +357,78 @@ mod tests {
         let response = ex.initial_response().unwrap();
         let shown = format!("{ex:?} {response:?}");
         assert!(!shown.contains("sekrit"), "{shown}");
+    }
+
+    #[test]
+    fn xoauth2_encodes_user_and_bearer() {
+        let mut ex = Exchange::xoauth2("someuser@example.com", &SecretString::from("ya29.vF9dft4"));
+        assert_eq!(ex.mechanism(), "XOAUTH2");
+        let first = ex.initial_response().unwrap();
+        assert_eq!(
+            first.as_ref(),
+            b"user=someuser@example.com\x01auth=Bearer ya29.vF9dft4\x01\x01"
+        );
+        // Google's documented example.
+        assert_eq!(
+            encode(&first).as_str(),
+            "dXNlcj1zb21ldXNlckBleGFtcGxlLmNvbQFhdXRoPUJlYXJlciB5YTI5LnZGOWRmdDQBAQ=="
+        );
+        let json = br#"{"status":"401","schemes":"bearer mac","scope":"https://mail.google.com/"}"#;
+        assert_eq!(ex.respond(json).as_ref(), b"");
+        assert_eq!(
+            describe_oauth_error(&ex.later_challenges()[0]).unwrap(),
+            "status 401, scope \"https://mail.google.com/\", schemes \"bearer mac\""
+        );
+    }
+
+    #[test]
+    fn oauthbearer_encodes_per_rfc7628() {
+        let mut ex = Exchange::oauthbearer(
+            "user@example.com",
+            &SecretString::from("vF9dft4qmTc2Nvb3RlckBhbHRhdmlzdGEuY29tCg=="),
+        );
+        assert_eq!(ex.mechanism(), "OAUTHBEARER");
+        // The two-line form: the empty first challenge gets the initial response.
+        let first = ex.respond(b"");
+        assert_eq!(
+            first.as_ref(),
+            b"n,a=user@example.com,\x01auth=Bearer vF9dft4qmTc2Nvb3RlckBhbHRhdmlzdGEuY29tCg==\x01\x01"
+        );
+        // An error challenge is answered with a single ^A.
+        let json = br#"{"status":"invalid_token","scope":"mail"}"#;
+        assert_eq!(ex.respond(json).as_ref(), b"\x01");
+        assert_eq!(
+            describe_oauth_error(&ex.later_challenges()[0]).unwrap(),
+            "status invalid_token, scope \"mail\""
+        );
+        let odd =
+            Exchange::oauthbearer("a,b=c", &SecretString::from("t")).initial_response_for_test();
+        assert!(odd.starts_with(b"n,a=a=2Cb=3Dc,\x01"));
+    }
+
+    #[test]
+    fn oauth_tokens_are_redacted_and_checked() {
+        let mut ex = Exchange::xoauth2("u", &SecretString::from("tok-PLANTED"));
+        let response = ex.initial_response().unwrap();
+        let shown = format!("{ex:?} {response:?}");
+        assert!(!shown.contains("PLANTED"), "{shown}");
+        assert!(
+            Exchange::xoauth2("u", &SecretString::from(""))
+                .check()
+                .is_err()
+        );
+        assert!(
+            Exchange::oauthbearer("u\x01", &SecretString::from("t"))
+                .check()
+                .is_err()
+        );
+        assert!(describe_oauth_error("not json").is_none());
+    }
+
+    impl Exchange {
+        fn initial_response_for_test(mut self) -> Vec<u8> {
+            self.initial_response().unwrap().as_ref().to_vec()
+        }
     }
 
     #[test]

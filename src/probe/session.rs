@@ -17,8 +17,8 @@ pub(crate) struct Greeting {
 }
 
 /// How a password is presented. The strongest both sides allow is chosen by
-/// [`MailSession::choose_mechanism`]; OAuth2 (XOAUTH2, OAUTHBEARER) will join as SASL
-/// mechanisms.
+/// [`MailSession::choose_mechanism`]; an OAuth2 access token goes by XOAUTH2 or
+/// OAUTHBEARER (chosen in `mod.rs` from what the server advertises).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Mechanism {
     /// SASL PLAIN (RFC 4616): IMAP `AUTHENTICATE PLAIN`, POP3 `AUTH PLAIN`.
@@ -30,6 +30,10 @@ pub(crate) enum Mechanism {
     ImapLogin,
     /// POP3 `USER` and `PASS`.
     UserPass,
+    /// SASL XOAUTH2 with an OAuth2 access token.
+    XOAuth2,
+    /// SASL OAUTHBEARER (RFC 7628) with an OAuth2 access token.
+    OAuthBearer,
 }
 
 impl Mechanism {
@@ -39,6 +43,8 @@ impl Mechanism {
             Mechanism::SaslPlain => "PLAIN",
             Mechanism::SaslLogin | Mechanism::ImapLogin => "LOGIN",
             Mechanism::UserPass => "USER",
+            Mechanism::XOAuth2 => "XOAUTH2",
+            Mechanism::OAuthBearer => "OAUTHBEARER",
         }
     }
 
@@ -51,6 +57,10 @@ impl Mechanism {
             (Mechanism::SaslLogin, Protocol::Pop3) => "AUTH LOGIN",
             (Mechanism::ImapLogin, _) => "LOGIN",
             (Mechanism::UserPass, _) => "USER/PASS",
+            (Mechanism::XOAuth2, Protocol::Imap) => "AUTHENTICATE XOAUTH2",
+            (Mechanism::XOAuth2, Protocol::Pop3) => "AUTH XOAUTH2",
+            (Mechanism::OAuthBearer, Protocol::Imap) => "AUTHENTICATE OAUTHBEARER",
+            (Mechanism::OAuthBearer, Protocol::Pop3) => "AUTH OAUTHBEARER",
         }
     }
 }
@@ -91,12 +101,16 @@ pub(crate) trait MailSession: Send + Sized {
     /// SASL LOGIN, then the protocol's own command (IMAP LOGIN, POP3 USER/PASS).
     fn choose_mechanism(&self, caps: &[String]) -> Result<Mechanism, Failure>;
 
-    /// Logs in; returns the server's words.
+    /// The SASL mechanisms `caps` advertise (IMAP `AUTH=X`, POP3 `SASL X Y`), upper case.
+    fn sasl_offered(&self, caps: &[String]) -> Vec<String>;
+
+    /// Logs in; returns the server's words. `secret` is the password, or the access
+    /// token for XOAUTH2 and OAUTHBEARER.
     async fn authenticate(
         &mut self,
         mechanism: Mechanism,
         username: &str,
-        password: &SecretString,
+        secret: &SecretString,
     ) -> Result<String, Failure>;
 
     /// IMAP STATUS of `mailbox`, or POP3 STAT; returns the counts and a description.

@@ -5,6 +5,7 @@
 mod cli;
 mod failures;
 mod lifecycle;
+mod oauth2;
 mod readiness;
 mod secrecy;
 mod support;

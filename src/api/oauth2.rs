@@ -1,0 +1,172 @@
+//! OAuth2 defaults that depend on more than one field: the endpoints of Microsoft's and
+//! Google's authorization servers, and the scopes a provider asks for by protocol and flow.
+
+use super::{OAuth2Flow, OAuth2Provider, OAuth2Spec, Protocol};
+
+/// The endpoints of one authorization server, after defaulting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OAuth2Endpoints {
+    pub authorization: Option<String>,
+    pub token: Option<String>,
+    pub device_authorization: Option<String>,
+    /// RFC 7009 revocation, where the provider has one (Google).
+    pub revocation: Option<String>,
+}
+
+/// The Microsoft tenant when none is given: work and school accounts.
+pub const DEFAULT_TENANT: &str = "organizations";
+
+/// Microsoft's delegated scopes (Exchange Online and Outlook.com).
+pub const MICROSOFT_IMAP_SCOPE: &str = "https://outlook.office.com/IMAP.AccessAsUser.All";
+pub const MICROSOFT_POP_SCOPE: &str = "https://outlook.office.com/POP.AccessAsUser.All";
+/// Microsoft's app-only scope (IMAP.AccessAsApp and POP.AccessAsApp roles).
+pub const MICROSOFT_APP_SCOPE: &str = "https://outlook.office365.com/.default";
+/// Google's one scope for IMAP and POP3.
+pub const GOOGLE_MAIL_SCOPE: &str = "https://mail.google.com/";
+
+fn given(value: &Option<String>) -> Option<String> {
+    value.as_ref().filter(|v| !v.trim().is_empty()).cloned()
+}
+
+/// The endpoints a spec names: its own URLs where given, else the provider's.
+pub fn endpoints(spec: &OAuth2Spec) -> OAuth2Endpoints {
+    let (authorization, token, device, revocation) = match spec.provider {
+        OAuth2Provider::Microsoft => {
+            let tenant = spec
+                .tenant
+                .as_deref()
+                .filter(|t| !t.trim().is_empty())
+                .unwrap_or(DEFAULT_TENANT);
+            let base = format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0");
+            (
+                Some(format!("{base}/authorize")),
+                Some(format!("{base}/token")),
+                Some(format!("{base}/devicecode")),
+                None,
+            )
+        }
+        OAuth2Provider::Google => (
+            Some("https://accounts.google.com/o/oauth2/v2/auth".to_string()),
+            Some("https://oauth2.googleapis.com/token".to_string()),
+            None,
+            Some("https://oauth2.googleapis.com/revoke".to_string()),
+        ),
+        OAuth2Provider::Generic => (None, None, None, None),
+    };
+    OAuth2Endpoints {
+        authorization: given(&spec.authorization_url).or(authorization),
+        token: given(&spec.token_url).or(token),
+        device_authorization: given(&spec.device_authorization_url).or(device),
+        revocation,
+    }
+}
+
+/// The scopes to request: the spec's own, else the provider's defaults for the protocol
+/// and flow (Generic has none: its server decides).
+pub fn scopes(spec: &OAuth2Spec, protocol: Protocol) -> Vec<String> {
+    if !spec.scopes.is_empty() {
+        return spec.scopes.clone();
+    }
+    let defaults: &[&str] = match (spec.provider, spec.flow, protocol) {
+        (OAuth2Provider::Microsoft, OAuth2Flow::ClientCredentials, _) => &[MICROSOFT_APP_SCOPE],
+        (OAuth2Provider::Microsoft, _, Protocol::Imap) => &[MICROSOFT_IMAP_SCOPE, "offline_access"],
+        (OAuth2Provider::Microsoft, _, Protocol::Pop3) => &[MICROSOFT_POP_SCOPE, "offline_access"],
+        (OAuth2Provider::Google, _, _) => &[GOOGLE_MAIL_SCOPE],
+        (OAuth2Provider::Generic, _, _) => &[],
+    };
+    defaults.iter().map(|s| s.to_string()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(yaml: &str) -> OAuth2Spec {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn microsoft_endpoints_follow_the_tenant() {
+        let s = spec("{provider: Microsoft, clientId: c, tokenSecretRef: {name: t}}");
+        let e = endpoints(&s);
+        assert_eq!(
+            e.authorization.as_deref(),
+            Some("https://login.microsoftonline.com/organizations/oauth2/v2.0/authorize")
+        );
+        assert_eq!(
+            e.token.as_deref(),
+            Some("https://login.microsoftonline.com/organizations/oauth2/v2.0/token")
+        );
+        assert_eq!(
+            e.device_authorization.as_deref(),
+            Some("https://login.microsoftonline.com/organizations/oauth2/v2.0/devicecode")
+        );
+        assert_eq!(e.revocation, None);
+        let s = spec(
+            "{provider: Microsoft, tenant: contoso.onmicrosoft.com, clientId: c, tokenSecretRef: {name: t}, tokenURL: 'http://127.0.0.1:1/token'}",
+        );
+        let e = endpoints(&s);
+        assert_eq!(e.token.as_deref(), Some("http://127.0.0.1:1/token"));
+        assert_eq!(
+            e.authorization.as_deref(),
+            Some("https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/authorize")
+        );
+    }
+
+    #[test]
+    fn google_and_generic_endpoints() {
+        let e = endpoints(&spec(
+            "{provider: Google, clientId: c, tokenSecretRef: {name: t}}",
+        ));
+        assert_eq!(
+            e.authorization.as_deref(),
+            Some("https://accounts.google.com/o/oauth2/v2/auth")
+        );
+        assert_eq!(
+            e.token.as_deref(),
+            Some("https://oauth2.googleapis.com/token")
+        );
+        assert_eq!(
+            e.revocation.as_deref(),
+            Some("https://oauth2.googleapis.com/revoke")
+        );
+        assert_eq!(e.device_authorization, None);
+        let e = endpoints(&spec(
+            "{provider: Generic, clientId: c, tokenSecretRef: {name: t}, tokenURL: 'https://id.example/token', authorizationURL: ''}",
+        ));
+        assert_eq!(e.token.as_deref(), Some("https://id.example/token"));
+        assert_eq!(e.authorization, None, "an empty URL is no URL");
+    }
+
+    #[test]
+    fn default_scopes_by_provider_protocol_and_flow() {
+        let ms = spec("{provider: Microsoft, clientId: c, tokenSecretRef: {name: t}}");
+        assert_eq!(
+            scopes(&ms, Protocol::Imap),
+            [MICROSOFT_IMAP_SCOPE, "offline_access"]
+        );
+        assert_eq!(
+            scopes(&ms, Protocol::Pop3),
+            [MICROSOFT_POP_SCOPE, "offline_access"]
+        );
+        let device =
+            spec("{provider: Microsoft, flow: DeviceCode, clientId: c, tokenSecretRef: {name: t}}");
+        assert_eq!(
+            scopes(&device, Protocol::Pop3),
+            [MICROSOFT_POP_SCOPE, "offline_access"]
+        );
+        let app = spec(
+            "{provider: Microsoft, flow: ClientCredentials, tenant: t, clientId: c, tokenSecretRef: {name: t}}",
+        );
+        assert_eq!(scopes(&app, Protocol::Imap), [MICROSOFT_APP_SCOPE]);
+        assert_eq!(scopes(&app, Protocol::Pop3), [MICROSOFT_APP_SCOPE]);
+        let google = spec("{provider: Google, clientId: c, tokenSecretRef: {name: t}}");
+        assert_eq!(scopes(&google, Protocol::Imap), [GOOGLE_MAIL_SCOPE]);
+        let generic =
+            spec("{provider: Generic, clientId: c, tokenSecretRef: {name: t}, tokenURL: x}");
+        assert!(scopes(&generic, Protocol::Imap).is_empty());
+        let own =
+            spec("{provider: Google, clientId: c, tokenSecretRef: {name: t}, scopes: [a, b]}");
+        assert_eq!(scopes(&own, Protocol::Imap), ["a", "b"]);
+    }
+}

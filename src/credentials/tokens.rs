@@ -1,0 +1,632 @@
+//! OAuth2 tokens: what a token Secret holds, the login a test uses, and the token manager
+//! that keeps the access token fresh.
+//!
+//! The token Secret (`oauth2.tokenSecretRef`) holds `refresh_token`, `access_token` and
+//! `expires_at` (RFC 3339), and optionally `username` and `scope`; `mailroom authorize`
+//! creates it, the controller refreshes and rewrites it. The decisions (is the cached
+//! token good, refresh or not, what a token endpoint's answer means) are pure functions
+//! of values; [`TokenManager`] reads, calls them, and writes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::{Api, PostParams};
+use kube::{Client, ResourceExt};
+use secrecy::{ExposeSecret, SecretString};
+
+use super::{CredentialError, Fetched, ObjectKind, secret_text};
+use crate::api::oauth2::{endpoints, scopes};
+use crate::api::{
+    AuthMethod, IncomingMailProvider, IncomingMailProviderSpec, OAuth2Flow, OAuth2Spec, Reason,
+};
+use crate::probe::Login;
+
+pub const REFRESH_TOKEN: &str = "refresh_token";
+pub const ACCESS_TOKEN: &str = "access_token";
+pub const EXPIRES_AT: &str = "expires_at";
+pub const USERNAME: &str = "username";
+pub const SCOPE: &str = "scope";
+/// The label that marks a Secret as holding mailroom's OAuth2 tokens.
+pub const TOKEN_LABEL: &str = "mailroom.dev/oauth2-tokens";
+
+/// An access token is refreshed when it has less than this left.
+pub const REFRESH_AHEAD: Duration = Duration::from_secs(5 * 60);
+/// Bound on one request to a token endpoint.
+pub const TOKEN_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The command that stores tokens for a provider.
+pub fn authorize_command(name: &str, namespace: &str, flow: OAuth2Flow) -> String {
+    let device = if flow == OAuth2Flow::DeviceCode {
+        " --device"
+    } else {
+        ""
+    };
+    format!("mailroom authorize {name} -n {namespace}{device}")
+}
+
+/// What a token Secret holds. `Debug` shows no token.
+#[derive(Clone, Default)]
+pub struct TokenSet {
+    pub refresh_token: Option<SecretString>,
+    pub access_token: Option<SecretString>,
+    pub expires_at: Option<Timestamp>,
+    pub username: Option<String>,
+}
+
+impl std::fmt::Debug for TokenSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenSet")
+            .field(
+                "refresh_token",
+                &self.refresh_token.as_ref().map(|_| "[redacted]"),
+            )
+            .field(
+                "access_token",
+                &self.access_token.as_ref().map(|_| "[redacted]"),
+            )
+            .field("expires_at", &self.expires_at)
+            .field("username", &self.username)
+            .finish()
+    }
+}
+
+fn value(secret: &Secret, key: &str) -> Option<String> {
+    let bytes = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|b| b.0.clone())
+        .or_else(|| {
+            secret
+                .string_data
+                .as_ref()
+                .and_then(|d| d.get(key))
+                .map(|s| s.as_bytes().to_vec())
+        })?;
+    let text = String::from_utf8(bytes).ok()?;
+    let text = text.trim().to_string();
+    (!text.is_empty()).then_some(text)
+}
+
+impl TokenSet {
+    pub fn from_secret(secret: &Secret) -> TokenSet {
+        TokenSet {
+            refresh_token: value(secret, REFRESH_TOKEN).map(SecretString::from),
+            access_token: value(secret, ACCESS_TOKEN).map(SecretString::from),
+            expires_at: value(secret, EXPIRES_AT).and_then(|t| t.parse().ok()),
+            username: value(secret, USERNAME),
+        }
+    }
+
+    /// Whether the access token is usable at `now` (with a few seconds for the test).
+    pub fn access_valid(&self, now: Timestamp) -> bool {
+        self.access_token.is_some()
+            && self
+                .expires_at
+                .is_none_or(|e| remaining(e, now) > Duration::from_secs(10))
+    }
+
+    /// Whether the access token can be used without refreshing.
+    pub fn access_fresh(&self, now: Timestamp) -> bool {
+        self.access_token.is_some()
+            && self
+                .expires_at
+                .is_some_and(|e| remaining(e, now) > REFRESH_AHEAD)
+    }
+
+    fn same_refresh_token(&self, other: &TokenSet) -> bool {
+        match (&self.refresh_token, &other.refresh_token) {
+            (Some(a), Some(b)) => a.expose_secret() == b.expose_secret(),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+}
+
+fn remaining(expires_at: Timestamp, now: Timestamp) -> Duration {
+    Duration::try_from(now.duration_until(expires_at)).unwrap_or_default()
+}
+
+/// What to do before a test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Plan {
+    /// The cached access token is good for a while.
+    Use,
+    /// Exchange the refresh token for a new access token.
+    Refresh,
+    /// App-only: get a token with the client secret.
+    ClientCredentials,
+    /// Nothing to work with: someone must run `mailroom authorize`.
+    Required,
+}
+
+/// The pure decision before a test.
+pub fn plan(flow: OAuth2Flow, tokens: Option<&TokenSet>, now: Timestamp) -> Plan {
+    if tokens.is_some_and(|t| t.access_fresh(now)) {
+        return Plan::Use;
+    }
+    if flow == OAuth2Flow::ClientCredentials {
+        return Plan::ClientCredentials;
+    }
+    match tokens {
+        Some(t) if t.refresh_token.is_some() => Plan::Refresh,
+        // A token without a known expiry and nothing to refresh it with: try it.
+        Some(t) if t.access_valid(now) => Plan::Use,
+        _ => Plan::Required,
+    }
+}
+
+/// A token endpoint's successful answer (RFC 6749 §5.1).
+#[derive(Clone, serde::Deserialize)]
+pub struct TokenResponse {
+    #[serde(deserialize_with = "secret_string")]
+    pub access_token: SecretString,
+    #[serde(default, deserialize_with = "optional_secret_string")]
+    pub refresh_token: Option<SecretString>,
+    #[serde(default)]
+    pub expires_in: Option<u64>,
+    #[serde(default)]
+    pub scope: Option<String>,
+}
+
+impl std::fmt::Debug for TokenResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenResponse")
+            .field("expires_in", &self.expires_in)
+            .field("scope", &self.scope)
+            .finish_non_exhaustive()
+    }
+}
+
+fn secret_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SecretString, D::Error> {
+    let text: String = serde::Deserialize::deserialize(d)?;
+    Ok(SecretString::from(text))
+}
+
+fn optional_secret_string<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<SecretString>, D::Error> {
+    let text: Option<String> = serde::Deserialize::deserialize(d)?;
+    Ok(text.filter(|t| !t.is_empty()).map(SecretString::from))
+}
+
+/// What a token endpoint said.
+#[derive(Debug)]
+pub enum Grant {
+    Tokens(TokenResponse),
+    /// An RFC 6749 §5.2 error, such as `invalid_grant` with Microsoft's `AADSTS…` code in
+    /// the description.
+    Refused {
+        error: String,
+        description: String,
+    },
+    /// Anything else: the message for people (never a token).
+    Failed(String),
+}
+
+#[derive(serde::Deserialize)]
+struct ErrorBody {
+    error: String,
+    #[serde(default)]
+    error_description: Option<String>,
+}
+
+/// Reads a token endpoint's answer.
+pub fn read_grant(status: u16, body: &[u8]) -> Grant {
+    if (200..300).contains(&status) {
+        return match serde_json::from_slice::<TokenResponse>(body) {
+            Ok(t) => Grant::Tokens(t),
+            Err(_) => Grant::Failed(format!(
+                "HTTP {status} without an access_token in a JSON body"
+            )),
+        };
+    }
+    if let Ok(e) = serde_json::from_slice::<ErrorBody>(body) {
+        return Grant::Refused {
+            error: e.error.chars().take(100).collect(),
+            description: e
+                .error_description
+                .unwrap_or_default()
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .chars()
+                .take(300)
+                .collect(),
+        };
+    }
+    let excerpt: String = String::from_utf8_lossy(body).chars().take(200).collect();
+    Grant::Failed(format!("HTTP {status}: {:?}", excerpt.trim()))
+}
+
+/// The token Secret after a grant: the new tokens over the old keys; a refresh token the
+/// server did not rotate is kept.
+pub fn updated_secret(current: Option<&Secret>, grant: &TokenResponse, now: Timestamp) -> Secret {
+    let mut secret = current.cloned().unwrap_or_default();
+    let data = secret.data.get_or_insert_with(BTreeMap::new);
+    if let Some(string_data) = secret.string_data.take() {
+        for (k, v) in string_data {
+            data.insert(k, ByteString(v.into_bytes()));
+        }
+    }
+    let mut put = |k: &str, v: &str| {
+        data.insert(k.to_string(), ByteString(v.as_bytes().to_vec()));
+    };
+    put(ACCESS_TOKEN, grant.access_token.expose_secret());
+    if let Some(r) = &grant.refresh_token {
+        put(REFRESH_TOKEN, r.expose_secret());
+    }
+    let ttl = grant.expires_in.unwrap_or(3600);
+    let expires = now
+        .checked_add(SignedDuration::from_secs(ttl.min(365 * 86400) as i64))
+        .unwrap_or(now);
+    put(EXPIRES_AT, &expires.to_string());
+    if let Some(s) = &grant.scope {
+        put(SCOPE, s);
+    }
+    secret
+        .metadata
+        .labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(TOKEN_LABEL.into(), "true".into());
+    secret
+}
+
+/// The login for an OAuth2 provider: the token Secret's access token, or why there is
+/// none. Pure: freshness is the token manager's business.
+pub fn login(spec: &IncomingMailProviderSpec, objects: &Fetched) -> Result<Login, CredentialError> {
+    let auth = &spec.authentication;
+    let Some(o) = &auth.oauth2 else {
+        return Err(CredentialError::Token {
+            reason: Reason::InvalidSpec,
+            message: "spec.authentication.oauth2 is required when method is OAuth2".into(),
+        });
+    };
+    if let Some((reason, message)) = &objects.token_problem {
+        return Err(CredentialError::Token {
+            reason: *reason,
+            message: message.clone(),
+        });
+    }
+    let name = &o.token_secret_ref.name;
+    let required = |what: &str| CredentialError::Token {
+        reason: Reason::AuthorizationRequired,
+        message: format!(
+            "{what}: run `{}`",
+            authorize_command("<provider>", &objects.namespace, o.flow)
+        ),
+    };
+    let Some(secret) = objects.secrets.get(name) else {
+        return Err(required(&format!(
+            "no OAuth2 tokens yet (Secret {:?} does not exist in namespace {:?})",
+            name, objects.namespace
+        )));
+    };
+    let tokens = TokenSet::from_secret(secret);
+    let Some(token) = tokens.access_token else {
+        return Err(required(&format!(
+            "Secret {name:?} (spec.authentication.oauth2.tokenSecretRef) holds no access token"
+        )));
+    };
+    let username = match (&auth.username, tokens.username) {
+        (Some(u), _) => u.clone(),
+        (None, Some(u)) => u,
+        (None, None) => secret_text(
+            secret,
+            name,
+            USERNAME,
+            "spec.authentication.oauth2.tokenSecretRef (or set spec.authentication.username)",
+        )?,
+    };
+    Ok(Login::OAuth2 {
+        username,
+        token,
+        mechanism: o.sasl_mechanism,
+        allow_unencrypted: auth.allow_unencrypted,
+    })
+}
+
+/// The form of a token request (RFC 6749 §4.4 and §6). Values are secrets.
+pub fn token_form(
+    o: &OAuth2Spec,
+    protocol: crate::api::Protocol,
+    plan: Plan,
+    refresh_token: Option<&SecretString>,
+    client_secret: Option<&SecretString>,
+) -> Vec<(&'static str, SecretString)> {
+    let plain = |s: &str| SecretString::from(s.to_string());
+    let mut form = Vec::new();
+    match plan {
+        Plan::ClientCredentials => form.push(("grant_type", plain("client_credentials"))),
+        _ => {
+            form.push(("grant_type", plain("refresh_token")));
+            if let Some(r) = refresh_token {
+                form.push(("refresh_token", r.clone()));
+            }
+        }
+    }
+    form.push(("client_id", plain(&o.client_id)));
+    if let Some(c) = client_secret {
+        form.push(("client_secret", c.clone()));
+    }
+    let scopes = scopes(o, protocol);
+    if !scopes.is_empty() {
+        form.push(("scope", plain(&scopes.join(" "))));
+    }
+    form
+}
+
+/// The TLS configuration for token endpoints: the platform's roots.
+pub fn token_tls() -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Arc::new(tls))
+}
+
+/// Keeps access tokens fresh for the controller: refreshes ahead of expiry, writes rotated
+/// refresh tokens back at once with optimistic concurrency, and never refreshes one
+/// token Secret twice at once (a per-Secret async mutex; across replicas, the
+/// resourceVersion check).
+pub struct TokenManager {
+    client: Client,
+    tls: Arc<rustls::ClientConfig>,
+    locks: Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl TokenManager {
+    pub fn new(client: Client) -> anyhow::Result<TokenManager> {
+        Ok(TokenManager {
+            client,
+            tls: token_tls()?,
+            locks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn lock(&self, namespace: &str, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap();
+        locks.retain(|_, l| Arc::strong_count(l) > 1);
+        locks
+            .entry((namespace.to_string(), name.to_string()))
+            .or_default()
+            .clone()
+    }
+
+    /// Makes sure `fetched` carries a fresh access token for `provider` (refreshing and
+    /// writing the token Secret back if needed), or the reason there is none.
+    pub async fn prepare(&self, provider: &IncomingMailProvider, mut fetched: Fetched) -> Fetched {
+        let spec = &provider.spec;
+        if spec.authentication.method != AuthMethod::OAuth2 {
+            return fetched;
+        }
+        let Some(o) = &spec.authentication.oauth2 else {
+            return fetched;
+        };
+        let secret_name = o.token_secret_ref.name.clone();
+        let cached = fetched.secrets.get(&secret_name).map(TokenSet::from_secret);
+        if plan(o.flow, cached.as_ref(), Timestamp::now()) == Plan::Use {
+            return fetched;
+        }
+        let namespace = fetched.namespace.clone();
+        let lock = self.lock(&namespace, &secret_name);
+        let _guard = lock.lock().await;
+        match self
+            .refresh(provider, o, &namespace, &secret_name, &fetched)
+            .await
+        {
+            Ok(secret) => {
+                fetched.secrets.insert(secret_name, secret);
+            }
+            Err(problem) => fetched.token_problem = Some(problem),
+        }
+        fetched
+    }
+
+    async fn refresh(
+        &self,
+        provider: &IncomingMailProvider,
+        o: &OAuth2Spec,
+        namespace: &str,
+        secret_name: &str,
+        fetched: &Fetched,
+    ) -> Result<Secret, (Reason, String)> {
+        let name = provider.name_any();
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        let command = authorize_command(&name, namespace, o.flow);
+        let Some(token_url) = endpoints(o).token else {
+            return Err((
+                Reason::InvalidSpec,
+                "spec.authentication.oauth2.tokenURL is required for provider Generic".into(),
+            ));
+        };
+        let client_secret = match &o.client_secret_ref {
+            Some(r) => {
+                let field = "spec.authentication.oauth2.clientSecretRef";
+                let secret = fetched.secrets.get(&r.name).ok_or_else(|| {
+                    let e = CredentialError::NotFound {
+                        kind: ObjectKind::Secret,
+                        name: r.name.clone(),
+                        namespace: namespace.to_string(),
+                        field,
+                    };
+                    (e.reason(), e.to_string())
+                })?;
+                Some(SecretString::from(
+                    secret_text(secret, &r.name, &r.key, field)
+                        .map_err(|e| (e.reason(), e.to_string()))?,
+                ))
+            }
+            None => None,
+        };
+        // A few rounds: each re-reads the Secret, so a refresh done meanwhile by another
+        // replica or by `mailroom authorize` is seen and not repeated.
+        for _ in 0..5 {
+            let current = api.get_opt(secret_name).await.map_err(|e| {
+                (
+                    Reason::TokenRefreshFailed,
+                    format!("reading Secret {namespace}/{secret_name}: {e}"),
+                )
+            })?;
+            let tokens = current.as_ref().map(TokenSet::from_secret);
+            let now = Timestamp::now();
+            let step = plan(o.flow, tokens.as_ref(), now);
+            match step {
+                Plan::Use => return Ok(current.expect("a usable token comes from a Secret")),
+                Plan::Required => {
+                    return Err((
+                        Reason::AuthorizationRequired,
+                        match &current {
+                            None => format!(
+                                "no OAuth2 tokens yet: Secret {secret_name:?} does not exist; run `{command}`"
+                            ),
+                            Some(_) => format!(
+                                "Secret {secret_name:?} holds no refresh token and no valid access token; run `{command}`"
+                            ),
+                        },
+                    ));
+                }
+                Plan::Refresh | Plan::ClientCredentials => {}
+            }
+            let used = tokens.clone().unwrap_or_default();
+            let form = token_form(
+                o,
+                provider.spec.server.protocol,
+                step,
+                used.refresh_token.as_ref(),
+                client_secret.as_ref(),
+            );
+            let what = if step == Plan::ClientCredentials {
+                "client credentials grant"
+            } else {
+                "refresh"
+            };
+            let grant =
+                match super::http::post_form(&self.tls, &token_url, &form, TOKEN_REQUEST_TIMEOUT)
+                    .await
+                {
+                    Ok((status, body)) => read_grant(status, &body),
+                    Err(message) => Grant::Failed(message),
+                };
+            let response = match grant {
+                Grant::Tokens(t) => t,
+                Grant::Refused { error, description } if error == "invalid_grant" => {
+                    // Someone may have rotated the refresh token meanwhile: look again.
+                    let again = api.get_opt(secret_name).await.ok().flatten();
+                    if let Some(again) = &again
+                        && !TokenSet::from_secret(again).same_refresh_token(&used)
+                    {
+                        continue;
+                    }
+                    tracing::warn!(secret = secret_name, %error, %description, "token endpoint refused the grant");
+                    return Err((
+                        Reason::AuthorizationRevoked,
+                        format!(
+                            "the token endpoint {token_url} refused the {what}: {error}: {description}; run `{command}` again"
+                        ),
+                    ));
+                }
+                Grant::Refused { error, description } => {
+                    let message = format!(
+                        "the token endpoint {token_url} refused the {what}: {error}: {description}"
+                    );
+                    return still_valid(current, &used, now, message);
+                }
+                Grant::Failed(message) => {
+                    return still_valid(current, &used, now, format!("{what} failed: {message}"));
+                }
+            };
+            let updated = updated_secret(current.as_ref(), &response, Timestamp::now());
+            let written = match &current {
+                Some(_) => {
+                    api.replace(secret_name, &PostParams::default(), &updated)
+                        .await
+                }
+                None => {
+                    let mut fresh = updated.clone();
+                    fresh.metadata.name = Some(secret_name.to_string());
+                    fresh.metadata.namespace = Some(namespace.to_string());
+                    api.create(&PostParams::default(), &fresh).await
+                }
+            };
+            match written {
+                Ok(secret) => {
+                    tracing::info!(
+                        secret = secret_name,
+                        grant = what,
+                        "stored a new access token"
+                    );
+                    return Ok(secret);
+                }
+                Err(kube::Error::Api(status)) if status.code == 409 => {
+                    // Changed (or created) meanwhile: the next round re-reads it. If the
+                    // refresh token is still the one used, ours is written over it; if not,
+                    // the newer one is kept and ours is used for this test only.
+                    let again = api.get_opt(secret_name).await.ok().flatten();
+                    if let Some(again) = again
+                        && !TokenSet::from_secret(&again).same_refresh_token(&used)
+                    {
+                        let mut local = again;
+                        let data = local.data.get_or_insert_with(BTreeMap::new);
+                        data.insert(
+                            ACCESS_TOKEN.into(),
+                            ByteString(response.access_token.expose_secret().as_bytes().to_vec()),
+                        );
+                        return Ok(local);
+                    }
+                    let retry = updated_secret(
+                        api.get_opt(secret_name).await.ok().flatten().as_ref(),
+                        &response,
+                        Timestamp::now(),
+                    );
+                    if let Ok(secret) = api
+                        .replace(secret_name, &PostParams::default(), &retry)
+                        .await
+                    {
+                        return Ok(secret);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(secret = secret_name, error = %e, "could not store the new tokens");
+                    // Use the new access token for this test anyway.
+                    return Ok(updated);
+                }
+            }
+        }
+        Err((
+            Reason::TokenRefreshFailed,
+            format!("Secret {namespace}/{secret_name} kept changing while its token was refreshed"),
+        ))
+    }
+}
+
+/// A refresh that failed for want of an answer: the cached access token serves while it
+/// is valid (the failure is logged); after that the provider is TokenRefreshFailed.
+fn still_valid(
+    current: Option<Secret>,
+    used: &TokenSet,
+    now: Timestamp,
+    message: String,
+) -> Result<Secret, (Reason, String)> {
+    tracing::warn!(%message, "token refresh failed");
+    match current {
+        Some(secret) if used.access_valid(now) => Ok(secret),
+        _ => Err((
+            Reason::TokenRefreshFailed,
+            format!("{message}; no valid access token is left"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,210 @@
+use super::*;
+
+fn secret(pairs: &[(&str, &str)]) -> Secret {
+    Secret {
+        data: Some(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+                .collect(),
+        ),
+        ..Default::default()
+    }
+}
+
+fn at(text: &str) -> Timestamp {
+    text.parse().unwrap()
+}
+
+const NOW: &str = "2026-11-29T10:00:00Z";
+
+#[test]
+fn plan_uses_a_fresh_token_and_refreshes_ahead_of_expiry() {
+    let now = at(NOW);
+    let fresh = TokenSet::from_secret(&secret(&[
+        (ACCESS_TOKEN, "a"),
+        (REFRESH_TOKEN, "r"),
+        (EXPIRES_AT, "2026-11-29T11:00:00Z"),
+    ]));
+    assert_eq!(
+        plan(OAuth2Flow::AuthorizationCode, Some(&fresh), now),
+        Plan::Use
+    );
+    let soon = TokenSet::from_secret(&secret(&[
+        (ACCESS_TOKEN, "a"),
+        (REFRESH_TOKEN, "r"),
+        (EXPIRES_AT, "2026-11-29T10:04:00Z"),
+    ]));
+    assert_eq!(
+        plan(OAuth2Flow::AuthorizationCode, Some(&soon), now),
+        Plan::Refresh
+    );
+    assert!(soon.access_valid(now), "still usable if the refresh fails");
+    let expired = TokenSet::from_secret(&secret(&[
+        (ACCESS_TOKEN, "a"),
+        (EXPIRES_AT, "2026-11-29T09:00:00Z"),
+    ]));
+    assert_eq!(
+        plan(OAuth2Flow::DeviceCode, Some(&expired), now),
+        Plan::Required
+    );
+    assert!(!expired.access_valid(now));
+    assert_eq!(
+        plan(OAuth2Flow::AuthorizationCode, None, now),
+        Plan::Required
+    );
+    assert_eq!(
+        plan(OAuth2Flow::ClientCredentials, None, now),
+        Plan::ClientCredentials
+    );
+    assert_eq!(
+        plan(OAuth2Flow::ClientCredentials, Some(&fresh), now),
+        Plan::Use
+    );
+}
+
+#[test]
+fn grants_and_microsoft_errors_are_read() {
+    match read_grant(
+        200,
+        br#"{"access_token":"at","refresh_token":"rt","expires_in":3599,"token_type":"Bearer"}"#,
+    ) {
+        Grant::Tokens(t) => {
+            assert_eq!(t.access_token.expose_secret(), "at");
+            assert_eq!(t.expires_in, Some(3599));
+            assert!(!format!("{t:?}").contains("at\""));
+        }
+        other => panic!("{other:?}"),
+    }
+    match read_grant(
+        400,
+        br#"{"error":"invalid_grant","error_description":"AADSTS70008: The provided authorization code or refresh token has expired.\r\nTrace ID: x","error_codes":[70008]}"#,
+    ) {
+        Grant::Refused { error, description } => {
+            assert_eq!(error, "invalid_grant");
+            assert!(description.starts_with("AADSTS70008"));
+            assert!(!description.contains("Trace ID"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        matches!(read_grant(502, b"<html>bad gateway</html>"), Grant::Failed(m) if m.contains("HTTP 502"))
+    );
+}
+
+#[test]
+fn updated_secret_keeps_an_unrotated_refresh_token_and_labels_it() {
+    let now = at(NOW);
+    let old = secret(&[
+        (REFRESH_TOKEN, "r1"),
+        (ACCESS_TOKEN, "a1"),
+        (USERNAME, "alice"),
+    ]);
+    let grant: TokenResponse =
+        serde_json::from_str(r#"{"access_token":"a2","expires_in":60}"#).unwrap();
+    let new = TokenSet::from_secret(&updated_secret(Some(&old), &grant, now));
+    assert_eq!(new.refresh_token.unwrap().expose_secret(), "r1");
+    assert_eq!(new.access_token.unwrap().expose_secret(), "a2");
+    assert_eq!(new.expires_at, Some(at("2026-11-29T10:01:00Z")));
+    assert_eq!(new.username.as_deref(), Some("alice"));
+    let grant: TokenResponse =
+        serde_json::from_str(r#"{"access_token":"a3","refresh_token":"r2"}"#).unwrap();
+    let written = updated_secret(Some(&old), &grant, now);
+    assert_eq!(
+        TokenSet::from_secret(&written)
+            .refresh_token
+            .unwrap()
+            .expose_secret(),
+        "r2"
+    );
+    assert_eq!(
+        written.labels().get(TOKEN_LABEL).map(String::as_str),
+        Some("true")
+    );
+}
+
+fn spec(yaml: &str) -> IncomingMailProviderSpec {
+    serde_yaml::from_str(yaml).unwrap()
+}
+
+const OAUTH: &str = "
+server: {host: outlook.office365.com, protocol: IMAP}
+authentication:
+  method: OAuth2
+  oauth2: {provider: Microsoft, clientId: c, tokenSecretRef: {name: alice-token}}
+";
+
+#[test]
+fn login_reads_the_access_token_and_username() {
+    let objects = Fetched {
+        namespace: "ops".into(),
+        secrets: [(
+            "alice-token".to_string(),
+            secret(&[
+                (ACCESS_TOKEN, "tok-PLANTED"),
+                (USERNAME, "alice@example.com"),
+            ]),
+        )]
+        .into(),
+        ..Default::default()
+    };
+    match login(&spec(OAUTH), &objects).unwrap() {
+        Login::OAuth2 {
+            username, token, ..
+        } => {
+            assert_eq!(username, "alice@example.com");
+            assert_eq!(token.expose_secret(), "tok-PLANTED");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!format!("{:?}", login(&spec(OAUTH), &objects)).contains("PLANTED"));
+}
+
+#[test]
+fn no_token_is_authorization_required_with_the_command() {
+    let objects = Fetched {
+        namespace: "ops".into(),
+        ..Default::default()
+    };
+    let err = login(&spec(OAUTH), &objects).unwrap_err();
+    assert_eq!(err.reason(), Reason::AuthorizationRequired);
+    assert!(err.to_string().contains("mailroom authorize"), "{err}");
+    let objects = Fetched {
+        namespace: "ops".into(),
+        token_problem: Some((Reason::AuthorizationRevoked, "revoked".into())),
+        ..Default::default()
+    };
+    assert_eq!(
+        login(&spec(OAUTH), &objects).unwrap_err().reason(),
+        Reason::AuthorizationRevoked
+    );
+    assert_eq!(
+        authorize_command("alice", "ops", OAuth2Flow::DeviceCode),
+        "mailroom authorize alice -n ops --device"
+    );
+}
+
+#[test]
+fn token_form_for_refresh_and_client_credentials() {
+    let o: OAuth2Spec = serde_yaml::from_str(
+        "{provider: Microsoft, flow: ClientCredentials, tenant: contoso.com, clientId: app, clientSecretRef: {name: s}, tokenSecretRef: {name: t}}",
+    )
+    .unwrap();
+    let form = token_form(
+        &o,
+        crate::api::Protocol::Imap,
+        Plan::ClientCredentials,
+        None,
+        Some(&SecretString::from("cs")),
+    );
+    let shown: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.expose_secret())).collect();
+    assert_eq!(
+        shown,
+        [
+            ("grant_type", "client_credentials"),
+            ("client_id", "app"),
+            ("client_secret", "cs"),
+            ("scope", "https://outlook.office365.com/.default"),
+        ]
+    );
+}
