@@ -53,6 +53,8 @@ pub struct Context {
     pub tests: Semaphore,
     pub memory: Mutex<HashMap<ObjectRef<IncomingMailProvider>, schedule::Memory>>,
     pub jitter: Box<dyn schedule::Jitter>,
+    /// OAuth2: keeps access tokens fresh and writes rotated refresh tokens back.
+    pub tokens: crate::credentials::tokens::TokenManager,
 }
 
 /// Runs until SIGTERM or SIGINT, then finishes the tests in flight and returns.
@@ -116,6 +118,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         tests: Semaphore::new(settings.concurrency.max(1)),
         memory: Mutex::new(HashMap::new()),
         jitter: Box::new(schedule::RandomJitter),
+        tokens: crate::credentials::tokens::TokenManager::new(client.clone())?,
     });
 
     let shutdown = shutdown_signal().shared();

@@ -123,6 +123,8 @@ async fn reconcile_inner(
     };
 
     let fetched = ctx.objects.fetch(&ns, &refs).await.map_err(Error::Fetch)?;
+    // OAuth2: a fresh access token (refreshed, and the Secret rewritten, if needed).
+    let fetched = ctx.tokens.prepare(&p, fetched).await;
     let test = async {
         let _slot = ctx
             .tests

@@ -131,11 +131,16 @@ pub async fn post_form(
             roundtrip(tcp, request.as_bytes()).await
         }
         .map_err(|e| format!("talking to {host_header}: {e}"))?;
-        parse_response(&raw).map_err(|why| format!("{url} answered {why}"))
+        parse_response(&raw).map_err(|why| format!("answered {why}"))
     };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| format!("POST {url}: no answer within {}s", timeout.as_secs()))?
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(why)) => Err(format!("POST {url}: {why}")),
+        Err(_) => Err(format!(
+            "POST {url}: no answer within {}s",
+            timeout.as_secs()
+        )),
+    }
 }
 
 async fn roundtrip<S: AsyncRead + AsyncWrite + Unpin>(

@@ -375,6 +375,9 @@ pub fn token_tls() -> anyhow::Result<Arc<rustls::ClientConfig>> {
     Ok(Arc::new(tls))
 }
 
+/// Held while one token Secret is refreshed.
+type SecretLock = Arc<tokio::sync::Mutex<()>>;
+
 /// Keeps access tokens fresh for the controller: refreshes ahead of expiry, writes rotated
 /// refresh tokens back at once with optimistic concurrency, and never refreshes one
 /// token Secret twice at once (a per-Secret async mutex; across replicas, the
@@ -382,7 +385,7 @@ pub fn token_tls() -> anyhow::Result<Arc<rustls::ClientConfig>> {
 pub struct TokenManager {
     client: Client,
     tls: Arc<rustls::ClientConfig>,
-    locks: Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
+    locks: Mutex<HashMap<(String, String), SecretLock>>,
 }
 
 impl TokenManager {
@@ -394,7 +397,7 @@ impl TokenManager {
         })
     }
 
-    fn lock(&self, namespace: &str, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+    fn lock(&self, namespace: &str, name: &str) -> SecretLock {
         let mut locks = self.locks.lock().unwrap();
         locks.retain(|_, l| Arc::strong_count(l) > 1);
         locks
@@ -509,7 +512,7 @@ impl TokenManager {
             let what = if step == Plan::ClientCredentials {
                 "client credentials grant"
             } else {
-                "refresh"
+                "refresh of the access token"
             };
             let grant =
                 match super::http::post_form(&self.tls, &token_url, &form, TOKEN_REQUEST_TIMEOUT)
@@ -521,11 +524,20 @@ impl TokenManager {
             let response = match grant {
                 Grant::Tokens(t) => t,
                 Grant::Refused { error, description } if error == "invalid_grant" => {
-                    // Someone may have rotated the refresh token meanwhile: look again.
-                    let again = api.get_opt(secret_name).await.ok().flatten();
-                    if let Some(again) = &again
-                        && !TokenSet::from_secret(again).same_refresh_token(&used)
-                    {
+                    // Another replica (or `mailroom authorize`) may have rotated the token
+                    // meanwhile and be about to write it: look again for a moment.
+                    let mut rotated = false;
+                    for _ in 0..4 {
+                        let again = api.get_opt(secret_name).await.ok().flatten();
+                        if let Some(again) = &again
+                            && !TokenSet::from_secret(again).same_refresh_token(&used)
+                        {
+                            rotated = true;
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                    if rotated {
                         continue;
                     }
                     tracing::warn!(secret = secret_name, %error, %description, "token endpoint refused the grant");

@@ -240,3 +240,445 @@ async fn a_token_the_server_rejects_is_authentication_failed_with_its_json_decod
         assert!(!format!("{report:?}").contains(&forged), "the token leaked");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// The controller and the token manager, against the bed's test authorization server.
+
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, ListParams};
+use mailroom::credentials::tokens::{self, TokenManager};
+use mailroom_testbed::TokenServer;
+
+use crate::support::{provider, ready, trust_bed_ca};
+
+const CLIENT: &str = "mailroom-test-app";
+
+/// A provider of alice's mailbox whose tokens come from `server` (Generic by default,
+/// or Microsoft with its URLs overridden).
+fn oauth_provider(name: &str, protocol: &str, port: u16, oauth2: &str) -> String {
+    provider(
+        name,
+        protocol,
+        port,
+        "Implicit",
+        &format!("{{method: OAuth2, username: alice, oauth2: {{{oauth2}}}}}"),
+        "",
+    )
+}
+
+fn generic(server: &TokenServer, extra: &str) -> String {
+    format!(
+        "provider: Generic, clientId: {CLIENT}, tokenURL: '{}', tokenSecretRef: {{name: alice-token}}{extra}",
+        server.token_url()
+    )
+}
+
+fn rfc3339_in(secs: i64) -> String {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    now.checked_add(k8s_openapi::jiff::SignedDuration::from_secs(secs))
+        .unwrap()
+        .to_string()
+}
+
+async fn token_secret(env: &Env) -> Option<Secret> {
+    Api::<Secret>::namespaced(env.client.clone(), &env.ns)
+        .get_opt("alice-token")
+        .await
+        .unwrap()
+}
+
+fn key_of(secret: &Secret, key: &str) -> String {
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|b| String::from_utf8_lossy(&b.0).to_string())
+        .unwrap_or_default()
+}
+
+/// Controller logs, the providers as YAML and the namespace's Events, for leak checks.
+async fn outputs(env: &Env, logs: String) -> Vec<(&'static str, String)> {
+    let providers = env.kubectl(&["get", "imp", "-o", "yaml"]);
+    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
+    let events =
+        serde_json::to_string(&events.list(&ListParams::default()).await.unwrap().items).unwrap();
+    vec![
+        ("controller logs", logs),
+        (
+            "status",
+            String::from_utf8_lossy(&providers.stdout).to_string(),
+        ),
+        ("events", events),
+    ]
+}
+
+#[tokio::test]
+async fn client_credentials_is_ready_with_no_authorize_step_and_no_secret_leaks() {
+    let env = Env::new("oauth2-app").await;
+    trust_bed_ca(&env).await;
+    let server = TokenServer::start(env.bed.oauth());
+    const CLIENT_SECRET: &str = "Pl4nted-Client-Secret-41c9";
+    server.register_client(CLIENT, Some(CLIENT_SECRET), Some("alice"));
+    env.secret("app-secret", &[("client-secret", CLIENT_SECRET)])
+        .await;
+    let d = env.bed.dovecot();
+    // Microsoft's app-only flow, its token URL pointed at the test server.
+    env.apply(&oauth_provider(
+        "app",
+        "IMAP",
+        d.imaps_port(),
+        &format!(
+            "provider: Microsoft, flow: ClientCredentials, tenant: contoso.onmicrosoft.com, clientId: {CLIENT}, clientSecretRef: {{name: app-secret}}, tokenURL: '{}', tokenSecretRef: {{name: alice-token}}",
+            server.token_url()
+        ),
+    ));
+    let controller = env.controller();
+    let p = env
+        .wait_reason("app", "Connected", Duration::from_secs(60))
+        .await;
+    let message = &ready(&p).unwrap().message;
+    assert!(message.contains("OAuth2"), "{message}");
+    let secret = token_secret(&env)
+        .await
+        .expect("the controller stored the token");
+    assert_eq!(
+        secret
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(tokens::TOKEN_LABEL))
+            .map(String::as_str),
+        Some("true")
+    );
+    let access = key_of(&secret, tokens::ACCESS_TOKEN);
+    assert!(access.len() > 20);
+    for (place, text) in outputs(&env, controller.logs()).await {
+        assert!(
+            !text.contains(CLIENT_SECRET),
+            "the client secret appeared in the {place}"
+        );
+        assert!(
+            !text.contains(&access),
+            "the access token appeared in the {place}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_expired_token_is_refreshed_and_the_rotated_refresh_token_stored() {
+    let env = Env::new("oauth2-refresh").await;
+    trust_bed_ca(&env).await;
+    let server = TokenServer::start(env.bed.oauth());
+    server.register_client(CLIENT, None, None);
+    let old_refresh = server.grant("alice", CLIENT);
+    let old_access = env
+        .bed
+        .oauth()
+        .access_token("alice", Duration::from_secs(1));
+    env.secret(
+        "alice-token",
+        &[
+            ("refresh_token", &old_refresh),
+            ("access_token", &old_access),
+            ("expires_at", &rfc3339_in(-60)),
+        ],
+    )
+    .await;
+    let d = env.bed.dovecot();
+    env.apply(&oauth_provider(
+        "imap",
+        "IMAP",
+        d.imaps_port(),
+        &generic(&server, ", saslMechanism: XOAUTH2"),
+    ));
+    env.apply(&oauth_provider(
+        "pop3",
+        "POP3",
+        d.pop3s_port(),
+        &generic(&server, ", saslMechanism: OAUTHBEARER"),
+    ));
+    let controller = env.controller();
+    let imap = env
+        .wait_reason("imap", "Connected", Duration::from_secs(60))
+        .await;
+    let pop3 = env
+        .wait_reason("pop3", "Connected", Duration::from_secs(60))
+        .await;
+    assert!(
+        ready(&imap).unwrap().message.contains("XOAUTH2"),
+        "{:?}",
+        ready(&imap)
+    );
+    assert!(
+        ready(&pop3).unwrap().message.contains("OAUTHBEARER"),
+        "{:?}",
+        ready(&pop3)
+    );
+
+    let secret = token_secret(&env).await.unwrap();
+    let new_refresh = key_of(&secret, tokens::REFRESH_TOKEN);
+    let new_access = key_of(&secret, tokens::ACCESS_TOKEN);
+    assert_ne!(
+        new_refresh, old_refresh,
+        "the rotated refresh token is in the Secret"
+    );
+    assert!(
+        server.refresh_token_valid(&new_refresh),
+        "the stored refresh token works"
+    );
+    assert!(
+        !server.refresh_token_valid(&old_refresh),
+        "the old one no longer works"
+    );
+    assert_ne!(new_access, old_access);
+    assert!(
+        server.reused_refresh_tokens().is_empty(),
+        "two providers sharing one token Secret refreshed it once, not twice"
+    );
+    for (place, text) in outputs(&env, controller.logs()).await {
+        for planted in [&old_refresh, &new_refresh, &new_access] {
+            assert!(
+                !text.contains(planted.as_str()),
+                "a token appeared in the {place}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_revoked_grant_is_authorization_revoked() {
+    let env = Env::new("oauth2-revoked").await;
+    trust_bed_ca(&env).await;
+    let server = TokenServer::start(env.bed.oauth());
+    server.register_client(CLIENT, None, None);
+    let refresh = server.grant("alice", CLIENT);
+    server.revoke_user("alice");
+    env.secret(
+        "alice-token",
+        &[
+            ("refresh_token", &refresh),
+            ("access_token", "x"),
+            ("expires_at", &rfc3339_in(-60)),
+        ],
+    )
+    .await;
+    env.apply(&oauth_provider(
+        "imap",
+        "IMAP",
+        env.bed.dovecot().imaps_port(),
+        &generic(&server, ""),
+    ));
+    let _controller = env.controller();
+    let p = env
+        .wait_reason("imap", "AuthorizationRevoked", Duration::from_secs(60))
+        .await;
+    let message = &ready(&p).unwrap().message;
+    assert!(
+        message.contains("invalid_grant") && message.contains("AADSTS50173"),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!("mailroom authorize imap -n {}", env.ns)),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn a_token_server_that_is_down_leaves_a_valid_token_in_use_then_fails() {
+    let env = Env::new("oauth2-down").await;
+    trust_bed_ca(&env).await;
+    let server = TokenServer::start(env.bed.oauth());
+    server.register_client(CLIENT, None, None);
+    server.set_down(true);
+    let refresh = server.grant("alice", CLIENT);
+    // Valid for 4 more minutes: due for a refresh, still good for tests.
+    let access = env
+        .bed
+        .oauth()
+        .access_token("alice", Duration::from_secs(240));
+    env.secret(
+        "alice-token",
+        &[
+            ("refresh_token", &refresh),
+            ("access_token", &access),
+            ("expires_at", &rfc3339_in(240)),
+        ],
+    )
+    .await;
+    env.apply(&oauth_provider(
+        "imap",
+        "IMAP",
+        env.bed.dovecot().imaps_port(),
+        &generic(&server, ""),
+    ));
+    let controller = env.controller();
+    env.wait_reason("imap", "Connected", Duration::from_secs(60))
+        .await;
+    assert!(
+        controller.logs().contains("token refresh failed"),
+        "the failed refresh is logged:\n{}",
+        controller.logs()
+    );
+    // Once no valid token is left, the provider says why.
+    env.secret(
+        "alice-token",
+        &[
+            ("refresh_token", &refresh),
+            ("access_token", &access),
+            ("expires_at", &rfc3339_in(-1)),
+        ],
+    )
+    .await;
+    let p = env
+        .wait_reason("imap", "TokenRefreshFailed", Duration::from_secs(60))
+        .await;
+    let message = &ready(&p).unwrap().message;
+    assert!(message.contains(&server.token_url()), "{message}");
+    // And when the server is back, the next test refreshes.
+    server.set_down(false);
+    env.kubectl(&[
+        "annotate",
+        "imp/imap",
+        "mailroom.dev/check-requested-at=again",
+        "--overwrite",
+    ]);
+    env.wait_reason("imap", "Connected", Duration::from_secs(60))
+        .await;
+}
+
+#[tokio::test]
+async fn no_token_is_authorization_required_with_the_command() {
+    let env = Env::new("oauth2-none").await;
+    trust_bed_ca(&env).await;
+    let server = TokenServer::start(env.bed.oauth());
+    env.apply(&oauth_provider(
+        "imap",
+        "IMAP",
+        env.bed.dovecot().imaps_port(),
+        &generic(&server, ""),
+    ));
+    env.apply(&oauth_provider(
+        "dev",
+        "IMAP",
+        env.bed.dovecot().imaps_port(),
+        &generic(&server, ", flow: DeviceCode"),
+    ));
+    let _controller = env.controller();
+    let p = env
+        .wait_reason("imap", "AuthorizationRequired", Duration::from_secs(60))
+        .await;
+    let message = &ready(&p).unwrap().message;
+    assert!(
+        message.contains(&format!("`mailroom authorize imap -n {}`", env.ns)),
+        "{message}"
+    );
+    let p = env
+        .wait_reason("dev", "AuthorizationRequired", Duration::from_secs(60))
+        .await;
+    let message = &ready(&p).unwrap().message;
+    assert!(
+        message.contains(&format!("`mailroom authorize dev -n {} --device`", env.ns)),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn a_token_the_mail_server_rejects_is_authentication_failed_in_status() {
+    let env = Env::new("oauth2-rejected").await;
+    trust_bed_ca(&env).await;
+    let server = TokenServer::start(env.bed.oauth());
+    let forged = env
+        .bed
+        .oauth()
+        .forged_token("alice", Duration::from_secs(3600));
+    env.secret(
+        "alice-token",
+        &[
+            ("refresh_token", "unused"),
+            ("access_token", &forged),
+            ("expires_at", &rfc3339_in(3600)),
+        ],
+    )
+    .await;
+    env.apply(&oauth_provider(
+        "pop3",
+        "POP3",
+        env.bed.dovecot().pop3s_port(),
+        &generic(&server, ""),
+    ));
+    let controller = env.controller();
+    let p = env
+        .wait_reason("pop3", "AuthenticationFailed", Duration::from_secs(60))
+        .await;
+    let message = &ready(&p).unwrap().message;
+    assert!(message.contains("the OAuth2 error was status"), "{message}");
+    for (place, text) in outputs(&env, controller.logs()).await {
+        assert!(!text.contains(&forged), "the token appeared in the {place}");
+    }
+}
+
+#[tokio::test]
+async fn two_refreshers_racing_leave_one_valid_token() {
+    let env = Env::new("oauth2-race").await;
+    let server = TokenServer::start(env.bed.oauth());
+    server.register_client(CLIENT, None, None);
+    let p: mailroom::api::IncomingMailProvider = serde_yaml::from_str(&oauth_provider(
+        "imap",
+        "IMAP",
+        env.bed.dovecot().imaps_port(),
+        &generic(&server, ""),
+    ))
+    .unwrap();
+    let mut p = p;
+    p.metadata.namespace = Some(env.ns.clone());
+    // Two managers: two replicas, each with its own locks.
+    let a = TokenManager::new(env.client.clone()).unwrap();
+    let b = TokenManager::new(env.client.clone()).unwrap();
+    for round in 0..15 {
+        server.revoke_user("alice");
+        let refresh = server.grant("alice", CLIENT);
+        env.secret(
+            "alice-token",
+            &[
+                ("refresh_token", &refresh),
+                ("access_token", "stale"),
+                ("expires_at", &rfc3339_in(-60)),
+            ],
+        )
+        .await;
+        let fetched = || mailroom::credentials::Fetched {
+            namespace: env.ns.clone(),
+            ..Default::default()
+        };
+        let (fa, fb) = tokio::join!(a.prepare(&p, fetched()), b.prepare(&p, fetched()));
+        for (who, f) in [("a", &fa), ("b", &fb)] {
+            assert!(
+                f.token_problem.is_none(),
+                "round {round}: replica {who}: {:?}",
+                f.token_problem
+            );
+            let login = mailroom::credentials::login(&p.spec, f).unwrap();
+            let report = probe::run(
+                &target(Protocol::Imap, env.bed.dovecot().imaps_port()),
+                &login,
+            )
+            .await;
+            assert!(
+                report.passed(),
+                "round {round}: replica {who}'s token: {:?}",
+                report.failure
+            );
+        }
+        let stored = key_of(&token_secret(&env).await.unwrap(), tokens::REFRESH_TOKEN);
+        assert!(
+            server.refresh_token_valid(&stored),
+            "round {round}: the Secret's refresh token no longer works"
+        );
+        assert_eq!(
+            server.live_refresh_tokens("alice"),
+            vec![stored],
+            "round {round}: one valid token"
+        );
+    }
+}

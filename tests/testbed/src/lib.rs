@@ -14,6 +14,7 @@ mod maildir;
 mod oauth;
 mod process;
 mod state;
+mod token_server;
 mod unix_user;
 mod versions;
 
@@ -24,6 +25,7 @@ pub use control_plane::ControlPlaneInfo;
 pub use dovecot::{Account, CertKind, Dovecot, DovecotInfo, DovecotOptions, MAIL_HOST};
 pub use oauth::OAuthKey;
 pub use state::BedState;
+pub use token_server::TokenServer;
 pub use versions::Binaries;
 
 /// The environment variable naming the state folder of a running `testbed up` to reuse.

@@ -1,0 +1,446 @@
+//! A small OAuth2 authorization server for tests, in-process, on loopback: the token
+//! endpoint of RFC 6749 (refresh_token, client_credentials and authorization_code grants
+//! with PKCE, RFC 7636), issuing HS256 JWT access tokens signed with the bed's key so that
+//! the bed's Dovecot accepts them. Refresh tokens rotate: each use returns a new one and
+//! the old one stops working. Errors are answered the way Microsoft's v2.0 endpoint does:
+//! `invalid_grant` (and `invalid_client`) with an `AADSTS…` code in `error_description`.
+//!
+//! Tests steer it: grant a user a refresh token (what a completed sign-in leaves), revoke,
+//! take the server "down" (connections are dropped unanswered), count token requests.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde_json::{Value, json};
+
+use crate::oauth::OAuthKey;
+
+#[derive(Clone)]
+struct Grant {
+    user: String,
+    client_id: String,
+}
+
+#[derive(Clone)]
+struct Client {
+    secret: Option<String>,
+    /// The mailbox user an app-only (client credentials) token is issued for.
+    app_user: Option<String>,
+}
+
+#[derive(Clone)]
+struct Code {
+    grant: Grant,
+    redirect_uri: String,
+    challenge: String,
+}
+
+#[derive(Default)]
+struct State {
+    clients: HashMap<String, Client>,
+    refresh: HashMap<String, Grant>,
+    /// Refresh tokens that were rotated away or revoked, and why (an AADSTS text).
+    dead: HashMap<String, &'static str>,
+    codes: HashMap<String, Code>,
+    access_ttl: Option<Duration>,
+    down: bool,
+    token_requests: usize,
+    /// Refresh tokens presented (to prove none was used twice).
+    presented: Vec<String>,
+    issued_access: HashSet<String>,
+}
+
+/// The running server; stops when dropped.
+pub struct TokenServer {
+    addr: SocketAddr,
+    key: OAuthKey,
+    state: Arc<Mutex<State>>,
+    stop: Arc<AtomicBool>,
+}
+
+const AADSTS_INVALID: &str = "AADSTS70000: The provided value for the input parameter 'refresh_token' or 'assertion' is not valid.";
+const AADSTS_REVOKED: &str = "AADSTS50173: The provided grant has expired due to it being revoked, a fresh auth token is needed. The user might have changed or reset their password.";
+const AADSTS_ROTATED: &str = "AADSTS70008: The provided authorization code or refresh token has expired. Send a new interactive authorization request for this user and resource.";
+
+fn random_token(prefix: &str) -> String {
+    let mut bytes = [0u8; 24];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .expect("randomness");
+    format!("{prefix}{}", URL_SAFE_NO_PAD.encode(bytes))
+}
+
+impl TokenServer {
+    /// Starts the server on 127.0.0.1 with tokens signed by `key`.
+    pub fn start(key: OAuthKey) -> TokenServer {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding the token server");
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(State::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, k, halt) = (state.clone(), key.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if halt.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let (s, k) = (s.clone(), k.clone());
+                std::thread::spawn(move || {
+                    let _ = serve(conn, &s, &k);
+                });
+            }
+        });
+        TokenServer {
+            addr,
+            key,
+            state,
+            stop,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn token_url(&self) -> String {
+        format!("{}/token", self.url())
+    }
+
+    pub fn authorization_url(&self) -> String {
+        format!("{}/authorize", self.url())
+    }
+
+    /// Registers a client; `app_user` is the mailbox its client-credentials tokens are for.
+    pub fn register_client(&self, id: &str, secret: Option<&str>, app_user: Option<&str>) {
+        self.state.lock().unwrap().clients.insert(
+            id.into(),
+            Client {
+                secret: secret.map(str::to_string),
+                app_user: app_user.map(str::to_string),
+            },
+        );
+    }
+
+    /// A refresh token for `user` and `client_id`, as a completed sign-in leaves it.
+    pub fn grant(&self, user: &str, client_id: &str) -> String {
+        let token = random_token("rt-");
+        self.state.lock().unwrap().refresh.insert(
+            token.clone(),
+            Grant {
+                user: user.into(),
+                client_id: client_id.into(),
+            },
+        );
+        token
+    }
+
+    /// Revokes every refresh token of `user`.
+    pub fn revoke_user(&self, user: &str) {
+        let mut st = self.state.lock().unwrap();
+        let gone: Vec<String> = st
+            .refresh
+            .iter()
+            .filter(|(_, g)| g.user == user)
+            .map(|(t, _)| t.clone())
+            .collect();
+        for t in gone {
+            st.refresh.remove(&t);
+            st.dead.insert(t, AADSTS_REVOKED);
+        }
+    }
+
+    /// Whether a refresh token would still be accepted.
+    pub fn refresh_token_valid(&self, token: &str) -> bool {
+        self.state.lock().unwrap().refresh.contains_key(token)
+    }
+
+    /// The valid refresh tokens of `user`.
+    pub fn live_refresh_tokens(&self, user: &str) -> Vec<String> {
+        self.state
+            .lock()
+            .unwrap()
+            .refresh
+            .iter()
+            .filter(|(_, g)| g.user == user)
+            .map(|(t, _)| t.clone())
+            .collect()
+    }
+
+    /// Down: connections are accepted and dropped without an answer.
+    pub fn set_down(&self, down: bool) {
+        self.state.lock().unwrap().down = down;
+    }
+
+    /// The lifetime of access tokens issued from now on (default one hour).
+    pub fn set_access_ttl(&self, ttl: Duration) {
+        self.state.lock().unwrap().access_ttl = Some(ttl);
+    }
+
+    /// Token requests answered so far.
+    pub fn token_requests(&self) -> usize {
+        self.state.lock().unwrap().token_requests
+    }
+
+    /// Refresh tokens presented more than once (each may be used once).
+    pub fn reused_refresh_tokens(&self) -> Vec<String> {
+        let st = self.state.lock().unwrap();
+        let mut seen = HashSet::new();
+        st.presented
+            .iter()
+            .filter(|t| !seen.insert(*t))
+            .cloned()
+            .collect()
+    }
+
+    /// The key tokens are signed with.
+    pub fn key(&self) -> &OAuthKey {
+        &self.key
+    }
+
+    /// Simulates the user's browser after sign-in: for an authorization URL this server
+    /// issued, returns the redirect URL (`redirect_uri?code=...&state=...`) the browser
+    /// would be sent to, for `user`.
+    pub fn sign_in(&self, authorization_url: &str, user: &str) -> Result<String, String> {
+        let query = authorization_url
+            .split_once('?')
+            .map(|(_, q)| q)
+            .ok_or("no query in the authorization URL")?;
+        let params = parse_form(query);
+        let get = |k: &str| params.get(k).cloned().ok_or(format!("no {k} in the URL"));
+        let client_id = get("client_id")?;
+        let redirect_uri = get("redirect_uri")?;
+        let state = get("state")?;
+        if get("response_type")? != "code" {
+            return Err("response_type must be code".into());
+        }
+        if get("code_challenge_method")? != "S256" {
+            return Err("code_challenge_method must be S256".into());
+        }
+        let challenge = get("code_challenge")?;
+        let mut st = self.state.lock().unwrap();
+        if !st.clients.contains_key(&client_id) {
+            return Err(format!("unknown client {client_id}"));
+        }
+        let code = random_token("code-");
+        st.codes.insert(
+            code.clone(),
+            Code {
+                grant: Grant {
+                    user: user.into(),
+                    client_id,
+                },
+                redirect_uri: redirect_uri.clone(),
+                challenge,
+            },
+        );
+        Ok(format!("{redirect_uri}?code={code}&state={state}"))
+    }
+}
+
+impl Drop for TokenServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+fn parse_form(text: &str) -> HashMap<String, String> {
+    text.split('&')
+        .filter(|p| !p.is_empty())
+        .filter_map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            Some((decode(k)?, decode(v)?))
+        })
+        .collect()
+}
+
+fn decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+fn serve(conn: TcpStream, state: &Mutex<State>, key: &OAuthKey) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    if state.lock().unwrap().down {
+        drop(conn);
+        return Ok(());
+    }
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    let mut length = 0usize;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0u8; length.min(64 * 1024)];
+    reader.read_exact(&mut body)?;
+    let mut parts = request_line.split_whitespace();
+    let method = parts.next().unwrap_or_default();
+    let path = parts.next().unwrap_or_default();
+    let (status, answer) = match (method, path.split('?').next().unwrap_or_default()) {
+        ("POST", "/token") => {
+            let form = parse_form(&String::from_utf8_lossy(&body));
+            token(&mut state.lock().unwrap(), key, &form)
+        }
+        _ => (404, json!({"error": "not_found"})),
+    };
+    let text = answer.to_string();
+    let reason = if status == 200 { "OK" } else { "Bad Request" };
+    let mut conn = conn;
+    write!(
+        conn,
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json; charset=utf-8\r\nCache-Control: no-store\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+        text.len()
+    )?;
+    conn.flush()
+}
+
+fn error(status: u16, error: &str, description: &str) -> (u16, Value) {
+    (
+        status,
+        json!({"error": error, "error_description": format!("{description}\r\nTrace ID: 00000000-0000-0000-0000-000000000000\r\nTimestamp: 2026-11-29 10:00:00Z"), "error_codes": [70000]}),
+    )
+}
+
+fn token(st: &mut State, key: &OAuthKey, form: &HashMap<String, String>) -> (u16, Value) {
+    st.token_requests += 1;
+    let get = |k: &str| form.get(k).map(String::as_str).unwrap_or_default();
+    let client_id = get("client_id");
+    let Some(client) = st.clients.get(client_id).cloned() else {
+        return error(
+            400,
+            "unauthorized_client",
+            &format!(
+                "AADSTS700016: Application with identifier '{client_id}' was not found in the directory."
+            ),
+        );
+    };
+    if let Some(secret) = &client.secret
+        && form.contains_key("client_secret")
+        && get("client_secret") != secret
+    {
+        return error(
+            401,
+            "invalid_client",
+            "AADSTS7000215: Invalid client secret provided.",
+        );
+    }
+    let grant = match get("grant_type") {
+        "refresh_token" => {
+            let presented = get("refresh_token").to_string();
+            st.presented.push(presented.clone());
+            match st.refresh.remove(&presented) {
+                Some(g) if g.client_id == client_id => g,
+                Some(g) => {
+                    st.refresh.insert(presented, g);
+                    return error(400, "invalid_grant", AADSTS_INVALID);
+                }
+                None => {
+                    let why = st.dead.get(&presented).copied().unwrap_or(AADSTS_INVALID);
+                    return error(400, "invalid_grant", why);
+                }
+            }
+        }
+        "client_credentials" => {
+            if client.secret.is_none() || !form.contains_key("client_secret") {
+                return error(
+                    401,
+                    "invalid_client",
+                    "AADSTS7000218: The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
+                );
+            }
+            let Some(user) = client.app_user.clone() else {
+                return error(
+                    400,
+                    "unauthorized_client",
+                    "AADSTS700016: the application has no app-only access.",
+                );
+            };
+            let access =
+                key.access_token(&user, st.access_ttl.unwrap_or(Duration::from_secs(3600)));
+            st.issued_access.insert(access.clone());
+            return (
+                200,
+                json!({"token_type": "Bearer", "expires_in": st.access_ttl.unwrap_or(Duration::from_secs(3600)).as_secs(), "access_token": access}),
+            );
+        }
+        "authorization_code" => {
+            let Some(code) = st.codes.remove(get("code")) else {
+                return error(
+                    400,
+                    "invalid_grant",
+                    "AADSTS70008: The provided authorization code or refresh token has expired.",
+                );
+            };
+            if code.redirect_uri != get("redirect_uri") {
+                return error(
+                    400,
+                    "invalid_grant",
+                    "AADSTS50011: The redirect URI specified in the request does not match.",
+                );
+            }
+            let digest =
+                ring::digest::digest(&ring::digest::SHA256, get("code_verifier").as_bytes());
+            if URL_SAFE_NO_PAD.encode(digest.as_ref()) != code.challenge {
+                return error(
+                    400,
+                    "invalid_grant",
+                    "AADSTS501481: The Code_Verifier does not match the code_challenge supplied in the authorization request.",
+                );
+            }
+            code.grant
+        }
+        other => {
+            return error(
+                400,
+                "unsupported_grant_type",
+                &format!("AADSTS70003: The app requested an unsupported grant type '{other}'."),
+            );
+        }
+    };
+    if let Some(old) = form.get("refresh_token") {
+        st.dead.insert(old.clone(), AADSTS_ROTATED);
+    }
+    let ttl = st.access_ttl.unwrap_or(Duration::from_secs(3600));
+    let access = key.access_token(&grant.user, ttl);
+    let refresh = random_token("rt-");
+    st.refresh.insert(refresh.clone(), grant.clone());
+    st.issued_access.insert(access.clone());
+    (
+        200,
+        json!({
+            "token_type": "Bearer",
+            "scope": "https://outlook.office.com/IMAP.AccessAsUser.All",
+            "expires_in": ttl.as_secs(),
+            "access_token": access,
+            "refresh_token": refresh,
+        }),
+    )
+}
