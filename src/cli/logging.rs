@@ -9,9 +9,12 @@ pub enum LogFormat {
 }
 
 pub fn init(format: LogFormat, filter: &str) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
     let filter = EnvFilter::try_new(filter)?;
+    // Colours only for a person at a terminal; files and collectors get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -51,6 +51,25 @@ pub struct ControllerArgs {
     /// Log filter (tracing's EnvFilter syntax, e.g. info or mailroom=debug).
     #[arg(long, env = "MAILROOM_LOG", default_value = "info")]
     pub log: String,
+    /// Address of /metrics, /healthz and /readyz ("off" serves nothing; port 0 picks one).
+    #[arg(long, env = "MAILROOM_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: String,
+    /// Per-provider metric series (namespace and name as labels); off by default to keep
+    /// the number of series small.
+    #[arg(long, env = "MAILROOM_PER_PROVIDER_METRICS")]
+    pub per_provider_metrics: bool,
+    /// Test only while holding a Lease, so that of several replicas exactly one tests.
+    #[arg(long, env = "MAILROOM_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+    /// The Lease's name.
+    #[arg(long, env = "MAILROOM_LEASE_NAME", default_value = "mailroom")]
+    pub lease_name: String,
+    /// The Lease's namespace; the pod's own (POD_NAMESPACE) or the kubeconfig's when absent.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// How long the Lease holds without renewal, in seconds: a standby takes over within it.
+    #[arg(long, env = "MAILROOM_LEASE_DURATION", default_value_t = 15)]
+    pub lease_duration: u64,
 }
 
 /// Runs the command line; returns the process exit code.
@@ -64,16 +83,45 @@ pub async fn main() -> anyhow::Result<i32> {
         Command::Controller(args) => {
             logging::init(args.log_format, &args.log)?;
             let client = kube::Client::try_default().await?;
+            let metrics_addr = match args.metrics_addr.as_str() {
+                "" | "off" => None,
+                addr => Some(
+                    addr.parse()
+                        .map_err(|e| anyhow::anyhow!("--metrics-addr {addr:?}: {e}"))?,
+                ),
+            };
+            let lease = args
+                .leader_election
+                .then(|| crate::controller::LeaseSettings {
+                    name: args.lease_name.clone(),
+                    namespace: args
+                        .lease_namespace
+                        .clone()
+                        .unwrap_or_else(|| client.default_namespace().to_string()),
+                    identity: identity(),
+                    duration: std::time::Duration::from_secs(args.lease_duration),
+                });
             let settings = crate::controller::Settings {
                 namespaces: args.namespaces,
                 concurrency: args.concurrency,
                 per_host: args.per_host_concurrency,
+                metrics_addr,
+                per_provider_metrics: args.per_provider_metrics,
+                lease,
             };
             crate::controller::run(client, settings).await?;
             Ok(0)
         }
         Command::Check(args) => check::run(args).await,
     }
+}
+
+/// Who holds the Lease: the pod's name in a cluster, else host and process.
+fn identity() -> String {
+    std::env::var("POD_NAME").unwrap_or_else(|_| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    })
 }
 
 /// The CRD exactly as `crds/incomingmailprovider.yaml` holds it.

@@ -3,7 +3,9 @@
 //! The decisions live in pure modules (`schedule`, `status`); this module reads, calls
 //! them, and writes.
 
+mod http;
 mod limits;
+pub mod metrics;
 mod objects;
 mod reconcile;
 pub mod schedule;
@@ -22,6 +24,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
+use kube_lease_manager::LeaseManagerBuilder;
 use tokio::sync::Semaphore;
 
 use crate::api::IncomingMailProvider;
@@ -42,6 +45,22 @@ pub struct Settings {
     pub concurrency: usize,
     /// Tests running at once against one mail host.
     pub per_host: usize,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; None serves nothing.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Per-provider series (namespace and name as labels) besides the aggregates.
+    pub per_provider_metrics: bool,
+    /// Run only while holding this Lease; None runs at once (a single replica).
+    pub lease: Option<LeaseSettings>,
+}
+
+/// The Lease that elects the one replica that tests.
+#[derive(Clone, Debug)]
+pub struct LeaseSettings {
+    pub name: String,
+    pub namespace: String,
+    pub identity: String,
+    /// How long a lease holds without renewal; a standby takes over within this.
+    pub duration: Duration,
 }
 
 /// Shared by every reconcile.
@@ -55,10 +74,107 @@ pub struct Context {
     pub jitter: Box<dyn schedule::Jitter>,
     /// OAuth2: keeps access tokens fresh and writes rotated refresh tokens back.
     pub tokens: crate::credentials::tokens::TokenManager,
+    pub metrics: Arc<metrics::Metrics>,
 }
 
-/// Runs until SIGTERM or SIGINT, then finishes the tests in flight and returns.
+/// Runs until SIGTERM or SIGINT, then finishes the tests in flight, releases the lease
+/// and returns. With a lease, tests run only while this replica holds it, and stop at
+/// once when it is lost.
 pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
+    let metrics = Arc::new(metrics::Metrics::new(settings.per_provider_metrics));
+    let readiness = Arc::new(http::Readiness::default());
+    let _server = match settings.metrics_addr {
+        Some(addr) => {
+            let (bound, task) = http::serve(addr, metrics.clone(), readiness.clone()).await?;
+            tracing::info!(address = %bound, "serving /metrics, /healthz and /readyz");
+            Some(AbortOnDrop(task))
+        }
+        None => None,
+    };
+    let shutdown = shutdown_signal().shared();
+    let Some(lease) = &settings.lease else {
+        metrics.set_leader(true);
+        return run_controllers(client, &settings, metrics, readiness, shutdown).await;
+    };
+
+    let manager = LeaseManagerBuilder::new(client.clone(), &lease.name)
+        .with_namespace(&lease.namespace)
+        .with_identity(&lease.identity)
+        .with_duration(lease.duration.as_secs().max(2))
+        .with_grace((lease.duration.as_secs() / 3).max(1))
+        .build()
+        .await?;
+    let (mut leading, task) = manager.watch().await;
+    tracing::info!(lease = %lease.name, namespace = %lease.namespace, identity = %lease.identity, "waiting for the lease");
+    loop {
+        readiness.standby();
+        while !*leading.borrow_and_update() {
+            tokio::select! {
+                changed = leading.changed() => changed.map_err(|_| anyhow::anyhow!("the lease manager stopped"))?,
+                _ = shutdown.clone() => return release(leading, task).await,
+            }
+        }
+        tracing::info!(lease = %lease.name, "holding the lease: testing");
+        metrics.set_leader(true);
+        let lost = async {
+            while leading.changed().await.is_ok() {
+                if !*leading.borrow() {
+                    break;
+                }
+            }
+        };
+        tokio::select! {
+            result = run_controllers(client.clone(), &settings, metrics.clone(), readiness.clone(), shutdown.clone()) => {
+                metrics.set_leader(false);
+                release(leading, task).await?;
+                return result;
+            }
+            _ = lost => {
+                // Dropping the controllers cancels the tests in flight: another replica leads now.
+                tracing::warn!(lease = %lease.name, "lost the lease: testing stopped");
+                metrics.set_leader(false);
+            }
+        }
+    }
+}
+
+/// Gives the lease up so a standby takes over at once instead of after its duration.
+async fn release(
+    leading: tokio::sync::watch::Receiver<bool>,
+    task: tokio::task::JoinHandle<
+        Result<kube_lease_manager::LeaseManager, kube_lease_manager::LeaseManagerError>,
+    >,
+) -> anyhow::Result<()> {
+    drop(leading);
+    match tokio::time::timeout(Duration::from_secs(10), task).await {
+        Ok(Ok(Ok(manager))) => {
+            manager.release().await?;
+            tracing::info!("released the lease");
+        }
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the lease manager failed"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "the lease manager task failed"),
+        Err(_) => tracing::warn!("the lease manager did not stop within 10s"),
+    }
+    Ok(())
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The controllers (one per watched scope) until `shutdown`.
+async fn run_controllers(
+    client: Client,
+    settings: &Settings,
+    metrics: Arc<metrics::Metrics>,
+    readiness: Arc<http::Readiness>,
+    shutdown: futures::future::Shared<futures::future::BoxFuture<'static, ()>>,
+) -> anyhow::Result<()> {
+    readiness.syncing();
     let scopes: Vec<Option<String>> = if settings.namespaces.is_empty() {
         vec![None]
     } else {
@@ -119,9 +235,8 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         memory: Mutex::new(HashMap::new()),
         jitter: Box::new(schedule::RandomJitter),
         tokens: crate::credentials::tokens::TokenManager::new(client.clone())?,
+        metrics,
     });
-
-    let shutdown = shutdown_signal().shared();
     let mut controllers = Vec::new();
     let mut provider_stores = Vec::new();
     for ((scope, secret_stream), cm_stream) in scopes.iter().zip(secret_streams).zip(cm_streams) {
@@ -161,11 +276,24 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
                 .boxed(),
         );
     }
-    let sweeper = sweep(ctx.clone(), provider_stores);
+    let sweeper = sweep(ctx.clone(), provider_stores.clone());
+    let synced = async {
+        let providers = provider_stores.iter().map(|s| s.wait_until_ready().boxed());
+        let all = futures::future::join_all(providers)
+            .await
+            .iter()
+            .all(Result::is_ok);
+        if all && ctx.objects.ready().await {
+            readiness.synced();
+            tracing::info!("caches synced");
+        }
+        futures::future::pending::<()>().await
+    };
     tracing::info!(namespaces = ?settings.namespaces, "controller started");
     tokio::select! {
         _ = futures::future::join_all(controllers) => {}
         _ = sweeper => {}
+        _ = synced => {}
     }
     tracing::info!("controller stopped");
     Ok(())
@@ -203,6 +331,11 @@ async fn sweep(ctx: Arc<Context>, stores: Vec<Store<IncomingMailProvider>>) {
             .map(|p| ObjectRef::from_obj(&**p))
             .collect();
         ctx.memory.lock().unwrap().retain(|k, _| live.contains(k));
+        let named: HashSet<_> = live
+            .iter()
+            .map(|r| (r.namespace.clone().unwrap_or_default(), r.name.clone()))
+            .collect();
+        ctx.metrics.retain_providers(&named);
         let used: HashSet<_> = providers
             .iter()
             .flat_map(|p| {
@@ -216,7 +349,11 @@ async fn sweep(ctx: Arc<Context>, stores: Vec<Store<IncomingMailProvider>>) {
     }
 }
 
-async fn shutdown_signal() {
+fn shutdown_signal() -> futures::future::BoxFuture<'static, ()> {
+    wait_for_signal().boxed()
+}
+
+async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {

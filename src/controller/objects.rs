@@ -48,21 +48,26 @@ impl Objects {
     }
 
     /// Waits until every metadata store has listed once: before that, "absent" would be
-    /// a guess, and a test on a guess is a test to repeat.
+    /// a guess, and a test on a guess is a test to repeat. Polled, because a reconcile
+    /// parked on the stores' own readiness futures was seen not to be woken.
     pub async fn ready(&self) -> bool {
-        let waits = self
-            .secrets
-            .iter()
-            .map(|s| s.wait_until_ready().boxed())
-            .chain(
-                self.config_maps
-                    .iter()
-                    .map(|s| s.wait_until_ready().boxed()),
-            );
-        futures::future::join_all(waits)
-            .await
-            .iter()
-            .all(Result::is_ok)
+        loop {
+            let pending = self
+                .secrets
+                .iter()
+                .map(|s| s.wait_until_ready().now_or_never())
+                .chain(
+                    self.config_maps
+                        .iter()
+                        .map(|s| s.wait_until_ready().now_or_never()),
+                )
+                .find(|state| !matches!(state, Some(Ok(()))));
+            match pending {
+                None => return true,
+                Some(Some(Err(_))) => return false,
+                _ => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            }
+        }
     }
 
     /// The resourceVersion of a referenced object, or None when it does not exist.

@@ -147,6 +147,12 @@ async fn reconcile_inner(
         }
     };
     let finished = Timestamp::now();
+    let seconds = outcome.report.as_ref().map(|r| r.duration.as_secs_f64());
+    ctx.metrics.test_finished(
+        outcome.endpoint.protocol.as_str(),
+        outcome.reason.as_str(),
+        seconds,
+    );
     let sctx = StatusContext {
         now: finished,
         ..sctx
@@ -192,7 +198,7 @@ async fn write(
     api: &Api<IncomingMailProvider>,
     p: &IncomingMailProvider,
     status: &IncomingMailProviderStatus,
-    _ctx: &Context,
+    ctx: &Context,
 ) -> Result<(), Error> {
     let patch = json!({
         "apiVersion": IncomingMailProvider::api_version(&()),
@@ -206,6 +212,12 @@ async fn write(
     )
     .await
     .map_err(Error::WriteStatus)?;
+    ctx.metrics.api_write("status");
+    if let Some(ready) = status::ready(Some(status)) {
+        let ns = p.namespace().unwrap_or_default();
+        ctx.metrics
+            .provider_ready(&ns, &p.name_any(), Some((&ready.status, &ready.reason)));
+    }
     Ok(())
 }
 
@@ -234,8 +246,9 @@ async fn announce(
         action: "Test".into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&event, &p.object_ref(&())).await {
-        warn!(error = %e, "could not record an Event");
+    match ctx.recorder.publish(&event, &p.object_ref(&())).await {
+        Ok(()) => ctx.metrics.api_write("event"),
+        Err(e) => warn!(error = %e, "could not record an Event"),
     }
 }
 

@@ -6,6 +6,7 @@ mod cli;
 mod failures;
 mod lifecycle;
 mod oauth2;
+mod operations;
 mod readiness;
 mod secrecy;
 mod support;

@@ -101,12 +101,17 @@ impl Env {
         }
     }
 
-    /// Starts `mailroom controller` for this namespace, as it runs in production.
+    /// Starts `mailroom controller` for this namespace, as it runs in production (leader
+    /// election on, with this test's own Lease; metrics on a free port).
     pub fn controller(&self) -> Controller {
-        let log = self.dir.path().join(format!(
-            "controller-{}.log",
-            Instant::now().elapsed().as_nanos()
-        ));
+        self.controller_with(&[])
+    }
+
+    /// The same, with extra arguments.
+    pub fn controller_with(&self, extra: &[&str]) -> Controller {
+        static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = self.dir.path().join(format!("controller-{n}.log"));
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(MAILROOM)
             .args([
@@ -116,6 +121,15 @@ impl Env {
                 "--log",
                 "info,mailroom=debug",
             ])
+            .args([
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--lease-namespace",
+                &self.ns,
+                "--lease-duration",
+                "6",
+            ])
+            .args(extra)
             .env("KUBECONFIG", self.bed.kubeconfig_path())
             .stdout(file.try_clone().unwrap())
             .stderr(file)
@@ -199,6 +213,36 @@ impl Controller {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The address it serves /metrics, /healthz and /readyz on, from its log.
+    pub async fn http_addr(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let logs = self.logs();
+            if let Some(rest) = logs.split("address=").nth(1) {
+                return rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the controller never said where it serves metrics:\n{logs}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// GET `path` from its HTTP endpoint: (status code, body).
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        http_get(&self.http_addr().await, path)
+    }
+
+    /// Counts the tests it logged.
+    pub fn tests(&self) -> usize {
+        self.logs().matches(" tested").count()
+    }
+
     /// Sends SIGTERM and waits for a clean exit; returns the exit status.
     pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         unsafe { libc_kill(self.child.id() as i32, 15) };
@@ -228,6 +272,26 @@ impl Drop for Controller {
             let _ = self.child.wait();
         }
     }
+}
+
+/// A plain HTTP/1.0 GET: (status code, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut conn =
+        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    write!(conn, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    conn.read_to_string(&mut text).unwrap();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
 }
 
 unsafe extern "C" {

@@ -1,0 +1,273 @@
+//! Prometheus metrics. Labels are bounded sets (protocol, reason, Ready status) unless
+//! per-provider series are switched on: a fleet of thousands must not become thousands of
+//! series by default. No secret, host or user name is ever a label value.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TestLabels {
+    protocol: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProtocolLabels {
+    protocol: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReadyLabels {
+    ready: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProviderLabels {
+    namespace: String,
+    name: String,
+    reason: String,
+}
+
+/// The `result` label values of `mailroom_token_refreshes_total`.
+pub const TOKEN_REFRESH_RESULTS: [&str; 3] = ["refreshed", "failed", "revoked"];
+
+/// Every series mailroom exports.
+pub struct Metrics {
+    registry: Registry,
+    tests: Family<TestLabels, Counter>,
+    duration: Family<ProtocolLabels, Histogram>,
+    providers: Family<ReadyLabels, Gauge>,
+    writes: Family<KindLabels, Counter>,
+    token_refreshes: Family<ResultLabels, Counter>,
+    leader: Gauge,
+    per_provider: Option<Family<ProviderLabels, Gauge>>,
+    /// Ready status (and reason) last written per provider, for the gauges.
+    ready: Mutex<HashMap<(String, String), (String, String)>>,
+}
+
+impl Metrics {
+    pub fn new(per_provider: bool) -> Metrics {
+        let mut registry = Registry::with_prefix("mailroom");
+        let tests = Family::<TestLabels, Counter>::default();
+        registry.register(
+            "tests",
+            "Tests run, by protocol and Ready reason",
+            tests.clone(),
+        );
+        let duration = Family::<ProtocolLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.005, 2.0, 14))
+        });
+        registry.register(
+            "test_duration_seconds",
+            "How long one test took",
+            duration.clone(),
+        );
+        let providers = Family::<ReadyLabels, Gauge>::default();
+        registry.register(
+            "providers",
+            "Providers by the status of their Ready condition",
+            providers.clone(),
+        );
+        let writes = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "api_writes",
+            "Writes to the API server, by kind (status, event)",
+            writes.clone(),
+        );
+        let token_refreshes = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "token_refreshes",
+            "OAuth2 token refreshes, by result",
+            token_refreshes.clone(),
+        );
+        // Initialised so that rates and alerts work before the first refresh.
+        for result in TOKEN_REFRESH_RESULTS {
+            let _ = token_refreshes.get_or_create(&ResultLabels {
+                result: result.into(),
+            });
+        }
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica holds the lease and tests providers",
+            leader.clone(),
+        );
+        let per_provider = per_provider.then(|| {
+            let family = Family::<ProviderLabels, Gauge>::default();
+            registry.register(
+                "provider_ready",
+                "1 when the provider is Ready, else 0 (per provider)",
+                family.clone(),
+            );
+            family
+        });
+        Metrics {
+            registry,
+            tests,
+            duration,
+            providers,
+            writes,
+            token_refreshes,
+            leader,
+            per_provider,
+            ready: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A finished test; `seconds` is None when it stopped before connecting.
+    pub fn test_finished(&self, protocol: &str, reason: &str, seconds: Option<f64>) {
+        self.tests
+            .get_or_create(&TestLabels {
+                protocol: protocol.into(),
+                reason: reason.into(),
+            })
+            .inc();
+        if let Some(seconds) = seconds {
+            self.duration
+                .get_or_create(&ProtocolLabels {
+                    protocol: protocol.into(),
+                })
+                .observe(seconds);
+        }
+    }
+
+    pub fn api_write(&self, kind: &str) {
+        self.writes
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .inc();
+    }
+
+    pub fn token_refresh(&self, result: &str) {
+        self.token_refreshes
+            .get_or_create(&ResultLabels {
+                result: result.into(),
+            })
+            .inc();
+    }
+
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
+    }
+
+    /// Records a provider's Ready status ("True", "False", "Unknown"), or None when it is gone.
+    pub fn provider_ready(&self, namespace: &str, name: &str, ready: Option<(&str, &str)>) {
+        let key = (namespace.to_string(), name.to_string());
+        let mut map = self.ready.lock().unwrap();
+        let before = match ready {
+            Some((status, reason)) => {
+                map.insert(key.clone(), (status.to_string(), reason.to_string()))
+            }
+            None => map.remove(&key),
+        };
+        if let Some((status, reason)) = &before {
+            self.providers
+                .get_or_create(&ReadyLabels {
+                    ready: status.clone(),
+                })
+                .dec();
+            if let Some(f) = &self.per_provider {
+                f.remove(&ProviderLabels {
+                    namespace: key.0.clone(),
+                    name: key.1.clone(),
+                    reason: reason.clone(),
+                });
+            }
+        }
+        if let Some((status, reason)) = ready {
+            self.providers
+                .get_or_create(&ReadyLabels {
+                    ready: status.into(),
+                })
+                .inc();
+            if let Some(f) = &self.per_provider {
+                let labels = ProviderLabels {
+                    namespace: key.0,
+                    name: key.1,
+                    reason: reason.into(),
+                };
+                f.get_or_create(&labels).set(i64::from(status == "True"));
+            }
+        }
+    }
+
+    /// Forgets providers not in `live`.
+    pub fn retain_providers(&self, live: &std::collections::HashSet<(String, String)>) {
+        let gone: Vec<_> = self
+            .ready
+            .lock()
+            .unwrap()
+            .keys()
+            .filter(|k| !live.contains(*k))
+            .cloned()
+            .collect();
+        for (ns, name) in gone {
+            self.provider_ready(&ns, &name, None);
+        }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_gauges_follow_transitions_and_deletions() {
+        let m = Metrics::new(false);
+        m.provider_ready("ops", "a", Some(("True", "Connected")));
+        m.provider_ready("ops", "b", Some(("False", "AuthenticationFailed")));
+        m.provider_ready("ops", "b", Some(("True", "Connected")));
+        let text = m.encode();
+        assert!(
+            text.contains("mailroom_providers{ready=\"True\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mailroom_providers{ready=\"False\"} 0"),
+            "{text}"
+        );
+        m.retain_providers(&[("ops".to_string(), "a".to_string())].into());
+        assert!(m.encode().contains("mailroom_providers{ready=\"True\"} 1"));
+        assert!(
+            !m.encode().contains("ops"),
+            "no provider names without per-provider series"
+        );
+    }
+
+    #[test]
+    fn per_provider_series_only_when_asked() {
+        let m = Metrics::new(true);
+        m.provider_ready("ops", "a", Some(("False", "Timeout")));
+        let text = m.encode();
+        assert!(
+            text.contains(
+                "mailroom_provider_ready{namespace=\"ops\",name=\"a\",reason=\"Timeout\"} 0"
+            ),
+            "{text}"
+        );
+    }
+}

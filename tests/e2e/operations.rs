@@ -1,0 +1,196 @@
+//! Running it as in a cluster: health and metrics endpoints, and two replicas of which
+//! exactly one tests, the other taking over when the leader dies.
+
+use std::time::{Duration, Instant};
+
+use crate::support::{ALICE_AUTH, Env, provider, trust_bed_ca};
+
+async fn two_providers(prefix: &str) -> Env {
+    let env = Env::new(prefix).await;
+    trust_bed_ca(&env).await;
+    let (user, password) = env.bed.dovecot().account("alice");
+    env.secret("alice", &[("username", &user), ("password", &password)])
+        .await;
+    let d = env.bed.dovecot();
+    env.apply(&provider(
+        "imaps",
+        "IMAP",
+        d.imaps_port(),
+        "Implicit",
+        ALICE_AUTH,
+        "",
+    ));
+    env.apply(&provider(
+        "pop3s",
+        "POP3",
+        d.pop3s_port(),
+        "Implicit",
+        ALICE_AUTH,
+        "",
+    ));
+    env
+}
+
+#[tokio::test]
+async fn metrics_health_and_readiness_are_served() {
+    let env = two_providers("metrics").await;
+    let controller = env.controller();
+    env.wait_reason("imaps", "Connected", Duration::from_secs(60))
+        .await;
+    env.wait_reason("pop3s", "Connected", Duration::from_secs(60))
+        .await;
+    assert_eq!(controller.get("/healthz").await.0, 200);
+    let (code, body) = controller.get("/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    let (code, metrics) = controller.get("/metrics").await;
+    assert_eq!(code, 200);
+    for series in [
+        "mailroom_tests_total{protocol=\"IMAP\",reason=\"Connected\"} 1",
+        "mailroom_tests_total{protocol=\"POP3\",reason=\"Connected\"} 1",
+        "mailroom_test_duration_seconds_bucket{",
+        "mailroom_providers{ready=\"True\"} 2",
+        "mailroom_api_writes_total{kind=\"status\"}",
+        "mailroom_api_writes_total{kind=\"event\"} 2",
+        "mailroom_leader 1",
+        "mailroom_token_refreshes_total{result=\"refreshed\"} 0",
+    ] {
+        assert!(
+            metrics.contains(series),
+            "{series} missing from /metrics:\n{metrics}"
+        );
+    }
+    assert!(
+        !metrics.contains(&env.ns) && !metrics.contains("imaps"),
+        "no provider names by default:\n{metrics}"
+    );
+    assert!(
+        !metrics.contains(&mailroom_testbed::MAIL_HOST.to_string()),
+        "no hosts as labels:\n{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_controller_that_cannot_sync_is_alive_but_not_ready() {
+    let env = Env::new("notready").await;
+    // A kubeconfig whose server accepts connections and never answers: lists never finish.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let kubeconfig = env.dir.path().join("silent.kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: 'http://127.0.0.1:{port}'}}}}]\n\
+             users: [{{name: u, user: {{}}}}]\ncontexts: [{{name: x, context: {{cluster: c, user: u}}}}]\ncurrent-context: x\n"
+        ),
+    )
+    .unwrap();
+    let log = env.dir.path().join("notready.log");
+    let child = std::process::Command::new(crate::support::MAILROOM)
+        .args([
+            "controller",
+            "--namespace",
+            &env.ns,
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--leader-election=false",
+        ])
+        .env("KUBECONFIG", &kubeconfig)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let controller = crate::support::Controller { child, log };
+    let (health, _) = controller.get("/healthz").await;
+    let (ready, body) = controller.get("/readyz").await;
+    drop(silent);
+    assert_eq!(health, 200);
+    assert_eq!(ready, 503, "not ready before the caches sync: {body}");
+}
+
+#[tokio::test]
+async fn of_two_replicas_one_tests_and_the_other_takes_over_when_it_dies() {
+    let env = two_providers("leader").await;
+    let mut a = env.controller();
+    let mut b = env.controller();
+    env.wait_reason("imaps", "Connected", Duration::from_secs(60))
+        .await;
+    env.wait_reason("pop3s", "Connected", Duration::from_secs(60))
+        .await;
+    // Both providers tested once, by one replica only; the other stands by.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.tests() + b.tests() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (leader, standby) = if a.tests() > 0 {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    assert_eq!(
+        leader.tests(),
+        2,
+        "the leader tests each provider once:\n{}",
+        leader.logs()
+    );
+    assert_eq!(
+        standby.tests(),
+        0,
+        "the standby tests nothing:\n{}",
+        standby.logs()
+    );
+    assert_eq!(
+        standby.get("/readyz").await.0,
+        200,
+        "a standby is ready to take over"
+    );
+    assert!(
+        standby
+            .get("/metrics")
+            .await
+            .1
+            .contains("mailroom_leader 0")
+    );
+
+    // SIGKILL: no chance to release the lease. The standby must take over within the
+    // lease duration (6s here) and act on a request for a test.
+    leader.child.kill().unwrap();
+    leader.child.wait().unwrap();
+    let killed = Instant::now();
+    let out = env.kubectl(&[
+        "annotate",
+        "imp/imaps",
+        "mailroom.dev/check-requested-at=after-failover",
+        "--overwrite",
+    ]);
+    assert!(out.status.success());
+    env.wait(
+        "imaps",
+        "the request handled by the new leader",
+        Duration::from_secs(30),
+        |p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.last_handled_check_request.as_deref())
+                == Some("after-failover")
+        },
+    )
+    .await;
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(6 + 5), "take-over took {took:?}");
+    assert!(
+        standby.tests() >= 1,
+        "the standby should test now:\n{}",
+        standby.logs()
+    );
+    eprintln!("failover handled the request {took:?} after the leader was killed");
+
+    // A graceful stop releases the lease (logged), so a successor need not wait.
+    let status = standby
+        .terminate(Duration::from_secs(15))
+        .expect("exits on SIGTERM");
+    assert!(status.success());
+    assert!(
+        standby.logs().contains("released the lease"),
+        "{}",
+        standby.logs()
+    );
+}
