@@ -145,19 +145,7 @@ fn main() {
     });
 
     if std::env::var_os("MAILROOM_BENCH_PROFILE").is_some() {
-        let target = Arc::new(Target {
-            host: mailroom_testbed::MAIL_HOST.to_string(),
-            port: dovecot.imaps_port(),
-            protocol: Protocol::Imap,
-            tls_mode: TlsMode::Implicit,
-            trust: Trust {
-                extra_roots_pem: Some(pem.clone()),
-                server_name: None,
-                insecure_skip_verify: false,
-            },
-            mailbox: "INBOX".into(),
-            timeout: Duration::from_secs(30),
-        });
+        let target = implicit_tls(Protocol::Imap, dovecot.imaps_port(), &pem);
         let m = rt.block_on(mailroom_run(target.clone(), login.clone(), tests, 1));
         println!(
             "mailroom IMAPS sequential, multi-thread runtime: {:.2} ms client CPU per test",
@@ -200,19 +188,7 @@ fn main() {
         ("IMAPS", Protocol::Imap, "imap", dovecot.imaps_port()),
         ("POP3S", Protocol::Pop3, "pop3", dovecot.pop3s_port()),
     ] {
-        let target = Arc::new(Target {
-            host: mailroom_testbed::MAIL_HOST.to_string(),
-            port,
-            protocol,
-            tls_mode: TlsMode::Implicit,
-            trust: Trust {
-                extra_roots_pem: Some(pem.clone()),
-                server_name: None,
-                insecure_skip_verify: false,
-            },
-            mailbox: "INBOX".into(),
-            timeout: Duration::from_secs(30),
-        });
+        let target = implicit_tls(protocol, port, &pem);
         // Warm up both sides (Dovecot's auth cache, login processes).
         rt.block_on(mailroom_run(target.clone(), login.clone(), 16, 4));
         for conc in [1, 8, 32] {
@@ -242,6 +218,23 @@ fn main() {
             100.0 * rate / ceiling
         );
     }
+}
+
+/// The bed's server over implicit TLS, trusting the bed's CA.
+fn implicit_tls(protocol: Protocol, port: u16, ca_pem: &[u8]) -> Arc<Target> {
+    Arc::new(Target {
+        host: mailroom_testbed::MAIL_HOST.to_string(),
+        port,
+        protocol,
+        tls_mode: TlsMode::Implicit,
+        trust: Trust {
+            extra_roots_pem: Some(ca_pem.to_vec()),
+            server_name: None,
+            insecure_skip_verify: false,
+        },
+        mailbox: "INBOX".into(),
+        timeout: Duration::from_secs(30),
+    })
 }
 
 fn dovecot_version() -> String {

@@ -103,19 +103,13 @@ async fn reconcile_inner(
         Ok(wait) => {
             if memory.is_none() {
                 // First sight after a restart: adopt the schedule the status implies.
-                let next_due = now
-                    .checked_add(SignedDuration::try_from(wait).unwrap_or_default())
-                    .unwrap_or(now);
-                let request = request.map(str::to_string);
-                ctx.memory.lock().unwrap().insert(
-                    key,
-                    Memory {
-                        generation,
-                        request,
-                        references: fingerprint,
-                        next_due,
-                    },
-                );
+                let next = Memory {
+                    generation,
+                    request: request.map(str::to_string),
+                    references: fingerprint,
+                    next_due: after(now, wait),
+                };
+                ctx.memory.lock().unwrap().insert(key, next);
             }
             return Ok(Action::requeue(wait));
         }
@@ -176,20 +170,20 @@ async fn reconcile_inner(
 
     let failures = u32::try_from(new.consecutive_failures).unwrap_or(u32::MAX);
     let wait = schedule::next_wait(interval, failures, &*ctx.jitter);
-    let next_due = finished
-        .checked_add(SignedDuration::try_from(wait).unwrap_or_default())
-        .unwrap_or(finished);
-    let request = request.map(str::to_string);
-    ctx.memory.lock().unwrap().insert(
-        key,
-        Memory {
-            generation,
-            request,
-            references: fingerprint,
-            next_due,
-        },
-    );
+    let next = Memory {
+        generation,
+        request: request.map(str::to_string),
+        references: fingerprint,
+        next_due: after(finished, wait),
+    };
+    ctx.memory.lock().unwrap().insert(key, next);
     Ok(Action::requeue(wait))
+}
+
+/// `at` plus `wait`, saturating.
+fn after(at: Timestamp, wait: Duration) -> Timestamp {
+    at.checked_add(SignedDuration::try_from(wait).unwrap_or_default())
+        .unwrap_or(at)
 }
 
 /// Server-side apply of the whole status, by one field manager: fields mailroom no longer

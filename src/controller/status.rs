@@ -116,30 +116,29 @@ pub fn after_test(old: Option<&Status>, outcome: &Outcome, ctx: &Context) -> Sta
 
 /// The status while `spec.suspend` is true: Ready Unknown, the rest as last seen.
 pub fn suspended(old: Option<&Status>, ctx: &Context) -> Status {
-    let mut new = old.cloned().unwrap_or_default();
-    new.observed_generation = ctx.generation;
-    set_condition(
-        &mut new.conditions,
-        READY,
-        "Unknown",
-        Reason::Suspended.as_str(),
+    unknown(
+        old,
+        ctx,
+        Reason::Suspended,
         "spec.suspend is true: no tests run until it is false",
-        ctx.generation,
-        ctx.now,
-    );
-    new
+    )
 }
 
 /// The status of a provider whose first test has not finished.
 pub fn checking(old: Option<&Status>, ctx: &Context) -> Status {
+    unknown(old, ctx, Reason::Checking, "the first test is running")
+}
+
+/// Ready Unknown for `reason`, everything else as last seen.
+fn unknown(old: Option<&Status>, ctx: &Context, reason: Reason, message: &str) -> Status {
     let mut new = old.cloned().unwrap_or_default();
     new.observed_generation = ctx.generation;
     set_condition(
         &mut new.conditions,
         READY,
         "Unknown",
-        Reason::Checking.as_str(),
-        "the first test is running",
+        reason.as_str(),
+        message,
         ctx.generation,
         ctx.now,
     );
