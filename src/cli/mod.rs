@@ -70,6 +70,13 @@ pub struct ControllerArgs {
     /// How long the Lease holds without renewal, in seconds: a standby takes over within it.
     #[arg(long, env = "MAILROOM_LEASE_DURATION", default_value_t = 15)]
     pub lease_duration: u64,
+    /// This replica's shard (0-based) when providers are split over several replicas.
+    #[arg(long, env = "MAILROOM_SHARD_INDEX", default_value_t = 0)]
+    pub shard_index: u32,
+    /// How many shards the providers are split into, each tested by its own replica (and
+    /// Lease); every provider belongs to exactly one, by a stable hash of namespace/name.
+    #[arg(long, env = "MAILROOM_SHARD_COUNT", default_value_t = 1)]
+    pub shard_count: u32,
 }
 
 /// Runs the command line; returns the process exit code.
@@ -90,10 +97,17 @@ pub async fn main() -> anyhow::Result<i32> {
                         .map_err(|e| anyhow::anyhow!("--metrics-addr {addr:?}: {e}"))?,
                 ),
             };
+            let shard = crate::controller::shard::Shard::new(args.shard_index, args.shard_count)
+                .map_err(|e| anyhow::anyhow!(e))?;
             let lease = args
                 .leader_election
                 .then(|| crate::controller::LeaseSettings {
-                    name: args.lease_name.clone(),
+                    // Each shard elects its own replica.
+                    name: if shard.count > 1 {
+                        format!("{}-shard-{}", args.lease_name, shard.index)
+                    } else {
+                        args.lease_name.clone()
+                    },
                     namespace: args
                         .lease_namespace
                         .clone()
@@ -108,6 +122,7 @@ pub async fn main() -> anyhow::Result<i32> {
                 metrics_addr,
                 per_provider_metrics: args.per_provider_metrics,
                 lease,
+                shard,
             };
             crate::controller::run(client, settings).await?;
             Ok(0)

@@ -9,6 +9,7 @@ pub mod metrics;
 mod objects;
 mod reconcile;
 pub mod schedule;
+pub mod shard;
 pub mod status;
 
 use std::collections::{HashMap, HashSet};
@@ -51,6 +52,8 @@ pub struct Settings {
     pub per_provider_metrics: bool,
     /// Run only while holding this Lease; None runs at once (a single replica).
     pub lease: Option<LeaseSettings>,
+    /// Which providers this replica tests.
+    pub shard: shard::Shard,
 }
 
 /// The Lease that elects the one replica that tests.
@@ -75,6 +78,7 @@ pub struct Context {
     /// OAuth2: keeps access tokens fresh and writes rotated refresh tokens back.
     pub tokens: crate::credentials::tokens::TokenManager,
     pub metrics: Arc<metrics::Metrics>,
+    pub shard: shard::Shard,
 }
 
 /// Runs until SIGTERM or SIGINT, then finishes the tests in flight, releases the lease
@@ -236,6 +240,7 @@ async fn run_controllers(
         jitter: Box::new(schedule::RandomJitter),
         tokens: crate::credentials::tokens::TokenManager::new(client.clone())?,
         metrics,
+        shard: settings.shard,
     });
     let mut controllers = Vec::new();
     let mut provider_stores = Vec::new();

@@ -45,6 +45,10 @@ async fn reconcile_inner(
     ctx: Arc<Context>,
     ns: String,
 ) -> Result<Action, Error> {
+    if !ctx.shard.owns(&ns, &p.name_any()) {
+        // Another replica's: it tests and writes this one.
+        return Ok(Action::await_change());
+    }
     if tokio::time::timeout(Duration::from_secs(30), ctx.objects.ready()).await != Ok(true) {
         return Err(Error::NotSynced);
     }

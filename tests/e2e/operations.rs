@@ -194,3 +194,71 @@ async fn of_two_replicas_one_tests_and_the_other_takes_over_when_it_dies() {
         standby.logs()
     );
 }
+
+#[tokio::test]
+async fn three_shards_test_each_provider_exactly_once_and_resharding_loses_none() {
+    use mailroom::controller::shard::shard_of;
+    let env = Env::new("shards").await;
+    trust_bed_ca(&env).await;
+    let (user, password) = env.bed.dovecot().account("alice");
+    env.secret("alice", &[("username", &user), ("password", &password)])
+        .await;
+    let port = env.bed.dovecot().imaps_port();
+    let names: Vec<String> = (0..12).map(|i| format!("box-{i:02}")).collect();
+    for name in &names {
+        env.apply(&provider(name, "IMAP", port, "Implicit", ALICE_AUTH, ""));
+    }
+    let mut shards: Vec<_> = (0..3)
+        .map(|i| env.controller_with(&["--shard-index", &i.to_string(), "--shard-count", "3"]))
+        .collect();
+    for name in &names {
+        env.wait_reason(name, "Connected", Duration::from_secs(60))
+            .await;
+    }
+    for (i, c) in shards.iter().enumerate() {
+        let expected = names
+            .iter()
+            .filter(|n| shard_of(&env.ns, n, 3) == i as u32)
+            .count();
+        assert_eq!(
+            c.tests(),
+            expected,
+            "shard {i} should test its {expected} providers once:\n{}",
+            c.logs()
+        );
+    }
+    for c in &mut shards {
+        assert!(
+            c.terminate(Duration::from_secs(15))
+                .is_some_and(|s| s.success())
+        );
+    }
+
+    // Two replicas now: every provider still belongs to one of them.
+    let _two: Vec<_> = (0..2)
+        .map(|i| env.controller_with(&["--shard-index", &i.to_string(), "--shard-count", "2"]))
+        .collect();
+    for name in &names {
+        let out = env.kubectl(&[
+            "annotate",
+            &format!("imp/{name}"),
+            "mailroom.dev/check-requested-at=reshard",
+            "--overwrite",
+        ]);
+        assert!(out.status.success());
+    }
+    for name in &names {
+        env.wait(
+            name,
+            "the request handled after re-sharding",
+            Duration::from_secs(30),
+            |p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.last_handled_check_request.as_deref())
+                    == Some("reshard")
+            },
+        )
+        .await;
+    }
+}
