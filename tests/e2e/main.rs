@@ -2,6 +2,7 @@
 //! controller running as it does in production. One bed per run of this binary; each
 //! test works in its own namespace.
 
+mod chart;
 mod cli;
 mod failures;
 mod lifecycle;

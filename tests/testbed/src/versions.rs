@@ -15,15 +15,14 @@ pub struct Binaries {
     pub etcd: PathBuf,
     pub kube_apiserver: PathBuf,
     pub kubectl: PathBuf,
-    /// Built only where the machine lacks helm, and only if versions.sh names it.
-    pub helm: Option<PathBuf>,
+    /// For the chart's tests (helm lint, template, install into the bed).
+    pub helm: PathBuf,
     pub dovecot: PathBuf,
     pub k8s_version: String,
 }
 
 impl Binaries {
     /// Locates every binary and fails with the "not prepared" message if one is missing.
-    /// Helm is optional for the bed itself and is not checked here.
     pub fn locate() -> Result<Binaries> {
         let vars = parse(VERSIONS_SH, &|name| std::env::var(name).ok());
         let get = |key: &str| -> Result<String> {
@@ -37,7 +36,7 @@ impl Binaries {
             etcd: PathBuf::from(get("ETCD_BIN")?),
             kube_apiserver: PathBuf::from(get("KUBE_APISERVER_BIN")?),
             kubectl: PathBuf::from(get("KUBECTL_BIN")?),
-            helm: vars.get("HELM_BIN").map(PathBuf::from),
+            helm: PathBuf::from(get("HELM_BIN")?),
             dovecot: find_dovecot(),
             k8s_version: get("K8S_VERSION")?,
             cache_root,
@@ -46,6 +45,7 @@ impl Binaries {
             &bins.etcd,
             &bins.kube_apiserver,
             &bins.kubectl,
+            &bins.helm,
             &bins.dovecot,
         ] {
             if !is_executable(path) {
@@ -60,7 +60,7 @@ impl Binaries {
 pub fn not_prepared(missing: &Path, cache: &Path) -> String {
     format!(
         "the test bed is not prepared: {} is missing; run tests/testbed/prepare (installs Dovecot \
-         with apt-get and builds etcd, kube-apiserver and kubectl with Go into {})",
+         with apt-get and builds etcd, kube-apiserver, kubectl and helm with Go into {})",
         missing.display(),
         cache.display()
     )
@@ -179,6 +179,11 @@ mod tests {
             vars["KUBECTL_BIN"]
         );
         assert!(vars["ETCD_BIN"].ends_with("/etcd"));
+        assert!(
+            vars["HELM_BIN"].starts_with("/home/u/.cache/mailroom-testbed/helm-v3."),
+            "{}",
+            vars["HELM_BIN"]
+        );
     }
 
     #[test]
@@ -208,7 +213,7 @@ mod tests {
         assert_eq!(
             msg,
             "the test bed is not prepared: /c/etcd is missing; run tests/testbed/prepare (installs \
-             Dovecot with apt-get and builds etcd, kube-apiserver and kubectl with Go into /c)"
+             Dovecot with apt-get and builds etcd, kube-apiserver, kubectl and helm with Go into /c)"
         );
     }
 }

@@ -1,0 +1,79 @@
+{{/* The release's base name: the release name when it already says mailroom. */}}
+{{- define "mailroom.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "mailroom.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "mailroom.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "mailroom.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "mailroom.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "mailroom.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: mailroom
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "mailroom.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "mailroom.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "mailroom.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The controller's rules on providers, Events, Secrets and ConfigMaps: one list for the
+ClusterRole (every namespace) and the Roles (watchNamespaces).
+*/}}
+{{- define "mailroom.controllerRules" -}}
+- apiGroups: [mailroom.dev]
+  resources: [incomingmailproviders]
+  verbs: [get, list, watch]
+- apiGroups: [mailroom.dev]
+  resources: [incomingmailproviders/status]
+  verbs: [patch]
+- apiGroups: ["", events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get, list, watch]
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, list, watch]
+{{- if .Values.oauth2.tokenRotation }}
+# oauth2.tokenRotation: the OAuth2 token manager writes rotated refresh tokens (and the
+# cached access token) back into the provider's tokenSecretRef Secret, with
+# resourceVersion for optimistic concurrency (update), creating it when missing (create).
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [create, update]
+{{- end }}
+{{- end -}}

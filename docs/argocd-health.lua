@@ -1,0 +1,31 @@
+-- Argo CD health check for mailroom.dev/IncomingMailProvider (docs/gitops.md).
+-- Ready True -> Healthy; Ready False -> Degraded; Ready Unknown, no status yet, or a
+-- status older than the spec (observedGeneration behind metadata.generation) ->
+-- Progressing; suspended (spec.suspend) -> Suspended. The message is the Ready reason
+-- and message, as `kubectl describe imp` shows them.
+local hs = {status = "Progressing", message = "Waiting for the first test"}
+if obj.status == nil then
+  return hs
+end
+local generation = obj.metadata.generation
+local observed = obj.status.observedGeneration
+if generation ~= nil and (observed == nil or observed < generation) then
+  hs.message = "Waiting for a test of generation " .. tostring(generation)
+  return hs
+end
+if obj.status.conditions ~= nil then
+  for _, condition in ipairs(obj.status.conditions) do
+    if condition.type == "Ready" then
+      if condition.status == "True" then
+        hs.status = "Healthy"
+      elseif condition.status == "False" then
+        hs.status = "Degraded"
+      elseif condition.reason == "Suspended" then
+        hs.status = "Suspended"
+      end
+      hs.message = (condition.reason or "") .. ": " .. (condition.message or "")
+      return hs
+    end
+  end
+end
+return hs

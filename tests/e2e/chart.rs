@@ -1,0 +1,1744 @@
+//! The Helm chart (charts/mailroom): what `helm template` renders (security context, the
+//! controller's RBAC rules exactly, the CRD and its keep annotation, namespaced installs),
+//! what `helm install`, `upgrade` and `uninstall` do on the bed's API server, the
+//! controller running with the chart's ServiceAccount token and nothing more, the user
+//! roles, and the GitOps health checks of docs/gitops.md against real providers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::{ALICE_AUTH, Env, provider, trust_bed_ca};
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/mailroom");
+
+fn repo_file(path: &str) -> String {
+    let full = format!("{REPO}/{path}");
+    std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("reading {full}: {e}"))
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// helm from the bed's cache, with its own config/cache/data folders, and the bed's admin
+/// kubeconfig when it talks to the API server.
+struct Helm {
+    bin: PathBuf,
+    home: tempfile::TempDir,
+    kubeconfig: Option<PathBuf>,
+}
+
+impl Helm {
+    fn offline() -> Helm {
+        let bins = mailroom_testbed::Binaries::locate().unwrap_or_else(|e| panic!("{e:#}"));
+        Helm {
+            bin: bins.helm,
+            home: tempfile::tempdir().unwrap(),
+            kubeconfig: None,
+        }
+    }
+
+    fn on_bed(env: &Env) -> Helm {
+        Helm {
+            bin: env.bed.binaries().helm.clone(),
+            home: tempfile::tempdir().unwrap(),
+            kubeconfig: Some(env.bed.kubeconfig_path().to_path_buf()),
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let h = self.home.path();
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args)
+            .env("HELM_CONFIG_HOME", h.join("config"))
+            .env("HELM_CACHE_HOME", h.join("cache"))
+            .env("HELM_DATA_HOME", h.join("data"))
+            .env_remove("HELM_NAMESPACE")
+            .env_remove("HELM_KUBECONTEXT");
+        match &self.kubeconfig {
+            Some(k) => cmd.env("KUBECONFIG", k),
+            None => cmd.env("KUBECONFIG", h.join("no-cluster")),
+        };
+        cmd.output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", self.bin.display()))
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "expected `helm {}` to succeed; it said:\n{}",
+            args.join(" "),
+            text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `helm template` of the chart; every document, parsed.
+    fn render(&self, release: &str, ns: &str, values: &[&str]) -> Vec<Value> {
+        let mut args = vec!["template", release, CHART, "-n", ns];
+        args.extend_from_slice(values);
+        parse_documents(&self.ok(&args))
+    }
+}
+
+fn parse_documents(yaml: &str) -> Vec<Value> {
+    use serde::Deserialize;
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|doc| serde_yaml::Value::deserialize(doc).expect("helm renders valid YAML"))
+        .filter(|v| !v.is_null())
+        .map(|v| serde_json::to_value(v).unwrap())
+        .collect()
+}
+
+fn kind(doc: &Value) -> &str {
+    doc["kind"].as_str().unwrap_or_default()
+}
+
+fn name(doc: &Value) -> &str {
+    doc["metadata"]["name"].as_str().unwrap_or_default()
+}
+
+fn namespace(doc: &Value) -> &str {
+    doc["metadata"]["namespace"].as_str().unwrap_or_default()
+}
+
+/// (kind, namespace, name) of every document.
+fn objects(docs: &[Value]) -> BTreeSet<(String, String, String)> {
+    docs.iter()
+        .map(|d| (kind(d).into(), namespace(d).into(), name(d).into()))
+        .collect()
+}
+
+fn only<'a>(docs: &'a [Value], kind_: &str) -> &'a Value {
+    let found: Vec<_> = docs.iter().filter(|d| kind(d) == kind_).collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected exactly one {kind_}; rendered: {:?}",
+        objects(docs)
+    );
+    found[0]
+}
+
+fn find<'a>(docs: &'a [Value], kind_: &str, name_: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| kind(d) == kind_ && name(d) == name_)
+        .unwrap_or_else(|| {
+            panic!(
+                "expected a {kind_} named {name_}; rendered: {:?}",
+                objects(docs)
+            )
+        })
+}
+
+/// One permission: (API group, resource, verb, resource name or "*").
+type Permission = (String, String, String, String);
+
+/// The atomic permissions a list of RBAC rules grants.
+fn permissions(rules: &Value) -> BTreeSet<Permission> {
+    let list = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| a.iter().map(|s| s.as_str().unwrap().to_string()).collect())
+            .unwrap_or_default()
+    };
+    let mut set = BTreeSet::new();
+    for rule in rules.as_array().expect("rules") {
+        let names = list(&rule["resourceNames"]);
+        let names = if names.is_empty() {
+            vec!["*".to_string()]
+        } else {
+            names
+        };
+        for g in list(&rule["apiGroups"]) {
+            for r in list(&rule["resources"]) {
+                for v in list(&rule["verbs"]) {
+                    for n in &names {
+                        set.insert((g.clone(), r.clone(), v.clone(), n.clone()));
+                    }
+                }
+            }
+        }
+    }
+    set
+}
+
+fn perms(list: &[(&str, &str, &[&str], &str)]) -> BTreeSet<Permission> {
+    let mut set = BTreeSet::new();
+    for (g, r, verbs, n) in list {
+        for v in *verbs {
+            set.insert((g.to_string(), r.to_string(), v.to_string(), n.to_string()));
+        }
+    }
+    set
+}
+
+/// What the controller may do with providers, Events, Secrets and ConfigMaps (point 2 of
+/// the chart's RBAC model, docs/security.md); Secrets create/update only for OAuth2
+/// token rotation.
+fn controller_permissions(token_rotation: bool) -> BTreeSet<Permission> {
+    let mut p = perms(&[
+        (
+            "mailroom.dev",
+            "incomingmailproviders",
+            &["get", "list", "watch"],
+            "*",
+        ),
+        (
+            "mailroom.dev",
+            "incomingmailproviders/status",
+            &["patch"],
+            "*",
+        ),
+        ("", "events", &["create", "patch"], "*"),
+        ("events.k8s.io", "events", &["create", "patch"], "*"),
+        ("", "configmaps", &["get", "list", "watch"], "*"),
+        ("", "secrets", &["get", "list", "watch"], "*"),
+    ]);
+    if token_rotation {
+        p.extend(perms(&[("", "secrets", &["create", "update"], "*")]));
+    }
+    p
+}
+
+/// The Lease: create (a name cannot be granted before the object exists), and the rest
+/// on the one Lease only.
+fn lease_permissions(lease: &str) -> BTreeSet<Permission> {
+    perms(&[
+        ("coordination.k8s.io", "leases", &["create"], "*"),
+        (
+            "coordination.k8s.io",
+            "leases",
+            &["get", "update", "patch"],
+            lease,
+        ),
+    ])
+}
+
+fn container(docs: &[Value]) -> &Value {
+    let deployment = only(docs, "Deployment");
+    let containers = deployment["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap();
+    assert_eq!(containers.len(), 1, "one container");
+    &containers[0]
+}
+
+fn args(docs: &[Value]) -> Vec<String> {
+    container(docs)["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Without a cluster: the files and what helm renders.
+
+#[test]
+fn the_charts_crd_is_the_generated_crd() {
+    assert!(
+        repo_file("charts/mailroom/files/incomingmailprovider.yaml")
+            == repo_file("crds/incomingmailprovider.yaml"),
+        "charts/mailroom/files/incomingmailprovider.yaml differs from crds/incomingmailprovider.yaml: \
+         run `cp crds/incomingmailprovider.yaml charts/mailroom/files/`"
+    );
+}
+
+#[test]
+fn helm_lint_is_clean_with_default_and_full_values() {
+    let helm = Helm::offline();
+    for values in [
+        vec![],
+        vec![
+            "--set-json",
+            r#"watchNamespaces=["team-a","team-b"]"#,
+            "--set",
+            "replicas=2,networkPolicy.enabled=true,metrics.serviceMonitor.enabled=true,metrics.perProvider=true",
+            "--set-json",
+            r#"networkPolicy.apiServer.cidrs=["10.0.0.1/32"]"#,
+        ],
+    ] {
+        let mut args = vec!["lint", "--strict", CHART];
+        args.extend_from_slice(&values);
+        let out = helm.ok(&args);
+        assert!(
+            !out.contains("[WARNING]") && !out.contains("[ERROR]"),
+            "helm lint {values:?}:\n{out}"
+        );
+    }
+}
+
+#[test]
+fn the_values_schema_refuses_what_the_chart_cannot_use() {
+    let helm = Helm::offline();
+    for bad in [
+        "logging.format=xml",
+        "replicas=-1",
+        "metrics.port=70000",
+        "no.such.value=1",
+    ] {
+        let out = helm.run(&["template", "r", CHART, "--set", bad]);
+        assert!(
+            !out.status.success() && text(&out).contains("schema"),
+            "expected the schema to refuse --set {bad}; helm said:\n{}",
+            text(&out)
+        );
+    }
+    let out = helm.run(&[
+        "template",
+        "r",
+        CHART,
+        "--set-json",
+        r#"watchNamespaces=["Not_A_Namespace"]"#,
+    ]);
+    assert!(!out.status.success(), "a namespace name that cannot exist");
+    let out = helm.run(&[
+        "template",
+        "r",
+        CHART,
+        "--set",
+        "replicas=2,leaderElection.enabled=false",
+    ]);
+    assert!(
+        !out.status.success() && text(&out).contains("leaderElection.enabled"),
+        "two replicas without a Lease would test every provider twice; helm said:\n{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn every_value_is_documented_in_the_charts_readme() {
+    let values: serde_yaml::Value = serde_yaml::from_str(&repo_file("charts/mailroom/values.yaml"))
+        .expect("values.yaml parses");
+    let readme = repo_file("charts/mailroom/README.md");
+    // Kubernetes-shaped values are documented as a whole.
+    const WHOLE: [&str; 5] = [
+        "resources",
+        "podSecurityContext",
+        "securityContext",
+        "probes.liveness",
+        "probes.readiness",
+    ];
+    fn leaves(prefix: &str, v: &serde_yaml::Value, out: &mut Vec<String>) {
+        match v {
+            serde_yaml::Value::Mapping(m) if !m.is_empty() && !WHOLE.contains(&prefix) => {
+                for (k, v) in m {
+                    let k = k.as_str().unwrap();
+                    let path = if prefix.is_empty() {
+                        k.to_string()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    leaves(&path, v, out);
+                }
+            }
+            _ => out.push(prefix.to_string()),
+        }
+    }
+    let mut paths = Vec::new();
+    leaves("", &values, &mut paths);
+    let missing: Vec<_> = paths
+        .iter()
+        .filter(|p| !readme.contains(&format!("`{p}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "charts/mailroom/README.md does not document {missing:?}"
+    );
+}
+
+#[test]
+fn the_default_deployment_is_locked_down() {
+    let docs = Helm::offline().render("mailroom", "mailroom-system", &[]);
+    let deployment = only(&docs, "Deployment");
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(deployment["spec"]["replicas"], 1);
+    assert_eq!(pod["serviceAccountName"], "mailroom");
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(pod["securityContext"]["runAsUser"], 65532);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    let c = container(&docs);
+    assert_eq!(c["image"], "ghcr.io/mailroom-dev/mailroom:0.1.0");
+    let sc = &c["securityContext"];
+    assert_eq!(sc["allowPrivilegeEscalation"], false, "{sc}");
+    assert_eq!(sc["readOnlyRootFilesystem"], true, "{sc}");
+    assert_eq!(sc["runAsNonRoot"], true, "{sc}");
+    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]), "{sc}");
+    assert!(sc["capabilities"].get("add").is_none(), "{sc}");
+    assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault", "{sc}");
+    for kind_ in ["requests", "limits"] {
+        for r in ["cpu", "memory"] {
+            assert!(
+                c["resources"][kind_][r].is_string(),
+                "resources.{kind_}.{r} missing: {}",
+                c["resources"]
+            );
+        }
+    }
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(c["livenessProbe"]["httpGet"]["port"], "metrics");
+    assert_eq!(c["ports"][0]["name"], "metrics");
+    assert_eq!(c["ports"][0]["containerPort"], 8080);
+    let env: BTreeMap<&str, &str> = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap(),
+                e["valueFrom"]["fieldRef"]["fieldPath"]
+                    .as_str()
+                    .unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(env.get("POD_NAME"), Some(&"metadata.name"), "{env:?}");
+    assert_eq!(
+        env.get("POD_NAMESPACE"),
+        Some(&"metadata.namespace"),
+        "{env:?}"
+    );
+    let a = args(&docs);
+    assert_eq!(a[0], "controller", "{a:?}");
+    for expected in [
+        "--log-format=json",
+        "--log=info",
+        "--metrics-addr=0.0.0.0:8080",
+        "--leader-election=true",
+        "--lease-name=mailroom",
+    ] {
+        assert!(a.iter().any(|x| x == expected), "{expected} not in {a:?}");
+    }
+    assert!(
+        !a.iter().any(|x| x.starts_with("--namespace")),
+        "every namespace by default: {a:?}"
+    );
+
+    let service = only(&docs, "Service");
+    assert_eq!(service["spec"]["ports"][0]["targetPort"], "metrics");
+    for absent in ["PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor"] {
+        assert!(
+            !docs.iter().any(|d| kind(d) == absent),
+            "{absent} is opt-in (or needs replicas > 1)"
+        );
+    }
+}
+
+#[test]
+fn the_controller_gets_exactly_its_rules_cluster_wide_and_the_lease_in_its_namespace() {
+    let docs = Helm::offline().render("mailroom", "mailroom-system", &[]);
+    let role = find(&docs, "ClusterRole", "mailroom-controller");
+    assert_eq!(permissions(&role["rules"]), controller_permissions(true));
+    let binding = find(&docs, "ClusterRoleBinding", "mailroom-controller");
+    assert_eq!(
+        binding["subjects"],
+        json!([{"kind": "ServiceAccount", "name": "mailroom", "namespace": "mailroom-system"}])
+    );
+    assert_eq!(binding["roleRef"]["name"], "mailroom-controller");
+
+    let lease = find(&docs, "Role", "mailroom-leader-election");
+    assert_eq!(namespace(lease), "mailroom-system");
+    assert_eq!(permissions(&lease["rules"]), lease_permissions("mailroom"));
+    let roles: Vec<_> = docs.iter().filter(|d| kind(d) == "Role").collect();
+    assert_eq!(
+        roles.len(),
+        1,
+        "only the Lease's Role: {:?}",
+        objects(&docs)
+    );
+
+    // Without OAuth2 token rotation, Secrets are read-only.
+    let docs = Helm::offline().render(
+        "mailroom",
+        "mailroom-system",
+        &["--set", "oauth2.tokenRotation=false"],
+    );
+    let role = find(&docs, "ClusterRole", "mailroom-controller");
+    assert_eq!(permissions(&role["rules"]), controller_permissions(false));
+
+    // Without leader election, no Lease rights at all.
+    let docs = Helm::offline().render(
+        "mailroom",
+        "mailroom-system",
+        &["--set", "leaderElection.enabled=false"],
+    );
+    assert!(
+        !docs.iter().any(|d| kind(d) == "Role"),
+        "{:?}",
+        objects(&docs)
+    );
+    assert!(args(&docs).contains(&"--leader-election=false".to_string()));
+}
+
+#[test]
+fn watch_namespaces_installs_roles_in_those_namespaces_only() {
+    let docs = Helm::offline().render(
+        "mailroom",
+        "mailroom-system",
+        &["--set-json", r#"watchNamespaces=["team-a","team-b"]"#],
+    );
+    assert!(
+        !docs.iter().any(|d| kind(d) == "ClusterRoleBinding"
+            || name(d) == "mailroom-controller" && kind(d) == "ClusterRole"),
+        "no cluster-wide rights for a namespaced install: {:?}",
+        objects(&docs)
+    );
+    let mut where_: BTreeMap<String, BTreeSet<Permission>> = BTreeMap::new();
+    for role in docs.iter().filter(|d| kind(d) == "Role") {
+        where_
+            .entry(namespace(role).to_string())
+            .or_default()
+            .extend(permissions(&role["rules"]));
+    }
+    let mut expected = BTreeMap::new();
+    expected.insert("team-a".to_string(), controller_permissions(true));
+    expected.insert("team-b".to_string(), controller_permissions(true));
+    expected.insert("mailroom-system".to_string(), lease_permissions("mailroom"));
+    assert_eq!(where_, expected);
+    for binding in docs.iter().filter(|d| kind(d) == "RoleBinding") {
+        assert_eq!(
+            binding["subjects"],
+            json!([{"kind": "ServiceAccount", "name": "mailroom", "namespace": "mailroom-system"}])
+        );
+        assert_eq!(binding["roleRef"]["kind"], "Role");
+    }
+    let bound: BTreeSet<_> = docs
+        .iter()
+        .filter(|d| kind(d) == "RoleBinding")
+        .map(|d| namespace(d).to_string())
+        .collect();
+    assert_eq!(
+        bound,
+        ["mailroom-system", "team-a", "team-b"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    );
+    assert!(
+        args(&docs).contains(&"--namespace=team-a,team-b".to_string()),
+        "{:?}",
+        args(&docs)
+    );
+}
+
+#[test]
+fn user_roles_are_aggregated_into_view_edit_and_admin_unless_switched_off() {
+    let docs = Helm::offline().render("mailroom", "mailroom-system", &[]);
+    let view = find(&docs, "ClusterRole", "mailroom-view");
+    let edit = find(&docs, "ClusterRole", "mailroom-edit");
+    let read = perms(&[
+        (
+            "mailroom.dev",
+            "incomingmailproviders",
+            &["get", "list", "watch"],
+            "*",
+        ),
+        (
+            "mailroom.dev",
+            "incomingmailproviders/status",
+            &["get", "list", "watch"],
+            "*",
+        ),
+    ]);
+    assert_eq!(permissions(&view["rules"]), read);
+    let mut write = read.clone();
+    write.extend(perms(&[(
+        "mailroom.dev",
+        "incomingmailproviders",
+        &["create", "update", "patch", "delete", "deletecollection"],
+        "*",
+    )]));
+    assert_eq!(permissions(&edit["rules"]), write);
+    let label = |role: &Value, to: &str| {
+        role["metadata"]["labels"][format!("rbac.authorization.k8s.io/aggregate-to-{to}")].clone()
+    };
+    for to in ["view", "edit", "admin"] {
+        assert_eq!(label(view, to), "true", "mailroom-view aggregate-to-{to}");
+    }
+    for to in ["edit", "admin"] {
+        assert_eq!(label(edit, to), "true", "mailroom-edit aggregate-to-{to}");
+    }
+    assert_eq!(
+        label(edit, "view"),
+        Value::Null,
+        "edit rights never reach view"
+    );
+
+    let docs = Helm::offline().render(
+        "mailroom",
+        "mailroom-system",
+        &["--set", "rbac.aggregateToDefaultRoles=false"],
+    );
+    for role in ["mailroom-view", "mailroom-edit"] {
+        let labels = &find(&docs, "ClusterRole", role)["metadata"]["labels"];
+        assert!(
+            !labels
+                .as_object()
+                .unwrap()
+                .keys()
+                .any(|k| k.contains("aggregate-to")),
+            "{role}: {labels}"
+        );
+    }
+    let docs = Helm::offline().render(
+        "mailroom",
+        "mailroom-system",
+        &["--set", "rbac.userRoles=false"],
+    );
+    assert!(
+        !docs
+            .iter()
+            .any(|d| name(d).ends_with("-view") || name(d).ends_with("-edit"))
+    );
+}
+
+#[test]
+fn the_crd_is_the_generated_one_and_kept_on_uninstall() {
+    let docs = Helm::offline().render("mailroom", "mailroom-system", &[]);
+    let crd = only(&docs, "CustomResourceDefinition");
+    assert_eq!(
+        crd["metadata"]["annotations"]["helm.sh/resource-policy"], "keep",
+        "{}",
+        crd["metadata"]
+    );
+    let generated: Value =
+        serde_yaml::from_str(&repo_file("crds/incomingmailprovider.yaml")).unwrap();
+    // helm's toYaml writes 65535.0 as 65535: the same number to the API server.
+    fn numbers_as_f64(v: &Value) -> Value {
+        match v {
+            Value::Number(n) => json!(n.as_f64().unwrap()),
+            Value::Array(a) => Value::Array(a.iter().map(numbers_as_f64).collect()),
+            Value::Object(o) => Value::Object(
+                o.iter()
+                    .map(|(k, v)| (k.clone(), numbers_as_f64(v)))
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
+    }
+    assert!(
+        numbers_as_f64(&crd["spec"]) == numbers_as_f64(&generated["spec"]),
+        "the chart's CRD spec differs from crds/incomingmailprovider.yaml"
+    );
+    assert_eq!(crd["metadata"]["name"], generated["metadata"]["name"]);
+
+    let docs = Helm::offline().render("mailroom", "s", &["--set", "crds.keep=false"]);
+    assert!(only(&docs, "CustomResourceDefinition")["metadata"]["annotations"].is_null());
+    let docs = Helm::offline().render("mailroom", "s", &["--set", "crds.enabled=false"]);
+    assert!(!docs.iter().any(|d| kind(d) == "CustomResourceDefinition"));
+}
+
+#[test]
+fn replicas_network_policy_and_service_monitor() {
+    let helm = Helm::offline();
+    let docs = helm.render("mailroom", "s", &["--set", "replicas=2"]);
+    let pdb = only(&docs, "PodDisruptionBudget");
+    assert_eq!(pdb["spec"]["minAvailable"], 1);
+    assert_eq!(
+        pdb["spec"]["selector"]["matchLabels"],
+        only(&docs, "Deployment")["spec"]["selector"]["matchLabels"]
+    );
+    let docs = helm.render(
+        "mailroom",
+        "s",
+        &["--set", "replicas=2,podDisruptionBudget.enabled=false"],
+    );
+    assert!(!docs.iter().any(|d| kind(d) == "PodDisruptionBudget"));
+
+    let docs = helm.render(
+        "mailroom",
+        "s",
+        &[
+            "--set",
+            "networkPolicy.enabled=true,metrics.serviceMonitor.enabled=true",
+            "--set-json",
+            "networkPolicy.extraEgressPorts=[8993]",
+        ],
+    );
+    let np = only(&docs, "NetworkPolicy");
+    assert_eq!(np["spec"]["policyTypes"], json!(["Ingress", "Egress"]));
+    let mut ports = BTreeSet::new();
+    for rule in np["spec"]["egress"].as_array().unwrap() {
+        for p in rule["ports"].as_array().unwrap() {
+            ports.insert((
+                p["protocol"].as_str().unwrap().to_string(),
+                p["port"].as_u64().unwrap(),
+            ));
+        }
+        assert!(
+            rule.get("to").is_none(),
+            "no cidrs given: any address: {rule}"
+        );
+    }
+    let expected: BTreeSet<_> = [
+        ("UDP", 53),
+        ("TCP", 53),
+        ("TCP", 443),
+        ("TCP", 6443),
+        ("TCP", 143),
+        ("TCP", 993),
+        ("TCP", 110),
+        ("TCP", 995),
+        ("TCP", 8993),
+    ]
+    .iter()
+    .map(|(p, n)| (p.to_string(), *n))
+    .collect();
+    assert_eq!(ports, expected);
+    assert_eq!(
+        np["spec"]["ingress"],
+        json!([{"ports": [{"port": "metrics", "protocol": "TCP"}]}])
+    );
+    let sm = only(&docs, "ServiceMonitor");
+    assert_eq!(sm["spec"]["endpoints"][0]["port"], "metrics");
+}
+
+// ---------------------------------------------------------------------------------------
+// On the bed.
+
+/// The release of one test: named after its namespace, so that its cluster-scoped
+/// objects (ClusterRoles) never meet another test's.
+fn release(env: &Env) -> String {
+    env.ns.clone()
+}
+
+fn fullname(release: &str) -> String {
+    if release.contains("mailroom") {
+        release.to_string()
+    } else {
+        format!("{release}-mailroom")
+    }
+}
+
+fn install(helm: &Helm, release: &str, ns: &str, values: &[&str]) -> String {
+    let mut a = vec!["install", release, CHART, "-n", ns];
+    a.extend_from_slice(values);
+    helm.ok(&a)
+}
+
+/// Every object of the release's manifest, as (kind, namespace, name).
+fn manifest(helm: &Helm, release: &str, ns: &str) -> Vec<Value> {
+    parse_documents(&helm.ok(&["get", "manifest", release, "-n", ns]))
+}
+
+fn exists(env: &Env, kind_: &str, ns: &str, name_: &str) -> bool {
+    let mut args = vec!["get", kind_, name_, "--ignore-not-found", "-o", "name"];
+    if !ns.is_empty() {
+        args.extend_from_slice(&["-n", ns]);
+    }
+    let out = env.bed.kubectl().args(&args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl get {kind_} {name_}: {}",
+        text(&out)
+    );
+    !out.stdout.is_empty()
+}
+
+fn assert_all_exist(env: &Env, docs: &[Value], ns: &str) {
+    for d in docs {
+        let scoped = if namespace(d).is_empty() && !cluster_scoped(kind(d)) {
+            ns
+        } else {
+            namespace(d)
+        };
+        assert!(
+            exists(env, &kind_resource(d), scoped, name(d)),
+            "{} {}/{} of the release is missing",
+            kind(d),
+            scoped,
+            name(d)
+        );
+    }
+}
+
+fn cluster_scoped(kind_: &str) -> bool {
+    matches!(
+        kind_,
+        "ClusterRole" | "ClusterRoleBinding" | "CustomResourceDefinition"
+    )
+}
+
+/// `kind.group` for kubectl, unambiguous.
+fn kind_resource(doc: &Value) -> String {
+    let api = doc["apiVersion"].as_str().unwrap();
+    match api.split_once('/') {
+        Some((group, _)) => format!("{}.{group}", kind(doc).to_lowercase()),
+        None => kind(doc).to_lowercase(),
+    }
+}
+
+#[tokio::test]
+async fn helm_install_upgrade_and_uninstall_on_the_bed() {
+    let env = Env::new("chart-install").await;
+    let helm = Helm::on_bed(&env);
+    let rel = release(&env);
+    let full = fullname(&rel);
+    // crds.enabled=false: the bed's CRD is shared by every test (the CRD's own test below).
+    install(
+        &helm,
+        &rel,
+        &env.ns,
+        &[
+            "--set",
+            "crds.enabled=false,replicas=2,networkPolicy.enabled=true",
+        ],
+    );
+    let docs = manifest(&helm, &rel, &env.ns);
+    let kinds: BTreeSet<&str> = docs.iter().map(kind).collect();
+    for k in [
+        "ServiceAccount",
+        "Deployment",
+        "Service",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+    ] {
+        assert!(kinds.contains(k), "{k} not in the release: {kinds:?}");
+    }
+    assert_all_exist(&env, &docs, &env.ns);
+    assert!(exists(&env, "clusterrole", "", &format!("{full}-view")));
+    assert!(exists(&env, "clusterrole", "", &format!("{full}-edit")));
+
+    // A provider of a user, which outlives the release.
+    trust_bed_ca(&env).await;
+    env.apply(&provider(
+        "kept",
+        "IMAP",
+        env.bed.dovecot().imaps_port(),
+        "Implicit",
+        "{method: None}",
+        "",
+    ));
+
+    // Upgrade: one replica (the PDB goes), this namespace only (Roles instead of the
+    // ClusterRole), text logs.
+    helm.ok(&[
+        "upgrade",
+        &rel,
+        CHART,
+        "-n",
+        &env.ns,
+        "--set",
+        "crds.enabled=false,replicas=1,networkPolicy.enabled=true,logging.format=text",
+        "--set-json",
+        &format!(r#"watchNamespaces=["{}"]"#, env.ns),
+    ]);
+    let out = env.kubectl(&["get", "deployment", &full, "-o", "json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let deployment: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(deployment["spec"]["replicas"], 1);
+    let live_args = &deployment["spec"]["template"]["spec"]["containers"][0]["args"];
+    assert!(
+        live_args
+            .as_array()
+            .unwrap()
+            .contains(&json!("--log-format=text"))
+            && live_args
+                .as_array()
+                .unwrap()
+                .contains(&json!(format!("--namespace={}", env.ns))),
+        "{live_args}"
+    );
+    assert!(
+        !exists(&env, "poddisruptionbudget", &env.ns, &full),
+        "PDB with one replica"
+    );
+    assert!(!exists(
+        &env,
+        "clusterrole",
+        "",
+        &format!("{full}-controller")
+    ));
+    assert!(!exists(
+        &env,
+        "clusterrolebinding",
+        "",
+        &format!("{full}-controller")
+    ));
+    assert!(exists(&env, "role", &env.ns, &format!("{full}-controller")));
+    let docs = manifest(&helm, &rel, &env.ns);
+    assert_all_exist(&env, &docs, &env.ns);
+
+    helm.ok(&["uninstall", &rel, "-n", &env.ns]);
+    for d in &docs {
+        let ns = if cluster_scoped(kind(d)) { "" } else { &env.ns };
+        assert!(
+            !exists(&env, &kind_resource(d), ns, name(d)),
+            "{} {} outlived helm uninstall",
+            kind(d),
+            name(d)
+        );
+    }
+    assert!(exists(
+        &env,
+        "customresourcedefinition",
+        "",
+        "incomingmailproviders.mailroom.dev"
+    ));
+    assert!(
+        exists(&env, "incomingmailprovider", &env.ns, "kept"),
+        "a user's provider was deleted"
+    );
+}
+
+#[tokio::test]
+async fn the_charts_crd_is_adopted_and_kept_by_uninstall() {
+    let env = Env::new("chart-crd").await;
+    let helm = Helm::on_bed(&env);
+    let rel = release(&env);
+    trust_bed_ca(&env).await;
+    env.apply(&provider(
+        "survivor",
+        "IMAP",
+        env.bed.dovecot().imaps_port(),
+        "Implicit",
+        "{method: None}",
+        "",
+    ));
+
+    // The CRD exists already (applied from crds/ like `kubectl apply -f crds/`): helm
+    // refuses to take it over silently...
+    let values = ["--set", "rbac.userRoles=false"];
+    let mut a = vec!["install", rel.as_str(), CHART, "-n", env.ns.as_str()];
+    a.extend_from_slice(&values);
+    let out = helm.run(&a);
+    assert!(
+        !out.status.success() && text(&out).contains("incomingmailproviders.mailroom.dev"),
+        "expected helm to refuse the existing CRD; it said:\n{}",
+        text(&out)
+    );
+    // ...and adopts it when told to. The chart's CRD has the same spec (see
+    // the_crd_is_the_generated_one_and_kept_on_uninstall), so other tests see no change.
+    a.push("--take-ownership");
+    let out = helm.run(&a);
+    assert!(
+        out.status.success(),
+        "helm install --take-ownership: {}",
+        text(&out)
+    );
+    let out = env
+        .bed
+        .kubectl()
+        .args([
+            "get",
+            "crd",
+            "incomingmailproviders.mailroom.dev",
+            "-o",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    let crd: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let annotations = &crd["metadata"]["annotations"];
+    assert_eq!(
+        annotations["helm.sh/resource-policy"], "keep",
+        "{annotations}"
+    );
+    assert_eq!(
+        annotations["meta.helm.sh/release-name"],
+        json!(rel),
+        "{annotations}"
+    );
+
+    helm.ok(&["uninstall", &rel, "-n", &env.ns]);
+    assert!(exists(
+        &env,
+        "customresourcedefinition",
+        "",
+        "incomingmailproviders.mailroom.dev"
+    ));
+    let out = env
+        .bed
+        .kubectl()
+        .args([
+            "wait",
+            "--for=condition=Established",
+            "--timeout=10s",
+            "crd/incomingmailproviders.mailroom.dev",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(exists(&env, "incomingmailprovider", &env.ns, "survivor"));
+    assert!(
+        !exists(&env, "deployment", &env.ns, &fullname(&rel)),
+        "the rest is gone"
+    );
+}
+
+#[tokio::test]
+async fn people_get_providers_through_the_view_and_edit_roles() {
+    let env = Env::new("chart-users").await;
+    let helm = Helm::on_bed(&env);
+    let rel = release(&env);
+    let full = fullname(&rel);
+    install(
+        &helm,
+        &rel,
+        &env.ns,
+        &["--set", "crds.enabled=false,leaderElection.enabled=false"],
+    );
+    trust_bed_ca(&env).await;
+    env.secret(
+        "alice",
+        &[("username", "alice"), ("password", "not-for-viewers")],
+    )
+    .await;
+    env.apply(&provider(
+        "shared",
+        "IMAP",
+        env.bed.dovecot().imaps_port(),
+        "Implicit",
+        "{method: None}",
+        "",
+    ));
+    env.apply(&provider(
+        "other",
+        "IMAP",
+        env.bed.dovecot().imaps_port(),
+        "Implicit",
+        "{method: None}",
+        "",
+    ));
+
+    let bind = |user: &str, role: &str, kind_: &str| {
+        let out = env.kubectl(&[
+            "create",
+            "rolebinding",
+            &format!("{user}-{role}"),
+            &format!("--{}={role}", kind_.to_lowercase()),
+            &format!("--user={user}"),
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+    };
+    bind("vera", &format!("{full}-view"), "ClusterRole");
+    bind("ed", &format!("{full}-edit"), "ClusterRole");
+    let can = |user: &str, verb: &str, what: &str| {
+        let out = env.kubectl(&["auth", "can-i", "--as", user, verb, what]);
+        String::from_utf8_lossy(&out.stdout).trim() == "yes"
+    };
+    for verb in ["get", "list", "watch"] {
+        assert!(
+            can("vera", verb, "incomingmailproviders.mailroom.dev"),
+            "vera {verb}"
+        );
+        assert!(
+            can("ed", verb, "incomingmailproviders.mailroom.dev"),
+            "ed {verb}"
+        );
+    }
+    for verb in ["create", "update", "patch", "delete"] {
+        assert!(
+            !can("vera", verb, "incomingmailproviders.mailroom.dev"),
+            "vera {verb}"
+        );
+        assert!(
+            can("ed", verb, "incomingmailproviders.mailroom.dev"),
+            "ed {verb}"
+        );
+    }
+    for user in ["vera", "ed"] {
+        assert!(!can(user, "get", "secrets"), "{user} reads Secrets");
+        let out = env.kubectl(&[
+            "auth",
+            "can-i",
+            "--as",
+            user,
+            "patch",
+            "incomingmailproviders.mailroom.dev",
+            "--subresource=status",
+        ]);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "no",
+            "{user} writes status"
+        );
+    }
+
+    // For real, not only by review.
+    let out = env.kubectl(&["--as", "vera", "get", "imp", "shared", "-o", "name"]);
+    assert!(out.status.success(), "vera get: {}", text(&out));
+    let out = env.kubectl(&["--as", "vera", "get", "secret", "alice"]);
+    assert!(
+        text(&out).contains("forbidden"),
+        "vera get secret: {}",
+        text(&out)
+    );
+    let manifest = provider("by-vera", "IMAP", 993, "Implicit", "{method: None}", "");
+    let create = |user: &str, yaml: &str| {
+        let mut cmd = env.bed.kubectl();
+        cmd.args(["-n", &env.ns, "--as", user, "create", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(yaml.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = create("vera", &manifest);
+    assert!(
+        !out.status.success() && text(&out).contains("forbidden"),
+        "vera create: {}",
+        text(&out)
+    );
+    let out = create(
+        "ed",
+        &provider("by-ed", "IMAP", 993, "Implicit", "{method: None}", ""),
+    );
+    assert!(out.status.success(), "ed create: {}", text(&out));
+    let out = env.kubectl(&[
+        "--as",
+        "ed",
+        "annotate",
+        "imp/by-ed",
+        "mailroom.dev/check-requested-at=2026-01-01T00:00:00Z",
+        "--overwrite",
+    ]);
+    assert!(out.status.success(), "ed asks for a test: {}", text(&out));
+
+    // Per-provider access (docs/security.md): a Role with resourceNames.
+    let role = "apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: shared-provider-owner}
+rules:
+- apiGroups: [mailroom.dev]
+  resources: [incomingmailproviders]
+  resourceNames: [shared]
+  verbs: [get, update, patch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: olga-shared}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: shared-provider-owner}
+subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: olga}]
+";
+    env.apply(role);
+    let out = env.kubectl(&[
+        "--as",
+        "olga",
+        "annotate",
+        "imp/shared",
+        "mailroom.dev/check-requested-at=now",
+        "--overwrite",
+    ]);
+    assert!(out.status.success(), "olga on her provider: {}", text(&out));
+    let out = env.kubectl(&["--as", "olga", "get", "imp", "other"]);
+    assert!(
+        text(&out).contains("forbidden"),
+        "olga on another provider: {}",
+        text(&out)
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// GitOps: the Argo CD health check and the kubectl wait recipe of docs/gitops.md.
+
+const LUA_HARNESS: &str = r#"
+-- Argo CD's contract: the object as the global `obj`; the script returns {status, message}.
+local cjson = require("cjson")
+obj = cjson.decode(io.read("a"))
+local hs = dofile(arg[1])
+io.write(hs.status, "\n", hs.message or "", "\n")
+"#;
+
+/// The Argo CD health of the provider as the API server returns it now.
+fn argocd_health(env: &Env, name_: &str) -> (String, String) {
+    let out = env.kubectl(&["get", "imp", name_, "-o", "json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let harness = env.dir.path().join("argocd-harness.lua");
+    std::fs::write(&harness, LUA_HARNESS).unwrap();
+    let mut child = Command::new("lua5.4")
+        .arg(&harness)
+        .arg(format!("{REPO}/docs/argocd-health.lua"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running lua5.4 (tests/testbed/prepare installs it)");
+    child.stdin.take().unwrap().write_all(&out.stdout).unwrap();
+    let result = child.wait_with_output().unwrap();
+    assert!(
+        result.status.success(),
+        "the health check failed to run: {}",
+        text(&result)
+    );
+    let stdout = String::from_utf8_lossy(&result.stdout).to_string();
+    let mut lines = stdout.lines();
+    (
+        lines.next().unwrap_or_default().to_string(),
+        lines.next().unwrap_or_default().to_string(),
+    )
+}
+
+#[test]
+fn the_gitops_guide_shows_the_health_check_that_is_tested() {
+    let guide = repo_file("docs/gitops.md");
+    let lua = repo_file("docs/argocd-health.lua");
+    let indented: String = lua
+        .lines()
+        .map(|l| {
+            if l.is_empty() {
+                "\n".to_string()
+            } else {
+                format!("    {l}\n")
+            }
+        })
+        .collect();
+    assert!(
+        guide.contains(&lua) || guide.contains(&indented),
+        "docs/gitops.md must show docs/argocd-health.lua as it is (indented by 4 in the argocd-cm example)"
+    );
+    let flux: Vec<Value> = parse_documents(&repo_file("docs/flux-kustomization.yaml"));
+    let ks = flux
+        .iter()
+        .find(|d| kind(d) == "Kustomization")
+        .expect("a Flux Kustomization in docs/flux-kustomization.yaml");
+    assert_eq!(ks["spec"]["wait"], true, "{ks}");
+    assert!(guide.contains("kubectl wait --for=condition=Ready"));
+}
+
+#[tokio::test]
+async fn the_argocd_health_check_reads_real_providers() {
+    let env = Env::new("argocd").await;
+    trust_bed_ca(&env).await;
+    let (user, password) = env.bed.dovecot().account("alice");
+    env.secret("alice", &[("username", &user), ("password", &password)])
+        .await;
+    env.secret(
+        "wrong",
+        &[("username", &user), ("password", "not-the-password")],
+    )
+    .await;
+    let port = env.bed.dovecot().imaps_port();
+    env.apply(&provider("good", "IMAP", port, "Implicit", ALICE_AUTH, ""));
+    env.apply(&provider(
+        "bad",
+        "IMAP",
+        port,
+        "Implicit",
+        "{method: Password, secretRef: {name: wrong}}",
+        "",
+    ));
+    env.apply(&provider(
+        "paused",
+        "IMAP",
+        port,
+        "Implicit",
+        ALICE_AUTH,
+        "  suspend: true\n",
+    ));
+
+    // Before any test: no status.
+    assert_eq!(argocd_health(&env, "good").0, "Progressing");
+
+    let mut controller = env.controller();
+    env.wait_reason("good", "Connected", Duration::from_secs(60))
+        .await;
+    env.wait_reason("bad", "AuthenticationFailed", Duration::from_secs(60))
+        .await;
+    env.wait_reason("paused", "Suspended", Duration::from_secs(60))
+        .await;
+    // The kubectl wait recipe of docs/gitops.md.
+    let out = env.kubectl(&["wait", "--for=condition=Ready", "imp/good", "--timeout=30s"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = env.kubectl(&[
+        "wait",
+        "--for=condition=Ready=False",
+        "imp/bad",
+        "--timeout=30s",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let (status, message) = argocd_health(&env, "good");
+    assert_eq!(status, "Healthy", "{message}");
+    assert!(message.starts_with("Connected"), "{message}");
+    let (status, message) = argocd_health(&env, "bad");
+    assert_eq!(status, "Degraded", "{message}");
+    assert!(message.starts_with("AuthenticationFailed: "), "{message}");
+    assert_eq!(argocd_health(&env, "paused").0, "Suspended");
+
+    // A spec the controller has not tested yet: Progressing, whatever Ready says.
+    controller.terminate(Duration::from_secs(10));
+    let out = env.kubectl(&[
+        "patch",
+        "imp",
+        "good",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"check":{"interval":"10m"}}}"#,
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (status, message) = argocd_health(&env, "good");
+    assert_eq!(status, "Progressing", "{message}");
+    // Ready Unknown (a first test still running): Progressing.
+    let out = env.kubectl(&["get", "imp", "bad", "-o", "jsonpath={.metadata.generation}"]);
+    let generation: i64 = String::from_utf8_lossy(&out.stdout).parse().unwrap();
+    let status_patch = json!({"status": {"observedGeneration": generation, "conditions": [{
+        "type": "Ready", "status": "Unknown", "reason": "Checking", "message": "first test running",
+        "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": generation,
+    }]}});
+    let out = env.kubectl(&[
+        "patch",
+        "imp",
+        "bad",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &status_patch.to_string(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (status, message) = argocd_health(&env, "bad");
+    assert_eq!(status, "Progressing", "{message}");
+}
+
+#[test]
+fn the_default_image_is_what_the_dockerfile_builds() {
+    let chart: serde_yaml::Value =
+        serde_yaml::from_str(&repo_file("charts/mailroom/Chart.yaml")).unwrap();
+    assert_eq!(
+        chart["appVersion"].as_str(),
+        Some(env!("CARGO_PKG_VERSION")),
+        "Chart.yaml appVersion (the default image tag) and Cargo.toml's version move together"
+    );
+    let dockerfile = repo_file("Dockerfile");
+    assert!(dockerfile.contains("cargo build --release --locked --bin mailroom"));
+    assert!(dockerfile.contains("\nUSER 65532:65532\n"), "{dockerfile}");
+    assert!(dockerfile.contains("\nENTRYPOINT [\"/mailroom\"]\n"));
+    let docs = Helm::offline().render("mailroom", "s", &[]);
+    let pod = &only(&docs, "Deployment")["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsUser"], 65532);
+    assert_eq!(pod["securityContext"]["runAsGroup"], 65532);
+}
+
+// ---------------------------------------------------------------------------------------
+// The controller itself, run as the chart's ServiceAccount (a TokenRequest token), with
+// the arguments and environment the chart's Deployment gives it.
+
+use std::path::Path;
+use std::time::Instant;
+
+use crate::support::{Controller, MAILROOM};
+
+fn kubectl_in(env: &Env, ns: &str, args: &[&str]) -> Output {
+    let mut cmd = env.bed.kubectl();
+    cmd.arg("-n").arg(ns).args(args);
+    cmd.output().expect("running kubectl")
+}
+
+fn apply_in(env: &Env, ns: &str, yaml: &str) {
+    let mut cmd = env.bed.kubectl();
+    cmd.args(["-n", ns, "apply", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(yaml.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl apply -n {ns} failed:\n{}\nmanifest:\n{yaml}",
+        text(&out)
+    );
+}
+
+/// The bed's CA and alice's Secret (right or wrong password) in `ns`.
+fn mail_basics(env: &Env, ns: &str, password: Option<&str>) {
+    let (user, right) = env.bed.dovecot().account("alice");
+    let password = password.unwrap_or(&right);
+    let ca = std::fs::read_to_string(env.bed.dovecot().ca_file()).unwrap();
+    let cm = json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "test-ca"},
+        "data": {"ca.crt": ca},
+    });
+    let secret = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "alice"},
+        "stringData": {"username": user, "password": password},
+    });
+    apply_in(env, ns, &serde_json::to_string(&cm).unwrap());
+    apply_in(env, ns, &serde_json::to_string(&secret).unwrap());
+}
+
+/// A kubeconfig holding only a TokenRequest token of `sa` in `ns` (never the admin's
+/// client certificate).
+fn token_kubeconfig(env: &Env, ns: &str, sa: &str, file: &str) -> PathBuf {
+    let out = kubectl_in(env, ns, &["create", "token", sa, "--duration=1h"]);
+    assert!(
+        out.status.success(),
+        "kubectl create token {sa}: {}",
+        text(&out)
+    );
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let config = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "bed", "cluster": {
+            "server": env.bed.server_url(),
+            "certificate-authority": env.bed.kube_ca_file(),
+        }}],
+        "users": [{"name": sa, "user": {"token": token}}],
+        "contexts": [{"name": sa, "context": {"cluster": "bed", "user": sa, "namespace": ns}}],
+        "current-context": sa,
+    });
+    let path = env.dir.path().join(file);
+    std::fs::write(&path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    path
+}
+
+fn kubectl_as(env: &Env, kubeconfig: &Path, args: &[&str]) -> Output {
+    Command::new(env.bed.kubectl_path())
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .output()
+        .unwrap()
+}
+
+/// `kubectl auth can-i --list -n ns` as the kubeconfig's user, as permissions:
+/// (resource as kubectl prints it, e.g. `leases.coordination.k8s.io`, verb, name or "*").
+fn can_i_list(env: &Env, kubeconfig: &Path, ns: &str) -> BTreeSet<(String, String, String)> {
+    let out = kubectl_as(env, kubeconfig, &["auth", "can-i", "--list", "-n", ns]);
+    assert!(
+        out.status.success(),
+        "kubectl auth can-i --list: {}",
+        text(&out)
+    );
+    let mut set = BTreeSet::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines().skip(1) {
+        let groups: Vec<&str> = line
+            .split('[')
+            .skip(1)
+            .map(|g| g.split(']').next().unwrap())
+            .collect();
+        let resource = line.split_whitespace().next().unwrap_or_default();
+        if resource.starts_with('[') || groups.len() != 3 {
+            // A non-resource URL: every authenticated user has the same ones.
+            set.insert((
+                format!("url:{}", groups.first().unwrap_or(&"")),
+                groups.get(2).unwrap_or(&"").to_string(),
+                "*".into(),
+            ));
+            continue;
+        }
+        let names: Vec<&str> = groups[1].split_whitespace().collect();
+        let names = if names.is_empty() { vec!["*"] } else { names };
+        for verb in groups[2].split_whitespace() {
+            for n in &names {
+                set.insert((resource.to_string(), verb.to_string(), n.to_string()));
+            }
+        }
+    }
+    set
+}
+
+/// Permissions in kubectl's spelling.
+fn as_listed(p: &BTreeSet<Permission>) -> BTreeSet<(String, String, String)> {
+    p.iter()
+        .map(|(g, r, v, n)| {
+            let resource = match (g.as_str(), r.split_once('/')) {
+                ("", _) => r.clone(),
+                (g, Some((r, sub))) => format!("{r}.{g}/{sub}"),
+                (g, None) => format!("{r}.{g}"),
+            };
+            (resource, v.clone(), n.clone())
+        })
+        .collect()
+}
+
+/// What an account may do beyond what every authenticated account may (measured with a
+/// fresh ServiceAccount bound to nothing, in the same namespace).
+fn granted(
+    env: &Env,
+    kubeconfig: &Path,
+    ns: &str,
+    baseline: &Path,
+) -> BTreeSet<(String, String, String)> {
+    let all = can_i_list(env, kubeconfig, ns);
+    let base = can_i_list(env, baseline, ns);
+    all.difference(&base).cloned().collect()
+}
+
+fn baseline_account(env: &Env, ns: &str) -> PathBuf {
+    let out = kubectl_in(env, ns, &["create", "serviceaccount", "nobody"]);
+    assert!(out.status.success(), "{}", text(&out));
+    token_kubeconfig(env, ns, "nobody", &format!("nobody-{ns}.kubeconfig"))
+}
+
+/// Runs `mailroom controller` as the chart's Deployment would: its args (metrics on a
+/// free loopback port instead of 0.0.0.0:8080, plus `extra`), POD_NAME and POD_NAMESPACE,
+/// and the kubeconfig given (a ServiceAccount token).
+fn controller_as(
+    env: &Env,
+    kubeconfig: &Path,
+    chart_args: &[String],
+    extra: &[String],
+    pod_ns: &str,
+) -> Controller {
+    let mut args: Vec<String> = chart_args
+        .iter()
+        .map(|a| {
+            if a.starts_with("--metrics-addr=") {
+                "--metrics-addr=127.0.0.1:0".to_string()
+            } else if a.starts_with("--log=") {
+                "--log=info,mailroom=debug".to_string()
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
+    args.extend_from_slice(extra);
+    let log = env.dir.path().join(format!(
+        "controller-as-sa-{}.log",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    let file = std::fs::File::create(&log).unwrap();
+    let child = Command::new(MAILROOM)
+        .args(&args)
+        .env("KUBECONFIG", kubeconfig)
+        .env("POD_NAME", format!("{pod_ns}-controller-0"))
+        .env("POD_NAMESPACE", pod_ns)
+        .env_remove("MAILROOM_NAMESPACES")
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .expect("starting mailroom controller");
+    Controller { child, log }
+}
+
+/// Waits until the provider's Ready reason is `reason`; on timeout, says what it saw and
+/// what the controller logged.
+async fn wait_ready_reason(
+    env: &Env,
+    ns: &str,
+    name_: &str,
+    reason: &str,
+    controller: &Controller,
+) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let out = kubectl_in(env, ns, &["get", "imp", name_, "-o", "json"]);
+        let p = serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null);
+        let ready = p["status"]["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+            .map(|c| c["reason"].as_str().unwrap_or_default().to_string());
+        if ready.as_deref() == Some(reason) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{ns}/{name_}: expected Ready reason {reason} within 90 s; status was:\n{}\ncontroller log ({}):\n{}",
+            serde_json::to_string_pretty(&p["status"]).unwrap(),
+            controller.log.display(),
+            controller.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The container args the chart renders for these values.
+fn chart_args(helm: &Helm, release: &str, ns: &str, values: &[&str]) -> Vec<String> {
+    args(&helm.render(release, ns, values))
+}
+
+#[tokio::test]
+async fn the_controller_works_with_the_charts_service_account_and_nothing_more() {
+    let env = Env::new("chart-sa").await;
+    let helm = Helm::on_bed(&env);
+    let rel = release(&env);
+    let full = fullname(&rel);
+    let values = ["--set", "crds.enabled=false,rbac.userRoles=false"];
+    install(&helm, &rel, &env.ns, &values);
+
+    let kubeconfig = token_kubeconfig(&env, &env.ns, &full, "controller.kubeconfig");
+    let baseline = baseline_account(&env, &env.ns);
+    let mut expected = as_listed(&controller_permissions(true));
+    expected.extend(as_listed(&lease_permissions("mailroom")));
+    assert_eq!(
+        granted(&env, &kubeconfig, &env.ns, &baseline),
+        expected,
+        "kubectl auth can-i --list -n {} as the chart's ServiceAccount, beyond what every account may",
+        env.ns
+    );
+    // Elsewhere: the same cluster-wide rules, no Lease.
+    let other = env.bed.namespace("chart-sa-other");
+    let base_other = baseline_account(&env, &other);
+    assert_eq!(
+        granted(&env, &kubeconfig, &other, &base_other),
+        as_listed(&controller_permissions(true))
+    );
+
+    mail_basics(&env, &env.ns, None);
+    env.apply(&provider(
+        "as-sa",
+        "IMAP",
+        env.bed.dovecot().imaps_port(),
+        "Implicit",
+        ALICE_AUTH,
+        "",
+    ));
+    let chart = chart_args(&helm, &rel, &env.ns, &values);
+    // The chart watches every namespace; on the shared bed this one only.
+    let controller = controller_as(
+        &env,
+        &kubeconfig,
+        &chart,
+        &[format!("--namespace={}", env.ns)],
+        &env.ns,
+    );
+    wait_ready_reason(&env, &env.ns, "as-sa", "Connected", &controller).await;
+
+    let lease = env.kubectl(&[
+        "get",
+        "lease",
+        "mailroom",
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&lease.stdout),
+        format!("{}-controller-0", env.ns),
+        "the Lease holder: {}",
+        text(&lease)
+    );
+    let events = env.kubectl(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=as-sa",
+        "-o",
+        "name",
+    ]);
+    assert!(
+        !events.stdout.is_empty(),
+        "no Event written as the ServiceAccount: {}",
+        text(&events)
+    );
+    let logs = controller.logs();
+    assert!(
+        !logs.to_lowercase().contains("forbidden"),
+        "the controller was refused something:\n{logs}"
+    );
+}
+
+#[tokio::test]
+async fn watch_namespaces_confines_the_controller_to_them() {
+    let env = Env::new("chart-scoped").await;
+    let helm = Helm::on_bed(&env);
+    let rel = release(&env);
+    let full = fullname(&rel);
+    let team_a = env.bed.namespace("team-a");
+    let team_b = env.bed.namespace("team-b");
+    let values_json = format!(r#"watchNamespaces=["{team_a}"]"#);
+    let values = [
+        "--set",
+        "crds.enabled=false,rbac.userRoles=false",
+        "--set-json",
+        values_json.as_str(),
+    ];
+    install(&helm, &rel, &env.ns, &values);
+    let kubeconfig = token_kubeconfig(&env, &env.ns, &full, "controller.kubeconfig");
+    mail_basics(&env, &team_a, None);
+    mail_basics(&env, &team_b, None);
+
+    let can = |verb: &str, what: &str, ns: &str| {
+        let out = kubectl_as(&env, &kubeconfig, &["auth", "can-i", verb, what, "-n", ns]);
+        String::from_utf8_lossy(&out.stdout).trim() == "yes"
+    };
+    assert!(can("get", "secrets", &team_a));
+    assert!(can("list", "incomingmailproviders.mailroom.dev", &team_a));
+    assert!(!can("get", "secrets", &team_b));
+    assert!(!can("list", "incomingmailproviders.mailroom.dev", &team_b));
+    assert!(
+        !can("get", "secrets", &env.ns),
+        "not even in its own namespace"
+    );
+    let out = kubectl_as(
+        &env,
+        &kubeconfig,
+        &["get", "secret", "alice", "-n", &team_b],
+    );
+    assert!(
+        !out.status.success() && text(&out).contains("forbidden"),
+        "reading a Secret of {team_b}: {}",
+        text(&out)
+    );
+    let out = kubectl_as(&env, &kubeconfig, &["get", "imp", "-A"]);
+    assert!(
+        !out.status.success(),
+        "listing providers cluster-wide: {}",
+        text(&out)
+    );
+    let baseline = baseline_account(&env, &team_b);
+    assert_eq!(
+        granted(&env, &kubeconfig, &team_b, &baseline),
+        BTreeSet::new()
+    );
+
+    let port = env.bed.dovecot().imaps_port();
+    apply_in(
+        &env,
+        &team_b,
+        &provider("elsewhere", "IMAP", port, "Implicit", ALICE_AUTH, ""),
+    );
+    apply_in(
+        &env,
+        &team_a,
+        &provider("mine", "IMAP", port, "Implicit", ALICE_AUTH, ""),
+    );
+    let chart = chart_args(&helm, &rel, &env.ns, &values);
+    assert!(
+        chart.contains(&format!("--namespace={team_a}")),
+        "{chart:?}"
+    );
+    let controller = controller_as(&env, &kubeconfig, &chart, &[], &env.ns);
+
+    wait_ready_reason(&env, &team_a, "mine", "Connected", &controller).await;
+    // A test of the same server has just finished in team-a; team-b's provider is untouched.
+    let out = kubectl_in(&env, &team_b, &["get", "imp", "elsewhere", "-o", "json"]);
+    let p: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        p.get("status")
+            .is_none_or(|s| s.is_null() || s == &json!({})),
+        "{team_b}/elsewhere was touched: {}",
+        p["status"]
+    );
+    let logs = controller.logs();
+    assert!(
+        !logs.to_lowercase().contains("forbidden"),
+        "the controller tried beyond its namespaces:\n{logs}"
+    );
+}
