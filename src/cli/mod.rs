@@ -1,6 +1,7 @@
 //! The `mailroom` command line (also `kubectl mailroom` when installed as
 //! `kubectl-mailroom`): `controller`, `crd` and `check`.
 
+mod authorize;
 mod check;
 mod logging;
 
@@ -27,6 +28,8 @@ pub enum Command {
     Crd,
     /// Test a provider now, with your own kube credentials, and print every step.
     Check(check::CheckArgs),
+    /// Sign in for an OAuth2 provider (browser or --device) and store its tokens.
+    Authorize(authorize::AuthorizeArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -128,6 +131,7 @@ pub async fn main() -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Check(args) => check::run(args).await,
+        Command::Authorize(args) => authorize::run(args).await,
     }
 }
 

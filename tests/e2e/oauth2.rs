@@ -682,3 +682,262 @@ async fn two_refreshers_racing_leave_one_valid_token() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// `mailroom authorize`, with the test playing the user's browser.
+
+use std::io::{BufRead as _, Read as _, Write as _};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+
+/// Starts `mailroom authorize` and hands its stderr lines to a channel.
+fn authorize(env: &Env, args: &[&str]) -> (std::process::Child, mpsc::Receiver<String>) {
+    let mut child = Command::new(crate::support::MAILROOM)
+        .arg("authorize")
+        .args(args)
+        .args(["-n", &env.ns, "--no-browser", "--timeout", "60"])
+        .env("KUBECONFIG", env.bed.kubeconfig_path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// The first line satisfying `pick`, within 30 s; all lines seen so far go to `seen`.
+fn line_with(
+    rx: &mpsc::Receiver<String>,
+    seen: &mut String,
+    pick: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                seen.push_str(&line);
+                seen.push('\n');
+                if pick(&line) {
+                    return line;
+                }
+            }
+            Err(_) => panic!("mailroom authorize printed no such line; it printed:\n{seen}"),
+        }
+    }
+}
+
+/// Waits for the CLI to exit; its exit code, stdout and the rest of stderr.
+fn finish(
+    mut child: std::process::Child,
+    rx: mpsc::Receiver<String>,
+    seen: &mut String,
+) -> (Option<i32>, String) {
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    let status = child.wait().unwrap();
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(1)) {
+        seen.push_str(&line);
+        seen.push('\n');
+    }
+    (status.code(), stdout)
+}
+
+/// Plays the browser's last step: the redirect to the loopback listener.
+fn follow_redirect(url: &str) {
+    let rest = url.strip_prefix("http://").unwrap();
+    let (authority, path) = rest.split_at(rest.find('/').unwrap());
+    let mut conn = std::net::TcpStream::connect(authority).unwrap();
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut page = String::new();
+    conn.read_to_string(&mut page).unwrap();
+    assert!(
+        page.contains("Signed in"),
+        "the loopback listener answered:\n{page}"
+    );
+}
+
+#[tokio::test]
+async fn authorize_with_a_browser_then_ready_over_imaps_xoauth2_and_pop3s_oauthbearer() {
+    let env = Env::new("oauth2-authorize").await;
+    trust_bed_ca(&env).await;
+    let server = TokenServer::start(env.bed.oauth());
+    server.register_client(CLIENT, None, None);
+    let d = env.bed.dovecot();
+    // IMAP through the Generic provider, POP3 through Microsoft with its URLs overridden.
+    env.apply(&oauth_provider(
+        "imap",
+        "IMAP",
+        d.imaps_port(),
+        &generic(
+            &server,
+            &format!(
+                ", authorizationURL: '{}', saslMechanism: XOAUTH2",
+                server.authorization_url()
+            ),
+        ),
+    ));
+    env.apply(&oauth_provider(
+        "pop3",
+        "POP3",
+        d.pop3s_port(),
+        &format!(
+            "provider: Microsoft, tenant: contoso.onmicrosoft.com, clientId: {CLIENT}, authorizationURL: '{}', tokenURL: '{}', tokenSecretRef: {{name: alice-pop-token}}, saslMechanism: OAUTHBEARER",
+            server.authorization_url(),
+            server.token_url()
+        ),
+    ));
+    let controller = env.controller();
+    env.wait_reason("imap", "AuthorizationRequired", Duration::from_secs(60))
+        .await;
+
+    let mut outputs_seen = String::new();
+    for (name, mechanism) in [("imap", "XOAUTH2"), ("pop3", "OAUTHBEARER")] {
+        let (child, rx) = authorize(&env, &[name]);
+        let mut seen = String::new();
+        let url = line_with(&rx, &mut seen, |l| l.trim_start().starts_with("http"));
+        let url = url.trim();
+        if name == "pop3" {
+            assert!(
+                url.contains("POP.AccessAsUser.All") && url.contains("offline_access"),
+                "{url}"
+            );
+        }
+        let redirect = server.sign_in(url, "alice").unwrap();
+        let code = redirect
+            .split("code=")
+            .nth(1)
+            .unwrap()
+            .split('&')
+            .next()
+            .unwrap()
+            .to_string();
+        follow_redirect(&redirect);
+        let (code_status, stdout) = finish(child, rx, &mut seen);
+        assert_eq!(code_status, Some(0), "authorize {name}:\n{seen}{stdout}");
+        assert!(stdout.contains("Ready=True Connected"), "{stdout}");
+        let p = env
+            .wait_reason(name, "Connected", Duration::from_secs(5))
+            .await;
+        assert!(
+            ready(&p).unwrap().message.contains(mechanism),
+            "{:?}",
+            ready(&p)
+        );
+        assert!(
+            !seen.contains(&code) && !stdout.contains(&code),
+            "the authorization code was printed"
+        );
+        outputs_seen.push_str(&seen);
+        outputs_seen.push_str(&stdout);
+    }
+    let secret = token_secret(&env).await.unwrap();
+    assert_eq!(
+        secret
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(tokens::TOKEN_LABEL))
+            .map(String::as_str),
+        Some("true")
+    );
+    let refresh = key_of(&secret, tokens::REFRESH_TOKEN);
+    let access = key_of(&secret, tokens::ACCESS_TOKEN);
+    assert!(server.refresh_token_valid(&refresh));
+    let mut places = outputs(&env, controller.logs()).await;
+    places.push(("mailroom authorize output", outputs_seen));
+    for (place, text) in places {
+        assert!(
+            !text.contains(&refresh) && !text.contains(&access),
+            "a token appeared in the {place}"
+        );
+    }
+
+    // --revoke removes the tokens; the controller then asks for an authorize again.
+    let (child, rx) = authorize(&env, &["imap", "--revoke"]);
+    let mut seen = String::new();
+    let (code_status, _) = finish(child, rx, &mut seen);
+    assert_eq!(code_status, Some(0), "{seen}");
+    assert!(
+        token_secret(&env).await.is_none(),
+        "the token Secret is gone"
+    );
+    env.wait_reason("imap", "AuthorizationRequired", Duration::from_secs(60))
+        .await;
+}
+
+#[tokio::test]
+async fn authorize_with_a_device_code() {
+    let env = Env::new("oauth2-device").await;
+    trust_bed_ca(&env).await;
+    let server = TokenServer::start(env.bed.oauth());
+    server.register_client(CLIENT, None, None);
+    let d = env.bed.dovecot();
+    env.apply(&oauth_provider(
+        "imap",
+        "IMAP",
+        d.imaps_port(),
+        &generic(
+            &server,
+            &format!(
+                ", flow: DeviceCode, deviceAuthorizationURL: '{}'",
+                server.device_authorization_url()
+            ),
+        ),
+    ));
+    env.apply(&oauth_provider(
+        "pop3",
+        "POP3",
+        d.pop3s_port(),
+        &format!(
+            "provider: Microsoft, flow: DeviceCode, clientId: {CLIENT}, deviceAuthorizationURL: '{}', tokenURL: '{}', tokenSecretRef: {{name: alice-pop-token}}",
+            server.device_authorization_url(),
+            server.token_url()
+        ),
+    ));
+    let _controller = env.controller();
+    for name in ["imap", "pop3"] {
+        let (child, rx) = authorize(&env, &[name, "--device"]);
+        let mut seen = String::new();
+        let line = line_with(&rx, &mut seen, |l| l.trim_start().starts_with("code:"));
+        let user_code = line.trim().trim_start_matches("code:").trim().to_string();
+        assert!(
+            server.approve_device(&user_code, "alice"),
+            "unknown user code {user_code:?}:\n{seen}"
+        );
+        let (code_status, stdout) = finish(child, rx, &mut seen);
+        assert_eq!(
+            code_status,
+            Some(0),
+            "authorize {name} --device:\n{seen}{stdout}"
+        );
+        assert!(stdout.contains("Ready=True Connected"), "{stdout}");
+    }
+
+    // A declined sign-in is an error, and says so.
+    let (child, rx) = authorize(&env, &["imap", "--device"]);
+    let mut seen = String::new();
+    let line = line_with(&rx, &mut seen, |l| l.trim_start().starts_with("code:"));
+    server.deny_device(line.trim().trim_start_matches("code:").trim());
+    let (code_status, _) = finish(child, rx, &mut seen);
+    assert_ne!(code_status, Some(0));
+    assert!(seen.contains("access_denied"), "{seen}");
+}

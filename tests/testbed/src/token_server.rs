@@ -41,8 +41,19 @@ struct Code {
     challenge: String,
 }
 
+struct Device {
+    client_id: String,
+    device_code: String,
+    /// Set once the user signed in on "another device".
+    user: Option<String>,
+    denied: bool,
+    polls: usize,
+}
+
 #[derive(Default)]
 struct State {
+    /// By user code.
+    devices: HashMap<String, Device>,
     clients: HashMap<String, Client>,
     refresh: HashMap<String, Grant>,
     /// Refresh tokens that were rotated away or revoked, and why (an AADSTS text).
@@ -197,6 +208,28 @@ impl TokenServer {
             .collect()
     }
 
+    /// Simulates the user entering `user_code` on the verification page and signing in.
+    pub fn approve_device(&self, user_code: &str, user: &str) -> bool {
+        match self.state.lock().unwrap().devices.get_mut(user_code) {
+            Some(d) => {
+                d.user = Some(user.into());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Simulates the user declining the device sign-in.
+    pub fn deny_device(&self, user_code: &str) {
+        if let Some(d) = self.state.lock().unwrap().devices.get_mut(user_code) {
+            d.denied = true;
+        }
+    }
+
+    pub fn device_authorization_url(&self) -> String {
+        format!("{}/devicecode", self.url())
+    }
+
     /// The key tokens are signed with.
     pub fn key(&self) -> &OAuthKey {
         &self.key
@@ -305,6 +338,46 @@ fn serve(conn: TcpStream, state: &Mutex<State>, key: &OAuthKey) -> std::io::Resu
     let method = parts.next().unwrap_or_default();
     let path = parts.next().unwrap_or_default();
     let (status, answer) = match (method, path.split('?').next().unwrap_or_default()) {
+        ("POST", "/devicecode") => {
+            let form = parse_form(&String::from_utf8_lossy(&body));
+            let mut st = state.lock().unwrap();
+            let client_id = form.get("client_id").cloned().unwrap_or_default();
+            if !st.clients.contains_key(&client_id) {
+                error(
+                    400,
+                    "unauthorized_client",
+                    "AADSTS700016: Application not found.",
+                )
+            } else {
+                let user_code: String = random_token("")
+                    .chars()
+                    .filter(char::is_ascii_alphabetic)
+                    .take(8)
+                    .collect::<String>()
+                    .to_ascii_uppercase();
+                let device_code = random_token("dc-");
+                st.devices.insert(
+                    user_code.clone(),
+                    Device {
+                        client_id,
+                        device_code: device_code.clone(),
+                        user: None,
+                        denied: false,
+                        polls: 0,
+                    },
+                );
+                (
+                    200,
+                    json!({
+                        "device_code": device_code,
+                        "user_code": user_code,
+                        "verification_uri": format!("http://{}/device", conn.local_addr().map(|a| a.to_string()).unwrap_or_default()),
+                        "expires_in": 900,
+                        "interval": 1,
+                    }),
+                )
+            }
+        }
         ("POST", "/token") => {
             let form = parse_form(&String::from_utf8_lossy(&body));
             token(&mut state.lock().unwrap(), key, &form)
@@ -390,6 +463,45 @@ fn token(st: &mut State, key: &OAuthKey, form: &HashMap<String, String>) -> (u16
                 200,
                 json!({"token_type": "Bearer", "expires_in": st.access_ttl.unwrap_or(Duration::from_secs(3600)).as_secs(), "access_token": access}),
             );
+        }
+        "urn:ietf:params:oauth:grant-type:device_code" => {
+            let presented = get("device_code");
+            let Some((code, device)) = st
+                .devices
+                .iter_mut()
+                .find(|(_, d)| d.device_code == presented && d.client_id == client_id)
+            else {
+                return error(
+                    400,
+                    "expired_token",
+                    "AADSTS70019: Verification code expired.",
+                );
+            };
+            device.polls += 1;
+            if device.denied {
+                return error(
+                    400,
+                    "access_denied",
+                    "AADSTS70016: The user declined the sign-in.",
+                );
+            }
+            // The second poll is told to slow down, as a busy server would.
+            if device.polls == 2 {
+                return error(400, "slow_down", "AADSTS70016: Poll less often.");
+            }
+            let Some(user) = device.user.clone() else {
+                return error(
+                    400,
+                    "authorization_pending",
+                    "AADSTS70016: OAuth 2.0 device flow error. Authorization is pending. Continue polling.",
+                );
+            };
+            let code = code.clone();
+            st.devices.remove(&code);
+            Grant {
+                user,
+                client_id: client_id.to_string(),
+            }
         }
         "authorization_code" => {
             let Some(code) = st.codes.remove(get("code")) else {
