@@ -1261,3 +1261,49 @@ async fn pop3_without_any_usable_mechanism() {
     );
     assert_eq!(server.seen().await, ["CAPA", "QUIT"]);
 }
+
+#[test]
+fn oauth_mechanism_prefers_oauthbearer_and_respects_the_choice() {
+    use session::Mechanism;
+    let offered = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let pick = |list: &[&str], unknown, pref| {
+        oauth_mechanism(Protocol::Imap, "h:993", &offered(list), unknown, pref)
+    };
+    assert_eq!(
+        pick(
+            &["PLAIN", "XOAUTH2", "OAUTHBEARER"],
+            false,
+            SaslMechanism::Auto
+        )
+        .unwrap(),
+        Mechanism::OAuthBearer
+    );
+    assert_eq!(
+        pick(&["PLAIN", "XOAUTH2"], false, SaslMechanism::Auto).unwrap(),
+        Mechanism::XOAuth2
+    );
+    assert_eq!(
+        pick(&["XOAUTH2", "OAUTHBEARER"], false, SaslMechanism::XOAuth2).unwrap(),
+        Mechanism::XOAuth2
+    );
+    // A POP3 server without CAPA: nothing is known, XOAUTH2 is tried.
+    assert_eq!(
+        pick(&[], true, SaslMechanism::Auto).unwrap(),
+        Mechanism::XOAuth2
+    );
+    let refused = pick(&["PLAIN", "LOGIN"], false, SaslMechanism::Auto).unwrap_err();
+    assert_eq!(refused.reason, Reason::AuthMechanismUnsupported);
+    assert!(
+        refused.message.contains("it offers SASL PLAIN LOGIN"),
+        "{}",
+        refused.message
+    );
+    let refused = pick(&["XOAUTH2"], false, SaslMechanism::OAuthBearer).unwrap_err();
+    assert!(
+        refused
+            .message
+            .contains("OAUTHBEARER (oauth2.saslMechanism)"),
+        "{}",
+        refused.message
+    );
+}
