@@ -10,7 +10,9 @@ pub enum LogFormat {
 
 pub fn init(format: LogFormat, filter: &str) -> anyhow::Result<()> {
     use std::io::IsTerminal;
-    let filter = EnvFilter::try_new(filter)?;
+    // async-imap logs the raw commands it sends at trace level, which would include
+    // passwords and tokens: it never logs below info, whatever the filter asks.
+    let filter = EnvFilter::try_new(format!("{filter},async_imap=info"))?;
     // Colours only for a person at a terminal; files and collectors get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

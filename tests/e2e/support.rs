@@ -114,13 +114,12 @@ impl Env {
         let log = self.dir.path().join(format!("controller-{n}.log"));
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(MAILROOM)
-            .args([
-                "controller",
-                "--namespace",
-                &self.ns,
-                "--log",
-                "info,mailroom=debug",
-            ])
+            .args(["controller", "--namespace", &self.ns])
+            .args(if extra.contains(&"--log") {
+                &[][..]
+            } else {
+                &["--log", "info,mailroom=debug"][..]
+            })
             .args([
                 "--metrics-addr",
                 "127.0.0.1:0",
