@@ -94,6 +94,18 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
         }
     }
 
+    // OAuth2: the same fresh access token the controller would use (refreshing it, and
+    // writing a rotated refresh token back, exactly as the controller does).
+    let fetched = match &client {
+        Ok(client) => match crate::credentials::tokens::TokenManager::new(client.clone()) {
+            Ok(tokens) => tokens.prepare(&provider, fetched).await,
+            Err(_) => fetched,
+        },
+        Err(_) => Fetched {
+            provider: provider.name_any(),
+            ..fetched
+        },
+    };
     let label = format!("{}/{}", fetched.namespace, provider.name_any());
     let outcome = check::run(&provider.spec, &fetched).await;
     let mut out = std::io::stdout().lock();

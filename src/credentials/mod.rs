@@ -65,6 +65,8 @@ impl CredentialError {
 #[derive(Default, Clone, Debug)]
 pub struct Fetched {
     pub namespace: String,
+    /// The provider's name, where known: messages that give a command name it.
+    pub provider: String,
     pub secrets: BTreeMap<String, Secret>,
     pub config_maps: BTreeMap<String, ConfigMap>,
     /// OAuth2: why the token manager could not provide a usable access token, if it could

@@ -297,7 +297,15 @@ pub fn login(spec: &IncomingMailProviderSpec, objects: &Fetched) -> Result<Login
         reason: Reason::AuthorizationRequired,
         message: format!(
             "{what}: run `{}`",
-            authorize_command("<provider>", &objects.namespace, o.flow)
+            authorize_command(
+                if objects.provider.is_empty() {
+                    "<provider>"
+                } else {
+                    &objects.provider
+                },
+                &objects.namespace,
+                o.flow,
+            )
         ),
     };
     let Some(secret) = objects.secrets.get(name) else {
@@ -409,6 +417,7 @@ impl TokenManager {
     /// Makes sure `fetched` carries a fresh access token for `provider` (refreshing and
     /// writing the token Secret back if needed), or the reason there is none.
     pub async fn prepare(&self, provider: &IncomingMailProvider, mut fetched: Fetched) -> Fetched {
+        fetched.provider = provider.name_any();
         let spec = &provider.spec;
         if spec.authentication.method != AuthMethod::OAuth2 {
             return fetched;
