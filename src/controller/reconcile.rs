@@ -123,6 +123,14 @@ async fn reconcile_inner(
     let fetched = ctx.objects.fetch(&ns, &refs).await.map_err(Error::Fetch)?;
     // OAuth2: a fresh access token (refreshed, and the Secret rewritten, if needed).
     let fetched = ctx.tokens.prepare(&p, fetched).await;
+    for _ in 0..ctx.tokens.take_refreshes() {
+        ctx.metrics.token_refresh("refreshed");
+    }
+    match &fetched.token_problem {
+        Some((Reason::AuthorizationRevoked, _)) => ctx.metrics.token_refresh("revoked"),
+        Some((Reason::TokenRefreshFailed, _)) => ctx.metrics.token_refresh("failed"),
+        _ => {}
+    }
     let test = async {
         let _slot = ctx
             .tests

@@ -394,14 +394,22 @@ pub struct TokenManager {
     client: Client,
     tls: Arc<rustls::ClientConfig>,
     locks: Mutex<HashMap<(String, String), SecretLock>>,
+    /// Tokens obtained from the token endpoint since [`Self::take_refreshes`] last ran.
+    refreshes: std::sync::atomic::AtomicU64,
 }
 
 impl TokenManager {
+    /// How many tokens the endpoint granted since the last call (for the metrics).
+    pub fn take_refreshes(&self) -> u64 {
+        self.refreshes.swap(0, std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn new(client: Client) -> anyhow::Result<TokenManager> {
         Ok(TokenManager {
             client,
             tls: token_tls()?,
             locks: Mutex::new(HashMap::new()),
+            refreshes: Default::default(),
         })
     }
 
@@ -531,7 +539,11 @@ impl TokenManager {
                     Err(message) => Grant::Failed(message),
                 };
             let response = match grant {
-                Grant::Tokens(t) => t,
+                Grant::Tokens(t) => {
+                    self.refreshes
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    t
+                }
                 Grant::Refused { error, description } if error == "invalid_grant" => {
                     // Another replica (or `mailroom authorize`) may have rotated the token
                     // meanwhile and be about to write it: look again for a moment.

@@ -436,6 +436,11 @@ async fn an_expired_token_is_refreshed_and_the_rotated_refresh_token_stored() {
         server.reused_refresh_tokens().is_empty(),
         "two providers sharing one token Secret refreshed it once, not twice"
     );
+    let (_, metrics) = controller.get("/metrics").await;
+    assert!(
+        metrics.contains("mailroom_token_refreshes_total{result=\"refreshed\"} 1"),
+        "the refresh is counted once:\n{metrics}"
+    );
     for (place, text) in outputs(&env, controller.logs()).await {
         for planted in [&old_refresh, &new_refresh, &new_access] {
             assert!(
