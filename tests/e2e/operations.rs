@@ -3,14 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{ALICE_AUTH, Env, provider, trust_bed_ca};
+use crate::support::{ALICE_AUTH, Env, alice_env, provider};
 
 async fn two_providers(prefix: &str) -> Env {
-    let env = Env::new(prefix).await;
-    trust_bed_ca(&env).await;
-    let (user, password) = env.bed.dovecot().account("alice");
-    env.secret("alice", &[("username", &user), ("password", &password)])
-        .await;
+    let env = alice_env(prefix).await;
     let d = env.bed.dovecot();
     env.apply(&provider(
         "imaps",
@@ -42,9 +38,9 @@ async fn metrics_health_and_readiness_are_served() {
     assert_eq!(controller.get("/healthz").await.0, 200);
     let (code, body) = controller.get("/readyz").await;
     assert_eq!(code, 200, "{body}");
-    let (code, metrics) = controller.get("/metrics").await;
-    assert_eq!(code, 200);
-    for series in [
+    // The Event of a transition is published just after the status write the wait above
+    // saw: poll /metrics until every series is there, or the deadline passes.
+    let expected = [
         "mailroom_tests_total{protocol=\"IMAP\",reason=\"Connected\"} 1",
         "mailroom_tests_total{protocol=\"POP3\",reason=\"Connected\"} 1",
         "mailroom_test_duration_seconds_bucket{",
@@ -53,7 +49,17 @@ async fn metrics_health_and_readiness_are_served() {
         "mailroom_api_writes_total{kind=\"event\"} 2",
         "mailroom_leader 1",
         "mailroom_token_refreshes_total{result=\"refreshed\"} 0",
-    ] {
+    ];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let (code, metrics) = controller.get("/metrics").await;
+        assert_eq!(code, 200);
+        if expected.iter().all(|s| metrics.contains(s)) || Instant::now() > deadline {
+            break metrics;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for series in expected {
         assert!(
             metrics.contains(series),
             "{series} missing from /metrics:\n{metrics}"
@@ -198,11 +204,7 @@ async fn of_two_replicas_one_tests_and_the_other_takes_over_when_it_dies() {
 #[tokio::test]
 async fn three_shards_test_each_provider_exactly_once_and_resharding_loses_none() {
     use mailroom::controller::shard::shard_of;
-    let env = Env::new("shards").await;
-    trust_bed_ca(&env).await;
-    let (user, password) = env.bed.dovecot().account("alice");
-    env.secret("alice", &[("username", &user), ("password", &password)])
-        .await;
+    let env = alice_env("shards").await;
     let port = env.bed.dovecot().imaps_port();
     let names: Vec<String> = (0..12).map(|i| format!("box-{i:02}")).collect();
     for name in &names {
