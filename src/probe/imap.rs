@@ -94,6 +94,19 @@ impl Imap {
         classify::tagged_reply(&self.recent())
     }
 
+    /// A response read from the server, or why there is none (closed, I/O error).
+    fn received<T>(&self, step: Step, read: io::Result<Option<T>>) -> Result<T, Failure> {
+        match read {
+            Ok(Some(response)) => Ok(response),
+            Ok(None) => Err(classify::connection_closed(
+                step,
+                &self.endpoint,
+                &self.recent(),
+            )),
+            Err(err) => Err(self.io_failure(step, &err)),
+        }
+    }
+
     fn io_failure(&self, step: Step, err: &io::Error) -> Failure {
         let recent = self.recent();
         if limit_exceeded(err).is_none() && is_parse_error(err) {
@@ -196,17 +209,8 @@ impl Imap {
             let Some(conn) = self.conn() else {
                 return Err(self.closed(step));
             };
-            let response = match conn.read_response().await {
-                Ok(Some(response)) => response,
-                Ok(None) => {
-                    return Err(classify::connection_closed(
-                        step,
-                        &self.endpoint,
-                        &self.recent(),
-                    ));
-                }
-                Err(err) => return Err(self.io_failure(step, &err)),
-            };
+            let read = conn.read_response().await;
+            let response = self.received(step, read)?;
             match response.parsed() {
                 Response::Done {
                     tag: done_tag,
@@ -335,17 +339,8 @@ impl MailSession for Imap {
         let Some(conn) = self.conn() else {
             return Err(self.closed(step));
         };
-        let response = match conn.read_response().await {
-            Ok(Some(response)) => response,
-            Ok(None) => {
-                return Err(classify::connection_closed(
-                    step,
-                    &self.endpoint,
-                    &self.recent(),
-                ));
-            }
-            Err(err) => return Err(self.io_failure(step, &err)),
-        };
+        let read = conn.read_response().await;
+        let response = self.received(step, read)?;
         let line = self.recent().into_iter().next().unwrap_or_default();
         let preauth = match response.parsed() {
             Response::Data {

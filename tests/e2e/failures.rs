@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, PostParams};
 
-use crate::support::{ALICE_AUTH, Env, condition, provider, ready, trust_bed_ca};
+use crate::support::{ALICE_AUTH, Env, alice_env, condition, provider, ready, trust_bed_ca};
 
 #[tokio::test]
 async fn a_wrong_password_quotes_the_server_and_fixing_the_secret_heals_at_once() {
@@ -317,11 +317,7 @@ async fn starttls_that_is_not_offered_fails_before_any_credential_is_sent() {
 
 #[tokio::test]
 async fn a_mailbox_that_does_not_exist_is_unavailable() {
-    let env = Env::new("nomailbox").await;
-    trust_bed_ca(&env).await;
-    let (user, password) = env.bed.dovecot().account("alice");
-    env.secret("alice", &[("username", &user), ("password", &password)])
-        .await;
+    let env = alice_env("nomailbox").await;
     let port = env.bed.dovecot().imaps_port();
     env.apply(
         &provider("nofolder", "IMAP", port, "Implicit", ALICE_AUTH, "")

@@ -9,14 +9,10 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 
-use crate::support::{ALICE_AUTH, Env, provider, ready, trust_bed_ca};
+use crate::support::{ALICE_AUTH, Env, alice_env, provider, ready, trust_bed_ca};
 
 async fn ready_env(prefix: &str, name: &str, extra: &str) -> (Env, crate::support::Controller) {
-    let env = Env::new(prefix).await;
-    trust_bed_ca(&env).await;
-    let (user, password) = env.bed.dovecot().account("alice");
-    env.secret("alice", &[("username", &user), ("password", &password)])
-        .await;
+    let env = alice_env(prefix).await;
     let port = env.bed.dovecot().imaps_port();
     env.apply(&provider(name, "IMAP", port, "Implicit", ALICE_AUTH, extra));
     let controller = env.controller();

@@ -3,15 +3,11 @@
 
 use std::time::Duration;
 
-use crate::support::{ALICE_AUTH, Env, condition, provider, ready, trust_bed_ca};
+use crate::support::{ALICE_AUTH, Env, alice_env, condition, provider, ready, trust_bed_ca};
 
 #[tokio::test]
 async fn each_protocol_and_tls_mode_goes_ready_with_the_details_filled_in() {
-    let env = Env::new("ready").await;
-    trust_bed_ca(&env).await;
-    let (user, password) = env.bed.dovecot().account("alice");
-    env.secret("alice", &[("username", &user), ("password", &password)])
-        .await;
+    let env = alice_env("ready").await;
     let d = env.bed.dovecot();
     let cases = [
         ("imaps", "IMAP", d.imaps_port(), "Implicit"),

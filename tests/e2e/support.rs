@@ -363,6 +363,17 @@ spec:
     )
 }
 
+/// A namespace that trusts the bed's CA and holds Secret `alice` with alice's login to
+/// the main Dovecot: what most tests start from.
+pub async fn alice_env(prefix: &str) -> Env {
+    let env = Env::new(prefix).await;
+    trust_bed_ca(&env).await;
+    let (user, password) = env.bed.dovecot().account("alice");
+    env.secret("alice", &[("username", &user), ("password", &password)])
+        .await;
+    env
+}
+
 /// The ConfigMap holding the bed's CA, which most providers trust.
 pub async fn trust_bed_ca(env: &Env) {
     let pem = std::fs::read_to_string(env.bed.dovecot().ca_file()).unwrap();

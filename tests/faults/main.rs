@@ -9,16 +9,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::{ALICE_AUTH, Env, provider, ready, trust_bed_ca};
-
-async fn alice_env(prefix: &str) -> Env {
-    let env = Env::new(prefix).await;
-    trust_bed_ca(&env).await;
-    let (user, password) = env.bed.dovecot().account("alice");
-    env.secret("alice", &[("username", &user), ("password", &password)])
-        .await;
-    env
-}
+use support::{ALICE_AUTH, Env, alice_env, provider, ready};
 
 #[tokio::test]
 async fn a_stopped_mail_server_is_refused_and_its_return_is_noticed_before_the_interval() {
