@@ -291,6 +291,7 @@ fn the_values_schema_refuses_what_the_chart_cannot_use() {
     for bad in [
         "logging.format=xml",
         "replicas=-1",
+        "sharding.shards=0",
         "metrics.port=70000",
         "no.such.value=1",
     ] {
@@ -319,6 +320,73 @@ fn the_values_schema_refuses_what_the_chart_cannot_use() {
     assert!(
         !out.status.success() && text(&out).contains("leaderElection.enabled"),
         "two replicas without a Lease would test every provider twice; helm said:\n{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn three_shards_are_three_deployments_each_with_its_shard_its_pods_and_its_lease() {
+    let helm = Helm::offline();
+    let docs = helm.render(
+        "mailroom",
+        "ops",
+        &["--set", "sharding.shards=3,replicas=2"],
+    );
+    let deployments: Vec<&Value> = docs.iter().filter(|d| kind(d) == "Deployment").collect();
+    assert_eq!(deployments.len(), 3, "{:?}", objects(&docs));
+    let mut leases = BTreeSet::new();
+    for (i, d) in deployments.iter().enumerate() {
+        assert_eq!(name(d), format!("mailroom-shard-{i}"));
+        assert_eq!(
+            d["spec"]["replicas"], 2,
+            "replicas counts the pods of each shard"
+        );
+        let args: Vec<&str> = d["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert!(
+            args.contains(&format!("--shard-index={i}").as_str()),
+            "{args:?}"
+        );
+        assert!(args.contains(&"--shard-count=3"), "{args:?}");
+        assert!(args.contains(&"--lease-name=mailroom"), "{args:?}");
+        // Each Deployment selects its own pods only, and its pods carry that label.
+        let selector = &d["spec"]["selector"]["matchLabels"];
+        assert_eq!(selector["mailroom.dev/shard"], i.to_string());
+        let labels = &d["spec"]["template"]["metadata"]["labels"];
+        for (k, v) in selector.as_object().unwrap() {
+            assert_eq!(&labels[k], v, "pod label {k}");
+        }
+        let pdb = find(&docs, "PodDisruptionBudget", &format!("mailroom-shard-{i}"));
+        assert_eq!(pdb["spec"]["selector"]["matchLabels"], *selector);
+        // The Lease the controller takes for this shard (see `mailroom controller`).
+        leases.insert(format!("mailroom-shard-{i}"));
+    }
+    // The controller's Role names exactly those Leases.
+    let role = find(&docs, "Role", "mailroom-leader-election");
+    let named: BTreeSet<String> = permissions(&role["rules"])
+        .into_iter()
+        .filter(|(_, _, verb, name)| verb == "patch" && name != "*")
+        .map(|(_, _, _, name)| name)
+        .collect();
+    assert_eq!(named, leases);
+    // One shard (the default) renders the plain Deployment, as before.
+    let docs = helm.render("mailroom", "ops", &[]);
+    assert_eq!(name(only(&docs, "Deployment")), "mailroom");
+    assert!(!args(&docs).iter().any(|a| a.starts_with("--shard")));
+    let out = helm.run(&[
+        "template",
+        "r",
+        CHART,
+        "--set",
+        "sharding.shards=2,leaderElection.enabled=false",
+    ]);
+    assert!(
+        !out.status.success() && text(&out).contains("leaderElection.enabled"),
+        "shards without Leases; helm said:\n{}",
         text(&out)
     );
 }

@@ -21,6 +21,25 @@ app.kubernetes.io/name: {{ include "mailroom.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{/* A shard's Deployment: the fullname alone, or <fullname>-shard-<i> when sharded. */}}
+{{- define "mailroom.shardName" -}}
+{{- $ctx := index . 0 -}}
+{{- if gt (int $ctx.Values.sharding.shards) 1 -}}
+{{- printf "%s-shard-%d" (include "mailroom.fullname" $ctx) (index . 1) -}}
+{{- else -}}
+{{- include "mailroom.fullname" $ctx -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A shard's pods: each Deployment selects its own. */}}
+{{- define "mailroom.shardSelectorLabels" -}}
+{{- $ctx := index . 0 -}}
+{{ include "mailroom.selectorLabels" $ctx }}
+{{- if gt (int $ctx.Values.sharding.shards) 1 }}
+mailroom.dev/shard: {{ index . 1 | quote }}
+{{- end -}}
+{{- end -}}
+
 {{- define "mailroom.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{ include "mailroom.selectorLabels" . }}
