@@ -23,6 +23,8 @@ use crate::versions::Binaries;
 
 /// How long kube-apiserver may take to report ready (2 slow cores, cold caches).
 const APISERVER_READY: Duration = Duration::from_secs(120);
+/// How long etcd and kube-apiserver get to stop on SIGTERM before SIGKILL.
+const CONTROL_PLANE_GRACE: Duration = Duration::from_secs(5);
 const TEMP_PREFIX: &str = "mailroom-testbed-";
 const OWNER_FILE: &str = "owner.pid";
 
@@ -185,8 +187,7 @@ impl Bed {
             .unwrap_or_else(|e| e.into_inner())
             .take()
         {
-            cp.apiserver.stop(Duration::from_secs(5));
-            cp.etcd.stop(Duration::from_secs(5));
+            cp.stop(Duration::from_secs(5));
         }
         // Anything else recorded (nothing, normally) goes too before its files do.
         stop_recorded_processes(&self.state_dir().join("pids"));
@@ -332,6 +333,58 @@ impl Bed {
         )
     }
 
+    /// Stops kube-apiserver, as a restart by its kubelet would (SIGTERM, SIGKILL after
+    /// 5 s): clients see connections refused until [`Bed::start_apiserver`]. Only a bed
+    /// this process started can do this (see [`Bed::start`]).
+    pub fn stop_apiserver(&self) -> Result<()> {
+        self.with_control_plane("stop kube-apiserver", |cp| {
+            cp.stop_apiserver(CONTROL_PLANE_GRACE);
+            Ok(())
+        })
+    }
+
+    /// Starts kube-apiserver again on the same port with the same certificates and flags
+    /// (the kubeconfig keeps working), and returns once `/readyz` says ok.
+    pub fn start_apiserver(&self) -> Result<()> {
+        self.with_control_plane("start kube-apiserver", |cp| {
+            cp.start_apiserver(APISERVER_READY)
+        })
+    }
+
+    /// Stops etcd; the API server keeps running and fails every request that needs
+    /// storage (its watch cache may still answer some reads) until [`Bed::start_etcd`].
+    pub fn stop_etcd(&self) -> Result<()> {
+        self.with_control_plane("stop etcd", |cp| {
+            cp.stop_etcd(CONTROL_PLANE_GRACE);
+            Ok(())
+        })
+    }
+
+    /// Starts etcd again on the same ports with the same data, and returns once the API
+    /// server (if running) says ready again.
+    pub fn start_etcd(&self) -> Result<()> {
+        self.with_control_plane("start etcd", |cp| cp.start_etcd(APISERVER_READY))
+    }
+
+    fn with_control_plane(
+        &self,
+        what: &str,
+        act: impl FnOnce(&mut ControlPlane) -> Result<()>,
+    ) -> Result<()> {
+        let mut slot = self.control_plane.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.as_mut() {
+            Some(cp) => act(cp),
+            None => bail!(
+                "cannot {what}: the control plane of the bed in {} belongs to another process \
+                 (`testbed up`, reused through {}); tests that restart it need a bed of their \
+                 own, so run them with {} unset",
+                self.state_dir().display(),
+                crate::STATE_ENV,
+                crate::STATE_ENV
+            ),
+        }
+    }
+
     /// Creates a namespace with a fresh name starting with `prefix`, for one test.
     pub fn namespace(&self, prefix: &str) -> String {
         let n = self.namespaces.fetch_add(1, Ordering::Relaxed);
@@ -455,8 +508,7 @@ fn launch_in(
     let control_plane = match mode {
         Mode::InProcess => Some(control_plane),
         _ => {
-            control_plane.apiserver.release();
-            control_plane.etcd.release();
+            control_plane.release();
             None
         }
     };

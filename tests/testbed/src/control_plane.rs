@@ -53,12 +53,44 @@ impl ControlPlaneInfo {
     }
 }
 
-/// The running processes; dropping it stops tied ones.
+/// The processes, and how to start each again; dropping it stops tied ones.
 pub struct ControlPlane {
     pub info: ControlPlaneInfo,
-    // Declared apiserver first so it stops before etcd when dropped.
-    pub apiserver: Proc,
-    pub etcd: Proc,
+    // Declared apiserver first so it stops before etcd when dropped. `None` while stopped.
+    apiserver: Option<Proc>,
+    etcd: Option<Proc>,
+    apiserver_launch: Launch,
+    etcd_launch: Launch,
+    etcd_addr: SocketAddr,
+}
+
+/// A control-plane process as first started: the same program, flags (so the same ports,
+/// certificates and etcd data folder), log and pid file serve every later start, so that
+/// clients holding the kubeconfig never notice more than an outage.
+struct Launch {
+    name: &'static str,
+    program: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+    pid_file: PathBuf,
+    lifetime: Lifetime,
+}
+
+impl Launch {
+    fn spawn(&self) -> Result<Proc> {
+        let mut command = Command::new(&self.program);
+        command.args(&self.args);
+        // A tied process is spawned from the keeper thread with a parent-death signal, on
+        // every start alike: a restarted one still dies with the test binary.
+        Proc::spawn(
+            self.name,
+            command,
+            &self.log,
+            Some(&self.pid_file),
+            self.lifetime,
+            libc::SIGKILL,
+        )
+    }
 }
 
 /// Starts etcd and kube-apiserver, with files in `dir` and pid files in `pid_dir`.
@@ -72,21 +104,28 @@ pub(crate) fn start(
     fs::create_dir_all(dir)?;
     // The folder holds the admin key and the signing keys.
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
-    let etcd = start_etcd(dir, pid_dir, bins, lifetime)?;
-    let (info, apiserver) = start_apiserver(dir, pid_dir, bins, lifetime, &etcd.1)?;
+    let (etcd_launch, etcd_addr) = etcd_launch(dir, pid_dir, bins, lifetime)?;
+    let mut etcd = etcd_launch.spawn()?;
+    wait_listening(&mut etcd, etcd_addr, &etcd_launch.log)?;
+    let etcd_url = format!("http://{etcd_addr}");
+    let (info, apiserver_launch) = apiserver_launch(dir, pid_dir, bins, lifetime, &etcd_url)?;
+    let apiserver = apiserver_launch.spawn()?;
     Ok(ControlPlane {
         info,
-        apiserver,
-        etcd: etcd.0,
+        apiserver: Some(apiserver),
+        etcd: Some(etcd),
+        apiserver_launch,
+        etcd_launch,
+        etcd_addr,
     })
 }
 
-fn start_etcd(
+fn etcd_launch(
     dir: &Path,
     pid_dir: &Path,
     bins: &Binaries,
     lifetime: Lifetime,
-) -> Result<(Proc, String)> {
+) -> Result<(Launch, SocketAddr)> {
     let client = process::free_port(LOOPBACK)?;
     let peer = process::free_port(LOOPBACK)?;
     let client_url = format!("http://127.0.0.1:{client}");
@@ -94,28 +133,31 @@ fn start_etcd(
     let data = dir.join("etcd-data");
     fs::create_dir_all(&data)?;
     fs::set_permissions(&data, fs::Permissions::from_mode(0o700))?;
-    let mut command = Command::new(&bins.etcd);
-    command
-        .arg("--name=mailroom")
-        .arg(format!("--data-dir={}", data.display()))
-        .arg(format!("--listen-client-urls={client_url}"))
-        .arg(format!("--advertise-client-urls={client_url}"))
-        .arg(format!("--listen-peer-urls={peer_url}"))
-        .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-        .arg(format!("--initial-cluster=mailroom={peer_url}"))
+    let args = vec![
+        "--name=mailroom".to_string(),
+        format!("--data-dir={}", data.display()),
+        format!("--listen-client-urls={client_url}"),
+        format!("--advertise-client-urls={client_url}"),
+        format!("--listen-peer-urls={peer_url}"),
+        format!("--initial-advertise-peer-urls={peer_url}"),
+        format!("--initial-cluster=mailroom={peer_url}"),
         // A throwaway store: durability is not worth the fsync time.
-        .arg("--unsafe-no-fsync")
-        .arg("--log-level=warn");
-    let log = dir.join("etcd.log");
-    let mut etcd = Proc::spawn(
-        "etcd",
-        command,
-        &log,
-        Some(&pid_dir.join("etcd.pid")),
+        "--unsafe-no-fsync".to_string(),
+        "--log-level=warn".to_string(),
+    ];
+    let launch = Launch {
+        name: "etcd",
+        program: bins.etcd.clone(),
+        args,
+        log: dir.join("etcd.log"),
+        pid_file: pid_dir.join("etcd.pid"),
         lifetime,
-        libc::SIGKILL,
-    )?;
-    let addr = SocketAddr::from((LOOPBACK, client));
+    };
+    Ok((launch, SocketAddr::from((LOOPBACK, client))))
+}
+
+/// Waits until etcd accepts connections on its client port.
+fn wait_listening(etcd: &mut Proc, addr: SocketAddr, log: &Path) -> Result<()> {
     let mut exited = None;
     let up = process::poll(
         Duration::from_secs(30),
@@ -130,19 +172,19 @@ fn start_etcd(
         bail!(
             "etcd did not start ({why}).\n--- {} ---\n{}",
             log.display(),
-            process::tail(&log, 30)
+            process::tail(log, 30)
         );
     }
-    Ok((etcd, client_url))
+    Ok(())
 }
 
-fn start_apiserver(
+fn apiserver_launch(
     dir: &Path,
     pid_dir: &Path,
     bins: &Binaries,
     lifetime: Lifetime,
     etcd_url: &str,
-) -> Result<(ControlPlaneInfo, Proc)> {
+) -> Result<(ControlPlaneInfo, Launch)> {
     let port = process::free_port(LOOPBACK)?;
     let server_url = format!("https://127.0.0.1:{port}");
     let certs_dir = dir.join("pki");
@@ -168,40 +210,37 @@ fn start_apiserver(
     let sa_public = file("sa.pub", &sa_key.public_pem)?;
     let issuer = server_url.clone();
 
-    let mut command = Command::new(&bins.kube_apiserver);
-    command
-        .arg(format!("--etcd-servers={etcd_url}"))
-        .arg("--advertise-address=127.0.0.1")
-        .arg("--bind-address=127.0.0.1")
-        .arg(format!("--secure-port={port}"))
-        .arg(format!("--cert-dir={}", certs_dir.display()))
-        .arg(format!("--tls-cert-file={}", tls_cert.display()))
-        .arg(format!("--tls-private-key-file={}", tls_key.display()))
-        .arg(format!("--client-ca-file={}", client_ca_file.display()))
-        .arg("--authorization-mode=RBAC")
-        .arg(format!("--service-account-issuer={issuer}"))
-        .arg(format!(
-            "--service-account-key-file={}",
-            sa_public.display()
-        ))
-        .arg(format!(
+    let args = vec![
+        format!("--etcd-servers={etcd_url}"),
+        "--advertise-address=127.0.0.1".to_string(),
+        "--bind-address=127.0.0.1".to_string(),
+        format!("--secure-port={port}"),
+        format!("--cert-dir={}", certs_dir.display()),
+        format!("--tls-cert-file={}", tls_cert.display()),
+        format!("--tls-private-key-file={}", tls_key.display()),
+        format!("--client-ca-file={}", client_ca_file.display()),
+        "--authorization-mode=RBAC".to_string(),
+        format!("--service-account-issuer={issuer}"),
+        format!("--service-account-key-file={}", sa_public.display()),
+        format!(
             "--service-account-signing-key-file={}",
             sa_private.display()
-        ))
-        .arg("--service-cluster-ip-range=10.0.0.0/24")
-        .arg("--allow-privileged=true")
+        ),
+        "--service-cluster-ip-range=10.0.0.0/24".to_string(),
+        "--allow-privileged=true".to_string(),
         // No controller manager creates default ServiceAccounts, so the admission
         // plugin that requires them would refuse every Pod.
-        .arg("--disable-admission-plugins=ServiceAccount");
+        "--disable-admission-plugins=ServiceAccount".to_string(),
+    ];
     let log = dir.join("kube-apiserver.log");
-    let apiserver = Proc::spawn(
-        "kube-apiserver",
-        command,
-        &log,
-        Some(&pid_dir.join("kube-apiserver.pid")),
+    let launch = Launch {
+        name: "kube-apiserver",
+        program: bins.kube_apiserver.clone(),
+        args,
+        log: log.clone(),
+        pid_file: pid_dir.join("kube-apiserver.pid"),
         lifetime,
-        libc::SIGKILL,
-    )?;
+    };
 
     let kubeconfig = dir.join("kubeconfig");
     fs::write(
@@ -222,7 +261,7 @@ fn start_apiserver(
         etcd_log: dir.join("etcd.log"),
         apiserver_log: log,
     };
-    Ok((info, apiserver))
+    Ok((info, launch))
 }
 
 impl ControlPlane {
@@ -232,7 +271,13 @@ impl ControlPlane {
         let mut last = String::new();
         let mut exited = None;
         let ready = process::poll(limit, Duration::from_millis(250), &mut || {
-            if let Some(why) = self.apiserver.exited().or_else(|| self.etcd.exited()) {
+            let gone = |p: &mut Option<Proc>, name: &str| match p {
+                Some(p) => p.exited(),
+                None => Some(format!("{name} is stopped")),
+            };
+            if let Some(why) =
+                gone(&mut self.apiserver, "kube-apiserver").or_else(|| gone(&mut self.etcd, "etcd"))
+            {
                 exited = Some(why);
                 return true;
             }
@@ -273,6 +318,59 @@ impl ControlPlane {
             );
         }
         Ok(())
+    }
+
+    /// Stops kube-apiserver (SIGTERM, as a kubelet does; SIGKILL after `grace`). Its port,
+    /// certificates and flags are kept for [`ControlPlane::start_apiserver`].
+    pub fn stop_apiserver(&mut self, grace: Duration) {
+        if let Some(mut p) = self.apiserver.take() {
+            p.stop(grace);
+        }
+    }
+
+    /// Starts kube-apiserver again as it first ran, and waits until `/readyz` says ok
+    /// (which needs etcd). Does nothing to a running one but wait.
+    pub fn start_apiserver(&mut self, limit: Duration) -> Result<()> {
+        if self.apiserver.is_none() {
+            self.apiserver = Some(self.apiserver_launch.spawn()?);
+        }
+        self.wait_ready(limit)
+    }
+
+    /// Stops etcd (SIGTERM; SIGKILL after `grace`). The API server keeps running and
+    /// fails what needs storage; the data folder is kept for [`ControlPlane::start_etcd`].
+    pub fn stop_etcd(&mut self, grace: Duration) {
+        if let Some(mut p) = self.etcd.take() {
+            p.stop(grace);
+        }
+    }
+
+    /// Starts etcd again on its ports with its data, and waits until it listens and, when
+    /// the API server runs, until that says ready again.
+    pub fn start_etcd(&mut self, limit: Duration) -> Result<()> {
+        if self.etcd.is_none() {
+            let mut etcd = self.etcd_launch.spawn()?;
+            let listening = wait_listening(&mut etcd, self.etcd_addr, &self.etcd_launch.log);
+            self.etcd = Some(etcd);
+            listening?;
+        }
+        if self.apiserver.is_some() {
+            self.wait_ready(limit)?;
+        }
+        Ok(())
+    }
+
+    /// Stops both, the API server first.
+    pub fn stop(&mut self, grace: Duration) {
+        self.stop_apiserver(grace);
+        self.stop_etcd(grace);
+    }
+
+    /// Leaves detached processes running when this handle is dropped (`testbed up`).
+    pub fn release(self) {
+        for p in [self.apiserver, self.etcd].into_iter().flatten() {
+            p.release();
+        }
     }
 }
 

@@ -1,7 +1,8 @@
-//! The bed's own lifecycle: Dovecot stops and starts on the same ports, a dropped bed
-//! leaves no process and no file behind, and a detached bed (`testbed up`) can be
-//! attached to and taken down. Each test starts its own bed, so stopping things here
-//! disturbs no other test.
+//! The bed's own lifecycle: Dovecot, etcd and kube-apiserver stop and start on the same
+//! ports, a dropped bed leaves no process and no file behind (nor does a killed test
+//! process, restarted parts included), and a detached bed (`testbed up`) can be attached
+//! to and taken down. Each test starts its own bed, so stopping things here disturbs no
+//! other test.
 
 use std::collections::HashSet;
 use std::fs;
@@ -134,6 +135,13 @@ fn a_detached_bed_can_be_attached_to_and_taken_down() {
             .unwrap()
             .starts_with("* OK")
     );
+    let refused = bed
+        .stop_apiserver()
+        .expect_err("an attached bed must not stop a control plane it does not own");
+    assert!(
+        format!("{refused:#}").contains(mailroom_testbed::STATE_ENV),
+        "the refusal should say how to get a bed of one's own: {refused:#}"
+    );
     let env = bed.env_lines();
     assert!(env.contains("export KUBECONFIG="), "{env}");
     drop(bed);
@@ -146,4 +154,140 @@ fn a_detached_bed_can_be_attached_to_and_taken_down() {
         left.join("\n")
     );
     assert!(!dir.exists(), "{} should be removed", dir.display());
+}
+
+/// `kubectl` through the bed's kubeconfig with a short request timeout: (ok, output).
+fn kubectl(bed: &Bed, args: &[&str]) -> (bool, String) {
+    let out = bed
+        .kubectl()
+        .arg("--request-timeout=5s")
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn the_control_plane_restarts_on_its_ports_with_its_data_and_certificates() {
+    let bed = Bed::start().unwrap_or_else(|e| panic!("{e:#}"));
+    let ns = bed.namespace("kept");
+    let pids = bed.state().pid_dir;
+    let pid_of = |name: &str| fs::read_to_string(pids.join(format!("{name}.pid"))).unwrap();
+    let (etcd_before, apiserver_before) = (pid_of("etcd"), pid_of("kube-apiserver"));
+
+    bed.stop_etcd().unwrap_or_else(|e| panic!("{e:#}"));
+    let (created, said) = kubectl(&bed, &["create", "namespace", "written-without-etcd"]);
+    assert!(
+        !created,
+        "expected a write to fail while etcd is stopped; kubectl said: {said}"
+    );
+    bed.start_etcd().unwrap_or_else(|e| panic!("{e:#}"));
+    assert_ne!(
+        pid_of("etcd"),
+        etcd_before,
+        "the pid file should name the new etcd"
+    );
+    let (found, said) = kubectl(&bed, &["get", "namespace", &ns]);
+    assert!(found, "the namespace made before etcd restarted: {said}");
+
+    bed.stop_apiserver().unwrap_or_else(|e| panic!("{e:#}"));
+    let (answered, said) = kubectl(&bed, &["get", "namespaces"]);
+    assert!(
+        !answered,
+        "expected no answer while kube-apiserver is stopped: {said}"
+    );
+    bed.start_apiserver().unwrap_or_else(|e| panic!("{e:#}"));
+    assert_ne!(pid_of("kube-apiserver"), apiserver_before);
+    // The same kubeconfig (server URL, CA, client certificate) works, and the data is there.
+    let (found, said) = kubectl(&bed, &["get", "namespace", &ns]);
+    assert!(found, "the namespace made before both restarts: {said}");
+    let (created, said) = kubectl(&bed, &["create", "namespace", "written-after-restarts"]);
+    assert!(created, "a write after both restarts: {said}");
+
+    let groups = recorded_groups(&pids);
+    drop(bed);
+    let left = members(&groups);
+    assert!(
+        left.is_empty(),
+        "processes left after drop:\n{}",
+        left.join("\n")
+    );
+}
+
+const CHILD_ENV: &str = "MAILROOM_TESTBED_LIFECYCLE_CHILD";
+
+/// Run in a child process by the test below: restarts both control-plane parts, says
+/// where its pid files are, and dies by SIGKILL (no atexit handler, no drop).
+#[test]
+fn restarted_control_plane_processes_die_with_the_test_process() {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        let bed = Bed::start().unwrap_or_else(|e| panic!("{e:#}"));
+        bed.stop_etcd().unwrap_or_else(|e| panic!("{e:#}"));
+        bed.start_etcd().unwrap_or_else(|e| panic!("{e:#}"));
+        bed.stop_apiserver().unwrap_or_else(|e| panic!("{e:#}"));
+        bed.start_apiserver().unwrap_or_else(|e| panic!("{e:#}"));
+        println!("PIDS {}", bed.state().pid_dir.display());
+        std::io::Write::flush(&mut std::io::stdout()).unwrap();
+        // SAFETY: kill(2) on this very process.
+        unsafe { libc::kill(std::process::id() as i32, libc::SIGKILL) };
+        unreachable!("SIGKILL");
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "restarted_control_plane_processes_die_with_the_test_process",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let pid_dir = stdout
+        .lines()
+        // libtest prints the test's name on the same line.
+        .find_map(|l| Some(l.split_once("PIDS ")?.1.trim()))
+        .unwrap_or_else(|| {
+            panic!(
+                "the child never restarted its control plane ({}):\n{stdout}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let pid_dir = Path::new(pid_dir);
+    let state_dir = pid_dir.parent().unwrap().to_path_buf();
+    let _down = DownOnDrop(&state_dir);
+    let groups = recorded_groups(pid_dir);
+    assert_eq!(
+        groups.len(),
+        3,
+        "etcd, kube-apiserver and Dovecot: {groups:?}"
+    );
+    // The parent-death signal is delivered at once; give the kernel and Dovecot's master a
+    // moment to finish. The orphans' new parent may be this process (another test's bed
+    // made it a subreaper): reap them so that only the living count.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let reap = || {
+        for line in members(&groups) {
+            let pid: i32 = line.split_whitespace().next().unwrap().parse().unwrap();
+            // SAFETY: waitpid on a pid of the bed's groups; ECHILD if it is not ours.
+            unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+        }
+        members(&groups)
+    };
+    let mut left = reap();
+    while !left.is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        left = reap();
+    }
+    assert!(
+        left.is_empty(),
+        "processes of the killed test process left running:\n{}",
+        left.join("\n")
+    );
 }
