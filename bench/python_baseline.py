@@ -21,6 +21,15 @@ def one_imap(args, ctx):
     c.logout()
 
 
+def one_imap_starttls(args, ctx):
+    c = imaplib.IMAP4(args.host, args.port)
+    c.starttls(ssl_context=ctx)
+    c.login(args.user, args.password)
+    typ, _ = c.status("INBOX", "(MESSAGES UNSEEN)")
+    assert typ == "OK"
+    c.logout()
+
+
 def one_pop3(args, ctx):
     c = poplib.POP3_SSL(args.host, args.port, context=ctx)
     c.user(args.user)
@@ -31,7 +40,7 @@ def one_pop3(args, ctx):
 
 def worker(args, count, out):
     ctx = ssl.create_default_context(cafile=args.ca)
-    test = one_imap if args.protocol == "imap" else one_pop3
+    test = {"imap": one_imap, "imap-starttls": one_imap_starttls, "pop3": one_pop3}[args.protocol]
     for _ in range(count):
         test(args, ctx)
     ru = resource.getrusage(resource.RUSAGE_SELF)
@@ -40,7 +49,7 @@ def worker(args, count, out):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--protocol", choices=["imap", "pop3"], required=True)
+    p.add_argument("--protocol", choices=["imap", "imap-starttls", "pop3"], required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--user", required=True)

@@ -1,19 +1,630 @@
 //! Fleet benchmark: N providers (default 1,000) applied at once to the test bed's API
-//! server with the controller running; prints the seconds until all are Ready, the
-//! controller's peak RSS and CPU seconds, and the API requests it cost, by verb.
+//! server, spread over namespaces and over six Dovecot endpoints (two instances), with one
+//! controller running as in production. Prints, in one table:
+//! - the ceiling: what the Dovecots allow at the controller's per-host concurrency,
+//!   measured first with mailroom's probe alone, and the time N tests take at that rate;
+//! - the ramp: seconds until all are Ready, controller peak RSS and CPU seconds, API
+//!   requests by verb, the most simultaneous connections Dovecot saw;
+//! - the steady state: status writes and tests per provider per interval, API requests
+//!   and controller CPU per minute;
+//! - the time from a Secret change to the provider's new status, under that load.
 //!
-//! Run: `cargo bench --bench fleet` (MAILROOM_BENCH_PROVIDERS=N to change N).
+//! Run: `scripts/bench fleet` or `cargo bench --bench fleet`. Environment:
+//! MAILROOM_BENCH_PROVIDERS (N, default 1000), MAILROOM_BENCH_INTERVAL (check.interval,
+//! default 5m), MAILROOM_BENCH_STEADY (seconds of steady state observed, default one
+//! interval plus its jitter), MAILROOM_BENCH_PER_HOST (the controller's
+//! --per-host-concurrency, default 8).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::io::{Read, Write};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use kube::api::{Api, ListParams, PostParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use mailroom::api::IncomingMailProvider;
+use mailroom::api::{IncomingMailProvider, Protocol, TlsMode, parse_duration};
+use mailroom::probe::{self, Login, Target, Trust};
+use mailroom_testbed::{Bed, MAIL_HOST};
+use secrecy::SecretString;
+use serde_json::json;
 
-fn proc_status(pid: u32, key: &str) -> u64 {
+/// One place providers point at: a Dovecot port, its TLS mode, and what to trust.
+struct Endpoint {
+    label: &'static str,
+    protocol: Protocol,
+    port: u16,
+    tls: TlsMode,
+    /// ConfigMap (in every namespace) holding the certificate to trust.
+    ca: &'static str,
+    ca_pem: String,
+    /// Secret (in every namespace) with that instance's alice.
+    secret: &'static str,
+    user: String,
+    password: String,
+}
+
+fn endpoints(bed: &Bed) -> Vec<Endpoint> {
+    let main = bed.dovecot();
+    let pinned = bed.self_signed_dovecot();
+    let main_ca = std::fs::read_to_string(main.ca_file()).unwrap();
+    let (mu, mp) = main.account("alice");
+    let (su, sp) = pinned.account("alice");
+    let on_main = |label, protocol, port, tls| Endpoint {
+        label,
+        protocol,
+        port,
+        tls,
+        ca: "main-ca",
+        ca_pem: main_ca.clone(),
+        secret: "alice-main",
+        user: mu.clone(),
+        password: mp.clone(),
+    };
+    let on_pinned = |label, protocol, port| Endpoint {
+        label,
+        protocol,
+        port,
+        tls: TlsMode::Implicit,
+        ca: "pinned-cert",
+        ca_pem: pinned.cert_pem(),
+        secret: "alice-pinned",
+        user: su.clone(),
+        password: sp.clone(),
+    };
+    vec![
+        on_main(
+            "main IMAPS",
+            Protocol::Imap,
+            main.imaps_port(),
+            TlsMode::Implicit,
+        ),
+        on_main(
+            "main POP3S",
+            Protocol::Pop3,
+            main.pop3s_port(),
+            TlsMode::Implicit,
+        ),
+        on_main(
+            "main IMAP STARTTLS",
+            Protocol::Imap,
+            main.imap_port(),
+            TlsMode::StartTls,
+        ),
+        on_main(
+            "main POP3 STLS",
+            Protocol::Pop3,
+            main.pop3_port(),
+            TlsMode::StartTls,
+        ),
+        on_pinned("self-signed IMAPS", Protocol::Imap, pinned.imaps_port()),
+        on_pinned("self-signed POP3S", Protocol::Pop3, pinned.pop3s_port()),
+    ]
+}
+
+fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[tokio::main]
+async fn main() {
+    let n: usize = env_or("MAILROOM_BENCH_PROVIDERS", 1000);
+    let interval_text: String = env_or("MAILROOM_BENCH_INTERVAL", "5m".to_string());
+    let interval = parse_duration(&interval_text).expect("MAILROOM_BENCH_INTERVAL");
+    let jitter = (interval / 10).min(Duration::from_secs(30));
+    let steady = Duration::from_secs(env_or(
+        "MAILROOM_BENCH_STEADY",
+        (interval + jitter).as_secs(),
+    ));
+    let per_host: usize = env_or("MAILROOM_BENCH_PER_HOST", 8);
+    let namespaces = n.div_ceil(1000).max(2);
+
+    let bed = mailroom_testbed::shared();
+    install_crd(bed);
+    let client = client(bed).await;
+    let ends = Arc::new(endpoints(bed));
+
+    // 1. The ceiling: mailroom's probe alone, over the same mix of endpoints, at the
+    //    concurrency the controller will be allowed against this one mail host.
+    let ceiling_tests = n.clamp(400, 2000);
+    let ceiling = probe_rate(&ends, ceiling_tests, per_host).await;
+    let ceiling_32 = probe_rate(&ends, ceiling_tests, 32).await;
+
+    // 2. Namespaces, each with the trust anchors and the two Secrets.
+    let names: Vec<String> = (0..namespaces)
+        .map(|i| bed.namespace(&format!("fleet{i}")))
+        .collect();
+    for ns in &names {
+        seed_namespace(&client, ns, &ends).await;
+    }
+
+    // 3. The controller, watching every namespace.
+    let metrics_addr = free_addr();
+    let log = bed.state_dir().join("fleet-controller.log");
+    let mut controller = Command::new(env!("CARGO_BIN_EXE_mailroom"))
+        .args(["controller", "--lease-namespace", &names[0]])
+        .args(["--metrics-addr", &metrics_addr])
+        .args(["--per-host-concurrency", &per_host.to_string()])
+        .env("KUBECONFIG", bed.kubeconfig_path())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = controller.id();
+    wait_for_metrics(&metrics_addr);
+    tokio::time::sleep(Duration::from_secs(2)).await; // leader, lists, watches
+    let rss_idle = proc_status_kib(pid, "VmRSS:");
+
+    // The most simultaneous connections Dovecot holds, sampled from /proc/net/tcp.
+    let ports: HashSet<u16> = ends.iter().map(|e| e.port).collect();
+    let sampler = ConnectionSampler::start(ports);
+
+    // 4. The ramp.
+    let api0 = requests_by_verb(bed);
+    let cpu0 = cpu_seconds(pid);
+    let started = Instant::now();
+    let providers: Vec<(String, String)> = (0..n)
+        .map(|i| (names[i % namespaces].clone(), format!("p{i:05}")))
+        .collect();
+    futures::stream::iter(providers.iter().enumerate())
+        .map(|(i, (ns, name))| {
+            let api: Api<IncomingMailProvider> = Api::namespaced(client.clone(), ns);
+            let spec = provider_spec(&ends[i % ends.len()], &interval_text);
+            async move {
+                let p: IncomingMailProvider = serde_json::from_value(json!({
+                    "apiVersion": "mailroom.dev/v1alpha1", "kind": "IncomingMailProvider",
+                    "metadata": {"name": name}, "spec": spec,
+                }))
+                .unwrap();
+                api.create(&PostParams::default(), &p).await.unwrap();
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    let created = started.elapsed();
+    // Progress from the controller's own gauge (cheap), then one list to confirm.
+    loop {
+        let ready = metric(
+            &scrape(&metrics_addr),
+            "mailroom_providers",
+            "ready=\"True\"",
+        );
+        if ready as usize >= n {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1800),
+            "only {ready} of {n} Ready after 30 minutes; log {}",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let all_ready = started.elapsed();
+    let ramp_cpu = cpu_seconds(pid) - cpu0;
+    let ramp_api = delta(&requests_by_verb(bed), &api0);
+    let ramp_connections = sampler.take_max();
+    let not_ready = count_not_ready(&client).await;
+    assert_eq!(not_ready, 0, "the gauge said all Ready, the API does not");
+
+    // 5. The steady state: every provider Ready, tests at the interval.
+    let text = scrape(&metrics_addr);
+    let writes0 = metric(&text, "mailroom_api_writes_total", "kind=\"status\"");
+    let tests0 = metric(&text, "mailroom_tests_total", "");
+    let api1 = requests_by_verb(bed);
+    let cpu1 = cpu_seconds(pid);
+    let steady_from = Instant::now();
+    // Meanwhile, a Secret change: a canary provider whose password is fixed and broken
+    // again, each time timed from the Secret's update to the status that follows.
+    let latencies = secret_change_latencies(&client, &names[0], &ends[0], &interval_text).await;
+    let rest = steady.saturating_sub(steady_from.elapsed());
+    tokio::time::sleep(rest).await;
+    let window = steady_from.elapsed();
+    let text = scrape(&metrics_addr);
+    let steady_writes = metric(&text, "mailroom_api_writes_total", "kind=\"status\"") - writes0;
+    let steady_tests = metric(&text, "mailroom_tests_total", "") - tests0;
+    let steady_api = delta(&requests_by_verb(bed), &api1);
+    let steady_cpu = cpu_seconds(pid) - cpu1;
+    let steady_connections = sampler.take_max();
+    let peak_rss = proc_status_kib(pid, "VmHWM:");
+    sampler.stop();
+    let _ = controller.kill();
+    let _ = controller.wait();
+
+    // The report.
+    let minutes = window.as_secs_f64() / 60.0;
+    let intervals = window.as_secs_f64() / interval.as_secs_f64();
+    let ceiling_secs = n as f64 / ceiling;
+    println!(
+        "mailroom fleet benchmark: {n} providers over {namespaces} namespaces and {} endpoints \
+         of 2 Dovecots on {MAIL_HOST}; one controller (--per-host-concurrency {per_host}); \
+         check.interval {interval_text}; {} cores",
+        ends.len(),
+        std::thread::available_parallelism().map_or(1, |c| c.get())
+    );
+    let labels: Vec<&str> = ends.iter().map(|e| e.label).collect();
+    println!("endpoints: {}", labels.join(", "));
+    println!("\nceiling (mailroom's probe alone, same endpoints, {ceiling_tests} tests)");
+    row(
+        &format!("tests/s at concurrency {per_host}"),
+        format!("{ceiling:.0}"),
+    );
+    row("tests/s at concurrency 32", format!("{ceiling_32:.0}"));
+    row(
+        &format!("{n} tests at that rate (s)"),
+        format!("{ceiling_secs:.1}"),
+    );
+    println!("\nramp");
+    row(
+        "created, 32 in flight (s)",
+        format!("{:.1}", created.as_secs_f64()),
+    );
+    row(
+        "all Ready after the first create (s)",
+        format!(
+            "{:.1}  = {:.2} x the ceiling (target <= 1.20)",
+            all_ready.as_secs_f64(),
+            all_ready.as_secs_f64() / ceiling_secs
+        ),
+    );
+    row(
+        "controller RSS idle / peak (MiB)",
+        format!(
+            "{:.1} / {:.1}  (target < 200)",
+            rss_idle as f64 / 1024.0,
+            peak_rss as f64 / 1024.0
+        ),
+    );
+    row("controller CPU (s)", format!("{ramp_cpu:.1}"));
+    row(
+        "most simultaneous connections at Dovecot",
+        format!("{ramp_connections}  (limit {per_host})"),
+    );
+    println!("  API requests, by verb (POST of providers: the benchmark's own creates)");
+    for (verb, count) in &ramp_api {
+        println!("    {verb:<34} {count:>10.0}");
+    }
+    println!(
+        "\nsteady state ({:.0} s = {intervals:.2} intervals)",
+        window.as_secs_f64()
+    );
+    row(
+        "tests per provider per interval",
+        format!("{:.2}", steady_tests / n as f64 / intervals),
+    );
+    row(
+        "status writes per provider per interval",
+        format!(
+            "{:.2}  (target <= 1; writes {steady_writes:.0}, tests {steady_tests:.0})",
+            steady_writes / n as f64 / intervals
+        ),
+    );
+    row(
+        "controller CPU (s per minute)",
+        format!("{:.2}", steady_cpu / minutes),
+    );
+    row(
+        "most simultaneous connections at Dovecot",
+        format!("{steady_connections}  (limit {per_host})"),
+    );
+    println!("  API requests per minute, by verb (incl. the canary's Secret updates)");
+    for (verb, count) in &steady_api {
+        println!("    {verb:<34} {:>10.1}", count / minutes);
+    }
+    let mut sorted = latencies.clone();
+    sorted.sort_by(f64::total_cmp);
+    println!("\nSecret change to new status, {} changes", sorted.len());
+    row(
+        "median / max (s)",
+        format!(
+            "{:.2} / {:.2}  (target < 5)",
+            sorted[sorted.len() / 2],
+            sorted[sorted.len() - 1]
+        ),
+    );
+}
+
+fn row(what: &str, value: String) {
+    println!("  {what:<44} {value}");
+}
+
+fn provider_spec(e: &Endpoint, interval: &str) -> serde_json::Value {
+    json!({
+        "server": {"host": MAIL_HOST.to_string(), "port": e.port,
+                   "protocol": match e.protocol { Protocol::Imap => "IMAP", Protocol::Pop3 => "POP3" }},
+        "tls": {"mode": match e.tls { TlsMode::StartTls => "StartTLS", _ => "Implicit" },
+                "caBundleRef": {"kind": "ConfigMap", "name": e.ca}},
+        "authentication": {"method": "Password", "secretRef": {"name": e.secret}},
+        "check": {"interval": interval},
+    })
+}
+
+/// Tests per second of mailroom's probe alone over `ends`, `concurrency` at a time.
+async fn probe_rate(ends: &Arc<Vec<Endpoint>>, tests: usize, concurrency: usize) -> f64 {
+    let targets: Vec<(Arc<Target>, Arc<Login>)> = ends
+        .iter()
+        .map(|e| {
+            let target = Target {
+                host: MAIL_HOST.to_string(),
+                port: e.port,
+                protocol: e.protocol,
+                tls_mode: e.tls,
+                trust: Trust {
+                    extra_roots_pem: Some(e.ca_pem.clone().into_bytes()),
+                    server_name: None,
+                    insecure_skip_verify: false,
+                },
+                mailbox: "INBOX".into(),
+                timeout: Duration::from_secs(30),
+            };
+            let login = Login::Password {
+                username: e.user.clone(),
+                password: SecretString::from(e.password.clone()),
+                allow_unencrypted: false,
+            };
+            (Arc::new(target), Arc::new(login))
+        })
+        .collect();
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (targets, next) = (targets.clone(), next.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= tests {
+                        break;
+                    }
+                    let (target, login) = &targets[i % targets.len()];
+                    let report = probe::run(target, login).await;
+                    assert!(report.failure.is_none(), "{:?}", report.failure);
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.unwrap();
+    }
+    tests as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn seed_namespace(client: &kube::Client, ns: &str, ends: &[Endpoint]) {
+    let pp = PostParams::default();
+    let mut seen = HashSet::new();
+    for e in ends {
+        if seen.insert(e.ca) {
+            let cm: ConfigMap = serde_json::from_value(
+                json!({"metadata": {"name": e.ca}, "data": {"ca.crt": e.ca_pem}}),
+            )
+            .unwrap();
+            Api::namespaced(client.clone(), ns)
+                .create(&pp, &cm)
+                .await
+                .unwrap();
+        }
+        if seen.insert(e.secret) {
+            let s: Secret = serde_json::from_value(json!({"metadata": {"name": e.secret},
+                "stringData": {"username": e.user, "password": e.password}}))
+            .unwrap();
+            Api::namespaced(client.clone(), ns)
+                .create(&pp, &s)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// Ten timed Secret changes of one provider: right password (until Ready), wrong one
+/// (until AuthenticationFailed), five times.
+async fn secret_change_latencies(
+    client: &kube::Client,
+    ns: &str,
+    e: &Endpoint,
+    interval: &str,
+) -> Vec<f64> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let providers: Api<IncomingMailProvider> = Api::namespaced(client.clone(), ns);
+    let set = |password: String| {
+        let secrets = secrets.clone();
+        let user = e.user.clone();
+        async move {
+            let s = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "canary"},
+                "stringData": {"username": user, "password": password}});
+            secrets
+                .patch(
+                    "canary",
+                    &PatchParams::apply("mailroom-bench").force(),
+                    &Patch::Apply(s),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    set("wrong".into()).await;
+    let mut spec = provider_spec(e, interval);
+    spec["authentication"]["secretRef"]["name"] = json!("canary");
+    let p: IncomingMailProvider = serde_json::from_value(json!({
+        "apiVersion": "mailroom.dev/v1alpha1", "kind": "IncomingMailProvider",
+        "metadata": {"name": "canary"}, "spec": spec,
+    }))
+    .unwrap();
+    providers.create(&PostParams::default(), &p).await.unwrap();
+    wait_reason(&providers, "AuthenticationFailed", Duration::from_secs(120)).await;
+    let mut latencies = Vec::new();
+    for _ in 0..5 {
+        for (password, reason) in [
+            (e.password.clone(), "Connected"),
+            ("wrong".to_string(), "AuthenticationFailed"),
+        ] {
+            let t = Instant::now();
+            set(password).await;
+            wait_reason(&providers, reason, Duration::from_secs(120)).await;
+            latencies.push(t.elapsed().as_secs_f64());
+        }
+    }
+    latencies
+}
+
+async fn wait_reason(api: &Api<IncomingMailProvider>, reason: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let p = api.get("canary").await.unwrap();
+        let now = p.status.as_ref().and_then(|s| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == "Ready")
+                .map(|c| c.reason.clone())
+        });
+        if now.as_deref() == Some(reason) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "canary still {now:?}, not {reason}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn count_not_ready(client: &kube::Client) -> usize {
+    let api: Api<IncomingMailProvider> = Api::all(client.clone());
+    let list = api.list(&ListParams::default()).await.unwrap();
+    list.items
+        .iter()
+        .filter(|p| {
+            !p.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            })
+        })
+        .count()
+}
+
+/// Samples ESTABLISHED server-side connections of the given ports every 5 ms (the exact
+/// per-host bound is asserted by an end-to-end test with a counting relay).
+struct ConnectionSampler {
+    max: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl ConnectionSampler {
+    fn start(ports: HashSet<u16>) -> ConnectionSampler {
+        let max = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (m, s) = (max.clone(), stop.clone());
+        // 127.0.0.2 as /proc/net/tcp writes it (little-endian hex).
+        let host = format!("{:08X}", u32::from_le_bytes(MAIL_HOST.octets()));
+        std::thread::spawn(move || {
+            // One read() of the whole table keeps the scan short: the kernel walks its
+            // socket table while connections open and close, so a scan can still count a
+            // connection that closed just before another opened (a slight overcount).
+            let mut buf = vec![0u8; 8 << 20];
+            while !s.load(Ordering::Relaxed) {
+                let n = std::fs::File::open("/proc/net/tcp")
+                    .and_then(|mut f| f.read(&mut buf))
+                    .unwrap_or(0);
+                let text = String::from_utf8_lossy(&buf[..n]);
+                let now = text
+                    .lines()
+                    .skip(1)
+                    .filter(|l| {
+                        let mut f = l.split_whitespace();
+                        let local = f.nth(1).unwrap_or("");
+                        let state = f.nth(1).unwrap_or("");
+                        let (ip, port) = local.split_once(':').unwrap_or(("", ""));
+                        state == "01"
+                            && ip == host
+                            && u16::from_str_radix(port, 16).is_ok_and(|p| ports.contains(&p))
+                    })
+                    .count();
+                m.fetch_max(now, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        ConnectionSampler { max, stop }
+    }
+
+    fn take_max(&self) -> usize {
+        self.max.swap(0, Ordering::Relaxed)
+    }
+
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn install_crd(bed: &Bed) {
+    let crd = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/crds/incomingmailprovider.yaml"
+    );
+    for args in [
+        vec!["apply", "--server-side", "-f", crd],
+        vec![
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/incomingmailproviders.mailroom.dev",
+        ],
+    ] {
+        assert!(bed.kubectl().args(&args).status().unwrap().success());
+    }
+}
+
+async fn client(bed: &Bed) -> kube::Client {
+    let kc = Kubeconfig::read_from(bed.kubeconfig_path()).unwrap();
+    let mut config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    config.read_timeout = Some(Duration::from_secs(120));
+    kube::Client::try_from(config).unwrap()
+}
+
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+fn scrape(addr: &str) -> String {
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    let _ = write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    );
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text
+}
+
+fn wait_for_metrics(addr: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !scrape(addr).contains("mailroom_") {
+        assert!(Instant::now() < deadline, "no /metrics on {addr}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The sum of a metric's samples whose labels contain `labels`.
+fn metric(text: &str, name: &str, labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(labels)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn proc_status_kib(pid: u32, key: &str) -> u64 {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     text.lines()
         .find(|l| l.starts_with(key))
@@ -40,8 +651,8 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// apiserver_request_total summed by verb, for resources mailroom touches.
-fn requests_by_verb(bed: &mailroom_testbed::Bed) -> BTreeMap<String, f64> {
+/// apiserver_request_total summed by verb and resource, for what mailroom touches.
+fn requests_by_verb(bed: &Bed) -> BTreeMap<String, f64> {
     let out = bed
         .kubectl()
         .args(["get", "--raw", "/metrics"])
@@ -49,191 +660,52 @@ fn requests_by_verb(bed: &mailroom_testbed::Bed) -> BTreeMap<String, f64> {
         .unwrap();
     let mut by_verb = BTreeMap::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
-        if !line.starts_with("apiserver_request_total{") {
+        let Some(labels) = line.strip_prefix("apiserver_request_total{") else {
             continue;
-        }
-        let touched = ["incomingmailproviders", "secrets", "configmaps", "events"]
-            .iter()
-            .any(|r| line.contains(&format!("resource=\"{r}\"")));
-        if !touched {
-            continue;
-        }
-        let verb = line
-            .split("verb=\"")
-            .nth(1)
-            .and_then(|v| v.split('"').next())
-            .unwrap_or("?");
-        let sub = if line.contains("subresource=\"status\"") {
-            "/status"
-        } else {
-            ""
         };
+        let label = |key: &str| {
+            labels
+                .split(&format!("{key}=\""))
+                .nth(1)
+                .and_then(|v| v.split('"').next())
+                .unwrap_or("")
+                .to_string()
+        };
+        let resource = label("resource");
+        let touched = [
+            "incomingmailproviders",
+            "secrets",
+            "configmaps",
+            "events",
+            "leases",
+        ];
+        if !touched.contains(&resource.as_str()) {
+            continue;
+        }
+        let sub = label("subresource");
+        let key = format!(
+            "{} {resource}{}",
+            label("verb"),
+            if sub.is_empty() {
+                String::new()
+            } else {
+                format!("/{sub}")
+            }
+        );
         let value: f64 = line
             .rsplit(' ')
             .next()
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0);
-        *by_verb.entry(format!("{verb}{sub}")).or_insert(0.0) += value;
+        *by_verb.entry(key).or_insert(0.0) += value;
     }
     by_verb
 }
 
-#[tokio::main]
-async fn main() {
-    let n: usize = std::env::var("MAILROOM_BENCH_PROVIDERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1000);
-    let bed = mailroom_testbed::shared();
-    let crd = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/crds/incomingmailprovider.yaml"
-    );
-    assert!(
-        bed.kubectl()
-            .args(["apply", "--server-side", "-f", crd])
-            .status()
-            .unwrap()
-            .success()
-    );
-    assert!(
-        bed.kubectl()
-            .args([
-                "wait",
-                "--for=condition=Established",
-                "--timeout=60s",
-                "crd/incomingmailproviders.mailroom.dev"
-            ])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let ns = bed.namespace("fleet");
-    let kc = Kubeconfig::read_from(bed.kubeconfig_path()).unwrap();
-    let client = kube::Client::try_from(
-        kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-            .await
-            .unwrap(),
-    )
-    .unwrap();
-    let dovecot = bed.dovecot();
-    let (user, password) = dovecot.account("alice");
-    let ca = std::fs::read_to_string(dovecot.ca_file()).unwrap();
-    let pp = PostParams::default();
-    Api::namespaced(client.clone(), &ns)
-        .create(
-            &pp,
-            &serde_json::from_value::<k8s_openapi::api::core::v1::ConfigMap>(serde_json::json!({
-            "metadata": {"name": "test-ca"}, "data": {"ca.crt": ca}}))
-            .unwrap(),
-        )
-        .await
-        .unwrap();
-    Api::namespaced(client.clone(), &ns)
-        .create(
-            &pp,
-            &serde_json::from_value::<k8s_openapi::api::core::v1::Secret>(serde_json::json!({
-            "metadata": {"name": "alice"}, "stringData": {"username": user, "password": password}}))
-            .unwrap(),
-        )
-        .await
-        .unwrap();
-
-    let log = bed.state_dir().join("fleet-controller.log");
-    let mut controller = Command::new(env!("CARGO_BIN_EXE_mailroom"))
-        .args(["controller", "--namespace", &ns])
-        .env("KUBECONFIG", bed.kubeconfig_path())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let pid = controller.id();
-    tokio::time::sleep(Duration::from_secs(2)).await; // let it list and watch an empty namespace
-    let before = requests_by_verb(bed);
-    let rss_idle = proc_status(pid, "VmRSS:");
-
-    let api: Api<IncomingMailProvider> = Api::namespaced(client.clone(), &ns);
-    let started = Instant::now();
-    let protocols = [
-        ("IMAP", dovecot.imaps_port()),
-        ("POP3", dovecot.pop3s_port()),
-    ];
-    futures::stream::iter(0..n)
-        .map(|i| {
-            let api = api.clone();
-            let (protocol, port) = protocols[i % 2];
-            async move {
-                let p: IncomingMailProvider = serde_json::from_value(serde_json::json!({
-                    "apiVersion": "mailroom.dev/v1alpha1", "kind": "IncomingMailProvider",
-                    "metadata": {"name": format!("p{i:05}")},
-                    "spec": {
-                        "server": {"host": mailroom_testbed::MAIL_HOST.to_string(), "port": port, "protocol": protocol},
-                        "tls": {"caBundleRef": {"kind": "ConfigMap", "name": "test-ca"}},
-                        "authentication": {"method": "Password", "secretRef": {"name": "alice"}},
-                    }
-                }))
-                .unwrap();
-                api.create(&PostParams::default(), &p).await.unwrap();
-            }
-        })
-        .buffer_unordered(32)
-        .collect::<Vec<_>>()
-        .await;
-    let applied = started.elapsed();
-
-    let mut peak_rss = 0;
-    let all_ready = loop {
-        peak_rss = peak_rss.max(proc_status(pid, "VmHWM:"));
-        let list = api.list(&ListParams::default()).await.unwrap();
-        let ready = list
-            .items
-            .iter()
-            .filter(|p| {
-                p.status.as_ref().is_some_and(|s| {
-                    s.conditions
-                        .iter()
-                        .any(|c| c.type_ == "Ready" && c.status == "True")
-                })
-            })
-            .count();
-        if ready == n {
-            break started.elapsed();
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(600),
-            "only {ready} of {n} Ready after 10 minutes; log {}",
-            log.display()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
-    let cpu = cpu_seconds(pid);
-    peak_rss = peak_rss.max(proc_status(pid, "VmHWM:"));
-    let after = requests_by_verb(bed);
-    let _ = controller.kill();
-    let _ = controller.wait();
-
-    println!(
-        "mailroom fleet benchmark: {n} providers (half IMAPS, half POP3S) on one Dovecot, one controller"
-    );
-    println!(
-        "  created (32 in flight)        {:>8.1} s",
-        applied.as_secs_f64()
-    );
-    println!(
-        "  all Ready after               {:>8.1} s (from the first create)",
-        all_ready.as_secs_f64()
-    );
-    println!(
-        "  controller RSS idle / peak    {:>8.1} / {:.1} MiB",
-        rss_idle as f64 / 1024.0,
-        peak_rss as f64 / 1024.0
-    );
-    println!("  controller CPU                {:>8.1} s", cpu);
-    println!("  API requests during the ramp, by verb (providers, secrets, configmaps, events):");
-    for (verb, count) in &after {
-        let delta = count - before.get(verb).copied().unwrap_or(0.0);
-        if delta > 0.0 {
-            println!("    {verb:<14} {delta:>8.0}");
-        }
-    }
+fn delta(after: &BTreeMap<String, f64>, before: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+    after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
+        .filter(|(_, v)| *v > 0.0)
+        .collect()
 }

@@ -2,8 +2,14 @@
 //! test bed's Dovecot, beside Python's imaplib / poplib doing the same sequence (login,
 //! STATUS or STAT, logout) in the same run. Prints a table; asserts nothing.
 //!
-//! Run: `cargo bench --bench probe` (MAILROOM_BENCH_TESTS=N to change the sample size;
-//! MAILROOM_BENCH_PROFILE=1 runs only mailroom's sequential IMAPS loop, for a profiler).
+//! A third row set, IMAP STARTTLS, adds Prometheus blackbox_exporter running the
+//! `imap_starttls` TCP probe of its example configuration (greeting, STARTTLS, TLS,
+//! CAPABILITY: no login, no mailbox), so less work per test than mailroom and Python do.
+//!
+//! Run: `scripts/bench probe` (builds blackbox_exporter first; `cargo bench --bench probe`
+//! works once MAILROOM_BLACKBOX_EXPORTER names it). MAILROOM_BENCH_TESTS=N changes the
+//! sample size; MAILROOM_BENCH_PROFILE=1 runs only mailroom's sequential IMAPS loop, for a
+//! profiler.
 
 use std::process::Command;
 use std::sync::Arc;
@@ -145,7 +151,12 @@ fn main() {
     });
 
     if std::env::var_os("MAILROOM_BENCH_PROFILE").is_some() {
-        let target = implicit_tls(Protocol::Imap, dovecot.imaps_port(), &pem);
+        let target = tls_target(
+            Protocol::Imap,
+            dovecot.imaps_port(),
+            TlsMode::Implicit,
+            &pem,
+        );
         let m = rt.block_on(mailroom_run(target.clone(), login.clone(), tests, 1));
         println!(
             "mailroom IMAPS sequential, multi-thread runtime: {:.2} ms client CPU per test",
@@ -182,13 +193,34 @@ fn main() {
         "{:<7} {:>4}  {:>12} {:>12} {:>7}  {:>12} {:>12} {:>7}",
         "test", "conc", "mailroom/s", "python/s", "ratio", "mailroom ms", "python ms", "ratio"
     );
+    let blackbox = Blackbox::start(&ca, bed.state_dir().join("blackbox"));
     let mut ceiling: f64 = 0.0;
     let mut rows = Vec::new();
-    for (name, protocol, py, port) in [
-        ("IMAPS", Protocol::Imap, "imap", dovecot.imaps_port()),
-        ("POP3S", Protocol::Pop3, "pop3", dovecot.pop3s_port()),
+    let mut blackbox_rows = Vec::new();
+    for (name, protocol, py, port, mode) in [
+        (
+            "IMAPS",
+            Protocol::Imap,
+            "imap",
+            dovecot.imaps_port(),
+            TlsMode::Implicit,
+        ),
+        (
+            "POP3S",
+            Protocol::Pop3,
+            "pop3",
+            dovecot.pop3s_port(),
+            TlsMode::Implicit,
+        ),
+        (
+            "IMAP+TLS",
+            Protocol::Imap,
+            "imap-starttls",
+            dovecot.imap_port(),
+            TlsMode::StartTls,
+        ),
     ] {
-        let target = implicit_tls(protocol, port, &pem);
+        let target = tls_target(protocol, port, mode, &pem);
         // Warm up both sides (Dovecot's auth cache, login processes).
         rt.block_on(mailroom_run(target.clone(), login.clone(), 16, 4));
         for conc in [1, 8, 32] {
@@ -207,7 +239,33 @@ fn main() {
                 m.cpu_ms() / p.cpu_ms()
             );
             rows.push((name, conc, m.rate()));
+            if mode == TlsMode::StartTls {
+                let b = rt.block_on(blackbox.run(port, tests, conc));
+                blackbox_rows.push((conc, m, b));
+            }
         }
+    }
+    println!(
+        "\nIMAP STARTTLS beside blackbox_exporter {} (imap_starttls module: greeting, STARTTLS, \
+         CAPABILITY; no login)",
+        blackbox.version
+    );
+    println!(
+        "{:<7} {:>4}  {:>12} {:>12} {:>7}  {:>12} {:>12} {:>7}",
+        "test", "conc", "mailroom/s", "blackbox/s", "ratio", "mailroom ms", "blackbox ms", "ratio"
+    );
+    for (conc, m, b) in &blackbox_rows {
+        println!(
+            "{:<7} {:>4}  {:>12.0} {:>12.0} {:>7.2}  {:>12.2} {:>12.2} {:>7.2}",
+            "IMAP+TLS",
+            conc,
+            m.rate(),
+            b.rate(),
+            m.rate() / b.rate(),
+            m.cpu_ms(),
+            b.cpu_ms(),
+            m.cpu_ms() / b.cpu_ms()
+        );
     }
     println!(
         "\nserver ceiling (best rate any client reached at any concurrency): {ceiling:.0} tests/s"
@@ -220,13 +278,13 @@ fn main() {
     }
 }
 
-/// The bed's server over implicit TLS, trusting the bed's CA.
-fn implicit_tls(protocol: Protocol, port: u16, ca_pem: &[u8]) -> Arc<Target> {
+/// The bed's server over TLS, trusting the bed's CA.
+fn tls_target(protocol: Protocol, port: u16, tls_mode: TlsMode, ca_pem: &[u8]) -> Arc<Target> {
     Arc::new(Target {
         host: mailroom_testbed::MAIL_HOST.to_string(),
         port,
         protocol,
-        tls_mode: TlsMode::Implicit,
+        tls_mode,
         trust: Trust {
             extra_roots_pem: Some(ca_pem.to_vec()),
             server_name: None,
@@ -255,4 +313,138 @@ fn num_cpus() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
+}
+
+/// Prometheus blackbox_exporter, run with the `imap_starttls` module of its example
+/// configuration, probed over HTTP as Prometheus would.
+struct Blackbox {
+    child: std::process::Child,
+    addr: String,
+    version: String,
+}
+
+impl Blackbox {
+    fn start(ca_file: &str, dir: std::path::PathBuf) -> Blackbox {
+        let bin = std::env::var("MAILROOM_BLACKBOX_EXPORTER").unwrap_or_else(|_| {
+            panic!(
+                "MAILROOM_BLACKBOX_EXPORTER is not set: run the benchmark with scripts/bench, \
+                 which builds blackbox_exporter from its Go module"
+            )
+        });
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("blackbox.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "modules:\n  imap_starttls:\n    prober: tcp\n    timeout: 5s\n    tcp:\n      \
+                 query_response:\n        - expect: \"OK.*STARTTLS\"\n        - send: \". STARTTLS\"\n        \
+                 - expect: \"OK\"\n        - starttls: true\n        - send: \". capability\"\n        \
+                 - expect: \"CAPABILITY IMAP4rev1\"\n      tls_config:\n        ca_file: {ca_file}\n"
+            ),
+        )
+        .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        drop(listener);
+        let version = Command::new(&bin)
+            .arg("--version")
+            .output()
+            .map(|o| {
+                let text = String::from_utf8_lossy(&o.stdout).to_string()
+                    + &String::from_utf8_lossy(&o.stderr);
+                text.split_whitespace().nth(2).unwrap_or("?").to_string()
+            })
+            .unwrap_or_else(|_| "?".into());
+        let child = Command::new(&bin)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--web.listen-address={addr}"))
+            .arg("--log.level=warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("blackbox.log")).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {bin}: {e}"));
+        let b = Blackbox {
+            child,
+            addr,
+            version,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while http_get(&b.addr, "/-/healthy").is_none() {
+            assert!(Instant::now() < deadline, "blackbox_exporter did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        b
+    }
+
+    /// `tests` probes of 127.0.0.2:`port`, `concurrency` at a time; the exporter's CPU.
+    async fn run(&self, port: u16, tests: usize, concurrency: usize) -> Run {
+        let path = format!(
+            "/probe?module=imap_starttls&target={}:{port}",
+            mailroom_testbed::MAIL_HOST
+        );
+        let cpu0 = process_cpu(self.child.id());
+        let t0 = Instant::now();
+        let per = tests / concurrency;
+        let mut tasks = Vec::new();
+        for _ in 0..concurrency {
+            let (addr, path) = (self.addr.clone(), path.clone());
+            tasks.push(tokio::task::spawn_blocking(move || {
+                for _ in 0..per {
+                    let body = http_get(&addr, &path).expect("blackbox_exporter answers");
+                    assert!(
+                        body.contains("probe_success 1"),
+                        "a blackbox probe failed:\n{body}"
+                    );
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        Run {
+            tests: per * concurrency,
+            wall: t0.elapsed().as_secs_f64(),
+            cpu: process_cpu(self.child.id()) - cpu0,
+        }
+    }
+}
+
+impl Drop for Blackbox {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The body of a GET, or `None` if nothing answers.
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+/// User + system CPU seconds of another process (clock ticks of /proc/PID/stat).
+fn process_cpu(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the line; 12 and 13 after the ')'.
+    (ticks(11) + ticks(12)) / 100.0
 }

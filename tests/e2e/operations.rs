@@ -264,3 +264,80 @@ async fn three_shards_test_each_provider_exactly_once_and_resharding_loses_none(
         .await;
     }
 }
+
+/// A relay in front of Dovecot that counts the connections open through it at once, and
+/// holds each for 300 ms before passing the greeting on, so that tests overlap.
+struct CountingRelay {
+    addr: std::net::SocketAddr,
+    most: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CountingRelay {
+    async fn start(host: &str, upstream: std::net::SocketAddr) -> CountingRelay {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind((host, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (open, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let relay = CountingRelay {
+            addr,
+            most: most.clone(),
+        };
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                let (open, most) = (open.clone(), most.clone());
+                tokio::spawn(async move {
+                    // Counted 50 ms after the accept: a test's connection closes before
+                    // its slot goes to the next one, but this relay may see the next
+                    // connection before it sees the close. Each one is held 300 ms, so
+                    // no real overlap is missed.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                    open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        relay
+    }
+}
+
+#[tokio::test]
+async fn a_mail_host_never_sees_more_simultaneous_tests_than_per_host_concurrency() {
+    let env = alice_env("per-host").await;
+    let upstream = (mailroom_testbed::MAIL_HOST, env.bed.dovecot().imaps_port()).into();
+    // Its own loopback address: the limit is per host, and no other test uses this one.
+    let relay = CountingRelay::start("127.0.0.6", upstream).await;
+    let names: Vec<String> = (0..12).map(|i| format!("mbox-{i:02}")).collect();
+    for name in &names {
+        let manifest = provider(name, "IMAP", relay.addr.port(), "Implicit", ALICE_AUTH, "")
+            .replace(
+                &format!("host: {}", mailroom_testbed::MAIL_HOST),
+                "host: 127.0.0.6",
+            )
+            // The certificate names localhost, not the relay's address.
+            .replace(
+                "tls: {mode: Implicit,",
+                "tls: {mode: Implicit, serverName: localhost,",
+            );
+        env.apply(&manifest);
+    }
+    let _controller = env.controller_with(&["--per-host-concurrency", "3"]);
+    for name in &names {
+        env.wait_reason(name, "Connected", Duration::from_secs(60))
+            .await;
+    }
+    // Twelve tests of 300 ms or more each, queued at once: the bound is reached, never passed.
+    assert_eq!(
+        relay.most.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "most connections open at once through the relay"
+    );
+}
