@@ -11,6 +11,7 @@ mod reconcile;
 pub mod schedule;
 pub mod shard;
 pub mod status;
+mod watches;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -74,6 +75,8 @@ pub struct Context {
     pub limits: HostLimits,
     pub tests: Semaphore,
     pub memory: Mutex<HashMap<ObjectRef<IncomingMailProvider>, schedule::Memory>>,
+    /// Results whose status write failed, written on the next reconcile instead of a test.
+    pub unwritten: Mutex<HashMap<ObjectRef<IncomingMailProvider>, reconcile::Unwritten>>,
     pub jitter: Box<dyn schedule::Jitter>,
     /// OAuth2: keeps access tokens fresh and writes rotated refresh tokens back.
     pub tokens: crate::credentials::tokens::TokenManager,
@@ -237,6 +240,7 @@ async fn run_controllers(
         limits: HostLimits::new(settings.per_host),
         tests: Semaphore::new(settings.concurrency.max(1)),
         memory: Mutex::new(HashMap::new()),
+        unwritten: Mutex::new(HashMap::new()),
         jitter: Box::new(schedule::RandomJitter),
         tokens: crate::credentials::tokens::TokenManager::new(client.clone())?,
         metrics,
@@ -257,25 +261,31 @@ async fn run_controllers(
         let by_cm = store.clone();
         let controller = controller
             .watches_stream(
-                secret_stream.default_backoff().touched_objects(),
+                watches::retried("Secrets", secret_stream).touched_objects(),
                 move |meta: PartialObjectMeta<Secret>| {
                     dependents(&by_secret, ObjectKind::Secret, &meta)
                 },
             )
             .watches_stream(
-                cm_stream.default_backoff().touched_objects(),
+                watches::retried("ConfigMaps", cm_stream).touched_objects(),
                 move |meta: PartialObjectMeta<ConfigMap>| {
                     dependents(&by_cm, ObjectKind::ConfigMap, &meta)
                 },
             )
+            // Now only the providers' own watch reaches this backoff (see `watches`).
+            .trigger_backoff(watches::WatchBackoff::default())
             .graceful_shutdown_on(shutdown.clone());
         let ctx = ctx.clone();
         controllers.push(
             controller
                 .run(reconcile::reconcile, reconcile::error_policy, ctx)
                 .for_each(|res| async move {
-                    if let Err(e) = res {
-                        tracing::debug!(error = %e, "reconcile did not complete");
+                    match res {
+                        Ok(_) => {}
+                        Err(kube::runtime::controller::Error::QueueError(e)) => {
+                            watches::failed("IncomingMailProviders", &e)
+                        }
+                        Err(e) => tracing::debug!(error = %e, "reconcile did not complete"),
                     }
                 })
                 .boxed(),
@@ -336,6 +346,10 @@ async fn sweep(ctx: Arc<Context>, stores: Vec<Store<IncomingMailProvider>>) {
             .map(|p| ObjectRef::from_obj(&**p))
             .collect();
         ctx.memory.lock().unwrap().retain(|k, _| live.contains(k));
+        ctx.unwritten
+            .lock()
+            .unwrap()
+            .retain(|k, _| live.contains(k));
         let named: HashSet<_> = live
             .iter()
             .map(|r| (r.namespace.clone().unwrap_or_default(), r.name.clone()))

@@ -105,6 +105,7 @@ async fn reconcile_inner(
     };
     let why = match schedule::decide(memory.as_ref(), &seen, &*ctx.jitter) {
         Ok(wait) => {
+            write_unwritten(&api, &p, &key, &sctx, &ctx).await?;
             if memory.is_none() {
                 // First sight after a restart: adopt the schedule the status implies.
                 let next = Memory {
@@ -153,6 +154,8 @@ async fn reconcile_inner(
         }
     };
     let finished = Timestamp::now();
+    // This result supersedes any an earlier write failed to store.
+    ctx.unwritten.lock().unwrap().remove(&key);
     let seconds = outcome.report.as_ref().map(|r| r.duration.as_secs_f64());
     ctx.metrics.test_finished(
         outcome.endpoint.protocol.as_str(),
@@ -175,11 +178,6 @@ async fn reconcile_inner(
         .and_then(|s| s.last_check_time.as_ref())
         .map(|t| Duration::try_from(t.0.duration_until(finished)).unwrap_or_default())
         .unwrap_or(Duration::MAX);
-    if status::differs(old, &new) || schedule::heartbeat_due(since_write, interval) {
-        write(&api, &p, &new, &ctx).await?;
-    }
-    announce(&p, old, &new, &ctx).await;
-
     let failures = u32::try_from(new.consecutive_failures).unwrap_or(u32::MAX);
     let wait = schedule::next_wait(interval, failures, &*ctx.jitter);
     let next = Memory {
@@ -188,8 +186,57 @@ async fn reconcile_inner(
         references: fingerprint,
         next_due: after(finished, wait),
     };
+    let due = status::differs(old, &new) || schedule::heartbeat_due(since_write, interval);
+    if due && let Err(e) = write(&api, &p, &new, &ctx).await {
+        // The API server is away (restarting, or its etcd is): keep the result and the
+        // schedule it implies, and retry only the write (error_policy), so that an outage
+        // costs no mail server a login per retry, nor loses this result.
+        ctx.unwritten
+            .lock()
+            .unwrap()
+            .insert(key.clone(), Unwritten { outcome, finished });
+        ctx.memory.lock().unwrap().insert(key, next);
+        return Err(e);
+    }
+    announce(&p, old, &new, &ctx).await;
     ctx.memory.lock().unwrap().insert(key, next);
     Ok(Action::requeue(wait))
+}
+
+/// A test's result whose status write failed, kept until a write succeeds.
+#[derive(Clone, Debug)]
+pub struct Unwritten {
+    outcome: check::Outcome,
+    finished: Timestamp,
+}
+
+/// Writes the status of a result kept by a failed write, if any. The status is made
+/// again from the provider as it is now (the cache may have moved on since), and an
+/// Event is recorded as it would have been.
+async fn write_unwritten(
+    api: &Api<IncomingMailProvider>,
+    p: &IncomingMailProvider,
+    key: &ObjectRef<IncomingMailProvider>,
+    sctx: &StatusContext<'_>,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let Some(kept) = ctx.unwritten.lock().unwrap().get(key).cloned() else {
+        return Ok(());
+    };
+    let old = p.status.as_ref();
+    let sctx = StatusContext {
+        now: kept.finished,
+        ..*sctx
+    };
+    let new = status::after_test(old, &kept.outcome, &sctx);
+    write(api, p, &new, ctx).await?;
+    ctx.unwritten.lock().unwrap().remove(key);
+    info!(
+        reason = kept.outcome.reason.as_str(),
+        "wrote the status of the last test"
+    );
+    announce(p, old, &new, ctx).await;
+    Ok(())
 }
 
 /// `at` plus `wait`, saturating.

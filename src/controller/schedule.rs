@@ -35,6 +35,24 @@ pub fn next_wait(interval: Duration, consecutive_failures: u32, jitter: &dyn Jit
     base.mul_f64(factor).min(interval)
 }
 
+/// The first retry of a failed watch; doubles per failure up to [`WATCH_RETRY_CAP`].
+pub const WATCH_RETRY_FIRST: Duration = Duration::from_millis(500);
+/// The longest wait between two attempts of one watch. Short, so that a control plane
+/// back from an outage is seen within seconds; each watch then costs the API server one
+/// request per 5 s while it is down, and only the leader watches.
+pub const WATCH_RETRY_CAP: Duration = Duration::from_secs(5);
+
+/// The wait before attempt `failures + 1` of a watch that failed `failures` times in a
+/// row: 0.5 s, 1 s, 2 s, 4 s, then 5 s, each shortened by up to half at random so that
+/// the replicas and watches that failed together do not retry together.
+pub fn watch_retry(failures: u32, jitter: &dyn Jitter) -> Duration {
+    let exp = failures.saturating_sub(1).min(16);
+    let base = WATCH_RETRY_FIRST
+        .saturating_mul(1 << exp)
+        .min(WATCH_RETRY_CAP);
+    base.mul_f64(1.0 - 0.5 * jitter.unit())
+}
+
 /// Whether a heartbeat write (only lastCheckTime changed) is due: at most one per
 /// interval, so an unchanged provider costs the API server one write per interval.
 pub fn heartbeat_due(since_last_write: Duration, interval: Duration) -> bool {
@@ -80,6 +98,18 @@ mod tests {
         for n in 1..10 {
             assert!(next_wait(thirty, n, &Fixed(0.999)) <= thirty);
         }
+    }
+
+    #[test]
+    fn a_failed_watch_retries_from_half_a_second_doubling_up_to_five() {
+        let none = Fixed(0.0);
+        let waits: Vec<u128> = (1..=6).map(|n| watch_retry(n, &none).as_millis()).collect();
+        assert_eq!(waits, vec![500, 1000, 2000, 4000, 5000, 5000]);
+        assert_eq!(watch_retry(0, &none), WATCH_RETRY_FIRST);
+        assert_eq!(watch_retry(u32::MAX, &none), WATCH_RETRY_CAP);
+        let most = Fixed(0.999_999);
+        assert!(watch_retry(5, &most) >= WATCH_RETRY_CAP / 2);
+        assert!(watch_retry(1, &most) >= WATCH_RETRY_FIRST / 2);
     }
 
     #[test]

@@ -1,0 +1,67 @@
+//! How the watches retry. kube-runtime's `Controller` puts one backoff (0.8 s doubling to
+//! 30 s) on all its triggers together: an error from any watch pauses every watch, and
+//! the pause only shrinks once one yields again. Across a kube-apiserver restart each
+//! watch fails while the server is down and once more when it is back ("410 Gone": the
+//! new server's cache starts past the watch's resourceVersion), so the pause had grown
+//! to 20-30 s just when the server returned, and the controller acted on no change for
+//! half a minute or more (the restarts tests saw it). Here the Secrets' and ConfigMaps'
+//! watches retry on their own short backoff ([`schedule::watch_retry`]) and keep their
+//! errors away from the shared one, which is given the same short backoff and so paces
+//! only the providers' own watch. Every failed attempt is logged.
+
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use kube::runtime::utils::{Backoff, StreamBackoff};
+use kube::runtime::watcher;
+
+use super::schedule::{self, RandomJitter};
+
+/// [`schedule::watch_retry`] as kube-runtime's backoff; reset by every item a watch
+/// yields.
+#[derive(Default)]
+pub struct WatchBackoff {
+    failures: u32,
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        self.failures = self.failures.saturating_add(1);
+        Some(schedule::watch_retry(self.failures, &RandomJitter))
+    }
+}
+
+impl Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+/// A watch (or reflector) stream that retries on its own [`WatchBackoff`] and logs each
+/// failure instead of passing it on, for `Controller::watches_stream`.
+pub fn retried<S, T>(
+    watch: &'static str,
+    stream: S,
+) -> impl Stream<Item = Result<T, watcher::Error>> + Send + 'static
+where
+    S: Stream<Item = Result<T, watcher::Error>> + Send + 'static,
+    T: Send + 'static,
+{
+    StreamBackoff::new(stream, WatchBackoff::default()).filter_map(move |item| {
+        futures::future::ready(match item {
+            Ok(item) => Some(Ok(item)),
+            Err(error) => {
+                failed(watch, &error);
+                None
+            }
+        })
+    })
+}
+
+/// One log line per failed attempt of a watch; with the backoff, at most one per 5 s
+/// per watch while the API server is away.
+pub fn failed(watch: &str, error: &watcher::Error) {
+    tracing::warn!(watch, %error, "watch failed; retrying");
+}

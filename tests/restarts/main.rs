@@ -1,0 +1,403 @@
+//! Control-plane restarts: kube-apiserver restarted, and separately etcd restarted, under
+//! a running controller. It must keep running, pick its watches up again, and leave no
+//! status lost or stale. Stopping the API server disturbs every test of a bed, so these
+//! run in their own test binary with their own bed, one at a time.
+
+// Shared with the e2e binary; not every helper is used here.
+#[allow(dead_code)]
+#[path = "../e2e/support.rs"]
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use mailroom::api::IncomingMailProvider;
+use support::{Controller, Env, alice_env, condition, provider, ready};
+
+/// How long the part stays down once stopped: longer than the controller's 6 s lease
+/// (see `Env::controller`), so leadership must last through an outage it cannot renew
+/// in, and long enough for a failing provider's 10 s retry to fall inside.
+const OUTAGE: Duration = Duration::from_secs(12);
+
+/// How soon after the part is back a change must be acted on. A watch retries at least
+/// every 5 s; the providers' interval is 5 minutes, so only a watch that is running
+/// again meets this.
+const RECOVERY: Duration = Duration::from_secs(20);
+
+/// The two tests stop parts every test of this binary uses.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Part {
+    ApiServer,
+    Etcd,
+}
+
+impl Part {
+    fn name(self) -> &'static str {
+        match self {
+            Part::ApiServer => "apiserver",
+            Part::Etcd => "etcd",
+        }
+    }
+
+    fn stop(self, env: &Env) {
+        match self {
+            Part::ApiServer => env.bed.stop_apiserver(),
+            Part::Etcd => env.bed.stop_etcd(),
+        }
+        .unwrap_or_else(|e| panic!("stopping {self:?}: {e:#}"));
+    }
+
+    fn start(self, env: &Env) {
+        match self {
+            Part::ApiServer => env.bed.start_apiserver(),
+            Part::Etcd => env.bed.start_etcd(),
+        }
+        .unwrap_or_else(|e| panic!("starting {self:?} again: {e:#}"));
+    }
+}
+
+#[tokio::test]
+async fn a_restarted_apiserver_loses_no_status_and_the_watches_resume_within_seconds() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    outage_and_recovery(Part::ApiServer).await;
+}
+
+#[tokio::test]
+async fn a_restarted_etcd_under_a_running_apiserver_loses_no_status() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    outage_and_recovery(Part::Etcd).await;
+}
+
+/// What the controller's endpoints said while the part was down.
+#[derive(Debug, Default)]
+struct Meanwhile {
+    exited: Option<String>,
+    healthz: BTreeMap<u16, usize>,
+    readyz: BTreeMap<u16, usize>,
+}
+
+/// Five providers against the bed's Dovecot, the controller running, then `part` down for
+/// [`OUTAGE`] and up again:
+/// - `imaps`, `pop3s`: Connected before; must stay so, untouched (no flap, no new
+///   transition time); `imaps` is asked for a test after the restart, which must be
+///   echoed.
+/// - `rotated`: its Secret turns wrong just as the part stops; must end
+///   AuthenticationFailed whether the controller saw the change before or after.
+/// - `changed`: its Secret turns wrong after the restart; must fail within seconds.
+/// - `recovering`: fails before (no such account), the account appears while the part is
+///   down, and its scheduled retry runs then; that result must be the status afterwards.
+/// - `created-after`: created after the restart; must be tested.
+async fn outage_and_recovery(part: Part) {
+    let env = alice_env(&format!("{}-restart", part.name())).await;
+    let d = env.bed.dovecot();
+    let (user, password) = d.account("alice");
+    for secret in ["rotated", "changed"] {
+        env.secret(secret, &[("username", &user), ("password", &password)])
+            .await;
+    }
+    let (late_user, late_password) = (format!("late-{}", part.name()), "late-secret-3");
+    env.secret(
+        "late",
+        &[("username", &late_user), ("password", late_password)],
+    )
+    .await;
+    let auth = |secret: &str| format!("{{method: Password, secretRef: {{name: {secret}}}}}");
+    let providers = [
+        ("imaps", "IMAP", d.imaps_port(), "alice"),
+        ("pop3s", "POP3", d.pop3s_port(), "alice"),
+        ("rotated", "IMAP", d.imaps_port(), "rotated"),
+        ("changed", "POP3", d.pop3s_port(), "changed"),
+        ("recovering", "IMAP", d.imaps_port(), "late"),
+    ];
+    for (name, protocol, port, secret) in providers {
+        env.apply(&provider(
+            name,
+            protocol,
+            port,
+            "Implicit",
+            &auth(secret),
+            "",
+        ));
+    }
+    let mut controller = env.controller();
+    let _logs = LogsOnFailure(controller.log.clone());
+    let mut before = BTreeMap::new();
+    for (name, ..) in &providers[..4] {
+        let p = env
+            .wait_reason(name, "Connected", Duration::from_secs(60))
+            .await;
+        before.insert(*name, p);
+    }
+    env.wait_reason(
+        "recovering",
+        "AuthenticationFailed",
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(controller.get("/healthz").await.0, 200);
+    wait_http(&controller, "/readyz", 200, Duration::from_secs(10)).await;
+    let addr = controller.http_addr().await;
+
+    // Just before the outage a Secret changes: the controller may see it before the part
+    // stops or only when its watch resumes; either way the status must end up saying so.
+    env.secret(
+        "rotated",
+        &[("username", &user), ("password", "wrong-before")],
+    )
+    .await;
+    let log_before = controller.logs().len();
+    let down_at = Timestamp::now();
+    part.stop(&env);
+    // The mail side changes while the cluster cannot be written: only a test run now,
+    // and a status kept until the API server takes it, shows this.
+    env.bed.set_password(&late_user, late_password);
+    if part == Part::Etcd {
+        // The distinct case: the API server still answers, but stores nothing.
+        let out = env.kubectl(&["get", "--raw", "/livez/ping", "--request-timeout=5s"]);
+        assert!(
+            out.status.success(),
+            "kube-apiserver should keep running while etcd is down: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = env.kubectl(&["annotate", "imp/imaps", "x=y", "--request-timeout=3s"]);
+        assert!(
+            !out.status.success(),
+            "a write should fail while etcd is down"
+        );
+    }
+
+    let stopped = Instant::now();
+    let mut meanwhile = Meanwhile::default();
+    while stopped.elapsed() < OUTAGE {
+        if let Some(status) = controller.child.try_wait().unwrap() {
+            meanwhile.exited = Some(status.to_string());
+            break;
+        }
+        let (code, _) = support::http_get(&addr, "/healthz");
+        *meanwhile.healthz.entry(code).or_default() += 1;
+        let (code, _) = support::http_get(&addr, "/readyz");
+        *meanwhile.readyz.entry(code).or_default() += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let during = controller.logs()[log_before..].to_string();
+    part.start(&env);
+    let back = Instant::now();
+    let back_at = Timestamp::now();
+    let down_for = Duration::try_from(down_at.duration_until(back_at)).unwrap();
+    eprintln!("{part:?} down for {down_for:.1?}; meanwhile {meanwhile:?}");
+
+    // Alive, and saying so: neither endpoint fails for an outage of the control plane. A
+    // liveness failure would have the kubelet restart a process that recovers by itself
+    // (and every controller of the cluster at once); readiness gates nothing a controller
+    // serves, and a not-ready pod would drop out of its metrics' scrape just when they
+    // matter. It also shows the controllers were not restarted meanwhile (that passes
+    // through "caches are syncing", 503).
+    assert!(
+        meanwhile.exited.is_none(),
+        "the controller exited while {part:?} was down ({:?})",
+        meanwhile.exited
+    );
+    assert_eq!(
+        meanwhile.healthz.keys().collect::<Vec<_>>(),
+        [&200],
+        "/healthz while {part:?} was down: {meanwhile:?}"
+    );
+    assert_eq!(
+        meanwhile.readyz.keys().collect::<Vec<_>>(),
+        [&200],
+        "/readyz while {part:?} was down: {meanwhile:?}"
+    );
+
+    // Watches running again: changes made now are acted on within RECOVERY.
+    let request = format!("after-{}", part.name());
+    let out = env.kubectl(&[
+        "annotate",
+        "imp/imaps",
+        &format!("mailroom.dev/check-requested-at={request}"),
+        "--overwrite",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    env.secret(
+        "changed",
+        &[("username", &user), ("password", "wrong-after")],
+    )
+    .await;
+    env.apply(&provider(
+        "created-after",
+        "IMAP",
+        d.imaps_port(),
+        "Implicit",
+        &auth("alice"),
+        "",
+    ));
+    let imaps = env
+        .wait(
+            "imaps",
+            &format!("lastHandledCheckRequest {request}"),
+            RECOVERY,
+            |p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.last_handled_check_request.as_deref())
+                    == Some(request.as_str())
+            },
+        )
+        .await;
+    let echoed = back.elapsed();
+    let changed = env
+        .wait_reason("changed", "AuthenticationFailed", RECOVERY)
+        .await;
+    let created = env
+        .wait_reason("created-after", "Connected", RECOVERY)
+        .await;
+    let rotated = env
+        .wait_reason("rotated", "AuthenticationFailed", RECOVERY)
+        .await;
+    let recovering = env.wait_reason("recovering", "Connected", RECOVERY).await;
+    eprintln!(
+        "after {part:?} came back: request echoed in {echoed:.1?}, every change in {:.1?}",
+        back.elapsed()
+    );
+
+    // Nothing lost or stale: what was true before is still there, unchanged, and each
+    // status reflects the last thing that happened.
+    let unchanged = |name: &str, after: &IncomingMailProvider| {
+        let old = ready(&before[name]).unwrap();
+        let new = ready(after).unwrap();
+        assert_eq!(
+            (&new.status, &new.reason, &new.last_transition_time),
+            (&old.status, &old.reason, &old.last_transition_time),
+            "{name}: Ready should not have moved over the {part:?} outage; status now:\n{}",
+            yaml(after)
+        );
+        assert_eq!(after.status.as_ref().unwrap().consecutive_failures, 0);
+    };
+    unchanged("imaps", &imaps);
+    let pop3s = env.providers().get("pop3s").await.unwrap();
+    unchanged("pop3s", &pop3s);
+    assert_eq!(
+        pop3s.status.as_ref().unwrap().last_check_time,
+        before["pop3s"].status.as_ref().unwrap().last_check_time,
+        "pop3s was not due and nothing about it changed: no test, no write"
+    );
+    for (name, p) in [("changed", &changed), ("rotated", &rotated)] {
+        assert_eq!(ready(p).unwrap().status, "False", "{name}:\n{}", yaml(p));
+        assert_eq!(
+            condition(p, "Authenticated").unwrap().status,
+            "False",
+            "{name}:\n{}",
+            yaml(p)
+        );
+    }
+    assert_eq!(ready(&created).unwrap().status, "True");
+    // Its retry came due while the part was down; that test's result is what the status
+    // shows (a result thrown away and found again by a later test would be dated after).
+    let tested = recovering
+        .status
+        .as_ref()
+        .and_then(|s| s.last_success_time.as_ref())
+        .map(|t| t.0)
+        .expect("recovering: lastSuccessTime");
+    let second = SignedDuration::from_secs(1);
+    assert!(
+        tested >= down_at - second && tested <= back_at + second,
+        "recovering: expected its test from the outage ({down_at} to {back_at}) in the status, \
+         which says lastSuccessTime {tested}:\n{}",
+        yaml(&recovering)
+    );
+
+    // Still running, ready, leading, and it neither spun nor tested more for the outage.
+    assert!(controller.child.try_wait().unwrap().is_none());
+    assert_eq!(controller.get("/healthz").await.0, 200);
+    wait_http(&controller, "/readyz", 200, RECOVERY).await;
+    let metrics = controller.get("/metrics").await.1;
+    assert!(
+        metrics.contains("mailroom_leader 1"),
+        "the controller should still lead:\n{metrics}"
+    );
+    let mut tested_during = BTreeMap::<&str, usize>::new();
+    for line in during.lines().filter(|l| l.contains(" tested")) {
+        if let Some(name) = line
+            .split(" name=")
+            .nth(1)
+            .and_then(|r| r.split(['}', ' ']).next())
+        {
+            *tested_during.entry(name).or_default() += 1;
+        }
+    }
+    assert!(
+        tested_during.values().all(|&n| n <= 2),
+        "over a {down_for:.0?} outage a provider is tested once for a change and at most \
+         once more on its schedule (10 s after a failure), not again for each failed \
+         status write: {tested_during:?}"
+    );
+    // Each watch retries with a backoff from 0.5 s to 5 s (at least half of that, with
+    // jitter): a bounded number of attempts, each logged once.
+    let retries = during.matches("watch failed; retrying").count();
+    let most = 3 * (5 + down_for.as_secs() as usize * 2 / 5);
+    assert!(
+        retries <= most,
+        "{retries} watch retries in {down_for:.0?}: more than {most}, the backoff is not working"
+    );
+    if part == Part::ApiServer {
+        for watch in ["IncomingMailProviders", "Secrets", "ConfigMaps"] {
+            assert!(
+                during.contains(&format!("watch=\"{watch}\"")),
+                "the {watch} watch should have failed and said it retries"
+            );
+        }
+    }
+    let lines = during.lines().count();
+    assert!(
+        lines < 600,
+        "{lines} log lines in a {down_for:.0?} outage: the controller spins"
+    );
+}
+
+/// Prints the controller's log, without the probe's step lines, if the test fails: the
+/// test's folder (where `Env::wait` says the logs are) is gone by the time anyone looks.
+struct LogsOnFailure(std::path::PathBuf);
+
+impl Drop for LogsOnFailure {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let text = std::fs::read_to_string(&self.0).unwrap_or_default();
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.contains("mailroom::probe"))
+                .collect();
+            eprintln!(
+                "--- controller log ({} lines, the probe's steps left out) ---\n{}",
+                text.lines().count(),
+                lines.join("\n")
+            );
+        }
+    }
+}
+
+/// Polls `path` until it answers `code`.
+async fn wait_http(controller: &Controller, path: &str, code: u16, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let (got, body) = controller.get(path).await;
+        if got == code {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path}: expected {code} within {within:?}, last {got} {body:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn yaml(p: &IncomingMailProvider) -> String {
+    serde_yaml::to_string(&p.status).unwrap()
+}
