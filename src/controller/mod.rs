@@ -250,11 +250,15 @@ async fn run_controllers(
     let mut provider_stores = Vec::new();
     for ((scope, secret_stream), cm_stream) in scopes.iter().zip(secret_streams).zip(cm_streams) {
         let (providers, _, _) = api_for(scope);
-        let controller = Controller::new(providers, watcher::Config::default()).with_config(
-            // Reconciles that only reschedule are cheap; tests are bounded by `ctx.tests`.
-            ControllerConfig::default()
-                .concurrency(u16::try_from(settings.concurrency * 4).unwrap_or(u16::MAX)),
-        );
+        // Reconciles are not bounded here (0): one that waits for a busy host's slot must
+        // not hold back the providers of other hosts, as it did when a tarpit's 500
+        // providers filled all 4 × --concurrency reconciles and the rest of the fleet
+        // waited for the tarpit to drain (tests/faults/hostile.rs). What costs (tests,
+        // Secret reads, token requests) is bounded by the host and test semaphores, and
+        // kube-runtime runs one reconcile per provider at a time, so at most one waits per
+        // provider.
+        let controller = Controller::new(providers, watcher::Config::default())
+            .with_config(ControllerConfig::default().concurrency(0));
         let store = controller.store();
         provider_stores.push(store.clone());
         let by_secret = store.clone();

@@ -121,36 +121,40 @@ async fn reconcile_inner(
         Err(why) => why,
     };
 
-    let fetched = ctx.objects.fetch(&ns, &refs).await.map_err(Error::Fetch)?;
-    // OAuth2: a fresh access token (refreshed, and the Secret rewritten, if needed).
-    let fetched = ctx.tokens.prepare(&p, fetched).await;
-    for _ in 0..ctx.tokens.take_refreshes() {
-        ctx.metrics.token_refresh("refreshed");
-    }
-    match &fetched.token_problem {
-        Some((Reason::AuthorizationRevoked, _)) => ctx.metrics.token_refresh("revoked"),
-        Some((Reason::TokenRefreshFailed, _)) => ctx.metrics.token_refresh("failed"),
-        _ => {}
-    }
     let test = async {
+        // The host's slot first, then one of all: a test waiting for a busy host (a
+        // tarpit, say) must not sit on a slot that a test of another host could use.
+        let _host = ctx.limits.acquire(&p.spec.server.host).await;
+        // Read the Secrets and refresh a token only now, so that these reads and token
+        // requests are bounded per host like the tests, however many providers wait.
+        let fetched = ctx.objects.fetch(&ns, &refs).await.map_err(Error::Fetch)?;
+        // OAuth2: a fresh access token (refreshed, and the Secret rewritten, if needed).
+        let fetched = ctx.tokens.prepare(&p, fetched).await;
+        for _ in 0..ctx.tokens.take_refreshes() {
+            ctx.metrics.token_refresh("refreshed");
+        }
+        match &fetched.token_problem {
+            Some((Reason::AuthorizationRevoked, _)) => ctx.metrics.token_refresh("revoked"),
+            Some((Reason::TokenRefreshFailed, _)) => ctx.metrics.token_refresh("failed"),
+            _ => {}
+        }
         let _slot = ctx
             .tests
             .acquire()
             .await
             .expect("the test semaphore is never closed");
-        let _host = ctx.limits.acquire(&p.spec.server.host).await;
-        check::run(&p.spec, &fetched).await
+        Ok(check::run(&p.spec, &fetched).await)
     };
     tokio::pin!(test);
     // A new provider shows Checking only if its first test is slow (queued behind others,
     // or a server taking its time): most finish first, which saves a write each.
     let outcome = tokio::select! {
-        outcome = &mut test => outcome,
+        outcome = &mut test => outcome?,
         _ = tokio::time::sleep(SHOW_CHECKING_AFTER) => {
             if old.is_none_or(|s| s.conditions.is_empty()) {
                 write(&api, &p, &status::checking(old, &sctx), &ctx).await?;
             }
-            test.await
+            test.await?
         }
     };
     let finished = Timestamp::now();
