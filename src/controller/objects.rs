@@ -14,6 +14,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
 
+use crate::credentials::tokens::Written;
 use crate::credentials::{Fetched, ObjectKind, Reference};
 
 #[derive(Clone)]
@@ -31,6 +32,35 @@ pub struct Objects {
     secrets: Vec<Store<PartialObjectMeta<Secret>>>,
     config_maps: Vec<Store<PartialObjectMeta<ConfigMap>>>,
     values: Mutex<HashMap<Key, (String, Value)>>,
+    own: Mutex<OwnWrites>,
+}
+
+/// The versions the controller wrote itself (an OAuth2 token Secret after a refresh), each
+/// with the version it replaced. Such a write is no change of what a provider references:
+/// counted as one, every write-back set off a test of each provider sharing the Secret,
+/// and when access tokens live under the five minutes kept in hand, each of those tests
+/// refreshed and wrote back again, without end.
+#[derive(Debug, Default)]
+struct OwnWrites(HashMap<Key, (String, Option<String>)>);
+
+impl OwnWrites {
+    /// `key` went from `before` to `after` by the controller's own write.
+    fn note(&mut self, key: Key, before: Option<String>, after: String) {
+        // A write over one of our own stands for what that one replaced.
+        let base = match self.0.get(&key) {
+            Some((written, base)) if before.as_ref() == Some(written) => base.clone(),
+            _ => before,
+        };
+        self.0.insert(key, (after, base));
+    }
+
+    /// The version a provider's schedule should see for `key` at `version`.
+    fn resolve(&self, key: &Key, version: Option<String>) -> Option<String> {
+        match self.0.get(key) {
+            Some((written, base)) if version.as_ref() == Some(written) => base.clone(),
+            _ => version,
+        }
+    }
 }
 
 impl Objects {
@@ -44,6 +74,7 @@ impl Objects {
             secrets,
             config_maps,
             values: Mutex::new(HashMap::new()),
+            own: Mutex::new(OwnWrites::default()),
         }
     }
 
@@ -90,14 +121,30 @@ impl Objects {
         }
     }
 
-    /// A hash of the references' current versions: a change means "test again".
+    /// A hash of the references' current versions: a change means "test again". The
+    /// controller's own writes do not count (see [`OwnWrites`]).
     pub fn fingerprint(&self, namespace: &str, refs: &[Reference]) -> u64 {
+        let own = self.own.lock().unwrap();
         let mut h = std::collections::hash_map::DefaultHasher::new();
         for r in refs {
             r.hash(&mut h);
-            self.version(namespace, r).hash(&mut h);
+            let key = (r.kind, namespace.to_string(), r.name.clone());
+            own.resolve(&key, self.version(namespace, r)).hash(&mut h);
         }
         h.finish()
+    }
+
+    /// Notes a token Secret the controller itself rewrote (see [`OwnWrites`]).
+    pub fn note_own_write(&self, namespace: &str, written: &Written) {
+        let key = (
+            ObjectKind::Secret,
+            namespace.to_string(),
+            written.secret.clone(),
+        );
+        self.own
+            .lock()
+            .unwrap()
+            .note(key, written.before.clone(), written.after.clone());
     }
 
     /// The referenced objects that exist, read from the cache or, when their version
@@ -162,5 +209,34 @@ impl Objects {
     /// Drops cached values no provider references any more.
     pub fn retain(&self, live: &std::collections::HashSet<Key>) {
         self.values.lock().unwrap().retain(|k, _| live.contains(k));
+        self.own.lock().unwrap().0.retain(|k, _| live.contains(k));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> Key {
+        (ObjectKind::Secret, "ops".into(), "alice-token".into())
+    }
+
+    #[test]
+    fn own_writes_look_like_the_version_they_replaced() {
+        let mut own = OwnWrites::default();
+        own.note(key(), Some("10".into()), "11".into());
+        assert_eq!(own.resolve(&key(), Some("11".into())), Some("10".into()));
+        // Another write over ours: still the version before the first.
+        own.note(key(), Some("11".into()), "12".into());
+        assert_eq!(own.resolve(&key(), Some("12".into())), Some("10".into()));
+        // Someone else's write is a change.
+        assert_eq!(own.resolve(&key(), Some("13".into())), Some("13".into()));
+        // Our write over someone else's stands for theirs.
+        own.note(key(), Some("13".into()), "14".into());
+        assert_eq!(own.resolve(&key(), Some("14".into())), Some("13".into()));
+        // A Secret we created looks like none.
+        let other = (ObjectKind::Secret, "ops".into(), "app-token".into());
+        own.note(other.clone(), None, "1".into());
+        assert_eq!(own.resolve(&other, Some("1".into())), None);
     }
 }

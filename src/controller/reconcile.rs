@@ -130,6 +130,9 @@ async fn reconcile_inner(
         let fetched = ctx.objects.fetch(&ns, &refs).await.map_err(Error::Fetch)?;
         // OAuth2: a fresh access token (refreshed, and the Secret rewritten, if needed).
         let fetched = ctx.tokens.prepare(&p, fetched).await;
+        if let Some(written) = &fetched.token_written {
+            ctx.objects.note_own_write(&ns, written);
+        }
         for _ in 0..ctx.tokens.take_refreshes() {
             ctx.metrics.token_refresh("refreshed");
         }

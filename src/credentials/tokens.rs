@@ -383,6 +383,25 @@ pub fn token_tls() -> anyhow::Result<Arc<rustls::ClientConfig>> {
     Ok(Arc::new(tls))
 }
 
+/// A token Secret the token manager wrote: its resourceVersion before (None: it created
+/// the Secret) and after, so that the controller can tell its own write from a change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Written {
+    pub secret: String,
+    pub before: Option<String>,
+    pub after: String,
+}
+
+impl Written {
+    fn of(name: &str, before: Option<&Secret>, after: &Secret) -> Option<Written> {
+        Some(Written {
+            secret: name.to_string(),
+            before: before.and_then(|s| s.resource_version()),
+            after: after.resource_version()?,
+        })
+    }
+}
+
 /// Held while one token Secret is refreshed.
 type SecretLock = Arc<tokio::sync::Mutex<()>>;
 
@@ -445,8 +464,9 @@ impl TokenManager {
             .refresh(provider, o, &namespace, &secret_name, &fetched)
             .await
         {
-            Ok(secret) => {
+            Ok((secret, written)) => {
                 fetched.secrets.insert(secret_name, secret);
+                fetched.token_written = written;
             }
             Err(problem) => fetched.token_problem = Some(problem),
         }
@@ -460,7 +480,7 @@ impl TokenManager {
         namespace: &str,
         secret_name: &str,
         fetched: &Fetched,
-    ) -> Result<Secret, (Reason, String)> {
+    ) -> Result<(Secret, Option<Written>), (Reason, String)> {
         let name = provider.name_any();
         let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
         let command = authorize_command(&name, namespace, o.flow);
@@ -502,7 +522,9 @@ impl TokenManager {
             let now = Timestamp::now();
             let step = plan(o.flow, tokens.as_ref(), now);
             match step {
-                Plan::Use => return Ok(current.expect("a usable token comes from a Secret")),
+                Plan::Use => {
+                    return Ok((current.expect("a usable token comes from a Secret"), None));
+                }
                 Plan::Required => {
                     return Err((
                         Reason::AuthorizationRequired,
@@ -573,10 +595,11 @@ impl TokenManager {
                     let message = format!(
                         "the token endpoint {token_url} refused the {what}: {error}: {description}"
                     );
-                    return still_valid(current, &used, now, message);
+                    return still_valid(current, &used, now, message).map(|s| (s, None));
                 }
                 Grant::Failed(message) => {
-                    return still_valid(current, &used, now, format!("{what} failed: {message}"));
+                    return still_valid(current, &used, now, format!("{what} failed: {message}"))
+                        .map(|s| (s, None));
                 }
             };
             let updated = updated_secret(current.as_ref(), &response, Timestamp::now());
@@ -599,7 +622,8 @@ impl TokenManager {
                         grant = what,
                         "stored a new access token"
                     );
-                    return Ok(secret);
+                    let written = Written::of(secret_name, current.as_ref(), &secret);
+                    return Ok((secret, written));
                 }
                 Err(kube::Error::Api(status)) if status.code == 409 => {
                     // Changed (or created) meanwhile: the next round re-reads it. If the
@@ -615,24 +639,22 @@ impl TokenManager {
                             ACCESS_TOKEN.into(),
                             ByteString(response.access_token.expose_secret().as_bytes().to_vec()),
                         );
-                        return Ok(local);
+                        return Ok((local, None));
                     }
-                    let retry = updated_secret(
-                        api.get_opt(secret_name).await.ok().flatten().as_ref(),
-                        &response,
-                        Timestamp::now(),
-                    );
+                    let again = api.get_opt(secret_name).await.ok().flatten();
+                    let retry = updated_secret(again.as_ref(), &response, Timestamp::now());
                     if let Ok(secret) = api
                         .replace(secret_name, &PostParams::default(), &retry)
                         .await
                     {
-                        return Ok(secret);
+                        let written = Written::of(secret_name, again.as_ref(), &secret);
+                        return Ok((secret, written));
                     }
                 }
                 Err(e) => {
                     tracing::warn!(secret = secret_name, error = %e, "could not store the new tokens");
                     // Use the new access token for this test anyway.
-                    return Ok(updated);
+                    return Ok((updated, None));
                 }
             }
         }
