@@ -7,6 +7,10 @@
 #[path = "../e2e/support.rs"]
 mod support;
 
+mod fleet;
+mod hostile;
+mod oauth2;
+
 use std::time::{Duration, Instant};
 
 use support::{ALICE_AUTH, Env, alice_env, provider, ready};
