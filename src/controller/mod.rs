@@ -218,13 +218,13 @@ async fn run_controllers(
         let (store, writer) = reflector::store::<PartialObjectMeta<Secret>>();
         secret_streams.push(reflector::reflector(
             writer,
-            watcher(secrets, watcher::Config::default()),
+            watcher(secrets, watcher::Config::default()).modify(slim_metadata),
         ));
         secret_stores.push(store);
         let (store, writer) = reflector::store::<PartialObjectMeta<ConfigMap>>();
         cm_streams.push(reflector::reflector(
             writer,
-            watcher(cms, watcher::Config::default()),
+            watcher(cms, watcher::Config::default()).modify(slim_metadata),
         ));
         cm_stores.push(store);
     }
@@ -257,9 +257,16 @@ async fn run_controllers(
         // Secret reads, token requests) is bounded by the host and test semaphores, and
         // kube-runtime runs one reconcile per provider at a time, so at most one waits per
         // provider.
-        let controller = Controller::new(providers, watcher::Config::default())
-            .with_config(ControllerConfig::default().concurrency(0));
-        let store = controller.store();
+        // Every provider stays in memory; its managedFields (a few kB once status is
+        // server-side applied, never read here) are not kept.
+        let (store, writer) = reflector::store();
+        let watched = watcher(providers, watcher::Config::default())
+            .modify(|p: &mut IncomingMailProvider| p.managed_fields_mut().clear());
+        let controller = Controller::for_stream(
+            reflector::reflector(writer, watched).applied_objects(),
+            store.clone(),
+        )
+        .with_config(ControllerConfig::default().concurrency(0));
         provider_stores.push(store.clone());
         let by_secret = store.clone();
         let by_cm = store.clone();
@@ -316,6 +323,14 @@ async fn run_controllers(
     }
     tracing::info!("controller stopped");
     Ok(())
+}
+
+/// What the caches keep of a Secret or ConfigMap: name, namespace, resourceVersion and
+/// labels. managedFields (never read here) would cost memory per object, and a Secret's
+/// `kubectl.kubernetes.io/last-applied-configuration` annotation holds its data.
+fn slim_metadata<K: Resource>(meta: &mut K) {
+    meta.meta_mut().managed_fields = None;
+    meta.meta_mut().annotations = None;
 }
 
 /// The providers in the object's namespace that reference it.
