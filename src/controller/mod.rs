@@ -68,12 +68,19 @@ pub struct LeaseSettings {
 }
 
 /// Shared by every reconcile.
+/// Most status writes and Events sent to the API server at once.
+const API_WRITES: usize = 16;
+
 pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
     pub objects: Objects,
     pub limits: HostLimits,
     pub tests: Semaphore,
+    /// Status writes and Events in flight. Reconciles are not bounded (see `run`), so
+    /// without this, 10,000 providers queued at once would each open a request when their
+    /// Checking status fell due: thousands of connections, and the memory they hold.
+    pub api_writes: Semaphore,
     pub memory: Mutex<HashMap<ObjectRef<IncomingMailProvider>, schedule::Memory>>,
     /// Results whose status write failed, written on the next reconcile instead of a test.
     pub unwritten: Mutex<HashMap<ObjectRef<IncomingMailProvider>, reconcile::Unwritten>>,
@@ -239,6 +246,7 @@ async fn run_controllers(
         objects: Objects::new(client.clone(), secret_stores.clone(), cm_stores.clone()),
         limits: HostLimits::new(settings.per_host),
         tests: Semaphore::new(settings.concurrency.max(1)),
+        api_writes: Semaphore::new(API_WRITES),
         memory: Mutex::new(HashMap::new()),
         unwritten: Mutex::new(HashMap::new()),
         jitter: Box::new(schedule::RandomJitter),

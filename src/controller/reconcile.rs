@@ -260,6 +260,11 @@ async fn write(
     status: &IncomingMailProviderStatus,
     ctx: &Context,
 ) -> Result<(), Error> {
+    let _slot = ctx
+        .api_writes
+        .acquire()
+        .await
+        .expect("the write semaphore is never closed");
     let patch = json!({
         "apiVersion": IncomingMailProvider::api_version(&()),
         "kind": IncomingMailProvider::kind(&()),
@@ -306,6 +311,11 @@ async fn announce(
         action: "Test".into(),
         secondary: None,
     };
+    let _slot = ctx
+        .api_writes
+        .acquire()
+        .await
+        .expect("the write semaphore is never closed");
     match ctx.recorder.publish(&event, &p.object_ref(&())).await {
         Ok(()) => ctx.metrics.api_write("event"),
         Err(e) => warn!(error = %e, "could not record an Event"),
