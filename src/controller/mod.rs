@@ -81,6 +81,8 @@ pub struct Context {
     /// without this, 10,000 providers queued at once would each open a request when their
     /// Checking status fell due: thousands of connections, and the memory they hold.
     pub api_writes: Semaphore,
+    /// Resolves when the controller is told to stop.
+    pub stopping: futures::future::Shared<futures::future::BoxFuture<'static, ()>>,
     pub memory: Mutex<HashMap<ObjectRef<IncomingMailProvider>, schedule::Memory>>,
     /// Results whose status write failed, written on the next reconcile instead of a test.
     pub unwritten: Mutex<HashMap<ObjectRef<IncomingMailProvider>, reconcile::Unwritten>>,
@@ -247,6 +249,7 @@ async fn run_controllers(
         limits: HostLimits::new(settings.per_host),
         tests: Semaphore::new(settings.concurrency.max(1)),
         api_writes: Semaphore::new(API_WRITES),
+        stopping: shutdown.clone(),
         memory: Mutex::new(HashMap::new()),
         unwritten: Mutex::new(HashMap::new()),
         jitter: Box::new(schedule::RandomJitter),

@@ -124,7 +124,12 @@ async fn reconcile_inner(
     let test = async {
         // The host's slot first, then one of all: a test waiting for a busy host (a
         // tarpit, say) must not sit on a slot that a test of another host could use.
-        let _host = ctx.limits.acquire(&p.spec.server.host).await;
+        // A controller told to stop starts no more tests: graceful shutdown waits for
+        // every reconcile, and thousands may be queued here.
+        let _host = tokio::select! {
+            permit = ctx.limits.acquire(&p.spec.server.host) => permit,
+            () = ctx.stopping.clone() => return Ok(None),
+        };
         // Read the Secrets and refresh a token only now, so that these reads and token
         // requests are bounded per host like the tests, however many providers wait.
         let fetched = ctx.objects.fetch(&ns, &refs).await.map_err(Error::Fetch)?;
@@ -141,12 +146,11 @@ async fn reconcile_inner(
             Some((Reason::TokenRefreshFailed, _)) => ctx.metrics.token_refresh("failed"),
             _ => {}
         }
-        let _slot = ctx
-            .tests
-            .acquire()
-            .await
-            .expect("the test semaphore is never closed");
-        Ok(check::run(&p.spec, &fetched).await)
+        let _slot = tokio::select! {
+            slot = ctx.tests.acquire() => slot.expect("the test semaphore is never closed"),
+            () = ctx.stopping.clone() => return Ok(None),
+        };
+        Ok(Some(check::run(&p.spec, &fetched).await))
     };
     tokio::pin!(test);
     // A new provider shows Checking only if its first test is slow (queued behind others,
@@ -154,11 +158,21 @@ async fn reconcile_inner(
     let outcome = tokio::select! {
         outcome = &mut test => outcome?,
         _ = tokio::time::sleep(SHOW_CHECKING_AFTER) => {
-            if old.is_none_or(|s| s.conditions.is_empty()) {
-                write(&api, &p, &status::checking(old, &sctx), &ctx).await?;
-            }
-            test.await?
+            // The test goes on while Checking is written: the write may wait for a slot
+            // behind thousands of others, and the test may hold its host's.
+            let show = async {
+                if old.is_none_or(|s| s.conditions.is_empty()) {
+                    write(&api, &p, &status::checking(old, &sctx), &ctx).await?;
+                }
+                Ok::<_, Error>(())
+            };
+            let (shown, outcome) = tokio::join!(show, &mut test);
+            shown?;
+            outcome?
         }
+    };
+    let Some(outcome) = outcome else {
+        return Ok(Action::await_change());
     };
     let finished = Timestamp::now();
     // This result supersedes any an earlier write failed to store.
