@@ -60,6 +60,24 @@ pub(crate) fn quote(text: &str) -> String {
     format!("{cut:?}")
 }
 
+/// Server text shown without quotes (a greeting, a capability, a step's detail), with
+/// control characters escaped as `\u{1b}` so that a server cannot put raw ones into a
+/// status, an Event or a terminal. Idempotent: escaped text has none left.
+pub(crate) fn printable(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Raw server bytes, quoted like [`quote`].
 pub(crate) fn quote_bytes(bytes: &[u8]) -> String {
     quote(&String::from_utf8_lossy(bytes))
@@ -345,6 +363,14 @@ mod tests {
         let q = quote(&long);
         assert!(q.len() < 220 * 3, "{}", q.len());
         assert!(q.ends_with("…\""));
+    }
+
+    #[test]
+    fn printable_escapes_control_characters_once() {
+        assert_eq!(printable("+OK Dovecot ready."), "+OK Dovecot ready.");
+        let shown = printable("SASL PLAIN\u{1f}LOGIN \u{1b}[31mred\tend\u{85}");
+        assert_eq!(shown, "SASL PLAIN\\u{1f}LOGIN \\u{1b}[31mred\\tend\\u{85}");
+        assert_eq!(printable(&shown), shown);
     }
 
     #[test]

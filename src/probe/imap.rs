@@ -95,9 +95,14 @@ impl Imap {
     }
 
     /// A response read from the server, or why there is none (closed, I/O error).
-    fn received<T>(&self, step: Step, read: io::Result<Option<T>>) -> Result<T, Failure> {
+    fn received<T>(&mut self, step: Step, read: io::Result<Option<T>>) -> Result<T, Failure> {
         match read {
-            Ok(Some(response)) => Ok(response),
+            Ok(Some(response)) => {
+                if let Some(conn) = self.conn() {
+                    conn.get_mut().response_read();
+                }
+                Ok(response)
+            }
             Ok(None) => Err(classify::connection_closed(
                 step,
                 &self.endpoint,
@@ -168,8 +173,9 @@ impl Imap {
                 format!("{command} cannot be sent: a value contains a line break"),
             ),
             other => {
-                let mut text = other.to_string();
-                text.truncate(200);
+                // Cut by characters: the text may quote the server, and a cut inside a
+                // character panics.
+                let text: String = other.to_string().chars().take(200).collect();
                 Failure::new(
                     Reason::ProtocolError,
                     step,
@@ -374,7 +380,7 @@ impl MailSession for Imap {
         };
         self.busy = false;
         Ok(Greeting {
-            text: line.trim().to_string(),
+            text: classify::printable(line.trim()),
             preauth,
         })
     }

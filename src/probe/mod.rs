@@ -16,6 +16,10 @@
 //! `sasl` (mechanism encodings), `classify` (errors to reasons and messages, pure).
 
 mod classify;
+// Reachable from the fuzz targets in fuzz/ (a separate crate), which feed the readers a
+// scripted server; not part of the API.
+#[doc(hidden)]
+pub mod fuzzing;
 mod imap;
 mod net;
 mod pop3;
@@ -219,11 +223,12 @@ pub struct Failure {
 }
 
 impl Failure {
+    /// Control characters the server sent are escaped here, whatever built the message.
     pub(crate) fn new(reason: Reason, step: Step, message: impl Into<String>) -> Failure {
         Failure {
             reason,
             step,
-            message: message.into(),
+            message: classify::printable(&message.into()),
         }
     }
 }
@@ -295,8 +300,20 @@ async fn drive<S: MailSession>(
         wire = handshake(target, &endpoint, rec, tcp, meter).await?;
     }
 
-    let mut session = S::open(wire, endpoint.clone());
-    let result = converse(&mut session, target, login, &endpoint, rec).await;
+    talk::<S>(wire, target, login, &endpoint, rec).await
+}
+
+/// The session over a connected (and, for implicit TLS, secured) wire: the steps from the
+/// greeting on, then goodbye.
+async fn talk<S: MailSession>(
+    wire: Wire,
+    target: &Target,
+    login: &Login,
+    endpoint: &str,
+    rec: &mut Recorder,
+) -> Result<(), Failure> {
+    let mut session = S::open(wire, endpoint.to_string());
+    let result = converse(&mut session, target, login, endpoint, rec).await;
 
     if session.can_quit() && Instant::now() < rec.deadline {
         let t = rec.timed(Step::Logout, session.quit()).await;
@@ -305,7 +322,7 @@ async fn drive<S: MailSession>(
             |waited, total| {
                 classify::timeout_failure(
                     Step::Logout,
-                    &endpoint,
+                    endpoint,
                     session.pending(),
                     waited,
                     total,
@@ -655,6 +672,7 @@ impl Recorder {
     }
 
     fn record(&mut self, step: Step, duration: Duration, ok: bool, detail: String) {
+        let detail = classify::printable(&detail);
         tracing::debug!(
             step = step.as_str(),
             ok,

@@ -98,14 +98,23 @@ fn has_capability(caps: &[String], name: &str) -> bool {
     })
 }
 
-/// A line reader that never holds more than [`MAX_LINE`] bytes.
-struct Lines {
-    wire: Wire,
-    buf: Vec<u8>,
+/// Where the first LF in `buf` is, looking from `from` on.
+fn line_end(buf: &[u8], from: usize) -> Option<usize> {
+    buf[from..]
+        .iter()
+        .position(|&b| b == b'\n')
+        .map(|i| from + i)
+}
+
+/// A line reader that never holds more than [`MAX_LINE`] bytes. (`pub(super)` for the
+/// fuzz target that checks exactly that.)
+pub(super) struct Lines {
+    pub(super) wire: Wire,
+    pub(super) buf: Vec<u8>,
 }
 
 impl Lines {
-    fn new(wire: Wire) -> Lines {
+    pub(super) fn new(wire: Wire) -> Lines {
         Lines {
             wire,
             buf: Vec::new(),
@@ -113,9 +122,12 @@ impl Lines {
     }
 
     /// The next line, without its line ending.
-    async fn read_line(&mut self) -> std::io::Result<Vec<u8>> {
+    pub(super) async fn read_line(&mut self) -> std::io::Result<Vec<u8>> {
+        // How much of `buf` is known to hold no LF: each byte is looked at once, however
+        // small the pieces a server sends a long line in.
+        let mut scanned = 0;
         loop {
-            if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+            if let Some(pos) = line_end(&self.buf, scanned) {
                 let mut line: Vec<u8> = self.buf.drain(..=pos).collect();
                 line.pop();
                 if line.last() == Some(&b'\r') {
@@ -123,6 +135,7 @@ impl Lines {
                 }
                 return Ok(line);
             }
+            scanned = self.buf.len();
             if self.buf.len() >= MAX_LINE {
                 return Err(std::io::Error::other(LimitExceeded::Line {
                     limit: MAX_LINE,
@@ -244,7 +257,7 @@ impl Pop3 {
                             ),
                         ));
                     }
-                    out.push(String::from_utf8_lossy(text).into_owned());
+                    out.push(classify::printable(&String::from_utf8_lossy(text)));
                 }
             }
         }
@@ -397,7 +410,7 @@ impl MailSession for Pop3 {
             Some(Reply::Ok(_)) => {
                 self.busy = false;
                 Ok(Greeting {
-                    text: raw.trim().to_string(),
+                    text: classify::printable(raw.trim()),
                     preauth: false,
                 })
             }
@@ -636,6 +649,25 @@ mod tests {
         assert_eq!(unstuff(b"..hidden"), Some(&b".hidden"[..]));
         assert_eq!(unstuff(b"USER"), Some(&b"USER"[..]));
         assert_eq!(unstuff(b""), Some(&b""[..]));
+    }
+
+    /// The fuzz runs' slowest inputs were long lines sent in small pieces: the reader looked
+    /// through the whole buffer again after every piece. Now each byte is looked at once.
+    #[tokio::test]
+    async fn a_long_line_in_one_byte_pieces() {
+        use tokio::io::AsyncWriteExt as _;
+        let (client, mut server) = tokio::io::duplex(1);
+        let long = vec![b'x'; MAX_LINE - 2];
+        let mut sent = long.clone();
+        sent.extend_from_slice(b"\r\n+OK\r\n");
+        tokio::spawn(async move { server.write_all(&sent).await });
+        let mut lines = Lines::new(Wire::memory(client, Meter::new(Limits::for_pop3())));
+        assert_eq!(lines.read_line().await.unwrap(), long);
+        assert_eq!(lines.read_line().await.unwrap(), b"+OK");
+        assert!(lines.buf.is_empty());
+        assert_eq!(line_end(b"ab\ncd\n", 0), Some(2));
+        assert_eq!(line_end(b"ab\ncd\n", 3), Some(5));
+        assert_eq!(line_end(b"ab", 2), None);
     }
 
     #[test]

@@ -260,7 +260,18 @@ pub(crate) fn describe_oauth_error(challenge: &str) -> Option<String> {
             other => other.to_string().chars().take(200).collect(),
         })
     };
-    let status = text("status")?;
+    // Shown unquoted, so control characters (which a JSON string may carry) are escaped
+    // here: the server must not put raw ones into a status message.
+    let status: String = text("status")?
+        .chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect();
     let mut out = format!("status {status}");
     for key in ["scope", "schemes", "openid-configuration"] {
         if let Some(v) = text(key) {
@@ -423,6 +434,15 @@ mod tests {
                 .is_err()
         );
         assert!(describe_oauth_error("not json").is_none());
+    }
+
+    #[test]
+    fn oauth_errors_escape_control_characters() {
+        // Found by the sasl_challenge fuzz target: the status went into the message raw.
+        let json = r#"{"status":"invalid_\u007f\u001b[31m","scope":"a\nb"}"#;
+        let decoded = describe_oauth_error(json).unwrap();
+        assert_eq!(decoded, r#"status invalid_\u{7f}\u{1b}[31m, scope "a\nb""#);
+        assert!(!describe_challenge(json).chars().any(char::is_control));
     }
 
     impl Exchange {

@@ -5,12 +5,22 @@
 //! (async-imap grows its buffer to whatever size a literal announces, up to 512 MiB), so
 //! every byte the protocol code reads passes through [`Meter`] first:
 //!
-//! * no line may be longer than [`Limits::max_line`] (an endless line, or a literal's data
-//!   without line breaks);
+//! * no line may be longer than [`Limits::max_line`] (an endless line);
 //! * the whole test may not read more than [`Limits::max_total`] (an endless stream of short
 //!   lines, a never-ending literal);
 //! * for IMAP, a literal announced as `{N}` at the end of a line may not be larger than what
-//!   is left of the budget, so the parser never allocates for it.
+//!   is left of the budget, so the parser never allocates for it (its data, which may hold
+//!   anything, is then counted as data, not lines);
+//! * for IMAP, at most [`MAX_RESPONSE_LINES`] lines may go to the parser without it
+//!   completing a response.
+//!
+//! For IMAP the wire hands the parser one whole line at a time. async-imap parses its whole
+//! buffer again after every read that leaves a response incomplete, and its parser lets
+//! some responses run on over line ends (an unknown FETCH item up to a `)` that never
+//! comes), so a server sending small pieces could keep a test parsing the same bytes over
+//! and over until its timeout. A response can only end at a line end, so holding back a
+//! partial line never delays one; with whole lines, and at most [`MAX_RESPONSE_LINES`] of
+//! them per response, the parser reads each response at most that many times.
 //!
 //! A breach is an `io::Error` whose inner error is a [`LimitExceeded`]; the bytes of the read
 //! that breached are discarded. The meter also remembers the last few lines it saw, so that
@@ -31,12 +41,14 @@ use tokio_rustls::client::TlsStream;
 pub(crate) const MAX_LINE: usize = 64 * 1024;
 /// Most bytes one test may read from the server (after TLS decryption).
 pub(crate) const MAX_TOTAL: u64 = 1024 * 1024;
+/// Most lines (literal data aside) the IMAP parser may get without completing a response
+/// (see [`Wire::response_read`]). A response is one line, or a few with literals; each line
+/// may make the parser read the response again.
+pub(crate) const MAX_RESPONSE_LINES: usize = 256;
 
 /// How many recent lines are remembered for quoting, and how much of each.
 const TAIL_LINES: usize = 8;
 const TAIL_WIDTH: usize = 1024;
-/// How many bytes at the end of the current line are kept to spot a literal's `{N}`.
-const LINE_END_WINDOW: usize = 32;
 /// How many of the raw bytes the server sends first are kept (to tell plaintext from TLS).
 const SNIFF_BYTES: usize = 160;
 
@@ -45,7 +57,8 @@ const SNIFF_BYTES: usize = 160;
 pub(crate) struct Limits {
     pub max_line: usize,
     pub max_total: u64,
-    /// Refuse IMAP literals (`{N}` at a line's end) larger than what is left of the budget.
+    /// IMAP: refuse literals (`{N}` at a line's end) larger than what is left of the budget,
+    /// count their data as data, and hand the reader one whole line at a time.
     pub imap_literals: bool,
 }
 
@@ -78,6 +91,8 @@ pub(crate) enum LimitExceeded {
         "an IMAP literal of {size} bytes, more than the {left} bytes left of the test's budget"
     )]
     Literal { size: u64, left: u64 },
+    #[error("more than {limit} lines without a complete IMAP response")]
+    ResponseLines { limit: usize },
 }
 
 /// The [`LimitExceeded`] inside an `io::Error`, if that is what it is.
@@ -91,9 +106,13 @@ pub(crate) struct Meter {
     limits: Limits,
     total: u64,
     line_len: usize,
-    line_end: VecDeque<u8>,
+    tail: Tail,
     lines: VecDeque<Vec<u8>>,
     partial: Vec<u8>,
+    /// IMAP: bytes of a literal's data still to come.
+    literal_left: u64,
+    /// Just after each line end in the chunk last admitted.
+    ends: Vec<usize>,
 }
 
 impl Meter {
@@ -102,9 +121,11 @@ impl Meter {
             limits,
             total: 0,
             line_len: 0,
-            line_end: VecDeque::with_capacity(LINE_END_WINDOW),
+            tail: Tail::Other,
             lines: VecDeque::with_capacity(TAIL_LINES),
             partial: Vec::new(),
+            literal_left: 0,
+            ends: Vec::new(),
         }
     }
 
@@ -118,7 +139,17 @@ impl Meter {
             });
         }
         self.total = total;
-        for &byte in chunk {
+        self.ends.clear();
+        let mut i = 0;
+        while i < chunk.len() {
+            if self.literal_left > 0 {
+                let n = self.literal_left.min((chunk.len() - i) as u64);
+                self.literal_left -= n;
+                i += n as usize;
+                continue;
+            }
+            let byte = chunk[i];
+            i += 1;
             self.line_len += 1;
             if self.line_len > self.limits.max_line {
                 return Err(LimitExceeded::Line {
@@ -127,19 +158,18 @@ impl Meter {
             }
             if byte == b'\n' {
                 if self.limits.imap_literals
-                    && let Some(size) = literal_at_end(self.line_end.make_contiguous())
+                    && let Tail::Closed { size, .. } = self.tail
                 {
                     let left = self.limits.max_total - self.total;
                     if size > left {
                         return Err(LimitExceeded::Literal { size, left });
                     }
+                    self.literal_left = size;
                 }
                 self.end_line();
+                self.ends.push(i);
             } else {
-                if self.line_end.len() == LINE_END_WINDOW {
-                    self.line_end.pop_front();
-                }
-                self.line_end.push_back(byte);
+                self.tail = self.tail.then(byte);
                 if self.partial.len() < TAIL_WIDTH {
                     self.partial.push(byte);
                 }
@@ -150,7 +180,7 @@ impl Meter {
 
     fn end_line(&mut self) {
         self.line_len = 0;
-        self.line_end.clear();
+        self.tail = Tail::Other;
         let mut line = std::mem::take(&mut self.partial);
         if line.last() == Some(&b'\r') {
             line.pop();
@@ -184,25 +214,76 @@ impl Meter {
     pub fn total(&self) -> u64 {
         self.total
     }
+
+    /// Just after each line end in the chunk last admitted (for IMAP, a line break inside a
+    /// literal's data is none).
+    pub fn ends(&self) -> &[usize] {
+        &self.ends
+    }
 }
 
-/// The size of a literal announced at the end of a line (`{123}` or `{123+}` before CRLF).
-fn literal_at_end(line: &[u8]) -> Option<u64> {
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let inner = line.strip_suffix(b"}")?;
-    let open = inner.iter().rposition(|&b| b == b'{')?;
-    let digits = &inner[open + 1..];
-    let digits = digits.strip_suffix(b"+").unwrap_or(digits);
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
+/// How the line so far ends, as far as announcing an IMAP literal goes: `{123}` or
+/// `{123+}`, then CRLF. Followed byte by byte, so that no number of digits (leading zeros
+/// included) hides an announcement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tail {
+    Other,
+    /// `{`, then digits (their value so far, saturating) and maybe a `+`.
+    Open {
+        size: u64,
+        digits: bool,
+        plus: bool,
+    },
+    /// `{N}` or `{N+}`, maybe with a CR after it.
+    Closed {
+        size: u64,
+        cr: bool,
+    },
+}
+
+impl Tail {
+    fn then(self, byte: u8) -> Tail {
+        match (self, byte) {
+            (_, b'{') => Tail::Open {
+                size: 0,
+                digits: false,
+                plus: false,
+            },
+            (
+                Tail::Open {
+                    size, plus: false, ..
+                },
+                b'0'..=b'9',
+            ) => Tail::Open {
+                // More digits than fit in a u64 is still a literal, and a huge one.
+                size: size
+                    .saturating_mul(10)
+                    .saturating_add(u64::from(byte - b'0')),
+                digits: true,
+                plus: false,
+            },
+            (
+                Tail::Open {
+                    size,
+                    digits: true,
+                    plus: false,
+                },
+                b'+',
+            ) => Tail::Open {
+                size,
+                digits: true,
+                plus: true,
+            },
+            (
+                Tail::Open {
+                    size, digits: true, ..
+                },
+                b'}',
+            ) => Tail::Closed { size, cr: false },
+            (Tail::Closed { size, cr: false }, b'\r') => Tail::Closed { size, cr: true },
+            _ => Tail::Other,
+        }
     }
-    // More digits than fit in a u64 is still a literal, and a huge one.
-    Some(
-        std::str::from_utf8(digits)
-            .ok()
-            .and_then(|d| d.parse().ok())
-            .unwrap_or(u64::MAX),
-    )
 }
 
 /// The raw TCP connection, remembering the first bytes the server sent since the last
@@ -272,15 +353,33 @@ impl AsyncWrite for Tcp {
     }
 }
 
+/// A byte stream that stands in for a server: the fuzz targets' scripted server.
+pub(crate) trait Duplex: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Duplex for T {}
+
 enum Transport {
     Plain(Tcp),
     Tls(Box<TlsStream<Tcp>>),
+    /// In memory, without TLS and without a STARTTLS upgrade (`into_plain` is `None`).
+    Memory(Box<dyn Duplex>),
 }
 
 /// What a mail session reads from and writes to: plaintext or TLS, always metered.
 pub(crate) struct Wire {
     transport: Transport,
     meter: Meter,
+    /// IMAP: bytes read, from stream offset `held_from` on; those before `passed_on` are
+    /// passed on (and dropped at the next read from the transport).
+    held: Vec<u8>,
+    held_from: usize,
+    passed_on: usize,
+    /// IMAP: the stream offsets just after the line ends in `held`.
+    line_ends: VecDeque<usize>,
+    /// IMAP: lines passed on since the parser last completed a response.
+    unanswered: usize,
+    /// IMAP: part of a line is passed on, the rest not yet.
+    mid_line: bool,
+    server_closed: bool,
 }
 
 impl Wire {
@@ -288,6 +387,13 @@ impl Wire {
         Wire {
             transport: Transport::Plain(tcp),
             meter,
+            held: Vec::new(),
+            held_from: 0,
+            passed_on: 0,
+            line_ends: VecDeque::new(),
+            unanswered: 0,
+            mid_line: false,
+            server_closed: false,
         }
     }
 
@@ -295,6 +401,28 @@ impl Wire {
         Wire {
             transport: Transport::Tls(Box::new(tls)),
             meter,
+            held: Vec::new(),
+            held_from: 0,
+            passed_on: 0,
+            line_ends: VecDeque::new(),
+            unanswered: 0,
+            mid_line: false,
+            server_closed: false,
+        }
+    }
+
+    /// A session over an in-memory stream, still metered (for the fuzz targets).
+    pub fn memory(stream: impl Duplex + 'static, meter: Meter) -> Wire {
+        Wire {
+            transport: Transport::Memory(Box::new(stream)),
+            meter,
+            held: Vec::new(),
+            held_from: 0,
+            passed_on: 0,
+            line_ends: VecDeque::new(),
+            unanswered: 0,
+            mid_line: false,
+            server_closed: false,
         }
     }
 
@@ -310,12 +438,17 @@ impl Wire {
         self.meter.mark();
     }
 
+    /// IMAP: the parser completed a response (see [`MAX_RESPONSE_LINES`]).
+    pub fn response_read(&mut self) {
+        self.unanswered = 0;
+    }
+
     /// Takes the plaintext connection apart for a STARTTLS upgrade. `None` if it is
-    /// already TLS.
+    /// already TLS (or in memory).
     pub fn into_plain(self) -> Option<(Tcp, Meter)> {
         match self.transport {
             Transport::Plain(tcp) => Some((tcp, self.meter)),
-            Transport::Tls(_) => None,
+            Transport::Tls(_) | Transport::Memory(_) => None,
         }
     }
 }
@@ -329,6 +462,66 @@ impl fmt::Debug for Wire {
     }
 }
 
+impl Wire {
+    /// Reads from the transport and meters what came.
+    fn poll_metered(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let start = buf.filled().len();
+        match &mut self.transport {
+            Transport::Plain(tcp) => ready!(Pin::new(tcp).poll_read(cx, buf))?,
+            Transport::Tls(tls) => ready!(Pin::new(tls.as_mut()).poll_read(cx, buf))?,
+            Transport::Memory(mem) => ready!(Pin::new(mem.as_mut()).poll_read(cx, buf))?,
+        }
+        if let Err(limit) = self.meter.admit(&buf.filled()[start..]) {
+            buf.set_filled(start);
+            return Poll::Ready(Err(io::Error::other(limit)));
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Passes on one whole line at a time (and, once the server has closed, what is left).
+    fn poll_lines(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        loop {
+            let upto = match self.line_ends.front() {
+                Some(&end) => end,
+                None if self.server_closed => self.held_from + self.held.len(),
+                None => {
+                    let mut chunk = [0u8; 4096];
+                    let mut read = ReadBuf::new(&mut chunk);
+                    ready!(self.poll_metered(cx, &mut read))?;
+                    self.held.drain(..self.passed_on - self.held_from);
+                    self.held_from = self.passed_on;
+                    let start = self.held_from + self.held.len();
+                    self.line_ends
+                        .extend(self.meter.ends().iter().map(|&end| start + end));
+                    self.held.extend_from_slice(read.filled());
+                    self.server_closed = read.filled().is_empty();
+                    continue;
+                }
+            };
+            if !self.mid_line && !self.line_ends.is_empty() && self.unanswered >= MAX_RESPONSE_LINES
+            {
+                return Poll::Ready(Err(io::Error::other(LimitExceeded::ResponseLines {
+                    limit: MAX_RESPONSE_LINES,
+                })));
+            }
+            let n = (upto - self.passed_on).min(buf.remaining());
+            let from = self.passed_on - self.held_from;
+            buf.put_slice(&self.held[from..from + n]);
+            self.passed_on += n;
+            self.mid_line = self.line_ends.front() != Some(&self.passed_on);
+            if !self.mid_line {
+                self.line_ends.pop_front();
+                self.unanswered += 1;
+            }
+            return Poll::Ready(Ok(()));
+        }
+    }
+}
+
 impl AsyncRead for Wire {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -336,16 +529,11 @@ impl AsyncRead for Wire {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        let start = buf.filled().len();
-        match &mut this.transport {
-            Transport::Plain(tcp) => ready!(Pin::new(tcp).poll_read(cx, buf))?,
-            Transport::Tls(tls) => ready!(Pin::new(tls.as_mut()).poll_read(cx, buf))?,
+        if this.meter.limits.imap_literals {
+            this.poll_lines(cx, buf)
+        } else {
+            this.poll_metered(cx, buf)
         }
-        if let Err(limit) = this.meter.admit(&buf.filled()[start..]) {
-            buf.set_filled(start);
-            return Poll::Ready(Err(io::Error::other(limit)));
-        }
-        Poll::Ready(Ok(()))
     }
 }
 
@@ -358,6 +546,7 @@ impl AsyncWrite for Wire {
         match &mut self.transport {
             Transport::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
             Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+            Transport::Memory(mem) => Pin::new(mem.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -365,6 +554,7 @@ impl AsyncWrite for Wire {
         match &mut self.transport {
             Transport::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
             Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+            Transport::Memory(mem) => Pin::new(mem.as_mut()).poll_flush(cx),
         }
     }
 
@@ -372,6 +562,7 @@ impl AsyncWrite for Wire {
         match &mut self.transport {
             Transport::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
             Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
+            Transport::Memory(mem) => Pin::new(mem.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -437,6 +628,14 @@ mod tests {
         m.admit(b"+OK {5000}\r\n").unwrap();
     }
 
+    /// The size of a literal announced at the end of `line` (without its LF).
+    fn literal_at_end(line: &[u8]) -> Option<u64> {
+        match line.iter().fold(Tail::Other, |tail, &b| tail.then(b)) {
+            Tail::Closed { size, .. } => Some(size),
+            _ => None,
+        }
+    }
+
     #[test]
     fn literal_detection() {
         assert_eq!(literal_at_end(b"* OK {12}\r"), Some(12));
@@ -444,6 +643,25 @@ mod tests {
         assert_eq!(literal_at_end(b"* OK {}"), None);
         assert_eq!(literal_at_end(b"* OK {a1}"), None);
         assert_eq!(literal_at_end(b"* OK done"), None);
+        assert_eq!(literal_at_end(b"* OK {1{2}"), Some(2));
+        assert_eq!(literal_at_end(b"* OK {1+2}"), None);
+        assert_eq!(literal_at_end(b"* OK {+}"), None);
+        assert_eq!(literal_at_end(b"* OK {12}\r\r"), None);
+        assert_eq!(literal_at_end(b"* OK {12} "), None);
+        assert_eq!(literal_at_end(b"{99999999999999999999999}"), Some(u64::MAX));
+        // Found while writing the line_reader fuzz target's oracle: only the last 32 bytes
+        // of a line were looked at, so leading zeros hid the size from the meter, and
+        // async-imap (which reads the number whole) allocated it: 500 MB for this line.
+        let zeros = format!("* STATUS {{{}500000000}}\r", "0".repeat(40));
+        assert_eq!(literal_at_end(zeros.as_bytes()), Some(500_000_000));
+        let mut m = Meter::new(Limits::for_imap());
+        assert_eq!(
+            m.admit(format!("{zeros}\n").as_bytes()),
+            Err(LimitExceeded::Literal {
+                size: 500_000_000,
+                left: MAX_TOTAL - zeros.len() as u64 - 1
+            })
+        );
     }
 
     #[test]
@@ -466,5 +684,77 @@ mod tests {
         let long = vec![b'x'; 5000];
         m.admit(&long).unwrap();
         assert_eq!(m.recent().last().unwrap().len(), TAIL_WIDTH);
+    }
+
+    #[test]
+    fn literal_data_is_not_lines() {
+        let mut m = Meter::new(limits(1000, 100_000));
+        m.admit(b"* 1 FETCH (BODY[] {12}\r\n").unwrap();
+        assert_eq!(m.ends(), [24]);
+        // A literal's data may hold anything, line breaks and long lines included.
+        m.admit(b"\n\n\n\n\n").unwrap();
+        assert_eq!(m.ends(), [0usize; 0]);
+        m.admit(b"\n\n\n\n\n\n\n)\r\n* OK\r\n* B").unwrap();
+        assert_eq!(m.ends(), [10, 16]);
+        assert_eq!(m.recent(), ["* 1 FETCH (BODY[] {12}", ")", "* OK", "* B"]);
+        let mut long = b"* 1 FETCH (BODY[] {2000}\r\n".to_vec();
+        long.extend_from_slice(&[b'y'; 2000]);
+        long.extend_from_slice(b")\r\n");
+        m.admit(&long).unwrap();
+        assert_eq!(m.ends(), [long.len() - 2000 - 3, long.len()]);
+        // POP3 has no literals.
+        let mut m = Meter::new(Limits::for_pop3());
+        m.admit(b"+OK {3}\r\n\n\n").unwrap();
+        assert_eq!(m.ends(), [9, 10, 11]);
+    }
+
+    /// IMAP's reader gets whole lines however small the pieces the server sends; POP3's
+    /// (which finds line ends itself) gets the pieces.
+    #[tokio::test]
+    async fn imap_reads_whole_lines() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = [0u8; 64];
+        let (client, mut server) = tokio::io::duplex(1);
+        tokio::spawn(async move { server.write_all(b"* OK ready\r\n* CAPA").await });
+        let mut wire = Wire::memory(client, Meter::new(Limits::for_imap()));
+        let n = wire.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"* OK ready\r\n");
+        wire.response_read();
+        // Once the server has closed, the rest, then the end.
+        let n = wire.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"* CAPA");
+        assert_eq!(wire.read(&mut buf).await.unwrap(), 0);
+        assert_eq!(wire.meter().recent(), ["* OK ready", "* CAPA"]);
+
+        let (client, mut server) = tokio::io::duplex(1);
+        tokio::spawn(async move { server.write_all(b"+OK ready\r\n").await });
+        let mut wire = Wire::memory(client, Meter::new(Limits::for_pop3()));
+        assert_eq!(wire.read(&mut buf).await.unwrap(), 1);
+    }
+
+    /// One line at a time, and no more than MAX_RESPONSE_LINES of them unless the parser
+    /// says it completed a response.
+    #[tokio::test]
+    async fn imap_lines_without_a_response_are_bounded() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = [0u8; 64];
+        let (client, mut server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move { server.write_all(&b"* 1 FETCH (X (\r\n".repeat(600)).await });
+        let mut wire = Wire::memory(client, Meter::new(Limits::for_imap()));
+        for _ in 0..300 {
+            assert_eq!(wire.read(&mut buf).await.unwrap(), 16);
+            wire.response_read();
+        }
+        for _ in 0..MAX_RESPONSE_LINES {
+            let n = wire.read(&mut buf).await.unwrap();
+            assert_eq!(&buf[..n], b"* 1 FETCH (X (\r\n");
+        }
+        let err = wire.read(&mut buf).await.unwrap_err();
+        assert_eq!(
+            limit_exceeded(&err),
+            Some(&LimitExceeded::ResponseLines {
+                limit: MAX_RESPONSE_LINES
+            })
+        );
     }
 }

@@ -717,6 +717,73 @@ async fn literals_end_within_the_budget_or_are_refused() {
     server.seen().await;
 }
 
+/// Found by the imap_response fuzz target: a response continued by literal after literal
+/// made async-imap parse the whole growing response again at every read, so a server could
+/// keep a test busy on the CPU until its timeout. The parser now gets one line at a time,
+/// and at most 256 lines without completing a response.
+#[tokio::test]
+async fn endless_literals_are_cut_off() {
+    let server = serve(vec![
+        Say("* OK ready\r\n"),
+        Cmd("CAPABILITY"),
+        Say("* 1 FETCH (X-A {1}\r\na"),
+        Flood(b" X-A {1}\r\na".repeat(100)),
+    ])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Imap, TlsMode::None),
+        &Login::None,
+    )
+    .await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::ProtocolError, "{f:?}");
+    assert_eq!(
+        f.message,
+        format!(
+            "server 127.0.0.1:{} sent more than 256 lines without a complete IMAP response at the capabilities step",
+            server.port
+        )
+    );
+    assert!(report.duration < Duration::from_secs(2), "{f:?}");
+    server.seen().await;
+}
+
+/// Found by the imap_response fuzz target: an AUTHENTICATE challenge that is not base64 is
+/// quoted in the failure message, cut to 200 bytes, and the cut panicked when it fell inside
+/// a character.
+#[tokio::test]
+async fn imap_challenge_that_is_not_base64_is_cut_between_characters() {
+    let mut challenge = b"+ eyJzdGF0dXMiOiI0MDEi".to_vec();
+    challenge.extend_from_slice(&[0xe1; 100]);
+    challenge.extend_from_slice(b"\r\n");
+    let server = serve(vec![
+        Say("* OK ready\r\n"),
+        Cmd("CAPABILITY"),
+        Say("* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n$TAG OK done\r\n"),
+        Cmd("AUTHENTICATE PLAIN"),
+        SayBytes(challenge),
+        Any,
+    ])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Imap, TlsMode::None),
+        &password(true),
+    )
+    .await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::ProtocolError, "{f:?}");
+    assert!(
+        f.message.contains(&format!(
+            "failed: parse: unable to parse authentication response: eyJzdGF0dXMiOiI0MDEi{}",
+            "\u{fffd}".repeat(10)
+        )),
+        "{}",
+        f.message
+    );
+    assert_secret_kept(&report);
+    server.seen().await;
+}
+
 #[tokio::test]
 async fn garbage_is_a_protocol_error() {
     for protocol in [Protocol::Imap, Protocol::Pop3] {
@@ -1306,4 +1373,42 @@ fn oauth_mechanism_prefers_oauthbearer_and_respects_the_choice() {
         "{}",
         refused.message
     );
+}
+
+/// Found by the pop3_response fuzz target: a control character in a CAPA line reached the
+/// failure message (and the status) raw.
+#[tokio::test]
+async fn pop3_control_characters_are_escaped_everywhere() {
+    let server = serve(vec![
+        SayBytes(b"+OK \x1b[31mready\r\n".to_vec()),
+        Cmd("CAPA"),
+        SayBytes(b"+OK\r\nSASL PLAIN\x1fLOGIN\r\n.\r\n".to_vec()),
+        Cmd("QUIT"),
+        Say("+OK\r\n"),
+    ])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Pop3, TlsMode::None),
+        &password(true),
+    )
+    .await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::AuthMechanismUnsupported, "{f:?}");
+    assert!(
+        // Escaped in the CAPA line, then upper-cased as a mechanism name.
+        f.message.contains(r"(it offers SASL PLAIN\U{1F}LOGIN)"),
+        "{}",
+        f.message
+    );
+    assert_eq!(
+        report.findings.greeting.as_deref(),
+        Some(r"+OK \u{1b}[31mready")
+    );
+    assert_eq!(report.findings.capabilities, [r"SASL PLAIN\u{1f}LOGIN"]);
+    let shown: Vec<&str> = report.steps.iter().map(|s| s.detail.as_str()).collect();
+    assert!(
+        !shown.iter().any(|d| d.chars().any(char::is_control)),
+        "{shown:?}"
+    );
+    assert_eq!(server.seen().await, ["CAPA", "QUIT"]);
 }
