@@ -12,7 +12,9 @@
 use std::io;
 
 use async_imap::error::Error as ImapError;
-use async_imap::imap_proto::{Capability, MailboxDatum, Response, Status, StatusAttribute};
+use async_imap::imap_proto::{
+    Capability, MailboxDatum, Outcome, Response, ResponseCode, Status, StatusAttribute,
+};
 use async_imap::{Client, Connection, Session};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD_NO_PAD;
@@ -348,6 +350,17 @@ impl MailSession for Imap {
         let read = conn.read_response().await;
         let response = self.received(step, read)?;
         let line = self.recent().into_iter().next().unwrap_or_default();
+        let capabilities = match response.parsed() {
+            Response::Data {
+                outcome:
+                    Outcome {
+                        code: Some(ResponseCode::Capabilities(list)),
+                        ..
+                    },
+                ..
+            } => Some(list.iter().map(capability_text).collect::<Vec<_>>()),
+            _ => None,
+        };
         let preauth = match response.parsed() {
             Response::Data {
                 status: Status::Ok, ..
@@ -378,10 +391,14 @@ impl MailSession for Imap {
                 ));
             }
         };
+        if let Some(caps) = &capabilities {
+            self.sasl_ir = has_capability(caps, "SASL-IR");
+        }
         self.busy = false;
         Ok(Greeting {
             text: classify::printable(line.trim()),
             preauth,
+            capabilities,
         })
     }
 
@@ -505,11 +522,15 @@ impl MailSession for Imap {
         let sasl_ir = self.sasl_ir;
         let client = self.take_client(step)?;
         let result = match mechanism {
-            Mechanism::XOAuth2 | Mechanism::OAuthBearer => {
-                let mut exchange = if mechanism == Mechanism::XOAuth2 {
-                    Exchange::xoauth2(username, password)
-                } else {
-                    Exchange::oauthbearer(username, password)
+            Mechanism::XOAuth2
+            | Mechanism::OAuthBearer
+            | Mechanism::SaslPlain
+            | Mechanism::SaslLogin => {
+                let mut exchange = match mechanism {
+                    Mechanism::XOAuth2 => Exchange::xoauth2(username, password),
+                    Mechanism::OAuthBearer => Exchange::oauthbearer(username, password),
+                    Mechanism::SaslPlain => Exchange::plain(username, password),
+                    _ => Exchange::login(username, password),
                 };
                 if let Err(why) = exchange.check() {
                     self.state = State::Client(client);
@@ -519,32 +540,20 @@ impl MailSession for Imap {
                 // SASL-IR (RFC 4959): the initial response goes with the command, saving a
                 // round trip. async-imap has no API for it, but writes its mechanism
                 // argument verbatim after AUTHENTICATE, so the response rides there.
-                let argument = if sasl_ir {
-                    let initial = exchange
-                        .initial_response()
-                        .expect("OAuth2 mechanisms have an initial response");
-                    let encoded = sasl::encode(&initial);
-                    Zeroizing::new(format!("{} {}", exchange.mechanism(), encoded.as_str()))
+                let initial = if sasl_ir {
+                    exchange.initial_response()
                 } else {
-                    Zeroizing::new(exchange.mechanism().to_string())
+                    None
+                };
+                let argument = match initial {
+                    Some(initial) => Zeroizing::new(format!(
+                        "{} {}",
+                        exchange.mechanism(),
+                        sasl::encode(&initial).as_str()
+                    )),
+                    None => Zeroizing::new(exchange.mechanism().to_string()),
                 };
                 let result = client.authenticate(argument.as_str(), &mut exchange).await;
-                result.map_err(|(err, client)| (err, client, exchange.later_challenges().to_vec()))
-            }
-            Mechanism::SaslPlain | Mechanism::SaslLogin => {
-                let mut exchange = if mechanism == Mechanism::SaslPlain {
-                    Exchange::plain(username, password)
-                } else {
-                    Exchange::login(username, password)
-                };
-                if let Err(why) = exchange.check() {
-                    self.state = State::Client(client);
-                    self.busy = false;
-                    return Err(Failure::new(Reason::InvalidSpec, step, why));
-                }
-                let result = client
-                    .authenticate(exchange.mechanism(), &mut exchange)
-                    .await;
                 result.map_err(|(err, client)| (err, client, exchange.later_challenges().to_vec()))
             }
             Mechanism::ImapLogin | Mechanism::UserPass => {

@@ -361,7 +361,20 @@ async fn converse<S: MailSession>(
     )?;
     rec.findings.greeting = Some(greeting.text.clone());
 
-    let mut caps = capabilities(session, endpoint, rec).await?;
+    let mut caps = match greeting.capabilities {
+        // Listed in the greeting: the same list, without asking.
+        Some(caps) => {
+            rec.record(
+                Step::Capabilities,
+                Duration::ZERO,
+                true,
+                format!("{} (from the greeting)", caps.join(" ")),
+            );
+            rec.findings.capabilities = caps.clone();
+            caps
+        }
+        None => capabilities(session, endpoint, rec).await?,
+    };
 
     if target.tls_mode == TlsMode::StartTls {
         if greeting.preauth {

@@ -412,6 +412,7 @@ impl MailSession for Pop3 {
                 Ok(Greeting {
                     text: classify::printable(raw.trim()),
                     preauth: false,
+                    capabilities: None,
                 })
             }
             Some(Reply::Err(_)) => Err(Failure::new(

@@ -14,6 +14,9 @@ pub(crate) struct Greeting {
     pub text: String,
     /// IMAP `* PREAUTH`: the connection is already authenticated.
     pub preauth: bool,
+    /// IMAP `[CAPABILITY ...]` in the greeting (RFC 3501 7.1): the list a CAPABILITY
+    /// command would return, one round trip sooner. Never set for POP3.
+    pub capabilities: Option<Vec<String>>,
 }
 
 /// How a password is presented. The strongest both sides allow is chosen by

@@ -33,6 +33,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use secrecy::zeroize::{Zeroize, Zeroizing};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -344,6 +345,20 @@ impl AsyncWrite for Tcp {
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
+    // rustls hands over several records at once (ChangeCipherSpec and Finished, say):
+    // passed on whole, they leave in one system call and one segment.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_flush(cx)
     }
@@ -364,7 +379,24 @@ enum Transport {
     Memory(Box<dyn Duplex>),
 }
 
+impl Transport {
+    fn io(&mut self) -> Pin<&mut dyn Duplex> {
+        match self {
+            Transport::Plain(tcp) => Pin::new(tcp),
+            Transport::Tls(tls) => Pin::new(tls.as_mut()),
+            Transport::Memory(mem) => Pin::new(mem.as_mut()),
+        }
+    }
+}
+
+/// Most bytes written that wait for a flush.
+const WRITE_BUFFER: usize = 8 * 1024;
+
 /// What a mail session reads from and writes to: plaintext or TLS, always metered.
+///
+/// Writes wait in a buffer until a flush. async-imap writes a command in four pieces (tag,
+/// space, command, CRLF); passed on one by one, each became a TLS record and a TCP segment
+/// of its own, four system calls and four wake-ups of the server for one command.
 pub(crate) struct Wire {
     transport: Transport,
     meter: Meter,
@@ -380,6 +412,10 @@ pub(crate) struct Wire {
     /// IMAP: part of a line is passed on, the rest not yet.
     mid_line: bool,
     server_closed: bool,
+    /// Written, not yet passed on; may hold credentials, so zeroed when passed on.
+    out: Zeroizing<Vec<u8>>,
+    /// How much of `out` is already passed on.
+    passed: usize,
 }
 
 impl Wire {
@@ -394,6 +430,8 @@ impl Wire {
             unanswered: 0,
             mid_line: false,
             server_closed: false,
+            out: Zeroizing::new(Vec::new()),
+            passed: 0,
         }
     }
 
@@ -408,6 +446,8 @@ impl Wire {
             unanswered: 0,
             mid_line: false,
             server_closed: false,
+            out: Zeroizing::new(Vec::new()),
+            passed: 0,
         }
     }
 
@@ -423,6 +463,8 @@ impl Wire {
             unanswered: 0,
             mid_line: false,
             server_closed: false,
+            out: Zeroizing::new(Vec::new()),
+            passed: 0,
         }
     }
 
@@ -446,6 +488,7 @@ impl Wire {
     /// Takes the plaintext connection apart for a STARTTLS upgrade. `None` if it is
     /// already TLS (or in memory).
     pub fn into_plain(self) -> Option<(Tcp, Meter)> {
+        debug_assert!(self.out.is_empty(), "STARTTLS with unflushed writes");
         match self.transport {
             Transport::Plain(tcp) => Some((tcp, self.meter)),
             Transport::Tls(_) | Transport::Memory(_) => None,
@@ -470,11 +513,7 @@ impl Wire {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let start = buf.filled().len();
-        match &mut self.transport {
-            Transport::Plain(tcp) => ready!(Pin::new(tcp).poll_read(cx, buf))?,
-            Transport::Tls(tls) => ready!(Pin::new(tls.as_mut()).poll_read(cx, buf))?,
-            Transport::Memory(mem) => ready!(Pin::new(mem.as_mut()).poll_read(cx, buf))?,
-        }
+        ready!(self.transport.io().poll_read(cx, buf))?;
         if let Err(limit) = self.meter.admit(&buf.filled()[start..]) {
             buf.set_filled(start);
             return Poll::Ready(Err(io::Error::other(limit)));
@@ -537,33 +576,47 @@ impl AsyncRead for Wire {
     }
 }
 
+impl Wire {
+    /// Passes the buffered writes on.
+    fn poll_pass_on(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.passed < self.out.len() {
+            let n = ready!(self.transport.io().poll_write(cx, &self.out[self.passed..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.passed += n;
+        }
+        self.out.zeroize();
+        self.passed = 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
 impl AsyncWrite for Wire {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.transport {
-            Transport::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
-            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
-            Transport::Memory(mem) => Pin::new(mem.as_mut()).poll_write(cx, buf),
+        let this = &mut *self;
+        if this.out.len() + buf.len() > WRITE_BUFFER {
+            ready!(this.poll_pass_on(cx))?;
+            if buf.len() > WRITE_BUFFER {
+                return this.transport.io().poll_write(cx, buf);
+            }
         }
+        this.out.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.transport {
-            Transport::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
-            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
-            Transport::Memory(mem) => Pin::new(mem.as_mut()).poll_flush(cx),
-        }
+        ready!(self.poll_pass_on(cx))?;
+        self.transport.io().poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.transport {
-            Transport::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
-            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
-            Transport::Memory(mem) => Pin::new(mem.as_mut()).poll_shutdown(cx),
-        }
+        ready!(self.poll_pass_on(cx))?;
+        self.transport.io().poll_shutdown(cx)
     }
 }
 

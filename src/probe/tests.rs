@@ -326,9 +326,11 @@ async fn imap_wrong_password_quotes_the_server_and_keeps_the_secret() {
 
 #[tokio::test]
 async fn imap_implicit_tls_authenticate_plain() {
+    // A greeting without capabilities, and no SASL-IR: CAPABILITY is asked, and the
+    // credentials wait for the server's `+`.
     let server = serve(vec![
         Tls("server"),
-        Say(IMAP_GREETING),
+        Say("* OK ready\r\n"),
         Cmd("CAPABILITY"),
         Say("* CAPABILITY IMAP4rev1 AUTH=PLAIN AUTH=LOGIN\r\n$TAG OK done\r\n"),
         Cmd("AUTHENTICATE PLAIN"),
@@ -373,6 +375,53 @@ async fn imap_implicit_tls_authenticate_plain() {
             .unwrap(),
     );
     assert_eq!(seen[2], *expected);
+    assert_secret_kept(&report);
+}
+
+#[tokio::test]
+async fn imap_greeting_capabilities_and_sasl_ir_save_two_round_trips() {
+    // Dovecot's greeting lists its capabilities, SASL-IR among them: no CAPABILITY
+    // command, and the credentials go with AUTHENTICATE.
+    let server = serve(vec![
+        Tls("server"),
+        Say(IMAP_GREETING),
+        Cmd("AUTHENTICATE PLAIN "),
+        Say("$TAG OK Logged in\r\n"),
+        Cmd("STATUS"),
+        Say("* STATUS \"INBOX\" (MESSAGES 0 UNSEEN 0)\r\n$TAG OK done\r\n"),
+        Cmd("LOGOUT"),
+        Say("* BYE\r\n$TAG OK bye\r\n"),
+    ])
+    .await;
+    let t = trusting(target(server.port, Protocol::Imap, TlsMode::Implicit), CA);
+    let report = run(&t, &password(false)).await;
+    assert!(report.passed(), "{report:#?}");
+    let capabilities = &report.steps[4];
+    assert_eq!(capabilities.step, Step::Capabilities);
+    assert!(
+        capabilities
+            .detail
+            .ends_with("AUTH=PLAIN (from the greeting)"),
+        "{}",
+        capabilities.detail
+    );
+    assert!(
+        report
+            .findings
+            .capabilities
+            .contains(&"SASL-IR".to_string())
+    );
+    let seen = server.seen().await;
+    let expected = sasl::encode(
+        &sasl::Exchange::plain("alice", &SecretString::from(SECRET))
+            .initial_response()
+            .unwrap(),
+    );
+    assert!(
+        seen[0].ends_with(&format!("AUTHENTICATE PLAIN {}", expected.as_str())),
+        "{seen:?}"
+    );
+    assert_eq!(seen.len(), 3, "{seen:?}");
     assert_secret_kept(&report);
 }
 

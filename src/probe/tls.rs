@@ -62,11 +62,12 @@ impl Setup {
             ))
         })?;
 
-        let (pinned, webpki) = trust_store(trust.extra_roots_pem.as_deref())?;
+        let (pinned, webpki, verified) = trust_store(trust.extra_roots_pem.as_deref())?;
         let provider = provider();
         let presented = Arc::new(Mutex::new(Vec::new()));
         let verifier = Arc::new(Verifier {
             webpki,
+            verified,
             extra_roots: pinned.clone(),
             insecure: trust.insecure_skip_verify,
             presented: presented.clone(),
@@ -356,7 +357,74 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 type Trusted = (
     Vec<CertificateDer<'static>>,
     Option<Arc<WebPkiServerVerifier>>,
+    Arc<VerifiedChains>,
 );
+
+/// Chains this trust store has verified, for a server name, and until when that holds.
+///
+/// Verifying a chain (building it to a root, checking each issuer's signature, the names
+/// and the validity periods) is a pure function of the chain, the name, the roots and the
+/// time, and costs a signature check and more per test. A server presents the same chain
+/// test after test, so the verdict is kept: until the first certificate of the chain
+/// expires, and an hour at most. A replaced certificate is a different chain and is
+/// verified afresh; the handshake's own signature (proof that the server holds the key)
+/// is checked every time. Only successes are kept, so failures keep their exact reasons.
+#[derive(Debug, Default)]
+pub(crate) struct VerifiedChains {
+    until: Mutex<std::collections::HashMap<Vec<u8>, u64>>,
+}
+
+impl VerifiedChains {
+    const KEEP: usize = 4096;
+    const AT_MOST_SECS: u64 = 3600;
+
+    fn key(
+        server_name: &ServerName<'_>,
+        end_entity: &[u8],
+        intermediates: &[CertificateDer<'_>],
+    ) -> Vec<u8> {
+        let name = server_name.to_str();
+        let mut key = Vec::with_capacity(
+            name.len()
+                + end_entity.len()
+                + intermediates.iter().map(|c| c.len() + 4).sum::<usize>()
+                + 8,
+        );
+        for part in std::iter::once(name.as_bytes())
+            .chain(std::iter::once(end_entity))
+            .chain(intermediates.iter().map(|c| c.as_ref()))
+        {
+            key.extend_from_slice(&(part.len() as u32).to_be_bytes());
+            key.extend_from_slice(part);
+        }
+        key
+    }
+
+    fn holds(&self, key: &[u8], now: UnixTime) -> bool {
+        let until = self.until.lock().map(|m| m.get(key).copied());
+        matches!(until, Ok(Some(until)) if now.as_secs() < until)
+    }
+
+    /// Remembers a verified chain: until the earliest notAfter among its certificates.
+    fn remember(&self, key: Vec<u8>, chain: &[&[u8]], now: UnixTime) {
+        let mut until = now.as_secs() + Self::AT_MOST_SECS;
+        for der in chain {
+            match X509Certificate::from_der(der) {
+                Ok((_, cert)) => {
+                    until = until.min(cert.validity().not_after.timestamp().max(0) as u64);
+                }
+                // Verified but unreadable here: do not keep it.
+                Err(_) => return,
+            }
+        }
+        if let Ok(mut map) = self.until.lock() {
+            if map.len() >= Self::KEEP {
+                map.clear();
+            }
+            map.insert(key, until);
+        }
+    }
+}
 
 /// Builds (or reuses) the trust store for a CA bundle. Building one clones the platform's
 /// roots, which costs more than the rest of a test's client work; a fleet shares a few
@@ -390,7 +458,7 @@ fn trust_store(pem: Option<&[u8]>) -> Result<Trusted, Failure> {
             .map_err(|err| setup_failed(err.to_string()))?;
         Some(built)
     };
-    let trusted = (pinned, webpki);
+    let trusted = (pinned, webpki, Arc::default());
     let mut cache = cache.lock().unwrap();
     if cache.len() >= KEEP {
         cache.remove(0);
@@ -533,6 +601,8 @@ pub(crate) fn rfc3339(secs: i64) -> String {
 #[derive(Debug)]
 struct Verifier {
     webpki: Option<Arc<WebPkiServerVerifier>>,
+    /// Chains `webpki` verified (shared by every test that uses the same trust store).
+    verified: Arc<VerifiedChains>,
     extra_roots: Vec<CertificateDer<'static>>,
     insecure: bool,
     presented: Arc<Mutex<Vec<CertificateDer<'static>>>>,
@@ -567,16 +637,25 @@ impl ServerCertVerifier for Verifier {
             rustls::client::verify_server_name(&parsed, server_name)?;
             return Ok(ServerCertVerified::assertion());
         }
-        match &self.webpki {
-            Some(webpki) => webpki.verify_server_cert(
-                end_entity,
-                intermediates,
-                server_name,
-                ocsp_response,
-                now,
-            ),
-            None => Err(CertificateError::UnknownIssuer.into()),
+        let Some(webpki) = &self.webpki else {
+            return Err(CertificateError::UnknownIssuer.into());
+        };
+        let key = VerifiedChains::key(server_name, end_entity, intermediates);
+        if self.verified.holds(&key, now) {
+            return Ok(ServerCertVerified::assertion());
         }
+        let verified = webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        let chain: Vec<&[u8]> = std::iter::once(end_entity.as_ref())
+            .chain(intermediates.iter().map(|c| c.as_ref()))
+            .collect();
+        self.verified.remember(key, &chain, now);
+        Ok(verified)
     }
 
     fn verify_tls12_signature(
@@ -629,6 +708,44 @@ fn check_validity(der: &CertificateDer<'_>, now: UnixTime) -> Result<(), rustls:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn der(pem: &str) -> CertificateDer<'static> {
+        CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+    }
+
+    fn at(secs: u64) -> UnixTime {
+        UnixTime::since_unix_epoch(Duration::from_secs(secs))
+    }
+
+    #[test]
+    fn a_verified_chain_holds_for_its_name_until_an_hour_or_its_expiry() {
+        let leaf = der(include_str!("testdata/server.pem"));
+        let ca = der(include_str!("testdata/ca.pem"));
+        let expired = der(include_str!("testdata/expired.pem"));
+        let name = ServerName::try_from("localhost").unwrap();
+        let other = ServerName::try_from("mail.example.com").unwrap();
+        let chains = VerifiedChains::default();
+        let now = 1_800_000_000;
+        let key = VerifiedChains::key(&name, &leaf, std::slice::from_ref(&ca));
+        assert!(!chains.holds(&key, at(now)));
+        chains.remember(key.clone(), &[leaf.as_ref(), ca.as_ref()], at(now));
+        assert!(chains.holds(&key, at(now + 3599)));
+        assert!(!chains.holds(&key, at(now + 3600)), "an hour at most");
+        // Another name, another intermediate list, another leaf: not verified.
+        assert!(!chains.holds(
+            &VerifiedChains::key(&other, &leaf, std::slice::from_ref(&ca)),
+            at(now)
+        ));
+        assert!(!chains.holds(&VerifiedChains::key(&name, &leaf, &[]), at(now)));
+        assert!(!chains.holds(&VerifiedChains::key(&name, &expired, &[]), at(now)));
+        // A chain whose certificate expires within the hour holds until then only.
+        let (_, cert) = X509Certificate::from_der(expired.as_ref()).unwrap();
+        let not_after = cert.validity().not_after.timestamp() as u64;
+        let key = VerifiedChains::key(&name, &expired, &[]);
+        chains.remember(key.clone(), &[expired.as_ref()], at(not_after - 60));
+        assert!(chains.holds(&key, at(not_after - 1)));
+        assert!(!chains.holds(&key, at(not_after)));
+    }
 
     #[test]
     fn rfc3339_dates() {
