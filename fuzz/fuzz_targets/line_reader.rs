@@ -74,7 +74,11 @@ fn line_ends(stream: &[u8], imap: bool) -> Vec<Option<Option<u128>>> {
             continue;
         }
         if b == b'\n' {
-            let announced = if imap { literal(&stream[line_start..i]) } else { None };
+            let announced = if imap {
+                literal(&stream[line_start..i])
+            } else {
+                None
+            };
             out.push(Some(announced));
             literal_left = announced.unwrap_or(0);
             line_start = i + 1;
@@ -99,8 +103,16 @@ fuzz_target!(|data: &[u8]| {
     let mut i = 0;
     let check = |got: Vec<u8>| {
         let want = model.get(i).copied().expect("a line beyond the stream's");
-        assert_eq!(got, want.strip_suffix(b"\r").unwrap_or(want), "line {i} differs");
-        assert!(want.len() < MAX_LINE, "line {i} of {} bytes was let through", want.len());
+        assert_eq!(
+            got,
+            want.strip_suffix(b"\r").unwrap_or(want),
+            "line {i} differs"
+        );
+        assert!(
+            want.len() < MAX_LINE,
+            "line {i} of {} bytes was let through",
+            want.len()
+        );
         if let Some(Some(n)) = ends[i] {
             assert!(
                 n <= u128::from(MAX_TOTAL),
@@ -111,13 +123,22 @@ fuzz_target!(|data: &[u8]| {
     };
     let (read, peak) = measured(|| RUNTIME.block_on(fuzzing::read_lines(script, imap, check)));
     assert!(peak <= MEMORY_BOUND, "held {peak} bytes");
-    assert!(read.most_buffered <= MAX_LINE, "held a {}-byte line", read.most_buffered);
+    assert!(
+        read.most_buffered <= MAX_LINE,
+        "held a {}-byte line",
+        read.most_buffered
+    );
     assert!(read.bytes_read <= MAX_TOTAL || read.end == LineEnd::OverBudget);
     let k = read.lines;
 
     // Where it stopped, and why, must be true of the stream. A read that breaks a bound is
     // discarded whole, so the line that broke it is the next one or a later one.
-    let rest = || model[k.min(model.len())..].iter().copied().chain([unterminated]);
+    let rest = || {
+        model[k.min(model.len())..]
+            .iter()
+            .copied()
+            .chain([unterminated])
+    };
     match &read.end {
         LineEnd::Closed => {
             assert_eq!(k, model.len(), "closed after {k} of {} lines", model.len());

@@ -133,7 +133,7 @@ impl AsyncRead for Script {
         // Like a socket under tokio's cooperative budget, make the reader yield now and
         // then, so that the test's deadline is looked at.
         self.reads += 1;
-        if self.reads % 64 == 0 {
+        if self.reads.is_multiple_of(64) {
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
@@ -212,9 +212,8 @@ pub fn session(protocol: Protocol, input: &[u8]) {
         TlsMode::None
     };
     let script = Script::new(server.to_vec(), mode & 8 != 0, mode);
-    let (report, peak) = measured(|| {
-        RUNTIME.block_on(fuzzing::session(protocol, tls_mode, &login, script))
-    });
+    let (report, peak) =
+        measured(|| RUNTIME.block_on(fuzzing::session(protocol, tls_mode, &login, script)));
     assert!(
         peak <= MEMORY_BOUND,
         "one test held {peak} bytes at once, more than {MEMORY_BOUND}"
@@ -238,10 +237,7 @@ pub fn check_report(report: &Report, server: &[u8]) {
             );
         }
         None => assert!(
-            report
-                .steps
-                .iter()
-                .all(|s| s.ok || s.step == Step::Logout),
+            report.steps.iter().all(|s| s.ok || s.step == Step::Logout),
             "a pass with a failed step: {:?}",
             report.steps
         ),
