@@ -29,6 +29,8 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use mailroom::api::{IncomingMailProvider, Protocol, TlsMode, parse_duration};
 use mailroom::probe::{self, Login, Target, Trust};
 use mailroom_testbed::{Bed, MAIL_HOST};
+
+mod support;
 use secrecy::SecretString;
 use serde_json::json;
 
@@ -207,7 +209,7 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let all_ready = started.elapsed();
-    let ramp_cpu = cpu_seconds(pid);
+    let ramp_cpu = support::process_cpu(pid);
     let ramp_api = delta(&requests_by_verb(bed), &api0);
     let ramp_connections = sampler.take_max();
     let not_ready = count_not_ready(&client).await;
@@ -218,7 +220,7 @@ async fn main() {
     let writes0 = metric(&text, "mailroom_api_writes_total", "kind=\"status\"");
     let tests0 = metric(&text, "mailroom_tests_total", "");
     let api1 = requests_by_verb(bed);
-    let cpu1 = cpu_seconds(pid);
+    let cpu1 = support::process_cpu(pid);
     let steady_from = Instant::now();
     // Meanwhile, a Secret change: a canary provider whose password is fixed and broken
     // again, each time timed from the Secret's update to the status that follows.
@@ -230,7 +232,7 @@ async fn main() {
     let steady_writes = metric(&text, "mailroom_api_writes_total", "kind=\"status\"") - writes0;
     let steady_tests = metric(&text, "mailroom_tests_total", "") - tests0;
     let steady_api = delta(&requests_by_verb(bed), &api1);
-    let steady_cpu = cpu_seconds(pid) - cpu1;
+    let steady_cpu = support::process_cpu(pid) - cpu1;
     let steady_connections = sampler.take_max();
     let peak_rss = proc_status_kib(pid, "VmHWM:");
     sampler.stop();
@@ -632,24 +634,6 @@ fn proc_status_kib(pid: u32, key: &str) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
-}
-
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are fields 14 and 15 of the whole line; 12 and 13 after the ')'.
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// apiserver_request_total summed by verb and resource, for what mailroom touches.

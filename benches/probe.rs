@@ -19,6 +19,8 @@ use mailroom::api::{Protocol, TlsMode};
 use mailroom::probe::{self, Login, Target, Trust};
 use secrecy::SecretString;
 
+mod support;
+
 fn cpu_seconds() -> f64 {
     let (user, sys) = user_sys();
     user + sys
@@ -375,7 +377,7 @@ impl Blackbox {
             "/probe?module=imap_starttls&target={}:{port}",
             mailroom_testbed::MAIL_HOST
         );
-        let cpu0 = process_cpu(self.child.id());
+        let cpu0 = support::process_cpu(self.child.id());
         let t0 = Instant::now();
         let per = tests / concurrency;
         let mut tasks = Vec::new();
@@ -397,7 +399,7 @@ impl Blackbox {
         Run {
             tests: per * concurrency,
             wall: t0.elapsed().as_secs_f64(),
-            cpu: process_cpu(self.child.id()) - cpu0,
+            cpu: support::process_cpu(self.child.id()) - cpu0,
         }
     }
 }
@@ -421,23 +423,4 @@ fn http_get(addr: &str, path: &str) -> Option<String> {
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
     Some(text)
-}
-
-/// User + system CPU seconds of another process (clock ticks of /proc/PID/stat).
-fn process_cpu(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are fields 14 and 15 of the line; 12 and 13 after the ')'.
-    (ticks(11) + ticks(12)) / 100.0
 }

@@ -415,13 +415,13 @@ pub(crate) struct Wire {
     /// Written, not yet passed on; may hold credentials, so zeroed when passed on.
     out: Zeroizing<Vec<u8>>,
     /// How much of `out` is already passed on.
-    passed: usize,
+    out_sent: usize,
 }
 
 impl Wire {
-    pub fn plain(tcp: Tcp, meter: Meter) -> Wire {
+    fn over(transport: Transport, meter: Meter) -> Wire {
         Wire {
-            transport: Transport::Plain(tcp),
+            transport,
             meter,
             held: Vec::new(),
             held_from: 0,
@@ -431,41 +431,21 @@ impl Wire {
             mid_line: false,
             server_closed: false,
             out: Zeroizing::new(Vec::new()),
-            passed: 0,
+            out_sent: 0,
         }
     }
 
+    pub fn plain(tcp: Tcp, meter: Meter) -> Wire {
+        Wire::over(Transport::Plain(tcp), meter)
+    }
+
     pub fn tls(tls: TlsStream<Tcp>, meter: Meter) -> Wire {
-        Wire {
-            transport: Transport::Tls(Box::new(tls)),
-            meter,
-            held: Vec::new(),
-            held_from: 0,
-            passed_on: 0,
-            line_ends: VecDeque::new(),
-            unanswered: 0,
-            mid_line: false,
-            server_closed: false,
-            out: Zeroizing::new(Vec::new()),
-            passed: 0,
-        }
+        Wire::over(Transport::Tls(Box::new(tls)), meter)
     }
 
     /// A session over an in-memory stream, still metered (for the fuzz targets).
     pub fn memory(stream: impl Duplex + 'static, meter: Meter) -> Wire {
-        Wire {
-            transport: Transport::Memory(Box::new(stream)),
-            meter,
-            held: Vec::new(),
-            held_from: 0,
-            passed_on: 0,
-            line_ends: VecDeque::new(),
-            unanswered: 0,
-            mid_line: false,
-            server_closed: false,
-            out: Zeroizing::new(Vec::new()),
-            passed: 0,
-        }
+        Wire::over(Transport::Memory(Box::new(stream)), meter)
     }
 
     pub fn is_tls(&self) -> bool {
@@ -579,15 +559,19 @@ impl AsyncRead for Wire {
 impl Wire {
     /// Passes the buffered writes on.
     fn poll_pass_on(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.passed < self.out.len() {
-            let n = ready!(self.transport.io().poll_write(cx, &self.out[self.passed..]))?;
+        while self.out_sent < self.out.len() {
+            let n = ready!(
+                self.transport
+                    .io()
+                    .poll_write(cx, &self.out[self.out_sent..])
+            )?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            self.passed += n;
+            self.out_sent += n;
         }
         self.out.zeroize();
-        self.passed = 0;
+        self.out_sent = 0;
         Poll::Ready(Ok(()))
     }
 }

@@ -757,7 +757,8 @@ async fn literals_end_within_the_budget_or_are_refused() {
     assert_eq!(f.reason, Reason::ProtocolError, "{f:?}");
     assert!(
         f.message.starts_with(&format!(
-            "IMAP server 127.0.0.1:{} sent something that is not IMAP at the capabilities step: \"yyy",
+            // How much of the flood is quoted depends on how the reads fell.
+            "IMAP server 127.0.0.1:{} sent something that is not IMAP at the capabilities step: \"y",
             server.port
         )),
         "{}",

@@ -83,11 +83,17 @@ impl Hostile {
                     continue;
                 };
                 count.fetch_add(1, Ordering::Relaxed);
-                let now = gauge.0.fetch_add(1, Ordering::Relaxed) + 1;
-                gauge.1.fetch_max(now, Ordering::Relaxed);
                 let gauge = gauge.clone();
                 handlers.spawn(async move {
-                    let _ = misbehave(conn, imap, behaviour).await;
+                    // Counted open a moment after the accept: the controller closes a
+                    // connection before its slot goes to the next one, but this server
+                    // may accept the next before it reads the close of the last.
+                    let counted = async {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        let now = gauge.0.fetch_add(1, Ordering::Relaxed) + 1;
+                        gauge.1.fetch_max(now, Ordering::Relaxed);
+                    };
+                    let _ = tokio::join!(misbehave(conn, imap, behaviour), counted);
                     gauge.0.fetch_sub(1, Ordering::Relaxed);
                 });
                 // Reap the finished ones so the set does not grow with every connection.
