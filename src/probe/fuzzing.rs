@@ -8,12 +8,11 @@ use std::io;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::Instant;
 
 use super::pop3::Lines;
 use super::session::MailSession;
 use super::stream::{LimitExceeded, Limits, Meter, Wire, limit_exceeded};
-use super::{Failure, Findings, Login, Recorder, Report, Step, Target, Trust};
+use super::{Failure, Login, Recorder, Report, Step, Target, Trust};
 use super::{classify, imap, pop3, sasl, talk};
 use crate::api::{Protocol, TlsMode};
 
@@ -45,13 +44,7 @@ pub async fn session(
         timeout: Duration::from_secs(30),
     };
     let endpoint = classify::endpoint(HOST, PORT);
-    let started = Instant::now();
-    let mut rec = Recorder {
-        steps: Vec::new(),
-        findings: Findings::default(),
-        deadline: started + target.timeout,
-        timeout: target.timeout,
-    };
+    let mut rec = Recorder::start(target.timeout);
     let result = match protocol {
         Protocol::Imap => {
             let wire = Wire::memory(server, Meter::new(imap::Imap::limits()));
@@ -62,12 +55,7 @@ pub async fn session(
             talk::<pop3::Pop3>(wire, &target, login, &endpoint, &mut rec).await
         }
     };
-    Report {
-        steps: rec.steps,
-        findings: rec.findings,
-        failure: result.err(),
-        duration: started.elapsed(),
-    }
+    rec.into_report(result)
 }
 
 /// How reading lines ended.

@@ -235,13 +235,7 @@ impl Failure {
 
 /// Runs one test. Never panics and never takes (much) longer than `target.timeout`.
 pub async fn run(target: &Target, login: &Login) -> Report {
-    let started = Instant::now();
-    let mut rec = Recorder {
-        steps: Vec::new(),
-        findings: Findings::default(),
-        deadline: started + target.timeout,
-        timeout: target.timeout,
-    };
+    let mut rec = Recorder::start(target.timeout);
     let span = tracing::debug_span!(
         "probe",
         host = %target.host,
@@ -257,12 +251,7 @@ pub async fn run(target: &Target, login: &Login) -> Report {
     }
     .instrument(span)
     .await;
-    Report {
-        steps: rec.steps,
-        findings: rec.findings,
-        failure: result.err(),
-        duration: started.elapsed(),
-    }
+    rec.into_report(result)
 }
 
 /// Connects, then lets the protocol's session take the steps, then says goodbye.
@@ -625,11 +614,33 @@ struct Timed<T> {
 struct Recorder {
     steps: Vec<StepRecord>,
     findings: Findings,
+    started: Instant,
     deadline: Instant,
     timeout: Duration,
 }
 
 impl Recorder {
+    /// A test starting now, with `timeout` for all its steps.
+    fn start(timeout: Duration) -> Recorder {
+        let started = Instant::now();
+        Recorder {
+            steps: Vec::new(),
+            findings: Findings::default(),
+            started,
+            deadline: started + timeout,
+            timeout,
+        }
+    }
+
+    fn into_report(self, result: Result<(), Failure>) -> Report {
+        Report {
+            steps: self.steps,
+            findings: self.findings,
+            failure: result.err(),
+            duration: self.started.elapsed(),
+        }
+    }
+
     /// Runs one step within what is left of the deadline.
     async fn timed<T, F>(&mut self, step: Step, fut: F) -> Timed<T>
     where
