@@ -1,10 +1,11 @@
-//! Per-host bounds on simultaneous tests, so a fleet of providers on one server never
-//! opens more connections than that server is willing to take from one client.
+//! Bounds on what runs at once: tests per mail host, so a fleet of providers on one
+//! server never opens more connections than that server is willing to take from one
+//! client; and writes to the API server, by how much they matter.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 
 pub struct HostLimits {
     per_host: usize,
@@ -39,10 +40,79 @@ impl HostLimits {
     }
 }
 
+/// What a write to the API server carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Write {
+    /// A status that changed, or an Event of a transition: what people wait for.
+    Change,
+    /// The `lastCheckTime` heartbeat of an unchanged status, or Checking: worth writing,
+    /// but never ahead of a change.
+    Background,
+}
+
+/// Status writes and Events in flight. Tests run outside reconciles (see `inflight`), so
+/// without a bound 10,000 providers applied at once would each open a request when their
+/// result came: thousands of connections, and the memory they hold. Background writes
+/// take at most a few of the slots, so that a Secret fixed during a wave of heartbeats
+/// shows its new status in a second, not behind thousands of unchanged ones.
+pub struct WriteSlots {
+    all: Semaphore,
+    background: Semaphore,
+}
+
+/// A slot for one write, given back when dropped.
+pub struct WriteSlot<'a> {
+    _all: SemaphorePermit<'a>,
+    _background: Option<SemaphorePermit<'a>>,
+}
+
+impl WriteSlots {
+    pub fn new(all: usize, background: usize) -> Self {
+        WriteSlots {
+            all: Semaphore::new(all.max(1)),
+            background: Semaphore::new(background.clamp(1, all.max(1))),
+        }
+    }
+
+    pub async fn acquire(&self, what: Write) -> WriteSlot<'_> {
+        let background = match what {
+            Write::Change => None,
+            Write::Background => Some(
+                self.background
+                    .acquire()
+                    .await
+                    .expect("write semaphores are never closed"),
+            ),
+        };
+        WriteSlot {
+            _all: self
+                .all
+                .acquire()
+                .await
+                .expect("write semaphores are never closed"),
+            _background: background,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[tokio::test]
+    async fn background_writes_leave_slots_to_changes() {
+        let slots = WriteSlots::new(3, 1);
+        let _heartbeat = slots.acquire(Write::Background).await;
+        let second =
+            tokio::time::timeout(Duration::from_millis(50), slots.acquire(Write::Background)).await;
+        assert!(second.is_err(), "a second background write must wait");
+        let _a = slots.acquire(Write::Change).await;
+        let _b = slots.acquire(Write::Change).await;
+        let fourth =
+            tokio::time::timeout(Duration::from_millis(50), slots.acquire(Write::Change)).await;
+        assert!(fourth.is_err(), "no more writes than slots in all");
+    }
 
     #[tokio::test]
     async fn a_host_gets_at_most_its_share() {

@@ -4,6 +4,7 @@
 //! them, and writes.
 
 mod http;
+mod inflight;
 mod limits;
 pub mod metrics;
 mod objects;
@@ -67,20 +68,21 @@ pub struct LeaseSettings {
     pub duration: Duration,
 }
 
-/// Shared by every reconcile.
-/// Most status writes and Events sent to the API server at once.
+/// Most status writes and Events sent to the API server at once, and of them heartbeats
+/// and Checking (see `limits::WriteSlots`).
 const API_WRITES: usize = 16;
+const BACKGROUND_WRITES: usize = 4;
 
+/// Shared by every reconcile.
 pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
     pub objects: Objects,
     pub limits: HostLimits,
     pub tests: Semaphore,
-    /// Status writes and Events in flight. Reconciles are not bounded (see `run`), so
-    /// without this, 10,000 providers queued at once would each open a request when their
-    /// Checking status fell due: thousands of connections, and the memory they hold.
-    pub api_writes: Semaphore,
+    pub writes: limits::WriteSlots,
+    /// The tests started by reconciles, which run beside them (see `inflight`).
+    pub inflight: inflight::InFlight,
     /// Resolves when the controller is told to stop.
     pub stopping: futures::future::Shared<futures::future::BoxFuture<'static, ()>>,
     pub memory: Mutex<HashMap<ObjectRef<IncomingMailProvider>, schedule::Memory>>,
@@ -242,13 +244,15 @@ async fn run_controllers(
         controller: "mailroom".into(),
         instance: std::env::var("POD_NAME").ok(),
     };
+    let (inflight, retests) = inflight::InFlight::new(&scopes, shutdown.clone());
     let ctx = Arc::new(Context {
+        inflight,
         client: client.clone(),
         recorder: Recorder::new(client.clone(), reporter),
         objects: Objects::new(client.clone(), secret_stores.clone(), cm_stores.clone()),
         limits: HostLimits::new(settings.per_host),
         tests: Semaphore::new(settings.concurrency.max(1)),
-        api_writes: Semaphore::new(API_WRITES),
+        writes: limits::WriteSlots::new(API_WRITES, BACKGROUND_WRITES),
         stopping: shutdown.clone(),
         memory: Mutex::new(HashMap::new()),
         unwritten: Mutex::new(HashMap::new()),
@@ -257,17 +261,20 @@ async fn run_controllers(
         metrics,
         shard: settings.shard,
     });
+    // Losing the lease drops this future: the tests it started stop with it.
+    let _cancel_tests = ctx.inflight.cancel_on_drop();
     let mut controllers = Vec::new();
     let mut provider_stores = Vec::new();
-    for ((scope, secret_stream), cm_stream) in scopes.iter().zip(secret_streams).zip(cm_streams) {
+    for (((scope, secret_stream), cm_stream), retest) in scopes
+        .iter()
+        .zip(secret_streams)
+        .zip(cm_streams)
+        .zip(retests)
+    {
         let (providers, _, _) = api_for(scope);
-        // Reconciles are not bounded here (0): one that waits for a busy host's slot must
-        // not hold back the providers of other hosts, as it did when a tarpit's 500
-        // providers filled all 4 × --concurrency reconciles and the rest of the fleet
-        // waited for the tarpit to drain (tests/faults/hostile.rs). What costs (tests,
-        // Secret reads, token requests) is bounded by the host and test semaphores, and
-        // kube-runtime runs one reconcile per provider at a time, so at most one waits per
-        // provider.
+        // Reconciles only decide and start tests (see `inflight`), so they are short and
+        // not bounded here (0). What costs (tests, Secret reads, token requests) is
+        // bounded by the host and test semaphores, one test per provider at a time.
         // Every provider stays in memory; its managedFields (a few kB once status is
         // server-side applied, never read here) are not kept.
         let (store, writer) = reflector::store();
@@ -294,6 +301,8 @@ async fn run_controllers(
                     dependents(&by_cm, ObjectKind::ConfigMap, &meta)
                 },
             )
+            // A finished test asks for its provider's reconcile, which schedules the next.
+            .reconcile_on(tokio_stream_of(retest))
             // Now only the providers' own watch reaches this backoff (see `watches`).
             .trigger_backoff(watches::WatchBackoff::default())
             .graceful_shutdown_on(shutdown.clone());
@@ -332,8 +341,16 @@ async fn run_controllers(
         _ = sweeper => {}
         _ = synced => {}
     }
+    // A stopping controller finishes the tests in flight (it starts no more).
+    ctx.inflight.finish().await;
     tracing::info!("controller stopped");
     Ok(())
+}
+
+fn tokio_stream_of<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<T>,
+) -> impl futures::Stream<Item = T> + Send + 'static {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 /// What the caches keep of a Secret or ConfigMap: name, namespace, resourceVersion and

@@ -13,6 +13,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{Instrument, info, info_span, warn};
 
+use super::limits::{Write, WriteSlot};
 use super::schedule::{self, Memory, Seen};
 use super::status::{self, Context as StatusContext};
 use super::{Context, FIELD_MANAGER};
@@ -22,6 +23,9 @@ use crate::credentials::references;
 
 /// How long a first test may run before the status says Checking.
 const SHOW_CHECKING_AFTER: Duration = Duration::from_secs(2);
+
+/// How long after a failed read or write the provider is reconciled again.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -33,10 +37,6 @@ pub enum Error {
     WriteStatus(#[source] kube::Error),
 }
 
-// Reconciles are not bounded (see `controller::run`): thousands may wait at once for a
-// host's slot. Their futures hold only what waiting needs; the test, the reads and the
-// writes (large state machines) are boxed where they start, so a waiting reconcile costs
-// a few hundred bytes, not the size of a whole IMAP or POP3 session.
 pub async fn reconcile(p: Arc<IncomingMailProvider>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = p.namespace().unwrap_or_default();
     let name = p.name_any();
@@ -53,10 +53,14 @@ async fn reconcile_inner(
         // Another replica's: it tests and writes this one.
         return Ok(Action::await_change());
     }
+    let key = ObjectRef::from_obj(&*p);
+    if ctx.inflight.is_running(&key) {
+        // When it is done, the test asks for this reconcile again.
+        return Ok(Action::await_change());
+    }
     if tokio::time::timeout(Duration::from_secs(30), ctx.objects.ready()).await != Ok(true) {
         return Err(Error::NotSynced);
     }
-    let key = ObjectRef::from_obj(&*p);
     let api: Api<IncomingMailProvider> = Api::namespaced(ctx.client.clone(), &ns);
     let old = p.status.as_ref();
     let generation = p.meta().generation;
@@ -72,7 +76,7 @@ async fn reconcile_inner(
         ctx.memory.lock().unwrap().remove(&key);
         let new = status::suspended(old, &sctx);
         if status::differs(old, &new) {
-            Box::pin(write(&api, &p, &new, &ctx)).await?;
+            Box::pin(write(&api, &p, &new, &ctx, Write::Change)).await?;
         }
         return Ok(Action::await_change());
     }
@@ -90,7 +94,7 @@ async fn reconcile_inner(
             };
             let new = status::after_test(old, &outcome, &sctx);
             if status::differs(old, &new) {
-                Box::pin(write(&api, &p, &new, &ctx)).await?;
+                Box::pin(write(&api, &p, &new, &ctx, Write::Change)).await?;
             }
             return Ok(Action::await_change());
         }
@@ -125,64 +129,161 @@ async fn reconcile_inner(
         Err(why) => why,
     };
 
+    let job = Job {
+        p: p.clone(),
+        key: key.clone(),
+        refs,
+        fingerprint,
+        why,
+        interval,
+        now,
+    };
+    let started = ctx.inflight.start(key, test_and_write(job, ctx.clone()));
+    debug_assert!(
+        started,
+        "one reconcile per provider at a time, and none while it tests"
+    );
+    // The test asks for a reconcile when it is done, which schedules the next one.
+    Ok(Action::await_change())
+}
+
+/// What a test started by a reconcile needs.
+struct Job {
+    p: Arc<IncomingMailProvider>,
+    key: ObjectRef<IncomingMailProvider>,
+    refs: crate::credentials::References,
+    fingerprint: u64,
+    why: schedule::Why,
+    interval: Duration,
+    now: Timestamp,
+}
+
+/// Waits for the slots, runs the test, writes the status and an Event, and remembers
+/// when the next test is due. Returns how long to wait before the provider's reconcile:
+/// at once, or after a failure a few seconds, as kube-runtime's error policy would.
+//
+// Thousands of these wait at once (10,000 providers applied together): each must stay
+// small while it waits, so the test, the reads and the writes (large state machines) are
+// boxed where they start.
+async fn test_and_write(job: Job, ctx: Arc<Context>) -> Duration {
+    let ns = job.p.namespace().unwrap_or_default();
+    let span = info_span!("provider", namespace = %ns, name = %job.p.name_any());
+    match test_and_write_inner(job, &ctx, ns)
+        .instrument(span.clone())
+        .await
+    {
+        Ok(()) => Duration::ZERO,
+        Err(error) => {
+            span.in_scope(|| warn!(%error, "will retry"));
+            RETRY_AFTER
+        }
+    }
+}
+
+async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(), Error> {
+    let Job { p, refs, now, .. } = &job;
+    let api: Api<IncomingMailProvider> = Api::namespaced(ctx.client.clone(), &ns);
+    let old = p.status.as_ref();
+    let generation = p.meta().generation;
+    let request = p.annotations().get(CHECK_REQUESTED_AT).map(String::as_str);
+    let sctx = StatusContext {
+        generation,
+        now: *now,
+        check_request: request,
+    };
     let test = async {
         // The host's slot first, then one of all: a test waiting for a busy host (a
         // tarpit, say) must not sit on a slot that a test of another host could use.
         // A controller told to stop starts no more tests: graceful shutdown waits for
-        // every reconcile, and thousands may be queued here.
+        // every test started, and thousands may be queued here.
         let _host = tokio::select! {
             permit = ctx.limits.acquire(&p.spec.server.host) => permit,
             () = ctx.stopping.clone() => return Ok(None),
         };
         // Read the Secrets and refresh a token only now, so that these reads and token
         // requests are bounded per host like the tests, however many providers wait.
-        let fetched = Box::pin(ctx.objects.fetch(&ns, &refs))
-            .await
-            .map_err(Error::Fetch)?;
-        // OAuth2: a fresh access token (refreshed, and the Secret rewritten, if needed).
-        let fetched = Box::pin(ctx.tokens.prepare(&p, fetched)).await;
-        if let Some(written) = &fetched.token_written {
-            ctx.objects.note_own_write(&ns, written);
-        }
-        for _ in 0..ctx.tokens.take_refreshes() {
-            ctx.metrics.token_refresh("refreshed");
-        }
-        match &fetched.token_problem {
-            Some((Reason::AuthorizationRevoked, _)) => ctx.metrics.token_refresh("revoked"),
-            Some((Reason::TokenRefreshFailed, _)) => ctx.metrics.token_refresh("failed"),
-            _ => {}
-        }
-        let _slot = tokio::select! {
-            slot = ctx.tests.acquire() => slot.expect("the test semaphore is never closed"),
-            () = ctx.stopping.clone() => return Ok(None),
-        };
-        Ok(Some(Box::pin(check::run(&p.spec, &fetched)).await))
+        // Boxed: what follows is large, and only a test that has its slot needs it.
+        Box::pin(async {
+            let fetched = ctx.objects.fetch(&ns, refs).await.map_err(Error::Fetch)?;
+            // OAuth2: a fresh access token (refreshed, and the Secret rewritten, if needed).
+            let fetched = Box::pin(ctx.tokens.prepare(p, fetched)).await;
+            if let Some(written) = &fetched.token_written {
+                ctx.objects.note_own_write(&ns, written);
+            }
+            for _ in 0..ctx.tokens.take_refreshes() {
+                ctx.metrics.token_refresh("refreshed");
+            }
+            match &fetched.token_problem {
+                Some((Reason::AuthorizationRevoked, _)) => ctx.metrics.token_refresh("revoked"),
+                Some((Reason::TokenRefreshFailed, _)) => ctx.metrics.token_refresh("failed"),
+                _ => {}
+            }
+            let _slot = tokio::select! {
+                slot = ctx.tests.acquire() => slot.expect("the test semaphore is never closed"),
+                () = ctx.stopping.clone() => return Ok(None),
+            };
+            Ok(Some(Box::new(
+                Box::pin(check::run(&p.spec, &fetched)).await,
+            )))
+        })
+        .await
     };
     tokio::pin!(test);
     // A new provider shows Checking only if its first test is slow (queued behind others,
     // or a server taking its time): most finish first, which saves a write each.
     let outcome = tokio::select! {
         outcome = &mut test => outcome?,
-        _ = tokio::time::sleep(SHOW_CHECKING_AFTER) => {
-            // The test goes on while Checking is written: the write may wait for a slot
-            // behind thousands of others, and the test may hold its host's.
-            let show = async {
-                if old.is_none_or(|s| s.conditions.is_empty()) {
-                    Box::pin(write(&api, &p, &status::checking(old, &sctx), &ctx)).await?;
+        () = tokio::time::sleep(SHOW_CHECKING_AFTER) => {
+            if old.is_some_and(|s| !s.conditions.is_empty()) {
+                (&mut test).await?
+            } else {
+                // Checking waits behind results (10,000 providers applied at once all
+                // show it), and is not written at all if the test ends first.
+                let slot = tokio::select! {
+                    outcome = &mut test => Err(outcome),
+                    slot = ctx.writes.acquire(Write::Background) => Ok(slot),
+                };
+                match slot {
+                    Err(outcome) => outcome?,
+                    Ok(slot) => {
+                        // The test goes on while Checking is written.
+                        let checking = status::checking(old, &sctx);
+                        let show = Box::pin(apply(&api, p, &checking, ctx, slot));
+                        let (shown, outcome) = tokio::join!(show, &mut test);
+                        shown?;
+                        outcome?
+                    }
                 }
-                Ok::<_, Error>(())
-            };
-            let (shown, outcome) = tokio::join!(show, &mut test);
-            shown?;
-            outcome?
+            }
         }
     };
     let Some(outcome) = outcome else {
-        return Ok(Action::await_change());
+        return Ok(());
     };
+    // Boxed too: only a finished test needs this.
+    Box::pin(record(&job, *outcome, &api, &sctx, ctx)).await
+}
+
+/// Writes a test's outcome (status, Event) and remembers when the next test is due.
+async fn record(
+    job: &Job,
+    outcome: check::Outcome,
+    api: &Api<IncomingMailProvider>,
+    sctx: &StatusContext<'_>,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let Job {
+        p,
+        key,
+        fingerprint,
+        why,
+        interval,
+        ..
+    } = job;
+    let (fingerprint, interval, old) = (*fingerprint, *interval, p.status.as_ref());
     let finished = Timestamp::now();
     // This result supersedes any an earlier write failed to store.
-    ctx.unwritten.lock().unwrap().remove(&key);
+    ctx.unwritten.lock().unwrap().remove(key);
     let seconds = outcome.report.as_ref().map(|r| r.duration.as_secs_f64());
     ctx.metrics.test_finished(
         outcome.endpoint.protocol.as_str(),
@@ -191,7 +292,7 @@ async fn reconcile_inner(
     );
     let sctx = StatusContext {
         now: finished,
-        ..sctx
+        ..*sctx
     };
     let new = status::after_test(old, &outcome, &sctx);
     info!(
@@ -208,26 +309,34 @@ async fn reconcile_inner(
     let failures = u32::try_from(new.consecutive_failures).unwrap_or(u32::MAX);
     let wait = schedule::next_wait(interval, failures, &*ctx.jitter);
     let next = Memory {
-        generation,
-        request: request.map(str::to_string),
+        generation: sctx.generation,
+        request: sctx.check_request.map(str::to_string),
         references: fingerprint,
         next_due: after(finished, wait),
     };
-    let due = status::differs(old, &new) || schedule::heartbeat_due(since_write, interval);
-    if due && let Err(e) = Box::pin(write(&api, &p, &new, &ctx)).await {
+    let what = if status::differs(old, &new) {
+        Some(Write::Change)
+    } else if schedule::heartbeat_due(since_write, interval) {
+        Some(Write::Background)
+    } else {
+        None
+    };
+    if let Some(what) = what
+        && let Err(e) = Box::pin(write(api, p, &new, ctx, what)).await
+    {
         // The API server is away (restarting, or its etcd is): keep the result and the
-        // schedule it implies, and retry only the write (error_policy), so that an outage
-        // costs no mail server a login per retry, nor loses this result.
+        // schedule it implies, and retry only the write (in the next reconcile), so that
+        // an outage costs no mail server a login per retry, nor loses this result.
         ctx.unwritten
             .lock()
             .unwrap()
             .insert(key.clone(), Unwritten { outcome, finished });
-        ctx.memory.lock().unwrap().insert(key, next);
+        ctx.memory.lock().unwrap().insert(key.clone(), next);
         return Err(e);
     }
-    Box::pin(announce(&p, old, &new, &ctx)).await;
-    ctx.memory.lock().unwrap().insert(key, next);
-    Ok(Action::requeue(wait))
+    Box::pin(announce(p, old, &new, ctx)).await;
+    ctx.memory.lock().unwrap().insert(key.clone(), next);
+    Ok(())
 }
 
 /// A test's result whose status write failed, kept until a write succeeds.
@@ -256,7 +365,7 @@ async fn write_unwritten(
         ..*sctx
     };
     let new = status::after_test(old, &kept.outcome, &sctx);
-    write(api, p, &new, ctx).await?;
+    write(api, p, &new, ctx, Write::Change).await?;
     ctx.unwritten.lock().unwrap().remove(key);
     info!(
         reason = kept.outcome.reason.as_str(),
@@ -279,12 +388,20 @@ async fn write(
     p: &IncomingMailProvider,
     status: &IncomingMailProviderStatus,
     ctx: &Context,
+    what: Write,
 ) -> Result<(), Error> {
-    let _slot = ctx
-        .api_writes
-        .acquire()
-        .await
-        .expect("the write semaphore is never closed");
+    let slot = ctx.writes.acquire(what).await;
+    apply(api, p, status, ctx, slot).await
+}
+
+/// `write`, in a slot already taken.
+async fn apply(
+    api: &Api<IncomingMailProvider>,
+    p: &IncomingMailProvider,
+    status: &IncomingMailProviderStatus,
+    ctx: &Context,
+    _slot: WriteSlot<'_>,
+) -> Result<(), Error> {
     let patch = json!({
         "apiVersion": IncomingMailProvider::api_version(&()),
         "kind": IncomingMailProvider::kind(&()),
@@ -331,11 +448,7 @@ async fn announce(
         action: "Test".into(),
         secondary: None,
     };
-    let _slot = ctx
-        .api_writes
-        .acquire()
-        .await
-        .expect("the write semaphore is never closed");
+    let _slot = ctx.writes.acquire(Write::Change).await;
     match ctx.recorder.publish(&event, &p.object_ref(&())).await {
         Ok(()) => ctx.metrics.api_write("event"),
         Err(e) => warn!(error = %e, "could not record an Event"),
@@ -344,25 +457,23 @@ async fn announce(
 
 pub fn error_policy(_p: Arc<IncomingMailProvider>, error: &Error, _ctx: Arc<Context>) -> Action {
     warn!(%error, "will retry");
-    Action::requeue(Duration::from_secs(5))
+    Action::requeue(RETRY_AFTER)
 }
 
 #[cfg(test)]
 mod tests {
-    /// Thousands of reconciles wait at once (10,000 providers applied together): each
-    /// must stay small while it waits. Inline, the test and the writes made it 19.5 KB.
+    /// Thousands of tests wait at once for their host's slot (10,000 providers applied
+    /// together): each must stay small while it waits. Inline, the test and the writes
+    /// made it 19.5 KB; with them boxed, about 2.2 KB.
     #[test]
-    fn a_waiting_reconcile_is_small() {
+    fn a_waiting_test_is_small() {
         fn size<F, Fut>(_: F) -> usize
         where
-            F: Fn(
-                std::sync::Arc<crate::api::IncomingMailProvider>,
-                std::sync::Arc<super::Context>,
-            ) -> Fut,
+            F: Fn(super::Job, std::sync::Arc<super::Context>) -> Fut,
         {
             std::mem::size_of::<Fut>()
         }
-        let bytes = size(super::reconcile);
-        assert!(bytes < 8 * 1024, "a reconcile future takes {bytes} bytes");
+        let bytes = size(super::test_and_write);
+        assert!(bytes < 3 * 1024, "a waiting test takes {bytes} bytes");
     }
 }

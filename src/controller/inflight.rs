@@ -1,0 +1,212 @@
+//! Tests run as tasks of their own, not inside kube-runtime's reconciles.
+//!
+//! A reconcile decides whether a test is due and returns at once; the test it starts waits
+//! for its slots, runs, writes the status, and then asks for a reconcile of its provider,
+//! which schedules the next test. Why: kube-runtime's runner polls every running
+//! reconcile, and scans the triggers held back for them, each time any one of them wakes.
+//! With 10,000 providers applied at once, 10,000 reconciles waited for their host's slot,
+//! and the controller spent most of its CPU in those scans (perf: JoinHandle polls and
+//! hashing of object refs) while the tests had long finished: the ramp took twice as long
+//! as the tests did.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::{BoxFuture, Shared};
+use kube::runtime::reflector::ObjectRef;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::task::TaskTracker;
+
+use crate::api::IncomingMailProvider;
+
+type Key = ObjectRef<IncomingMailProvider>;
+
+/// The tests running or waiting for a slot, at most one per provider.
+pub struct InFlight {
+    running: Arc<Mutex<HashSet<Key>>>,
+    tasks: TaskTracker,
+    /// Cancelled when the controllers are dropped (the lease is lost): the tests stop.
+    cancel: CancellationToken,
+    /// Where a finished test asks for its provider's reconcile: one channel per watched
+    /// scope (all namespaces, or one namespace each).
+    triggers: Vec<(Option<String>, UnboundedSender<Key>)>,
+    stopping: Shared<BoxFuture<'static, ()>>,
+}
+
+impl InFlight {
+    /// One trigger stream per scope, in the order given, for `Controller::reconcile_on`.
+    pub fn new(
+        scopes: &[Option<String>],
+        stopping: Shared<BoxFuture<'static, ()>>,
+    ) -> (InFlight, Vec<UnboundedReceiver<Key>>) {
+        let (triggers, receivers) = scopes
+            .iter()
+            .map(|scope| {
+                let (tx, rx) = unbounded_channel();
+                ((scope.clone(), tx), rx)
+            })
+            .unzip();
+        let inflight = InFlight {
+            running: Arc::default(),
+            tasks: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+            triggers,
+            stopping,
+        };
+        (inflight, receivers)
+    }
+
+    pub fn is_running(&self, key: &Key) -> bool {
+        self.running.lock().unwrap().contains(key)
+    }
+
+    /// Runs `test` for the provider `key` unless one runs already; when it ends, after
+    /// the delay it returns, the provider is reconciled. Returns whether it started.
+    pub fn start(&self, key: Key, test: impl Future<Output = Duration> + Send + 'static) -> bool {
+        if !self.running.lock().unwrap().insert(key.clone()) {
+            return false;
+        }
+        let running = Running {
+            set: self.running.clone(),
+            key: Some(key.clone()),
+        };
+        let cancel = self.cancel.clone();
+        let stopping = self.stopping.clone();
+        let trigger = self
+            .triggers
+            .iter()
+            .find(|(scope, _)| scope.is_none() || scope.as_deref() == key.namespace.as_deref())
+            .map(|(_, tx)| tx.clone());
+        self.tasks.spawn(async move {
+            let again = tokio::select! {
+                again = test => again,
+                () = cancel.cancelled() => return,
+            };
+            drop(running);
+            // After a failure the reconcile waits a little, as kube-runtime's error
+            // policy would; a controller that is stopping reconciles nothing more.
+            tokio::select! {
+                () = tokio::time::sleep(again) => {}
+                () = stopping => return,
+                () = cancel.cancelled() => return,
+            }
+            if let Some(tx) = trigger {
+                let _ = tx.send(key);
+            }
+        });
+        true
+    }
+
+    /// Cancels every test when the returned guard drops: held by the controllers, so
+    /// that losing the lease (which drops them) stops the tests too.
+    pub fn cancel_on_drop(&self) -> DropGuard {
+        self.cancel.clone().drop_guard()
+    }
+
+    /// Waits for the tests in flight (a stopping controller starts no more).
+    pub async fn finish(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+/// Marks a provider's test as running until dropped (finished or cancelled).
+struct Running {
+    set: Arc<Mutex<HashSet<Key>>>,
+    key: Option<Key>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            self.set.lock().unwrap().remove(&key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::FutureExt;
+
+    fn key(ns: &str, name: &str) -> Key {
+        ObjectRef::new(name).within(ns)
+    }
+
+    fn never() -> Shared<BoxFuture<'static, ()>> {
+        futures::future::pending().boxed().shared()
+    }
+
+    #[tokio::test]
+    async fn one_test_per_provider_then_a_reconcile_in_its_scope() {
+        let scopes = [Some("a".to_string()), Some("b".to_string())];
+        let (inflight, mut rx) = InFlight::new(&scopes, never());
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        assert!(inflight.start(key("b", "p"), async move {
+            let _ = released.await;
+            Duration::ZERO
+        }));
+        assert!(inflight.is_running(&key("b", "p")));
+        assert!(
+            !inflight.start(key("b", "p"), async { Duration::ZERO }),
+            "a second test of one provider must not start while the first runs"
+        );
+        release.send(()).unwrap();
+        let asked = tokio::time::timeout(Duration::from_secs(5), rx[1].recv())
+            .await
+            .expect("a finished test asks for a reconcile");
+        assert_eq!(asked, Some(key("b", "p")));
+        assert!(!inflight.is_running(&key("b", "p")));
+        assert!(
+            rx[0].try_recv().is_err(),
+            "not in another namespace's scope"
+        );
+    }
+
+    #[tokio::test]
+    async fn losing_the_controllers_cancels_the_tests() {
+        let (inflight, mut rx) = InFlight::new(&[None], never());
+        let guard = inflight.cancel_on_drop();
+        let (_keep, never_released) = tokio::sync::oneshot::channel::<()>();
+        assert!(inflight.start(key("a", "p"), async move {
+            let _ = never_released.await;
+            Duration::ZERO
+        }));
+        drop(guard);
+        tokio::time::timeout(Duration::from_secs(5), inflight.finish())
+            .await
+            .expect("a cancelled test ends");
+        assert!(!inflight.is_running(&key("a", "p")));
+        assert!(
+            rx[0].try_recv().is_err(),
+            "a cancelled test reconciles nothing"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stopping_controller_waits_for_its_tests_and_reconciles_nothing_more() {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let stopping = async move {
+            let _ = stopped.await;
+        }
+        .boxed()
+        .shared();
+        let (inflight, mut rx) = InFlight::new(&[None], stopping.clone());
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let d = done.clone();
+        assert!(inflight.start(key("a", "p"), async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            d.store(true, std::sync::atomic::Ordering::SeqCst);
+            Duration::from_secs(3600)
+        }));
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), inflight.finish())
+            .await
+            .expect("finish returns once the test is done, without its retry delay");
+        assert!(done.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(rx[0].try_recv().is_err());
+    }
+}
