@@ -135,7 +135,12 @@ async fn main() {
     // 1. The ceiling: mailroom's probe alone, over the same mix of endpoints, at the
     //    concurrency the controller will be allowed against this one mail host.
     let ceiling_tests = n.clamp(400, 2000);
+    // The most simultaneous connections Dovecot holds, sampled from the kernel; first
+    // with the probe alone at exactly `per_host` at once, to calibrate the sampling.
+    let ports: HashSet<u16> = ends.iter().map(|e| e.port).collect();
+    let sampler = ConnectionSampler::start(ports);
     let ceiling = probe_rate(&ends, ceiling_tests, per_host).await;
+    let ceiling_connections = sampler.take_max();
     let ceiling_32 = probe_rate(&ends, ceiling_tests, 32).await;
 
     // 2. Namespaces, each with the trust anchors and the two Secrets.
@@ -177,9 +182,13 @@ async fn main() {
     let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("fleet-controller.log");
     eprintln!("[bench] controller log: {}", log.display());
     let api0 = requests_by_verb(bed);
-    // The most simultaneous connections Dovecot holds, sampled from /proc/net/tcp.
-    let ports: HashSet<u16> = ends.iter().map(|e| e.port).collect();
-    let sampler = ConnectionSampler::start(ports);
+    sampler.take_max();
+    // Where the machine's CPU goes during the ramp: the API server and etcd of this bed,
+    // the controller, and the rest (Dovecot, the kernel).
+    let apiserver = pid_of("kube-apiserver", &bed.state_dir());
+    let etcd = pid_of("etcd", &bed.state_dir());
+    let (api_cpu0, etcd_cpu0) = (support::process_cpu(apiserver), support::process_cpu(etcd));
+    let machine0 = machine_cpu();
     let started = Instant::now();
     let controller = Command::new(env!("CARGO_BIN_EXE_mailroom"))
         .args(["controller", "--lease-namespace", &names[0]])
@@ -213,6 +222,10 @@ async fn main() {
     }
     let all_ready = started.elapsed();
     let ramp_cpu = support::process_cpu(pid);
+    let ramp_api_cpu = support::process_cpu(apiserver) - api_cpu0;
+    let ramp_etcd_cpu = support::process_cpu(etcd) - etcd_cpu0;
+    let machine = machine_cpu();
+    let ramp_busy = (machine.0 - machine0.0) / (machine.1 - machine0.1);
     let ramp_api = delta(&requests_by_verb(bed), &api0);
     let ramp_connections = sampler.take_max();
     let not_ready = count_not_ready(&client).await;
@@ -261,6 +274,10 @@ async fn main() {
     );
     row("tests/s at concurrency 32", format!("{ceiling_32:.0}"));
     row(
+        &format!("most simultaneous connections at {per_host}"),
+        format!("{ceiling_connections}  (as sampled: the probe holds exactly {per_host})"),
+    );
+    row(
         &format!("{n} tests at that rate (s)"),
         format!("{ceiling_secs:.1}"),
     );
@@ -286,6 +303,14 @@ async fn main() {
         ),
     );
     row("controller CPU (s)", format!("{ramp_cpu:.1}"));
+    row(
+        "API server / etcd CPU (s)",
+        format!("{ramp_api_cpu:.1} / {ramp_etcd_cpu:.1}"),
+    );
+    row(
+        "machine CPU busy (all cores)",
+        format!("{:.0}%", ramp_busy * 100.0),
+    );
     row(
         "most simultaneous connections at Dovecot",
         format!("{ramp_connections}  (limit {per_host})"),
@@ -522,7 +547,7 @@ async fn count_not_ready(client: &kube::Client) -> usize {
         .count()
 }
 
-/// Samples ESTABLISHED server-side connections of the given ports every 25 ms (the exact
+/// Samples ESTABLISHED server-side connections of the given ports every 5 ms (the exact
 /// per-host bound is asserted by an end-to-end test with a counting relay).
 struct ConnectionSampler {
     max: Arc<AtomicUsize>,
@@ -534,37 +559,13 @@ impl ConnectionSampler {
         let max = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (m, s) = (max.clone(), stop.clone());
-        // 127.0.0.2 as /proc/net/tcp writes it (little-endian hex).
-        let host = format!("{:08X}", u32::from_le_bytes(MAIL_HOST.octets()));
+        let host = MAIL_HOST.octets();
         std::thread::spawn(move || {
-            // The kernel walks its socket table while connections open and close, so a
-            // scan can count a connection that closed just before another opened: a
-            // slight overcount at most.
-            let mut buf = Vec::with_capacity(8 << 20);
+            let diag = SockDiag::open().expect("a NETLINK_SOCK_DIAG socket");
             while !s.load(Ordering::Relaxed) {
-                buf.clear();
-                if let Ok(mut f) = std::fs::File::open("/proc/net/tcp") {
-                    let _ = f.read_to_end(&mut buf);
-                }
-                let text = String::from_utf8_lossy(&buf);
-                let now = text
-                    .lines()
-                    .skip(1)
-                    .filter(|l| {
-                        let mut f = l.split_whitespace();
-                        let local = f.nth(1).unwrap_or("");
-                        let state = f.nth(1).unwrap_or("");
-                        let (ip, port) = local.split_once(':').unwrap_or(("", ""));
-                        state == "01"
-                            && ip == host
-                            && u16::from_str_radix(port, 16).is_ok_and(|p| ports.contains(&p))
-                    })
-                    .count();
+                let now = diag.established(|local, port| local == host && ports.contains(&port));
                 m.fetch_max(now, Ordering::Relaxed);
-                // Not more often: after thousands of tests the table holds thousands of
-                // TIME_WAIT entries, and reading it every 5 ms took a third of a core
-                // from the system under test.
-                std::thread::sleep(Duration::from_millis(25));
+                std::thread::sleep(Duration::from_millis(5));
             }
         });
         ConnectionSampler { max, stop }
@@ -577,6 +578,124 @@ impl ConnectionSampler {
     fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
     }
+}
+
+/// Asks the kernel for its ESTABLISHED IPv4 TCP sockets (sock_diag, as `ss` does). Why
+/// not /proc/net/tcp: after thousands of tests it lists thousands of TIME_WAIT sockets,
+/// and reading it took a third of a core and hundreds of reads, long enough for
+/// connections that closed and others that opened meanwhile to be counted together
+/// (13 seen at a bound of 8). The kernel filters by state here, in one quick dump.
+struct SockDiag(std::os::fd::OwnedFd);
+
+impl SockDiag {
+    fn open() -> std::io::Result<SockDiag> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain socket(2); the descriptor is owned from here on.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                libc::NETLINK_SOCK_DIAG,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor nobody else owns.
+        Ok(SockDiag(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// How many ESTABLISHED sockets have a local address and port that `wanted` accepts.
+    fn established(&self, wanted: impl Fn([u8; 4], u16) -> bool) -> usize {
+        use std::os::fd::AsRawFd;
+        const SOCK_DIAG_BY_FAMILY: u16 = 20;
+        const TCP_ESTABLISHED: u32 = 1;
+        // struct nlmsghdr (16 bytes) + struct inet_diag_req_v2 (56 bytes).
+        let mut req = [0u8; 72];
+        req[0..4].copy_from_slice(&72u32.to_ne_bytes());
+        req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+        req[6..8].copy_from_slice(&flags.to_ne_bytes());
+        req[16] = libc::AF_INET as u8;
+        req[17] = libc::IPPROTO_TCP as u8;
+        req[20..24].copy_from_slice(&(1u32 << TCP_ESTABLISHED).to_ne_bytes());
+        let fd = self.0.as_raw_fd();
+        // SAFETY: sending a buffer we own to the kernel (pid 0) over our socket.
+        let sent = unsafe {
+            let mut to: libc::sockaddr_nl = std::mem::zeroed();
+            to.nl_family = libc::AF_NETLINK as u16;
+            libc::sendto(
+                fd,
+                req.as_ptr().cast(),
+                req.len(),
+                0,
+                (&raw const to).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if sent < 0 {
+            return 0;
+        }
+        let mut count = 0;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            // SAFETY: receiving into a buffer we own, at most its length.
+            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n <= 0 {
+                return count;
+            }
+            let mut at = 0;
+            let end = n as usize;
+            while at + 16 <= end {
+                let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap()) as usize;
+                let kind = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().unwrap());
+                if kind == libc::NLMSG_DONE as u16 || kind == libc::NLMSG_ERROR as u16 {
+                    return count;
+                }
+                // struct inet_diag_msg: family, state, timer, retrans, then the socket
+                // id: source port (big-endian), destination port, source address.
+                let msg = &buf[at + 16..at + len.max(16)];
+                if msg.len() >= 12 {
+                    let port = u16::from_be_bytes([msg[4], msg[5]]);
+                    let local = [msg[8], msg[9], msg[10], msg[11]];
+                    if wanted(local, port) {
+                        count += 1;
+                    }
+                }
+                at += len.max(16).next_multiple_of(4);
+            }
+        }
+    }
+}
+
+/// The process named `name` whose command line mentions `dir` (this bed's).
+fn pid_of(name: &str, dir: &std::path::Path) -> u32 {
+    let dir = dir.to_string_lossy();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            comm.trim() == name && String::from_utf8_lossy(&cmd).contains(dir.as_ref())
+        })
+        .unwrap_or_else(|| panic!("no {name} of the bed in {dir}"))
+}
+
+/// (busy, total) clock ticks of all cores since boot, from /proc/stat.
+fn machine_cpu() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap();
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: f64 = ticks.iter().take(8).sum();
+    // user nice system idle iowait irq softirq steal: idle and iowait are not busy.
+    (total - ticks[3] - ticks[4], total)
 }
 
 fn install_crd(bed: &Bed) {

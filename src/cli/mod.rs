@@ -42,7 +42,7 @@ pub struct ControllerArgs {
         value_delimiter = ','
     )]
     pub namespaces: Vec<String>,
-    /// Tests running at once, in total.
+    /// Tests running at once, in total (each until its status is written).
     #[arg(long, env = "MAILROOM_CONCURRENCY", default_value_t = 32)]
     pub concurrency: usize,
     /// Tests running at once against one mail host.

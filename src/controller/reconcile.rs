@@ -218,13 +218,12 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
                 Some((Reason::TokenRefreshFailed, _)) => ctx.metrics.token_refresh("failed"),
                 _ => {}
             }
-            let _slot = tokio::select! {
+            let slot = tokio::select! {
                 slot = ctx.tests.acquire() => slot.expect("the test semaphore is never closed"),
                 () = ctx.stopping.clone() => return Ok(None),
             };
-            Ok(Some(Box::new(
-                Box::pin(check::run(&p.spec, &fetched)).await,
-            )))
+            let outcome = Box::pin(check::run(&p.spec, &fetched)).await;
+            Ok(Some((Box::new(outcome), slot)))
         })
         .await
     };
@@ -257,10 +256,13 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
             }
         }
     };
-    let Some(outcome) = outcome else {
+    let Some((outcome, _slot)) = outcome else {
         return Ok(());
     };
-    // Boxed too: only a finished test needs this.
+    // The test's slot is held until its result is written: when the API server is
+    // slower than the mail servers (10,000 first tests on 2 shared cores), tests wait
+    // rather than results piling up in memory, and a change waits for at most
+    // --concurrency writes. Boxed too: only a finished test needs this.
     Box::pin(record(&job, *outcome, &api, &sctx, ctx)).await
 }
 
