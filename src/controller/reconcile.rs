@@ -1,5 +1,7 @@
-//! One reconcile of one provider: decide whether a test is due, run it, write the status
-//! if it changed (or a heartbeat is due), and record an Event when Ready changed.
+//! One reconcile of one provider: decide whether a test is due and start it (it runs
+//! beside the reconciles, see `inflight`); the test writes the status if it changed (or a
+//! heartbeat is due), records an Event when Ready changed, and asks for the reconcile
+//! that schedules the next one.
 
 use std::sync::Arc;
 use std::time::Duration;
