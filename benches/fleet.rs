@@ -13,7 +13,9 @@
 //! MAILROOM_BENCH_PROVIDERS (N, default 1000), MAILROOM_BENCH_INTERVAL (check.interval,
 //! default 5m), MAILROOM_BENCH_STEADY (seconds of steady state observed, default one
 //! interval plus its jitter), MAILROOM_BENCH_PER_HOST (the controller's
-//! --per-host-concurrency, default 8).
+//! --per-host-concurrency, default 8), MAILROOM_BENCH_CORES=split (Dovecot alone on the
+//! first core, everything else on the others, for the ceiling and the ramp alike: as in
+//! a cluster, where the mail server does not share its CPUs with the API server).
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{Read, Write};
@@ -128,6 +130,10 @@ async fn main() {
     let namespaces = n.div_ceil(1000).max(2);
 
     let bed = mailroom_testbed::shared();
+    let split = std::env::var("MAILROOM_BENCH_CORES").is_ok_and(|v| v == "split");
+    if split {
+        split_cores(&bed.state_dir());
+    }
     install_crd(bed);
     let client = client(bed).await;
     let ends = Arc::new(endpoints(bed));
@@ -261,9 +267,14 @@ async fn main() {
     println!(
         "mailroom fleet benchmark: {n} providers over {namespaces} namespaces and {} endpoints \
          of 2 Dovecots on {MAIL_HOST}; one controller (--per-host-concurrency {per_host}); \
-         check.interval {interval_text}; {} cores",
+         check.interval {interval_text}; {} cores{}",
         ends.len(),
-        std::thread::available_parallelism().map_or(1, |c| c.get())
+        std::thread::available_parallelism().map_or(1, |c| c.get()),
+        if split {
+            " (split: Dovecot alone on core 0; the API server, etcd, the probe and the controller on the rest)"
+        } else {
+            ", shared by all"
+        }
     );
     let labels: Vec<&str> = ends.iter().map(|e| e.label).collect();
     println!("endpoints: {}", labels.join(", "));
@@ -668,18 +679,87 @@ impl SockDiag {
     }
 }
 
-/// The process named `name` whose command line mentions `dir` (this bed's).
-fn pid_of(name: &str, dir: &std::path::Path) -> u32 {
+/// Puts the bed's Dovecots (masters and every process they have started; the ones they
+/// start later inherit it) on core 0, and this process (so the probe and the controller
+/// it starts), the API server and etcd on the other cores.
+fn split_cores(dir: &std::path::Path) {
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    assert!(
+        cores >= 2,
+        "MAILROOM_BENCH_CORES=split needs 2 cores or more"
+    );
+    let rest = format!("1-{}", cores - 1);
+    let taskset = |cpus: &str, pid: u32| {
+        let ok = Command::new("taskset")
+            .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "taskset -a -p -c {cpus} {pid} failed");
+    };
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let ppid = stat
+                .rsplit(')')
+                .next()?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((pid, ppid))
+        })
+        .collect();
+    let mut dovecot = pids_of("dovecot", dir);
+    assert!(
+        !dovecot.is_empty(),
+        "no Dovecot of the bed in {}",
+        dir.display()
+    );
+    let mut i = 0;
+    while i < dovecot.len() {
+        let parent = dovecot[i];
+        dovecot.extend(
+            parents
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
+    }
+    for pid in dovecot {
+        taskset("0", pid);
+    }
+    for pid in [
+        std::process::id(),
+        pid_of("kube-apiserver", dir),
+        pid_of("etcd", dir),
+    ] {
+        taskset(&rest, pid);
+    }
+}
+
+/// The processes named `name` whose command line mentions `dir` (this bed's).
+fn pids_of(name: &str, dir: &std::path::Path) -> Vec<u32> {
     let dir = dir.to_string_lossy();
     std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .find(|pid| {
+        .filter(|pid| {
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
             let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             comm.trim() == name && String::from_utf8_lossy(&cmd).contains(dir.as_ref())
         })
-        .unwrap_or_else(|| panic!("no {name} of the bed in {dir}"))
+        .collect()
+}
+
+/// The process named `name` whose command line mentions `dir` (this bed's).
+fn pid_of(name: &str, dir: &std::path::Path) -> u32 {
+    *pids_of(name, dir)
+        .first()
+        .unwrap_or_else(|| panic!("no {name} of the bed in {}", dir.display()))
 }
 
 /// (busy, total) clock ticks of all cores since boot, from /proc/stat.
