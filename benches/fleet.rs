@@ -130,13 +130,14 @@ async fn main() {
     let namespaces = n.div_ceil(1000).max(2);
 
     let bed = mailroom_testbed::shared();
+    install_crd(bed);
+    let client = client(bed).await;
+    let ends = Arc::new(endpoints(bed));
+    // After `endpoints`, which starts the second Dovecot.
     let split = std::env::var("MAILROOM_BENCH_CORES").is_ok_and(|v| v == "split");
     if split {
         split_cores(&bed.state_dir());
     }
-    install_crd(bed);
-    let client = client(bed).await;
-    let ends = Arc::new(endpoints(bed));
 
     // 1. The ceiling: mailroom's probe alone, over the same mix of endpoints, at the
     //    concurrency the controller will be allowed against this one mail host.
