@@ -427,20 +427,20 @@ async fn apply(
     Ok(())
 }
 
-/// An Event when Ready's status or reason changed: what `kubectl describe` shows.
+/// An Event when Ready's status or reason changed (see `status::worth_an_event`): what
+/// `kubectl describe` shows.
 async fn announce(
     p: &IncomingMailProvider,
     old: Option<&IncomingMailProviderStatus>,
     new: &IncomingMailProviderStatus,
     ctx: &Context,
 ) {
-    let before = status::ready(old).map(|c| (c.status.clone(), c.reason.clone()));
+    if !status::worth_an_event(old, new) {
+        return;
+    }
     let Some(after) = status::ready(Some(new)) else {
         return;
     };
-    if before.as_ref() == Some(&(after.status.clone(), after.reason.clone())) {
-        return;
-    }
     let event = Event {
         type_: if after.status == "True" {
             EventType::Normal

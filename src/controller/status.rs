@@ -262,6 +262,21 @@ pub fn differs(old: Option<&Status>, new: &Status) -> bool {
     strip(old) != strip(new)
 }
 
+/// Whether going from `old` to `new` is worth an Event: Ready changed, and this is not a
+/// first result that works. That one changes nothing anybody has seen (the status says
+/// it), and 10,000 providers applied at once would mean 10,000 Events for the API server
+/// to store. A first failure is one (a Warning), and so is every later change of Ready.
+pub fn worth_an_event(old: Option<&Status>, new: &Status) -> bool {
+    let Some(after) = ready(Some(new)) else {
+        return false;
+    };
+    match ready(old) {
+        Some(before) if before.status == after.status && before.reason == after.reason => false,
+        Some(before) if before.reason != Reason::Checking.as_str() => true,
+        _ => after.status != "True",
+    }
+}
+
 /// The Ready condition of a status, if any.
 pub fn ready(status: Option<&Status>) -> Option<&Condition> {
     status?.conditions.iter().find(|c| c.type_ == READY)

@@ -1696,6 +1696,17 @@ async fn the_controller_works_with_the_charts_service_account_and_nothing_more()
         &env.ns,
     );
     wait_ready_reason(&env, &env.ns, "as-sa", "Connected", &controller).await;
+    // A first failure is recorded as an Event (a first success is not): a POP3 server
+    // where IMAP is expected.
+    env.apply(&provider(
+        "as-sa-wrong",
+        "IMAP",
+        env.bed.dovecot().pop3s_port(),
+        "Implicit",
+        ALICE_AUTH,
+        "",
+    ));
+    wait_ready_reason(&env, &env.ns, "as-sa-wrong", "ProtocolError", &controller).await;
 
     let lease = env.kubectl(&[
         "get",
@@ -1714,7 +1725,7 @@ async fn the_controller_works_with_the_charts_service_account_and_nothing_more()
         "get",
         "events",
         "--field-selector",
-        "involvedObject.name=as-sa",
+        "involvedObject.name=as-sa-wrong",
         "-o",
         "name",
     ]);

@@ -30,23 +30,36 @@ async fn two_providers(prefix: &str) -> Env {
 #[tokio::test]
 async fn metrics_health_and_readiness_are_served() {
     let env = two_providers("metrics").await;
+    // And one that fails: a POP3 server where IMAP is expected.
+    env.apply(&provider(
+        "wrong",
+        "IMAP",
+        env.bed.dovecot().pop3s_port(),
+        "Implicit",
+        ALICE_AUTH,
+        "",
+    ));
     let controller = env.controller();
     env.wait_reason("imaps", "Connected", Duration::from_secs(60))
         .await;
     env.wait_reason("pop3s", "Connected", Duration::from_secs(60))
         .await;
+    env.wait_reason("wrong", "ProtocolError", Duration::from_secs(60))
+        .await;
     assert_eq!(controller.get("/healthz").await.0, 200);
     let (code, body) = controller.get("/readyz").await;
     assert_eq!(code, 200, "{body}");
-    // The Event of a transition is published just after the status write the wait above
-    // saw: poll /metrics until every series is there, or the deadline passes.
+    // The Event of a first failure is published just after the status write the wait
+    // above saw: poll /metrics until every series is there, or the deadline passes.
     let expected = [
         "mailroom_tests_total{protocol=\"IMAP\",reason=\"Connected\"} 1",
         "mailroom_tests_total{protocol=\"POP3\",reason=\"Connected\"} 1",
         "mailroom_test_duration_seconds_bucket{",
         "mailroom_providers{ready=\"True\"} 2",
+        "mailroom_providers{ready=\"False\"} 1",
         "mailroom_api_writes_total{kind=\"status\"}",
-        "mailroom_api_writes_total{kind=\"event\"} 2",
+        // The first failure's; a first success records no Event.
+        "mailroom_api_writes_total{kind=\"event\"} 1",
         "mailroom_leader 1",
         "mailroom_token_refreshes_total{result=\"refreshed\"} 0",
     ];

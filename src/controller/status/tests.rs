@@ -186,3 +186,35 @@ fn suspension_keeps_what_was_known() {
     assert_eq!(s.mailbox, a.mailbox);
     assert!(!differs(Some(&s), &suspended(Some(&s), &ctx(10))));
 }
+
+#[test]
+fn events_record_changes_and_first_failures_not_first_successes() {
+    let ok = after_test(None, &success(), &ctx(0));
+    let refused = after_test(
+        None,
+        &failure(
+            Step::Connect,
+            Reason::ConnectionRefused,
+            Findings::default(),
+        ),
+        &ctx(0),
+    );
+    let checking = checking(None, &ctx(0));
+    assert!(!worth_an_event(None, &ok), "a first success is no change");
+    assert!(!worth_an_event(Some(&checking), &ok), "nor after Checking");
+    assert!(worth_an_event(None, &refused), "a first failure is");
+    assert!(worth_an_event(Some(&checking), &refused));
+    assert!(!worth_an_event(Some(&ok), &ok), "nothing changed");
+    let broke = after_test(
+        Some(&ok),
+        &failure(
+            Step::Connect,
+            Reason::ConnectionRefused,
+            Findings::default(),
+        ),
+        &ctx(10),
+    );
+    assert!(worth_an_event(Some(&ok), &broke), "Connected to refused");
+    let fixed = after_test(Some(&broke), &success(), &ctx(20));
+    assert!(worth_an_event(Some(&broke), &fixed), "refused to Connected");
+}
