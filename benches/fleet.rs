@@ -701,20 +701,8 @@ fn split_cores(dir: &std::path::Path) {
             .is_ok_and(|s| s.success());
         assert!(ok, "taskset -a -p -c {cpus} {pid} failed");
     };
-    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            let ppid = stat
-                .rsplit(')')
-                .next()?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()?;
-            Some((pid, ppid))
-        })
+    let parents: Vec<(u32, u32)> = pids()
+        .filter_map(|pid| Some((pid, support::stat_fields(pid).get(1)?.parse().ok()?)))
         .collect();
     let mut dovecot = pids_of("dovecot", dir);
     assert!(
@@ -748,15 +736,20 @@ fn split_cores(dir: &std::path::Path) {
 /// The processes named `name` whose command line mentions `dir` (this bed's).
 fn pids_of(name: &str, dir: &std::path::Path) -> Vec<u32> {
     let dir = dir.to_string_lossy();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+    pids()
         .filter(|pid| {
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
             let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             comm.trim() == name && String::from_utf8_lossy(&cmd).contains(dir.as_ref())
         })
         .collect()
+}
+
+/// Every running process's pid.
+fn pids() -> impl Iterator<Item = u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
 }
 
 /// The process named `name` whose command line mentions `dir` (this bed's).

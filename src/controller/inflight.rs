@@ -14,9 +14,9 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender, unbounded};
 use futures::future::{BoxFuture, Shared};
 use kube::runtime::reflector::ObjectRef;
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
@@ -45,7 +45,7 @@ impl InFlight {
         let (triggers, receivers) = scopes
             .iter()
             .map(|scope| {
-                let (tx, rx) = unbounded_channel();
+                let (tx, rx) = unbounded();
                 ((scope.clone(), tx), rx)
             })
             .unzip();
@@ -94,7 +94,7 @@ impl InFlight {
                 () = cancel.cancelled() => return,
             }
             if let Some(tx) = trigger {
-                let _ = tx.send(key);
+                let _ = tx.unbounded_send(key);
             }
         });
         true
@@ -130,7 +130,7 @@ impl Drop for Running {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use futures::FutureExt;
+    use futures::{FutureExt, StreamExt};
 
     fn key(ns: &str, name: &str) -> Key {
         ObjectRef::new(name).within(ns)
@@ -155,7 +155,7 @@ mod tests {
             "a second test of one provider must not start while the first runs"
         );
         release.send(()).unwrap();
-        let asked = tokio::time::timeout(Duration::from_secs(5), rx[1].recv())
+        let asked = tokio::time::timeout(Duration::from_secs(5), rx[1].next())
             .await
             .expect("a finished test asks for a reconcile");
         assert_eq!(asked, Some(key("b", "p")));

@@ -79,6 +79,7 @@ pub struct Context {
     pub recorder: Recorder,
     pub objects: Objects,
     pub limits: HostLimits,
+    /// Tests running at once (--concurrency), each until its status is written.
     pub tests: Semaphore,
     pub writes: limits::WriteSlots,
     /// The tests started by reconciles, which run beside them (see `inflight`).
@@ -302,7 +303,7 @@ async fn run_controllers(
                 },
             )
             // A finished test asks for its provider's reconcile, which schedules the next.
-            .reconcile_on(tokio_stream_of(retest))
+            .reconcile_on(retest)
             // Now only the providers' own watch reaches this backoff (see `watches`).
             .trigger_backoff(watches::WatchBackoff::default())
             .graceful_shutdown_on(shutdown.clone());
@@ -345,12 +346,6 @@ async fn run_controllers(
     ctx.inflight.finish().await;
     tracing::info!("controller stopped");
     Ok(())
-}
-
-fn tokio_stream_of<T: Send + 'static>(
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<T>,
-) -> impl futures::Stream<Item = T> + Send + 'static {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 /// What the caches keep of a Secret or ConfigMap: name, namespace, resourceVersion and

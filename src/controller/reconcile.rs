@@ -102,8 +102,7 @@ async fn reconcile_inner(
         }
     };
 
-    let refs = references(&p.spec);
-    let fingerprint = ctx.objects.fingerprint(&ns, &refs);
+    let fingerprint = ctx.objects.fingerprint(&ns, &references(&p.spec));
     let memory = ctx.memory.lock().unwrap().get(&key).cloned();
     let seen = Seen {
         generation,
@@ -134,7 +133,6 @@ async fn reconcile_inner(
     let job = Job {
         p: p.clone(),
         key: key.clone(),
-        refs,
         fingerprint,
         why,
         interval,
@@ -153,7 +151,6 @@ async fn reconcile_inner(
 struct Job {
     p: Arc<IncomingMailProvider>,
     key: ObjectRef<IncomingMailProvider>,
-    refs: crate::credentials::References,
     fingerprint: u64,
     why: schedule::Why,
     interval: Duration,
@@ -183,7 +180,7 @@ async fn test_and_write(job: Job, ctx: Arc<Context>) -> Duration {
 }
 
 async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(), Error> {
-    let Job { p, refs, now, .. } = &job;
+    let Job { p, now, .. } = &job;
     let api: Api<IncomingMailProvider> = Api::namespaced(ctx.client.clone(), &ns);
     let old = p.status.as_ref();
     let generation = p.meta().generation;
@@ -206,7 +203,8 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
         // requests are bounded per host like the tests, however many providers wait.
         // Boxed: what follows is large, and only a test that has its slot needs it.
         Box::pin(async {
-            let fetched = ctx.objects.fetch(&ns, refs).await.map_err(Error::Fetch)?;
+            let refs = references(&p.spec);
+            let fetched = ctx.objects.fetch(&ns, &refs).await.map_err(Error::Fetch)?;
             // OAuth2: a fresh access token (refreshed, and the Secret rewritten, if needed).
             let fetched = Box::pin(ctx.tokens.prepare(p, fetched)).await;
             if let Some(written) = &fetched.token_written {
@@ -229,34 +227,13 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
         })
         .await
     };
-    tokio::pin!(test);
     // A new provider shows Checking only if its first test is slow (queued behind others,
     // or a server taking its time): most finish first, which saves a write each.
-    let outcome = tokio::select! {
-        outcome = &mut test => outcome?,
-        () = tokio::time::sleep(SHOW_CHECKING_AFTER) => {
-            if old.is_some_and(|s| !s.conditions.is_empty()) {
-                (&mut test).await?
-            } else {
-                // Checking waits behind results (10,000 providers applied at once all
-                // show it), and is not written at all if the test ends first.
-                let slot = tokio::select! {
-                    outcome = &mut test => Err(outcome),
-                    slot = ctx.writes.acquire(Write::Background) => Ok(slot),
-                };
-                match slot {
-                    Err(outcome) => outcome?,
-                    Ok(slot) => {
-                        // The test goes on while Checking is written.
-                        let checking = status::checking(old, &sctx);
-                        let show = Box::pin(apply(&api, p, &checking, ctx, slot));
-                        let (shown, outcome) = tokio::join!(show, &mut test);
-                        shown?;
-                        outcome?
-                    }
-                }
-            }
-        }
+    let outcome = if old.is_none_or(|s| s.conditions.is_empty()) {
+        let checking = status::checking(old, &sctx);
+        showing_checking(test, &api, p, &checking, ctx).await?
+    } else {
+        test.await?
     };
     let Some((outcome, _slot)) = outcome else {
         return Ok(());
@@ -266,6 +243,30 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
     // rather than results piling up in memory, and a change waits for at most
     // --concurrency writes. Boxed too: only a finished test needs this.
     Box::pin(record(&job, *outcome, &api, &sctx, ctx)).await
+}
+
+/// Runs a first test; if it is still running after `SHOW_CHECKING_AFTER`, writes Checking
+/// meanwhile. Checking waits behind results (10,000 providers applied at once all show
+/// it), and is not written at all if the test ends while it waits for a slot.
+async fn showing_checking<T>(
+    test: impl Future<Output = Result<T, Error>>,
+    api: &Api<IncomingMailProvider>,
+    p: &IncomingMailProvider,
+    checking: &IncomingMailProviderStatus,
+    ctx: &Context,
+) -> Result<T, Error> {
+    tokio::pin!(test);
+    if let Ok(outcome) = tokio::time::timeout(SHOW_CHECKING_AFTER, &mut test).await {
+        return outcome;
+    }
+    let slot = tokio::select! {
+        outcome = &mut test => return outcome,
+        slot = ctx.writes.acquire(Write::Background) => slot,
+    };
+    // The test goes on while Checking is written.
+    let (shown, outcome) = tokio::join!(Box::pin(apply(api, p, checking, ctx, slot)), test);
+    shown?;
+    outcome
 }
 
 /// Writes a test's outcome (status, Event) and remembers when the next test is due.
