@@ -22,6 +22,32 @@ pub struct Context<'a> {
     pub check_request: Option<&'a str>,
 }
 
+/// Longest server or certificate text kept in status (characters), and most items of a
+/// list. The server decides how long its greeting, its capability list and its
+/// certificate's names are (a POP3 CAPA answer may be 1,000 lines of 64 KiB within the
+/// probe's bounds), and every status write and watch event carries them: status keeps
+/// what a person reads, `mailroom check` shows everything.
+const TEXT_MAX: usize = 256;
+const LIST_MAX: usize = 32;
+
+/// `text` cut to [`TEXT_MAX`] characters, `…` marking a cut.
+fn cut(text: &str) -> String {
+    match text.char_indices().nth(TEXT_MAX) {
+        None => text.to_string(),
+        Some((at, _)) => format!("{}…", &text[..at]),
+    }
+}
+
+/// At most [`LIST_MAX`] items, each cut; the last says how many were left out.
+fn cut_list(items: &[String]) -> Vec<String> {
+    if items.len() <= LIST_MAX {
+        return items.iter().map(|i| cut(i)).collect();
+    }
+    let mut kept: Vec<String> = items[..LIST_MAX - 1].iter().map(|i| cut(i)).collect();
+    kept.push(format!("… {} more", items.len() - kept.len()));
+    kept
+}
+
 /// The status after a test.
 pub fn after_test(old: Option<&Status>, outcome: &Outcome, ctx: &Context) -> Status {
     let old = old.cloned().unwrap_or_default();
@@ -58,8 +84,8 @@ pub fn after_test(old: Option<&Status>, outcome: &Outcome, ctx: &Context) -> Sta
         let f = &report.findings;
         if let Some(greeting) = &f.greeting {
             new.server = Some(ServerStatus {
-                greeting: Some(greeting.clone()),
-                capabilities: f.capabilities.clone(),
+                greeting: Some(cut(greeting)),
+                capabilities: cut_list(&f.capabilities),
             });
         }
         if let Some(tls) = &f.tls {
@@ -67,10 +93,10 @@ pub fn after_test(old: Option<&Status>, outcome: &Outcome, ctx: &Context) -> Sta
                 version: tls.version.clone(),
                 cipher_suite: tls.cipher_suite.clone(),
                 peer_certificate: tls.peer_certificate.as_ref().map(|c| CertificateStatus {
-                    subject: c.subject.clone(),
-                    issuer: c.issuer.clone(),
+                    subject: cut(&c.subject),
+                    issuer: cut(&c.issuer),
                     not_after: c.not_after.clone(),
-                    dns_names: c.dns_names.clone(),
+                    dns_names: cut_list(&c.dns_names),
                 }),
             });
         }

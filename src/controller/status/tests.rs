@@ -218,3 +218,43 @@ fn events_record_changes_and_first_failures_not_first_successes() {
     let fixed = after_test(Some(&broke), &success(), &ctx(20));
     assert!(worth_an_event(Some(&broke), &fixed), "refused to Connected");
 }
+
+#[test]
+fn server_text_in_status_is_bounded() {
+    // A server may send a 64 KiB greeting and 1,000 capabilities, and a certificate may
+    // carry thousands of names; every status write and watch event would carry them.
+    let mut f = findings();
+    f.greeting = Some("g".repeat(70_000));
+    f.capabilities = (0..1000).map(|i| format!("X-CAP-{i}")).collect();
+    f.capabilities[0] = "é".repeat(300);
+    f.tls = Some(crate::probe::TlsInfo {
+        version: "TLSv1.3".into(),
+        cipher_suite: "TLS13_AES_256_GCM_SHA384".into(),
+        peer_certificate: Some(crate::probe::CertInfo {
+            subject: "CN=".to_string() + &"s".repeat(5000),
+            issuer: "CN=ca".into(),
+            not_after: "2030-01-01T00:00:00Z".into(),
+            dns_names: (0..500).map(|i| format!("h{i}.example")).collect(),
+        }),
+    });
+    let mut outcome = success();
+    outcome.report.as_mut().unwrap().findings = f;
+    let s = after_test(None, &outcome, &ctx(0));
+
+    let server = s.server.unwrap();
+    let greeting = server.greeting.unwrap();
+    assert_eq!(greeting.chars().count(), TEXT_MAX + 1);
+    assert!(greeting.ends_with('…'));
+    assert_eq!(server.capabilities.len(), LIST_MAX);
+    assert_eq!(server.capabilities[0], "é".repeat(TEXT_MAX) + "…");
+    assert_eq!(server.capabilities[1], "X-CAP-1");
+    assert_eq!(server.capabilities[LIST_MAX - 1], "… 969 more");
+    let cert = s.tls.unwrap().peer_certificate.unwrap();
+    assert_eq!(cert.subject.chars().count(), TEXT_MAX + 1);
+    assert_eq!(cert.issuer, "CN=ca");
+    assert_eq!(cert.dns_names.len(), LIST_MAX);
+    assert_eq!(cert.dns_names[LIST_MAX - 1], "… 469 more");
+    // Short lists and text stay whole.
+    let s = after_test(None, &success(), &ctx(0));
+    assert_eq!(s.server.unwrap().capabilities, vec!["IMAP4rev1"]);
+}
