@@ -78,7 +78,7 @@ impl InFlight {
         let trigger = self
             .triggers
             .iter()
-            .find(|(scope, _)| scope.is_none() || scope.as_deref() == key.namespace.as_deref())
+            .find(|(scope, _)| super::in_scope(scope, &key))
             .map(|(_, tx)| tx.clone());
         self.tasks.spawn(async move {
             let again = tokio::select! {

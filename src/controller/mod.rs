@@ -94,6 +94,27 @@ pub struct Context {
     pub tokens: crate::credentials::tokens::TokenManager,
     pub metrics: Arc<metrics::Metrics>,
     pub shard: shard::Shard,
+    /// The providers as the watches see them now, one cache per watched scope.
+    pub providers: Vec<(Option<String>, Store<IncomingMailProvider>)>,
+}
+
+impl Context {
+    /// A provider as its scope's cache holds it now; `None` once it is deleted.
+    pub fn provider(
+        &self,
+        key: &ObjectRef<IncomingMailProvider>,
+    ) -> Option<Arc<IncomingMailProvider>> {
+        self.providers
+            .iter()
+            .find(|(scope, _)| in_scope(scope, key))
+            .and_then(|(_, store)| store.get(key))
+    }
+}
+
+/// Whether the provider `key` is watched by the controller of `scope` (`None`: all
+/// namespaces).
+pub fn in_scope(scope: &Option<String>, key: &ObjectRef<IncomingMailProvider>) -> bool {
+    scope.is_none() || scope.as_deref() == key.namespace.as_deref()
 }
 
 /// Runs until SIGTERM or SIGINT, then finishes the tests in flight, releases the lease
@@ -245,6 +266,10 @@ async fn run_controllers(
         controller: "mailroom".into(),
         instance: std::env::var("POD_NAME").ok(),
     };
+    // The providers' caches come first: a queued test looks its provider up before it
+    // runs (see `reconcile::still_current`).
+    let (provider_stores, provider_writers): (Vec<_>, Vec<_>) =
+        scopes.iter().map(|_| reflector::store()).unzip();
     let (inflight, retests) = inflight::InFlight::new(&scopes, shutdown.clone());
     let ctx = Arc::new(Context {
         inflight,
@@ -261,16 +286,21 @@ async fn run_controllers(
         tokens: crate::credentials::tokens::TokenManager::new(client.clone())?,
         metrics,
         shard: settings.shard,
+        providers: scopes
+            .iter()
+            .cloned()
+            .zip(provider_stores.clone())
+            .collect(),
     });
     // Losing the lease drops this future: the tests it started stop with it.
     let _cancel_tests = ctx.inflight.cancel_on_drop();
     let mut controllers = Vec::new();
-    let mut provider_stores = Vec::new();
-    for (((scope, secret_stream), cm_stream), retest) in scopes
+    for ((((scope, secret_stream), cm_stream), retest), (store, writer)) in scopes
         .iter()
         .zip(secret_streams)
         .zip(cm_streams)
         .zip(retests)
+        .zip(provider_stores.iter().cloned().zip(provider_writers))
     {
         let (providers, _, _) = api_for(scope);
         // Reconciles only decide and start tests (see `inflight`), so they are short and
@@ -278,7 +308,6 @@ async fn run_controllers(
         // bounded by the host and test semaphores, one test per provider at a time.
         // Every provider stays in memory; its managedFields (a few kB once status is
         // server-side applied, never read here) are not kept.
-        let (store, writer) = reflector::store();
         let watched = watcher(providers, watcher::Config::default())
             .modify(|p: &mut IncomingMailProvider| p.managed_fields_mut().clear());
         let controller = Controller::for_stream(
@@ -286,7 +315,6 @@ async fn run_controllers(
             store.clone(),
         )
         .with_config(ControllerConfig::default().concurrency(0));
-        provider_stores.push(store.clone());
         let by_secret = store.clone();
         let by_cm = store.clone();
         let controller = controller

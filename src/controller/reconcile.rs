@@ -199,6 +199,9 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
             permit = ctx.limits.acquire(&p.spec.server.host) => permit,
             () = ctx.stopping.clone() => return Ok(None),
         };
+        if !still_current(p, ctx.provider(&job.key).as_deref()) {
+            return Ok(None);
+        }
         // Read the Secrets and refresh a token only now, so that these reads and token
         // requests are bounded per host like the tests, however many providers wait.
         // Boxed: what follows is large, and only a test that has its slot needs it.
@@ -243,6 +246,17 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
     // rather than results piling up in memory, and a change waits for at most
     // --concurrency writes. Boxed too: only a finished test needs this.
     Box::pin(record(&job, *outcome, &api, &sctx, ctx)).await
+}
+
+/// Whether a test that waited for its host's slot is still the one to run: not once its
+/// provider is deleted (or deleted and created again under its name), nor when its spec
+/// changed meanwhile. A user who deletes a provider pointing at the wrong server expects
+/// no more logins there; the reconcile that follows a skipped test decides again.
+fn still_current(queued: &IncomingMailProvider, now: Option<&IncomingMailProvider>) -> bool {
+    now.is_some_and(|now| {
+        now.metadata.uid == queued.metadata.uid
+            && now.metadata.generation == queued.metadata.generation
+    })
 }
 
 /// Runs a first test; if it is still running after `SHOW_CHECKING_AFTER`, writes Checking
@@ -480,5 +494,40 @@ mod tests {
         }
         let bytes = size(super::test_and_write);
         assert!(bytes < 3 * 1024, "a waiting test takes {bytes} bytes");
+    }
+
+    #[test]
+    fn a_queued_test_runs_only_for_the_provider_it_was_started_for() {
+        use crate::api::IncomingMailProvider;
+        let provider = |uid: &str, generation: i64| {
+            let mut p: IncomingMailProvider = serde_json::from_value(serde_json::json!({
+                "apiVersion": "mailroom.dev/v1alpha1",
+                "kind": "IncomingMailProvider",
+                "metadata": {"name": "p", "namespace": "ns"},
+                "spec": {
+                    "server": {"host": "mail.example", "protocol": "IMAP"},
+                    "authentication": {"method": "None"},
+                },
+            }))
+            .unwrap();
+            p.metadata.uid = Some(uid.into());
+            p.metadata.generation = Some(generation);
+            p
+        };
+        let queued = provider("u1", 1);
+        assert!(super::still_current(&queued, Some(&provider("u1", 1))));
+        assert!(!super::still_current(&queued, None), "deleted");
+        assert!(
+            !super::still_current(&queued, Some(&provider("u2", 1))),
+            "deleted and created again"
+        );
+        assert!(
+            !super::still_current(&queued, Some(&provider("u1", 2))),
+            "spec changed"
+        );
+        // A status write or a new annotation changes neither: the test runs.
+        let mut annotated = provider("u1", 1);
+        annotated.metadata.resource_version = Some("99".into());
+        assert!(super::still_current(&queued, Some(&annotated)));
     }
 }

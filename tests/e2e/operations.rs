@@ -278,39 +278,44 @@ async fn three_shards_test_each_provider_exactly_once_and_resharding_loses_none(
     }
 }
 
-/// A relay in front of Dovecot that counts the connections open through it at once, and
-/// holds each for 300 ms before passing the greeting on, so that tests overlap.
+/// A relay in front of Dovecot that counts the connections it accepts and those open
+/// through it at once, and holds each for `hold` before passing the greeting on, so that
+/// tests overlap.
 struct CountingRelay {
     addr: std::net::SocketAddr,
     most: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl CountingRelay {
-    async fn start(host: &str, upstream: std::net::SocketAddr) -> CountingRelay {
+    async fn start(host: &str, upstream: std::net::SocketAddr, hold: Duration) -> CountingRelay {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicUsize, Ordering};
         let listener = tokio::net::TcpListener::bind((host, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (open, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let open = Arc::new(AtomicUsize::new(0));
         let relay = CountingRelay {
             addr,
-            most: most.clone(),
+            most: Arc::default(),
+            accepted: Arc::default(),
         };
+        let (most, accepted) = (relay.most.clone(), relay.accepted.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((mut client, _)) = listener.accept().await else {
                     return;
                 };
+                accepted.fetch_add(1, Ordering::SeqCst);
                 let (open, most) = (open.clone(), most.clone());
                 tokio::spawn(async move {
                     // Counted 50 ms after the accept: a test's connection closes before
                     // its slot goes to the next one, but this relay may see the next
-                    // connection before it sees the close. Each one is held 300 ms, so
+                    // connection before it sees the close. Each one is held longer, so
                     // no real overlap is missed.
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     let now = open.fetch_add(1, Ordering::SeqCst) + 1;
                     most.fetch_max(now, Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    tokio::time::sleep(hold.saturating_sub(Duration::from_millis(50))).await;
                     if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
                         let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
                     }
@@ -320,6 +325,24 @@ impl CountingRelay {
         });
         relay
     }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A provider of alice's mailbox reached through a relay on `host`.
+fn through_relay(name: &str, host: &str, relay: &CountingRelay) -> String {
+    provider(name, "IMAP", relay.addr.port(), "Implicit", ALICE_AUTH, "")
+        .replace(
+            &format!("host: {}", mailroom_testbed::MAIL_HOST),
+            &format!("host: {host}"),
+        )
+        // The certificate names localhost, not the relay's address.
+        .replace(
+            "tls: {mode: Implicit,",
+            "tls: {mode: Implicit, serverName: localhost,",
+        )
 }
 
 #[tokio::test]
@@ -327,20 +350,10 @@ async fn a_mail_host_never_sees_more_simultaneous_tests_than_per_host_concurrenc
     let env = alice_env("per-host").await;
     let upstream = (mailroom_testbed::MAIL_HOST, env.bed.dovecot().imaps_port()).into();
     // Its own loopback address: the limit is per host, and no other test uses this one.
-    let relay = CountingRelay::start("127.0.0.6", upstream).await;
+    let relay = CountingRelay::start("127.0.0.6", upstream, Duration::from_millis(300)).await;
     let names: Vec<String> = (0..12).map(|i| format!("mbox-{i:02}")).collect();
     for name in &names {
-        let manifest = provider(name, "IMAP", relay.addr.port(), "Implicit", ALICE_AUTH, "")
-            .replace(
-                &format!("host: {}", mailroom_testbed::MAIL_HOST),
-                "host: 127.0.0.6",
-            )
-            // The certificate names localhost, not the relay's address.
-            .replace(
-                "tls: {mode: Implicit,",
-                "tls: {mode: Implicit, serverName: localhost,",
-            );
-        env.apply(&manifest);
+        env.apply(&through_relay(name, "127.0.0.6", &relay));
     }
     let _controller = env.controller_with(&["--per-host-concurrency", "3"]);
     for name in &names {
@@ -352,5 +365,35 @@ async fn a_mail_host_never_sees_more_simultaneous_tests_than_per_host_concurrenc
         relay.most.load(std::sync::atomic::Ordering::SeqCst),
         3,
         "most connections open at once through the relay"
+    );
+}
+
+#[tokio::test]
+async fn a_provider_deleted_while_its_test_waits_for_the_host_is_not_tested() {
+    let env = alice_env("deleted-queued").await;
+    let upstream = (mailroom_testbed::MAIL_HOST, env.bed.dovecot().imaps_port()).into();
+    // Its own loopback address (the limit is per host); each test held there for 4 s.
+    let relay = CountingRelay::start("127.0.0.7", upstream, Duration::from_secs(4)).await;
+    env.apply(&through_relay("first", "127.0.0.7", &relay));
+    let _controller = env.controller_with(&["--per-host-concurrency", "1"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while relay.accepted() == 0 {
+        assert!(Instant::now() < deadline, "the first test never connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The host's one slot is taken for 4 s: this one's test waits for it...
+    env.apply(&through_relay("deleted", "127.0.0.7", &relay));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // ...and its provider is deleted meanwhile.
+    let out = env.kubectl(&["delete", "imp", "deleted", "--wait=true"]);
+    assert!(out.status.success(), "{out:?}");
+    env.wait_reason("first", "Connected", Duration::from_secs(30))
+        .await;
+    // Had the queued test run, it would have connected at once after the first.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        relay.accepted(),
+        1,
+        "connections to the host: the deleted provider's queued test must not run"
     );
 }
