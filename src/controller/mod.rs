@@ -151,7 +151,10 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         while !*leading.borrow_and_update() {
             tokio::select! {
                 changed = leading.changed() => changed.map_err(|_| anyhow::anyhow!("the lease manager stopped"))?,
-                _ = shutdown.clone() => return release(leading, task).await,
+                _ = shutdown.clone() => {
+                    release(leading, task).await;
+                    return Ok(());
+                }
             }
         }
         tracing::info!(lease = %lease.name, "holding the lease: testing");
@@ -166,7 +169,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         tokio::select! {
             result = run_controllers(client.clone(), &settings, metrics.clone(), readiness.clone(), shutdown.clone()) => {
                 metrics.set_leader(false);
-                release(leading, task).await?;
+                release(leading, task).await;
                 return result;
             }
             _ = lost => {
@@ -178,26 +181,40 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     }
 }
 
+/// How long a stopping controller tries to give its lease up. Without a control plane it
+/// cannot (a partition, etcd down): it says so and exits, well within the chart's 30 s
+/// grace period, rather than hang until the kubelet kills it.
+const RELEASE_WITHIN: Duration = Duration::from_secs(10);
+
 /// Gives the lease up so a standby takes over at once instead of after its duration.
 async fn release(
     leading: tokio::sync::watch::Receiver<bool>,
     task: tokio::task::JoinHandle<
         Result<kube_lease_manager::LeaseManager, kube_lease_manager::LeaseManagerError>,
     >,
-) -> anyhow::Result<()> {
+) {
     drop(leading);
-    match tokio::time::timeout(Duration::from_secs(10), task).await {
-        Ok(Ok(Ok(manager))) => {
-            manager.release().await?;
-            tracing::info!("released the lease");
-        }
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the lease manager failed"),
-        Ok(Err(e)) => tracing::warn!(error = %e, "the lease manager task failed"),
-        Err(_) => tracing::warn!("the lease manager did not stop within 10s"),
+    let give_up = async {
+        let manager = task
+            .await
+            .map_err(|e| anyhow::anyhow!("the lease manager task failed: {e}"))?
+            .map_err(|e| anyhow::anyhow!("the lease manager failed: {e}"))?;
+        manager.release().await.map_err(anyhow::Error::from)
+    };
+    match tokio::time::timeout(RELEASE_WITHIN, give_up).await {
+        Ok(Ok(())) => tracing::info!("released the lease"),
+        Ok(Err(error)) => tracing::warn!(
+            %error,
+            "could not release the lease: a standby takes over when it expires"
+        ),
+        Err(_) => tracing::warn!(
+            "could not release the lease within {}s: a standby takes over when it expires",
+            RELEASE_WITHIN.as_secs()
+        ),
     }
-    Ok(())
 }
 
+/// Stops the metrics server with the controller.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {

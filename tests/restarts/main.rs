@@ -1,7 +1,8 @@
 //! Control-plane restarts: kube-apiserver restarted, and separately etcd restarted, under
 //! a running controller. It must keep running, pick its watches up again, and leave no
-//! status lost or stale. Stopping the API server disturbs every test of a bed, so these
-//! run in their own test binary with their own bed, one at a time.
+//! status lost or stale; told to stop while etcd is down, it must still exit cleanly and
+//! in time. Stopping the API server disturbs every test of a bed, so these run in their
+//! own test binary with their own bed, one at a time.
 
 // Shared with the e2e binary; not every helper is used here.
 #[allow(dead_code)]
@@ -69,6 +70,49 @@ async fn a_restarted_apiserver_loses_no_status_and_the_watches_resume_within_sec
 async fn a_restarted_etcd_under_a_running_apiserver_loses_no_status() {
     let _one = ONE_AT_A_TIME.lock().await;
     outage_and_recovery(Part::Etcd).await;
+}
+
+/// How long a controller told to stop may take when the control plane cannot answer: the
+/// chart's terminationGracePeriodSeconds is 30, and a kill is not a clean stop.
+const STOP_WITHOUT_CONTROL_PLANE: Duration = Duration::from_secs(20);
+
+#[tokio::test]
+async fn a_controller_told_to_stop_while_etcd_is_down_exits_cleanly_in_time() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let env = alice_env("stop-during-outage").await;
+    let d = env.bed.dovecot();
+    env.apply(&provider(
+        "imaps",
+        "IMAP",
+        d.imaps_port(),
+        "Implicit",
+        support::ALICE_AUTH,
+        "",
+    ));
+    let mut controller = env.controller();
+    let _logs = LogsOnFailure(controller.log.clone());
+    env.wait_reason("imaps", "Connected", Duration::from_secs(60))
+        .await;
+    // The API server answers, but every write (the lease's release among them) waits for
+    // an etcd that is gone: the case a network partition looks like.
+    env.bed
+        .stop_etcd()
+        .unwrap_or_else(|e| panic!("stopping etcd: {e:#}"));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let asked = Instant::now();
+    let exited = controller.terminate(STOP_WITHOUT_CONTROL_PLANE);
+    let took = asked.elapsed();
+    env.bed
+        .start_etcd()
+        .unwrap_or_else(|e| panic!("starting etcd again: {e:#}"));
+    let status = exited.unwrap_or_else(|| {
+        panic!("the controller did not exit within {STOP_WITHOUT_CONTROL_PLANE:?} of SIGTERM")
+    });
+    assert!(status.success(), "exit status {status} after {took:.1?}");
+    assert!(
+        controller.logs().contains("could not release the lease"),
+        "the log should say the lease was not released (a standby waits for it to expire)"
+    );
 }
 
 /// What the controller's endpoints said while the part was down.
