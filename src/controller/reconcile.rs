@@ -426,13 +426,22 @@ async fn apply(
         "kind": IncomingMailProvider::kind(&()),
         "status": status,
     });
-    api.patch_status(
-        &p.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(Error::WriteStatus)?;
+    // What `Api::patch_status` sends, without decoding the object the API server sends
+    // back: nothing reads it, and decoding it (managedFields and all) took about 4% of the
+    // controller's CPU in steady state.
+    let mut request = kube::core::Request::new(api.resource_url())
+        .patch_subresource(
+            "status",
+            &p.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .map_err(|e| Error::WriteStatus(kube::Error::BuildRequest(e)))?;
+    request.extensions_mut().insert("patch_subresource");
+    ctx.client
+        .request_text(request)
+        .await
+        .map_err(Error::WriteStatus)?;
     ctx.metrics.api_write("status");
     if let Some(ready) = status::ready(Some(status)) {
         let ns = p.namespace().unwrap_or_default();
