@@ -109,6 +109,11 @@ impl Env {
 
     /// The same, with extra arguments.
     pub fn controller_with(&self, extra: &[&str]) -> Controller {
+        self.controller_with_env(extra, &[])
+    }
+
+    /// The same, with extra arguments and environment variables.
+    pub fn controller_with_env(&self, extra: &[&str], vars: &[(&str, &str)]) -> Controller {
         static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = self.dir.path().join(format!("controller-{n}.log"));
@@ -130,6 +135,7 @@ impl Env {
             ])
             .args(extra)
             .env("KUBECONFIG", self.bed.kubeconfig_path())
+            .envs(vars.iter().copied())
             .stdout(file.try_clone().unwrap())
             .stderr(file)
             .spawn()
