@@ -368,7 +368,7 @@ async fn run_controllers(
                 .boxed(),
         );
     }
-    let sweeper = sweep(ctx.clone(), provider_stores.clone());
+    let sweeper = sweep(ctx.clone());
     let synced = async {
         let providers = provider_stores.iter().map(|s| s.wait_until_ready().boxed());
         let all = futures::future::join_all(providers)
@@ -423,11 +423,11 @@ fn dependents<K: Resource>(
 }
 
 /// Forgets deleted providers and the values only they used, once a minute.
-async fn sweep(ctx: Arc<Context>, stores: Vec<Store<IncomingMailProvider>>) {
+async fn sweep(ctx: Arc<Context>) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     loop {
         tick.tick().await;
-        let providers: Vec<_> = stores.iter().flat_map(|s| s.state()).collect();
+        let providers: Vec<_> = ctx.providers.iter().flat_map(|(_, s)| s.state()).collect();
         let live: HashSet<_> = providers
             .iter()
             .map(|p| ObjectRef::from_obj(&**p))

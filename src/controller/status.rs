@@ -32,10 +32,7 @@ const LIST_MAX: usize = 32;
 
 /// `text` cut to [`TEXT_MAX`] characters, `…` marking a cut.
 fn cut(text: &str) -> String {
-    match text.char_indices().nth(TEXT_MAX) {
-        None => text.to_string(),
-        Some((at, _)) => format!("{}…", &text[..at]),
-    }
+    crate::probe::cut(text, TEXT_MAX)
 }
 
 /// At most [`LIST_MAX`] items, each cut; the last says how many were left out.

@@ -52,12 +52,15 @@ pub(crate) fn within(waited: Duration, total: Duration) -> String {
 /// Server text in double quotes, control characters escaped, cut to a readable length.
 pub(crate) fn quote(text: &str) -> String {
     let text = text.trim_end_matches(['\r', '\n']);
-    let mut cut: String = text.chars().take(QUOTE_MAX).collect();
-    let more = text.chars().count() > QUOTE_MAX;
-    if more {
-        cut.push('…');
+    format!("{:?}", cut(text, QUOTE_MAX))
+}
+
+/// `text` cut to `max` characters, `…` marking a cut.
+pub(crate) fn cut(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        None => text.to_string(),
+        Some((at, _)) => format!("{}…", &text[..at]),
     }
-    format!("{cut:?}")
 }
 
 /// Server text shown without quotes (a greeting, a capability, a step's detail), with

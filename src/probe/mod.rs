@@ -37,6 +37,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::api::{Protocol, Reason, SaslMechanism, TlsMode};
+pub(crate) use classify::cut;
 use session::{Greeting, MailSession};
 use stream::{Meter, Tcp, Wire};
 

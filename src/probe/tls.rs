@@ -371,11 +371,36 @@ type Trusted = (
 /// is checked every time. Only successes are kept, so failures keep their exact reasons.
 #[derive(Debug, Default)]
 pub(crate) struct VerifiedChains {
-    until: Mutex<std::collections::HashMap<Vec<u8>, u64>>,
+    until: Memo<u64, 4096>,
+}
+
+/// Values keyed by bytes, forgotten all at once when `KEEP` are held: for verdicts and
+/// details that are cheap to compute again, of which a fleet needs only a few.
+#[derive(Debug)]
+struct Memo<V, const KEEP: usize>(Mutex<std::collections::HashMap<Vec<u8>, V>>);
+
+impl<V, const KEEP: usize> Default for Memo<V, KEEP> {
+    fn default() -> Self {
+        Memo(Mutex::default())
+    }
+}
+
+impl<V: Clone, const KEEP: usize> Memo<V, KEEP> {
+    fn get(&self, key: &[u8]) -> Option<V> {
+        self.0.lock().ok()?.get(key).cloned()
+    }
+
+    fn put(&self, key: Vec<u8>, value: V) {
+        if let Ok(mut map) = self.0.lock() {
+            if map.len() >= KEEP {
+                map.clear();
+            }
+            map.insert(key, value);
+        }
+    }
 }
 
 impl VerifiedChains {
-    const KEEP: usize = 4096;
     const AT_MOST_SECS: u64 = 3600;
 
     fn key(
@@ -401,8 +426,9 @@ impl VerifiedChains {
     }
 
     fn holds(&self, key: &[u8], now: UnixTime) -> bool {
-        let until = self.until.lock().map(|m| m.get(key).copied());
-        matches!(until, Ok(Some(until)) if now.as_secs() < until)
+        self.until
+            .get(key)
+            .is_some_and(|until| now.as_secs() < until)
     }
 
     /// Remembers a verified chain: until the earliest notAfter among its certificates.
@@ -417,12 +443,7 @@ impl VerifiedChains {
                 Err(_) => return,
             }
         }
-        if let Ok(mut map) = self.until.lock() {
-            if map.len() >= Self::KEEP {
-                map.clear();
-            }
-            map.insert(key, until);
-        }
+        self.until.put(key, until);
     }
 }
 
@@ -520,20 +541,13 @@ fn tls_info(conn: &rustls::ClientConnection) -> TlsInfo {
 /// the same few certificates in thousands of tests, and parsing one took about 5% of a
 /// test's client CPU. At most 256 are kept (about 0.5 MB).
 fn leaf_info(der: &[u8]) -> Option<CertInfo> {
-    const KEEP: usize = 256;
-    type Seen = Mutex<std::collections::HashMap<Vec<u8>, Option<CertInfo>>>;
-    static SEEN: OnceLock<Seen> = OnceLock::new();
-    let seen = SEEN.get_or_init(Seen::default);
-    if let Some(info) = seen.lock().ok().and_then(|m| m.get(der).cloned()) {
+    static SEEN: OnceLock<Memo<Option<CertInfo>, 256>> = OnceLock::new();
+    let seen = SEEN.get_or_init(Memo::default);
+    if let Some(info) = seen.get(der) {
         return info;
     }
     let info = cert_info(der);
-    if let Ok(mut map) = seen.lock() {
-        if map.len() >= KEEP {
-            map.clear();
-        }
-        map.insert(der.to_vec(), info.clone());
-    }
+    seen.put(der.to_vec(), info.clone());
     info
 }
 

@@ -1678,14 +1678,7 @@ async fn the_controller_works_with_the_charts_service_account_and_nothing_more()
     );
 
     mail_basics(&env, &env.ns, None);
-    env.apply(&provider(
-        "as-sa",
-        "IMAP",
-        env.bed.dovecot().imaps_port(),
-        "Implicit",
-        ALICE_AUTH,
-        "",
-    ));
+    env.apply_alice_imaps("as-sa");
     let chart = chart_args(&helm, &rel, &env.ns, &values);
     // The chart watches every namespace; on the shared bed this one only.
     let controller = controller_as(

@@ -8,14 +8,7 @@ use crate::support::{ALICE_AUTH, Env, alice_env, provider};
 async fn two_providers(prefix: &str) -> Env {
     let env = alice_env(prefix).await;
     let d = env.bed.dovecot();
-    env.apply(&provider(
-        "imaps",
-        "IMAP",
-        d.imaps_port(),
-        "Implicit",
-        ALICE_AUTH,
-        "",
-    ));
+    env.apply_alice_imaps("imaps");
     env.apply(&provider(
         "pop3s",
         "POP3",

@@ -15,14 +15,7 @@ async fn a_planted_password_appears_nowhere() {
     env.secret("alice", &[("username", "alice"), ("password", PLANTED)])
         .await;
     let d = env.bed.dovecot();
-    env.apply(&provider(
-        "imap",
-        "IMAP",
-        d.imaps_port(),
-        "Implicit",
-        ALICE_AUTH,
-        "",
-    ));
+    env.apply_alice_imaps("imap");
     env.apply(&provider(
         "pop3",
         "POP3",

@@ -101,6 +101,13 @@ impl Env {
         }
     }
 
+    /// Applies provider `name`: alice's mailbox on the bed's IMAPS port, logging in with
+    /// Secret `alice` (see [`alice_env`]).
+    pub fn apply_alice_imaps(&self, name: &str) {
+        let port = self.bed.dovecot().imaps_port();
+        self.apply(&provider(name, "IMAP", port, "Implicit", ALICE_AUTH, ""));
+    }
+
     /// Starts `mailroom controller` for this namespace, as it runs in production (leader
     /// election on, with this test's own Lease; metrics on a free port).
     pub fn controller(&self) -> Controller {

@@ -86,14 +86,7 @@ async fn a_stopped_mail_server_is_refused_and_its_return_is_noticed_before_the_i
 async fn a_secret_rotated_a_hundred_times_ends_in_the_status_of_its_last_value() {
     let env = alice_env("rotate").await;
     let d = env.bed.dovecot();
-    env.apply(&provider(
-        "imaps",
-        "IMAP",
-        d.imaps_port(),
-        "Implicit",
-        ALICE_AUTH,
-        "",
-    ));
+    env.apply_alice_imaps("imaps");
     let _controller = env.controller();
     env.wait_reason("imaps", "Connected", Duration::from_secs(60))
         .await;

@@ -80,15 +80,7 @@ const STOP_WITHOUT_CONTROL_PLANE: Duration = Duration::from_secs(20);
 async fn a_controller_told_to_stop_while_etcd_is_down_exits_cleanly_in_time() {
     let _one = ONE_AT_A_TIME.lock().await;
     let env = alice_env("stop-during-outage").await;
-    let d = env.bed.dovecot();
-    env.apply(&provider(
-        "imaps",
-        "IMAP",
-        d.imaps_port(),
-        "Implicit",
-        support::ALICE_AUTH,
-        "",
-    ));
+    env.apply_alice_imaps("imaps");
     let mut controller = env.controller();
     let _logs = LogsOnFailure(controller.log.clone());
     env.wait_reason("imaps", "Connected", Duration::from_secs(60))
