@@ -39,6 +39,13 @@ pub enum Error {
     WriteStatus(#[source] kube::Error),
 }
 
+impl Error {
+    /// A write refused because the provider no longer exists.
+    fn provider_gone(&self) -> bool {
+        matches!(self, Error::WriteStatus(kube::Error::Api(status)) if status.code == 404)
+    }
+}
+
 pub async fn reconcile(p: Arc<IncomingMailProvider>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = p.namespace().unwrap_or_default();
     let name = p.name_any();
@@ -133,7 +140,6 @@ async fn reconcile_inner(
     let job = Job {
         p: p.clone(),
         key: key.clone(),
-        fingerprint,
         why,
         interval,
         now,
@@ -151,7 +157,6 @@ async fn reconcile_inner(
 struct Job {
     p: Arc<IncomingMailProvider>,
     key: ObjectRef<IncomingMailProvider>,
-    fingerprint: u64,
     why: schedule::Why,
     interval: Duration,
     now: Timestamp,
@@ -167,11 +172,19 @@ struct Job {
 async fn test_and_write(job: Job, ctx: Arc<Context>) -> Duration {
     let ns = job.p.namespace().unwrap_or_default();
     let span = info_span!("provider", namespace = %ns, name = %job.p.name_any());
+    let key = job.key.clone();
     match test_and_write_inner(job, &ctx, ns)
         .instrument(span.clone())
         .await
     {
         Ok(()) => Duration::ZERO,
+        Err(error) if error.provider_gone() => {
+            // Deleted while it was tested: there is nothing to write to, nor to retry.
+            ctx.unwritten.lock().unwrap().remove(&key);
+            ctx.memory.lock().unwrap().remove(&key);
+            span.in_scope(|| info!("deleted during its test; the result is dropped"));
+            Duration::ZERO
+        }
         Err(error) => {
             span.in_scope(|| warn!(%error, "will retry"));
             RETRY_AFTER
@@ -207,6 +220,9 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
         // Boxed: what follows is large, and only a test that has its slot needs it.
         Box::pin(async {
             let refs = references(&p.spec);
+            // The versions this test reads, for the schedule: a Secret changed while the
+            // test waited is tested now, and not once more after it.
+            let fingerprint = ctx.objects.fingerprint(&ns, &refs);
             let fetched = ctx.objects.fetch(&ns, &refs).await.map_err(Error::Fetch)?;
             // OAuth2: a fresh access token (refreshed, and the Secret rewritten, if needed).
             let fetched = Box::pin(ctx.tokens.prepare(p, fetched)).await;
@@ -226,7 +242,7 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
                 () = ctx.stopping.clone() => return Ok(None),
             };
             let outcome = Box::pin(check::run(&p.spec, &fetched)).await;
-            Ok(Some((Box::new(outcome), slot)))
+            Ok(Some((Box::new(outcome), fingerprint, slot)))
         })
         .await
     };
@@ -238,14 +254,14 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
     } else {
         test.await?
     };
-    let Some((outcome, _slot)) = outcome else {
+    let Some((outcome, fingerprint, _slot)) = outcome else {
         return Ok(());
     };
     // The test's slot is held until its result is written: when the API server is
     // slower than the mail servers (10,000 first tests on 2 shared cores), tests wait
     // rather than results piling up in memory, and a change waits for at most
     // --concurrency writes. Boxed too: only a finished test needs this.
-    Box::pin(record(&job, *outcome, &api, &sctx, ctx)).await
+    Box::pin(record(&job, *outcome, fingerprint, &api, &sctx, ctx)).await
 }
 
 /// Whether a test that waited for its host's slot is still the one to run: not once its
@@ -287,6 +303,7 @@ async fn showing_checking<T>(
 async fn record(
     job: &Job,
     outcome: check::Outcome,
+    fingerprint: u64,
     api: &Api<IncomingMailProvider>,
     sctx: &StatusContext<'_>,
     ctx: &Context,
@@ -294,12 +311,11 @@ async fn record(
     let Job {
         p,
         key,
-        fingerprint,
         why,
         interval,
         ..
     } = job;
-    let (fingerprint, interval, old) = (*fingerprint, *interval, p.status.as_ref());
+    let (interval, old) = (*interval, p.status.as_ref());
     let finished = Timestamp::now();
     // This result supersedes any an earlier write failed to store.
     ctx.unwritten.lock().unwrap().remove(key);

@@ -390,3 +390,75 @@ async fn a_provider_deleted_while_its_test_waits_for_the_host_is_not_tested() {
         "connections to the host: the deleted provider's queued test must not run"
     );
 }
+
+#[tokio::test]
+async fn a_secret_changed_while_its_test_waits_for_the_host_is_tested_once_with_its_new_value() {
+    let env = alice_env("rotated-queued").await;
+    let (_, password) = env.bed.dovecot().account("alice");
+    env.secret(
+        "rotated",
+        &[("username", "alice"), ("password", "not-alices-password")],
+    )
+    .await;
+    let upstream = (mailroom_testbed::MAIL_HOST, env.bed.dovecot().imaps_port()).into();
+    let relay = CountingRelay::start("127.0.0.8", upstream, Duration::from_secs(4)).await;
+    env.apply(&through_relay("first", "127.0.0.8", &relay));
+    let _controller = env.controller_with(&["--per-host-concurrency", "1"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while relay.accepted() == 0 {
+        assert!(Instant::now() < deadline, "the first test never connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The host's one slot is taken for 4 s: this one's test waits for it...
+    env.apply(
+        &through_relay("rotated", "127.0.0.8", &relay)
+            .replace(ALICE_AUTH, "{method: Password, secretRef: {name: rotated}}"),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // ...and its Secret is fixed meanwhile.
+    env.secret("rotated", &[("username", "alice"), ("password", &password)])
+        .await;
+    env.wait_reason("rotated", "Connected", Duration::from_secs(30))
+        .await;
+    // The queued test read the new password. Had the schedule kept the old Secret's
+    // version, the change would have set off a second test at once after it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        relay.accepted(),
+        2,
+        "connections to the host: one test per provider"
+    );
+}
+
+#[tokio::test]
+async fn a_provider_deleted_during_its_test_is_dropped_without_a_retry() {
+    let env = alice_env("deleted-running").await;
+    let upstream = (mailroom_testbed::MAIL_HOST, env.bed.dovecot().imaps_port()).into();
+    let relay = CountingRelay::start("127.0.0.9", upstream, Duration::from_secs(3)).await;
+    env.apply(&through_relay("doomed", "127.0.0.9", &relay));
+    let controller = env.controller();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while relay.accepted() == 0 {
+        assert!(Instant::now() < deadline, "the test never connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = env.kubectl(&["delete", "imp", "doomed", "--wait=true"]);
+    assert!(out.status.success(), "{out:?}");
+    // The test ends about 3 s after it connected, and its status has nowhere to go.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !controller.logs().contains("deleted during its test") {
+        assert!(
+            Instant::now() < deadline,
+            "the controller never noticed the provider was gone:\n{}",
+            controller.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let logs = controller.logs();
+    assert!(
+        !logs.contains("will retry"),
+        "a deleted provider is nothing to retry:\n{logs}"
+    );
+    assert_eq!(relay.accepted(), 1, "and it is not tested again");
+}
