@@ -40,24 +40,52 @@ pub struct Objects {
 /// counted as one, every write-back set off a test of each provider sharing the Secret,
 /// and when access tokens live under the five minutes kept in hand, each of those tests
 /// refreshed and wrote back again, without end.
+///
+/// Every version of a run of our own writes stands for the version before the run, not
+/// only the last: providers sharing a token Secret write it one after another, and the
+/// Secrets' watch may deliver an earlier of those versions after a later one was written.
+/// Counted as a change, it set off a test, whose refresh wrote again, and so on.
 #[derive(Debug, Default)]
-struct OwnWrites(HashMap<Key, (String, Option<String>)>);
+struct OwnWrites(HashMap<Key, OwnRun>);
+
+/// The versions one run of our own writes made (the latest last), and the version before.
+#[derive(Debug)]
+struct OwnRun {
+    written: Vec<String>,
+    base: Option<String>,
+}
+
+/// The most versions of one run remembered: a watch lags by a few writes, not by dozens.
+const OWN_RUN_MAX: usize = 16;
 
 impl OwnWrites {
     /// `key` went from `before` to `after` by the controller's own write.
     fn note(&mut self, key: Key, before: Option<String>, after: String) {
-        // A write over one of our own stands for what that one replaced.
-        let base = match self.0.get(&key) {
-            Some((written, base)) if before.as_ref() == Some(written) => base.clone(),
-            _ => before,
-        };
-        self.0.insert(key, (after, base));
+        match self.0.get_mut(&key) {
+            // A write over one of our own continues the run.
+            Some(run) if before.as_ref().is_some_and(|b| run.written.contains(b)) => {
+                if run.written.len() == OWN_RUN_MAX {
+                    run.written.remove(0);
+                }
+                run.written.push(after);
+            }
+            // Over someone else's version: a new run, standing for theirs.
+            _ => {
+                let run = OwnRun {
+                    written: vec![after],
+                    base: before,
+                };
+                self.0.insert(key, run);
+            }
+        }
     }
 
     /// The version a provider's schedule should see for `key` at `version`.
     fn resolve(&self, key: &Key, version: Option<String>) -> Option<String> {
         match self.0.get(key) {
-            Some((written, base)) if version.as_ref() == Some(written) => base.clone(),
+            Some(run) if version.as_ref().is_some_and(|v| run.written.contains(v)) => {
+                run.base.clone()
+            }
             _ => version,
         }
     }
@@ -234,6 +262,17 @@ mod tests {
         // Our write over someone else's stands for theirs.
         own.note(key(), Some("13".into()), "14".into());
         assert_eq!(own.resolve(&key(), Some("14".into())), Some("13".into()));
+        // Providers sharing the Secret write it in turn, and the watch delivers the
+        // versions late: every one of the run is still no change.
+        own.note(key(), Some("14".into()), "15".into());
+        assert_eq!(own.resolve(&key(), Some("14".into())), Some("13".into()));
+        assert_eq!(own.resolve(&key(), Some("15".into())), Some("13".into()));
+        // Bounded: the oldest versions of a long run are forgotten.
+        for v in 16..40 {
+            own.note(key(), Some((v - 1).to_string()), v.to_string());
+        }
+        assert_eq!(own.resolve(&key(), Some("39".into())), Some("13".into()));
+        assert_eq!(own.resolve(&key(), Some("14".into())), Some("14".into()));
         // A Secret we created looks like none.
         let other = (ObjectKind::Secret, "ops".into(), "app-token".into());
         own.note(other.clone(), None, "1".into());
