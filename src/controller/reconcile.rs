@@ -315,10 +315,14 @@ async fn record(
         interval,
         ..
     } = job;
-    let (interval, old) = (*interval, p.status.as_ref());
+    let (interval, stored) = (*interval, p.status.as_ref());
     let finished = Timestamp::now();
-    // This result supersedes any an earlier write failed to store.
-    ctx.unwritten.lock().unwrap().remove(key);
+    // This result supersedes any an earlier write failed to store, and follows it: the
+    // failures it counted go on counting (and the backoff with them) through an outage
+    // of the API server.
+    let kept = ctx.unwritten.lock().unwrap().remove(key);
+    let unstored = kept.map(|kept| kept.status(stored, sctx));
+    let old = unstored.as_ref().or(stored);
     let seconds = outcome.report.as_ref().map(|r| r.duration.as_secs_f64());
     ctx.metrics.test_finished(
         outcome.endpoint.protocol.as_str(),
@@ -337,7 +341,7 @@ async fn record(
         "tested"
     );
 
-    let since_write = old
+    let since_write = stored
         .and_then(|s| s.last_check_time.as_ref())
         .map(|t| Duration::try_from(t.0.duration_until(finished)).unwrap_or_default())
         .unwrap_or(Duration::MAX);
@@ -349,7 +353,7 @@ async fn record(
         references: fingerprint,
         next_due: after(finished, wait),
     };
-    let what = if status::differs(old, &new) {
+    let what = if status::differs(stored, &new) {
         Some(Write::Change)
     } else if schedule::heartbeat_due(since_write, interval) {
         Some(Write::Background)
@@ -362,14 +366,18 @@ async fn record(
         // The API server is away (restarting, or its etcd is): keep the result and the
         // schedule it implies, and retry only the write (in the next reconcile), so that
         // an outage costs no mail server a login per retry, nor loses this result.
-        ctx.unwritten
-            .lock()
-            .unwrap()
-            .insert(key.clone(), Unwritten { outcome, finished });
+        ctx.unwritten.lock().unwrap().insert(
+            key.clone(),
+            Unwritten {
+                outcome,
+                finished,
+                before: unstored.map(Box::new),
+            },
+        );
         ctx.memory.lock().unwrap().insert(key.clone(), next);
         return Err(e);
     }
-    Box::pin(announce(p, old, &new, ctx)).await;
+    Box::pin(announce(p, stored, &new, ctx)).await;
     ctx.memory.lock().unwrap().insert(key.clone(), next);
     Ok(())
 }
@@ -379,6 +387,24 @@ async fn record(
 pub struct Unwritten {
     outcome: check::Outcome,
     finished: Timestamp,
+    /// The status it followed, when that was not stored either (several failed writes in
+    /// a row): so the status finally written counts every failure of the outage.
+    before: Option<Box<IncomingMailProviderStatus>>,
+}
+
+impl Unwritten {
+    /// The status this result makes, after `stored` or the unstored one it followed.
+    fn status(
+        &self,
+        stored: Option<&IncomingMailProviderStatus>,
+        sctx: &StatusContext<'_>,
+    ) -> IncomingMailProviderStatus {
+        let sctx = StatusContext {
+            now: self.finished,
+            ..*sctx
+        };
+        status::after_test(self.before.as_deref().or(stored), &self.outcome, &sctx)
+    }
 }
 
 /// Writes the status of a result kept by a failed write, if any. The status is made
@@ -395,11 +421,7 @@ async fn write_unwritten(
         return Ok(());
     };
     let old = p.status.as_ref();
-    let sctx = StatusContext {
-        now: kept.finished,
-        ..*sctx
-    };
-    let new = status::after_test(old, &kept.outcome, &sctx);
+    let new = kept.status(old, sctx);
     write(api, p, &new, ctx, Write::Change).await?;
     ctx.unwritten.lock().unwrap().remove(key);
     info!(
@@ -519,6 +541,53 @@ mod tests {
         }
         let bytes = size(super::test_and_write);
         assert!(bytes < 3 * 1024, "a waiting test takes {bytes} bytes");
+    }
+
+    /// Results kept through an outage of the API server, one after another: the status
+    /// finally written counts every failure, and schedules the backoff from that count.
+    #[test]
+    fn results_kept_through_an_outage_go_on_counting_failures() {
+        use crate::api::{Endpoint, Protocol, Reason, TlsMode};
+        use k8s_openapi::jiff::Timestamp;
+        let refused = crate::check::Outcome {
+            endpoint: Endpoint {
+                host: "mail.example".into(),
+                port: 993,
+                protocol: Protocol::Imap,
+                tls_mode: TlsMode::Implicit,
+            },
+            report: None,
+            reason: Reason::ConnectionRefused,
+            message: "refused".into(),
+            anonymous: false,
+        };
+        let at = |s: i64| Timestamp::from_second(1_800_000_000 + s).unwrap();
+        let sctx = super::StatusContext {
+            generation: Some(1),
+            now: at(0),
+            check_request: None,
+        };
+        // Stored before the outage: one failure.
+        let stored = super::status::after_test(None, &refused, &sctx);
+        assert_eq!(stored.consecutive_failures, 1);
+        // Two more tests fail while no write gets through; each follows the one before.
+        let first = super::Unwritten {
+            outcome: refused.clone(),
+            finished: at(10),
+            before: None,
+        };
+        let second = super::Unwritten {
+            outcome: refused.clone(),
+            finished: at(30),
+            before: Some(Box::new(first.status(Some(&stored), &sctx))),
+        };
+        let written = second.status(Some(&stored), &sctx);
+        assert_eq!(written.consecutive_failures, 3);
+        assert_eq!(
+            written.last_check_time.as_ref().map(|t| t.0),
+            Some(at(30)),
+            "the status says when the last test ran"
+        );
     }
 
     #[test]
