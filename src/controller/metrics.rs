@@ -162,14 +162,25 @@ impl Metrics {
             .inc();
     }
 
+    /// Whether this replica tests. One that stops (its lease lost) stops reporting the
+    /// providers too: the replica testing them now does, and a sum over replicas must
+    /// count each provider once.
     pub fn set_leader(&self, leading: bool) {
         self.leader.set(i64::from(leading));
+        if !leading {
+            self.retain_providers(&Default::default());
+        }
     }
 
     /// Records a provider's Ready status ("True", "False", "Unknown"), or None when it is gone.
     pub fn provider_ready(&self, namespace: &str, name: &str, ready: Option<(&str, &str)>) {
-        let key = (namespace.to_string(), name.to_string());
         let mut map = self.ready.lock().unwrap();
+        // Called on every reconcile: most find nothing new.
+        let known = map.get(&(namespace.to_string(), name.to_string()));
+        if known.map(|(s, r)| (s.as_str(), r.as_str())) == ready {
+            return;
+        }
+        let key = (namespace.to_string(), name.to_string());
         let before = match ready {
             Some((status, reason)) => {
                 map.insert(key.clone(), (status.to_string(), reason.to_string()))
@@ -256,6 +267,23 @@ mod tests {
             !m.encode().contains("ops"),
             "no provider names without per-provider series"
         );
+    }
+
+    #[test]
+    fn a_replica_that_stops_testing_stops_counting_providers() {
+        let m = Metrics::new(true);
+        m.set_leader(true);
+        m.provider_ready("ops", "a", Some(("False", "Timeout")));
+        m.provider_ready("ops", "b", Some(("True", "Connected")));
+        m.set_leader(false);
+        let text = m.encode();
+        assert!(text.contains("mailroom_leader 0"), "{text}");
+        assert!(
+            text.contains("mailroom_providers{ready=\"False\"} 0")
+                && text.contains("mailroom_providers{ready=\"True\"} 0"),
+            "{text}"
+        );
+        assert!(!text.contains("mailroom_provider_ready{"), "{text}");
     }
 
     #[test]

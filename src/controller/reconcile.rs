@@ -62,6 +62,11 @@ async fn reconcile_inner(
         // Another replica's: it tests and writes this one.
         return Ok(Action::await_change());
     }
+    // What its stored status says: a replica that just took over reports the fleet's
+    // Ready counts at once, not only as each provider's status is next written.
+    let ready = status::ready(p.status.as_ref());
+    let ready = ready.map(|c| (c.status.as_str(), c.reason.as_str()));
+    ctx.metrics.provider_ready(&ns, &p.name_any(), ready);
     let key = ObjectRef::from_obj(&*p);
     if ctx.inflight.is_running(&key) {
         // When it is done, the test asks for this reconcile again.

@@ -194,6 +194,20 @@ async fn of_two_replicas_one_tests_and_the_other_takes_over_when_it_dies() {
         standby.logs()
     );
     eprintln!("failover handled the request {took:?} after the leader was killed");
+    // It counts both providers, the one it has not tested (nor written) too: the alerts
+    // on these gauges must not go quiet for an interval after a failover.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = standby.get("/metrics").await.1;
+        if metrics.contains("mailroom_providers{ready=\"True\"} 2") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new leader should count both Ready providers:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // A graceful stop releases the lease (logged), so a successor need not wait.
     let status = standby
