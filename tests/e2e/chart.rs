@@ -270,7 +270,7 @@ fn helm_lint_is_clean_with_default_and_full_values() {
             "--set-json",
             r#"watchNamespaces=["team-a","team-b"]"#,
             "--set",
-            "replicas=2,networkPolicy.enabled=true,metrics.serviceMonitor.enabled=true,metrics.perProvider=true",
+            "replicas=2,networkPolicy.enabled=true,metrics.serviceMonitor.enabled=true,metrics.perProvider=true,metrics.prometheusRule.enabled=true",
             "--set-json",
             r#"networkPolicy.apiServer.cidrs=["10.0.0.1/32"]"#,
         ],
@@ -505,7 +505,12 @@ fn the_default_deployment_is_locked_down() {
 
     let service = only(&docs, "Service");
     assert_eq!(service["spec"]["ports"][0]["targetPort"], "metrics");
-    for absent in ["PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor"] {
+    for absent in [
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+        "ServiceMonitor",
+        "PrometheusRule",
+    ] {
         assert!(
             !docs.iter().any(|d| kind(d) == absent),
             "{absent} is opt-in (or needs replicas > 1)"
@@ -780,6 +785,182 @@ fn replicas_network_policy_and_service_monitor() {
     );
     let sm = only(&docs, "ServiceMonitor");
     assert_eq!(sm["spec"]["endpoints"][0]["port"], "metrics");
+    // Else Prometheus renames the per-provider series' namespace to exported_namespace,
+    // and the alerts would name the controller's namespace instead of the provider's.
+    assert_eq!(sm["spec"]["endpoints"][0]["honorLabels"], true);
+}
+
+/// The chart's alerts, evaluated by Prometheus's own rule engine (`promtool test rules`)
+/// over made-up series: which fire, after how long, with which labels and words.
+#[test]
+fn the_alerts_fire_when_a_mailbox_stays_down_or_no_replica_tests() {
+    let helm = Helm::offline();
+    let bins = mailroom_testbed::Binaries::locate().unwrap_or_else(|e| panic!("{e:#}"));
+    let dir = tempfile::tempdir().unwrap();
+    // Release mailroom in namespace mail: the ServiceMonitor's job is mailroom-metrics.
+    let job = "job=\"mailroom-metrics\"";
+    let write_rules = |file: &str, values: &str| {
+        let docs = helm.render("mailroom", "mail", &["--set", values]);
+        let rule = only(&docs, "PrometheusRule");
+        let text = serde_json::to_string_pretty(&rule["spec"]).unwrap();
+        std::fs::write(dir.path().join(file), text).unwrap();
+    };
+    let series = |name: &str, labels: &str, values: &str| json!({"series": format!("{name}{{{job},{labels}}}"), "values": values});
+    let ready = |ns: &str, name: &str, reason: &str, values: &str| {
+        series(
+            "mailroom_provider_ready",
+            &format!("namespace=\"{ns}\",name=\"{name}\",reason=\"{reason}\""),
+            values,
+        )
+    };
+    let leader =
+        |pod: &str, values: &str| series("mailroom_leader", &format!("pod=\"{pod}\""), values);
+    let not_ready = |ns: &str, name: &str| {
+        json!({
+            "exp_labels": {"severity": "warning", "namespace": ns, "name": name},
+            "exp_annotations": {
+                "summary": format!("Mailbox {ns}/{name} has not been Ready for 15m"),
+                "description": format!("Its status says why: kubectl -n {ns} describe imp {name}"),
+            },
+        })
+    };
+    let not_testing = |summary: &str| {
+        json!({
+            "exp_labels": {"severity": "warning"},
+            "exp_annotations": {
+                "summary": summary,
+                "description": "Statuses are going stale: kubectl -n mail get pods \
+                    -l app.kubernetes.io/instance=mailroom; the controller's log says why it \
+                    does not hold its lease",
+            },
+        })
+    };
+    let alert = |at: &str, name: &str, expected: Value| json!({"eval_time": at, "alertname": name, "exp_alerts": expected});
+
+    // Per provider (one shard).
+    write_rules(
+        "per-provider.json",
+        "metrics.prometheusRule.enabled=true,metrics.perProvider=true",
+    );
+    let per_provider = json!({
+        "rule_files": ["per-provider.json"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    // Failing all along: alerts after 15 minutes, not before.
+                    ready("team-a", "inbox", "AuthenticationFailed", "0x20"),
+                    // The same name in another namespace is another mailbox.
+                    ready("team-b", "inbox", "Timeout", "0x20"),
+                    // Failing all along for changing reasons: one alert, on time.
+                    ready("team-a", "moving", "Timeout", "0x8 stale"),
+                    ready("team-a", "moving", "ConnectionRefused", "_x8 0x12"),
+                    // Failed for ten minutes, then Ready: no alert.
+                    ready("team-a", "flaky", "Timeout", "0x9 stale"),
+                    ready("team-a", "flaky", "Connected", "_x9 1x11"),
+                    // Suspended (Unknown, reported 0): never.
+                    ready("team-a", "paused", "Suspended", "0x20"),
+                    ready("team-a", "fine", "Connected", "1x20"),
+                    // Another release's series are not ours.
+                    json!({
+                        "series": "mailroom_provider_ready{job=\"other-metrics\",namespace=\"x\",name=\"y\",reason=\"Timeout\"}",
+                        "values": "0x20",
+                    }),
+                    // One replica tests, the other stands by.
+                    leader("a", "1x20"),
+                    leader("b", "0x20"),
+                ],
+                "alert_rule_test": [
+                    alert("14m", "MailroomMailboxNotReady", json!([])),
+                    alert("16m", "MailroomMailboxNotReady", json!([
+                        not_ready("team-a", "inbox"),
+                        not_ready("team-b", "inbox"),
+                        not_ready("team-a", "moving"),
+                    ])),
+                    alert("16m", "MailroomNotTesting", json!([])),
+                ],
+            },
+            {
+                // The leader lost its lease at 5m and nobody took over; then nothing
+                // was scraped at all.
+                "interval": "1m",
+                "input_series": [leader("a", "1x4 0x10 stale")],
+                "alert_rule_test": [
+                    alert("14m", "MailroomNotTesting", json!([])),
+                    alert("16m", "MailroomNotTesting", json!([not_testing(
+                        "No replica of mailroom mail/mailroom has been testing for 10m",
+                    )])),
+                    alert("30m", "MailroomNotTesting", json!([not_testing(
+                        "No replica of mailroom mail/mailroom has been testing for 10m",
+                    )])),
+                ],
+            },
+        ],
+    });
+
+    // Counts only (the default), and three shards of which one has no leader.
+    write_rules(
+        "counts.json",
+        "metrics.prometheusRule.enabled=true,sharding.shards=3",
+    );
+    let counts = json!({
+        "rule_files": ["counts.json"],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [
+                series("mailroom_providers", "pod=\"a\",ready=\"False\"", "2x20"),
+                series("mailroom_providers", "pod=\"b\",ready=\"False\"", "0x20"),
+                series("mailroom_providers", "pod=\"b\",ready=\"Unknown\"", "3x20"),
+                series("mailroom_providers", "pod=\"a\",ready=\"True\"", "9x20"),
+                leader("a", "1x20"),
+                leader("b", "1x20"),
+                leader("c", "0x20"),
+            ],
+            "alert_rule_test": [
+                alert("14m", "MailroomMailboxesNotReady", json!([])),
+                alert("16m", "MailroomMailboxesNotReady", json!([{
+                    "exp_labels": {"severity": "warning"},
+                    "exp_annotations": {
+                        "summary": "2 mailboxes have not been Ready for 15m",
+                        "description": "Which, and why: kubectl get imp -A \
+                            (metrics.perProvider names them in the alert)",
+                    },
+                }])),
+                alert("9m", "MailroomNotTesting", json!([])),
+                alert("11m", "MailroomNotTesting", json!([not_testing(
+                    "Only 2 of the 3 shards of mailroom mail/mailroom have had a replica \
+                     testing for 10m",
+                )])),
+            ],
+        }],
+    });
+
+    let mut files = Vec::new();
+    for (file, test) in [
+        ("per-provider.test.json", per_provider),
+        ("counts.test.json", counts),
+    ] {
+        std::fs::write(
+            dir.path().join(file),
+            serde_json::to_string_pretty(&test).unwrap(),
+        )
+        .unwrap();
+        files.push(file);
+    }
+    let out = Command::new(&bins.promtool)
+        .current_dir(dir.path())
+        .arg("test")
+        .arg("rules")
+        .args(&files)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", bins.promtool.display()));
+    assert!(
+        out.status.success(),
+        "promtool test rules on the chart's alerts:\n{}",
+        text(&out)
+    );
 }
 
 // ---------------------------------------------------------------------------------------

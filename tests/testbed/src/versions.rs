@@ -17,6 +17,8 @@ pub struct Binaries {
     pub kubectl: PathBuf,
     /// For the chart's tests (helm lint, template, install into the bed).
     pub helm: PathBuf,
+    /// For the chart's alert rules (`promtool test rules`).
+    pub promtool: PathBuf,
     pub dovecot: PathBuf,
     pub k8s_version: String,
 }
@@ -37,6 +39,7 @@ impl Binaries {
             kube_apiserver: PathBuf::from(get("KUBE_APISERVER_BIN")?),
             kubectl: PathBuf::from(get("KUBECTL_BIN")?),
             helm: PathBuf::from(get("HELM_BIN")?),
+            promtool: PathBuf::from(get("PROMTOOL_BIN")?),
             dovecot: find_dovecot(),
             k8s_version: get("K8S_VERSION")?,
             cache_root,
@@ -46,6 +49,7 @@ impl Binaries {
             &bins.kube_apiserver,
             &bins.kubectl,
             &bins.helm,
+            &bins.promtool,
             &bins.dovecot,
         ] {
             if !is_executable(path) {
@@ -60,7 +64,7 @@ impl Binaries {
 pub fn not_prepared(missing: &Path, cache: &Path) -> String {
     format!(
         "the test bed is not prepared: {} is missing; run tests/testbed/prepare (installs Dovecot \
-         with apt-get and builds etcd, kube-apiserver, kubectl and helm with Go into {})",
+         with apt-get and builds etcd, kube-apiserver, kubectl, helm and promtool with Go into {})",
         missing.display(),
         cache.display()
     )
@@ -184,6 +188,11 @@ mod tests {
             "{}",
             vars["HELM_BIN"]
         );
+        assert!(
+            vars["PROMTOOL_BIN"].starts_with("/home/u/.cache/mailroom-testbed/prometheus-v0."),
+            "{}",
+            vars["PROMTOOL_BIN"]
+        );
     }
 
     #[test]
@@ -213,7 +222,8 @@ mod tests {
         assert_eq!(
             msg,
             "the test bed is not prepared: /c/etcd is missing; run tests/testbed/prepare (installs \
-             Dovecot with apt-get and builds etcd, kube-apiserver, kubectl and helm with Go into /c)"
+             Dovecot with apt-get and builds etcd, kube-apiserver, kubectl, helm and promtool with Go \
+             into /c)"
         );
     }
 }
