@@ -146,9 +146,15 @@ async fn main() {
     // The most simultaneous connections Dovecot holds, sampled from the kernel; first
     // with the probe alone at exactly `per_host` at once, to calibrate the sampling.
     let ports: HashSet<u16> = ends.iter().map(|e| e.port).collect();
+    // Warmed up first (the second Dovecot has just started: its login processes and auth
+    // cache), and the best of two rounds: a single cold round measured anything from 122
+    // to 174 tests/s on this machine, and the ceiling is what the server allows at best.
+    probe_rate(&ends, ceiling_tests / 5, per_host).await;
     let sampler = ConnectionSampler::start(ports);
-    let ceiling = probe_rate(&ends, ceiling_tests, per_host).await;
+    let first = probe_rate(&ends, ceiling_tests, per_host).await;
     let ceiling_connections = sampler.take_max();
+    let second = probe_rate(&ends, ceiling_tests, per_host).await;
+    let ceiling = first.max(second);
     let ceiling_32 = probe_rate(&ends, ceiling_tests, 32).await;
 
     // 2. Namespaces, each with the trust anchors and the two Secrets.
@@ -280,10 +286,12 @@ async fn main() {
     );
     let labels: Vec<&str> = ends.iter().map(|e| e.label).collect();
     println!("endpoints: {}", labels.join(", "));
-    println!("\nceiling (mailroom's probe alone, same endpoints, {ceiling_tests} tests)");
+    println!(
+        "\nceiling (mailroom's probe alone, same endpoints, best of 2 rounds of {ceiling_tests} tests after a warm-up)"
+    );
     row(
         &format!("tests/s at concurrency {per_host}"),
-        format!("{ceiling:.0}"),
+        format!("{ceiling:.0}  (rounds: {first:.0}, {second:.0})"),
     );
     row("tests/s at concurrency 32", format!("{ceiling_32:.0}"));
     row(
