@@ -174,13 +174,12 @@ impl Metrics {
 
     /// Records a provider's Ready status ("True", "False", "Unknown"), or None when it is gone.
     pub fn provider_ready(&self, namespace: &str, name: &str, ready: Option<(&str, &str)>) {
+        let key = (namespace.to_string(), name.to_string());
         let mut map = self.ready.lock().unwrap();
         // Called on every reconcile: most find nothing new.
-        let known = map.get(&(namespace.to_string(), name.to_string()));
-        if known.map(|(s, r)| (s.as_str(), r.as_str())) == ready {
+        if map.get(&key).map(|(s, r)| (s.as_str(), r.as_str())) == ready {
             return;
         }
-        let key = (namespace.to_string(), name.to_string());
         let before = match ready {
             Some((status, reason)) => {
                 map.insert(key.clone(), (status.to_string(), reason.to_string()))

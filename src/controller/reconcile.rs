@@ -177,16 +177,12 @@ struct Job {
 async fn test_and_write(job: Job, ctx: Arc<Context>) -> Duration {
     let ns = job.p.namespace().unwrap_or_default();
     let span = info_span!("provider", namespace = %ns, name = %job.p.name_any());
-    let key = job.key.clone();
     match test_and_write_inner(job, &ctx, ns)
         .instrument(span.clone())
         .await
     {
         Ok(()) => Duration::ZERO,
         Err(error) if error.provider_gone() => {
-            // Deleted while it was tested: there is nothing to write to, nor to retry.
-            ctx.unwritten.lock().unwrap().remove(&key);
-            ctx.memory.lock().unwrap().remove(&key);
             span.in_scope(|| info!("deleted during its test; the result is dropped"));
             Duration::ZERO
         }
@@ -368,6 +364,11 @@ async fn record(
     if let Some(what) = what
         && let Err(e) = Box::pin(write(api, p, &new, ctx, what)).await
     {
+        if e.provider_gone() {
+            // Deleted while it was tested: nothing to keep, nor to retry.
+            ctx.memory.lock().unwrap().remove(key);
+            return Err(e);
+        }
         // The API server is away (restarting, or its etcd is): keep the result and the
         // schedule it implies, and retry only the write (in the next reconcile), so that
         // an outage costs no mail server a login per retry, nor loses this result.

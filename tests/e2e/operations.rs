@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{ALICE_AUTH, Env, alice_env, provider};
+use crate::support::{ALICE_AUTH, Controller, Env, alice_env, provider};
 
 async fn two_providers(prefix: &str) -> Env {
     let env = alice_env(prefix).await;
@@ -56,15 +56,9 @@ async fn metrics_health_and_readiness_are_served() {
         "mailroom_leader 1",
         "mailroom_token_refreshes_total{result=\"refreshed\"} 0",
     ];
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let metrics = loop {
-        let (code, metrics) = controller.get("/metrics").await;
-        assert_eq!(code, 200);
-        if expected.iter().all(|s| metrics.contains(s)) || Instant::now() > deadline {
-            break metrics;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let metrics = controller
+        .metrics_with(&expected, Duration::from_secs(10))
+        .await;
     for series in expected {
         assert!(
             metrics.contains(series),
@@ -110,7 +104,7 @@ async fn a_controller_that_cannot_sync_is_alive_but_not_ready() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let controller = crate::support::Controller { child, log };
+    let controller = Controller { child, log };
     let (health, _) = controller.get("/healthz").await;
     let (ready, body) = controller.get("/readyz").await;
     drop(silent);
@@ -196,18 +190,12 @@ async fn of_two_replicas_one_tests_and_the_other_takes_over_when_it_dies() {
     eprintln!("failover handled the request {took:?} after the leader was killed");
     // It counts both providers, the one it has not tested (nor written) too: the alerts
     // on these gauges must not go quiet for an interval after a failover.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let metrics = standby.get("/metrics").await.1;
-        if metrics.contains("mailroom_providers{ready=\"True\"} 2") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the new leader should count both Ready providers:\n{metrics}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let both = "mailroom_providers{ready=\"True\"} 2";
+    let metrics = standby.metrics_with(&[both], Duration::from_secs(10)).await;
+    assert!(
+        metrics.contains(both),
+        "the new leader should count both Ready providers:\n{metrics}"
+    );
 
     // A graceful stop releases the lease (logged), so a successor need not wait.
     let status = standby
@@ -333,9 +321,35 @@ impl CountingRelay {
         relay
     }
 
+    /// One in front of the bed's IMAPS port, on `host`.
+    async fn to_imaps(env: &Env, host: &str, hold: Duration) -> CountingRelay {
+        let upstream = (mailroom_testbed::MAIL_HOST, env.bed.dovecot().imaps_port()).into();
+        CountingRelay::start(host, upstream, hold).await
+    }
+
     fn accepted(&self) -> usize {
         self.accepted.load(std::sync::atomic::Ordering::SeqCst)
     }
+
+    /// Waits until a first connection came through.
+    async fn first_connection(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.accepted() == 0 {
+            assert!(Instant::now() < deadline, "the first test never connected");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Provider `first` on `host` behind a relay that holds each test 4 s, tested by a
+/// controller allowed one test at a time per host: once this returns, `host`'s one slot
+/// is taken for about 4 s, and any other provider's test there waits for it.
+async fn hold_the_host(env: &Env, host: &str) -> (CountingRelay, Controller) {
+    let relay = CountingRelay::to_imaps(env, host, Duration::from_secs(4)).await;
+    env.apply(&through_relay("first", host, &relay));
+    let controller = env.controller_with(&["--per-host-concurrency", "1"]);
+    relay.first_connection().await;
+    (relay, controller)
 }
 
 /// A provider of alice's mailbox reached through a relay on `host`.
@@ -355,9 +369,8 @@ fn through_relay(name: &str, host: &str, relay: &CountingRelay) -> String {
 #[tokio::test]
 async fn a_mail_host_never_sees_more_simultaneous_tests_than_per_host_concurrency() {
     let env = alice_env("per-host").await;
-    let upstream = (mailroom_testbed::MAIL_HOST, env.bed.dovecot().imaps_port()).into();
     // Its own loopback address: the limit is per host, and no other test uses this one.
-    let relay = CountingRelay::start("127.0.0.6", upstream, Duration::from_millis(300)).await;
+    let relay = CountingRelay::to_imaps(&env, "127.0.0.6", Duration::from_millis(300)).await;
     let names: Vec<String> = (0..12).map(|i| format!("mbox-{i:02}")).collect();
     for name in &names {
         env.apply(&through_relay(name, "127.0.0.6", &relay));
@@ -378,16 +391,8 @@ async fn a_mail_host_never_sees_more_simultaneous_tests_than_per_host_concurrenc
 #[tokio::test]
 async fn a_provider_deleted_while_its_test_waits_for_the_host_is_not_tested() {
     let env = alice_env("deleted-queued").await;
-    let upstream = (mailroom_testbed::MAIL_HOST, env.bed.dovecot().imaps_port()).into();
-    // Its own loopback address (the limit is per host); each test held there for 4 s.
-    let relay = CountingRelay::start("127.0.0.7", upstream, Duration::from_secs(4)).await;
-    env.apply(&through_relay("first", "127.0.0.7", &relay));
-    let _controller = env.controller_with(&["--per-host-concurrency", "1"]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while relay.accepted() == 0 {
-        assert!(Instant::now() < deadline, "the first test never connected");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Its own loopback address (the limit is per host).
+    let (relay, _controller) = hold_the_host(&env, "127.0.0.7").await;
     // The host's one slot is taken for 4 s: this one's test waits for it...
     env.apply(&through_relay("deleted", "127.0.0.7", &relay));
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -414,15 +419,7 @@ async fn a_secret_changed_while_its_test_waits_for_the_host_is_tested_once_with_
         &[("username", "alice"), ("password", "not-alices-password")],
     )
     .await;
-    let upstream = (mailroom_testbed::MAIL_HOST, env.bed.dovecot().imaps_port()).into();
-    let relay = CountingRelay::start("127.0.0.8", upstream, Duration::from_secs(4)).await;
-    env.apply(&through_relay("first", "127.0.0.8", &relay));
-    let _controller = env.controller_with(&["--per-host-concurrency", "1"]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while relay.accepted() == 0 {
-        assert!(Instant::now() < deadline, "the first test never connected");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (relay, _controller) = hold_the_host(&env, "127.0.0.8").await;
     // The host's one slot is taken for 4 s: this one's test waits for it...
     env.apply(
         &through_relay("rotated", "127.0.0.8", &relay)
@@ -447,15 +444,10 @@ async fn a_secret_changed_while_its_test_waits_for_the_host_is_tested_once_with_
 #[tokio::test]
 async fn a_provider_deleted_during_its_test_is_dropped_without_a_retry() {
     let env = alice_env("deleted-running").await;
-    let upstream = (mailroom_testbed::MAIL_HOST, env.bed.dovecot().imaps_port()).into();
-    let relay = CountingRelay::start("127.0.0.9", upstream, Duration::from_secs(3)).await;
+    let relay = CountingRelay::to_imaps(&env, "127.0.0.9", Duration::from_secs(3)).await;
     env.apply(&through_relay("doomed", "127.0.0.9", &relay));
     let controller = env.controller();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while relay.accepted() == 0 {
-        assert!(Instant::now() < deadline, "the test never connected");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    relay.first_connection().await;
     let out = env.kubectl(&["delete", "imp", "doomed", "--wait=true"]);
     assert!(out.status.success(), "{out:?}");
     // The test ends about 3 s after it connected, and its status has nowhere to go.

@@ -250,6 +250,20 @@ impl Controller {
         http_get(&self.http_addr().await, path)
     }
 
+    /// Its /metrics once every one of `series` is in it, or as it is when `within` has
+    /// passed (the caller asserts, naming what is missing).
+    pub async fn metrics_with(&self, series: &[&str], within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let (code, metrics) = self.get("/metrics").await;
+            assert_eq!(code, 200, "/metrics: {metrics}");
+            if series.iter().all(|s| metrics.contains(s)) || Instant::now() > deadline {
+                return metrics;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Counts the tests it logged.
     pub fn tests(&self) -> usize {
         self.logs().matches(" tested").count()

@@ -424,25 +424,25 @@ async fn endless_lines_literals_and_garbage_are_protocol_errors_within_bounds_an
             s.connections()
         );
     }
-    let median = |v: Vec<u64>| v.get(v.len() / 2).copied().unwrap_or_default();
+    let median = |v: &[u64]| v.get(v.len() / 2).copied().unwrap_or_default();
     // The lowest VmRSS of some rounds: what the controller keeps between tests. A median
     // also counts what is in flight, which moves with how the round's tests overlapped.
-    let floor = |v: Vec<u64>| v.first().copied().unwrap_or_default();
+    let floor = |v: &[u64]| v.first().copied().unwrap_or_default();
     let per_round: Vec<String> = (0..=ROUNDS)
         .map(|r| {
             let v = memory.samples(r, r);
             format!(
                 "{r}: {}/{}/{}",
-                floor(v.clone()) / 1024,
-                median(v.clone()) / 1024,
+                floor(&v) / 1024,
+                median(&v) / 1024,
                 v.last().unwrap_or(&0) / 1024
             )
         })
         .collect();
     eprintln!("hostile: VmRSS min/median/max MiB per round (0 = at rest): {per_round:?}");
-    let at_rest = median(memory.samples(0, 0));
-    let early = floor(memory.samples(4, 5));
-    let late = floor(memory.samples(ROUNDS - 1, ROUNDS));
+    let at_rest = median(&memory.samples(0, 0));
+    let early = floor(&memory.samples(4, 5));
+    let late = floor(&memory.samples(ROUNDS - 1, ROUNDS));
     let (_, peak) = fleet::memory_kib(controller.child.id());
     let tests = hostile.len() * ROUNDS;
     eprintln!(

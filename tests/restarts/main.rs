@@ -87,16 +87,12 @@ async fn a_controller_told_to_stop_while_etcd_is_down_exits_cleanly_in_time() {
         .await;
     // The API server answers, but every write (the lease's release among them) waits for
     // an etcd that is gone: the case a network partition looks like.
-    env.bed
-        .stop_etcd()
-        .unwrap_or_else(|e| panic!("stopping etcd: {e:#}"));
+    Part::Etcd.stop(&env);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let asked = Instant::now();
     let exited = controller.terminate(STOP_WITHOUT_CONTROL_PLANE);
     let took = asked.elapsed();
-    env.bed
-        .start_etcd()
-        .unwrap_or_else(|e| panic!("starting etcd again: {e:#}"));
+    Part::Etcd.start(&env);
     let status = exited.unwrap_or_else(|| {
         panic!("the controller did not exit within {STOP_WITHOUT_CONTROL_PLANE:?} of SIGTERM")
     });
