@@ -6,6 +6,9 @@
 //! `imap_starttls` TCP probe of its example configuration (greeting, STARTTLS, TLS,
 //! CAPABILITY: no login, no mailbox), so less work per test than mailroom and Python do.
 //!
+//! A last table puts mailroom's sequential test beside the same connection without login
+//! and mailbox (TCP, TLS handshake, greeting, logout), the part no client can skip.
+//!
 //! Run: `scripts/bench probe` (builds blackbox_exporter first; `cargo bench --bench probe`
 //! works once MAILROOM_BLACKBOX_EXPORTER names it). MAILROOM_BENCH_TESTS=N changes the
 //! sample size; MAILROOM_BENCH_PROFILE=1 runs only mailroom's sequential IMAPS loop, for a
@@ -199,6 +202,7 @@ fn main() {
     let mut ceiling: f64 = 0.0;
     let mut rows = Vec::new();
     let mut blackbox_rows = Vec::new();
+    let mut floors = Vec::new();
     for (name, protocol, py, port, mode) in [
         (
             "IMAPS",
@@ -241,6 +245,13 @@ fn main() {
                 m.cpu_ms() / p.cpu_ms()
             );
             rows.push((name, conc, m.rate()));
+            if conc == 1 {
+                // The same connection without login and mailbox: what TCP, the TLS handshake
+                // and the greeting alone cost this client, against the row's Python figure.
+                let none = Arc::new(Login::None);
+                let f = rt.block_on(mailroom_run(target.clone(), none, tests, 1));
+                floors.push((name, f.cpu_ms(), m.cpu_ms(), p.cpu_ms()));
+            }
             if mode == TlsMode::StartTls {
                 let b = rt.block_on(blackbox.run(port, tests, conc));
                 blackbox_rows.push((conc, m, b));
@@ -267,6 +278,23 @@ fn main() {
             m.cpu_ms(),
             b.cpu_ms(),
             m.cpu_ms() / b.cpu_ms()
+        );
+    }
+    println!(
+        "\nconcurrency 1, client CPU per test: mailroom without login (TCP, TLS handshake, \
+         greeting, logout) beside its full test and a quarter of Python's"
+    );
+    println!(
+        "{:<8}  {:>14} {:>14} {:>16}",
+        "test", "no login ms", "full test ms", "python / 4 ms"
+    );
+    for (name, floor, full, python) in &floors {
+        println!(
+            "{:<8}  {:>14.2} {:>14.2} {:>16.2}",
+            name,
+            floor,
+            full,
+            python / 4.0
         );
     }
     println!(
