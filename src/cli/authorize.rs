@@ -22,10 +22,9 @@ use secrecy::SecretString;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+use super::retest::{request_check, wait_for_tests};
 use crate::api::oauth2::{endpoints, scopes};
-use crate::api::{
-    AuthMethod, CHECK_REQUESTED_AT, IncomingMailProvider, OAuth2Flow, OAuth2Provider,
-};
+use crate::api::{AuthMethod, IncomingMailProvider, OAuth2Flow, OAuth2Provider};
 use crate::credentials::http::post_form;
 use crate::credentials::tokens::{
     self, Grant, REFRESH_TOKEN, TOKEN_REQUEST_TIMEOUT, read_grant, token_tls, updated_secret,
@@ -163,31 +162,8 @@ pub async fn run(args: AuthorizeArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
     eprintln!("Asked the controller for a test; waiting for it…");
-    let wait_until = Instant::now() + Duration::from_secs(args.timeout);
-    loop {
-        let p = providers.get(&args.name).await?;
-        if let Some(status) = &p.status
-            && status.last_handled_check_request.as_deref() == Some(requested.as_str())
-            && let Some(ready) = status.conditions.iter().find(|c| c.type_ == "Ready")
-        {
-            println!(
-                "{}: Ready={} {}: {}",
-                p.name_any(),
-                ready.status,
-                ready.reason,
-                ready.message
-            );
-            return Ok(if ready.status == "True" { 0 } else { 1 });
-        }
-        if Instant::now() > wait_until {
-            eprintln!(
-                "The controller has not tested {ns}/{} yet (is it running?); `kubectl get imp {} -n {ns}` shows the result when it does.",
-                args.name, args.name
-            );
-            return Ok(2);
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    let pending = vec![(args.name.clone(), requested)];
+    wait_for_tests(&providers, &ns, pending, Duration::from_secs(args.timeout)).await
 }
 
 fn random_urlsafe(bytes: usize) -> String {
@@ -546,25 +522,6 @@ async fn revoke(
             .await?;
     }
     Ok(())
-}
-
-/// Sets the check-requested-at annotation; returns its value.
-async fn request_check(
-    providers: &Api<IncomingMailProvider>,
-    name: &str,
-) -> anyhow::Result<String> {
-    let value = Timestamp::now().to_string();
-    providers
-        .patch(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(
-                serde_json::json!({"metadata": {"annotations": {CHECK_REQUESTED_AT: value}}}),
-            ),
-        )
-        .await
-        .with_context(|| format!("annotating {name} with {CHECK_REQUESTED_AT}"))?;
-    Ok(value)
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 mod authorize;
 mod check;
 mod logging;
+mod retest;
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +31,8 @@ pub enum Command {
     Check(check::CheckArgs),
     /// Sign in for an OAuth2 provider (browser or --device) and store its tokens.
     Authorize(authorize::AuthorizeArgs),
+    /// Ask the controller to test providers now, and wait for its verdicts.
+    Retest(retest::RetestArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -132,6 +135,7 @@ pub async fn main() -> anyhow::Result<i32> {
         }
         Command::Check(args) => check::run(args).await,
         Command::Authorize(args) => authorize::run(args).await,
+        Command::Retest(args) => retest::run(args).await,
     }
 }
 

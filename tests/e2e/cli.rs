@@ -1,6 +1,10 @@
-//! `mailroom check`: the same test, now, with the caller's credentials or from a manifest.
+//! `mailroom check`: the same test, now, with the caller's credentials or from a manifest;
+//! `mailroom retest`: a test now by the controller, and its verdict.
 
 use std::process::Command;
+use std::time::Duration;
+
+use kube::ResourceExt;
 
 use crate::support::{ALICE_AUTH, Env, MAILROOM, provider, trust_bed_ca};
 
@@ -109,4 +113,112 @@ async fn check_prints_each_step_and_exits_zero_only_when_ready() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains("AuthenticationFailed"), "{text}");
+}
+
+/// `mailroom retest`, run as a user would, with the bed's kubeconfig.
+fn retest(env: &Env, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(MAILROOM)
+        .arg("retest")
+        .args(args)
+        .args(["-n", &env.ns])
+        .env("KUBECONFIG", env.bed.kubeconfig_path())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn retest_has_the_controller_test_now_and_prints_its_verdicts() {
+    let env = crate::support::alice_env("retest").await;
+    let (user, _) = env.bed.dovecot().account("alice");
+    env.secret("wrong", &[("username", &user), ("password", "not-hers")])
+        .await;
+    let port = env.bed.dovecot().imaps_port();
+    // An interval of an hour: any test after the first is one that was asked for.
+    let good = provider("good", "IMAP", port, "Implicit", ALICE_AUTH, "")
+        .replace("interval: 5m", "interval: 1h");
+    let bad = provider(
+        "bad",
+        "IMAP",
+        port,
+        "Implicit",
+        "{method: Password, secretRef: {name: wrong}}",
+        "",
+    )
+    .replace("interval: 5m", "interval: 1h");
+    let sus = provider(
+        "sus",
+        "IMAP",
+        port,
+        "Implicit",
+        ALICE_AUTH,
+        "  suspend: true\n",
+    );
+    env.apply(&format!("{good}---\n{bad}---\n{sus}"));
+    let controller = env.controller();
+    env.wait_reason("good", "Connected", Duration::from_secs(60))
+        .await;
+    env.wait_reason("bad", "AuthenticationFailed", Duration::from_secs(60))
+        .await;
+    env.wait_reason("sus", "Suspended", Duration::from_secs(60))
+        .await;
+    let before = controller.tests();
+
+    // One provider: the controller tests it once more, and its verdict is printed.
+    let (code, out, err) = retest(&env, &["good"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("good: Ready=True Connected: "), "{out}");
+    assert_eq!(controller.tests(), before + 1, "{}", controller.logs());
+    let p = env.providers().get("good").await.unwrap();
+    let asked = p.annotations()[mailroom::api::CHECK_REQUESTED_AT].clone();
+    assert_eq!(
+        p.status.unwrap().last_handled_check_request.as_deref(),
+        Some(asked.as_str()),
+        "the status echoes the request that was waited for"
+    );
+
+    // A failing one makes the exit status 1 and quotes the server.
+    let (code, out, err) = retest(&env, &["good", "bad"]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(out.contains("good: Ready=True Connected"), "{out}");
+    assert!(
+        out.contains("bad: Ready=False AuthenticationFailed: ") && out.contains("NO"),
+        "{out}"
+    );
+
+    // --all: a suspended provider is named and not waited for.
+    let (code, out, err) = retest(&env, &["--all", "--timeout", "60"]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(out.contains("sus: suspended"), "{out}");
+    assert_eq!(out.lines().count(), 3, "{out}");
+
+    // A name that does not exist: an error naming it, and nothing asked of the others.
+    let asked = env.providers().get("good").await.unwrap().annotations()
+        [mailroom::api::CHECK_REQUESTED_AT]
+        .clone();
+    let (code, out, err) = retest(&env, &["good", "nosuch"]);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(
+        err.contains(&format!("{}/nosuch not found", env.ns)),
+        "{err}"
+    );
+    let p = env.providers().get("good").await.unwrap();
+    assert_eq!(
+        p.annotations()[mailroom::api::CHECK_REQUESTED_AT],
+        asked,
+        "good was asked for a test though the command failed"
+    );
+
+    // No controller: the wait ends at --timeout with exit status 2 and says what to check.
+    drop(controller);
+    let (code, out, err) = retest(&env, &["good", "--timeout", "2"]);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(
+        out.contains("good: no result within 2s; is the controller running"),
+        "{out}"
+    );
 }
