@@ -15,8 +15,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
 use rand::RngCore as _;
 use secrecy::SecretString;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -55,13 +55,7 @@ pub struct AuthorizeArgs {
 }
 
 pub async fn run(args: AuthorizeArgs) -> anyhow::Result<i32> {
-    let client = Client::try_default()
-        .await
-        .context("connecting to the cluster")?;
-    let ns = args
-        .namespace
-        .clone()
-        .unwrap_or_else(|| client.default_namespace().to_string());
+    let (client, ns) = super::connect(args.namespace.as_deref()).await?;
     let providers: Api<IncomingMailProvider> = Api::namespaced(client.clone(), &ns);
     let provider = providers
         .get(&args.name)

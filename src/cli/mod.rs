@@ -139,6 +139,17 @@ pub async fn main() -> anyhow::Result<i32> {
     }
 }
 
+/// The caller's cluster (their kubeconfig) and the namespace to work in: `namespace`, else
+/// the kubeconfig's.
+async fn connect(namespace: Option<&str>) -> anyhow::Result<(kube::Client, String)> {
+    use anyhow::Context as _;
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the cluster")?;
+    let ns = namespace.map_or_else(|| client.default_namespace().to_string(), str::to_string);
+    Ok((client, ns))
+}
+
 /// Who holds the Lease: the pod's name in a cluster, else host and process.
 fn identity() -> String {
     std::env::var("POD_NAME").unwrap_or_else(|_| {

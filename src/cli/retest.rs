@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams};
-use kube::{Client, ResourceExt};
 
 use crate::api::{CHECK_REQUESTED_AT, IncomingMailProvider};
 
@@ -36,13 +36,7 @@ pub struct RetestArgs {
 }
 
 pub async fn run(args: RetestArgs) -> anyhow::Result<i32> {
-    let client = Client::try_default()
-        .await
-        .context("connecting to the cluster")?;
-    let ns = args
-        .namespace
-        .clone()
-        .unwrap_or_else(|| client.default_namespace().to_string());
+    let (client, ns) = super::connect(args.namespace.as_deref()).await?;
     let api: Api<IncomingMailProvider> = Api::namespaced(client, &ns);
 
     // Every name is read before any is annotated: a typo asks for nothing.
@@ -137,11 +131,11 @@ pub(crate) async fn wait_for_tests(
     loop {
         for p in current(api, &pending).await? {
             let name = p.name_any();
-            let Some(verdict) = verdict(&p, &pending[&name]) else {
+            let Some((ready, verdict)) = verdict(&p, &pending[&name]) else {
                 continue;
             };
             println!("{name}: {verdict}");
-            if !verdict.starts_with("Ready=True ") {
+            if !ready {
                 code = 1;
             }
             pending.remove(&name);
@@ -187,15 +181,14 @@ async fn current(
     Ok(found)
 }
 
-/// "Ready=STATUS REASON: MESSAGE" once the status has handled `requested`.
-fn verdict(p: &IncomingMailProvider, requested: &str) -> Option<String> {
+/// Whether it is Ready, and "Ready=STATUS REASON: MESSAGE", once the status has handled
+/// `requested`.
+fn verdict(p: &IncomingMailProvider, requested: &str) -> Option<(bool, String)> {
     let status = p.status.as_ref()?;
     if status.last_handled_check_request.as_deref() != Some(requested) {
         return None;
     }
     let ready = status.conditions.iter().find(|c| c.type_ == "Ready")?;
-    Some(format!(
-        "Ready={} {}: {}",
-        ready.status, ready.reason, ready.message
-    ))
+    let line = format!("Ready={} {}: {}", ready.status, ready.reason, ready.message);
+    Some((ready.status == "True", line))
 }

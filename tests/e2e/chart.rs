@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::support::{ALICE_AUTH, Env, provider, trust_bed_ca};
+use crate::support::{
+    ALICE_AUTH, Env, WRONG_AUTH, alice_env, provider, trust_bed_ca, wrong_password_secret,
+};
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/mailroom");
@@ -1481,26 +1483,11 @@ fn the_gitops_guide_shows_the_health_check_that_is_tested() {
 
 #[tokio::test]
 async fn the_argocd_health_check_reads_real_providers() {
-    let env = Env::new("argocd").await;
-    trust_bed_ca(&env).await;
-    let (user, password) = env.bed.dovecot().account("alice");
-    env.secret("alice", &[("username", &user), ("password", &password)])
-        .await;
-    env.secret(
-        "wrong",
-        &[("username", &user), ("password", "not-the-password")],
-    )
-    .await;
+    let env = alice_env("argocd").await;
+    wrong_password_secret(&env).await;
     let port = env.bed.dovecot().imaps_port();
     env.apply(&provider("good", "IMAP", port, "Implicit", ALICE_AUTH, ""));
-    env.apply(&provider(
-        "bad",
-        "IMAP",
-        port,
-        "Implicit",
-        "{method: Password, secretRef: {name: wrong}}",
-        "",
-    ));
+    env.apply(&provider("bad", "IMAP", port, "Implicit", WRONG_AUTH, ""));
     env.apply(&provider(
         "paused",
         "IMAP",

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use kube::ResourceExt;
 
-use crate::support::{ALICE_AUTH, Env, MAILROOM, provider, trust_bed_ca};
+use crate::support::{
+    ALICE_AUTH, Env, MAILROOM, WRONG_AUTH, alice_env, provider, trust_bed_ca, wrong_password_secret,
+};
 
 #[tokio::test]
 async fn check_prints_each_step_and_exits_zero_only_when_ready() {
@@ -133,23 +135,14 @@ fn retest(env: &Env, args: &[&str]) -> (Option<i32>, String, String) {
 
 #[tokio::test]
 async fn retest_has_the_controller_test_now_and_prints_its_verdicts() {
-    let env = crate::support::alice_env("retest").await;
-    let (user, _) = env.bed.dovecot().account("alice");
-    env.secret("wrong", &[("username", &user), ("password", "not-hers")])
-        .await;
+    let env = alice_env("retest").await;
+    wrong_password_secret(&env).await;
     let port = env.bed.dovecot().imaps_port();
     // An interval of an hour: any test after the first is one that was asked for.
     let good = provider("good", "IMAP", port, "Implicit", ALICE_AUTH, "")
         .replace("interval: 5m", "interval: 1h");
-    let bad = provider(
-        "bad",
-        "IMAP",
-        port,
-        "Implicit",
-        "{method: Password, secretRef: {name: wrong}}",
-        "",
-    )
-    .replace("interval: 5m", "interval: 1h");
+    let bad = provider("bad", "IMAP", port, "Implicit", WRONG_AUTH, "")
+        .replace("interval: 5m", "interval: 1h");
     let sus = provider(
         "sus",
         "IMAP",

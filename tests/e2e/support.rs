@@ -416,3 +416,16 @@ pub async fn trust_bed_ca(env: &Env) {
 }
 
 pub const ALICE_AUTH: &str = "{method: Password, secretRef: {name: alice}}";
+
+/// A login that Dovecot refuses: alice's name with another password (Secret `wrong`).
+pub const WRONG_AUTH: &str = "{method: Password, secretRef: {name: wrong}}";
+
+/// Creates the Secret `wrong` that [`WRONG_AUTH`] names.
+pub async fn wrong_password_secret(env: &Env) {
+    let (user, _) = env.bed.dovecot().account("alice");
+    env.secret(
+        "wrong",
+        &[("username", &user), ("password", "not-the-password")],
+    )
+    .await;
+}

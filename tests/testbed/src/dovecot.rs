@@ -111,6 +111,13 @@ pub struct DovecotInfo {
     pub accounts: Vec<Account>,
 }
 
+impl DovecotInfo {
+    /// Where `user`'s mail lives (the config's home, `mail/%u`, and `~/Maildir`).
+    fn maildir(&self, user: &str) -> PathBuf {
+        self.dir.join("mail").join(user).join("Maildir")
+    }
+}
+
 /// A running (or stopped) Dovecot instance.
 pub struct Dovecot {
     info: Mutex<DovecotInfo>,
@@ -197,7 +204,7 @@ impl Dovecot {
             fs::create_dir_all(dir.join(sub))?;
         }
         for account in &info.accounts {
-            let maildir = dir.join("mail").join(&account.user).join("Maildir");
+            let maildir = info.maildir(&account.user);
             maildir::write(&maildir, &account.user, &maildir::seeds_for(&account.user))?;
         }
         fs::write(dir.join("passwd"), passwd_text(&info.accounts)?)?;
@@ -409,13 +416,17 @@ impl Dovecot {
 }
 
 impl Dovecot {
-    /// Has Dovecot index each account's INBOX before any session: two first sessions
+    /// Has Dovecot index each seeded INBOX before any session: two first sessions
     /// arriving together (an IMAP and a POP3 provider of one account, applied at once)
     /// were seen to race building a fresh Maildir's index, IMAP STATUS answering 0
     /// messages while POP3 STAT counted the 3 seeded (2 runs in 3, with Python's imaplib
-    /// and poplib as well).
+    /// and poplib as well). Once indexed (a uidlist exists), a restart has nothing to do.
     fn index_inboxes(&self, info: &DovecotInfo) -> Result<()> {
         for account in &info.accounts {
+            let maildir = info.maildir(&account.user);
+            if !maildir.exists() || maildir.join("dovecot-uidlist").exists() {
+                continue;
+            }
             let mut command = Command::new("doveadm");
             command.arg("-c").arg(&info.config).args([
                 "mailbox",

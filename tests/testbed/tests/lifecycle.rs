@@ -13,12 +13,18 @@ use std::time::Duration;
 
 use mailroom_testbed::{Bed, MAIL_HOST};
 
-fn greeting(port: u16) -> std::io::Result<String> {
+/// A connection to the bed's mail host, and the server's greeting.
+fn connect(port: u16) -> std::io::Result<(BufReader<TcpStream>, String)> {
     let stream = TcpStream::connect_timeout(&(MAIL_HOST, port).into(), Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut conn = BufReader::new(stream);
     let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line)?;
-    Ok(line)
+    conn.read_line(&mut line)?;
+    Ok((conn, line))
+}
+
+fn greeting(port: u16) -> std::io::Result<String> {
+    connect(port).map(|(_, line)| line)
 }
 
 /// The process groups the bed recorded (each recorded process leads one).
@@ -310,18 +316,6 @@ fn ask(conn: &mut BufReader<TcpStream>, line: &str, done: impl Fn(&str) -> bool)
     }
 }
 
-fn connect(port: u16) -> BufReader<TcpStream> {
-    let stream = TcpStream::connect_timeout(&(MAIL_HOST, port).into(), Duration::from_secs(5))
-        .expect("connecting to the plaintext Dovecot");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut conn = BufReader::new(stream);
-    let mut greeting = String::new();
-    conn.read_line(&mut greeting).unwrap();
-    conn
-}
-
 #[test]
 fn the_first_sessions_of_a_fresh_mailbox_all_see_its_messages() {
     // A fresh bed, so a fresh Maildir; the plaintext Dovecot, so no TLS client is needed.
@@ -336,7 +330,7 @@ fn the_first_sessions_of_a_fresh_mailbox_all_see_its_messages() {
             let (user, password) = (user.clone(), password.clone());
             std::thread::spawn(move || {
                 if i % 2 == 0 {
-                    let mut c = connect(imap);
+                    let (mut c, _) = connect(imap).expect("connecting to the plaintext Dovecot");
                     ask(&mut c, &format!("a LOGIN {user} {password}"), |l| {
                         l.starts_with("a ")
                     });
@@ -344,7 +338,7 @@ fn the_first_sessions_of_a_fresh_mailbox_all_see_its_messages() {
                     ask(&mut c, "c LOGOUT", |l| l.starts_with("c "));
                     ("IMAP STATUS", said.contains("(MESSAGES 3)"), said)
                 } else {
-                    let mut c = connect(pop3);
+                    let (mut c, _) = connect(pop3).expect("connecting to the plaintext Dovecot");
                     ask(&mut c, &format!("USER {user}"), |_| true);
                     ask(&mut c, &format!("PASS {password}"), |_| true);
                     let said = ask(&mut c, "STAT", |_| true);
