@@ -288,11 +288,17 @@ async fn run_controllers(
     let (provider_stores, provider_writers): (Vec<_>, Vec<_>) =
         scopes.iter().map(|_| reflector::store()).unzip();
     let (inflight, retests) = inflight::InFlight::new(&scopes, shutdown.clone());
+    let tokens = crate::credentials::tokens::TokenManager::new(client.clone())?;
     let ctx = Arc::new(Context {
         inflight,
         client: client.clone(),
         recorder: Recorder::new(client.clone(), reporter),
-        objects: Objects::new(client.clone(), secret_stores.clone(), cm_stores.clone()),
+        objects: Objects::new(
+            client.clone(),
+            secret_stores.clone(),
+            cm_stores.clone(),
+            tokens.own_writes(),
+        ),
         limits: HostLimits::new(settings.per_host),
         tests: Semaphore::new(settings.concurrency.max(1)),
         writes: limits::WriteSlots::new(API_WRITES, BACKGROUND_WRITES),
@@ -300,7 +306,7 @@ async fn run_controllers(
         memory: Mutex::new(HashMap::new()),
         unwritten: Mutex::new(HashMap::new()),
         jitter: Box::new(schedule::RandomJitter),
-        tokens: crate::credentials::tokens::TokenManager::new(client.clone())?,
+        tokens,
         metrics,
         shard: settings.shard,
         providers: scopes

@@ -14,7 +14,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
 
-use crate::credentials::tokens::Written;
+use crate::credentials::tokens::own_writes::{OwnWrites, Resolved};
 use crate::credentials::{Fetched, ObjectKind, Reference};
 
 #[derive(Clone)]
@@ -22,6 +22,10 @@ enum Value {
     Secret(Arc<Secret>),
     ConfigMap(Arc<ConfigMap>),
 }
+
+/// The longest a test or a decision waits for the answer to the controller's own write
+/// of a Secret it references: one API request, which its client bounds anyway.
+const OWN_WRITE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// (kind, namespace, name) of a referenced object.
 type Key = (ObjectKind, String, String);
@@ -32,63 +36,8 @@ pub struct Objects {
     secrets: Vec<Store<PartialObjectMeta<Secret>>>,
     config_maps: Vec<Store<PartialObjectMeta<ConfigMap>>>,
     values: Mutex<HashMap<Key, (String, Value)>>,
-    own: Mutex<OwnWrites>,
-}
-
-/// The versions the controller wrote itself (an OAuth2 token Secret after a refresh), each
-/// with the version it replaced. Such a write is no change of what a provider references:
-/// counted as one, every write-back set off a test of each provider sharing the Secret,
-/// and when access tokens live under the five minutes kept in hand, each of those tests
-/// refreshed and wrote back again, without end.
-///
-/// Every version of a run of our own writes stands for the version before the run, not
-/// only the last: providers sharing a token Secret write it one after another, and the
-/// Secrets' watch may deliver an earlier of those versions after a later one was written.
-/// Counted as a change, it set off a test, whose refresh wrote again, and so on.
-#[derive(Debug, Default)]
-struct OwnWrites(HashMap<Key, OwnRun>);
-
-/// The versions one run of our own writes made (the latest last), and the version before.
-#[derive(Debug)]
-struct OwnRun {
-    written: Vec<String>,
-    base: Option<String>,
-}
-
-/// The most versions of one run remembered: a watch lags by a few writes, not by dozens.
-const OWN_RUN_MAX: usize = 16;
-
-impl OwnWrites {
-    /// `key` went from `before` to `after` by the controller's own write.
-    fn note(&mut self, key: Key, before: Option<String>, after: String) {
-        match self.0.get_mut(&key) {
-            // A write over one of our own continues the run.
-            Some(run) if before.as_ref().is_some_and(|b| run.written.contains(b)) => {
-                if run.written.len() == OWN_RUN_MAX {
-                    run.written.remove(0);
-                }
-                run.written.push(after);
-            }
-            // Over someone else's version: a new run, standing for theirs.
-            _ => {
-                let run = OwnRun {
-                    written: vec![after],
-                    base: before,
-                };
-                self.0.insert(key, run);
-            }
-        }
-    }
-
-    /// The version a provider's schedule should see for `key` at `version`.
-    fn resolve(&self, key: &Key, version: Option<String>) -> Option<String> {
-        match self.0.get(key) {
-            Some(run) if version.as_ref().is_some_and(|v| run.written.contains(v)) => {
-                run.base.clone()
-            }
-            _ => version,
-        }
-    }
+    /// The token Secrets the controller rewrote itself (its token manager's ledger).
+    own: Arc<OwnWrites>,
 }
 
 impl Objects {
@@ -96,13 +45,14 @@ impl Objects {
         client: Client,
         secrets: Vec<Store<PartialObjectMeta<Secret>>>,
         config_maps: Vec<Store<PartialObjectMeta<ConfigMap>>>,
+        own: Arc<OwnWrites>,
     ) -> Self {
         Objects {
             client,
             secrets,
             config_maps,
             values: Mutex::new(HashMap::new()),
-            own: Mutex::new(OwnWrites::default()),
+            own,
         }
     }
 
@@ -150,29 +100,37 @@ impl Objects {
     }
 
     /// A hash of the references' current versions: a change means "test again". The
-    /// controller's own writes do not count (see [`OwnWrites`]).
-    pub fn fingerprint(&self, namespace: &str, refs: &[Reference]) -> u64 {
-        let own = self.own.lock().unwrap();
+    /// controller's own token writes do not count (see [`OwnWrites`]); while one is on
+    /// its way and the Secret shows a version not yet known as ours or not, this waits
+    /// for the write's answer (one API request; at most [`OWN_WRITE_WAIT`]).
+    pub async fn fingerprint(&self, namespace: &str, refs: &[Reference]) -> u64 {
+        let deadline = tokio::time::Instant::now() + OWN_WRITE_WAIT;
+        loop {
+            let give_up = tokio::time::Instant::now() >= deadline;
+            if let Some(h) = self.hash_versions(namespace, refs, give_up) {
+                return h;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The hash, or None while a version seen may be our own write's (unless `as_seen`).
+    fn hash_versions(&self, namespace: &str, refs: &[Reference], as_seen: bool) -> Option<u64> {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         for r in refs {
             r.hash(&mut h);
-            let key = (r.kind, namespace.to_string(), r.name.clone());
-            own.resolve(&key, self.version(namespace, r)).hash(&mut h);
+            let seen = self.version(namespace, r);
+            let version = match r.kind {
+                ObjectKind::Secret => match self.own.resolve(namespace, &r.name, seen.clone()) {
+                    Resolved::Version(v) => v,
+                    Resolved::Writing if as_seen => seen,
+                    Resolved::Writing => return None,
+                },
+                ObjectKind::ConfigMap => seen,
+            };
+            version.hash(&mut h);
         }
-        h.finish()
-    }
-
-    /// Notes a token Secret the controller itself rewrote (see [`OwnWrites`]).
-    pub fn note_own_write(&self, namespace: &str, written: &Written) {
-        let key = (
-            ObjectKind::Secret,
-            namespace.to_string(),
-            written.secret.clone(),
-        );
-        self.own
-            .lock()
-            .unwrap()
-            .note(key, written.before.clone(), written.after.clone());
+        Some(h.finish())
     }
 
     /// The referenced objects that exist, read from the cache or, when their version
@@ -237,45 +195,8 @@ impl Objects {
     /// Drops cached values no provider references any more.
     pub fn retain(&self, live: &std::collections::HashSet<Key>) {
         self.values.lock().unwrap().retain(|k, _| live.contains(k));
-        self.own.lock().unwrap().0.retain(|k, _| live.contains(k));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn key() -> Key {
-        (ObjectKind::Secret, "ops".into(), "alice-token".into())
-    }
-
-    #[test]
-    fn own_writes_look_like_the_version_they_replaced() {
-        let mut own = OwnWrites::default();
-        own.note(key(), Some("10".into()), "11".into());
-        assert_eq!(own.resolve(&key(), Some("11".into())), Some("10".into()));
-        // Another write over ours: still the version before the first.
-        own.note(key(), Some("11".into()), "12".into());
-        assert_eq!(own.resolve(&key(), Some("12".into())), Some("10".into()));
-        // Someone else's write is a change.
-        assert_eq!(own.resolve(&key(), Some("13".into())), Some("13".into()));
-        // Our write over someone else's stands for theirs.
-        own.note(key(), Some("13".into()), "14".into());
-        assert_eq!(own.resolve(&key(), Some("14".into())), Some("13".into()));
-        // Providers sharing the Secret write it in turn, and the watch delivers the
-        // versions late: every one of the run is still no change.
-        own.note(key(), Some("14".into()), "15".into());
-        assert_eq!(own.resolve(&key(), Some("14".into())), Some("13".into()));
-        assert_eq!(own.resolve(&key(), Some("15".into())), Some("13".into()));
-        // Bounded: the oldest versions of a long run are forgotten.
-        for v in 16..40 {
-            own.note(key(), Some((v - 1).to_string()), v.to_string());
-        }
-        assert_eq!(own.resolve(&key(), Some("39".into())), Some("13".into()));
-        assert_eq!(own.resolve(&key(), Some("14".into())), Some("14".into()));
-        // A Secret we created looks like none.
-        let other = (ObjectKind::Secret, "ops".into(), "app-token".into());
-        own.note(other.clone(), None, "1".into());
-        assert_eq!(own.resolve(&other, Some("1".into())), None);
+        self.own.retain(|ns, name| {
+            live.contains(&(ObjectKind::Secret, ns.to_string(), name.to_string()))
+        });
     }
 }

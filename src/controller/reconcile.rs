@@ -114,7 +114,7 @@ async fn reconcile_inner(
         }
     };
 
-    let fingerprint = ctx.objects.fingerprint(&ns, &references(&p.spec));
+    let fingerprint = ctx.objects.fingerprint(&ns, &references(&p.spec)).await;
     let memory = ctx.memory.lock().unwrap().get(&key).cloned();
     let seen = Seen {
         generation,
@@ -223,13 +223,10 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
             let refs = references(&p.spec);
             // The versions this test reads, for the schedule: a Secret changed while the
             // test waited is tested now, and not once more after it.
-            let fingerprint = ctx.objects.fingerprint(&ns, &refs);
+            let fingerprint = ctx.objects.fingerprint(&ns, &refs).await;
             let fetched = ctx.objects.fetch(&ns, &refs).await.map_err(Error::Fetch)?;
             // OAuth2: a fresh access token (refreshed, and the Secret rewritten, if needed).
             let fetched = Box::pin(ctx.tokens.prepare(p, fetched)).await;
-            if let Some(written) = &fetched.token_written {
-                ctx.objects.note_own_write(&ns, written);
-            }
             for _ in 0..ctx.tokens.take_refreshes() {
                 ctx.metrics.token_refresh("refreshed");
             }

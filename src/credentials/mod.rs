@@ -72,8 +72,6 @@ pub struct Fetched {
     /// OAuth2: why the token manager could not provide a usable access token, if it could
     /// not (the controller sets it; without it, the token Secret's cached token is used).
     pub token_problem: Option<(Reason, String)>,
-    /// OAuth2: the token Secret the token manager rewrote for this test, if it did.
-    pub token_written: Option<tokens::Written>,
 }
 
 /// The login a test uses.

@@ -7,6 +7,8 @@
 //! token good, refresh or not, what a token endpoint's answer means) are pure functions
 //! of values; [`TokenManager`] reads, calls them, and writes.
 
+pub mod own_writes;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,6 +26,7 @@ use crate::api::{
     AuthMethod, IncomingMailProvider, IncomingMailProviderSpec, OAuth2Flow, OAuth2Spec, Reason,
 };
 use crate::probe::Login;
+use own_writes::OwnWrites;
 
 pub const REFRESH_TOKEN: &str = "refresh_token";
 pub const ACCESS_TOKEN: &str = "access_token";
@@ -383,25 +386,6 @@ pub fn token_tls() -> anyhow::Result<Arc<rustls::ClientConfig>> {
     Ok(Arc::new(tls))
 }
 
-/// A token Secret the token manager wrote: its resourceVersion before (None: it created
-/// the Secret) and after, so that the controller can tell its own write from a change.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Written {
-    pub secret: String,
-    pub before: Option<String>,
-    pub after: String,
-}
-
-impl Written {
-    fn of(name: &str, before: Option<&Secret>, after: &Secret) -> Option<Written> {
-        Some(Written {
-            secret: name.to_string(),
-            before: before.and_then(|s| s.resource_version()),
-            after: after.resource_version()?,
-        })
-    }
-}
-
 /// Held while one token Secret is refreshed.
 type SecretLock = Arc<tokio::sync::Mutex<()>>;
 
@@ -413,6 +397,8 @@ pub struct TokenManager {
     client: Client,
     tls: Arc<rustls::ClientConfig>,
     locks: Mutex<HashMap<(String, String), SecretLock>>,
+    /// The token Secrets it rewrote, for the controller to tell from changes.
+    own: Arc<OwnWrites>,
     /// Tokens obtained from the token endpoint since [`Self::take_refreshes`] last ran.
     refreshes: std::sync::atomic::AtomicU64,
 }
@@ -428,8 +414,14 @@ impl TokenManager {
             client,
             tls: token_tls()?,
             locks: Mutex::new(HashMap::new()),
+            own: Arc::default(),
             refreshes: Default::default(),
         })
+    }
+
+    /// The ledger of the token Secrets this manager rewrote.
+    pub fn own_writes(&self) -> Arc<OwnWrites> {
+        self.own.clone()
     }
 
     fn lock(&self, namespace: &str, name: &str) -> SecretLock {
@@ -464,9 +456,8 @@ impl TokenManager {
             .refresh(provider, o, &namespace, &secret_name, &fetched)
             .await
         {
-            Ok((secret, written)) => {
+            Ok(secret) => {
                 fetched.secrets.insert(secret_name, secret);
-                fetched.token_written = written;
             }
             Err(problem) => fetched.token_problem = Some(problem),
         }
@@ -480,7 +471,7 @@ impl TokenManager {
         namespace: &str,
         secret_name: &str,
         fetched: &Fetched,
-    ) -> Result<(Secret, Option<Written>), (Reason, String)> {
+    ) -> Result<Secret, (Reason, String)> {
         let name = provider.name_any();
         let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
         let command = authorize_command(&name, namespace, o.flow);
@@ -523,7 +514,7 @@ impl TokenManager {
             let step = plan(o.flow, tokens.as_ref(), now);
             match step {
                 Plan::Use => {
-                    return Ok((current.expect("a usable token comes from a Secret"), None));
+                    return Ok(current.expect("a usable token comes from a Secret"));
                 }
                 Plan::Required => {
                     return Err((
@@ -595,14 +586,16 @@ impl TokenManager {
                     let message = format!(
                         "the token endpoint {token_url} refused the {what}: {error}: {description}"
                     );
-                    return still_valid(current, &used, now, message).map(|s| (s, None));
+                    return still_valid(current, &used, now, message);
                 }
                 Grant::Failed(message) => {
-                    return still_valid(current, &used, now, format!("{what} failed: {message}"))
-                        .map(|s| (s, None));
+                    return still_valid(current, &used, now, format!("{what} failed: {message}"));
                 }
             };
             let updated = updated_secret(current.as_ref(), &response, Timestamp::now());
+            let pending = self
+                .own
+                .begin(namespace, secret_name, version(current.as_ref()));
             let written = match &current {
                 Some(_) => {
                     api.replace(secret_name, &PostParams::default(), &updated)
@@ -622,8 +615,10 @@ impl TokenManager {
                         grant = what,
                         "stored a new access token"
                     );
-                    let written = Written::of(secret_name, current.as_ref(), &secret);
-                    return Ok((secret, written));
+                    if let Some(after) = secret.resource_version() {
+                        pending.done(after);
+                    }
+                    return Ok(secret);
                 }
                 Err(kube::Error::Api(status)) if status.code == 409 => {
                     // Changed (or created) meanwhile: the next round re-reads it. If the
@@ -639,22 +634,27 @@ impl TokenManager {
                             ACCESS_TOKEN.into(),
                             ByteString(response.access_token.expose_secret().as_bytes().to_vec()),
                         );
-                        return Ok((local, None));
+                        return Ok(local);
                     }
                     let again = api.get_opt(secret_name).await.ok().flatten();
                     let retry = updated_secret(again.as_ref(), &response, Timestamp::now());
+                    let pending = self
+                        .own
+                        .begin(namespace, secret_name, version(again.as_ref()));
                     if let Ok(secret) = api
                         .replace(secret_name, &PostParams::default(), &retry)
                         .await
                     {
-                        let written = Written::of(secret_name, again.as_ref(), &secret);
-                        return Ok((secret, written));
+                        if let Some(after) = secret.resource_version() {
+                            pending.done(after);
+                        }
+                        return Ok(secret);
                     }
                 }
                 Err(e) => {
                     tracing::warn!(secret = secret_name, error = %e, "could not store the new tokens");
                     // Use the new access token for this test anyway.
-                    return Ok((updated, None));
+                    return Ok(updated);
                 }
             }
         }
@@ -681,6 +681,11 @@ fn still_valid(
             format!("{message}; no valid access token is left"),
         )),
     }
+}
+
+/// A Secret's resourceVersion (None: no Secret).
+fn version(secret: Option<&Secret>) -> Option<String> {
+    secret.and_then(|s| s.resource_version())
 }
 
 #[cfg(test)]
