@@ -22,7 +22,7 @@ use secrecy::SecretString;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use super::retest::{request_check, wait_for_tests};
+use super::retest::{Scope, request_check, wait_for_tests};
 use crate::api::oauth2::{endpoints, scopes};
 use crate::api::{AuthMethod, IncomingMailProvider, OAuth2Flow, OAuth2Provider};
 use crate::credentials::http::post_form;
@@ -156,8 +156,9 @@ pub async fn run(args: AuthorizeArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
     eprintln!("Asked the controller for a test; waiting for it…");
-    let pending = vec![(args.name.clone(), requested)];
-    wait_for_tests(&providers, &ns, pending, Duration::from_secs(args.timeout)).await
+    let pending = vec![((ns.clone(), args.name.clone()), requested)];
+    let scope = Scope::namespace(client, &ns);
+    wait_for_tests(&scope, pending, Duration::from_secs(args.timeout)).await
 }
 
 fn random_urlsafe(bytes: usize) -> String {

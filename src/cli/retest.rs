@@ -1,32 +1,43 @@
-//! `mailroom retest NAME... -n NS` (or `--all`): asks the controller to test providers now
-//! and waits for its verdicts, as `flux reconcile` or `cmctl renew` do. Unlike `mailroom
-//! check`, the test runs where the controller runs: from its network, with its access to
-//! the Secrets, and its result is what the provider's status shows. The request is the
-//! `mailroom.dev/check-requested-at` annotation; a verdict counts once the status echoes
-//! its value. Exit status 0 if every provider is Ready, 1 if one is not (or is suspended),
-//! 2 if a verdict did not come in time.
+//! `mailroom retest NAME... -n NS` (or `--all`, `-l SELECTOR`, either with `-A`): asks the
+//! controller to test providers now and waits for its verdicts, as `flux reconcile` or
+//! `cmctl renew` do. Unlike `mailroom check`, the test runs where the controller runs:
+//! from its network, with its access to the Secrets, and its result is what the
+//! provider's status shows. The request is the `mailroom.dev/check-requested-at`
+//! annotation; a verdict counts once the status echoes its value. Exit status 0 if every
+//! provider is Ready, 1 if one is not (or is suspended), 2 if a verdict did not come in
+//! time.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use k8s_openapi::jiff::Timestamp;
-use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::{Client, ResourceExt};
 
 use crate::api::{CHECK_REQUESTED_AT, IncomingMailProvider};
 
 #[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("many").args(["all", "selector"]).multiple(true)))]
 pub struct RetestArgs {
     /// The providers to test.
-    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    #[arg(
+        required_unless_present_any = ["all", "selector", "all_namespaces"],
+        conflicts_with_all = ["all", "selector", "all_namespaces"]
+    )]
     pub names: Vec<String>,
-    /// Every provider of the namespace.
+    /// Every provider of the namespace (of every namespace with -A).
     #[arg(long)]
     pub all: bool,
+    /// The providers whose labels match (kubectl's syntax: team=billing,tier!=dev).
+    #[arg(long, short = 'l')]
+    pub selector: Option<String>,
     /// Their namespace; the kubeconfig's namespace when absent.
     #[arg(long, short = 'n')]
     pub namespace: Option<String>,
+    /// With --all or --selector: the providers of every namespace.
+    #[arg(long, short = 'A', requires = "many", conflicts_with = "namespace")]
+    pub all_namespaces: bool,
     /// Ask, and do not wait for the verdicts.
     #[arg(long)]
     pub no_wait: bool,
@@ -35,21 +46,86 @@ pub struct RetestArgs {
     pub timeout: u64,
 }
 
+/// A provider, by namespace and name.
+pub(crate) type Named = (String, String);
+
+/// Where the providers awaited live, which says how to read them back.
+pub(crate) struct Scope {
+    client: Client,
+    /// None: every namespace.
+    namespace: Option<String>,
+    selector: Option<String>,
+}
+
+impl Scope {
+    /// One namespace, every provider in it.
+    pub(crate) fn namespace(client: Client, namespace: &str) -> Scope {
+        Scope {
+            client,
+            namespace: Some(namespace.to_string()),
+            selector: None,
+        }
+    }
+
+    fn api(&self) -> Api<IncomingMailProvider> {
+        match &self.namespace {
+            Some(ns) => Api::namespaced(self.client.clone(), ns),
+            None => Api::all(self.client.clone()),
+        }
+    }
+
+    fn list_params(&self) -> ListParams {
+        match &self.selector {
+            Some(s) => ListParams::default().labels(s),
+            None => ListParams::default(),
+        }
+    }
+
+    /// How a provider is named in what is printed: with its namespace when several may be.
+    fn show(&self, (ns, name): &Named) -> String {
+        match self.namespace {
+            Some(_) => name.clone(),
+            None => format!("{ns}/{name}"),
+        }
+    }
+
+    /// Where the providers were looked for, for messages.
+    fn describe(&self) -> String {
+        let place = match &self.namespace {
+            Some(ns) => format!("namespace {ns}"),
+            None => "any namespace".to_string(),
+        };
+        match &self.selector {
+            Some(s) => format!("{place} with labels matching {s:?}"),
+            None => place,
+        }
+    }
+}
+
 pub async fn run(args: RetestArgs) -> anyhow::Result<i32> {
     let (client, ns) = super::connect(args.namespace.as_deref()).await?;
-    let api: Api<IncomingMailProvider> = Api::namespaced(client, &ns);
+    let scope = Scope {
+        client: client.clone(),
+        namespace: (!args.all_namespaces).then_some(ns),
+        selector: args.selector.clone(),
+    };
 
-    // Every name is read before any is annotated: a typo asks for nothing.
-    let providers = if args.all {
-        let list = api
-            .list(&ListParams::default())
+    // Every provider is read before any is annotated: a typo asks for nothing.
+    let providers = if args.names.is_empty() {
+        let list = scope
+            .api()
+            .list(&scope.list_params())
             .await
-            .with_context(|| format!("listing the IncomingMailProviders of namespace {ns}"))?;
+            .with_context(|| {
+                format!("listing the IncomingMailProviders of {}", scope.describe())
+            })?;
         if list.items.is_empty() {
-            bail!("namespace {ns} has no IncomingMailProvider");
+            bail!("no IncomingMailProvider in {}", scope.describe());
         }
         list.items
     } else {
+        let api = scope.api();
+        let ns = scope.namespace.as_deref().unwrap_or_default();
         let mut found = Vec::new();
         for name in &args.names {
             let p = api
@@ -67,33 +143,34 @@ pub async fn run(args: RetestArgs) -> anyhow::Result<i32> {
     let mut code = 0;
     let mut pending = Vec::new();
     for p in providers {
-        let name = p.name_any();
+        let named = (p.namespace().unwrap_or_default(), p.name_any());
         if p.spec.suspend {
             // The controller does not test a suspended provider, so nothing would come.
             println!(
-                "{name}: suspended (spec.suspend: true), not tested; it is tested as soon as it is resumed"
+                "{}: suspended (spec.suspend: true), not tested; it is tested as soon as it is resumed",
+                scope.show(&named)
             );
             code = 1;
             continue;
         }
-        let requested = request_check(&api, &name).await?;
-        pending.push((name, requested));
+        let api = Api::namespaced(client.clone(), &named.0);
+        let requested = request_check(&api, &named.1).await?;
+        pending.push((named, requested));
     }
     if pending.is_empty() {
         return Ok(code);
     }
+    let asked = format!(
+        "Asked the controller to test {} provider(s) in {}",
+        pending.len(),
+        scope.describe()
+    );
     if args.no_wait {
-        eprintln!(
-            "Asked the controller to test {} provider(s) in {ns}; `kubectl get imp -n {ns}` shows the results.",
-            pending.len()
-        );
+        eprintln!("{asked}; `kubectl get imp` shows the results.");
         return Ok(code);
     }
-    eprintln!(
-        "Asked the controller to test {} provider(s) in {ns}; waiting for the results…",
-        pending.len()
-    );
-    let waited = wait_for_tests(&api, &ns, pending, Duration::from_secs(args.timeout)).await?;
+    eprintln!("{asked}; waiting for the results…");
+    let waited = wait_for_tests(&scope, pending, Duration::from_secs(args.timeout)).await?;
     Ok(code.max(waited))
 }
 
@@ -120,33 +197,33 @@ pub(crate) async fn request_check(
 /// verdict as it comes. Returns 0 if all are Ready, 1 if one is not, 2 if one did not
 /// come within `timeout`.
 pub(crate) async fn wait_for_tests(
-    api: &Api<IncomingMailProvider>,
-    ns: &str,
-    pending: Vec<(String, String)>,
+    scope: &Scope,
+    pending: Vec<(Named, String)>,
     timeout: Duration,
 ) -> anyhow::Result<i32> {
-    let mut pending: BTreeMap<String, String> = pending.into_iter().collect();
+    let mut pending: BTreeMap<Named, String> = pending.into_iter().collect();
     let until = Instant::now() + timeout;
     let mut code = 0;
     loop {
-        for p in current(api, &pending).await? {
-            let name = p.name_any();
-            let Some((ready, verdict)) = verdict(&p, &pending[&name]) else {
+        for p in current(scope, &pending).await? {
+            let named = (p.namespace().unwrap_or_default(), p.name_any());
+            let Some((ready, verdict)) = verdict(&p, &pending[&named]) else {
                 continue;
             };
-            println!("{name}: {verdict}");
+            println!("{}: {verdict}", scope.show(&named));
             if !ready {
                 code = 1;
             }
-            pending.remove(&name);
+            pending.remove(&named);
         }
         if pending.is_empty() {
             return Ok(code);
         }
         if Instant::now() > until {
-            for name in pending.keys() {
+            for named @ (ns, name) in pending.keys() {
                 println!(
-                    "{name}: no result within {}s; is the controller running, and does it watch namespace {ns}? `kubectl get imp {name} -n {ns}` shows the result when it comes",
+                    "{}: no result within {}s; is the controller running, and does it watch namespace {ns}? `kubectl get imp {name} -n {ns}` shows the result when it comes",
+                    scope.show(named),
                     timeout.as_secs()
                 );
             }
@@ -156,26 +233,28 @@ pub(crate) async fn wait_for_tests(
     }
 }
 
-/// The providers still awaited, as stored now: one GET each for a few, one LIST for many.
+/// The providers still awaited, as stored now: one GET each for a few in one namespace,
+/// else one LIST of the scope.
 async fn current(
-    api: &Api<IncomingMailProvider>,
-    pending: &BTreeMap<String, String>,
+    scope: &Scope,
+    pending: &BTreeMap<Named, String>,
 ) -> anyhow::Result<Vec<IncomingMailProvider>> {
-    if pending.len() > 5 {
-        let list = api.list(&ListParams::default()).await?;
+    let namespaces: BTreeSet<&str> = pending.keys().map(|(ns, _)| ns.as_str()).collect();
+    if pending.len() > 5 || namespaces.len() > 1 {
+        let list = scope.api().list(&scope.list_params()).await?;
         return Ok(list
             .items
             .into_iter()
-            .filter(|p| pending.contains_key(&p.name_any()))
+            .filter(|p| pending.contains_key(&(p.namespace().unwrap_or_default(), p.name_any())))
             .collect());
     }
     let mut found = Vec::new();
-    for name in pending.keys() {
+    for (ns, name) in pending.keys() {
         // A provider deleted meanwhile is an error worth stopping for.
-        let p = api
+        let p = Api::<IncomingMailProvider>::namespaced(scope.client.clone(), ns)
             .get(name)
             .await
-            .with_context(|| format!("reading {name}"))?;
+            .with_context(|| format!("reading {ns}/{name}"))?;
         found.push(p);
     }
     Ok(found)

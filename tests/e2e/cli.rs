@@ -119,10 +119,16 @@ async fn check_prints_each_step_and_exits_zero_only_when_ready() {
 
 /// `mailroom retest`, run as a user would, with the bed's kubeconfig.
 fn retest(env: &Env, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut args = args.to_vec();
+    args.extend(["-n", &env.ns]);
+    retest_anywhere(env, &args)
+}
+
+/// `mailroom retest ARGS` with no namespace of its own.
+fn retest_anywhere(env: &Env, args: &[&str]) -> (Option<i32>, String, String) {
     let out = Command::new(MAILROOM)
         .arg("retest")
         .args(args)
-        .args(["-n", &env.ns])
         .env("KUBECONFIG", env.bed.kubeconfig_path())
         .output()
         .unwrap();
@@ -213,5 +219,98 @@ async fn retest_has_the_controller_test_now_and_prints_its_verdicts() {
     assert!(
         out.contains("good: no result within 2s; is the controller running"),
         "{out}"
+    );
+}
+
+#[tokio::test]
+async fn retest_by_label_asks_only_the_matching_providers_in_one_or_every_namespace() {
+    let (a, b) = (alice_env("retest-a").await, alice_env("retest-b").await);
+    // A label value no other test's provider carries: the bed is shared.
+    let team = format!("team={}", a.ns);
+    let labelled = |env: &Env, name: &str| {
+        provider(
+            name,
+            "IMAP",
+            env.bed.dovecot().imaps_port(),
+            "Implicit",
+            ALICE_AUTH,
+            "",
+        )
+        .replace("interval: 5m", "interval: 1h")
+        .replace(
+            &format!("  name: {name}\n"),
+            &format!("  name: {name}\n  labels: {{team: {}}}\n", a.ns),
+        )
+    };
+    let plain = |env: &Env| {
+        provider(
+            "other",
+            "IMAP",
+            env.bed.dovecot().imaps_port(),
+            "Implicit",
+            ALICE_AUTH,
+            "",
+        )
+        .replace("interval: 5m", "interval: 1h")
+    };
+    for env in [&a, &b] {
+        env.apply(&format!("{}---\n{}", labelled(env, "billing"), plain(env)));
+    }
+    let controller = a.controller_with(&["--namespace", &b.ns]);
+    for env in [&a, &b] {
+        for name in ["billing", "other"] {
+            env.wait_reason(name, "Connected", Duration::from_secs(60))
+                .await;
+        }
+    }
+    let before = controller.tests();
+    let asked = |env: &Env, name: &str| {
+        let providers = env.providers();
+        let name = name.to_string();
+        async move {
+            let p = providers.get(&name).await.unwrap();
+            p.annotations()
+                .get(mailroom::api::CHECK_REQUESTED_AT)
+                .cloned()
+        }
+    };
+
+    // Every namespace: the two labelled providers, named with their namespaces.
+    let (code, out, err) = retest_anywhere(&a, &["-A", "-l", &team]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    for env in [&a, &b] {
+        assert!(
+            out.contains(&format!("{}/billing: Ready=True Connected: ", env.ns)),
+            "{out}"
+        );
+        assert!(asked(env, "billing").await.is_some());
+        assert_eq!(
+            asked(env, "other").await,
+            None,
+            "an unlabelled provider was asked"
+        );
+    }
+    assert_eq!(out.lines().count(), 2, "{out}");
+    assert_eq!(controller.tests(), before + 2, "{}", controller.logs());
+
+    // One namespace: its labelled provider only, by its name alone.
+    let in_b = asked(&b, "billing").await;
+    let (code, out, err) = retest(&a, &["-l", &team]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.starts_with("billing: Ready=True Connected: "), "{out}");
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert_eq!(
+        asked(&b, "billing").await,
+        in_b,
+        "another namespace was asked"
+    );
+    assert_eq!(controller.tests(), before + 3, "{}", controller.logs());
+
+    // A selector nothing matches is an error that says where it looked.
+    let (code, out, err) = retest_anywhere(&a, &["-A", "-l", &format!("{team}-none")]);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(
+        err.contains("no IncomingMailProvider in any namespace with labels matching"),
+        "{err}"
     );
 }
