@@ -184,7 +184,8 @@ pub struct AuthenticationSpec {
     /// connectivity and the greeting only.
     pub method: AuthMethod,
     /// The login name. When empty, the Secret's username key is used (for OAuth2, the
-    /// token Secret's `username` key, which `mailroom authorize` writes).
+    /// token Secret's `username` key, which you add: `mailroom authorize` stores tokens,
+    /// not the mailbox's login name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 320))]
     pub username: Option<String>,

@@ -117,7 +117,7 @@ impl Reason {
             Reason::Suspended => "Set spec.suspend to false to resume testing.",
             Reason::InvalidSpec => "Fix the field the message names.",
             Reason::SecretNotFound => {
-                "Create the Secret named in spec.authentication.secretRef in the provider's namespace."
+                "Create the Secret or ConfigMap the message names in the provider's namespace, or fix the reference to it."
             }
             Reason::SecretKeyMissing => {
                 "Add the key the message names to the Secret (or point usernameKey/passwordKey at the right one)."

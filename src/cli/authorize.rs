@@ -88,6 +88,20 @@ pub async fn run(args: AuthorizeArgs) -> anyhow::Result<i32> {
         );
         return Ok(0);
     }
+    // The tokens say who signed in, not which mailbox to log in to: without a login name
+    // the provider could not use them, so say so before the sign-in, not after.
+    if provider.spec.authentication.username.is_none() {
+        let stored = secrets
+            .get_opt(&secret_name)
+            .await
+            .with_context(|| format!("reading Secret {ns}/{secret_name}"))?;
+        if stored.is_none_or(|s| tokens::TokenSet::from_secret(&s).username.is_none()) {
+            bail!(
+                "{ns}/{}: spec.authentication.username is not set, and Secret {secret_name:?} holds no `username` key: set spec.authentication.username to the mailbox's login name, then run this again",
+                args.name
+            );
+        }
+    }
     let client_secret = match &o.client_secret_ref {
         Some(r) => {
             let s = secrets

@@ -91,6 +91,8 @@ async fn reconcile_inner(
         let new = status::suspended(old, &sctx);
         if status::differs(old, &new) {
             Box::pin(write(&api, &p, &new, &ctx, Write::Change)).await?;
+            // Ready changed (to Unknown, Suspended): an Event like every other change.
+            Box::pin(announce(&p, old, &new, &ctx)).await;
         }
         return Ok(Action::await_change());
     }
@@ -507,13 +509,14 @@ async fn announce(
         return;
     };
     let event = Event {
-        type_: if after.status == "True" {
-            EventType::Normal
-        } else {
+        // Suspended (Unknown) is the owner's choice, no warning.
+        type_: if after.status == "False" {
             EventType::Warning
+        } else {
+            EventType::Normal
         },
         reason: after.reason.clone(),
-        note: Some(after.message.chars().take(1000).collect()),
+        note: Some(event_note(&after.message)),
         action: "Test".into(),
         secondary: None,
     };
@@ -522,6 +525,22 @@ async fn announce(
         Ok(()) => ctx.metrics.api_write("event"),
         Err(e) => warn!(error = %e, "could not record an Event"),
     }
+}
+
+/// The API server refuses an Event whose note is over 1,024 bytes (not characters: a
+/// server's words or a certificate's names may be far from ASCII).
+const EVENT_NOTE_MAX: usize = 1024;
+
+/// `message` cut to what an Event's note may hold, at a character boundary.
+fn event_note(message: &str) -> String {
+    if message.len() <= EVENT_NOTE_MAX {
+        return message.to_string();
+    }
+    let mut end = EVENT_NOTE_MAX - '…'.len_utf8();
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &message[..end])
 }
 
 pub fn error_policy(_p: Arc<IncomingMailProvider>, error: &Error, _ctx: Arc<Context>) -> Action {
@@ -544,6 +563,18 @@ mod tests {
         }
         let bytes = size(super::test_and_write);
         assert!(bytes < 3 * 1024, "a waiting test takes {bytes} bytes");
+    }
+
+    #[test]
+    fn an_event_note_fits_the_api_servers_byte_limit_whatever_the_script() {
+        for message in ["a".repeat(5000), "é".repeat(1000), "日本".repeat(400)] {
+            let note = super::event_note(&message);
+            assert!(note.len() <= super::EVENT_NOTE_MAX, "{} bytes", note.len());
+            assert!(note.ends_with('…'));
+            let kept = note.trim_end_matches('…');
+            assert!(message.starts_with(kept) && kept.len() > 1000);
+        }
+        assert_eq!(super::event_note("short"), "short");
     }
 
     /// Results kept through an outage of the API server, one after another: the status

@@ -192,6 +192,40 @@ async fn suspend_stops_tests_and_the_annotation_asks_for_one() {
         p.status.unwrap().last_handled_check_request.as_deref(),
         Some("while-suspended")
     );
+    // Suspending and resuming change Ready: each is an Event, neither a warning.
+    assert_eq!(
+        events_of(&env, "sus", 2).await,
+        vec![
+            ("Normal".to_string(), "Connected".to_string()),
+            ("Normal".to_string(), "Suspended".to_string())
+        ]
+    );
+}
+
+/// The (type, reason) of the Events about provider `name`, sorted, once there are at
+/// least `wanted` (or after 20 s).
+async fn events_of(env: &Env, name: &str, wanted: usize) -> Vec<(String, String)> {
+    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let list = events.list(&ListParams::default()).await.unwrap();
+        let mut seen: Vec<(String, String)> = list
+            .items
+            .iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+            .map(|e| {
+                (
+                    e.type_.clone().unwrap_or_default(),
+                    e.reason.clone().unwrap_or_default(),
+                )
+            })
+            .collect();
+        seen.sort();
+        if seen.len() >= wanted || Instant::now() > deadline {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 #[tokio::test]
@@ -211,27 +245,7 @@ async fn transitions_are_recorded_as_events_and_sigterm_exits_cleanly() {
     env.wait_reason("ev", "Connected", Duration::from_secs(20))
         .await;
 
-    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let reasons = loop {
-        let list = events.list(&ListParams::default()).await.unwrap();
-        let mut seen: Vec<(String, String)> = list
-            .items
-            .iter()
-            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("ev"))
-            .map(|e| {
-                (
-                    e.type_.clone().unwrap_or_default(),
-                    e.reason.clone().unwrap_or_default(),
-                )
-            })
-            .collect();
-        seen.sort();
-        if seen.len() >= 2 || Instant::now() > deadline {
-            break seen;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+    let reasons = events_of(&env, "ev", 2).await;
     assert_eq!(
         reasons,
         vec![

@@ -918,6 +918,21 @@ async fn authorize_with_a_device_code() {
             server.token_url()
         ),
     ));
+    // Without a login name the tokens would be of no use: refused before any sign-in.
+    env.apply(
+        &oauth_provider("nameless", "IMAP", d.imaps_port(), &generic(&server, ""))
+            .replace("username: alice, ", ""),
+    );
+    let (child, rx) = authorize(&env, &["nameless", "--device"]);
+    let mut seen = String::new();
+    let (code_status, _) = finish(child, rx, &mut seen);
+    assert_eq!(code_status, Some(2), "{seen}");
+    assert!(
+        seen.contains("spec.authentication.username is not set"),
+        "{seen}"
+    );
+    assert!(!seen.contains("code:"), "a sign-in was started:\n{seen}");
+
     let _controller = env.controller();
     for name in ["imap", "pop3"] {
         let (child, rx) = authorize(&env, &[name, "--device"]);
