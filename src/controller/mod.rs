@@ -458,6 +458,9 @@ async fn sweep(ctx: Arc<Context>) {
             })
             .collect();
         ctx.objects.retain(&used);
+        ctx.tokens.retain(|ns, name| {
+            used.contains(&(ObjectKind::Secret, ns.to_string(), name.to_string()))
+        });
     }
 }
 

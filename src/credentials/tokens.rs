@@ -386,6 +386,15 @@ pub fn token_tls() -> anyhow::Result<Arc<rustls::ClientConfig>> {
     Ok(Arc::new(tls))
 }
 
+/// A grant not yet stored in its Secret.
+#[derive(Clone)]
+struct Unsaved {
+    /// The tokens the Secret holds, which the grant replaces.
+    replaced: TokenSet,
+    grant: TokenResponse,
+    granted_at: Timestamp,
+}
+
 /// Held while one token Secret is refreshed.
 type SecretLock = Arc<tokio::sync::Mutex<()>>;
 
@@ -399,6 +408,10 @@ pub struct TokenManager {
     locks: Mutex<HashMap<(String, String), SecretLock>>,
     /// The token Secrets it rewrote, for the controller to tell from changes.
     own: Arc<OwnWrites>,
+    /// Tokens granted whose write-back failed, by token Secret (namespace, name): kept
+    /// and used until a write succeeds, since a token endpoint that rotates refresh
+    /// tokens no longer takes the one the Secret still holds.
+    unsaved: Mutex<HashMap<(String, String), Unsaved>>,
     /// Tokens obtained from the token endpoint since [`Self::take_refreshes`] last ran.
     refreshes: std::sync::atomic::AtomicU64,
 }
@@ -415,6 +428,7 @@ impl TokenManager {
             tls: token_tls()?,
             locks: Mutex::new(HashMap::new()),
             own: Arc::default(),
+            unsaved: Mutex::default(),
             refreshes: Default::default(),
         })
     }
@@ -464,6 +478,100 @@ impl TokenManager {
         fetched
     }
 
+    /// Forgets tokens kept for Secrets no provider references any more.
+    pub fn retain(&self, mut keep: impl FnMut(&str, &str) -> bool) {
+        self.unsaved
+            .lock()
+            .unwrap()
+            .retain(|(ns, name), _| keep(ns, name));
+    }
+
+    /// The token Secret as a refresh should see it: with the tokens of an earlier grant
+    /// whose write-back failed, stored now if the API server takes them, else only in
+    /// memory. Dropped once the Secret holds other tokens than those the grant replaced
+    /// (`mailroom authorize`, another replica).
+    async fn with_unsaved(
+        &self,
+        api: &Api<Secret>,
+        namespace: &str,
+        name: &str,
+        current: Option<Secret>,
+    ) -> Option<Secret> {
+        let key = (namespace.to_string(), name.to_string());
+        let kept = self.unsaved.lock().unwrap().get(&key).cloned();
+        let Some(kept) = kept else {
+            return current;
+        };
+        let held = current
+            .as_ref()
+            .map(TokenSet::from_secret)
+            .unwrap_or_default();
+        if !held.same_refresh_token(&kept.replaced) {
+            self.unsaved.lock().unwrap().remove(&key);
+            return current;
+        }
+        let merged = updated_secret(current.as_ref(), &kept.grant, kept.granted_at);
+        match self
+            .write_back(api, namespace, name, current.as_ref(), &merged)
+            .await
+        {
+            Ok(stored) => {
+                self.unsaved.lock().unwrap().remove(&key);
+                tracing::info!(secret = name, "stored the tokens kept since a failed write");
+                Some(stored)
+            }
+            Err(e) => {
+                tracing::warn!(secret = name, error = %e, "still cannot store the new tokens; using them from memory");
+                Some(merged)
+            }
+        }
+    }
+
+    /// Keeps a grant whose write-back failed. A grant already kept for the Secret was
+    /// made from it, so the Secret still holds what that one replaced.
+    fn keep_unsaved(&self, namespace: &str, name: &str, replaced: TokenSet, grant: TokenResponse) {
+        let key = (namespace.to_string(), name.to_string());
+        let mut unsaved = self.unsaved.lock().unwrap();
+        let replaced = unsaved.get(&key).map_or(replaced, |k| k.replaced.clone());
+        unsaved.insert(
+            key,
+            Unsaved {
+                replaced,
+                grant,
+                granted_at: Timestamp::now(),
+            },
+        );
+    }
+
+    /// Writes `updated` over `current` (or creates it), marked as our own write.
+    async fn write_back(
+        &self,
+        api: &Api<Secret>,
+        namespace: &str,
+        name: &str,
+        current: Option<&Secret>,
+        updated: &Secret,
+    ) -> Result<Secret, kube::Error> {
+        let pending = self
+            .own
+            .begin(namespace, name, current.and_then(|s| s.resource_version()));
+        let written = match current {
+            Some(_) => api.replace(name, &PostParams::default(), updated).await,
+            None => {
+                let mut fresh = updated.clone();
+                fresh.metadata.name = Some(name.to_string());
+                fresh.metadata.namespace = Some(namespace.to_string());
+                api.create(&PostParams::default(), &fresh).await
+            }
+        };
+        if let Ok(secret) = &written
+            && let Some(after) = secret.resource_version()
+        {
+            pending.done(after);
+        }
+        written
+    }
+
     async fn refresh(
         &self,
         provider: &IncomingMailProvider,
@@ -509,6 +617,9 @@ impl TokenManager {
                     format!("reading Secret {namespace}/{secret_name}: {e}"),
                 )
             })?;
+            let current = self
+                .with_unsaved(&api, namespace, secret_name, current)
+                .await;
             let tokens = current.as_ref().map(TokenSet::from_secret);
             let now = Timestamp::now();
             let step = plan(o.flow, tokens.as_ref(), now);
@@ -593,42 +704,31 @@ impl TokenManager {
                 }
             };
             let updated = updated_secret(current.as_ref(), &response, Timestamp::now());
-            let pending = self
-                .own
-                .begin(namespace, secret_name, version(current.as_ref()));
-            let written = match &current {
-                Some(_) => {
-                    api.replace(secret_name, &PostParams::default(), &updated)
-                        .await
-                }
-                None => {
-                    let mut fresh = updated.clone();
-                    fresh.metadata.name = Some(secret_name.to_string());
-                    fresh.metadata.namespace = Some(namespace.to_string());
-                    api.create(&PostParams::default(), &fresh).await
-                }
-            };
-            match written {
+            match self
+                .write_back(&api, namespace, secret_name, current.as_ref(), &updated)
+                .await
+            {
                 Ok(secret) => {
                     tracing::info!(
                         secret = secret_name,
                         grant = what,
                         "stored a new access token"
                     );
-                    if let Some(after) = secret.resource_version() {
-                        pending.done(after);
-                    }
                     return Ok(secret);
                 }
                 Err(kube::Error::Api(status)) if status.code == 409 => {
-                    // Changed (or created) meanwhile: the next round re-reads it. If the
-                    // refresh token is still the one used, ours is written over it; if not,
-                    // the newer one is kept and ours is used for this test only.
+                    // Changed (or created) meanwhile. If the refresh token is no longer
+                    // the one used, the newer one is kept and ours is used for this test
+                    // only; if it is, ours is written over it.
                     let again = api.get_opt(secret_name).await.ok().flatten();
-                    if let Some(again) = again
-                        && !TokenSet::from_secret(&again).same_refresh_token(&used)
+                    if let Some(again) = &again
+                        && !TokenSet::from_secret(again).same_refresh_token(&used)
                     {
-                        let mut local = again;
+                        self.unsaved
+                            .lock()
+                            .unwrap()
+                            .remove(&(namespace.to_string(), secret_name.to_string()));
+                        let mut local = again.clone();
                         let data = local.data.get_or_insert_with(BTreeMap::new);
                         data.insert(
                             ACCESS_TOKEN.into(),
@@ -636,24 +736,24 @@ impl TokenManager {
                         );
                         return Ok(local);
                     }
-                    let again = api.get_opt(secret_name).await.ok().flatten();
                     let retry = updated_secret(again.as_ref(), &response, Timestamp::now());
-                    let pending = self
-                        .own
-                        .begin(namespace, secret_name, version(again.as_ref()));
-                    if let Ok(secret) = api
-                        .replace(secret_name, &PostParams::default(), &retry)
+                    match self
+                        .write_back(&api, namespace, secret_name, again.as_ref(), &retry)
                         .await
                     {
-                        if let Some(after) = secret.resource_version() {
-                            pending.done(after);
+                        Ok(secret) => return Ok(secret),
+                        Err(e) => {
+                            // Never a second round: it would redeem the refresh token
+                            // this grant just replaced.
+                            tracing::warn!(secret = secret_name, error = %e, "could not store the new tokens; keeping them in memory");
+                            self.keep_unsaved(namespace, secret_name, used, response);
+                            return Ok(retry);
                         }
-                        return Ok(secret);
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(secret = secret_name, error = %e, "could not store the new tokens");
-                    // Use the new access token for this test anyway.
+                    tracing::warn!(secret = secret_name, error = %e, "could not store the new tokens; keeping them in memory");
+                    self.keep_unsaved(namespace, secret_name, used, response);
                     return Ok(updated);
                 }
             }
@@ -681,11 +781,6 @@ fn still_valid(
             format!("{message}; no valid access token is left"),
         )),
     }
-}
-
-/// A Secret's resourceVersion (None: no Secret).
-fn version(secret: Option<&Secret>) -> Option<String> {
-    secret.and_then(|s| s.resource_version())
 }
 
 #[cfg(test)]

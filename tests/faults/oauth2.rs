@@ -354,3 +354,145 @@ async fn a_controller_killed_around_a_token_refresh_loses_no_token_and_every_pro
         server.token_requests()
     );
 }
+
+/// Whether the API server refuses an update of `name` now (asked as a dry run, so that
+/// nothing changes either way).
+async fn update_refused(env: &Env, name: &str) -> bool {
+    let api: Api<Secret> = Api::namespaced(env.client.clone(), &env.ns);
+    let params = kube::api::PatchParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let patch = kube::api::Patch::Merge(serde_json::json!({
+        "metadata": {"annotations": {"probe": "x"}}
+    }));
+    api.patch(name, &params, &patch).await.is_err()
+}
+
+/// Waits until updates of `name` are refused (`refused`) or taken again.
+async fn until_updates(env: &Env, name: &str, refused: bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while update_refused(env, name).await != refused {
+        assert!(
+            Instant::now() < deadline,
+            "the admission policy did not take effect"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_rotated_token_the_api_server_refuses_to_store_is_kept_and_stored_later() {
+    let env = alice_env("oauth2-unsaved").await;
+    let server = TokenServer::start(env.bed.oauth());
+    server.register_client(CLIENT, None, None);
+    // Every test refreshes (tokens live a minute, under the five kept in hand), and every
+    // refresh rotates the refresh token: the one the Secret holds dies at the first.
+    server.set_access_ttl(Duration::from_secs(60));
+    let first = server.grant("alice", CLIENT);
+    let expired = env
+        .bed
+        .oauth()
+        .access_token("alice", Duration::from_secs(1));
+    env.secret(
+        "alice-token",
+        &[
+            ("refresh_token", &first),
+            ("access_token", &expired),
+            ("expires_at", &rfc3339_in(-60)),
+        ],
+    )
+    .await;
+    env.apply(&provider(
+        "oauth-imap",
+        "IMAP",
+        env.bed.dovecot().imaps_port(),
+        "Implicit",
+        &format!(
+            "{{method: OAuth2, username: alice, oauth2: {{provider: Generic, clientId: {CLIENT}, tokenURL: '{}', tokenSecretRef: {{name: alice-token}}}}}}",
+            server.token_url()
+        ),
+        "",
+    ));
+
+    // The API server refuses every update of the token Secret (an admission policy, as
+    // a cluster's policy engine or a full etcd would).
+    let policy = format!("refuse-token-writes-{}", env.ns);
+    env.apply(&format!(
+        "apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {{name: {policy}}}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+      - {{apiGroups: [''], apiVersions: [v1], operations: [UPDATE], resources: [secrets]}}
+  validations:
+    - {{expression: \"object.metadata.name != 'alice-token'\", message: token Secret writes refused by the test}}
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {{name: {policy}}}
+spec:
+  policyName: {policy}
+  validationActions: [Deny]
+  matchResources:
+    namespaceSelector:
+      matchLabels: {{kubernetes.io/metadata.name: {ns}}}
+",
+        ns = env.ns
+    ));
+    until_updates(&env, "alice-token", true).await;
+
+    let controller = env.controller();
+    env.wait_reason("oauth-imap", "Connected", Duration::from_secs(60))
+        .await;
+    assert_eq!(server.token_requests(), 1, "{}", controller.logs());
+    assert_eq!(
+        refresh_token(&token_secret(&env).await),
+        first,
+        "the write was refused, yet the Secret changed"
+    );
+    assert!(!server.refresh_token_valid(&first), "the grant rotated it");
+
+    // The next test refreshes from the token kept in memory, not from the Secret's dead one.
+    fleet::request_checks(&env, &["oauth-imap".to_string()], "still-refused").await;
+    let p = env
+        .wait(
+            "oauth-imap",
+            "the still-refused request answered",
+            Duration::from_secs(30),
+            |p| answered(p, "still-refused"),
+        )
+        .await;
+    assert_eq!(reason(&p), "Connected", "{}", controller.logs());
+    assert_eq!(server.token_requests(), 2);
+    assert!(
+        server.reused_refresh_tokens().is_empty(),
+        "a refresh token was presented twice:\n{}",
+        controller.logs()
+    );
+
+    // Writes taken again: the next test stores the kept tokens, and refreshes from them.
+    env.bed
+        .kubectl()
+        .args([
+            "delete",
+            "validatingadmissionpolicybinding,validatingadmissionpolicy",
+            &policy,
+        ])
+        .output()
+        .unwrap();
+    until_updates(&env, "alice-token", false).await;
+    fleet::request_checks(&env, &["oauth-imap".to_string()], "allowed").await;
+    let p = env
+        .wait(
+            "oauth-imap",
+            "the allowed request answered",
+            Duration::from_secs(30),
+            |p| answered(p, "allowed"),
+        )
+        .await;
+    assert_eq!(reason(&p), "Connected", "{}", controller.logs());
+    one_good_token(&env, &server, "once writes were taken", &controller.logs()).await;
+}
