@@ -29,12 +29,13 @@ pub enum Reason {
     AuthMechanismUnsupported,
     AuthenticationFailed,
     MailboxUnavailable,
+    ServerUnavailable,
     Timeout,
 }
 
 impl Reason {
     /// Every reason, in the order the README documents them.
-    pub const ALL: [Reason; 21] = [
+    pub const ALL: [Reason; 22] = [
         Reason::Connected,
         Reason::Checking,
         Reason::Suspended,
@@ -55,6 +56,7 @@ impl Reason {
         Reason::AuthMechanismUnsupported,
         Reason::AuthenticationFailed,
         Reason::MailboxUnavailable,
+        Reason::ServerUnavailable,
         Reason::Timeout,
     ];
 
@@ -80,6 +82,7 @@ impl Reason {
             Reason::AuthMechanismUnsupported => "AuthMechanismUnsupported",
             Reason::AuthenticationFailed => "AuthenticationFailed",
             Reason::MailboxUnavailable => "MailboxUnavailable",
+            Reason::ServerUnavailable => "ServerUnavailable",
             Reason::Timeout => "Timeout",
         }
     }
@@ -158,7 +161,10 @@ impl Reason {
                 "Fix the username or password in the Secret (the message quotes the server)."
             }
             Reason::MailboxUnavailable => {
-                "Check spec.check.mailbox: the server refused to open it."
+                "Check spec.check.mailbox: the server refused to open it (or, for POP3, another session holds it)."
+            }
+            Reason::ServerUnavailable => {
+                "The server failed on its side, not the login: tests go on, and it turns Ready when the server recovers."
             }
             Reason::Timeout => {
                 "The step the message names took longer than spec.check.timeout allows."

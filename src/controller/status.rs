@@ -217,7 +217,13 @@ fn sub_conditions(outcome: &Outcome) -> (Cond, Cond) {
             "authentication.method is None: no login is tested".to_string(),
         )
     } else if failed_step == Some(Step::Authenticate) {
-        ("False", outcome.reason.as_str(), outcome.message.clone())
+        // A server failing on its side tells nothing of the login.
+        let known = if outcome.reason == Reason::ServerUnavailable {
+            "Unknown"
+        } else {
+            "False"
+        };
+        (known, outcome.reason.as_str(), outcome.message.clone())
     } else {
         let mech = report
             .findings

@@ -102,6 +102,46 @@ pub(crate) fn tagged_reply(lines: &[String]) -> Option<String> {
     })
 }
 
+/// What a server's refusal of a login says, by its response code (POP3: RFC 2449 and
+/// 3206; IMAP: RFC 5530). Most refusals are the credentials; these are not, and a user
+/// told "wrong password" would change a password that works.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Wrong credentials, or an account the server will not let in.
+    Credentials,
+    /// POP3 `[IN-USE]`: logged in, but another session holds the maildrop.
+    MailboxInUse,
+    /// The server's own failure, or a login too soon after the last; what it means.
+    ServerSide(&'static str),
+}
+
+/// Reads the response code of a refusal: `-ERR [SYS/TEMP] ...`, `NO [UNAVAILABLE] ...`.
+pub(crate) fn refusal(reply: &str) -> Refusal {
+    let code = reply
+        .split_once(' ')
+        .and_then(|(_, rest)| rest.strip_prefix('['))
+        .and_then(|rest| rest.split_once(']'))
+        .map(|(code, _)| {
+            code.split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_ascii_uppercase()
+        });
+    match code.as_deref() {
+        Some("IN-USE") => Refusal::MailboxInUse,
+        Some("SYS/TEMP") | Some("UNAVAILABLE") => {
+            Refusal::ServerSide("the server reports a temporary failure on its side")
+        }
+        Some("SYS/PERM") | Some("SERVERBUG") => {
+            Refusal::ServerSide("the server reports a failure on its side")
+        }
+        Some("LOGIN-DELAY") => Refusal::ServerSide(
+            "the server refuses a login this soon after the previous one (a spec.check.interval longer than its delay avoids this)",
+        ),
+        _ => Refusal::Credentials,
+    }
+}
+
 /// What else the first line a server sent suggests it is, as a hint for people.
 pub(crate) fn other_protocol_hint(expected: Protocol, first_line: &[u8]) -> Option<&'static str> {
     let starts =
@@ -334,6 +374,38 @@ pub(crate) fn resolve_failure(host: &str, err: &io::Error) -> Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_is_the_credentials_unless_its_code_says_otherwise() {
+        for (reply, expected) in [
+            ("-ERR [AUTH] Authentication failed.", Refusal::Credentials),
+            ("-ERR Authentication failed.", Refusal::Credentials),
+            (
+                "NO [AUTHENTICATIONFAILED] Authentication failed.",
+                Refusal::Credentials,
+            ),
+            ("NO [CONTACTADMIN] Login disabled", Refusal::Credentials),
+            (
+                "-ERR [IN-USE] Mailbox is locked by another POP3 session.",
+                Refusal::MailboxInUse,
+            ),
+            ("-ERR [in-use] locked", Refusal::MailboxInUse),
+            ("NO [ALERT] [UNAVAILABLE] not first", Refusal::Credentials),
+            ("-ERR", Refusal::Credentials),
+            ("-ERR [", Refusal::Credentials),
+        ] {
+            assert_eq!(refusal(reply), expected, "{reply}");
+        }
+        for reply in [
+            "-ERR [SYS/TEMP] Temporary authentication failure. [vm:2026-11-29 23:55:34]",
+            "-ERR [SYS/PERM] Storage gone",
+            "-ERR [LOGIN-DELAY] Wait 900 seconds",
+            "NO [UNAVAILABLE] Temporary authentication failure.",
+            "NO [SERVERBUG] Internal error",
+        ] {
+            assert!(matches!(refusal(reply), Refusal::ServerSide(_)), "{reply}");
+        }
+    }
     use crate::probe::stream::LimitExceeded;
 
     #[test]

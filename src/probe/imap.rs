@@ -21,7 +21,7 @@ use base64::engine::general_purpose::STANDARD_NO_PAD;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::io::AsyncWriteExt;
 
-use super::classify::{self, quote};
+use super::classify::{self, Refusal, quote};
 use super::sasl::{self, Exchange};
 use super::session::{Greeting, MailSession, Mechanism};
 use super::stream::{Limits, Meter, Tcp, Wire, limit_exceeded};
@@ -154,10 +154,27 @@ impl Imap {
         match err {
             ImapError::No(_) | ImapError::Bad(_) => {
                 self.busy = false;
-                let said = self
-                    .tagged_reply()
-                    .map(|t| quote(&t))
+                let reply = self.tagged_reply();
+                let said = reply
+                    .as_deref()
+                    .map(quote)
                     .unwrap_or_else(|| "a NO or BAD reply".into());
+                let server_side = match reply.as_deref().map(classify::refusal) {
+                    Some(Refusal::ServerSide(what)) if refused == Reason::AuthenticationFailed => {
+                        Some(what)
+                    }
+                    _ => None,
+                };
+                if let Some(what) = server_side {
+                    return Failure::new(
+                        Reason::ServerUnavailable,
+                        step,
+                        format!(
+                            "IMAP {command} refused by {}: {what}, not a wrong login: {said}",
+                            self.endpoint
+                        ),
+                    );
+                }
                 let message = if refused == Reason::AuthenticationFailed {
                     format!("IMAP {command} rejected by {}: {said}", self.endpoint)
                 } else {

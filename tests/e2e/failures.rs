@@ -339,3 +339,122 @@ async fn a_mailbox_that_does_not_exist_is_unavailable() {
         .await;
     assert_eq!(p.status.unwrap().mailbox.unwrap().name, "Archive");
 }
+
+/// A POP3 session of its own, logged in and held open, as a mail client that downloads
+/// the mailbox holds it.
+fn hold_pop3_mailbox(port: u16, user: &str, password: &str) -> std::net::TcpStream {
+    use std::io::{BufRead, BufReader, Write};
+    let stream = std::net::TcpStream::connect((mailroom_testbed::MAIL_HOST, port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let expect_ok = |reader: &mut BufReader<std::net::TcpStream>| {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert!(line.starts_with("+OK"), "{line:?}");
+    };
+    expect_ok(&mut reader);
+    let mut w = stream.try_clone().unwrap();
+    for command in [format!("USER {user}"), format!("PASS {password}")] {
+        w.write_all(format!("{command}\r\n").as_bytes()).unwrap();
+        expect_ok(&mut reader);
+    }
+    stream
+}
+
+#[tokio::test]
+async fn a_pop3_mailbox_held_by_another_session_is_unavailable_not_a_wrong_password() {
+    let env = Env::new("inuse").await;
+    let plain = env.bed.plaintext_dovecot();
+    let (user, password) = mailroom_testbed::LOCKING_ACCOUNT;
+    env.secret("carol", &[("username", user), ("password", password)])
+        .await;
+    // Dovecot waits some 10 s for the lock before it gives up: a timeout above that.
+    let pop3 = provider(
+        "carol",
+        "POP3",
+        plain.pop3_port(),
+        "None",
+        "{method: Password, secretRef: {name: carol}, allowUnencrypted: true}",
+        "",
+    )
+    .replace(", caBundleRef: {kind: ConfigMap, name: test-ca}", "")
+    .replace("timeout: 10s", "timeout: 25s");
+    let held = hold_pop3_mailbox(plain.pop3_port(), user, password);
+    env.apply(&pop3);
+    let _controller = env.controller();
+    let p = env
+        .wait_reason("carol", "MailboxUnavailable", Duration::from_secs(60))
+        .await;
+    let msg = &ready(&p).unwrap().message;
+    assert!(
+        msg.contains("another session holds the mailbox") && msg.contains("[IN-USE]"),
+        "{msg:?}"
+    );
+    assert_eq!(
+        condition(&p, "Authenticated").unwrap().status,
+        "True",
+        "IN-USE comes after the password was accepted"
+    );
+
+    // The other session ends: the next test gets in.
+    drop(held);
+    env.kubectl(&[
+        "annotate",
+        "imp/carol",
+        "mailroom.dev/check-requested-at=released",
+        "--overwrite",
+    ]);
+    env.wait_reason("carol", "Connected", Duration::from_secs(60))
+        .await;
+}
+
+#[tokio::test]
+async fn a_server_failing_on_its_side_is_server_unavailable_not_a_wrong_password() {
+    let env = Env::new("unavailable").await;
+    trust_bed_ca(&env).await;
+    env.secret(
+        "dave",
+        &[
+            ("username", mailroom_testbed::UNAVAILABLE_USER),
+            ("password", "any"),
+        ],
+    )
+    .await;
+    let d = env.bed.dovecot();
+    let auth = "{method: Password, secretRef: {name: dave}}";
+    env.apply(&provider(
+        "imap",
+        "IMAP",
+        d.imaps_port(),
+        "Implicit",
+        auth,
+        "",
+    ));
+    env.apply(&provider(
+        "pop3",
+        "POP3",
+        d.pop3s_port(),
+        "Implicit",
+        auth,
+        "",
+    ));
+    let _controller = env.controller();
+    for (name, code) in [("imap", "[UNAVAILABLE]"), ("pop3", "[SYS/TEMP]")] {
+        let p = env
+            .wait_reason(name, "ServerUnavailable", Duration::from_secs(60))
+            .await;
+        let msg = &ready(&p).unwrap().message;
+        assert!(
+            msg.contains("temporary failure on its side, not a wrong login") && msg.contains(code),
+            "{name}: {msg:?}"
+        );
+        assert_eq!(condition(&p, "Reachable").unwrap().status, "True");
+        assert_eq!(
+            condition(&p, "Authenticated").unwrap().status,
+            "Unknown",
+            "{name}: the server's failure says nothing of the login"
+        );
+    }
+}

@@ -33,6 +33,15 @@ pub const MAIL_HOST: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 pub const DEFAULT_ACCOUNTS: [(&str, &str); 2] =
     [("alice", "alice-secret-1"), ("bob", "bob-secret-2")];
 
+/// An account whose POP3 session locks its maildrop, as RFC 1939 servers do: while one
+/// session holds it, another's login is refused with `-ERR [IN-USE]`.
+pub const LOCKING_ACCOUNT: (&str, &str) = ("carol", "carol-secret-3");
+
+/// A login the instance's authentication always fails on its side (its password file
+/// cannot be read): `-ERR [SYS/TEMP]` in POP3, `NO [UNAVAILABLE]` in IMAP, whatever the
+/// password.
+pub const UNAVAILABLE_USER: &str = "dave@unavailable.test";
+
 /// Which certificate an instance serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum CertKind {
@@ -84,6 +93,9 @@ impl DovecotOptions {
 pub struct Account {
     pub user: String,
     pub password: String,
+    /// Dovecot settings for this account alone (passwd-file extra fields).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub settings: Vec<String>,
 }
 
 /// Everything about an instance that outlives the process that started it.
@@ -196,7 +208,13 @@ impl Dovecot {
                 .map(|(u, p)| Account {
                     user: u.to_string(),
                     password: p.to_string(),
+                    settings: Vec::new(),
                 })
+                .chain([Account {
+                    user: LOCKING_ACCOUNT.0.to_string(),
+                    password: LOCKING_ACCOUNT.1.to_string(),
+                    settings: vec!["userdb_pop3_lock_session=yes".to_string()],
+                }])
                 .collect(),
             dir: dir.clone(),
         };
@@ -325,6 +343,7 @@ impl Dovecot {
             None => accounts.push(Account {
                 user: user.to_string(),
                 password: password.to_string(),
+                settings: Vec::new(),
             }),
         }
         let text = passwd_text(&accounts)?;
@@ -550,7 +569,13 @@ fn passwd_text(accounts: &[Account]) -> Result<String> {
                 a.user
             );
         }
-        writeln!(text, "{}:{{PLAIN}}{}::::::", a.user, a.password)?;
+        writeln!(
+            text,
+            "{}:{{PLAIN}}{}::::::{}",
+            a.user,
+            a.password,
+            a.settings.join(" ")
+        )?;
     }
     Ok(text)
 }
@@ -630,6 +655,9 @@ fn config_text(info: &DovecotInfo, run_as: &RunAs) -> String {
     let _ = write!(
         c,
         "\n# Passwords for PLAIN and LOGIN, JWT access tokens for XOAUTH2 and OAUTHBEARER.\n\
+         # The first fails on its side for *@unavailable.test: its file lies under a file.\n\
+         passdb {{\n  driver = passwd-file\n  args = scheme=PLAIN username_format=%u {dir}/passwd/unavailable\n  \
+         username_filter = *@unavailable.test\n  mechanisms = plain login\n}}\n\
          passdb {{\n  driver = passwd-file\n  args = scheme=PLAIN username_format=%u {dir}/passwd\n  \
          mechanisms = plain login\n}}\n\
          passdb {{\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n  \
@@ -738,6 +766,7 @@ mod tests {
         let a = |u: &str, p: &str| Account {
             user: u.into(),
             password: p.into(),
+            settings: Vec::new(),
         };
         assert_eq!(
             passwd_text(&[a("alice", "pw")]).unwrap(),

@@ -22,7 +22,10 @@ use std::sync::{Once, OnceLock};
 
 pub use bed::Bed;
 pub use control_plane::ControlPlaneInfo;
-pub use dovecot::{Account, CertKind, Dovecot, DovecotInfo, DovecotOptions, MAIL_HOST};
+pub use dovecot::{
+    Account, CertKind, Dovecot, DovecotInfo, DovecotOptions, LOCKING_ACCOUNT, MAIL_HOST,
+    UNAVAILABLE_USER,
+};
 pub use oauth::OAuthKey;
 pub use state::BedState;
 pub use token_server::TokenServer;
