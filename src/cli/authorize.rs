@@ -271,65 +271,145 @@ async fn code_flow(
     exchange(tls, token_url, &form).await
 }
 
+/// Bound on a request head read from the loopback listener.
+const MAX_REQUEST_HEAD: usize = 16 * 1024;
+/// Each connection's time to send its request: browsers open preconnect sockets they
+/// may never use.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
+/// Connections served at once; more wait in the listener's backlog.
+const MAX_CONNECTIONS: usize = 32;
+
 /// Serves the loopback redirect until one carries the right state; returns the code.
+/// Each connection is served on its own, so an idle or slow one holds up no other.
 async fn wait_for_code(listener: &TcpListener, state: &str) -> anyhow::Result<SecretString> {
+    let state: Arc<str> = Arc::from(state);
+    // Dropped with the wait (on the overall timeout too), which aborts what is left.
+    let mut conns = tokio::task::JoinSet::new();
     loop {
-        let (mut conn, _) = listener.accept().await?;
-        let mut buf = vec![0u8; 16 * 1024];
-        let mut len = 0;
-        while len < buf.len() {
-            let n = conn.read(&mut buf[len..]).await?;
-            if n == 0 {
-                break;
+        tokio::select! {
+            accepted = listener.accept(), if conns.len() < MAX_CONNECTIONS => {
+                let (conn, _) = accepted?;
+                conns.spawn(serve_redirect(conn, state.clone()));
             }
-            len += n;
-            if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                break;
+            Some(served) = conns.join_next() => {
+                if let Ok(Some(result)) = served {
+                    return result;
+                }
             }
         }
-        let head = String::from_utf8_lossy(&buf[..len]).to_string();
-        let target = head
-            .lines()
-            .next()
-            .and_then(|l| l.split_whitespace().nth(1))
-            .unwrap_or_default()
-            .to_string();
-        let params: BTreeMap<String, String> = target
-            .split_once('?')
-            .map(|(_, q)| form_urlencoded_pairs(q))
-            .unwrap_or_default();
-        let (page, result) = if params.get("state").map(String::as_str) != Some(state) {
-            ("This is not the sign-in mailroom is waiting for.", None)
-        } else if let Some(error) = params.get("error") {
-            let description = params.get("error_description").cloned().unwrap_or_default();
-            (
-                "Sign-in failed; see the terminal.",
-                Some(Err(anyhow::anyhow!(
-                    "the sign-in failed: {error}: {description}"
-                ))),
-            )
-        } else if let Some(code) = params.get("code") {
-            (
-                "Signed in. You can close this window and return to the terminal.",
-                Some(Ok(SecretString::from(code.clone()))),
-            )
-        } else {
-            ("Waiting for the sign-in.", None)
+    }
+}
+
+/// Answers one connection; `Some` when it ends the wait.
+async fn serve_redirect(
+    mut conn: tokio::net::TcpStream,
+    state: Arc<str>,
+) -> Option<anyhow::Result<SecretString>> {
+    let head = tokio::time::timeout(REQUEST_DEADLINE, read_head(&mut conn))
+        .await
+        .ok()?
+        .ok()?;
+    let reply = match request_target(&head) {
+        Some(target) => redirect_reply(target, &state),
+        None => Reply::page(
+            "431 Request Header Fields Too Large",
+            "The request is too large.",
+        ),
+    };
+    let body = format!(
+        "<!doctype html><title>mailroom</title><p>{}</p>\n",
+        reply.page
+    );
+    let answer = format!(
+        "HTTP/1.1 {}\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        reply.status,
+        body.len()
+    );
+    let _ = tokio::time::timeout(REQUEST_DEADLINE, async {
+        conn.write_all(answer.as_bytes()).await?;
+        conn.shutdown().await
+    })
+    .await;
+    reply.outcome
+}
+
+/// Reads up to the blank line ending the head, the end of the stream or the bound.
+async fn read_head(conn: &mut tokio::net::TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; MAX_REQUEST_HEAD];
+    let mut len = 0;
+    while len < buf.len() {
+        let n = conn.read(&mut buf[len..]).await?;
+        if n == 0 {
+            break;
+        }
+        len += n;
+        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    buf.truncate(len);
+    Ok(buf)
+}
+
+/// The request line's target; `None` when the bound cut the request line itself.
+fn request_target(head: &[u8]) -> Option<&str> {
+    let line = match head.iter().position(|&b| b == b'\n') {
+        Some(end) => &head[..end],
+        None if head.len() >= MAX_REQUEST_HEAD => return None,
+        None => head,
+    };
+    let line = std::str::from_utf8(line).unwrap_or_default();
+    Some(line.split_whitespace().nth(1).unwrap_or_default())
+}
+
+/// What the loopback listener answers, and whether the answer ends the wait.
+struct Reply {
+    status: &'static str,
+    page: &'static str,
+    outcome: Option<anyhow::Result<SecretString>>,
+}
+
+impl Reply {
+    fn page(status: &'static str, page: &'static str) -> Self {
+        Reply {
+            status,
+            page,
+            outcome: None,
+        }
+    }
+}
+
+/// The answer to a request for `target`: only the redirect URI's path with the flow's
+/// own state ends the wait.
+fn redirect_reply(target: &str, state: &str) -> Reply {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    if path != "/" {
+        return Reply::page("404 Not Found", "Not found.");
+    }
+    let params = form_urlencoded_pairs(query);
+    if params.get("state").map(String::as_str) != Some(state) {
+        return Reply::page(
+            "400 Bad Request",
+            "This is not the sign-in mailroom is waiting for.",
+        );
+    }
+    if let Some(error) = params.get("error") {
+        let description = params.get("error_description").cloned().unwrap_or_default();
+        return Reply {
+            status: "200 OK",
+            page: "Sign-in failed; see the terminal.",
+            outcome: Some(Err(anyhow::anyhow!(
+                "the sign-in failed: {error}: {description}"
+            ))),
         };
-        let body = format!("<!doctype html><title>mailroom</title><p>{page}</p>\n");
-        let _ = conn
-            .write_all(
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                )
-                .as_bytes(),
-            )
-            .await;
-        let _ = conn.shutdown().await;
-        if let Some(result) = result {
-            return result;
-        }
+    }
+    match params.get("code") {
+        Some(code) => Reply {
+            status: "200 OK",
+            page: "Signed in. You can close this window and return to the terminal.",
+            outcome: Some(Ok(SecretString::from(code.clone()))),
+        },
+        None => Reply::page("200 OK", "Waiting for the sign-in."),
     }
 }
 
@@ -559,5 +639,133 @@ mod tests {
         assert_eq!(q["code"], "a/b");
         assert_eq!(q["state"], "x y");
         assert_eq!(q["error_description"], "AADSTS: no");
+    }
+
+    #[test]
+    fn only_the_redirect_with_its_state_ends_the_wait() {
+        let ends = |target: &str| redirect_reply(target, "s").outcome;
+        let code = ends("/?code=c&state=s").unwrap().unwrap();
+        assert_eq!(code.expose_secret(), "c");
+        let failed = ends("/?error=access_denied&state=s").unwrap().unwrap_err();
+        assert!(failed.to_string().contains("access_denied"), "{failed}");
+        for target in [
+            "/?error=access_denied&state=x",
+            "/?code=c&state=x",
+            "/?code=c",
+            "/",
+            "/favicon.ico",
+            "/favicon.ico?code=c&state=s",
+            "",
+        ] {
+            assert!(ends(target).is_none(), "{target:?} ended the wait");
+        }
+        assert_eq!(redirect_reply("/favicon.ico", "s").status, "404 Not Found");
+        assert_eq!(redirect_reply("/?state=x", "s").status, "400 Bad Request");
+    }
+
+    #[test]
+    fn the_target_comes_from_a_whole_request_line() {
+        assert_eq!(
+            request_target(b"GET /?code=c HTTP/1.1\r\nHost: h\r\n\r\n"),
+            Some("/?code=c")
+        );
+        // Cut by the bound after the request line: the line still counts.
+        let mut long = b"GET /?code=c HTTP/1.1\r\nCookie: ".to_vec();
+        long.resize(MAX_REQUEST_HEAD, b'a');
+        assert_eq!(request_target(&long), Some("/?code=c"));
+        // Cut inside the request line: no target.
+        assert_eq!(request_target(&vec![b'a'; MAX_REQUEST_HEAD]), None);
+    }
+
+    const STATE: &str = "s7";
+    /// Well under the per-connection deadline: an answer this late means a connection
+    /// waited for another.
+    const PROMPT: Duration = Duration::from_secs(3);
+
+    async fn waiting() -> (
+        std::net::SocketAddr,
+        tokio::task::JoinHandle<anyhow::Result<SecretString>>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let wait = tokio::spawn(async move { wait_for_code(&listener, STATE).await });
+        (addr, wait)
+    }
+
+    /// Sends one GET and returns the whole answer.
+    async fn get(addr: std::net::SocketAddr, target: &str) -> String {
+        let exchange = async {
+            let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let request = format!("GET {target} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+            conn.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = String::new();
+            conn.read_to_string(&mut answer).await.unwrap();
+            answer
+        };
+        tokio::time::timeout(PROMPT, exchange)
+            .await
+            .unwrap_or_else(|_| panic!("GET {target}: no answer within {PROMPT:?}"))
+    }
+
+    async fn code_of(wait: tokio::task::JoinHandle<anyhow::Result<SecretString>>) -> String {
+        let code = tokio::time::timeout(PROMPT, wait)
+            .await
+            .unwrap_or_else(|_| panic!("the wait did not end within {PROMPT:?}"))
+            .unwrap()
+            .unwrap();
+        code.expose_secret().to_string()
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_does_not_hold_up_the_redirect() {
+        let (addr, wait) = waiting().await;
+        // A browser's preconnect: opened first, never sends a byte.
+        let _idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let answer = get(addr, &format!("/?code=c1&state={STATE}")).await;
+        assert!(answer.contains("Signed in."), "answer: {answer}");
+        assert_eq!(code_of(wait).await, "c1");
+    }
+
+    #[tokio::test]
+    async fn other_paths_get_404_and_the_wait_goes_on() {
+        let (addr, wait) = waiting().await;
+        let answer = get(addr, "/favicon.ico").await;
+        assert!(answer.starts_with("HTTP/1.1 404 "), "answer: {answer}");
+        assert!(!wait.is_finished());
+        get(addr, &format!("/?code=c2&state={STATE}")).await;
+        assert_eq!(code_of(wait).await, "c2");
+    }
+
+    #[tokio::test]
+    async fn a_wrong_state_is_refused_and_the_wait_goes_on() {
+        let (addr, wait) = waiting().await;
+        let answer = get(addr, "/?code=forged&state=other").await;
+        assert!(answer.starts_with("HTTP/1.1 400 "), "answer: {answer}");
+        assert!(
+            answer.contains("not the sign-in mailroom is waiting for"),
+            "answer: {answer}"
+        );
+        assert!(!wait.is_finished());
+        get(addr, &format!("/?code=c3&state={STATE}")).await;
+        assert_eq!(code_of(wait).await, "c3");
+    }
+
+    #[tokio::test]
+    async fn an_oversized_request_is_cut_off_and_the_wait_goes_on() {
+        let (addr, wait) = waiting().await;
+        let mut big = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // Past the bound, no line end at all; the connection stays open.
+        big.write_all(&vec![b'a'; MAX_REQUEST_HEAD + 1024])
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        let cut = tokio::time::timeout(PROMPT, big.read_to_end(&mut rest)).await;
+        assert!(
+            cut.is_ok(),
+            "the oversized connection was not closed within {PROMPT:?}"
+        );
+        assert!(!wait.is_finished());
+        get(addr, &format!("/?code=c4&state={STATE}")).await;
+        assert_eq!(code_of(wait).await, "c4");
     }
 }
