@@ -10,9 +10,12 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::Api;
 use kube::{Client, ResourceExt};
 
-use crate::api::IncomingMailProvider;
+use k8s_openapi::jiff::Timestamp;
+
+use crate::api::{AuthMethod, IncomingMailProvider, Reason};
 use crate::check::{self, Outcome};
 use crate::controller::status::format_duration;
+use crate::credentials::tokens::TokenSet;
 use crate::credentials::{Fetched, ObjectKind, references};
 
 #[derive(clap::Args, Debug)]
@@ -23,7 +26,8 @@ pub struct CheckArgs {
     #[arg(long, short = 'n')]
     pub namespace: Option<String>,
     /// Test the provider in a manifest instead (repeatable). Secrets and ConfigMaps in the
-    /// files are used first; the cluster supplies the rest when it can be reached.
+    /// files are used first; the cluster supplies the rest when it can be reached. An
+    /// OAuth2 token Secret from the files is used as it is, never refreshed.
     #[arg(long = "filename", short = 'f')]
     pub files: Vec<PathBuf>,
 }
@@ -55,6 +59,12 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
         )
     } else {
         from_files(&args)?
+    };
+    // Secrets given in the files: a token Secret among them is not refreshed (below).
+    let from_files: Vec<String> = if args.files.is_empty() {
+        Vec::new()
+    } else {
+        fetched.secrets.keys().cloned().collect()
     };
     if provider.namespace().is_none() {
         fetched.namespace = args.namespace.clone().unwrap_or_else(|| match &client {
@@ -95,13 +105,24 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
     }
 
     // OAuth2: the same fresh access token the controller would use (refreshing it, and
-    // writing a rotated refresh token back, exactly as the controller does).
-    let fetched = match &client {
-        Ok(client) => match crate::credentials::tokens::TokenManager::new(client.clone()) {
+    // writing a rotated refresh token back, exactly as the controller does); but a token
+    // Secret from the files is only used, never refreshed: the refresh would read and
+    // write the cluster's copy, and the new tokens could be stored nowhere while a
+    // rotating endpoint retires the file's refresh token.
+    let fetched = match (
+        file_token_problem(&provider, &fetched, &from_files),
+        &client,
+    ) {
+        (Some(token_problem), _) => Fetched {
+            provider: provider.name_any(),
+            token_problem,
+            ..fetched
+        },
+        (None, Ok(client)) => match crate::credentials::tokens::TokenManager::new(client.clone()) {
             Ok(tokens) => tokens.prepare(&provider, fetched).await,
             Err(_) => fetched,
         },
-        Err(_) => Fetched {
+        (None, Err(_)) => Fetched {
             provider: provider.name_any(),
             ..fetched
         },
@@ -111,6 +132,34 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
     let mut out = std::io::stdout().lock();
     print_outcome(&mut out, &label, &outcome)?;
     Ok(if outcome.is_ready() { 0 } else { 1 })
+}
+
+/// For an OAuth2 provider whose token Secret came from the files: `Some` (with why it
+/// cannot be used, if it cannot) to test with it as it is; `None` otherwise.
+fn file_token_problem(
+    provider: &IncomingMailProvider,
+    fetched: &Fetched,
+    from_files: &[String],
+) -> Option<Option<(Reason, String)>> {
+    let o = provider.spec.authentication.oauth2.as_ref()?;
+    if provider.spec.authentication.method != AuthMethod::OAuth2 {
+        return None;
+    }
+    let name = &o.token_secret_ref.name;
+    if !from_files.contains(name) {
+        return None;
+    }
+    let tokens = TokenSet::from_secret(&fetched.secrets[name]);
+    if tokens.access_valid(Timestamp::now()) {
+        return Some(None);
+    }
+    Some(Some((
+        Reason::AuthorizationRequired,
+        format!(
+            "the access token of Secret {name:?} in the files has expired or is missing, and `mailroom check -f` does not refresh tokens from files; apply them and run `mailroom check {}`, or leave the token Secret out of the files to use the cluster's",
+            provider.name_any()
+        ),
+    )))
 }
 
 /// Reads the provider (exactly one) and any Secrets and ConfigMaps from the files.

@@ -961,3 +961,82 @@ async fn authorize_with_a_device_code() {
     assert_ne!(code_status, Some(0));
     assert!(seen.contains("access_denied"), "{seen}");
 }
+
+#[tokio::test]
+async fn check_of_manifests_uses_a_token_secret_from_the_files_and_never_refreshes_it() {
+    let env = Env::new("oauth2-check-files").await;
+    let server = TokenServer::start(env.bed.oauth());
+    server.register_client(CLIENT, None, None);
+    let refresh = server.grant("alice", CLIENT);
+    let provider = oauth_provider(
+        "imap",
+        "IMAP",
+        env.bed.dovecot().imaps_port(),
+        &generic(&server, ", saslMechanism: XOAUTH2"),
+    )
+    .replace(
+        "caBundleRef: {kind: ConfigMap, name: test-ca}",
+        "caBundleRef: {kind: Secret, name: ca}",
+    );
+    let ca = std::fs::read_to_string(env.bed.dovecot().ca_file()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let provider_file = write("provider.yaml", &provider);
+    let token_file = |access: &str, expires: &str| {
+        write(
+            "token.yaml",
+            &format!(
+                "apiVersion: v1\nkind: Secret\nmetadata: {{name: alice-token}}\nstringData:\n  refresh_token: '{refresh}'\n  access_token: '{access}'\n  expires_at: '{expires}'\n---\napiVersion: v1\nkind: Secret\nmetadata: {{name: ca}}\nstringData:\n  ca.crt: |\n{}\n",
+                ca.lines()
+                    .map(|l| format!("    {l}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            ),
+        )
+    };
+    let check = |token: &std::path::Path| {
+        let out = Command::new(crate::support::MAILROOM)
+            .args(["check", "-n", &env.ns, "-f"])
+            .arg(&provider_file)
+            .arg("-f")
+            .arg(token)
+            .env("KUBECONFIG", env.bed.kubeconfig_path())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+
+    // A valid access token in the file: used as it is.
+    let valid = env
+        .bed
+        .oauth()
+        .access_token("alice", Duration::from_secs(3600));
+    let (code, out) = check(&token_file(&valid, &rfc3339_in(3600)));
+    assert_eq!(code, Some(0), "{out}");
+    // An expired one: not refreshed (the cluster has no copy to refresh, and the file's
+    // refresh token would be retired by a rotating endpoint), and the output says why.
+    let expired = env
+        .bed
+        .oauth()
+        .access_token("alice", Duration::from_secs(1));
+    let (code, out) = check(&token_file(&expired, &rfc3339_in(-60)));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("does not refresh tokens from files"), "{out}");
+    assert_eq!(server.token_requests(), 0, "a token was requested");
+    assert!(server.refresh_token_valid(&refresh));
+    assert!(
+        token_secret(&env).await.is_none(),
+        "a preflight wrote the token Secret into the cluster"
+    );
+}
