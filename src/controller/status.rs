@@ -6,7 +6,7 @@ use k8s_openapi::jiff::Timestamp;
 
 use crate::api::{
     CertificateStatus, EndpointStatus, IncomingMailProviderStatus as Status, MailboxStatus, Reason,
-    ServerStatus, TlsStatus,
+    ServerStatus, TlsMode, TlsStatus,
 };
 use crate::check::Outcome;
 use crate::probe::Step;
@@ -190,10 +190,14 @@ fn sub_conditions(outcome: &Outcome) -> (Cond, Cond) {
         return (not_tested(), not_tested());
     };
     let failed_step = report.failure.as_ref().map(|f| f.step);
-    let reached = matches!(
-        failed_step,
-        None | Some(Step::Authenticate | Step::Mailbox | Step::Logout)
-    );
+    // Reachable: DNS, TCP, TLS and the greeting worked. Capabilities come after the
+    // greeting, and after TLS unless STARTTLS is still ahead.
+    let tls_done = outcome.endpoint.tls_mode == TlsMode::None || report.findings.tls.is_some();
+    let reached = match failed_step {
+        None | Some(Step::Authenticate | Step::Mailbox | Step::Logout) => true,
+        Some(Step::Capabilities) => report.findings.greeting.is_some() && tls_done,
+        Some(_) => false,
+    };
     let reachable: Cond = if reached {
         let greeting = report.findings.greeting.clone().unwrap_or_default();
         (
@@ -208,7 +212,7 @@ fn sub_conditions(outcome: &Outcome) -> (Cond, Cond) {
     } else {
         ("False", outcome.reason.as_str(), outcome.message.clone())
     };
-    let authenticated: Cond = if !reached {
+    let authenticated: Cond = if !reached || failed_step == Some(Step::Capabilities) {
         not_reached()
     } else if outcome.anonymous {
         (

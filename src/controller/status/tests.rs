@@ -115,6 +115,41 @@ fn an_auth_failure_is_reachable_but_not_authenticated() {
 }
 
 #[test]
+fn capabilities_failing_after_the_greeting_and_tls_leave_the_server_reachable() {
+    let greeted = Findings {
+        tls: Some(crate::probe::TlsInfo {
+            version: "TLSv1.3".into(),
+            cipher_suite: "TLS13_AES_128_GCM_SHA256".into(),
+            peer_certificate: None,
+        }),
+        authenticated: false,
+        mechanism: None,
+        mailbox: None,
+        ..findings()
+    };
+    let s = after_test(
+        None,
+        &failure(Step::Capabilities, Reason::Timeout, greeted.clone()),
+        &ctx(0),
+    );
+    assert_eq!(cond(&s, REACHABLE).status, "True");
+    assert_eq!(cond(&s, AUTHENTICATED).status, "Unknown");
+    assert_eq!(cond(&s, READY).reason, "Timeout");
+    // Before STARTTLS, TLS has not worked yet.
+    let mut starttls = failure(
+        Step::Capabilities,
+        Reason::Timeout,
+        Findings {
+            tls: None,
+            ..greeted
+        },
+    );
+    starttls.endpoint.tls_mode = TlsMode::StartTls;
+    let s = after_test(None, &starttls, &ctx(0));
+    assert_eq!(cond(&s, REACHABLE).status, "False");
+}
+
+#[test]
 fn a_connection_failure_leaves_authentication_unknown() {
     let f = Findings::default();
     let s = after_test(
