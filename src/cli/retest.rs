@@ -89,11 +89,12 @@ impl Scope {
         }
     }
 
-    /// Where the providers were looked for, for messages.
-    fn describe(&self) -> String {
+    /// Where the providers were looked for, for messages; `every` names all namespaces
+    /// ("any namespace" when none was found, "all namespaces" otherwise).
+    fn describe(&self, every: &str) -> String {
         let place = match &self.namespace {
             Some(ns) => format!("namespace {ns}"),
-            None => "any namespace".to_string(),
+            None => every.to_string(),
         };
         match &self.selector {
             Some(s) => format!("{place} with labels matching {s:?}"),
@@ -117,10 +118,14 @@ pub async fn run(args: RetestArgs) -> anyhow::Result<i32> {
             .list(&scope.list_params())
             .await
             .with_context(|| {
-                format!("listing the IncomingMailProviders of {}", scope.describe())
+                let place = scope.describe("all namespaces");
+                format!("listing the IncomingMailProviders of {place}")
             })?;
         if list.items.is_empty() {
-            bail!("no IncomingMailProvider in {}", scope.describe());
+            bail!(
+                "no IncomingMailProvider in {}",
+                scope.describe("any namespace")
+            );
         }
         list.items
     } else {
@@ -163,7 +168,7 @@ pub async fn run(args: RetestArgs) -> anyhow::Result<i32> {
     let asked = format!(
         "Asked the controller to test {} provider(s) in {}",
         pending.len(),
-        scope.describe()
+        scope.describe("all namespaces")
     );
     if args.no_wait {
         eprintln!("{asked}; `kubectl get imp` shows the results.");
