@@ -7,10 +7,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::{Client, ResourceExt};
-
-use k8s_openapi::jiff::Timestamp;
 
 use crate::api::{AuthMethod, IncomingMailProvider, Reason};
 use crate::check::{self, Outcome};
@@ -60,12 +59,9 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
     } else {
         from_files(&args)?
     };
-    // Secrets given in the files: a token Secret among them is not refreshed (below).
-    let from_files: Vec<String> = if args.files.is_empty() {
-        Vec::new()
-    } else {
-        fetched.secrets.keys().cloned().collect()
-    };
+    // Whether the OAuth2 token Secret came from the files (before the cluster adds any).
+    let token_in_files = !args.files.is_empty()
+        && token_secret(&provider).is_some_and(|name| fetched.secrets.contains_key(name));
     if provider.namespace().is_none() {
         fetched.namespace = args.namespace.clone().unwrap_or_else(|| match &client {
             Ok(c) => c.default_namespace().to_string(),
@@ -109,20 +105,17 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
     // Secret from the files is only used, never refreshed: the refresh would read and
     // write the cluster's copy, and the new tokens could be stored nowhere while a
     // rotating endpoint retires the file's refresh token.
-    let fetched = match (
-        file_token_problem(&provider, &fetched, &from_files),
-        &client,
-    ) {
-        (Some(token_problem), _) => Fetched {
+    let fetched = match &client {
+        _ if token_in_files => Fetched {
             provider: provider.name_any(),
-            token_problem,
+            token_problem: expired_file_token(&provider, &fetched),
             ..fetched
         },
-        (None, Ok(client)) => match crate::credentials::tokens::TokenManager::new(client.clone()) {
+        Ok(client) => match crate::credentials::tokens::TokenManager::new(client.clone()) {
             Ok(tokens) => tokens.prepare(&provider, fetched).await,
             Err(_) => fetched,
         },
-        (None, Err(_)) => Fetched {
+        Err(_) => Fetched {
             provider: provider.name_any(),
             ..fetched
         },
@@ -134,32 +127,30 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
     Ok(if outcome.is_ready() { 0 } else { 1 })
 }
 
-/// For an OAuth2 provider whose token Secret came from the files: `Some` (with why it
-/// cannot be used, if it cannot) to test with it as it is; `None` otherwise.
-fn file_token_problem(
+/// The OAuth2 token Secret a provider names, if it logs in with OAuth2.
+fn token_secret(provider: &IncomingMailProvider) -> Option<&str> {
+    let auth = &provider.spec.authentication;
+    let o = auth.oauth2.as_ref()?;
+    (auth.method == AuthMethod::OAuth2).then_some(o.token_secret_ref.name.as_str())
+}
+
+/// Why the token Secret from the files cannot be used as it is, if it cannot.
+fn expired_file_token(
     provider: &IncomingMailProvider,
     fetched: &Fetched,
-    from_files: &[String],
-) -> Option<Option<(Reason, String)>> {
-    let o = provider.spec.authentication.oauth2.as_ref()?;
-    if provider.spec.authentication.method != AuthMethod::OAuth2 {
-        return None;
-    }
-    let name = &o.token_secret_ref.name;
-    if !from_files.contains(name) {
-        return None;
-    }
-    let tokens = TokenSet::from_secret(&fetched.secrets[name]);
+) -> Option<(Reason, String)> {
+    let name = token_secret(provider)?;
+    let tokens = TokenSet::from_secret(fetched.secrets.get(name)?);
     if tokens.access_valid(Timestamp::now()) {
-        return Some(None);
+        return None;
     }
-    Some(Some((
+    Some((
         Reason::AuthorizationRequired,
         format!(
             "the access token of Secret {name:?} in the files has expired or is missing, and `mailroom check -f` does not refresh tokens from files; apply them and run `mailroom check {}`, or leave the token Secret out of the files to use the cluster's",
             provider.name_any()
         ),
-    )))
+    ))
 }
 
 /// Reads the provider (exactly one) and any Secrets and ConfigMaps from the files.

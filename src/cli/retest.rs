@@ -272,7 +272,7 @@ fn verdict(p: &IncomingMailProvider, requested: &str) -> Option<(bool, String)> 
     if status.last_handled_check_request.as_deref() != Some(requested) {
         return None;
     }
-    let ready = status.conditions.iter().find(|c| c.type_ == "Ready")?;
+    let ready = crate::controller::status::ready(Some(status))?;
     let line = format!("Ready={} {}: {}", ready.status, ready.reason, ready.message);
     Some((ready.status == "True", line))
 }

@@ -121,9 +121,10 @@ impl Objects {
             r.hash(&mut h);
             let seen = self.version(namespace, r);
             let version = match r.kind {
-                ObjectKind::Secret => match self.own.resolve(namespace, &r.name, seen.clone()) {
+                ObjectKind::Secret => match self.own.resolve(namespace, &r.name, seen) {
                     Resolved::Version(v) => v,
-                    Resolved::Writing if as_seen => seen,
+                    // Rare (a write outlived the wait): read the version again.
+                    Resolved::Writing if as_seen => self.version(namespace, r),
                     Resolved::Writing => return None,
                 },
                 ObjectKind::ConfigMap => seen,
@@ -195,8 +196,5 @@ impl Objects {
     /// Drops cached values no provider references any more.
     pub fn retain(&self, live: &std::collections::HashSet<Key>) {
         self.values.lock().unwrap().retain(|k, _| live.contains(k));
-        self.own.retain(|ns, name| {
-            live.contains(&(ObjectKind::Secret, ns.to_string(), name.to_string()))
-        });
     }
 }

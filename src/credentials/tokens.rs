@@ -478,12 +478,19 @@ impl TokenManager {
         fetched
     }
 
-    /// Forgets tokens kept for Secrets no provider references any more.
+    /// Forgets what it keeps (unsaved grants, its own writes) for Secrets no provider
+    /// references any more.
     pub fn retain(&self, mut keep: impl FnMut(&str, &str) -> bool) {
         self.unsaved
             .lock()
             .unwrap()
             .retain(|(ns, name), _| keep(ns, name));
+        self.own.retain(keep);
+    }
+
+    fn forget_unsaved(&self, namespace: &str, name: &str) {
+        let key = (namespace.to_string(), name.to_string());
+        self.unsaved.lock().unwrap().remove(&key);
     }
 
     /// The token Secret as a refresh should see it: with the tokens of an earlier grant
@@ -507,7 +514,7 @@ impl TokenManager {
             .map(TokenSet::from_secret)
             .unwrap_or_default();
         if !held.same_refresh_token(&kept.replaced) {
-            self.unsaved.lock().unwrap().remove(&key);
+            self.forget_unsaved(namespace, name);
             return current;
         }
         let merged = updated_secret(current.as_ref(), &kept.grant, kept.granted_at);
@@ -516,7 +523,7 @@ impl TokenManager {
             .await
         {
             Ok(stored) => {
-                self.unsaved.lock().unwrap().remove(&key);
+                self.forget_unsaved(namespace, name);
                 tracing::info!(secret = name, "stored the tokens kept since a failed write");
                 Some(stored)
             }
@@ -527,9 +534,17 @@ impl TokenManager {
         }
     }
 
-    /// Keeps a grant whose write-back failed. A grant already kept for the Secret was
-    /// made from it, so the Secret still holds what that one replaced.
-    fn keep_unsaved(&self, namespace: &str, name: &str, replaced: TokenSet, grant: TokenResponse) {
+    /// Keeps a grant whose write-back failed with `error`. A grant already kept for the
+    /// Secret was made from it, so the Secret still holds what that one replaced.
+    fn keep_unsaved(
+        &self,
+        namespace: &str,
+        name: &str,
+        replaced: TokenSet,
+        grant: TokenResponse,
+        error: &kube::Error,
+    ) {
+        tracing::warn!(secret = name, %error, "could not store the new tokens; keeping them in memory");
         let key = (namespace.to_string(), name.to_string());
         let mut unsaved = self.unsaved.lock().unwrap();
         let replaced = unsaved.get(&key).map_or(replaced, |k| k.replaced.clone());
@@ -724,10 +739,7 @@ impl TokenManager {
                     if let Some(again) = &again
                         && !TokenSet::from_secret(again).same_refresh_token(&used)
                     {
-                        self.unsaved
-                            .lock()
-                            .unwrap()
-                            .remove(&(namespace.to_string(), secret_name.to_string()));
+                        self.forget_unsaved(namespace, secret_name);
                         let mut local = again.clone();
                         let data = local.data.get_or_insert_with(BTreeMap::new);
                         data.insert(
@@ -745,15 +757,13 @@ impl TokenManager {
                         Err(e) => {
                             // Never a second round: it would redeem the refresh token
                             // this grant just replaced.
-                            tracing::warn!(secret = secret_name, error = %e, "could not store the new tokens; keeping them in memory");
-                            self.keep_unsaved(namespace, secret_name, used, response);
+                            self.keep_unsaved(namespace, secret_name, used, response, &e);
                             return Ok(retry);
                         }
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(secret = secret_name, error = %e, "could not store the new tokens; keeping them in memory");
-                    self.keep_unsaved(namespace, secret_name, used, response);
+                    self.keep_unsaved(namespace, secret_name, used, response, &e);
                     return Ok(updated);
                 }
             }

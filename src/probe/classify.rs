@@ -106,7 +106,7 @@ pub(crate) fn tagged_reply(lines: &[String]) -> Option<String> {
 /// 3206; IMAP: RFC 5530). Most refusals are the credentials; these are not, and a user
 /// told "wrong password" would change a password that works.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Refusal {
+enum Refusal {
     /// Wrong credentials, or an account the server will not let in.
     Credentials,
     /// POP3 `[IN-USE]`: logged in, but another session holds the maildrop.
@@ -116,7 +116,7 @@ pub(crate) enum Refusal {
 }
 
 /// Reads the response code of a refusal: `-ERR [SYS/TEMP] ...`, `NO [UNAVAILABLE] ...`.
-pub(crate) fn refusal(reply: &str) -> Refusal {
+fn refusal(reply: &str) -> Refusal {
     let code = reply
         .split_once(' ')
         .and_then(|(_, rest)| rest.strip_prefix('['))
@@ -139,6 +139,35 @@ pub(crate) fn refusal(reply: &str) -> Refusal {
             "the server refuses a login this soon after the previous one (a spec.check.interval longer than its delay avoids this)",
         ),
         _ => Refusal::Credentials,
+    }
+}
+
+/// The failure a refused login (`reply`, the server's line) stands for when its code
+/// says it is not the credentials; `None` when it is (the caller says so its own way).
+pub(crate) fn refused_login(
+    protocol: Protocol,
+    endpoint: &str,
+    command: &str,
+    reply: &str,
+) -> Option<Failure> {
+    let said = quote(reply);
+    let protocol = protocol.as_str();
+    match refusal(reply) {
+        Refusal::Credentials => None,
+        Refusal::MailboxInUse => Some(Failure::new(
+            Reason::MailboxUnavailable,
+            Step::Mailbox,
+            format!(
+                "{protocol} server {endpoint} accepted the login ({command}), but another session holds the mailbox: {said}"
+            ),
+        )),
+        Refusal::ServerSide(what) => Some(Failure::new(
+            Reason::ServerUnavailable,
+            Step::Authenticate,
+            format!(
+                "{protocol} {command} refused by {endpoint}: {what}, not a wrong login: {said}"
+            ),
+        )),
     }
 }
 

@@ -21,7 +21,7 @@ use base64::engine::general_purpose::STANDARD_NO_PAD;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::io::AsyncWriteExt;
 
-use super::classify::{self, Refusal, quote};
+use super::classify::{self, quote};
 use super::sasl::{self, Exchange};
 use super::session::{Greeting, MailSession, Mechanism};
 use super::stream::{Limits, Meter, Tcp, Wire, limit_exceeded};
@@ -159,21 +159,12 @@ impl Imap {
                     .as_deref()
                     .map(quote)
                     .unwrap_or_else(|| "a NO or BAD reply".into());
-                let server_side = match reply.as_deref().map(classify::refusal) {
-                    Some(Refusal::ServerSide(what)) if refused == Reason::AuthenticationFailed => {
-                        Some(what)
-                    }
-                    _ => None,
-                };
-                if let Some(what) = server_side {
-                    return Failure::new(
-                        Reason::ServerUnavailable,
-                        step,
-                        format!(
-                            "IMAP {command} refused by {}: {what}, not a wrong login: {said}",
-                            self.endpoint
-                        ),
-                    );
+                if refused == Reason::AuthenticationFailed
+                    && let Some(failure) = reply.as_deref().and_then(|r| {
+                        classify::refused_login(Protocol::Imap, &self.endpoint, command, r)
+                    })
+                {
+                    return failure;
                 }
                 let message = if refused == Reason::AuthenticationFailed {
                     format!("IMAP {command} rejected by {}: {said}", self.endpoint)

@@ -9,7 +9,7 @@ use secrecy::zeroize::Zeroizing;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::classify::{self, Refusal, quote};
+use super::classify::{self, quote};
 use super::sasl::{self, Exchange};
 use super::session::{Greeting, MailSession, Mechanism};
 use super::stream::{LimitExceeded, Limits, MAX_LINE, Meter, Tcp, Wire};
@@ -348,30 +348,9 @@ impl Pop3 {
     }
 
     fn rejected(&self, command: &str, raw: &str, challenges: &[String]) -> Failure {
-        match classify::refusal(raw) {
-            Refusal::Credentials => {}
-            Refusal::MailboxInUse => {
-                return Failure::new(
-                    Reason::MailboxUnavailable,
-                    Step::Mailbox,
-                    format!(
-                        "POP3 server {} accepted the login ({command}), but another session holds the mailbox: {}",
-                        self.endpoint,
-                        quote(raw)
-                    ),
-                );
-            }
-            Refusal::ServerSide(what) => {
-                return Failure::new(
-                    Reason::ServerUnavailable,
-                    Step::Authenticate,
-                    format!(
-                        "POP3 {command} refused by {}: {what}, not a wrong login: {}",
-                        self.endpoint,
-                        quote(raw)
-                    ),
-                );
-            }
+        if let Some(failure) = classify::refused_login(Protocol::Pop3, &self.endpoint, command, raw)
+        {
+            return failure;
         }
         let mut message = format!(
             "POP3 {command} rejected by {}: {}",

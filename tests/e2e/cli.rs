@@ -126,17 +126,7 @@ fn retest(env: &Env, args: &[&str]) -> (Option<i32>, String, String) {
 
 /// `mailroom retest ARGS` with no namespace of its own.
 fn retest_anywhere(env: &Env, args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(MAILROOM)
-        .arg("retest")
-        .args(args)
-        .env("KUBECONFIG", env.bed.kubeconfig_path())
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    env.mailroom(&[&["retest"], args].concat())
 }
 
 #[tokio::test]
@@ -227,7 +217,7 @@ async fn retest_by_label_asks_only_the_matching_providers_in_one_or_every_namesp
     let (a, b) = (alice_env("retest-a").await, alice_env("retest-b").await);
     // A label value no other test's provider carries: the bed is shared.
     let team = format!("team={}", a.ns);
-    let labelled = |env: &Env, name: &str| {
+    let hourly = |env: &Env, name: &str| {
         provider(
             name,
             "IMAP",
@@ -237,24 +227,13 @@ async fn retest_by_label_asks_only_the_matching_providers_in_one_or_every_namesp
             "",
         )
         .replace("interval: 5m", "interval: 1h")
-        .replace(
-            &format!("  name: {name}\n"),
-            &format!("  name: {name}\n  labels: {{team: {}}}\n", a.ns),
-        )
-    };
-    let plain = |env: &Env| {
-        provider(
-            "other",
-            "IMAP",
-            env.bed.dovecot().imaps_port(),
-            "Implicit",
-            ALICE_AUTH,
-            "",
-        )
-        .replace("interval: 5m", "interval: 1h")
     };
     for env in [&a, &b] {
-        env.apply(&format!("{}---\n{}", labelled(env, "billing"), plain(env)));
+        let labelled = hourly(env, "billing").replace(
+            "  name: billing\n",
+            &format!("  name: billing\n  labels: {{team: {}}}\n", a.ns),
+        );
+        env.apply(&format!("{labelled}---\n{}", hourly(env, "other")));
     }
     let controller = a.controller_with(&["--namespace", &b.ns]);
     for env in [&a, &b] {

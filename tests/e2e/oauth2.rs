@@ -999,22 +999,16 @@ async fn check_of_manifests_uses_a_token_secret_from_the_files_and_never_refresh
         )
     };
     let check = |token: &std::path::Path| {
-        let out = Command::new(crate::support::MAILROOM)
-            .args(["check", "-n", &env.ns, "-f"])
-            .arg(&provider_file)
-            .arg("-f")
-            .arg(token)
-            .env("KUBECONFIG", env.bed.kubeconfig_path())
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
+        let (code, stdout, stderr) = env.mailroom(&[
+            "check",
+            "-n",
+            &env.ns,
+            "-f",
+            provider_file.to_str().unwrap(),
+            "-f",
+            token.to_str().unwrap(),
+        ]);
+        (code, format!("{stdout}{stderr}"))
     };
 
     // A valid access token in the file: used as it is.

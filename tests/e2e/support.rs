@@ -51,6 +51,21 @@ impl Env {
         cmd.output().expect("running kubectl")
     }
 
+    /// `mailroom ARGS`, run as a user would, with the bed's kubeconfig: its exit code,
+    /// stdout and stderr.
+    pub fn mailroom(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        let out = Command::new(MAILROOM)
+            .args(args)
+            .env("KUBECONFIG", self.bed.kubeconfig_path())
+            .output()
+            .expect("running mailroom");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// `kubectl apply` of a manifest; the output, whether it succeeded or not.
     pub fn try_apply(&self, yaml: &str) -> Output {
         let mut cmd = self.bed.kubectl();

@@ -179,15 +179,15 @@ async fn one_good_token(env: &Env, server: &TokenServer, when: &str, logs: &str)
     stored
 }
 
-#[tokio::test]
-async fn a_controller_killed_around_a_token_refresh_loses_no_token_and_every_provider_recovers() {
-    let env = alice_env("sigkill-oauth2").await;
+/// A token server whose access tokens live one minute, under the five the controller
+/// wants in hand, so that every test refreshes, and every refresh rotates the refresh
+/// token; and Secret `alice-token` holding alice's grant with an expired access token.
+/// Returns the server and the Secret's refresh token.
+async fn rotating_grant(env: &Env) -> (TokenServer, String) {
     let server = TokenServer::start(env.bed.oauth());
     server.register_client(CLIENT, None, None);
-    // Access tokens that live one minute, under the five the controller wants in hand:
-    // every test refreshes, and every refresh rotates the refresh token.
     server.set_access_ttl(Duration::from_secs(60));
-    let first_refresh = server.grant("alice", CLIENT);
+    let refresh = server.grant("alice", CLIENT);
     let expired = env
         .bed
         .oauth()
@@ -195,12 +195,19 @@ async fn a_controller_killed_around_a_token_refresh_loses_no_token_and_every_pro
     env.secret(
         "alice-token",
         &[
-            ("refresh_token", &first_refresh),
+            ("refresh_token", &refresh),
             ("access_token", &expired),
             ("expires_at", &rfc3339_in(-60)),
         ],
     )
     .await;
+    (server, refresh)
+}
+
+#[tokio::test]
+async fn a_controller_killed_around_a_token_refresh_loses_no_token_and_every_provider_recovers() {
+    let env = alice_env("sigkill-oauth2").await;
+    let (server, first_refresh) = rotating_grant(&env).await;
     let upstream: SocketAddr = server.url().trim_start_matches("http://").parse().unwrap();
     let mut gate = Gate::start(upstream);
 
@@ -384,25 +391,8 @@ async fn until_updates(env: &Env, name: &str, refused: bool) {
 #[tokio::test]
 async fn a_rotated_token_the_api_server_refuses_to_store_is_kept_and_stored_later() {
     let env = alice_env("oauth2-unsaved").await;
-    let server = TokenServer::start(env.bed.oauth());
-    server.register_client(CLIENT, None, None);
-    // Every test refreshes (tokens live a minute, under the five kept in hand), and every
-    // refresh rotates the refresh token: the one the Secret holds dies at the first.
-    server.set_access_ttl(Duration::from_secs(60));
-    let first = server.grant("alice", CLIENT);
-    let expired = env
-        .bed
-        .oauth()
-        .access_token("alice", Duration::from_secs(1));
-    env.secret(
-        "alice-token",
-        &[
-            ("refresh_token", &first),
-            ("access_token", &expired),
-            ("expires_at", &rfc3339_in(-60)),
-        ],
-    )
-    .await;
+    // The Secret's refresh token dies at the first refresh.
+    let (server, first) = rotating_grant(&env).await;
     env.apply(&provider(
         "oauth-imap",
         "IMAP",

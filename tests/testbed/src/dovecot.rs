@@ -443,7 +443,11 @@ impl Dovecot {
     fn index_inboxes(&self, info: &DovecotInfo) -> Result<()> {
         for account in &info.accounts {
             let maildir = info.maildir(&account.user);
-            if !maildir.exists() || maildir.join("dovecot-uidlist").exists() {
+            // An empty mailbox has nothing to race over.
+            if maildir::seeds_for(&account.user).is_empty()
+                || !maildir.exists()
+                || maildir.join("dovecot-uidlist").exists()
+            {
                 continue;
             }
             let mut command = Command::new("doveadm");

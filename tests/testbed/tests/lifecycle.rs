@@ -1,7 +1,8 @@
 //! The bed's own lifecycle: Dovecot, etcd and kube-apiserver stop and start on the same
 //! ports, a dropped bed leaves no process and no file behind (nor does a killed test
 //! process, restarted parts included), and a detached bed (`testbed up`) can be attached
-//! to and taken down; and a fresh mailbox shows its messages to its very first sessions.
+//! to and taken down; a fresh mailbox shows its messages to its very first sessions; and
+//! the special accounts answer as the tests that use them expect.
 //! Each test starts its own bed, so stopping things here disturbs no other test.
 
 use std::collections::HashSet;
@@ -11,12 +12,13 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
-use mailroom_testbed::{Bed, MAIL_HOST};
+use mailroom_testbed::{Bed, LOCKING_ACCOUNT, MAIL_HOST, UNAVAILABLE_USER};
 
 /// A connection to the bed's mail host, and the server's greeting.
 fn connect(port: u16) -> std::io::Result<(BufReader<TcpStream>, String)> {
     let stream = TcpStream::connect_timeout(&(MAIL_HOST, port).into(), Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    // Dovecot waits some 10 s for a held POP3 lock before it answers.
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut conn = BufReader::new(stream);
     let mut line = String::new();
     conn.read_line(&mut line)?;
@@ -355,4 +357,45 @@ fn the_first_sessions_of_a_fresh_mailbox_all_see_its_messages() {
             "{what} should count alice's 3 messages; it said:\n{said}"
         );
     }
+}
+
+#[test]
+fn the_locking_account_keeps_a_second_pop3_session_out_and_the_unavailable_user_fails_on_the_servers_side()
+ {
+    let bed = Bed::start().unwrap_or_else(|e| panic!("{e:#}"));
+    let d = bed.plaintext_dovecot();
+    let (user, password) = LOCKING_ACCOUNT;
+    let pop3 = || connect(d.pop3_port()).unwrap().0;
+    let login = |conn: &mut BufReader<TcpStream>, user: &str, password: &str| {
+        ask(conn, &format!("USER {user}"), |_| true);
+        ask(conn, &format!("PASS {password}"), |_| true)
+    };
+
+    let mut first = pop3();
+    let said = login(&mut first, user, password);
+    assert!(said.starts_with("+OK"), "{said}");
+    let said = login(&mut pop3(), user, password);
+    assert!(said.starts_with("-ERR [IN-USE]"), "{said}");
+    // Once the first is gone, a session gets in.
+    ask(&mut first, "QUIT", |_| true);
+    let said = login(&mut pop3(), user, password);
+    assert!(said.starts_with("+OK"), "{said}");
+
+    let said = login(&mut pop3(), UNAVAILABLE_USER, "anything");
+    assert!(said.starts_with("-ERR [SYS/TEMP]"), "{said}");
+    let (mut imap, _) = connect(d.imap_port()).unwrap();
+    let said = ask(
+        &mut imap,
+        &format!("a LOGIN {UNAVAILABLE_USER} anything"),
+        |l| l.starts_with("a "),
+    );
+    assert!(said.contains("a NO [UNAVAILABLE]"), "{said}");
+    // Everyone else logs in as before.
+    let (alice, alice_password) = d.account("alice");
+    let said = ask(
+        &mut imap,
+        &format!("b LOGIN {alice} {alice_password}"),
+        |l| l.starts_with("b "),
+    );
+    assert!(said.contains("b OK"), "{said}");
 }
