@@ -186,6 +186,10 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
 /// grace period, rather than hang until the kubelet kills it.
 const RELEASE_WITHIN: Duration = Duration::from_secs(10);
 
+/// How long a stopping controller tries to store OAuth2 tokens it could not store before
+/// (within the chart's 30 s grace period, beside the lease's release).
+const STORE_TOKENS_WITHIN: Duration = Duration::from_secs(5);
+
 /// Gives the lease up so a standby takes over at once instead of after its duration.
 async fn release(
     leading: tokio::sync::watch::Receiver<bool>,
@@ -395,6 +399,7 @@ async fn run_controllers(
     }
     // A stopping controller finishes the tests in flight (it starts no more).
     ctx.inflight.finish().await;
+    ctx.tokens.store_kept(STORE_TOKENS_WITHIN).await;
     tracing::info!("controller stopped");
     Ok(())
 }

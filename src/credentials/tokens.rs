@@ -395,6 +395,16 @@ struct Unsaved {
     granted_at: Timestamp,
 }
 
+/// What became of the grant kept for a token Secret.
+enum Kept {
+    /// None is kept (any more): the Secret as read.
+    None(Option<Secret>),
+    /// Stored now: the Secret as written.
+    Stored(Secret),
+    /// Still not stored: the Secret as it should be, and why the write failed.
+    Unstored(Secret, kube::Error),
+}
+
 /// Held while one token Secret is refreshed.
 type SecretLock = Arc<tokio::sync::Mutex<()>>;
 
@@ -495,8 +505,7 @@ impl TokenManager {
 
     /// The token Secret as a refresh should see it: with the tokens of an earlier grant
     /// whose write-back failed, stored now if the API server takes them, else only in
-    /// memory. Dropped once the Secret holds other tokens than those the grant replaced
-    /// (`mailroom authorize`, another replica).
+    /// memory.
     async fn with_unsaved(
         &self,
         api: &Api<Secret>,
@@ -504,10 +513,30 @@ impl TokenManager {
         name: &str,
         current: Option<Secret>,
     ) -> Option<Secret> {
+        match self.store_unsaved(api, namespace, name, current).await {
+            Kept::None(current) => current,
+            Kept::Stored(stored) => Some(stored),
+            Kept::Unstored(merged, e) => {
+                tracing::warn!(secret = name, error = %e, "still cannot store the new tokens; using them from memory");
+                Some(merged)
+            }
+        }
+    }
+
+    /// Tries to store the grant kept for the Secret over `current`. A kept grant is
+    /// dropped once the Secret holds other tokens than those it replaced (`mailroom
+    /// authorize`, another replica).
+    async fn store_unsaved(
+        &self,
+        api: &Api<Secret>,
+        namespace: &str,
+        name: &str,
+        current: Option<Secret>,
+    ) -> Kept {
         let key = (namespace.to_string(), name.to_string());
         let kept = self.unsaved.lock().unwrap().get(&key).cloned();
         let Some(kept) = kept else {
-            return current;
+            return Kept::None(current);
         };
         let held = current
             .as_ref()
@@ -515,7 +544,7 @@ impl TokenManager {
             .unwrap_or_default();
         if !held.same_refresh_token(&kept.replaced) {
             self.forget_unsaved(namespace, name);
-            return current;
+            return Kept::None(current);
         }
         let merged = updated_secret(current.as_ref(), &kept.grant, kept.granted_at);
         match self
@@ -525,12 +554,49 @@ impl TokenManager {
             Ok(stored) => {
                 self.forget_unsaved(namespace, name);
                 tracing::info!(secret = name, "stored the tokens kept since a failed write");
-                Some(stored)
+                Kept::Stored(stored)
             }
-            Err(e) => {
-                tracing::warn!(secret = name, error = %e, "still cannot store the new tokens; using them from memory");
-                Some(merged)
+            Err(e) => Kept::Unstored(merged, e),
+        }
+    }
+
+    /// Tries once more, within `within` in all, to store every grant kept since a failed
+    /// write: a stopping controller takes them with it, and a token endpoint that rotates
+    /// refresh tokens no longer takes the one the Secret holds. Called once no test runs.
+    pub async fn store_kept(&self, within: Duration) {
+        let keys: Vec<_> = self.unsaved.lock().unwrap().keys().cloned().collect();
+        if keys.is_empty() {
+            return;
+        }
+        let store = async {
+            for (namespace, name) in &keys {
+                let lock = self.lock(namespace, name);
+                let _guard = lock.lock().await;
+                let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+                let failed = match api.get_opt(name).await {
+                    Ok(current) => match self.store_unsaved(&api, namespace, name, current).await {
+                        Kept::Unstored(_, e) => Some(e),
+                        Kept::None(_) | Kept::Stored(_) => None,
+                    },
+                    Err(e) => Some(e),
+                };
+                if let Some(error) = failed {
+                    tracing::warn!(%namespace, secret = %name, %error, "could not store the new tokens before stopping");
+                }
             }
+        };
+        if tokio::time::timeout(within, store).await.is_err() {
+            tracing::warn!(
+                "could not store the kept tokens within {}s of stopping",
+                within.as_secs()
+            );
+        }
+        for (namespace, name) in self.unsaved.lock().unwrap().keys() {
+            tracing::error!(
+                %namespace,
+                secret = %name,
+                "stopping with OAuth2 tokens the API server did not store: if the token endpoint rotates refresh tokens, the Secret's is no longer valid; run `mailroom authorize` for the providers that use it"
+            );
         }
     }
 

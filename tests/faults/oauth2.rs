@@ -1,5 +1,7 @@
-//! OAuth2 across a SIGKILL: the controller killed while it refreshes an access token
-//! (and the token endpoint rotates the refresh token) loses no token.
+//! OAuth2 tokens through faults, with a token endpoint that rotates the refresh token at
+//! every refresh: the controller killed while it refreshes, and an API server that
+//! refuses to store the new tokens (meanwhile, and when the controller stops). No token
+//! is lost.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -388,12 +390,9 @@ async fn until_updates(env: &Env, name: &str, refused: bool) {
     }
 }
 
-#[tokio::test]
-async fn a_rotated_token_the_api_server_refuses_to_store_is_kept_and_stored_later() {
-    let env = alice_env("oauth2-unsaved").await;
-    // The Secret's refresh token dies at the first refresh.
-    let (server, first) = rotating_grant(&env).await;
-    env.apply(&provider(
+/// Provider `oauth-imap`: alice over IMAPS with the grant of Secret `alice-token`.
+fn oauth_imap(env: &Env, server: &TokenServer) -> String {
+    provider(
         "oauth-imap",
         "IMAP",
         env.bed.dovecot().imaps_port(),
@@ -403,10 +402,12 @@ async fn a_rotated_token_the_api_server_refuses_to_store_is_kept_and_stored_late
             server.token_url()
         ),
         "",
-    ));
+    )
+}
 
-    // The API server refuses every update of the token Secret (an admission policy, as
-    // a cluster's policy engine or a full etcd would).
+/// Has the API server refuse every update of the token Secret `alice-token` (an admission
+/// policy, as a cluster's policy engine or a full etcd would); returns the policy's name.
+async fn refuse_token_writes(env: &Env) -> String {
     let policy = format!("refuse-token-writes-{}", env.ns);
     env.apply(&format!(
         "apiVersion: admissionregistration.k8s.io/v1
@@ -432,7 +433,31 @@ spec:
 ",
         ns = env.ns
     ));
-    until_updates(&env, "alice-token", true).await;
+    until_updates(env, "alice-token", true).await;
+    policy
+}
+
+/// Removes the policy of [`refuse_token_writes`] and waits until updates are taken.
+async fn allow_token_writes(env: &Env, policy: &str) {
+    env.bed
+        .kubectl()
+        .args([
+            "delete",
+            "validatingadmissionpolicybinding,validatingadmissionpolicy",
+            policy,
+        ])
+        .output()
+        .unwrap();
+    until_updates(env, "alice-token", false).await;
+}
+
+#[tokio::test]
+async fn a_rotated_token_the_api_server_refuses_to_store_is_kept_and_stored_later() {
+    let env = alice_env("oauth2-unsaved").await;
+    // The Secret's refresh token dies at the first refresh.
+    let (server, first) = rotating_grant(&env).await;
+    env.apply(&oauth_imap(&env, &server));
+    let policy = refuse_token_writes(&env).await;
 
     let controller = env.controller();
     env.wait_reason("oauth-imap", "Connected", Duration::from_secs(60))
@@ -464,16 +489,7 @@ spec:
     );
 
     // Writes taken again: the next test stores the kept tokens, and refreshes from them.
-    env.bed
-        .kubectl()
-        .args([
-            "delete",
-            "validatingadmissionpolicybinding,validatingadmissionpolicy",
-            &policy,
-        ])
-        .output()
-        .unwrap();
-    until_updates(&env, "alice-token", false).await;
+    allow_token_writes(&env, &policy).await;
     fleet::request_checks(&env, &["oauth-imap".to_string()], "allowed").await;
     let p = env
         .wait(
@@ -485,4 +501,43 @@ spec:
         .await;
     assert_eq!(reason(&p), "Connected", "{}", controller.logs());
     one_good_token(&env, &server, "once writes were taken", &controller.logs()).await;
+}
+
+#[tokio::test]
+async fn a_stopping_controller_stores_the_rotated_token_it_could_not_store_before() {
+    let env = alice_env("oauth2-unsaved-stop").await;
+    let (server, first) = rotating_grant(&env).await;
+    env.apply(&oauth_imap(&env, &server));
+    let policy = refuse_token_writes(&env).await;
+    let mut controller = env.controller();
+    env.wait_reason("oauth-imap", "Connected", Duration::from_secs(60))
+        .await;
+    assert_eq!(server.token_requests(), 1, "{}", controller.logs());
+    assert_eq!(
+        refresh_token(&token_secret(&env).await),
+        first,
+        "the write was refused, yet the Secret changed"
+    );
+
+    // Writes taken again, but no test due before the controller is stopped (a rollout):
+    // it stores the rotated tokens on its way out instead of taking them with it.
+    allow_token_writes(&env, &policy).await;
+    let status = controller.terminate(Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exit after SIGTERM: {status:?}\n{}",
+        controller.logs()
+    );
+    assert_eq!(
+        server.token_requests(),
+        1,
+        "stopping stores the kept tokens; it asks for none"
+    );
+    one_good_token(
+        &env,
+        &server,
+        "after the controller stopped",
+        &controller.logs(),
+    )
+    .await;
 }
