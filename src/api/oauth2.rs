@@ -61,6 +61,48 @@ pub fn endpoints(spec: &OAuth2Spec) -> OAuth2Endpoints {
     }
 }
 
+/// Refuses endpoints that would carry the client secret, a code or tokens without TLS:
+/// `http://` to anything but this host's loopback (a sidecar), unless the provider allows
+/// unencrypted logins. The API server refuses such a spec at apply time; this covers
+/// objects stored before that rule and manifests that never met the API server. The
+/// error names the field.
+pub fn plaintext_endpoints(spec: &OAuth2Spec, allow_unencrypted: bool) -> Result<(), String> {
+    if allow_unencrypted {
+        return Ok(());
+    }
+    for (field, url) in [
+        ("authorizationURL", &spec.authorization_url),
+        ("tokenURL", &spec.token_url),
+        ("deviceAuthorizationURL", &spec.device_authorization_url),
+    ] {
+        let Some(url) = given(url) else { continue };
+        let lower = url.to_ascii_lowercase();
+        if lower.starts_with("https://") || (lower.starts_with("http://") && loopback(&lower[7..]))
+        {
+            continue;
+        }
+        return Err(format!(
+            "spec.authentication.oauth2.{field} {url:?} is not an https:// URL: the client secret and tokens would cross the network unencrypted; use https://, or set spec.authentication.allowUnencrypted to true"
+        ));
+    }
+    Ok(())
+}
+
+/// Whether the authority part of a URL (after `http://`) names this host's loopback.
+fn loopback(rest: &str) -> bool {
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if let Some(v6) = host.strip_prefix('[') {
+        v6.split(']').next().unwrap_or_default()
+    } else {
+        host.split(':').next().unwrap_or_default()
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// The scopes to request: the spec's own, else the provider's defaults for the protocol
 /// and flow (Generic has none: its server decides).
 pub fn scopes(spec: &OAuth2Spec, protocol: Protocol) -> Vec<String> {
@@ -83,6 +125,46 @@ mod tests {
 
     fn spec(yaml: &str) -> OAuth2Spec {
         serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn endpoints_without_tls_are_refused_but_on_loopback_or_when_allowed() {
+        let with = |field: &str, url: &str| {
+            spec(&format!(
+                "{{provider: Generic, clientId: c, tokenSecretRef: {{name: t}}, {field}: '{url}'}}"
+            ))
+        };
+        for url in [
+            "https://id.example/token",
+            "HTTPS://id.example/token",
+            "http://127.0.0.1:8080/token",
+            "http://127.9.9.9/token",
+            "http://localhost/token",
+            "http://[::1]:9000/token",
+        ] {
+            assert_eq!(
+                plaintext_endpoints(&with("tokenURL", url), false),
+                Ok(()),
+                "{url}"
+            );
+        }
+        for (field, url) in [
+            ("tokenURL", "http://keycloak.auth.svc:8080/token"),
+            ("tokenURL", "http://127.0.0.1.evil.example/token"),
+            ("tokenURL", "http://localhost@evil.example/token"),
+            ("authorizationURL", "http://id.example/auth"),
+            ("deviceAuthorizationURL", "ftp://id.example/device"),
+        ] {
+            let refused = plaintext_endpoints(&with(field, url), false).unwrap_err();
+            assert!(
+                refused.contains(&format!("spec.authentication.oauth2.{field}")),
+                "{refused}"
+            );
+            assert_eq!(plaintext_endpoints(&with(field, url), true), Ok(()));
+        }
+        // Microsoft's and Google's own endpoints are https.
+        let s = spec("{provider: Microsoft, clientId: c, tokenSecretRef: {name: t}}");
+        assert_eq!(plaintext_endpoints(&s, false), Ok(()));
     }
 
     #[test]

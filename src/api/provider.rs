@@ -177,6 +177,15 @@ pub enum CaBundleKind {
         .message("oauth2 is required when method is OAuth2")
         .field_path(".oauth2")
         .reason(Reason::FieldValueRequired),
+    validation = Rule::new("!has(self.oauth2) || !has(self.oauth2.authorizationURL) || self.oauth2.authorizationURL == '' || self.allowUnencrypted || self.oauth2.authorizationURL.matches('(?i)^(https://|http://(localhost|127(\\\\.[0-9]{1,3}){3}|\\\\[::1\\\\])(:[0-9]{1,5})?([/?#]|$))')")
+        .message("authorizationURL must be an https:// URL (http:// only to this host's loopback), or set allowUnencrypted to true: the client secret and tokens would cross the network unencrypted")
+        .field_path(".oauth2.authorizationURL"),
+    validation = Rule::new("!has(self.oauth2) || !has(self.oauth2.tokenURL) || self.oauth2.tokenURL == '' || self.allowUnencrypted || self.oauth2.tokenURL.matches('(?i)^(https://|http://(localhost|127(\\\\.[0-9]{1,3}){3}|\\\\[::1\\\\])(:[0-9]{1,5})?([/?#]|$))')")
+        .message("tokenURL must be an https:// URL (http:// only to this host's loopback), or set allowUnencrypted to true: the client secret and tokens would cross the network unencrypted")
+        .field_path(".oauth2.tokenURL"),
+    validation = Rule::new("!has(self.oauth2) || !has(self.oauth2.deviceAuthorizationURL) || self.oauth2.deviceAuthorizationURL == '' || self.allowUnencrypted || self.oauth2.deviceAuthorizationURL.matches('(?i)^(https://|http://(localhost|127(\\\\.[0-9]{1,3}){3}|\\\\[::1\\\\])(:[0-9]{1,5})?([/?#]|$))')")
+        .message("deviceAuthorizationURL must be an https:// URL (http:// only to this host's loopback), or set allowUnencrypted to true: the client secret and tokens would cross the network unencrypted")
+        .field_path(".oauth2.deviceAuthorizationURL"),
 )]
 pub struct AuthenticationSpec {
     /// Password: log in with a username and password from a Secret. OAuth2: log in with
@@ -193,7 +202,8 @@ pub struct AuthenticationSpec {
     /// when `username` is not set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<PasswordSecretRef>,
-    /// Allow a password over a connection without TLS (tls.mode None). Off by default.
+    /// Allow a password or token over a connection without TLS (tls.mode None), and OAuth2
+    /// endpoints at http:// URLs other than this host's loopback. Off by default.
     #[serde(default)]
     pub allow_unencrypted: bool,
     /// OAuth2: where tokens come from and where they are kept. Required when method is

@@ -23,7 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use super::retest::{Scope, request_check, wait_for_tests};
-use crate::api::oauth2::{endpoints, scopes};
+use crate::api::oauth2::{endpoints, plaintext_endpoints, scopes};
 use crate::api::{AuthMethod, IncomingMailProvider, OAuth2Flow, OAuth2Provider};
 use crate::credentials::http::post_form;
 use crate::credentials::tokens::{
@@ -81,6 +81,8 @@ pub async fn run(args: AuthorizeArgs) -> anyhow::Result<i32> {
         eprintln!("Removed the tokens of {ns}/{}.", args.name);
         return Ok(0);
     }
+    plaintext_endpoints(&o, provider.spec.authentication.allow_unencrypted)
+        .map_err(|message| anyhow::anyhow!("{ns}/{}: {message}", args.name))?;
     if o.flow == OAuth2Flow::ClientCredentials {
         eprintln!(
             "{ns}/{} uses the ClientCredentials flow: the controller gets its tokens itself; nothing to authorize.",

@@ -21,7 +21,7 @@ use kube::{Client, ResourceExt};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::{CredentialError, Fetched, ObjectKind, secret_text};
-use crate::api::oauth2::{endpoints, scopes};
+use crate::api::oauth2::{endpoints, plaintext_endpoints, scopes};
 use crate::api::{
     AuthMethod, IncomingMailProvider, IncomingMailProviderSpec, OAuth2Flow, OAuth2Spec, Reason,
 };
@@ -49,6 +49,16 @@ pub fn authorize_command(name: &str, namespace: &str, flow: OAuth2Flow) -> Strin
         ""
     };
     format!("mailroom authorize {name} -n {namespace}{device}")
+}
+
+/// Why the controller does not write tokens into an existing Secret without
+/// [`TOKEN_LABEL`]: whoever may edit a provider could otherwise have any Secret of the
+/// namespace overwritten. `mailroom authorize`, run by someone who may write the Secret,
+/// labels it; so can they by hand.
+fn unmarked(namespace: &str, name: &str, command: &str) -> String {
+    format!(
+        "Secret {name:?} is not marked as holding mailroom's tokens (label {TOKEN_LABEL}), so the controller does not write refreshed tokens into it: if it is this provider's, label it (`kubectl label secret {name} -n {namespace} {TOKEN_LABEL}=true`) or run `{command}`"
+    )
 }
 
 /// What a token Secret holds. `Debug` shows no token.
@@ -670,6 +680,10 @@ impl TokenManager {
                 "spec.authentication.oauth2.tokenURL is required for provider Generic".into(),
             ));
         };
+        if let Err(message) = plaintext_endpoints(o, provider.spec.authentication.allow_unencrypted)
+        {
+            return Err((Reason::InvalidSpec, message));
+        }
         let client_secret = match &o.client_secret_ref {
             Some(r) => {
                 let field = "spec.authentication.oauth2.clientSecretRef";
@@ -722,6 +736,14 @@ impl TokenManager {
                     ));
                 }
                 Plan::Refresh | Plan::ClientCredentials => {}
+            }
+            if let Some(secret) = &current
+                && !secret.labels().contains_key(TOKEN_LABEL)
+            {
+                return Err((
+                    Reason::AuthorizationRequired,
+                    unmarked(namespace, secret_name, &command),
+                ));
             }
             let used = tokens.clone().unwrap_or_default();
             let form = token_form(

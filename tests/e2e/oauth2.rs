@@ -80,6 +80,28 @@ async fn invalid_oauth2_manifests_are_rejected_with_the_field_named() {
             format!("  tls: {{mode: None}}\n{}", oauth("provider: Microsoft")),
             &["spec.authentication.allowUnencrypted", "without TLS"],
         ),
+        (
+            "token endpoint over http",
+            oauth("provider: Generic, tokenURL: 'http://keycloak.auth.svc:8080/token'"),
+            &["spec.authentication.oauth2.tokenURL", "https://"],
+        ),
+        (
+            "authorization endpoint over http",
+            oauth(
+                "provider: Generic, tokenURL: 'https://id.example/token', authorizationURL: 'http://id.example/auth'",
+            ),
+            &["spec.authentication.oauth2.authorizationURL", "https://"],
+        ),
+        (
+            "device endpoint on a host named like loopback",
+            oauth(
+                "provider: Generic, flow: DeviceCode, tokenURL: 'https://id.example/token', deviceAuthorizationURL: 'http://127.0.0.1.evil.example/device'",
+            ),
+            &[
+                "spec.authentication.oauth2.deviceAuthorizationURL",
+                "https://",
+            ],
+        ),
     ];
     let mut failures = Vec::new();
     for (what, spec, expected) in &cases {
@@ -104,6 +126,15 @@ async fn invalid_oauth2_manifests_are_rejected_with_the_field_named() {
             "provider: Microsoft, tenant: contoso.onmicrosoft.com, flow: ClientCredentials, clientSecretRef: {name: s}",
         ),
         oauth("provider: Google"),
+        // http to this host's loopback (a sidecar), or anywhere when allowed.
+        oauth("provider: Generic, tokenURL: 'http://127.0.0.1:8080/token'"),
+        oauth("provider: Generic, tokenURL: 'http://[::1]:8080/token'"),
+        oauth("provider: Generic, tokenURL: 'HTTP://localhost/token'"),
+        oauth("provider: Generic, tokenURL: 'http://keycloak.auth.svc:8080/token'").replace(
+            "method: OAuth2",
+            "method: OAuth2\n    allowUnencrypted: true",
+        ),
+        // The last one: its defaults are read back below.
         oauth("provider: Generic, tokenURL: 'https://id.example/token', flow: DeviceCode"),
     ] {
         let out = env.try_apply(&manifest(&ok));
@@ -376,7 +407,7 @@ async fn an_expired_token_is_refreshed_and_the_rotated_refresh_token_stored() {
         .bed
         .oauth()
         .access_token("alice", Duration::from_secs(1));
-    env.secret(
+    env.token_secret(
         "alice-token",
         &[
             ("refresh_token", &old_refresh),
@@ -459,7 +490,7 @@ async fn a_revoked_grant_is_authorization_revoked() {
     server.register_client(CLIENT, None, None);
     let refresh = server.grant("alice", CLIENT);
     server.revoke_user("alice");
-    env.secret(
+    env.token_secret(
         "alice-token",
         &[
             ("refresh_token", &refresh),
@@ -490,6 +521,74 @@ async fn a_revoked_grant_is_authorization_revoked() {
 }
 
 #[tokio::test]
+async fn the_controller_writes_tokens_only_into_a_secret_marked_as_holding_them() {
+    let env = Env::new("oauth2-unmarked").await;
+    trust_bed_ca(&env).await;
+    let server = TokenServer::start(env.bed.oauth());
+    server.register_client(CLIENT, None, None);
+    let refresh = server.grant("alice", CLIENT);
+    // A Secret some other application keeps, with keys of the same names: whoever may
+    // edit providers names it as a token Secret.
+    env.secret(
+        "alice-token",
+        &[
+            ("refresh_token", &refresh),
+            ("access_token", "another-apps-token"),
+            ("expires_at", &rfc3339_in(-60)),
+            ("other", "untouched"),
+        ],
+    )
+    .await;
+    let before = token_secret(&env).await.unwrap();
+    env.apply(&oauth_provider(
+        "imap",
+        "IMAP",
+        env.bed.dovecot().imaps_port(),
+        &generic(&server, ""),
+    ));
+    let _controller = env.controller();
+    let p = env
+        .wait_reason("imap", "AuthorizationRequired", Duration::from_secs(60))
+        .await;
+    let message = &ready(&p).unwrap().message;
+    assert!(
+        message.contains(&format!(
+            "kubectl label secret alice-token -n {} {}=true",
+            env.ns,
+            tokens::TOKEN_LABEL
+        )) && message.contains(&format!("mailroom authorize imap -n {}", env.ns)),
+        "the message says how to mark the Secret: {message}"
+    );
+    assert_eq!(server.token_requests(), 0, "no refresh it could not store");
+    let after = token_secret(&env).await.unwrap();
+    assert_eq!(after.data, before.data, "the Secret was written");
+    assert_eq!(
+        after.metadata.resource_version,
+        before.metadata.resource_version
+    );
+
+    // Marked by someone who may write it: the next test refreshes and stores there.
+    let out = env.kubectl(&[
+        "label",
+        "secret",
+        "alice-token",
+        &format!("{}=true", tokens::TOKEN_LABEL),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    env.wait_reason("imap", "Connected", Duration::from_secs(60))
+        .await;
+    assert_eq!(server.token_requests(), 1);
+    let stored = token_secret(&env).await.unwrap();
+    let data = stored.data.unwrap();
+    assert_ne!(data[tokens::ACCESS_TOKEN].0, b"another-apps-token");
+    assert_eq!(data["other"].0, b"untouched", "other keys are kept");
+}
+
+#[tokio::test]
 async fn a_token_server_that_is_down_leaves_a_valid_token_in_use_then_fails() {
     let env = Env::new("oauth2-down").await;
     trust_bed_ca(&env).await;
@@ -502,7 +601,7 @@ async fn a_token_server_that_is_down_leaves_a_valid_token_in_use_then_fails() {
         .bed
         .oauth()
         .access_token("alice", Duration::from_secs(240));
-    env.secret(
+    env.token_secret(
         "alice-token",
         &[
             ("refresh_token", &refresh),
@@ -526,7 +625,7 @@ async fn a_token_server_that_is_down_leaves_a_valid_token_in_use_then_fails() {
         controller.logs()
     );
     // Once no valid token is left, the provider says why.
-    env.secret(
+    env.token_secret(
         "alice-token",
         &[
             ("refresh_token", &refresh),
@@ -597,7 +696,7 @@ async fn a_token_the_mail_server_rejects_is_authentication_failed_in_status() {
         .bed
         .oauth()
         .forged_token("alice", Duration::from_secs(3600));
-    env.secret(
+    env.token_secret(
         "alice-token",
         &[
             ("refresh_token", "unused"),
@@ -643,7 +742,7 @@ async fn two_refreshers_racing_leave_one_valid_token() {
     for round in 0..15 {
         server.revoke_user("alice");
         let refresh = server.grant("alice", CLIENT);
-        env.secret(
+        env.token_secret(
             "alice-token",
             &[
                 ("refresh_token", &refresh),

@@ -95,17 +95,31 @@ impl Env {
 
     /// Creates or replaces an Opaque Secret with string data.
     pub async fn secret(&self, name: &str, pairs: &[(&str, &str)]) {
+        self.put_secret(name, pairs, serde_json::json!({})).await
+    }
+
+    /// Creates or replaces the data of OAuth2 token Secret `name`, labelled as
+    /// `mailroom authorize` labels the Secrets it creates (the controller writes refreshed
+    /// tokens only into those).
+    pub async fn token_secret(&self, name: &str, pairs: &[(&str, &str)]) {
+        let labels = serde_json::json!({ (mailroom::credentials::tokens::TOKEN_LABEL): "true" });
+        self.put_secret(name, pairs, labels).await
+    }
+
+    async fn put_secret(&self, name: &str, pairs: &[(&str, &str)], labels: serde_json::Value) {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.ns);
         let secret: Secret = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name},
+            "metadata": {"name": name, "labels": labels},
             "stringData": pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<std::collections::BTreeMap<_, _>>(),
         }))
         .unwrap();
         match api.get_opt(name).await.unwrap() {
             Some(_) => {
-                let patch = kube::api::Patch::Merge(
-                    serde_json::json!({"data": null, "stringData": secret.string_data}),
-                );
+                let patch = kube::api::Patch::Merge(serde_json::json!({
+                    "metadata": {"labels": secret.metadata.labels},
+                    "data": null,
+                    "stringData": secret.string_data,
+                }));
                 api.patch(name, &kube::api::PatchParams::default(), &patch)
                     .await
                     .unwrap();

@@ -194,7 +194,7 @@ async fn rotating_grant(env: &Env) -> (TokenServer, String) {
         .bed
         .oauth()
         .access_token("alice", Duration::from_secs(1));
-    env.secret(
+    env.token_secret(
         "alice-token",
         &[
             ("refresh_token", &refresh),
