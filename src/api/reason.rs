@@ -126,7 +126,7 @@ impl Reason {
                 "Add the key the message names to the Secret (or point usernameKey/passwordKey at the right one)."
             }
             Reason::AuthorizationRequired => {
-                "Run the `mailroom authorize` command the message gives."
+                "Run the `mailroom authorize` command the message gives (or, for a token Secret made by hand, add the label the message names)."
             }
             Reason::TokenRefreshFailed => {
                 "The token endpoint failed; the message quotes it. Tests resume when it answers."
