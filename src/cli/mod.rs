@@ -14,7 +14,10 @@ pub use logging::LogFormat;
 #[command(
     name = "mailroom",
     version,
-    about = "Keeps testing POP3 and IMAP mailboxes declared as IncomingMailProvider resources"
+    about = "Keeps testing POP3 and IMAP mailboxes declared as IncomingMailProvider resources",
+    // A flag given again wins (`--log=debug` after the chart's `--log=info` in extraArgs),
+    // as with kubectl, instead of an error that crash-loops the pod.
+    args_override_self = true
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -57,8 +60,9 @@ pub struct ControllerArgs {
     /// Log filter (tracing's EnvFilter syntax, e.g. info or mailroom=debug).
     #[arg(long, env = "MAILROOM_LOG", default_value = "info")]
     pub log: String,
-    /// Address of /metrics, /healthz and /readyz ("off" serves nothing; port 0 picks one).
-    #[arg(long, env = "MAILROOM_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    /// Address of /metrics, /healthz and /readyz: :PORT for every address (IPv6 and
+    /// IPv4), HOST:PORT for one; "off" serves nothing; port 0 picks one.
+    #[arg(long, env = "MAILROOM_METRICS_ADDR", default_value = ":8080")]
     pub metrics_addr: String,
     /// Per-provider metric series (namespace and name as labels); off by default to keep
     /// the number of series small.
@@ -99,8 +103,8 @@ pub async fn main() -> anyhow::Result<i32> {
             let metrics_addr = match args.metrics_addr.as_str() {
                 "" | "off" => None,
                 addr => Some(
-                    addr.parse()
-                        .map_err(|e| anyhow::anyhow!("--metrics-addr {addr:?}: {e}"))?,
+                    addr.parse::<crate::controller::http::ListenAddr>()
+                        .map_err(|e| anyhow::anyhow!("--metrics-addr {e}"))?,
                 ),
             };
             let shard = crate::controller::shard::Shard::new(args.shard_index, args.shard_count)
@@ -184,6 +188,30 @@ pub fn reasons_table() -> String {
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser as _;
+
+    #[test]
+    fn a_flag_given_again_wins_and_lists_still_add_up() {
+        let cli = super::Cli::try_parse_from([
+            "mailroom",
+            "controller",
+            "--log=info",
+            "--metrics-addr=:8080",
+            "--namespace=a",
+            "--log=debug",
+            "--metrics-addr=off",
+            "-n",
+            "b,c",
+        ])
+        .unwrap();
+        let super::Command::Controller(args) = cli.command else {
+            panic!("not the controller: {:?}", cli.command)
+        };
+        assert_eq!(args.log, "debug");
+        assert_eq!(args.metrics_addr, "off");
+        assert_eq!(args.namespaces, ["a", "b", "c"]);
+    }
+
     fn repo_file(path: &str) -> String {
         let full = format!("{}/{path}", env!("CARGO_MANIFEST_DIR"));
         std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("reading {full}: {e}"))

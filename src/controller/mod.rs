@@ -3,7 +3,7 @@
 //! The decisions live in pure modules (`schedule`, `status`); this module reads, calls
 //! them, and writes.
 
-mod http;
+pub mod http;
 mod inflight;
 mod limits;
 pub mod metrics;
@@ -49,7 +49,7 @@ pub struct Settings {
     /// Tests running at once against one mail host.
     pub per_host: usize,
     /// Where `/metrics`, `/healthz` and `/readyz` are served; None serves nothing.
-    pub metrics_addr: Option<std::net::SocketAddr>,
+    pub metrics_addr: Option<http::ListenAddr>,
     /// Per-provider series (namespace and name as labels) besides the aggregates.
     pub per_provider_metrics: bool,
     /// Run only while holding this Lease; None runs at once (a single replica).

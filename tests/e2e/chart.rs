@@ -494,7 +494,7 @@ fn the_default_deployment_is_locked_down() {
     for expected in [
         "--log-format=json",
         "--log=info",
-        "--metrics-addr=0.0.0.0:8080",
+        "--metrics-addr=:8080",
         "--leader-election=true",
         "--lease-name=mailroom",
     ] {
