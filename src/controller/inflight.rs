@@ -106,10 +106,21 @@ impl InFlight {
         self.cancel.clone().drop_guard()
     }
 
-    /// Waits for the tests in flight (a stopping controller starts no more).
-    pub async fn finish(&self) {
+    /// Waits for the tests in flight (a stopping controller starts no more), at most
+    /// `within`; then cancels the rest (their providers keep their last status and are
+    /// tested again by the next replica). Returns how many were cancelled.
+    pub async fn finish(&self, within: std::time::Duration) -> usize {
         self.tasks.close();
+        if tokio::time::timeout(within, self.tasks.wait())
+            .await
+            .is_ok()
+        {
+            return 0;
+        }
+        let cancelled = self.tasks.len();
+        self.cancel.cancel();
         self.tasks.wait().await;
+        cancelled
     }
 }
 
@@ -176,9 +187,12 @@ mod tests {
             Duration::ZERO
         }));
         drop(guard);
-        tokio::time::timeout(Duration::from_secs(5), inflight.finish())
-            .await
-            .expect("a cancelled test ends");
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            inflight.finish(Duration::from_secs(60)),
+        )
+        .await
+        .expect("a cancelled test ends");
         assert!(!inflight.is_running(&key("a", "p")));
         assert!(
             rx[0].try_recv().is_err(),
@@ -203,10 +217,37 @@ mod tests {
             Duration::from_secs(3600)
         }));
         stop.send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), inflight.finish())
-            .await
-            .expect("finish returns once the test is done, without its retry delay");
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            inflight.finish(Duration::from_secs(60)),
+        )
+        .await
+        .expect("finish returns once the test is done, without its retry delay");
         assert!(done.load(std::sync::atomic::Ordering::SeqCst));
         assert!(rx[0].try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_test_that_outlasts_the_drain_is_cancelled() {
+        let (inflight, mut rx) = InFlight::new(&[None], never());
+        let (_keep, never_released) = tokio::sync::oneshot::channel::<()>();
+        assert!(inflight.start(key("a", "slow"), async move {
+            let _ = never_released.await;
+            Duration::ZERO
+        }));
+        assert!(inflight.start(key("a", "quick"), async { Duration::ZERO }));
+        let cancelled = tokio::time::timeout(
+            Duration::from_secs(5),
+            inflight.finish(Duration::from_millis(200)),
+        )
+        .await
+        .expect("finish returns once the drain's bound has passed");
+        assert_eq!(cancelled, 1, "only the test still running is cancelled");
+        assert!(!inflight.is_running(&key("a", "slow")));
+        assert_eq!(rx[0].try_recv().ok(), Some(key("a", "quick")));
+        assert!(
+            rx[0].try_recv().is_err(),
+            "a cancelled test reconciles nothing"
+        );
     }
 }

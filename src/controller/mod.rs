@@ -186,6 +186,9 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
 /// grace period, rather than hang until the kubelet kills it.
 const RELEASE_WITHIN: Duration = Duration::from_secs(10);
 
+/// How long a stopping controller waits for the tests in flight before it cancels them.
+const DRAIN_WITHIN: Duration = Duration::from_secs(10);
+
 /// How long a stopping controller tries to store OAuth2 tokens it could not store before
 /// (within the chart's 30 s grace period, beside the lease's release).
 const STORE_TOKENS_WITHIN: Duration = Duration::from_secs(5);
@@ -397,8 +400,17 @@ async fn run_controllers(
         _ = sweeper => {}
         _ = synced => {}
     }
-    // A stopping controller finishes the tests in flight (it starts no more).
-    ctx.inflight.finish().await;
+    // A stopping controller finishes the tests in flight (it starts no more), within a
+    // bound that leaves the rest of the chart's 30 s grace period to store kept tokens
+    // and release the lease: a test of a slow server may take its whole check.timeout.
+    let cancelled = ctx.inflight.finish(DRAIN_WITHIN).await;
+    if cancelled > 0 {
+        tracing::warn!(
+            cancelled,
+            "tests still running {}s after the stop was asked: cancelled; their providers keep their last status",
+            DRAIN_WITHIN.as_secs()
+        );
+    }
     ctx.tokens.store_kept(STORE_TOKENS_WITHIN).await;
     tracing::info!("controller stopped");
     Ok(())

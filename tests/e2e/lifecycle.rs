@@ -269,3 +269,55 @@ async fn transitions_are_recorded_as_events_and_sigterm_exits_cleanly() {
         controller.logs()
     );
 }
+
+#[tokio::test]
+async fn sigterm_cancels_a_test_that_outlasts_the_drain_and_exits_within_the_grace_period() {
+    let env = Env::new("drain").await;
+    trust_bed_ca(&env).await;
+    // A server that accepts and never speaks, under a two-minute timeout: the test
+    // would take all of it.
+    let tarpit = std::net::TcpListener::bind((mailroom_testbed::MAIL_HOST, 0)).unwrap();
+    let port = tarpit.local_addr().unwrap().port();
+    let (accepted, connected) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in tarpit.incoming().flatten() {
+            held.push(conn);
+            let _ = accepted.send(());
+        }
+    });
+    env.apply(
+        &provider("slow", "IMAP", port, "None", "{method: None}", "")
+            .replace("timeout: 10s", "timeout: 2m"),
+    );
+    let mut controller = env.controller();
+    connected
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the controller connects to the tarpit");
+
+    let asked = Instant::now();
+    let status = controller.terminate(Duration::from_secs(25));
+    let took = asked.elapsed();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exit after SIGTERM with a test in flight: {status:?} after {took:?}\n{}",
+        controller.logs()
+    );
+    // 10 s of drain, then the lease released: well within the chart's 30 s.
+    assert!(
+        took < Duration::from_secs(20),
+        "took {took:?}:\n{}",
+        controller.logs()
+    );
+    assert!(
+        controller.logs().contains("cancelled=1"),
+        "the log says a test was cancelled:\n{}",
+        controller.logs()
+    );
+    let p = env.providers().get("slow").await.unwrap();
+    assert_ne!(
+        ready(&p).map(|c| c.reason.as_str()),
+        Some("Timeout"),
+        "a cancelled test writes no verdict"
+    );
+}
