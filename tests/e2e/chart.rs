@@ -326,6 +326,105 @@ fn the_values_schema_refuses_what_the_chart_cannot_use() {
     );
 }
 
+/// `helm template` with these values must fail, and say `needle` (the values to set).
+fn assert_refused(helm: &Helm, values: &str, needle: &str, why: &str) {
+    let out = helm.run(&["template", "r", CHART, "-n", "ops", "--set", values]);
+    assert!(
+        !out.status.success() && text(&out).contains(needle),
+        "expected `helm template --set {values}` to fail naming {needle} ({why}); helm said:\n{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn a_service_account_the_chart_does_not_create_must_be_named_when_it_binds_rights() {
+    let helm = Helm::offline();
+    // Else the ClusterRoleBinding (Secrets, cluster-wide) goes to the namespace's
+    // `default` ServiceAccount, which every other pod there runs as.
+    for values in [
+        "serviceAccount.create=false",
+        "serviceAccount.create=false,watchNamespaces={team-a}",
+    ] {
+        assert_refused(
+            &helm,
+            values,
+            "serviceAccount.name",
+            "rights bound to the default ServiceAccount",
+        );
+    }
+    // Named: the bindings and the pods use that account, and no ServiceAccount is rendered.
+    let docs = helm.render(
+        "mailroom",
+        "ops",
+        &["--set", "serviceAccount.create=false,serviceAccount.name=mail-ctl"],
+    );
+    assert!(!docs.iter().any(|d| kind(d) == "ServiceAccount"));
+    let subject = json!([{"kind": "ServiceAccount", "name": "mail-ctl", "namespace": "ops"}]);
+    assert_eq!(
+        find(&docs, "ClusterRoleBinding", "mailroom-controller")["subjects"],
+        subject
+    );
+    assert_eq!(
+        find(&docs, "RoleBinding", "mailroom-leader-election")["subjects"],
+        subject
+    );
+    assert_eq!(
+        only(&docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"],
+        "mail-ctl"
+    );
+    // No rights rendered: the account is the user's business, `default` included.
+    let docs = helm.render(
+        "mailroom",
+        "ops",
+        &["--set", "serviceAccount.create=false,rbac.create=false"],
+    );
+    assert!(
+        !docs
+            .iter()
+            .any(|d| kind(d).ends_with("Binding") || kind(d) == "ServiceAccount"),
+        "{:?}",
+        objects(&docs)
+    );
+    assert_eq!(
+        only(&docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"],
+        "default"
+    );
+}
+
+#[test]
+fn a_service_monitor_needs_the_metrics_service() {
+    let helm = Helm::offline();
+    assert_refused(
+        &helm,
+        "metrics.service.enabled=false,metrics.serviceMonitor.enabled=true",
+        "metrics.service.enabled",
+        "a ServiceMonitor without the Service scrapes nothing",
+    );
+    // Both: the ServiceMonitor selects the Service by its labels and port name.
+    let docs = helm.render(
+        "mailroom",
+        "ops",
+        &["--set", "metrics.serviceMonitor.enabled=true"],
+    );
+    let sm = only(&docs, "ServiceMonitor");
+    let service = only(&docs, "Service");
+    for (k, v) in sm["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(&service["metadata"]["labels"][k], v, "Service label {k}");
+    }
+    assert_eq!(
+        sm["spec"]["endpoints"][0]["port"],
+        service["spec"]["ports"][0]["name"]
+    );
+    assert_eq!(sm["spec"]["namespaceSelector"]["matchNames"], json!(["ops"]));
+    // Without either: neither.
+    let docs = helm.render("mailroom", "ops", &["--set", "metrics.service.enabled=false"]);
+    assert!(
+        !docs
+            .iter()
+            .any(|d| kind(d) == "Service" || kind(d) == "ServiceMonitor")
+    );
+}
+
 #[test]
 fn three_shards_are_three_deployments_each_with_its_shard_its_pods_and_its_lease() {
     let helm = Helm::offline();
