@@ -796,6 +796,20 @@ fn the_crd_is_the_generated_one_and_kept_on_uninstall() {
         "{}",
         crd["metadata"]
     );
+    // Argo CD renders the chart with `helm template` and ignores helm's policy: neither an
+    // auto-prune (crds.enabled=false, the CRD gone from the manifests) nor deleting the
+    // Application may delete the CRD and with it every provider (docs/gitops.md).
+    assert_eq!(
+        crd["metadata"]["annotations"]["argocd.argoproj.io/sync-options"],
+        "Prune=false,Delete=false",
+        "{}",
+        crd["metadata"]
+    );
+    let gitops = repo_file("docs/gitops.md");
+    assert!(
+        gitops.contains("argocd.argoproj.io/sync-options: Prune=false,Delete=false"),
+        "docs/gitops.md must show the CRD's Argo CD sync options"
+    );
     let generated: Value =
         serde_yaml::from_str(&repo_file("crds/incomingmailprovider.yaml")).unwrap();
     // helm's toYaml writes 65535.0 as 65535: the same number to the API server.
