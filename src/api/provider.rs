@@ -28,6 +28,8 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
     printcolumn(name = "Last Check", type_ = "date", json_path = ".status.lastCheckTime"),
+    // Custom columns replace kubectl's default AGE: declared again, last as kubectl puts it.
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     printcolumn(name = "Message", type_ = "string", priority = "1", json_path = ".status.conditions[?(@.type==\"Ready\")].message"),
     validation = Rule::new("self.spec.tls.mode != 'None' || self.spec.authentication.method == 'None' || self.spec.authentication.allowUnencrypted")
         .message("a password or token may not be sent without TLS: set spec.tls.mode to Implicit or StartTLS, or spec.authentication.allowUnencrypted to true")
@@ -512,4 +514,37 @@ pub struct MailboxStatus {
     /// IMAP only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unseen: Option<i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::CustomResourceExt;
+
+    use super::IncomingMailProvider;
+
+    #[test]
+    fn kubectl_get_shows_the_age_that_custom_columns_would_drop() {
+        let crd = IncomingMailProvider::crd();
+        let columns = crd.spec.versions[0]
+            .additional_printer_columns
+            .clone()
+            .unwrap_or_default();
+        let names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
+        let age = columns
+            .iter()
+            .find(|c| c.name == "Age")
+            .unwrap_or_else(|| panic!("no Age column among {names:?}"));
+        assert_eq!(
+            (age.type_.as_str(), age.json_path.as_str(), age.priority),
+            ("date", ".metadata.creationTimestamp", None),
+            "{names:?}"
+        );
+        // Last of the columns `kubectl get` shows; the Message follows in `-o wide` only.
+        let shown: Vec<&str> = columns
+            .iter()
+            .filter(|c| c.priority.unwrap_or(0) == 0)
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(shown.last(), Some(&"Age"), "{names:?}");
+    }
 }

@@ -105,6 +105,7 @@ async fn each_protocol_and_tls_mode_goes_ready_with_the_details_filled_in() {
         "READY",
         "REASON",
         "LAST CHECK",
+        "AGE",
         "MESSAGE",
     ] {
         assert!(
