@@ -2103,3 +2103,111 @@ async fn watch_namespaces_confines_the_controller_to_them() {
         "the controller tried beyond its namespaces:\n{logs}"
     );
 }
+
+/// Whether `pattern` (one .dockerignore line, already without `!`) matches `path` the way
+/// Docker's pattern matcher does: `/`-separated, `**` any number of folders (none too),
+/// `*` and `?` within one name; a folder that matches leaves out everything in it.
+fn dockerignore_matches(pattern: &str, path: &str) -> bool {
+    fn name(p: &[u8], s: &[u8]) -> bool {
+        match (p.first(), s.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => name(&p[1..], s) || (!s.is_empty() && name(p, &s[1..])),
+            (Some(b'?'), Some(_)) => name(&p[1..], &s[1..]),
+            (Some(a), Some(b)) if a == b => name(&p[1..], &s[1..]),
+            _ => false,
+        }
+    }
+    fn names(p: &[&str], s: &[&str]) -> bool {
+        match (p.first(), s.first()) {
+            (None, None) => true,
+            (Some(&"**"), _) => names(&p[1..], s) || (!s.is_empty() && names(p, &s[1..])),
+            (Some(a), Some(b)) => name(a.as_bytes(), b.as_bytes()) && names(&p[1..], &s[1..]),
+            _ => false,
+        }
+    }
+    let pattern: Vec<&str> = pattern
+        .trim_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    let path: Vec<&str> = path.split('/').collect();
+    // The path itself or any folder above it.
+    (1..=path.len()).any(|n| names(&pattern, &path[..n]))
+}
+
+/// Whether the Docker build context leaves `path` out, by the .dockerignore given.
+fn docker_leaves_out(dockerignore: &str, path: &str) -> bool {
+    let mut out = false;
+    for line in dockerignore.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        match line.strip_prefix('!') {
+            Some(p) if dockerignore_matches(p, path) => out = false,
+            None if dockerignore_matches(line, path) => out = true,
+            _ => {}
+        }
+    }
+    out
+}
+
+#[test]
+fn the_docker_build_context_leaves_out_what_git_ignores() {
+    let dockerignore = repo_file(".dockerignore");
+    // Every build output, fuzzing output and the bed's state (etcd's data, the API
+    // server's keys) that git ignores, at the depths git ignores it.
+    let mut never = Vec::new();
+    for (dir, file) in [("", ".gitignore"), ("fuzz/", "fuzz/.gitignore")] {
+        for line in repo_file(file).lines().map(str::trim) {
+            if line.is_empty() || line.starts_with('#') || line.starts_with('!') {
+                continue;
+            }
+            let anchored = line.trim_end_matches('/').contains('/');
+            let p = line.trim_start_matches('/').trim_end_matches('/');
+            never.push(format!("{dir}{p}/some/file"));
+            if !anchored {
+                never.push(format!("{dir}some/folder/{p}/some/file"));
+            }
+        }
+    }
+    never.extend(
+        [
+            "target/release/mailroom",
+            "tests/testbed/target/debug/mailroom-testbed",
+            "fuzz/target/x86_64-unknown-linux-gnu/release/imap_response",
+            "fuzz/corpus/imap_response/0a1b2c",
+            "fuzz/artifacts/pop3_response/crash-0a1b2c",
+            ".testbed/control-plane/kubeconfig",
+            ".testbed/etcd/member/snap/db",
+        ]
+        .map(String::from),
+    );
+    let sent: Vec<&String> = never
+        .iter()
+        .filter(|p| !docker_leaves_out(&dockerignore, p))
+        .collect();
+    assert!(
+        sent.is_empty(),
+        ".dockerignore sends these into the image's build context: {sent:?}"
+    );
+    // What `cargo build --release --locked --bin mailroom` reads stays in.
+    for needed in [
+        "Cargo.toml",
+        "Cargo.lock",
+        "src/main.rs",
+        "src/api/provider.rs",
+        "tests/testbed/Cargo.toml",
+        "tests/testbed/src/lib.rs",
+        "tests/e2e/main.rs",
+        "benches/probe.rs",
+    ] {
+        assert!(
+            std::path::Path::new(&format!("{REPO}/{needed}")).exists(),
+            "{needed} moved: update this test"
+        );
+        assert!(
+            !docker_leaves_out(&dockerignore, needed),
+            ".dockerignore leaves out {needed}, which the image's cargo build reads"
+        );
+    }
+}
