@@ -356,7 +356,10 @@ fn a_service_account_the_chart_does_not_create_must_be_named_when_it_binds_right
     let docs = helm.render(
         "mailroom",
         "ops",
-        &["--set", "serviceAccount.create=false,serviceAccount.name=mail-ctl"],
+        &[
+            "--set",
+            "serviceAccount.create=false,serviceAccount.name=mail-ctl",
+        ],
     );
     assert!(!docs.iter().any(|d| kind(d) == "ServiceAccount"));
     let subject = json!([{"kind": "ServiceAccount", "name": "mail-ctl", "namespace": "ops"}]);
@@ -415,9 +418,16 @@ fn a_service_monitor_needs_the_metrics_service() {
         sm["spec"]["endpoints"][0]["port"],
         service["spec"]["ports"][0]["name"]
     );
-    assert_eq!(sm["spec"]["namespaceSelector"]["matchNames"], json!(["ops"]));
+    assert_eq!(
+        sm["spec"]["namespaceSelector"]["matchNames"],
+        json!(["ops"])
+    );
     // Without either: neither.
-    let docs = helm.render("mailroom", "ops", &["--set", "metrics.service.enabled=false"]);
+    let docs = helm.render(
+        "mailroom",
+        "ops",
+        &["--set", "metrics.service.enabled=false"],
+    );
     assert!(
         !docs
             .iter()
@@ -906,9 +916,11 @@ fn replicas_network_policy_and_service_monitor() {
 }
 
 /// The chart's alerts, evaluated by Prometheus's own rule engine (`promtool test rules`)
-/// over made-up series: which fire, after how long, with which labels and words.
+/// over made-up series: which fire, after how long, with which labels and words. The
+/// rules also pass `promtool check rules` (its lint included).
 #[test]
 fn the_alerts_fire_when_a_mailbox_stays_down_or_no_replica_tests() {
+    use mailroom::api::Reason;
     let helm = Helm::offline();
     let bins = mailroom_testbed::Binaries::locate().unwrap_or_else(|e| panic!("{e:#}"));
     let dir = tempfile::tempdir().unwrap();
@@ -920,16 +932,43 @@ fn the_alerts_fire_when_a_mailbox_stays_down_or_no_replica_tests() {
         let text = serde_json::to_string_pretty(&rule["spec"]).unwrap();
         std::fs::write(dir.path().join(file), text).unwrap();
     };
-    let series = |name: &str, labels: &str, values: &str| json!({"series": format!("{name}{{{job},{labels}}}"), "values": values});
+    // A series as one replica's scrape has it: its pod and instance besides the job.
+    let series = |name: &str, pod: &str, labels: &str, values: &str| {
+        let labels = if labels.is_empty() {
+            String::new()
+        } else {
+            format!(",{labels}")
+        };
+        json!({
+            "series": format!("{name}{{{job},pod=\"{pod}\",instance=\"{pod}:8080\"{labels}}}"),
+            "values": values,
+        })
+    };
     let ready = |ns: &str, name: &str, reason: &str, values: &str| {
         series(
             "mailroom_provider_ready",
+            "a",
             &format!("namespace=\"{ns}\",name=\"{name}\",reason=\"{reason}\""),
             values,
         )
     };
-    let leader =
-        |pod: &str, values: &str| series("mailroom_leader", &format!("pod=\"{pod}\""), values);
+    let leader = |pod: &str, values: &str| series("mailroom_leader", pod, "", values);
+    let providers = |pod: &str, ready: &str, values: &str| {
+        series(
+            "mailroom_providers",
+            pod,
+            &format!("ready=\"{ready}\""),
+            values,
+        )
+    };
+    let tests = |pod: &str, values: &str| {
+        series(
+            "mailroom_tests_total",
+            pod,
+            "protocol=\"IMAP\",reason=\"Connected\"",
+            values,
+        )
+    };
     let not_ready = |ns: &str, name: &str| {
         json!({
             "exp_labels": {"severity": "warning", "namespace": ns, "name": name},
@@ -939,14 +978,27 @@ fn the_alerts_fire_when_a_mailbox_stays_down_or_no_replica_tests() {
             },
         })
     };
-    let not_testing = |summary: &str| {
+    let no_leader = |summary: &str| {
         json!({
-            "exp_labels": {"severity": "warning"},
+            "exp_labels": {"severity": "warning", "cause": "NoLeader"},
             "exp_annotations": {
                 "summary": summary,
                 "description": "Statuses are going stale: kubectl -n mail get pods \
                     -l app.kubernetes.io/instance=mailroom; the controller's log says why it \
                     does not hold its lease",
+            },
+        })
+    };
+    let no_tests = |pod: &str, providers: u32| {
+        json!({
+            "exp_labels": {"severity": "warning", "cause": "NoTests", "instance": format!("{pod}:8080")},
+            "exp_annotations": {
+                "summary": format!("mailroom mail/mailroom: the replica {pod}:8080 holds a lease \
+                    and reports {providers} providers, but has run no test for 15m"),
+                "description": "Statuses are going stale while it keeps the standby out: its \
+                    log says what it waits for (forbidden: a missing RBAC rule), and its \
+                    /readyz stays unready until its caches sync: kubectl -n mail get pods \
+                    -l app.kubernetes.io/instance=mailroom",
             },
         })
     };
@@ -957,6 +1009,20 @@ fn the_alerts_fire_when_a_mailbox_stays_down_or_no_replica_tests() {
         "per-provider.json",
         "metrics.prometheusRule.enabled=true,metrics.perProvider=true",
     );
+    // Every reason for 20 minutes, as the gauge reports it (1 for Ready True, else 0):
+    // only those whose Ready is False alert (Checking and Suspended are Unknown).
+    let mut every_reason = Vec::new();
+    let mut failing = Vec::new();
+    for reason in Reason::ALL {
+        let status = reason.ready_status();
+        let value = if status == "True" { "1x20" } else { "0x20" };
+        every_reason.push(ready("reasons", reason.as_str(), reason.as_str(), value));
+        if status == "False" {
+            failing.push(not_ready("reasons", reason.as_str()));
+        }
+    }
+    every_reason.push(leader("a", "1x20"));
+    every_reason.push(tests("a", "0+5x20"));
     let per_provider = json!({
         "rule_files": ["per-provider.json"],
         "evaluation_interval": "1m",
@@ -976,6 +1042,8 @@ fn the_alerts_fire_when_a_mailbox_stays_down_or_no_replica_tests() {
                     ready("team-a", "flaky", "Connected", "_x9 1x11"),
                     // Suspended (Unknown, reported 0): never.
                     ready("team-a", "paused", "Suspended", "0x20"),
+                    // Its first test waiting for a slot all along (Unknown): not failing.
+                    ready("team-a", "queued", "Checking", "0x20"),
                     ready("team-a", "fine", "Connected", "1x20"),
                     // Another release's series are not ours.
                     json!({
@@ -985,6 +1053,9 @@ fn the_alerts_fire_when_a_mailbox_stays_down_or_no_replica_tests() {
                     // One replica tests, the other stands by.
                     leader("a", "1x20"),
                     leader("b", "0x20"),
+                    providers("a", "False", "3x20"),
+                    providers("a", "True", "2x20"),
+                    tests("a", "0+6x20"),
                 ],
                 "alert_rule_test": [
                     alert("14m", "MailroomMailboxNotReady", json!([])),
@@ -997,18 +1068,67 @@ fn the_alerts_fire_when_a_mailbox_stays_down_or_no_replica_tests() {
                 ],
             },
             {
+                "interval": "1m",
+                "input_series": every_reason,
+                "alert_rule_test": [
+                    alert("16m", "MailroomMailboxNotReady", Value::Array(failing)),
+                ],
+            },
+            {
                 // The leader lost its lease at 5m and nobody took over; then nothing
                 // was scraped at all.
                 "interval": "1m",
                 "input_series": [leader("a", "1x4 0x10 stale")],
                 "alert_rule_test": [
                     alert("14m", "MailroomNotTesting", json!([])),
-                    alert("16m", "MailroomNotTesting", json!([not_testing(
+                    alert("16m", "MailroomNotTesting", json!([no_leader(
                         "No replica of mailroom mail/mailroom has been testing for 10m",
                     )])),
-                    alert("30m", "MailroomNotTesting", json!([not_testing(
+                    alert("30m", "MailroomNotTesting", json!([no_leader(
                         "No replica of mailroom mail/mailroom has been testing for 10m",
                     )])),
+                ],
+            },
+            {
+                // Leases held, and the tests behind them.
+                "interval": "1m",
+                "input_series": [
+                    // Took the lease at 0 and reports 4 providers from their statuses, but
+                    // its caches never synced: not one test.
+                    leader("stuck", "1x45"),
+                    providers("stuck", "True", "3x45"),
+                    providers("stuck", "False", "1x45"),
+                    // Stands by after leading: its old counters stay, and mean nothing.
+                    leader("standby", "0x45"),
+                    tests("standby", "120x45"),
+                    // Took over at 5m and tests 3 providers every 5 minutes: its tests
+                    // series appears with the first round.
+                    leader("new", "0x4 1x41"),
+                    providers("new", "True", "_x4 3x41"),
+                    tests("new", "_x5 3x4 6x5 9x5 12x5 15x5 18x5 21x5 24x5 27x2"),
+                    // Took over at 5m; its 2 providers are tested every 12 minutes, longer
+                    // than notTestingFor: the first round's new series counts as a test.
+                    leader("slow", "0x4 1x41"),
+                    providers("slow", "True", "_x5 2x40"),
+                    tests("slow", "_x5 2x11 4x11 6x11 8x3"),
+                    // Tested for ten minutes, then stopped testing while holding the lease.
+                    leader("stopped", "1x45"),
+                    providers("stopped", "False", "2x45"),
+                    tests("stopped", "0+2x10 20x35"),
+                    // Leads, but every provider is suspended (Unknown): nothing to test.
+                    leader("idle", "1x45"),
+                    providers("idle", "Unknown", "5x45"),
+                    providers("idle", "True", "0x45"),
+                ],
+                "alert_rule_test": [
+                    alert("9m", "MailroomNotTesting", json!([])),
+                    alert("11m", "MailroomNotTesting", json!([no_tests("stuck", 4)])),
+                    alert("16m", "MailroomNotTesting", json!([no_tests("stuck", 4)])),
+                    alert("33m", "MailroomNotTesting", json!([no_tests("stuck", 4)])),
+                    alert("37m", "MailroomNotTesting", json!([
+                        no_tests("stuck", 4),
+                        no_tests("stopped", 2),
+                    ])),
                 ],
             },
         ],
@@ -1019,37 +1139,65 @@ fn the_alerts_fire_when_a_mailbox_stays_down_or_no_replica_tests() {
         "counts.json",
         "metrics.prometheusRule.enabled=true,sharding.shards=3",
     );
+    let fleet_alert = |now: u32| {
+        json!([{
+            "exp_labels": {"severity": "warning"},
+            "exp_annotations": {
+                "summary": format!("Mailboxes have been failing without a break for 15m; {now} are not Ready now"),
+                "description": "Which, and why: kubectl get imp -A (not necessarily the same \
+                    mailboxes all along; metrics.perProvider names each one that failed \
+                    throughout in an alert of its own)",
+            },
+        }])
+    };
     let counts = json!({
         "rule_files": ["counts.json"],
         "evaluation_interval": "1m",
-        "tests": [{
-            "interval": "1m",
-            "input_series": [
-                series("mailroom_providers", "pod=\"a\",ready=\"False\"", "2x20"),
-                series("mailroom_providers", "pod=\"b\",ready=\"False\"", "0x20"),
-                series("mailroom_providers", "pod=\"b\",ready=\"Unknown\"", "3x20"),
-                series("mailroom_providers", "pod=\"a\",ready=\"True\"", "9x20"),
-                leader("a", "1x20"),
-                leader("b", "1x20"),
-                leader("c", "0x20"),
-            ],
-            "alert_rule_test": [
-                alert("14m", "MailroomMailboxesNotReady", json!([])),
-                alert("16m", "MailroomMailboxesNotReady", json!([{
-                    "exp_labels": {"severity": "warning"},
-                    "exp_annotations": {
-                        "summary": "2 mailboxes have not been Ready for 15m",
-                        "description": "Which, and why: kubectl get imp -A \
-                            (metrics.perProvider names them in the alert)",
-                    },
-                }])),
-                alert("9m", "MailroomNotTesting", json!([])),
-                alert("11m", "MailroomNotTesting", json!([not_testing(
-                    "Only 2 of the 3 shards of mailroom mail/mailroom have had a replica \
-                     testing for 10m",
-                )])),
-            ],
-        }],
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    providers("a", "False", "2x20"),
+                    providers("b", "False", "0x20"),
+                    providers("b", "Unknown", "3x20"),
+                    providers("a", "True", "9x20"),
+                    providers("b", "True", "4x20"),
+                    leader("a", "1x20"),
+                    leader("b", "1x20"),
+                    leader("c", "0x20"),
+                    tests("a", "0+11x20"),
+                    tests("b", "0+4x20"),
+                ],
+                "alert_rule_test": [
+                    alert("14m", "MailroomMailboxesNotReady", json!([])),
+                    alert("16m", "MailroomMailboxesNotReady", fleet_alert(2)),
+                    alert("9m", "MailroomNotTesting", json!([])),
+                    alert("11m", "MailroomNotTesting", json!([no_leader(
+                        "Only 2 of the 3 shards of mailroom mail/mailroom have had a replica \
+                         testing for 10m",
+                    )])),
+                ],
+            },
+            {
+                // A fleet-level alert: one provider failing for 8 minutes, then another
+                // (on the other shard) from then on, with no moment of none failing, fires
+                // as if one had failed throughout (documented; metrics.perProvider tells
+                // them apart).
+                "interval": "1m",
+                "input_series": [
+                    providers("a", "False", "1x8 0x12"),
+                    providers("b", "False", "0x7 1x13"),
+                    leader("a", "1x20"),
+                    leader("b", "1x20"),
+                    leader("c", "1x20"),
+                    tests("a", "0+1x20"),
+                    tests("b", "0+1x20"),
+                ],
+                "alert_rule_test": [
+                    alert("16m", "MailroomMailboxesNotReady", fleet_alert(1)),
+                ],
+            },
+        ],
     });
 
     let mut files = Vec::new();
@@ -1064,18 +1212,23 @@ fn the_alerts_fire_when_a_mailbox_stays_down_or_no_replica_tests() {
         .unwrap();
         files.push(file);
     }
-    let out = Command::new(&bins.promtool)
-        .current_dir(dir.path())
-        .arg("test")
-        .arg("rules")
-        .args(&files)
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", bins.promtool.display()));
-    assert!(
-        out.status.success(),
-        "promtool test rules on the chart's alerts:\n{}",
-        text(&out)
-    );
+    let promtool = |args: &[&str]| {
+        let out = Command::new(&bins.promtool)
+            .current_dir(dir.path())
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", bins.promtool.display()));
+        assert!(
+            out.status.success(),
+            "promtool {} on the chart's alerts:\n{}",
+            args.join(" "),
+            text(&out)
+        );
+    };
+    promtool(&["check", "rules", "per-provider.json", "counts.json"]);
+    let mut args = vec!["test", "rules"];
+    args.extend(files);
+    promtool(&args);
 }
 
 // ---------------------------------------------------------------------------------------
