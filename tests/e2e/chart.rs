@@ -2364,3 +2364,120 @@ fn the_docker_build_context_leaves_out_what_git_ignores() {
         );
     }
 }
+
+/// The second release's values as the chart's README gives them.
+fn second_release_values() -> String {
+    let readme = repo_file("charts/mailroom/README.md");
+    let block = readme
+        .split("<!-- second-release:start -->")
+        .nth(1)
+        .and_then(|rest| rest.split("<!-- second-release:end -->").next())
+        .expect("charts/mailroom/README.md has a <!-- second-release:start/end --> block");
+    block
+        .lines()
+        .filter(|l| !l.starts_with("```"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `kubectl apply --server-side --dry-run=server` of rendered documents.
+fn dry_run_apply(env: &Env, docs: &[Value]) -> Output {
+    let yaml: String = docs
+        .iter()
+        .map(|d| format!("---\n{}", serde_json::to_string(d).unwrap()))
+        .collect();
+    let mut cmd = env.bed.kubectl();
+    cmd.args([
+        "apply",
+        "--server-side",
+        "--dry-run=server",
+        "--field-manager=mailroom-chart-test",
+        "-f",
+        "-",
+    ])
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(yaml.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[tokio::test]
+async fn a_second_release_as_the_readme_gives_it_collides_with_nothing_of_the_first() {
+    let env = Env::new("chart-two").await;
+    let helm = Helm::on_bed(&env);
+    let team_a = env.bed.namespace("chart-two-a");
+    let team_b = env.bed.namespace("chart-two-b");
+    let values = dir_file(&env, "values-team-b.yaml", &second_release_values());
+    // Both in the release namespace of the test, each watching its team's namespace.
+    let first_ns = format!(r#"watchNamespaces=["{team_a}"]"#);
+    let first = helm.render(
+        &format!("{}-a", env.ns),
+        &env.ns,
+        &["--set-json", first_ns.as_str()],
+    );
+    let second_ns = format!(r#"watchNamespaces=["{team_b}"]"#);
+    let second = helm.render(
+        &format!("{}-b", env.ns),
+        &env.ns,
+        &["-f", values.as_str(), "--set-json", second_ns.as_str()],
+    );
+    let (a, b) = (objects(&first), objects(&second));
+    let shared: Vec<_> = a.intersection(&b).collect();
+    assert!(
+        shared.is_empty(),
+        "objects of both releases (helm refuses the second): {shared:?}"
+    );
+    assert!(
+        b.iter().all(|(k, _, _)| !cluster_scoped(k)),
+        "the second release has cluster-scoped objects: {b:?}"
+    );
+    assert!(
+        a.iter().any(|(k, _, _)| k == "CustomResourceDefinition"),
+        "the first release installs the CRD: {a:?}"
+    );
+    let lease = |docs: &[Value]| {
+        args(docs)
+            .into_iter()
+            .find(|a| a.starts_with("--lease-name="))
+            .unwrap()
+    };
+    assert_ne!(
+        lease(&first),
+        lease(&second),
+        "one Lease for two releases in one namespace"
+    );
+    // Without the README's values the CRD is the first release's too.
+    let naive = helm.render(
+        &format!("{}-b", env.ns),
+        &env.ns,
+        &["--set-json", second_ns.as_str()],
+    );
+    assert!(
+        objects(&naive)
+            .intersection(&a)
+            .any(|(k, _, _)| k == "CustomResourceDefinition"),
+        "the collision this guards against"
+    );
+    // What the API server says of both (a dry run: the bed's CRD is every test's).
+    for (which, docs) in [("first", &first), ("second", &second)] {
+        let out = dry_run_apply(&env, docs);
+        assert!(
+            out.status.success(),
+            "kubectl apply --server-side --dry-run=server of the {which} release:\n{}",
+            text(&out)
+        );
+    }
+}
+
+fn dir_file(env: &Env, name_: &str, contents: &str) -> String {
+    let path = env.dir.path().join(name_);
+    std::fs::write(&path, contents).unwrap();
+    path.to_string_lossy().into_owned()
+}
