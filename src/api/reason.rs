@@ -164,7 +164,7 @@ impl Reason {
                 "Check spec.check.mailbox: the server refused to open it (or, for POP3, another session holds it)."
             }
             Reason::ServerUnavailable => {
-                "The server failed on its side, not the login: tests go on, and it turns Ready when the server recovers."
+                "The server failed or refused on its side, not the login: act on its message where it asks for a change (e.g. enable POP access); otherwise tests go on, and it turns Ready when the server recovers."
             }
             Reason::Timeout => {
                 "The step the message names took longer than spec.check.timeout allows."

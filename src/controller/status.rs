@@ -220,7 +220,10 @@ fn sub_conditions(outcome: &Outcome) -> (Cond, Cond) {
             "NotRequired",
             "authentication.method is None: no login is tested".to_string(),
         )
-    } else if failed_step == Some(Step::Authenticate) {
+    } else if failed_step == Some(Step::Authenticate)
+        || outcome.reason == Reason::AuthenticationFailed
+    {
+        // (A login a server took but opens no mailbox with fails later, and is no login.)
         // A server failing on its side tells nothing of the login.
         let known = if outcome.reason == Reason::ServerUnavailable {
             "Unknown"

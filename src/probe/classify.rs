@@ -113,6 +113,8 @@ enum Refusal {
     MailboxInUse,
     /// The server's own failure, or a login too soon after the last; what it means.
     ServerSide(&'static str),
+    /// IMAP `[PRIVACYREQUIRED]`: no login over a connection without TLS.
+    PrivacyRequired,
 }
 
 /// Reads the response code of a refusal: `-ERR [SYS/TEMP] ...`, `NO [UNAVAILABLE] ...`.
@@ -132,9 +134,11 @@ fn refusal(reply: &str) -> Refusal {
         Some("SYS/TEMP") | Some("UNAVAILABLE") => {
             Refusal::ServerSide("the server reports a temporary failure on its side")
         }
-        Some("SYS/PERM") | Some("SERVERBUG") => {
-            Refusal::ServerSide("the server reports a failure on its side")
-        }
+        Some("SYS/PERM") => Refusal::ServerSide(
+            "the server refuses on its side, for good (it will not clear by itself: act on its message)",
+        ),
+        Some("SERVERBUG") => Refusal::ServerSide("the server reports a failure on its side"),
+        Some("PRIVACYREQUIRED") => Refusal::PrivacyRequired,
         Some("LOGIN-DELAY") => Refusal::ServerSide(
             "the server refuses a login this soon after the previous one (a spec.check.interval longer than its delay avoids this)",
         ),
@@ -168,7 +172,96 @@ pub(crate) fn refused_login(
                 "{protocol} {command} refused by {endpoint}: {what}, not a wrong login: {said}"
             ),
         )),
+        Refusal::PrivacyRequired => Some(Failure::new(
+            Reason::AuthMechanismUnsupported,
+            Step::Authenticate,
+            format!(
+                "{protocol} server {endpoint} takes no login over a connection without TLS: {said}; set spec.tls.mode to StartTLS or Implicit"
+            ),
+        )),
     }
+}
+
+/// The hint for a refused password login when the server offers OAuth2 too: Microsoft
+/// 365 refuses every password over IMAP and POP3 (it switched basic authentication off),
+/// with the same words as a wrong one.
+pub(crate) fn oauth2_hint(capabilities: &[String]) -> &'static str {
+    let offers = capabilities.iter().any(|c| {
+        let c = c.to_ascii_uppercase();
+        c.contains("XOAUTH2") || c.contains("OAUTHBEARER")
+    });
+    if offers {
+        " (the server also offers OAuth2, and some, such as Microsoft 365, refuse every password: if the password is right, use authentication.method OAuth2, see docs/oauth2.md)"
+    } else {
+        ""
+    }
+}
+
+/// A refused STATUS or STAT (`reply`: the server's line). Its code may say the server
+/// failed on its side; Microsoft 365's "User is authenticated but not connected" means the
+/// login was taken but opens no mailbox; an IMAP `BAD` is a command the server did not
+/// understand; anything else is the mailbox.
+pub(crate) fn refused_mailbox(
+    protocol: Protocol,
+    endpoint: &str,
+    command: &str,
+    reply: &str,
+) -> Failure {
+    let said = quote(reply);
+    let name = protocol.as_str();
+    if reply
+        .to_ascii_lowercase()
+        .contains("authenticated but not connected")
+    {
+        return Failure::new(
+            Reason::AuthenticationFailed,
+            Step::Mailbox,
+            format!(
+                "{name} server {endpoint} took the login but opens no mailbox with it ({command}: {said}): Microsoft 365 answers so when the mailbox is not the signed-in account's (check spec.authentication.username) or an app-only (ClientCredentials) app has no access to it (Add-MailboxPermission, see docs/oauth2.md)"
+            ),
+        );
+    }
+    match refusal(reply) {
+        Refusal::ServerSide(what) => Failure::new(
+            Reason::ServerUnavailable,
+            Step::Mailbox,
+            format!("{name} server {endpoint} refused {command}: {what}: {said}"),
+        ),
+        _ if protocol == Protocol::Imap
+            && reply
+                .split(' ')
+                .next()
+                .is_some_and(|w| w.eq_ignore_ascii_case("BAD")) =>
+        {
+            Failure::new(
+                Reason::ProtocolError,
+                Step::Mailbox,
+                format!("{name} server {endpoint} did not understand {command}: {said}"),
+            )
+        }
+        _ => Failure::new(
+            Reason::MailboxUnavailable,
+            Step::Mailbox,
+            format!("{name} server {endpoint} refused {command}: {said}"),
+        ),
+    }
+}
+
+/// A greeting that refuses the session (IMAP `* BYE`, POP3 `-ERR`): the server is busy,
+/// limiting connections or broken, unless the line is another protocol's.
+pub(crate) fn refused_session(protocol: Protocol, endpoint: &str, line: &str) -> Failure {
+    if other_protocol_hint(protocol, line.as_bytes()).is_some() {
+        return unexpected_greeting(protocol, endpoint, line.as_bytes());
+    }
+    Failure::new(
+        Reason::ServerUnavailable,
+        Step::Greeting,
+        format!(
+            "{} server {endpoint} refused the session: {}",
+            protocol.as_str(),
+            quote(line)
+        ),
+    )
 }
 
 /// What else the first line a server sent suggests it is, as a hint for people.
@@ -337,8 +430,24 @@ pub(crate) fn io_failure(
     }
 }
 
-/// The server closed the connection when an answer was due.
+/// The server closed the connection when an answer was due. After an IMAP `* BYE` it
+/// said why: a server giving up (storage failing, overload), not another protocol.
 pub(crate) fn connection_closed(step: Step, endpoint: &str, recent: &[String]) -> Failure {
+    if let Some(last) = recent.last()
+        && last
+            .get(..5)
+            .is_some_and(|start| start.eq_ignore_ascii_case("* BYE"))
+        && step != Step::Logout
+    {
+        return Failure::new(
+            Reason::ServerUnavailable,
+            step,
+            format!(
+                "{endpoint} ended the session at the {step} step: {}",
+                quote(last)
+            ),
+        );
+    }
     let message = match recent.last() {
         Some(last) => format!(
             "{endpoint} closed the connection at the {step} step after saying {}",

@@ -381,14 +381,10 @@ impl MailSession for Imap {
                 status: Status::Bye,
                 ..
             } => {
-                return Err(Failure::new(
-                    Reason::ProtocolError,
-                    step,
-                    format!(
-                        "IMAP server {} refused the session: {}",
-                        self.endpoint,
-                        quote(&line)
-                    ),
+                return Err(classify::refused_session(
+                    Protocol::Imap,
+                    &self.endpoint,
+                    &line,
                 ));
             }
             _ => {
@@ -630,14 +626,11 @@ impl MailSession for Imap {
             })
             .await?;
         if !done.ok {
-            return Err(Failure::new(
-                Reason::MailboxUnavailable,
-                step,
-                format!(
-                    "IMAP server {} refused STATUS {argument}: {}",
-                    self.endpoint,
-                    quote(&done.text)
-                ),
+            return Err(classify::refused_mailbox(
+                Protocol::Imap,
+                &self.endpoint,
+                &format!("STATUS {argument}"),
+                &done.text,
             ));
         }
         let Some((Some(messages), unseen)) = counts else {

@@ -456,12 +456,18 @@ async fn converse<S: MailSession>(
             Err(failure) => return rec.fail_now(failure),
         };
         rec.findings.mechanism = Some(mechanism.name().into());
-        let t = rec
+        let mut t = rec
             .timed(
                 Step::Authenticate,
                 session.authenticate(mechanism, username, password),
             )
             .await;
+        if oauth.is_none()
+            && let Err(Stop::Failed(f)) = &mut t.outcome
+            && f.reason == Reason::AuthenticationFailed
+        {
+            f.message.push_str(classify::oauth2_hint(&caps));
+        }
         rec.settle(
             t,
             |waited, total| {

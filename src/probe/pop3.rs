@@ -419,14 +419,10 @@ impl MailSession for Pop3 {
                     capabilities: None,
                 })
             }
-            Some(Reply::Err(_)) => Err(Failure::new(
-                Reason::ProtocolError,
-                step,
-                format!(
-                    "POP3 server {} refused the session: {}",
-                    self.endpoint,
-                    quote(&raw)
-                ),
+            Some(Reply::Err(_)) => Err(classify::refused_session(
+                Protocol::Pop3,
+                &self.endpoint,
+                raw.trim_end(),
             )),
             _ => Err(classify::unexpected_greeting(
                 Protocol::Pop3,
@@ -593,14 +589,11 @@ impl MailSession for Pop3 {
                     format!("STAT: {messages} messages, {size} octets"),
                 ))
             }
-            _ => Err(Failure::new(
-                Reason::MailboxUnavailable,
-                step,
-                format!(
-                    "POP3 server {} refused STAT: {}",
-                    self.endpoint,
-                    quote(&raw)
-                ),
+            _ => Err(classify::refused_mailbox(
+                Protocol::Pop3,
+                &self.endpoint,
+                "STAT",
+                raw.trim_end(),
             )),
         }
     }

@@ -661,13 +661,217 @@ async fn imap_bye_greeting() {
     )
     .await;
     let f = failure(&report);
-    assert_eq!(f.reason, Reason::ProtocolError, "{f:?}");
+    // The server is busy or limiting connections: not another protocol on the port.
+    assert_eq!(f.reason, Reason::ServerUnavailable, "{f:?}");
+    assert_eq!(f.step, Step::Greeting);
     assert_eq!(
         f.message,
         format!(
             "IMAP server 127.0.0.1:{} refused the session: \"* BYE Too many connections\"",
             server.port
         )
+    );
+}
+
+#[tokio::test]
+async fn pop3_err_greeting_is_the_server_refusing() {
+    let server = serve(vec![Say(
+        "-ERR [SYS/TEMP] Too many connections, try later\r\n",
+    )])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Pop3, TlsMode::None),
+        &Login::None,
+    )
+    .await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::ServerUnavailable, "{f:?}");
+    assert!(
+        f.message
+            .ends_with("refused the session: \"-ERR [SYS/TEMP] Too many connections, try later\""),
+        "{}",
+        f.message
+    );
+}
+
+/// Microsoft 365 takes a token (or password) whose account cannot open the mailbox, then
+/// answers every command with BAD: the login is what to fix, not check.mailbox.
+#[tokio::test]
+async fn imap_login_taken_but_not_connected_is_the_login() {
+    let server = serve(vec![
+        Say("* OK The Microsoft Exchange IMAP4 service is ready.\r\n"),
+        Cmd("CAPABILITY"),
+        Say("* CAPABILITY IMAP4 IMAP4rev1 AUTH=PLAIN AUTH=XOAUTH2 SASL-IR\r\n$TAG OK CAPABILITY completed.\r\n"),
+        Cmd("AUTHENTICATE PLAIN"),
+        Say("$TAG OK AUTHENTICATE completed.\r\n"),
+        Cmd("STATUS"),
+        Say("$TAG BAD User is authenticated but not connected.\r\n"),
+        Cmd("LOGOUT"),
+        Say("$TAG BAD User is authenticated but not connected.\r\n* BYE Connection closed. 14\r\n"),
+    ])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Imap, TlsMode::None),
+        &password(true),
+    )
+    .await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::AuthenticationFailed, "{f:?}");
+    assert_eq!(f.step, Step::Mailbox);
+    assert!(
+        f.message
+            .contains("\"BAD User is authenticated but not connected.\"")
+            && f.message.contains("spec.authentication.username")
+            && f.message.contains("Add-MailboxPermission"),
+        "{}",
+        f.message
+    );
+    assert_secret_kept(&report);
+}
+
+#[tokio::test]
+async fn imap_status_bad_is_a_protocol_error_and_codes_say_the_server_failed() {
+    for (reply, reason) in [
+        (
+            "BAD Error in IMAP command STATUS: Unknown status item",
+            Reason::ProtocolError,
+        ),
+        (
+            "NO [SERVERBUG] Internal error occurred.",
+            Reason::ServerUnavailable,
+        ),
+        (
+            "NO [NONEXISTENT] Mailbox doesn't exist: INBOX",
+            Reason::MailboxUnavailable,
+        ),
+    ] {
+        let server = serve(vec![
+            Say("* PREAUTH ready\r\n"),
+            Cmd("CAPABILITY"),
+            Say("* CAPABILITY IMAP4rev1\r\n$TAG OK done\r\n"),
+            Cmd("STATUS"),
+            Say(Box::leak(format!("$TAG {reply}\r\n").into_boxed_str())),
+            Cmd("LOGOUT"),
+            Say("$TAG OK bye\r\n"),
+        ])
+        .await;
+        let report = run(
+            &target(server.port, Protocol::Imap, TlsMode::None),
+            &password(false),
+        )
+        .await;
+        let f = failure(&report);
+        assert_eq!(f.reason, reason, "{reply}: {f:?}");
+        assert_eq!(f.step, Step::Mailbox);
+        assert!(f.message.contains(reply), "{}", f.message);
+    }
+}
+
+/// Dovecot's words when a mailbox's storage fails after the login: a server giving up.
+#[tokio::test]
+async fn imap_bye_then_close_during_login_is_the_server() {
+    let server = serve(vec![
+        Say("* OK ready\r\n"),
+        Cmd("CAPABILITY"),
+        Say("* CAPABILITY IMAP4rev1\r\n$TAG OK done\r\n"),
+        Cmd("LOGIN"),
+        Say("* BYE Internal error occurred. Refer to server log for more information.\r\n"),
+    ])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Imap, TlsMode::None),
+        &password(true),
+    )
+    .await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::ServerUnavailable, "{f:?}");
+    assert_eq!(f.step, Step::Authenticate);
+    assert!(
+        f.message.contains("Internal error occurred"),
+        "{}",
+        f.message
+    );
+    assert_secret_kept(&report);
+}
+
+#[tokio::test]
+async fn imap_refusals_that_are_not_the_password_say_what_to_change() {
+    // Over plaintext, a server that wants TLS first.
+    let server = serve(vec![
+        Say("* OK ready\r\n"),
+        Cmd("CAPABILITY"),
+        Say("* CAPABILITY IMAP4rev1\r\n$TAG OK done\r\n"),
+        Cmd("LOGIN"),
+        Say("$TAG NO [PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.\r\n"),
+        Cmd("LOGOUT"),
+        Say("$TAG OK bye\r\n"),
+    ])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Imap, TlsMode::None),
+        &password(true),
+    )
+    .await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::AuthMechanismUnsupported, "{f:?}");
+    assert!(f.message.contains("StartTLS or Implicit"), "{}", f.message);
+
+    // A refused password where the server offers OAuth2 too (Microsoft 365 refuses every
+    // password, in the words of a wrong one).
+    let server = serve(vec![
+        Say("* OK The Microsoft Exchange IMAP4 service is ready.\r\n"),
+        Cmd("CAPABILITY"),
+        Say("* CAPABILITY IMAP4rev1 AUTH=PLAIN AUTH=XOAUTH2 SASL-IR\r\n$TAG OK done\r\n"),
+        Cmd("AUTHENTICATE PLAIN"),
+        Say("$TAG NO AUTHENTICATE failed.\r\n"),
+        Cmd("LOGOUT"),
+        Say("$TAG OK bye\r\n"),
+    ])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Imap, TlsMode::None),
+        &password(true),
+    )
+    .await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::AuthenticationFailed, "{f:?}");
+    assert!(
+        f.message.contains("\"NO AUTHENTICATE failed.\"")
+            && f.message.contains("authentication.method OAuth2"),
+        "{}",
+        f.message
+    );
+}
+
+/// Gmail with POP switched off for the account: a permanent refusal the user must act on.
+#[tokio::test]
+async fn pop3_stat_refused_for_good_is_the_server_not_the_mailbox() {
+    let server = serve(vec![
+        Say("+OK Gpop ready\r\n"),
+        Cmd("CAPA"),
+        Say("+OK\r\nUSER\r\n.\r\n"),
+        Cmd("USER"),
+        Say("+OK send PASS\r\n"),
+        Cmd("PASS"),
+        Say("+OK Welcome.\r\n"),
+        Cmd("STAT"),
+        Say("-ERR [SYS/PERM] Your account is not enabled for POP access. Please visit your Gmail settings page and enable your account for POP access.\r\n"),
+        Cmd("QUIT"),
+        Say("+OK bye\r\n"),
+    ])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Pop3, TlsMode::None),
+        &password(true),
+    )
+    .await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::ServerUnavailable, "{f:?}");
+    assert_eq!(f.step, Step::Mailbox);
+    assert!(
+        f.message.contains("for good") && f.message.contains("not enabled for POP access"),
+        "{}",
+        f.message
     );
 }
 

@@ -115,6 +115,27 @@ fn an_auth_failure_is_reachable_but_not_authenticated() {
 }
 
 #[test]
+fn a_login_taken_that_opens_no_mailbox_is_not_authenticated() {
+    let mut f = findings();
+    f.mailbox = None;
+    let s = after_test(
+        None,
+        &failure(Step::Mailbox, Reason::AuthenticationFailed, f),
+        &ctx(0),
+    );
+    assert_eq!(cond(&s, REACHABLE).status, "True");
+    assert_eq!(cond(&s, AUTHENTICATED).status, "False");
+    assert_eq!(cond(&s, AUTHENTICATED).reason, "AuthenticationFailed");
+    // A mailbox that does not exist, after a login, is still a login accepted.
+    let s = after_test(
+        None,
+        &failure(Step::Mailbox, Reason::MailboxUnavailable, findings()),
+        &ctx(0),
+    );
+    assert_eq!(cond(&s, AUTHENTICATED).status, "True");
+}
+
+#[test]
 fn capabilities_failing_after_the_greeting_and_tls_leave_the_server_reachable() {
     let greeted = Findings {
         tls: Some(crate::probe::TlsInfo {
