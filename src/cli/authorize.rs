@@ -37,6 +37,8 @@ pub struct AuthorizeArgs {
     /// Its namespace; the kubeconfig's namespace when absent.
     #[arg(long, short = 'n')]
     pub namespace: Option<String>,
+    #[command(flatten)]
+    pub kube: super::KubeArgs,
     /// Use the device code flow: sign in on another device with a code.
     #[arg(long)]
     pub device: bool,
@@ -55,7 +57,7 @@ pub struct AuthorizeArgs {
 }
 
 pub async fn run(args: AuthorizeArgs) -> anyhow::Result<i32> {
-    let (client, ns) = super::connect(args.namespace.as_deref()).await?;
+    let (client, ns) = super::connect(&args.kube, args.namespace.as_deref()).await?;
     let providers: Api<IncomingMailProvider> = Api::namespaced(client.clone(), &ns);
     let provider = providers
         .get(&args.name)

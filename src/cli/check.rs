@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use anyhow::{Context as _, bail};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
 use kube::api::Api;
-use kube::{Client, ResourceExt};
 
 use crate::api::{AuthMethod, IncomingMailProvider, Reason};
 use crate::check::{self, Outcome};
@@ -24,6 +24,8 @@ pub struct CheckArgs {
     /// Its namespace; the kubeconfig's namespace when absent.
     #[arg(long, short = 'n')]
     pub namespace: Option<String>,
+    #[command(flatten)]
+    pub kube: super::KubeArgs,
     /// Test the provider in a manifest instead (repeatable). Secrets and ConfigMaps in the
     /// files are used first; the cluster supplies the rest when it can be reached. An
     /// OAuth2 token Secret from the files is used as it is, never refreshed.
@@ -32,11 +34,9 @@ pub struct CheckArgs {
 }
 
 pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
-    let client = Client::try_default().await;
+    let client = args.kube.client().await;
     let (provider, mut fetched) = if args.files.is_empty() {
-        let client = client
-            .as_ref()
-            .map_err(|e| anyhow::anyhow!("connecting to the cluster: {e}"))?;
+        let client = client.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
         let Some(name) = &args.name else {
             bail!("give a provider NAME, or -f FILE")
         };

@@ -143,13 +143,56 @@ pub async fn main() -> anyhow::Result<i32> {
     }
 }
 
+/// Which cluster to talk to, with kubectl's flags: as `kubectl mailroom`, the user types
+/// them as they would for kubectl.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct KubeArgs {
+    /// The kubeconfig file to use (default: $KUBECONFIG, else ~/.kube/config).
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// The kubeconfig context to use (default: its current context).
+    #[arg(long, value_name = "NAME")]
+    pub context: Option<String>,
+}
+
+impl KubeArgs {
+    /// The caller's client: kube's usual search (kubeconfig, then in-cluster) unless a
+    /// file or a context is named.
+    pub async fn client(&self) -> anyhow::Result<kube::Client> {
+        use anyhow::Context as _;
+        use kube::config::{Config, KubeConfigOptions, Kubeconfig};
+        if self.kubeconfig.is_none() && self.context.is_none() {
+            return kube::Client::try_default()
+                .await
+                .context("connecting to the cluster");
+        }
+        let options = KubeConfigOptions {
+            context: self.context.clone(),
+            ..Default::default()
+        };
+        let config = match &self.kubeconfig {
+            Some(path) => {
+                let file = Kubeconfig::read_from(path)
+                    .with_context(|| format!("reading --kubeconfig {}", path.display()))?;
+                Config::from_custom_kubeconfig(file, &options).await
+            }
+            None => Config::from_kubeconfig(&options).await,
+        };
+        let config = config.with_context(|| match &self.context {
+            Some(context) => format!("loading the kubeconfig's context {context:?}"),
+            None => "loading the kubeconfig".to_string(),
+        })?;
+        kube::Client::try_from(config).context("connecting to the cluster")
+    }
+}
+
 /// The caller's cluster (their kubeconfig) and the namespace to work in: `namespace`, else
 /// the kubeconfig's.
-async fn connect(namespace: Option<&str>) -> anyhow::Result<(kube::Client, String)> {
-    use anyhow::Context as _;
-    let client = kube::Client::try_default()
-        .await
-        .context("connecting to the cluster")?;
+async fn connect(
+    kube: &KubeArgs,
+    namespace: Option<&str>,
+) -> anyhow::Result<(kube::Client, String)> {
+    let client = kube.client().await?;
     let ns = namespace.map_or_else(|| client.default_namespace().to_string(), str::to_string);
     Ok((client, ns))
 }

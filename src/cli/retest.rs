@@ -35,6 +35,8 @@ pub struct RetestArgs {
     /// Their namespace; the kubeconfig's namespace when absent.
     #[arg(long, short = 'n')]
     pub namespace: Option<String>,
+    #[command(flatten)]
+    pub kube: super::KubeArgs,
     /// With --all or --selector: the providers of every namespace.
     #[arg(long, short = 'A', requires = "many", conflicts_with = "namespace")]
     pub all_namespaces: bool,
@@ -104,7 +106,7 @@ impl Scope {
 }
 
 pub async fn run(args: RetestArgs) -> anyhow::Result<i32> {
-    let (client, ns) = super::connect(args.namespace.as_deref()).await?;
+    let (client, ns) = super::connect(&args.kube, args.namespace.as_deref()).await?;
     let scope = Scope {
         client: client.clone(),
         namespace: (!args.all_namespaces).then_some(ns),

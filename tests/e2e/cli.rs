@@ -129,6 +129,64 @@ fn retest_anywhere(env: &Env, args: &[&str]) -> (Option<i32>, String, String) {
     env.mailroom(&[&["retest"], args].concat())
 }
 
+/// As `kubectl mailroom`, the commands take kubectl's --kubeconfig and --context.
+#[tokio::test]
+async fn the_commands_take_kubectls_kubeconfig_and_context_flags() {
+    let env = alice_env("cli-context").await;
+    env.apply_alice_imaps("imaps");
+    // A kubeconfig whose current context points nowhere, beside the bed's context.
+    let mut config: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(env.bed.kubeconfig_path()).unwrap()).unwrap();
+    let bed_context = config["current-context"].as_str().unwrap().to_string();
+    let user = config["contexts"][0]["context"]["user"].clone();
+    let nowhere = |yaml: &str| serde_yaml::from_str::<serde_yaml::Value>(yaml).unwrap();
+    config["clusters"].as_sequence_mut().unwrap().push(nowhere(
+        "{name: nowhere, cluster: {server: 'https://127.0.0.1:1'}}",
+    ));
+    let mut context = nowhere("{name: nowhere, context: {cluster: nowhere}}");
+    context["context"]["user"] = user;
+    config["contexts"].as_sequence_mut().unwrap().push(context);
+    config["current-context"] = "nowhere".into();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("kubeconfig");
+    std::fs::write(&file, serde_yaml::to_string(&config).unwrap()).unwrap();
+
+    let run = |args: &[&str]| {
+        let out = Command::new(MAILROOM)
+            .args(args)
+            .args(["-n", &env.ns, "--kubeconfig", file.to_str().unwrap()])
+            .env_remove("KUBECONFIG")
+            .env("HOME", dir.path())
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+    let (code, text) = run(&["check", "imaps", "--context", &bed_context]);
+    assert_eq!(code, Some(0), "check with --context:\n{text}");
+    let (code, text) = run(&["check", "imaps"]);
+    assert_ne!(
+        code,
+        Some(0),
+        "the file's current context points nowhere:\n{text}"
+    );
+    assert!(text.contains("Connection refused"), "{text}");
+    let (code, text) = run(&[
+        "retest",
+        "imaps",
+        "--context",
+        "no-such-context",
+        "--timeout",
+        "2",
+    ]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("no-such-context"), "{text}");
+}
+
 #[tokio::test]
 async fn retest_has_the_controller_test_now_and_prints_its_verdicts() {
     let env = alice_env("retest").await;
