@@ -61,12 +61,30 @@ pub fn endpoints(spec: &OAuth2Spec) -> OAuth2Endpoints {
     }
 }
 
-/// Refuses endpoints that would carry the client secret, a code or tokens without TLS:
-/// `http://` to anything but this host's loopback (a sidecar), unless the provider allows
-/// unencrypted logins. The API server refuses such a spec at apply time; this covers
-/// objects stored before that rule and manifests that never met the API server. The
-/// error names the field.
+/// What an OAuth2 endpoint URL must match unless the provider allows unencrypted logins:
+/// `https://`, or `http://` to this host's loopback (a sidecar), so that the client
+/// secret, a code or tokens never cross the network in the clear. One pattern (RE2 and
+/// Rust's regex read it alike) for the API server's CEL rule and the controller's check.
+pub const ENCRYPTED_ENDPOINT: &str =
+    r"(?i)^(https://|http://(localhost|127(\.[0-9]{1,3}){3}|\[::1\])(:[0-9]{1,5})?([/?#]|$))";
+
+/// The CEL rule, on `spec.authentication`, for the endpoint field `field` of `oauth2`.
+pub fn endpoint_rule(field: &str) -> String {
+    let url = format!("self.oauth2.{field}");
+    let pattern = ENCRYPTED_ENDPOINT.replace('\\', "\\\\");
+    format!(
+        "!has(self.oauth2) || !has({url}) || {url} == '' || self.allowUnencrypted || {url}.matches('{pattern}')"
+    )
+}
+
+/// Refuses endpoints that would carry the client secret, a code or tokens without TLS
+/// (see [`ENCRYPTED_ENDPOINT`]). The API server refuses such a spec at apply time; this
+/// covers objects stored before that rule and manifests that never met the API server.
+/// The error names the field.
 pub fn plaintext_endpoints(spec: &OAuth2Spec, allow_unencrypted: bool) -> Result<(), String> {
+    static ENCRYPTED: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(ENCRYPTED_ENDPOINT).expect("a valid pattern")
+    });
     if allow_unencrypted {
         return Ok(());
     }
@@ -76,31 +94,13 @@ pub fn plaintext_endpoints(spec: &OAuth2Spec, allow_unencrypted: bool) -> Result
         ("deviceAuthorizationURL", &spec.device_authorization_url),
     ] {
         let Some(url) = given(url) else { continue };
-        let lower = url.to_ascii_lowercase();
-        if lower.starts_with("https://") || (lower.starts_with("http://") && loopback(&lower[7..]))
-        {
-            continue;
+        if !ENCRYPTED.is_match(&url) {
+            return Err(format!(
+                "spec.authentication.oauth2.{field} {url:?} is not an https:// URL (http:// only to this host's loopback): the client secret and tokens would cross the network unencrypted; use https://, or set spec.authentication.allowUnencrypted to true"
+            ));
         }
-        return Err(format!(
-            "spec.authentication.oauth2.{field} {url:?} is not an https:// URL: the client secret and tokens would cross the network unencrypted; use https://, or set spec.authentication.allowUnencrypted to true"
-        ));
     }
     Ok(())
-}
-
-/// Whether the authority part of a URL (after `http://`) names this host's loopback.
-fn loopback(rest: &str) -> bool {
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let host = if let Some(v6) = host.strip_prefix('[') {
-        v6.split(']').next().unwrap_or_default()
-    } else {
-        host.split(':').next().unwrap_or_default()
-    };
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The scopes to request: the spec's own, else the provider's defaults for the protocol
@@ -152,6 +152,8 @@ mod tests {
             ("tokenURL", "http://keycloak.auth.svc:8080/token"),
             ("tokenURL", "http://127.0.0.1.evil.example/token"),
             ("tokenURL", "http://localhost@evil.example/token"),
+            ("tokenURL", "http://user@localhost/token"),
+            ("tokenURL", "http://127.0.0.1.evil.example:80/token"),
             ("authorizationURL", "http://id.example/auth"),
             ("deviceAuthorizationURL", "ftp://id.example/device"),
         ] {

@@ -179,13 +179,13 @@ pub enum CaBundleKind {
         .message("oauth2 is required when method is OAuth2")
         .field_path(".oauth2")
         .reason(Reason::FieldValueRequired),
-    validation = Rule::new("!has(self.oauth2) || !has(self.oauth2.authorizationURL) || self.oauth2.authorizationURL == '' || self.allowUnencrypted || self.oauth2.authorizationURL.matches('(?i)^(https://|http://(localhost|127(\\\\.[0-9]{1,3}){3}|\\\\[::1\\\\])(:[0-9]{1,5})?([/?#]|$))')")
+    validation = Rule::new(super::oauth2::endpoint_rule("authorizationURL"))
         .message("authorizationURL must be an https:// URL (http:// only to this host's loopback), or set allowUnencrypted to true: the client secret and tokens would cross the network unencrypted")
         .field_path(".oauth2.authorizationURL"),
-    validation = Rule::new("!has(self.oauth2) || !has(self.oauth2.tokenURL) || self.oauth2.tokenURL == '' || self.allowUnencrypted || self.oauth2.tokenURL.matches('(?i)^(https://|http://(localhost|127(\\\\.[0-9]{1,3}){3}|\\\\[::1\\\\])(:[0-9]{1,5})?([/?#]|$))')")
+    validation = Rule::new(super::oauth2::endpoint_rule("tokenURL"))
         .message("tokenURL must be an https:// URL (http:// only to this host's loopback), or set allowUnencrypted to true: the client secret and tokens would cross the network unencrypted")
         .field_path(".oauth2.tokenURL"),
-    validation = Rule::new("!has(self.oauth2) || !has(self.oauth2.deviceAuthorizationURL) || self.oauth2.deviceAuthorizationURL == '' || self.allowUnencrypted || self.oauth2.deviceAuthorizationURL.matches('(?i)^(https://|http://(localhost|127(\\\\.[0-9]{1,3}){3}|\\\\[::1\\\\])(:[0-9]{1,5})?([/?#]|$))')")
+    validation = Rule::new(super::oauth2::endpoint_rule("deviceAuthorizationURL"))
         .message("deviceAuthorizationURL must be an https:// URL (http:// only to this host's loopback), or set allowUnencrypted to true: the client secret and tokens would cross the network unencrypted")
         .field_path(".oauth2.deviceAuthorizationURL"),
 )]

@@ -15,7 +15,6 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
-use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use rand::RngCore as _;
 use secrecy::SecretString;
@@ -594,7 +593,7 @@ async fn revoke(
             Err(message) => eprintln!("Could not revoke the refresh token: {message}"),
         }
     }
-    if secret.labels().contains_key(tokens::TOKEN_LABEL) {
+    if tokens::is_token_secret(&secret) {
         secrets.delete(name, &Default::default()).await?;
     } else {
         let mut keys = serde_json::Map::new();

@@ -35,6 +35,13 @@ pub struct CheckArgs {
 
 pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
     let client = args.kube.client().await;
+    // With -f the cluster is optional, but not when named: a typo in --context must not
+    // turn into SecretNotFound.
+    if (args.kube.kubeconfig.is_some() || args.kube.context.is_some())
+        && let Err(e) = &client
+    {
+        bail!("{e:#}");
+    }
     let (provider, mut fetched) = if args.files.is_empty() {
         let client = client.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
         let Some(name) = &args.name else {

@@ -187,7 +187,7 @@ mod tests {
     }
 
     /// `:PORT` answers on IPv6 and on IPv4, as a kubelet's probe or Prometheus may use
-    /// either (the bed has both on loopback).
+    /// either (this machine has both on loopback).
     #[tokio::test]
     async fn every_address_answers_over_ipv6_and_ipv4() {
         let (bound, _task) = serve(
@@ -197,7 +197,14 @@ mod tests {
         )
         .await
         .unwrap();
-        for host in ["::1", "127.0.0.1"] {
+        // A host without IPv6 (some containers) gets IPv4 alone, which must still answer.
+        let ipv6 = std::net::TcpListener::bind("[::1]:0").is_ok();
+        let hosts: &[&str] = if ipv6 {
+            &["::1", "127.0.0.1"]
+        } else {
+            &["127.0.0.1"]
+        };
+        for host in hosts {
             let addr = SocketAddr::new(host.parse().unwrap(), bound.port());
             let answer = healthz(addr).await;
             assert!(answer.starts_with("HTTP/1.1 200"), "{host}: {answer}");

@@ -31,6 +31,7 @@ use kube_lease_manager::LeaseManagerBuilder;
 use tokio::sync::Semaphore;
 
 use crate::api::IncomingMailProvider;
+use crate::credentials::tokens::TokenManager;
 use crate::credentials::{ObjectKind, references};
 
 pub use limits::HostLimits;
@@ -91,7 +92,7 @@ pub struct Context {
     pub unwritten: Mutex<HashMap<ObjectRef<IncomingMailProvider>, reconcile::Unwritten>>,
     pub jitter: Box<dyn schedule::Jitter>,
     /// OAuth2: keeps access tokens fresh and writes rotated refresh tokens back.
-    pub tokens: crate::credentials::tokens::TokenManager,
+    pub tokens: Arc<TokenManager>,
     pub metrics: Arc<metrics::Metrics>,
     pub shard: shard::Shard,
     /// The providers as the watches see them now, one cache per watched scope.
@@ -132,9 +133,22 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         None => None,
     };
     let shutdown = shutdown_signal().shared();
+    // One token manager for the process, not per lease term: the tokens it keeps since a
+    // refused write-back outlive a lost lease, and are stored before the process ends.
+    let tokens = Arc::new(TokenManager::new(client.clone())?);
     let Some(lease) = &settings.lease else {
         metrics.set_leader(true);
-        return run_controllers(client, &settings, metrics, readiness, shutdown).await;
+        let result = run_controllers(
+            client,
+            &settings,
+            metrics,
+            readiness,
+            tokens.clone(),
+            shutdown,
+        )
+        .await;
+        tokens.store_kept(STORE_TOKENS_WITHIN).await;
+        return result;
     };
 
     let manager = LeaseManagerBuilder::new(client.clone(), &lease.name)
@@ -167,8 +181,9 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             }
         };
         tokio::select! {
-            result = run_controllers(client.clone(), &settings, metrics.clone(), readiness.clone(), shutdown.clone()) => {
+            result = run_controllers(client.clone(), &settings, metrics.clone(), readiness.clone(), tokens.clone(), shutdown.clone()) => {
                 metrics.set_leader(false);
+                tokens.store_kept(STORE_TOKENS_WITHIN).await;
                 release(leading, task).await;
                 return result;
             }
@@ -176,6 +191,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
                 // Dropping the controllers cancels the tests in flight: another replica leads now.
                 tracing::warn!(lease = %lease.name, "lost the lease: testing stopped");
                 metrics.set_leader(false);
+                tokens.store_kept(STORE_TOKENS_WITHIN).await;
             }
         }
     }
@@ -189,8 +205,9 @@ const RELEASE_WITHIN: Duration = Duration::from_secs(10);
 /// How long a stopping controller waits for the tests in flight before it cancels them.
 const DRAIN_WITHIN: Duration = Duration::from_secs(10);
 
-/// How long a stopping controller tries to store OAuth2 tokens it could not store before
-/// (within the chart's 30 s grace period, beside the lease's release).
+/// How long a stopping controller (or one that lost its lease) tries to store OAuth2
+/// tokens it could not store before (within the chart's 30 s grace period, beside the
+/// lease's release).
 const STORE_TOKENS_WITHIN: Duration = Duration::from_secs(5);
 
 /// Gives the lease up so a standby takes over at once instead of after its duration.
@@ -236,6 +253,7 @@ async fn run_controllers(
     settings: &Settings,
     metrics: Arc<metrics::Metrics>,
     readiness: Arc<http::Readiness>,
+    tokens: Arc<TokenManager>,
     shutdown: futures::future::Shared<futures::future::BoxFuture<'static, ()>>,
 ) -> anyhow::Result<()> {
     readiness.syncing();
@@ -295,7 +313,6 @@ async fn run_controllers(
     let (provider_stores, provider_writers): (Vec<_>, Vec<_>) =
         scopes.iter().map(|_| reflector::store()).unzip();
     let (inflight, retests) = inflight::InFlight::new(&scopes, shutdown.clone());
-    let tokens = crate::credentials::tokens::TokenManager::new(client.clone())?;
     let ctx = Arc::new(Context {
         inflight,
         client: client.clone(),
@@ -411,7 +428,6 @@ async fn run_controllers(
             DRAIN_WITHIN.as_secs()
         );
     }
-    ctx.tokens.store_kept(STORE_TOKENS_WITHIN).await;
     tracing::info!("controller stopped");
     Ok(())
 }

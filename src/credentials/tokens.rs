@@ -51,6 +51,15 @@ pub fn authorize_command(name: &str, namespace: &str, flow: OAuth2Flow) -> Strin
     format!("mailroom authorize {name} -n {namespace}{device}")
 }
 
+/// Whether a Secret is marked as holding mailroom's tokens (`mailroom authorize` marks
+/// the ones it creates): only those does the controller write into, and `--revoke` deletes.
+pub fn is_token_secret(secret: &Secret) -> bool {
+    secret
+        .labels()
+        .get(TOKEN_LABEL)
+        .is_some_and(|v| v == "true")
+}
+
 /// Why the controller does not write tokens into an existing Secret without
 /// [`TOKEN_LABEL`]: whoever may edit a provider could otherwise have any Secret of the
 /// namespace overwritten. `mailroom authorize`, run by someone who may write the Secret,
@@ -415,6 +424,49 @@ enum Kept {
     Unstored(Secret, kube::Error),
 }
 
+/// A grant between the token endpoint's answer and its write-back. Dropped before it is
+/// settled (its test cancelled, as a stopping controller does after its drain), the grant
+/// is kept as unsaved, for [`TokenManager::store_kept`]: a token endpoint that rotates
+/// refresh tokens has already retired the one the Secret holds. Had the write landed,
+/// the Secret holds other tokens than those the grant replaced, and it is dropped then.
+struct Unsettled<'a> {
+    manager: &'a TokenManager,
+    key: Option<(String, String)>,
+    replaced: TokenSet,
+    grant: TokenResponse,
+}
+
+impl<'a> Unsettled<'a> {
+    fn arm(
+        manager: &'a TokenManager,
+        namespace: &str,
+        name: &str,
+        replaced: &TokenSet,
+        grant: &TokenResponse,
+    ) -> Self {
+        Unsettled {
+            manager,
+            key: Some((namespace.to_string(), name.to_string())),
+            replaced: replaced.clone(),
+            grant: grant.clone(),
+        }
+    }
+
+    fn disarm(mut self) {
+        self.key = None;
+    }
+}
+
+impl Drop for Unsettled<'_> {
+    fn drop(&mut self) {
+        if let Some((namespace, name)) = self.key.take() {
+            tracing::warn!(secret = %name, "stopped before the new tokens were stored; keeping them to store before exit");
+            self.manager
+                .keep(&namespace, &name, self.replaced.clone(), self.grant.clone());
+        }
+    }
+}
+
 /// Held while one token Secret is refreshed.
 type SecretLock = Arc<tokio::sync::Mutex<()>>;
 
@@ -478,6 +530,12 @@ impl TokenManager {
         let Some(o) = &spec.authentication.oauth2 else {
             return fetched;
         };
+        // Refused before any token is used, not only at the next refresh: an object
+        // stored before the API server's rule says so at once.
+        if let Err(message) = plaintext_endpoints(o, spec.authentication.allow_unencrypted) {
+            fetched.token_problem = Some((Reason::InvalidSpec, message));
+            return fetched;
+        }
         let secret_name = o.token_secret_ref.name.clone();
         let cached = fetched.secrets.get(&secret_name).map(TokenSet::from_secret);
         if plan(o.flow, cached.as_ref(), Timestamp::now()) == Plan::Use {
@@ -621,6 +679,11 @@ impl TokenManager {
         error: &kube::Error,
     ) {
         tracing::warn!(secret = name, %error, "could not store the new tokens; keeping them in memory");
+        self.keep(namespace, name, replaced, grant);
+    }
+
+    /// Keeps a grant not stored yet (see [`Self::keep_unsaved`]).
+    fn keep(&self, namespace: &str, name: &str, replaced: TokenSet, grant: TokenResponse) {
         let key = (namespace.to_string(), name.to_string());
         let mut unsaved = self.unsaved.lock().unwrap();
         let replaced = unsaved.get(&key).map_or(replaced, |k| k.replaced.clone());
@@ -663,6 +726,70 @@ impl TokenManager {
         written
     }
 
+    /// Writes a grant back over `current` (see [`Self::write_back`]) and returns the
+    /// Secret the test uses: stored, adopted from a newer write, or kept in memory.
+    #[allow(clippy::too_many_arguments)]
+    async fn store_grant(
+        &self,
+        api: &Api<Secret>,
+        namespace: &str,
+        secret_name: &str,
+        current: Option<Secret>,
+        used: TokenSet,
+        response: TokenResponse,
+        what: &str,
+    ) -> Secret {
+        let updated = updated_secret(current.as_ref(), &response, Timestamp::now());
+        match self
+            .write_back(api, namespace, secret_name, current.as_ref(), &updated)
+            .await
+        {
+            Ok(secret) => {
+                tracing::info!(
+                    secret = secret_name,
+                    grant = what,
+                    "stored a new access token"
+                );
+                secret
+            }
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                // Changed (or created) meanwhile. If the refresh token is no longer
+                // the one used, the newer one is kept and ours is used for this test
+                // only; if it is, ours is written over it.
+                let again = api.get_opt(secret_name).await.ok().flatten();
+                if let Some(again) = &again
+                    && !TokenSet::from_secret(again).same_refresh_token(&used)
+                {
+                    self.forget_unsaved(namespace, secret_name);
+                    let mut local = again.clone();
+                    let data = local.data.get_or_insert_with(BTreeMap::new);
+                    data.insert(
+                        ACCESS_TOKEN.into(),
+                        ByteString(response.access_token.expose_secret().as_bytes().to_vec()),
+                    );
+                    return local;
+                }
+                let retry = updated_secret(again.as_ref(), &response, Timestamp::now());
+                match self
+                    .write_back(api, namespace, secret_name, again.as_ref(), &retry)
+                    .await
+                {
+                    Ok(secret) => secret,
+                    Err(e) => {
+                        // Never a second round: it would redeem the refresh token
+                        // this grant just replaced.
+                        self.keep_unsaved(namespace, secret_name, used, response, &e);
+                        retry
+                    }
+                }
+            }
+            Err(e) => {
+                self.keep_unsaved(namespace, secret_name, used, response, &e);
+                updated
+            }
+        }
+    }
+
     async fn refresh(
         &self,
         provider: &IncomingMailProvider,
@@ -680,10 +807,6 @@ impl TokenManager {
                 "spec.authentication.oauth2.tokenURL is required for provider Generic".into(),
             ));
         };
-        if let Err(message) = plaintext_endpoints(o, provider.spec.authentication.allow_unencrypted)
-        {
-            return Err((Reason::InvalidSpec, message));
-        }
         let client_secret = match &o.client_secret_ref {
             Some(r) => {
                 let field = "spec.authentication.oauth2.clientSecretRef";
@@ -738,12 +861,15 @@ impl TokenManager {
                 Plan::Refresh | Plan::ClientCredentials => {}
             }
             if let Some(secret) = &current
-                && !secret.labels().contains_key(TOKEN_LABEL)
+                && !is_token_secret(secret)
             {
-                return Err((
-                    Reason::AuthorizationRequired,
-                    unmarked(namespace, secret_name, &command),
-                ));
+                // As when the token endpoint fails: the access token serves while valid.
+                let message = unmarked(namespace, secret_name, &command);
+                if tokens.as_ref().is_some_and(|t| t.access_valid(now)) {
+                    tracing::warn!(%message, "not refreshing");
+                    return Ok(current.expect("checked above"));
+                }
+                return Err((Reason::AuthorizationRequired, message));
             }
             let used = tokens.clone().unwrap_or_default();
             let form = token_form(
@@ -806,55 +932,14 @@ impl TokenManager {
                     return still_valid(current, &used, now, format!("{what} failed: {message}"));
                 }
             };
-            let updated = updated_secret(current.as_ref(), &response, Timestamp::now());
-            match self
-                .write_back(&api, namespace, secret_name, current.as_ref(), &updated)
-                .await
-            {
-                Ok(secret) => {
-                    tracing::info!(
-                        secret = secret_name,
-                        grant = what,
-                        "stored a new access token"
-                    );
-                    return Ok(secret);
-                }
-                Err(kube::Error::Api(status)) if status.code == 409 => {
-                    // Changed (or created) meanwhile. If the refresh token is no longer
-                    // the one used, the newer one is kept and ours is used for this test
-                    // only; if it is, ours is written over it.
-                    let again = api.get_opt(secret_name).await.ok().flatten();
-                    if let Some(again) = &again
-                        && !TokenSet::from_secret(again).same_refresh_token(&used)
-                    {
-                        self.forget_unsaved(namespace, secret_name);
-                        let mut local = again.clone();
-                        let data = local.data.get_or_insert_with(BTreeMap::new);
-                        data.insert(
-                            ACCESS_TOKEN.into(),
-                            ByteString(response.access_token.expose_secret().as_bytes().to_vec()),
-                        );
-                        return Ok(local);
-                    }
-                    let retry = updated_secret(again.as_ref(), &response, Timestamp::now());
-                    match self
-                        .write_back(&api, namespace, secret_name, again.as_ref(), &retry)
-                        .await
-                    {
-                        Ok(secret) => return Ok(secret),
-                        Err(e) => {
-                            // Never a second round: it would redeem the refresh token
-                            // this grant just replaced.
-                            self.keep_unsaved(namespace, secret_name, used, response, &e);
-                            return Ok(retry);
-                        }
-                    }
-                }
-                Err(e) => {
-                    self.keep_unsaved(namespace, secret_name, used, response, &e);
-                    return Ok(updated);
-                }
-            }
+            // From here the grant exists only in this future: should the test be
+            // cancelled (a stopping controller), it is kept to be stored before exit.
+            let unsettled = Unsettled::arm(self, namespace, secret_name, &used, &response);
+            let stored = self
+                .store_grant(&api, namespace, secret_name, current, used, response, what)
+                .await;
+            unsettled.disarm();
+            return Ok(stored);
         }
         Err((
             Reason::TokenRefreshFailed,

@@ -176,7 +176,7 @@ pub(crate) fn refused_login(
             Reason::AuthMechanismUnsupported,
             Step::Authenticate,
             format!(
-                "{protocol} server {endpoint} takes no login over a connection without TLS: {said}; set spec.tls.mode to StartTLS or Implicit"
+                "{protocol} server {endpoint} takes no login over a connection it does not consider encrypted: {said}; set spec.tls.mode to StartTLS or Implicit (if TLS is on already, a proxy in between may speak plaintext to the server)"
             ),
         )),
     }

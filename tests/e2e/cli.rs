@@ -185,6 +185,25 @@ async fn the_commands_take_kubectls_kubeconfig_and_context_flags() {
     ]);
     assert_eq!(code, Some(2), "{text}");
     assert!(text.contains("no-such-context"), "{text}");
+    // With -f the cluster is optional, but a named context that does not exist is an error.
+    let manifest = dir.path().join("provider.yaml");
+    std::fs::write(
+        &manifest,
+        provider("from-file", "IMAP", 993, "Implicit", ALICE_AUTH, ""),
+    )
+    .unwrap();
+    let (code, text) = run(&[
+        "check",
+        "-f",
+        manifest.to_str().unwrap(),
+        "--context",
+        "no-such-context",
+    ]);
+    assert_ne!(code, Some(0), "{text}");
+    assert!(
+        text.contains("no-such-context") && !text.contains("SecretNotFound"),
+        "{text}"
+    );
 }
 
 #[tokio::test]

@@ -1061,6 +1061,40 @@ async fn authorize_with_a_device_code() {
     assert!(seen.contains("access_denied"), "{seen}");
 }
 
+/// A manifest never validated by the API server (or a provider stored before its rule)
+/// with a token endpoint over plain http: refused by name before any token is used.
+#[tokio::test]
+async fn check_of_a_manifest_with_a_plaintext_token_endpoint_is_invalid_spec() {
+    let env = Env::new("oauth2-check-http").await;
+    let provider = oauth_provider(
+        "imap",
+        "IMAP",
+        env.bed.dovecot().imaps_port(),
+        &format!(
+            "provider: Generic, clientId: {CLIENT}, tokenURL: 'http://keycloak.auth.svc:8080/token', tokenSecretRef: {{name: alice-token}}"
+        ),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("provider.yaml");
+    std::fs::write(&file, &provider).unwrap();
+    let (code, stdout, stderr) =
+        env.mailroom(&["check", "-n", &env.ns, "-f", file.to_str().unwrap()]);
+    let out = format!("{stdout}{stderr}");
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("InvalidSpec") && out.contains("spec.authentication.oauth2.tokenURL"),
+        "{out}"
+    );
+    let allowed = provider.replace("method: OAuth2", "method: OAuth2, allowUnencrypted: true");
+    std::fs::write(&file, &allowed).unwrap();
+    let (_, stdout, stderr) = env.mailroom(&["check", "-n", &env.ns, "-f", file.to_str().unwrap()]);
+    let out = format!("{stdout}{stderr}");
+    assert!(
+        !out.contains("InvalidSpec") && out.contains("AuthorizationRequired"),
+        "allowed, it goes on to look for tokens: {out}"
+    );
+}
+
 #[tokio::test]
 async fn check_of_manifests_uses_a_token_secret_from_the_files_and_never_refreshes_it() {
     let env = Env::new("oauth2-check-files").await;

@@ -208,3 +208,30 @@ fn token_form_for_refresh_and_client_credentials() {
         ]
     );
 }
+
+/// A grant whose write-back never settled (its test cancelled) is kept for the manager to
+/// store before the process exits; one settled is not.
+#[tokio::test]
+async fn a_grant_dropped_before_it_is_stored_is_kept() {
+    // Never dialled: the guard acts in memory only.
+    let config = kube::Config::new("https://127.0.0.1:1".parse().unwrap());
+    let manager = TokenManager::new(Client::try_from(config).unwrap()).unwrap();
+    let replaced = TokenSet::from_secret(&secret(&[(REFRESH_TOKEN, "old")]));
+    let grant: TokenResponse =
+        serde_json::from_str(r#"{"access_token": "a", "refresh_token": "new"}"#).unwrap();
+    let key = ("ns".to_string(), "t".to_string());
+
+    Unsettled::arm(&manager, "ns", "t", &replaced, &grant).disarm();
+    assert!(manager.unsaved.lock().unwrap().is_empty());
+
+    drop(Unsettled::arm(&manager, "ns", "t", &replaced, &grant));
+    let kept = manager.unsaved.lock().unwrap().get(&key).cloned().unwrap();
+    assert!(kept.replaced.same_refresh_token(&replaced));
+    assert_eq!(
+        kept.grant
+            .refresh_token
+            .as_ref()
+            .map(|t| t.expose_secret().to_string()),
+        Some("new".to_string())
+    );
+}
