@@ -13,7 +13,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::support::{
-    ALICE_AUTH, Env, WRONG_AUTH, alice_env, provider, trust_bed_ca, wrong_password_secret,
+    ALICE_AUTH, Env, WRONG_AUTH, alice_env, provider, trust_bed_ca, with_input,
+    wrong_password_secret,
 };
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
@@ -1612,18 +1613,8 @@ async fn people_get_providers_through_the_view_and_edit_roles() {
     let manifest = provider("by-vera", "IMAP", 993, "Implicit", "{method: None}", "");
     let create = |user: &str, yaml: &str| {
         let mut cmd = env.bed.kubectl();
-        cmd.args(["-n", &env.ns, "--as", user, "create", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(yaml.as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
+        cmd.args(["-n", &env.ns, "--as", user, "create", "-f", "-"]);
+        with_input(cmd, yaml)
     };
     let out = create("vera", &manifest);
     assert!(
@@ -1862,18 +1853,8 @@ fn kubectl_in(env: &Env, ns: &str, args: &[&str]) -> Output {
 
 fn apply_in(env: &Env, ns: &str, yaml: &str) {
     let mut cmd = env.bed.kubectl();
-    cmd.args(["-n", ns, "apply", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(yaml.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    cmd.args(["-n", ns, "apply", "-f", "-"]);
+    let out = with_input(cmd, yaml);
     assert!(
         out.status.success(),
         "kubectl apply -n {ns} failed:\n{}\nmanifest:\n{yaml}",
@@ -2394,18 +2375,8 @@ fn dry_run_apply(env: &Env, docs: &[Value]) -> Output {
         "--field-manager=mailroom-chart-test",
         "-f",
         "-",
-    ])
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(yaml.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    ]);
+    with_input(cmd, &yaml)
 }
 
 #[tokio::test]

@@ -70,18 +70,7 @@ impl Env {
     pub fn try_apply(&self, yaml: &str) -> Output {
         let mut cmd = self.bed.kubectl();
         cmd.args(["-n", &self.ns, "apply", "-f", "-"]);
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("running kubectl");
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(yaml.as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
+        with_input(cmd, yaml)
     }
 
     pub fn apply(&self, yaml: &str) {
@@ -457,4 +446,21 @@ pub async fn wrong_password_secret(env: &Env) {
         &[("username", &user), ("password", "not-the-password")],
     )
     .await;
+}
+
+/// Runs `cmd` with `input` on its standard input (`kubectl apply -f -` and the like) and
+/// returns its output.
+pub fn with_input(mut cmd: Command, input: &str) -> Output {
+    use std::io::Write;
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("running the command");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
 }

@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::fleet::{self, answered, reason};
-use crate::support::{ALICE_AUTH, Env, alice_env, provider};
+use crate::support::{ALICE_AUTH, Controller, Env, alice_env, provider};
 
 const CLIENT: &str = "mailroom-test-app";
 
@@ -451,24 +451,35 @@ async fn allow_token_writes(env: &Env, policy: &str) {
     until_updates(env, "alice-token", false).await;
 }
 
-#[tokio::test]
-async fn a_rotated_token_the_api_server_refuses_to_store_is_kept_and_stored_later() {
-    let env = alice_env("oauth2-unsaved").await;
-    // The Secret's refresh token dies at the first refresh.
-    let (server, first) = rotating_grant(&env).await;
-    env.apply(&oauth_imap(&env, &server));
-    let policy = refuse_token_writes(&env).await;
-
+/// Provider `oauth-imap` tested once by a running controller while the API server refuses
+/// to store the rotated tokens: Connected, with one token request, and the Secret still
+/// holding the refresh token the grant retired. Returns the controller and the policy.
+async fn first_refresh_refused(
+    env: &Env,
+    server: &TokenServer,
+    first: &str,
+) -> (Controller, String) {
+    env.apply(&oauth_imap(env, server));
+    let policy = refuse_token_writes(env).await;
     let controller = env.controller();
     env.wait_reason("oauth-imap", "Connected", Duration::from_secs(60))
         .await;
     assert_eq!(server.token_requests(), 1, "{}", controller.logs());
     assert_eq!(
-        refresh_token(&token_secret(&env).await),
+        refresh_token(&token_secret(env).await),
         first,
         "the write was refused, yet the Secret changed"
     );
-    assert!(!server.refresh_token_valid(&first), "the grant rotated it");
+    assert!(!server.refresh_token_valid(first), "the grant rotated it");
+    (controller, policy)
+}
+
+#[tokio::test]
+async fn a_rotated_token_the_api_server_refuses_to_store_is_kept_and_stored_later() {
+    let env = alice_env("oauth2-unsaved").await;
+    // The Secret's refresh token dies at the first refresh.
+    let (server, first) = rotating_grant(&env).await;
+    let (controller, policy) = first_refresh_refused(&env, &server, &first).await;
 
     // The next test refreshes from the token kept in memory, not from the Secret's dead one.
     fleet::request_checks(&env, &["oauth-imap".to_string()], "still-refused").await;
@@ -507,17 +518,7 @@ async fn a_rotated_token_the_api_server_refuses_to_store_is_kept_and_stored_late
 async fn a_stopping_controller_stores_the_rotated_token_it_could_not_store_before() {
     let env = alice_env("oauth2-unsaved-stop").await;
     let (server, first) = rotating_grant(&env).await;
-    env.apply(&oauth_imap(&env, &server));
-    let policy = refuse_token_writes(&env).await;
-    let mut controller = env.controller();
-    env.wait_reason("oauth-imap", "Connected", Duration::from_secs(60))
-        .await;
-    assert_eq!(server.token_requests(), 1, "{}", controller.logs());
-    assert_eq!(
-        refresh_token(&token_secret(&env).await),
-        first,
-        "the write was refused, yet the Secret changed"
-    );
+    let (mut controller, policy) = first_refresh_refused(&env, &server, &first).await;
 
     // Writes taken again, but no test due before the controller is stopped (a rollout):
     // it stores the rotated tokens on its way out instead of taking them with it.
