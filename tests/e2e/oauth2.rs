@@ -305,6 +305,25 @@ fn generic(server: &TokenServer, extra: &str) -> String {
     )
 }
 
+/// Provider `imap`: alice over IMAPS with a Generic OAuth2 server's tokens in Secret
+/// `alice-token`.
+fn generic_imap(env: &Env, server: &TokenServer) -> String {
+    oauth_provider(
+        "imap",
+        "IMAP",
+        env.bed.dovecot().imaps_port(),
+        &generic(server, ""),
+    )
+}
+
+/// A token server that knows the test's client, and a refresh token it granted alice.
+fn alice_grant(env: &Env) -> (TokenServer, String) {
+    let server = TokenServer::start(env.bed.oauth());
+    server.register_client(CLIENT, None, None);
+    let refresh = server.grant("alice", CLIENT);
+    (server, refresh)
+}
+
 fn rfc3339_in(secs: i64) -> String {
     let now = k8s_openapi::jiff::Timestamp::now();
     now.checked_add(k8s_openapi::jiff::SignedDuration::from_secs(secs))
@@ -486,9 +505,7 @@ async fn an_expired_token_is_refreshed_and_the_rotated_refresh_token_stored() {
 async fn a_revoked_grant_is_authorization_revoked() {
     let env = Env::new("oauth2-revoked").await;
     trust_bed_ca(&env).await;
-    let server = TokenServer::start(env.bed.oauth());
-    server.register_client(CLIENT, None, None);
-    let refresh = server.grant("alice", CLIENT);
+    let (server, refresh) = alice_grant(&env);
     server.revoke_user("alice");
     env.token_secret(
         "alice-token",
@@ -499,12 +516,7 @@ async fn a_revoked_grant_is_authorization_revoked() {
         ],
     )
     .await;
-    env.apply(&oauth_provider(
-        "imap",
-        "IMAP",
-        env.bed.dovecot().imaps_port(),
-        &generic(&server, ""),
-    ));
+    env.apply(&generic_imap(&env, &server));
     let _controller = env.controller();
     let p = env
         .wait_reason("imap", "AuthorizationRevoked", Duration::from_secs(60))
@@ -524,9 +536,7 @@ async fn a_revoked_grant_is_authorization_revoked() {
 async fn the_controller_writes_tokens_only_into_a_secret_marked_as_holding_them() {
     let env = Env::new("oauth2-unmarked").await;
     trust_bed_ca(&env).await;
-    let server = TokenServer::start(env.bed.oauth());
-    server.register_client(CLIENT, None, None);
-    let refresh = server.grant("alice", CLIENT);
+    let (server, refresh) = alice_grant(&env);
     // A Secret some other application keeps, with keys of the same names: whoever may
     // edit providers names it as a token Secret.
     env.secret(
@@ -540,12 +550,7 @@ async fn the_controller_writes_tokens_only_into_a_secret_marked_as_holding_them(
     )
     .await;
     let before = token_secret(&env).await.unwrap();
-    env.apply(&oauth_provider(
-        "imap",
-        "IMAP",
-        env.bed.dovecot().imaps_port(),
-        &generic(&server, ""),
-    ));
+    env.apply(&generic_imap(&env, &server));
     let _controller = env.controller();
     let p = env
         .wait_reason("imap", "AuthorizationRequired", Duration::from_secs(60))
@@ -610,12 +615,7 @@ async fn a_token_server_that_is_down_leaves_a_valid_token_in_use_then_fails() {
         ],
     )
     .await;
-    env.apply(&oauth_provider(
-        "imap",
-        "IMAP",
-        env.bed.dovecot().imaps_port(),
-        &generic(&server, ""),
-    ));
+    env.apply(&generic_imap(&env, &server));
     let controller = env.controller();
     env.wait_reason("imap", "Connected", Duration::from_secs(60))
         .await;
@@ -656,12 +656,7 @@ async fn no_token_is_authorization_required_with_the_command() {
     let env = Env::new("oauth2-none").await;
     trust_bed_ca(&env).await;
     let server = TokenServer::start(env.bed.oauth());
-    env.apply(&oauth_provider(
-        "imap",
-        "IMAP",
-        env.bed.dovecot().imaps_port(),
-        &generic(&server, ""),
-    ));
+    env.apply(&generic_imap(&env, &server));
     env.apply(&oauth_provider(
         "dev",
         "IMAP",
@@ -1098,9 +1093,7 @@ async fn check_of_a_manifest_with_a_plaintext_token_endpoint_is_invalid_spec() {
 #[tokio::test]
 async fn check_of_manifests_uses_a_token_secret_from_the_files_and_never_refreshes_it() {
     let env = Env::new("oauth2-check-files").await;
-    let server = TokenServer::start(env.bed.oauth());
-    server.register_client(CLIENT, None, None);
-    let refresh = server.grant("alice", CLIENT);
+    let (server, refresh) = alice_grant(&env);
     let provider = oauth_provider(
         "imap",
         "IMAP",
