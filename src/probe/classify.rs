@@ -182,16 +182,18 @@ pub(crate) fn refused_login(
     }
 }
 
-/// The hint for a refused password login when the server offers OAuth2 too: Microsoft
-/// 365 refuses every password over IMAP and POP3 (it switched basic authentication off),
-/// with the same words as a wrong one.
-pub(crate) fn oauth2_hint(capabilities: &[String]) -> &'static str {
+/// The hint for a refused password login on Microsoft Exchange that offers OAuth2:
+/// Microsoft 365 refuses every password over IMAP and POP3 (basic authentication is
+/// off), in the words of a wrong one. Other servers offering OAuth2 (Gmail, Dovecot) take
+/// passwords, so a refusal there is the password.
+pub(crate) fn oauth2_hint(greeting: &str, capabilities: &[String]) -> &'static str {
+    let exchange = greeting.to_ascii_lowercase().contains("microsoft exchange");
     let offers = capabilities.iter().any(|c| {
         let c = c.to_ascii_uppercase();
         c.contains("XOAUTH2") || c.contains("OAUTHBEARER")
     });
-    if offers {
-        " (the server also offers OAuth2, and some, such as Microsoft 365, refuse every password: if the password is right, use authentication.method OAuth2, see docs/oauth2.md)"
+    if exchange && offers {
+        " (Microsoft 365 refuses every password over IMAP and POP3, in these words: if the password is right, use authentication.method OAuth2, see docs/oauth2.md)"
     } else {
         ""
     }

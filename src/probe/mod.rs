@@ -466,7 +466,8 @@ async fn converse<S: MailSession>(
             && let Err(Stop::Failed(f)) = &mut t.outcome
             && f.reason == Reason::AuthenticationFailed
         {
-            f.message.push_str(classify::oauth2_hint(&caps));
+            let greeting = rec.findings.greeting.as_deref().unwrap_or_default();
+            f.message.push_str(classify::oauth2_hint(greeting, &caps));
         }
         rec.settle(
             t,

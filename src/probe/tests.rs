@@ -841,6 +841,24 @@ async fn imap_refusals_that_are_not_the_password_say_what_to_change() {
         "{}",
         f.message
     );
+
+    // A server that offers OAuth2 and takes passwords (Dovecot, Gmail): the password.
+    let server = serve(vec![
+        Say("* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN AUTH=XOAUTH2 AUTH=OAUTHBEARER] Dovecot ready.\r\n"),
+        Cmd("AUTHENTICATE PLAIN"),
+        Say("$TAG NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"),
+        Cmd("LOGOUT"),
+        Say("$TAG OK bye\r\n"),
+    ])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Imap, TlsMode::None),
+        &password(true),
+    )
+    .await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::AuthenticationFailed, "{f:?}");
+    assert!(!f.message.contains("OAuth2"), "{}", f.message);
 }
 
 /// Gmail with POP switched off for the account: a permanent refusal the user must act on.
