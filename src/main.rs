@@ -3,7 +3,7 @@ async fn main() {
     match mailroom::cli::main().await {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("mailroom: {e:#}");
+            eprintln!("mailroom: {}", mailroom::cli::error_text(&e));
             std::process::exit(2);
         }
     }

@@ -161,28 +161,54 @@ impl KubeArgs {
     pub async fn client(&self) -> anyhow::Result<kube::Client> {
         use anyhow::Context as _;
         use kube::config::{Config, KubeConfigOptions, Kubeconfig};
-        if self.kubeconfig.is_none() && self.context.is_none() {
-            return kube::Client::try_default()
-                .await
-                .context("connecting to the cluster");
-        }
         let options = KubeConfigOptions {
             context: self.context.clone(),
             ..Default::default()
         };
-        let config = match &self.kubeconfig {
-            Some(path) => {
+        let config = match (&self.kubeconfig, &self.context) {
+            (None, None) => Config::infer()
+                .await
+                .context("loading the kubeconfig (or the in-cluster configuration)")?,
+            (Some(path), _) => {
                 let file = Kubeconfig::read_from(path)
                     .with_context(|| format!("reading --kubeconfig {}", path.display()))?;
-                Config::from_custom_kubeconfig(file, &options).await
+                Config::from_custom_kubeconfig(file, &options)
+                    .await
+                    .with_context(|| loading(&self.context))?
             }
-            None => Config::from_kubeconfig(&options).await,
+            (None, Some(_)) => Config::from_kubeconfig(&options)
+                .await
+                .with_context(|| loading(&self.context))?,
         };
-        let config = config.with_context(|| match &self.context {
-            Some(context) => format!("loading the kubeconfig's context {context:?}"),
-            None => "loading the kubeconfig".to_string(),
-        })?;
+        let _ = CLUSTER.set(config.cluster_url.to_string());
         kube::Client::try_from(config).context("connecting to the cluster")
+    }
+}
+
+fn loading(context: &Option<String>) -> String {
+    match context {
+        Some(context) => format!("loading the kubeconfig's context {context:?}"),
+        None => "loading the kubeconfig".to_string(),
+    }
+}
+
+/// The API server the command talks to, for an error that never reached it.
+static CLUSTER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The error as the command prints it: when the API server could not be reached at all,
+/// which one, as kubectl says.
+pub fn error_text(e: &anyhow::Error) -> String {
+    let unreachable = e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<kube::Error>(),
+            Some(kube::Error::Service(_) | kube::Error::HyperError(_))
+        )
+    });
+    match CLUSTER.get() {
+        Some(cluster) if unreachable => format!(
+            "{e:#}\n(no answer from the API server at {cluster}: check KUBECONFIG, --kubeconfig or --context)"
+        ),
+        _ => format!("{e:#}"),
     }
 }
 
