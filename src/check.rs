@@ -112,12 +112,15 @@ pub fn verdict(
     };
     let mut message = format!("{} {endpoint}: {who}", endpoint.protocol.as_str());
     if let Some(m) = &report.findings.mailbox {
+        let messages = match m.messages {
+            1 => "1 message".to_string(),
+            n => format!("{n} messages"),
+        };
         match m.unseen {
-            Some(unseen) => message.push_str(&format!(
-                "; {} has {} messages, {} unseen",
-                m.name, m.messages, unseen
-            )),
-            None => message.push_str(&format!("; {} has {} messages", m.name, m.messages)),
+            Some(unseen) => {
+                message.push_str(&format!("; {} has {messages}, {unseen} unseen", m.name))
+            }
+            None => message.push_str(&format!("; {} has {messages}", m.name)),
         }
     }
     if spec.tls.insecure_skip_verify {

@@ -65,9 +65,9 @@ pub struct ServerSpec {
     #[schemars(length(min = 1, max = 253))]
     #[x_kube(
         validation = Rule::new("!self.contains('://')").message("host must not contain a scheme such as imaps://: give the bare DNS name or IP, and the protocol in spec.server.protocol"),
-        validation = Rule::new("!self.contains('/')").message("host must not contain a path or '/': give the bare DNS name or IP"),
+        validation = Rule::new("self.contains('://') || !self.contains('/')").message("host must not contain a path or '/': give the bare DNS name or IP"),
         validation = Rule::new("!self.matches('\\\\s')").message("host must not contain spaces"),
-        validation = Rule::new("!self.contains(':') || isIP(self)").message("host must not contain a port: give the port in spec.server.port (an IPv6 literal is written without brackets)"),
+        validation = Rule::new("self.contains('://') || !self.contains(':') || isIP(self)").message("host must not contain a port: give the port in spec.server.port (an IPv6 literal is written without brackets)"),
     )]
     pub host: String,
     /// TCP port. Defaults from protocol and TLS mode: IMAP 993 (Implicit) or 143;
@@ -383,19 +383,19 @@ fn default_password_key() -> String {
 /// When and how the connection is tested.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("duration(self.timeout) <= duration(self.interval)")
-    .message("timeout must not be longer than interval")
+#[x_kube(validation = Rule::new(format!("!self.timeout.matches('{d}') || !self.interval.matches('{d}') || duration(self.timeout) <= duration(self.interval)", d = cel_duration()))
+    .message("timeout (30s unless set) must not be longer than interval")
     .field_path(".timeout"))]
 pub struct CheckSpec {
     /// How often to test, as a duration such as 30s, 5m or 1h (minimum 30s).
     #[serde(default = "default_interval")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
-    #[x_kube(validation = Rule::new("duration(self) >= duration('30s')").message("interval must be at least 30s"))]
+    #[x_kube(validation = Rule::new(format!("!self.matches('{}') || duration(self) >= duration('30s')", cel_duration())).message("interval must be at least 30s"))]
     pub interval: String,
     /// Bound on one whole test, such as 30s (at least 1s, at most the interval).
     #[serde(default = "default_timeout")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
-    #[x_kube(validation = Rule::new("duration(self) >= duration('1s')").message("timeout must be at least 1s"))]
+    #[x_kube(validation = Rule::new(format!("!self.matches('{}') || duration(self) >= duration('1s')", cel_duration())).message("timeout must be at least 1s"))]
     pub timeout: String,
     /// IMAP: the folder whose STATUS (messages, unseen) is read as part of the test.
     #[serde(default = "default_mailbox")]
@@ -421,6 +421,13 @@ impl Default for CheckSpec {
             mailbox: default_mailbox(),
         }
     }
+}
+
+/// The form of `check.interval` and `check.timeout` (the schema's pattern), as a CEL
+/// string literal: the rules that read them as durations apply only once it matches, so a
+/// value such as "5 minutes" gets the pattern's one error, not CEL conversion errors too.
+fn cel_duration() -> String {
+    r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$".replace('\\', "\\\\")
 }
 
 /// What the last tests found. Written by the controller only.

@@ -50,8 +50,9 @@ pub struct AuthorizeArgs {
     /// Do not wait for the controller's test after storing the tokens.
     #[arg(long)]
     pub no_wait: bool,
-    /// How long to wait for the sign-in, and then for the controller's test, in seconds.
-    #[arg(long, default_value_t = 300)]
+    /// How long to wait for the sign-in, and then for the controller's test: seconds, or
+    /// 90s, 5m, 1h.
+    #[arg(long, default_value = "300", value_parser = super::seconds)]
     pub timeout: u64,
 }
 
@@ -231,11 +232,14 @@ async fn code_flow(
         ("client_id", client_id),
         ("response_type", "code"),
         ("redirect_uri", redirect_uri.as_str()),
-        ("scope", scope),
         ("state", state.as_str()),
         ("code_challenge", challenge.as_str()),
         ("code_challenge_method", "S256"),
     ];
+    // No scopes (Generic, none given): the server's default, not an empty scope.
+    if !scope.is_empty() {
+        params.push(("scope", scope));
+    }
     if provider == OAuth2Provider::Google {
         // A refresh token only comes with offline access and a consent prompt.
         params.push(("access_type", "offline"));
@@ -462,10 +466,10 @@ async fn device_flow(
     token_url: &str,
     deadline: Instant,
 ) -> anyhow::Result<tokens::TokenResponse> {
-    let form = [
-        ("client_id", SecretString::from(client_id.to_string())),
-        ("scope", SecretString::from(scope.to_string())),
-    ];
+    let mut form = vec![("client_id", SecretString::from(client_id.to_string()))];
+    if !scope.is_empty() {
+        form.push(("scope", SecretString::from(scope.to_string())));
+    }
     let (status, body) = post_form(tls, device_url, &form, TOKEN_REQUEST_TIMEOUT)
         .await
         .map_err(anyhow::Error::msg)?;

@@ -40,10 +40,12 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
     if (args.kube.kubeconfig.is_some() || args.kube.context.is_some())
         && let Err(e) = &client
     {
-        bail!("{e:#}");
+        bail!("{}", super::error_text(e));
     }
     let (provider, mut fetched) = if args.files.is_empty() {
-        let client = client.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        let client = client
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("{}", super::error_text(e)))?;
         let Some(name) = &args.name else {
             bail!("give a provider NAME, or -f FILE")
         };
@@ -52,10 +54,13 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
             .clone()
             .unwrap_or_else(|| client.default_namespace().to_string());
         let api: Api<IncomingMailProvider> = Api::namespaced(client.clone(), &ns);
-        let p = api
-            .get(name)
+        let Some(p) = api
+            .get_opt(name)
             .await
-            .with_context(|| format!("reading IncomingMailProvider {ns}/{name}"))?;
+            .with_context(|| format!("reading IncomingMailProvider {ns}/{name}"))?
+        else {
+            bail!("IncomingMailProvider {ns}/{name} not found");
+        };
         (
             p,
             Fetched {
@@ -83,7 +88,16 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
         if present {
             continue;
         }
-        let Ok(client) = &client else { continue };
+        let client = match &client {
+            Ok(client) => client,
+            Err(e) => {
+                eprintln!(
+                    "note: {} {} is not in the files, and the cluster could not be asked for it: {e:#}",
+                    r.kind, r.name
+                );
+                continue;
+            }
+        };
         let ns = fetched.namespace.clone();
         match r.kind {
             ObjectKind::Secret => {

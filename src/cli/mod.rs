@@ -169,27 +169,50 @@ impl KubeArgs {
             (None, None) => Config::infer()
                 .await
                 .context("loading the kubeconfig (or the in-cluster configuration)")?,
-            (Some(path), _) => {
-                let file = Kubeconfig::read_from(path)
-                    .with_context(|| format!("reading --kubeconfig {}", path.display()))?;
+            (path, context) => {
+                let file = match path {
+                    Some(path) => Kubeconfig::read_from(path)
+                        .with_context(|| format!("reading --kubeconfig {}", path.display()))?,
+                    None => Kubeconfig::read().context("reading the kubeconfig")?,
+                };
+                if let Some(context) = context
+                    && !file.contexts.iter().any(|c| &c.name == context)
+                {
+                    let known: Vec<&str> = file.contexts.iter().map(|c| c.name.as_str()).collect();
+                    anyhow::bail!(
+                        "--context {context:?} is not in the kubeconfig (its contexts: {})",
+                        known.join(", ")
+                    );
+                }
                 Config::from_custom_kubeconfig(file, &options)
                     .await
-                    .with_context(|| loading(&self.context))?
+                    .context("loading the kubeconfig")?
             }
-            (None, Some(_)) => Config::from_kubeconfig(&options)
-                .await
-                .with_context(|| loading(&self.context))?,
         };
         let _ = CLUSTER.set(config.cluster_url.to_string());
         kube::Client::try_from(config).context("connecting to the cluster")
     }
 }
 
-fn loading(context: &Option<String>) -> String {
-    match context {
-        Some(context) => format!("loading the kubeconfig's context {context:?}"),
-        None => "loading the kubeconfig".to_string(),
-    }
+/// A `--timeout`: seconds, or a number with `s`, `m` or `h` (`90`, `90s`, `2m`, `1h`), as
+/// kubectl's flags beside it take.
+pub fn seconds(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (number, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: give seconds or a duration such as 90s, 2m or 1h"))?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err(format!("{text:?}: the unit must be s, m or h")),
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("{text:?}: too long"))
 }
 
 /// The API server the command talks to, for an error that never reached it.
@@ -204,11 +227,22 @@ pub fn error_text(e: &anyhow::Error) -> String {
             Some(kube::Error::Service(_) | kube::Error::HyperError(_))
         )
     });
+    // Each cause once: kube's errors repeat their source in their own text.
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&part);
+        }
+    }
     match CLUSTER.get() {
         Some(cluster) if unreachable => format!(
-            "{e:#}\n(no answer from the API server at {cluster}: check KUBECONFIG, --kubeconfig or --context)"
+            "{text}\n(no answer from the API server at {cluster}: check KUBECONFIG, --kubeconfig or --context)"
         ),
-        _ => format!("{e:#}"),
+        _ => text,
     }
 }
 
@@ -258,6 +292,16 @@ pub fn reasons_table() -> String {
 #[cfg(test)]
 mod tests {
     use clap::Parser as _;
+
+    #[test]
+    fn timeouts_take_seconds_or_a_duration() {
+        for (text, seconds) in [("90", 90), ("90s", 90), ("2m", 120), ("1h", 3600)] {
+            assert_eq!(super::seconds(text), Ok(seconds), "{text}");
+        }
+        for bad in ["", "m", "2 minutes", "1.5m", "2d", "-1"] {
+            assert!(super::seconds(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn a_flag_given_again_wins_and_lists_still_add_up() {

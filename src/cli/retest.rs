@@ -43,8 +43,8 @@ pub struct RetestArgs {
     /// Ask, and do not wait for the verdicts.
     #[arg(long)]
     pub no_wait: bool,
-    /// How long to wait for the verdicts, in seconds.
-    #[arg(long, default_value_t = 120)]
+    /// How long to wait for the verdicts: seconds, or 90s, 2m, 1h.
+    #[arg(long, default_value = "120", value_parser = super::seconds)]
     pub timeout: u64,
 }
 

@@ -51,6 +51,15 @@ pub enum ListenAddr {
     At(SocketAddr),
 }
 
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Every(port) => write!(f, ":{port}"),
+            ListenAddr::At(addr) => write!(f, "{addr}"),
+        }
+    }
+}
+
 impl std::str::FromStr for ListenAddr {
     type Err = String;
 

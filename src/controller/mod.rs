@@ -126,7 +126,9 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     let readiness = Arc::new(http::Readiness::default());
     let _server = match settings.metrics_addr {
         Some(addr) => {
-            let (bound, task) = http::serve(addr, metrics.clone(), readiness.clone()).await?;
+            let (bound, task) = http::serve(addr, metrics.clone(), readiness.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("listening on --metrics-addr {addr}: {e}"))?;
             tracing::info!(address = %bound, "serving /metrics, /healthz and /readyz");
             Some(AbortOnDrop(task))
         }

@@ -260,7 +260,7 @@ async fn retest_has_the_controller_test_now_and_prints_its_verdicts() {
     );
 
     // --all: a suspended provider is named and not waited for.
-    let (code, out, err) = retest(&env, &["--all", "--timeout", "60"]);
+    let (code, out, err) = retest(&env, &["--all", "--timeout", "1m"]);
     assert_eq!(code, Some(1), "{out}{err}");
     assert!(out.contains("sus: suspended"), "{out}");
     assert_eq!(out.lines().count(), 3, "{out}");

@@ -72,6 +72,31 @@ async fn invalid_manifests_are_rejected_with_the_field_named() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 
+    // One error per mistake: a scheme is not also a port and a path, and a malformed
+    // duration is not also CEL's conversion errors.
+    for (spec, absent) in [
+        (
+            server("{host: 'imaps://mail.example.com', protocol: IMAP}"),
+            &["must not contain a port", "must not contain a path"][..],
+        ),
+        (
+            format!(
+                "  server: {{host: mail.example.com, protocol: IMAP}}\n  check: {{interval: 5 minutes}}\n{OK_AUTH}"
+            ),
+            &["conversion", "longer than interval"][..],
+        ),
+    ] {
+        let out = env.try_apply(&manifest(&spec));
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success(), "accepted:\n{spec}");
+        for text in absent {
+            assert!(
+                !stderr.contains(text),
+                "{text:?} among the errors:\n{stderr}"
+            );
+        }
+    }
+
     // And a valid one, with every default, is accepted and defaulted by the API server.
     let out = env.try_apply(&manifest(
         "  server: {host: mail.example.com, protocol: POP3}\n  authentication: {method: None}\n",
