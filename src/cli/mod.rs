@@ -147,7 +147,8 @@ pub async fn main() -> anyhow::Result<i32> {
 /// them as they would for kubectl.
 #[derive(clap::Args, Debug, Default, Clone)]
 pub struct KubeArgs {
-    /// The kubeconfig file to use (default: $KUBECONFIG, else ~/.kube/config).
+    /// The kubeconfig file to use (default: the files $KUBECONFIG lists that exist, else
+    /// ~/.kube/config).
     #[arg(long, value_name = "FILE")]
     pub kubeconfig: Option<std::path::PathBuf>,
     /// The kubeconfig context to use (default: its current context).
@@ -165,15 +166,17 @@ impl KubeArgs {
             context: self.context.clone(),
             ..Default::default()
         };
-        let config = match (&self.kubeconfig, &self.context) {
-            (None, None) => Config::infer()
+        let from_env = kubeconfig_files()?;
+        let config = match (&self.kubeconfig, &self.context, from_env) {
+            (None, None, None) => Config::infer()
                 .await
                 .context("loading the kubeconfig (or the in-cluster configuration)")?,
-            (path, context) => {
-                let file = match path {
-                    Some(path) => Kubeconfig::read_from(path)
+            (path, context, from_env) => {
+                let file = match (path, from_env) {
+                    (Some(path), _) => Kubeconfig::read_from(path)
                         .with_context(|| format!("reading --kubeconfig {}", path.display()))?,
-                    None => Kubeconfig::read().context("reading the kubeconfig")?,
+                    (None, Some(file)) => file,
+                    (None, None) => Kubeconfig::read().context("reading the kubeconfig")?,
                 };
                 if let Some(context) = context
                     && !file.contexts.iter().any(|c| &c.name == context)
@@ -192,6 +195,34 @@ impl KubeArgs {
         let _ = CLUSTER.set(config.cluster_url.to_string());
         kube::Client::try_from(config).context("connecting to the cluster")
     }
+}
+
+/// The files `KUBECONFIG` lists, merged as kubectl merges them, skipping those that do not
+/// exist as kubectl does (kube alone refuses the whole list); `None` without the variable.
+fn kubeconfig_files() -> anyhow::Result<Option<kube::config::Kubeconfig>> {
+    use anyhow::Context as _;
+    use kube::config::Kubeconfig;
+    let Some(list) = std::env::var_os("KUBECONFIG") else {
+        return Ok(None);
+    };
+    let paths: Vec<_> = std::env::split_paths(&list)
+        .filter(|p| !p.as_os_str().is_empty() && p.exists())
+        .collect();
+    if paths.is_empty() {
+        anyhow::bail!(
+            "none of the files KUBECONFIG lists exists: {}",
+            list.to_string_lossy()
+        );
+    }
+    let mut merged = Kubeconfig::default();
+    for path in &paths {
+        let file = Kubeconfig::read_from(path)
+            .with_context(|| format!("reading {} (from KUBECONFIG)", path.display()))?;
+        merged = merged
+            .merge(file)
+            .context("merging the files KUBECONFIG lists")?;
+    }
+    Ok(Some(merged))
 }
 
 /// A `--timeout`: seconds, or a number with `s`, `m` or `h` (`90`, `90s`, `2m`, `1h`), as

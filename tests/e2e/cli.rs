@@ -188,6 +188,22 @@ async fn the_commands_take_kubectls_kubeconfig_and_context_flags() {
     ]);
     assert_eq!(code, Some(2), "{text}");
     assert!(text.contains("no-such-context"), "{text}");
+    // KUBECONFIG as a list with a file that does not exist: skipped, as kubectl does.
+    let out = Command::new(MAILROOM)
+        .args(["check", "imaps", "-n", &env.ns, "--context", &bed_context])
+        .env(
+            "KUBECONFIG",
+            format!("{}:/nonexistent/kubeconfig", file.display()),
+        )
+        .env("HOME", dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "KUBECONFIG with a missing file:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // With -f the cluster is optional, but a named context that does not exist is an error.
     let manifest = dir.path().join("provider.yaml");
     std::fs::write(
