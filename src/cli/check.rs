@@ -92,8 +92,10 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
             Ok(client) => client,
             Err(e) => {
                 eprintln!(
-                    "note: {} {} is not in the files, and the cluster could not be asked for it: {e:#}",
-                    r.kind, r.name
+                    "note: {} {} is not in the files, and the cluster could not be asked for it: {}",
+                    r.kind,
+                    r.name,
+                    super::error_text(e)
                 );
                 continue;
             }

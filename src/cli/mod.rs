@@ -103,7 +103,7 @@ pub async fn main() -> anyhow::Result<i32> {
             let metrics_addr = match args.metrics_addr.as_str() {
                 "" | "off" => None,
                 addr => Some(
-                    addr.parse::<crate::controller::http::ListenAddr>()
+                    addr.parse::<crate::controller::ListenAddr>()
                         .map_err(|e| anyhow::anyhow!("--metrics-addr {e}"))?,
                 ),
             };
@@ -166,17 +166,22 @@ impl KubeArgs {
             context: self.context.clone(),
             ..Default::default()
         };
-        let from_env = kubeconfig_files()?;
-        let config = match (&self.kubeconfig, &self.context, from_env) {
-            (None, None, None) => Config::infer()
+        // KUBECONFIG is read only when no file is named.
+        let named = match &self.kubeconfig {
+            Some(path) => Some(
+                Kubeconfig::read_from(path)
+                    .with_context(|| format!("reading --kubeconfig {}", path.display()))?,
+            ),
+            None => kubeconfig_files()?,
+        };
+        let config = match (named, &self.context) {
+            (None, None) => Config::infer()
                 .await
                 .context("loading the kubeconfig (or the in-cluster configuration)")?,
-            (path, context, from_env) => {
-                let file = match (path, from_env) {
-                    (Some(path), _) => Kubeconfig::read_from(path)
-                        .with_context(|| format!("reading --kubeconfig {}", path.display()))?,
-                    (None, Some(file)) => file,
-                    (None, None) => Kubeconfig::read().context("reading the kubeconfig")?,
+            (named, context) => {
+                let file = match named {
+                    Some(file) => file,
+                    None => Kubeconfig::read().context("reading the kubeconfig")?,
                 };
                 if let Some(context) = context
                     && !file.contexts.iter().any(|c| &c.name == context)

@@ -3,7 +3,7 @@
 //! The decisions live in pure modules (`schedule`, `status`); this module reads, calls
 //! them, and writes.
 
-pub mod http;
+mod http;
 mod inflight;
 mod limits;
 pub mod metrics;
@@ -34,6 +34,7 @@ use crate::api::IncomingMailProvider;
 use crate::credentials::tokens::TokenManager;
 use crate::credentials::{ObjectKind, references};
 
+pub use http::ListenAddr;
 pub use limits::HostLimits;
 pub use objects::Objects;
 
@@ -50,7 +51,7 @@ pub struct Settings {
     /// Tests running at once against one mail host.
     pub per_host: usize,
     /// Where `/metrics`, `/healthz` and `/readyz` are served; None serves nothing.
-    pub metrics_addr: Option<http::ListenAddr>,
+    pub metrics_addr: Option<ListenAddr>,
     /// Per-provider series (namespace and name as labels) besides the aggregates.
     pub per_provider_metrics: bool,
     /// Run only while holding this Lease; None runs at once (a single replica).
@@ -182,19 +183,19 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
                 }
             }
         };
-        tokio::select! {
-            result = run_controllers(client.clone(), &settings, metrics.clone(), readiness.clone(), tokens.clone(), shutdown.clone()) => {
-                metrics.set_leader(false);
-                tokens.store_kept(STORE_TOKENS_WITHIN).await;
-                release(leading, task).await;
-                return result;
-            }
+        let stopped = tokio::select! {
+            result = run_controllers(client.clone(), &settings, metrics.clone(), readiness.clone(), tokens.clone(), shutdown.clone()) => Some(result),
             _ = lost => {
                 // Dropping the controllers cancels the tests in flight: another replica leads now.
                 tracing::warn!(lease = %lease.name, "lost the lease: testing stopped");
-                metrics.set_leader(false);
-                tokens.store_kept(STORE_TOKENS_WITHIN).await;
+                None
             }
+        };
+        metrics.set_leader(false);
+        tokens.store_kept(STORE_TOKENS_WITHIN).await;
+        if let Some(result) = stopped {
+            release(leading, task).await;
+            return result;
         }
     }
 }

@@ -431,38 +431,46 @@ enum Kept {
 /// the Secret holds other tokens than those the grant replaced, and it is dropped then.
 struct Unsettled<'a> {
     manager: &'a TokenManager,
-    key: Option<(String, String)>,
-    replaced: TokenSet,
-    grant: TokenResponse,
+    namespace: &'a str,
+    name: &'a str,
+    replaced: &'a TokenSet,
+    grant: &'a TokenResponse,
+    armed: bool,
 }
 
 impl<'a> Unsettled<'a> {
     fn arm(
         manager: &'a TokenManager,
-        namespace: &str,
-        name: &str,
-        replaced: &TokenSet,
-        grant: &TokenResponse,
+        namespace: &'a str,
+        name: &'a str,
+        replaced: &'a TokenSet,
+        grant: &'a TokenResponse,
     ) -> Self {
         Unsettled {
             manager,
-            key: Some((namespace.to_string(), name.to_string())),
-            replaced: replaced.clone(),
-            grant: grant.clone(),
+            namespace,
+            name,
+            replaced,
+            grant,
+            armed: true,
         }
     }
 
     fn disarm(mut self) {
-        self.key = None;
+        self.armed = false;
     }
 }
 
 impl Drop for Unsettled<'_> {
     fn drop(&mut self) {
-        if let Some((namespace, name)) = self.key.take() {
-            tracing::warn!(secret = %name, "stopped before the new tokens were stored; keeping them to store before exit");
-            self.manager
-                .keep(&namespace, &name, self.replaced.clone(), self.grant.clone());
+        if self.armed {
+            tracing::warn!(secret = %self.name, "stopped before the new tokens were stored; keeping them to store before exit");
+            self.manager.keep(
+                self.namespace,
+                self.name,
+                self.replaced.clone(),
+                self.grant.clone(),
+            );
         }
     }
 }
@@ -735,11 +743,11 @@ impl TokenManager {
         namespace: &str,
         secret_name: &str,
         current: Option<Secret>,
-        used: TokenSet,
-        response: TokenResponse,
+        used: &TokenSet,
+        response: &TokenResponse,
         what: &str,
     ) -> Secret {
-        let updated = updated_secret(current.as_ref(), &response, Timestamp::now());
+        let updated = updated_secret(current.as_ref(), response, Timestamp::now());
         match self
             .write_back(api, namespace, secret_name, current.as_ref(), &updated)
             .await
@@ -758,7 +766,7 @@ impl TokenManager {
                 // only; if it is, ours is written over it.
                 let again = api.get_opt(secret_name).await.ok().flatten();
                 if let Some(again) = &again
-                    && !TokenSet::from_secret(again).same_refresh_token(&used)
+                    && !TokenSet::from_secret(again).same_refresh_token(used)
                 {
                     self.forget_unsaved(namespace, secret_name);
                     let mut local = again.clone();
@@ -769,7 +777,7 @@ impl TokenManager {
                     );
                     return local;
                 }
-                let retry = updated_secret(again.as_ref(), &response, Timestamp::now());
+                let retry = updated_secret(again.as_ref(), response, Timestamp::now());
                 match self
                     .write_back(api, namespace, secret_name, again.as_ref(), &retry)
                     .await
@@ -778,13 +786,19 @@ impl TokenManager {
                     Err(e) => {
                         // Never a second round: it would redeem the refresh token
                         // this grant just replaced.
-                        self.keep_unsaved(namespace, secret_name, used, response, &e);
+                        self.keep_unsaved(
+                            namespace,
+                            secret_name,
+                            used.clone(),
+                            response.clone(),
+                            &e,
+                        );
                         retry
                     }
                 }
             }
             Err(e) => {
-                self.keep_unsaved(namespace, secret_name, used, response, &e);
+                self.keep_unsaved(namespace, secret_name, used.clone(), response.clone(), &e);
                 updated
             }
         }
@@ -936,7 +950,15 @@ impl TokenManager {
             // cancelled (a stopping controller), it is kept to be stored before exit.
             let unsettled = Unsettled::arm(self, namespace, secret_name, &used, &response);
             let stored = self
-                .store_grant(&api, namespace, secret_name, current, used, response, what)
+                .store_grant(
+                    &api,
+                    namespace,
+                    secret_name,
+                    current,
+                    &used,
+                    &response,
+                    what,
+                )
                 .await;
             unsettled.disarm();
             return Ok(stored);
