@@ -102,6 +102,15 @@ pub(crate) fn tagged_reply(lines: &[String]) -> Option<String> {
     })
 }
 
+/// The text of the tagged IMAP reply to `tag` among `lines`, without its tag (with
+/// commands in flight together, the last tagged line may answer another).
+pub(crate) fn tagged_reply_to(lines: &[String], tag: &str) -> Option<String> {
+    lines.iter().find_map(|line| {
+        let (t, rest) = line.split_once(' ')?;
+        (t == tag).then(|| rest.to_string())
+    })
+}
+
 /// What a server's refusal of a login says, by its response code (POP3: RFC 2449 and
 /// 3206; IMAP: RFC 5530). Most refusals are the credentials; these are not, and a user
 /// told "wrong password" would change a password that works.

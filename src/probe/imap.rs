@@ -48,6 +48,8 @@ pub(crate) struct Imap {
     next_tag: u32,
     /// The server advertised SASL-IR (RFC 4959) in its last capability list.
     sasl_ir: bool,
+    /// The tag of a LOGOUT that went out with STATUS, whose reply is still to be read.
+    logout_sent: Option<String>,
 }
 
 /// How a command we wrote ended.
@@ -195,32 +197,47 @@ impl Imap {
         }
     }
 
+    fn next_tag(&mut self) -> String {
+        self.next_tag += 1;
+        format!("M{}", self.next_tag)
+    }
+
     /// Writes `command` (never a secret) with a tag of ours and reads responses until its
     /// tagged reply, handing the others to `on_data`.
     async fn command(
         &mut self,
         step: Step,
         command: &str,
-        mut on_data: impl FnMut(&Response<'_>) + Send,
+        on_data: impl FnMut(&Response<'_>) + Send,
     ) -> Result<Done, Failure> {
         self.busy = true;
         self.pending = Some(command.to_string());
-        self.next_tag += 1;
-        let tag = format!("M{}", self.next_tag);
+        let tag = self.next_tag();
         self.mark();
+        self.write(step, format!("{tag} {command}\r\n")).await?;
+        self.read_until(step, &tag, on_data).await
+    }
+
+    async fn write(&mut self, step: Step, lines: String) -> Result<(), Failure> {
         let Some(conn) = self.conn() else {
             return Err(self.closed(step));
         };
-        let line = format!("{tag} {command}\r\n");
         let written = async {
             let wire = conn.get_mut();
-            wire.write_all(line.as_bytes()).await?;
+            wire.write_all(lines.as_bytes()).await?;
             wire.flush().await
         }
         .await;
-        if let Err(err) = written {
-            return Err(self.io_failure(step, &err));
-        }
+        written.map_err(|err| self.io_failure(step, &err))
+    }
+
+    /// Reads responses until the tagged reply to `tag`, handing the others to `on_data`.
+    async fn read_until(
+        &mut self,
+        step: Step,
+        tag: &str,
+        mut on_data: impl FnMut(&Response<'_>) + Send,
+    ) -> Result<Done, Failure> {
         loop {
             let Some(conn) = self.conn() else {
                 return Err(self.closed(step));
@@ -234,12 +251,13 @@ impl Imap {
                     outcome,
                 } if done_tag.0 == tag => {
                     let ok = *status == Status::Ok;
-                    let text = self.tagged_reply().unwrap_or_else(|| {
-                        format!(
-                            "{status:?} {}",
-                            outcome.information.as_deref().unwrap_or_default()
-                        )
-                    });
+                    let text =
+                        classify::tagged_reply_to(&self.recent(), tag).unwrap_or_else(|| {
+                            format!(
+                                "{status:?} {}",
+                                outcome.information.as_deref().unwrap_or_default()
+                            )
+                        });
                     self.busy = false;
                     return Ok(Done { ok, text });
                 }
@@ -344,6 +362,7 @@ impl MailSession for Imap {
             pending: None,
             next_tag: 0,
             sasl_ir: false,
+            logout_sent: None,
         }
     }
 
@@ -606,9 +625,18 @@ impl MailSession for Imap {
             )
         })?;
         let command = format!("STATUS {argument} (MESSAGES UNSEEN)");
+        // LOGOUT follows whatever STATUS answers, so it goes out with it (RFC 3501 §5.5
+        // allows commands in flight together): one round trip fewer.
+        self.busy = true;
+        self.pending = Some(command.clone());
+        let (tag, logout) = (self.next_tag(), self.next_tag());
+        self.mark();
+        self.write(step, format!("{tag} {command}\r\n{logout} LOGOUT\r\n"))
+            .await?;
+        self.logout_sent = Some(logout);
         let mut counts: Option<(Option<u64>, Option<u64>)> = None;
         let done = self
-            .command(step, &command, |response| {
+            .read_until(step, &tag, |response| {
                 if let Response::MailboxData(MailboxDatum::Status { status, .. }) = response
                     && counts.is_none()
                 {
@@ -663,7 +691,14 @@ impl MailSession for Imap {
     }
 
     async fn quit(&mut self) -> Result<String, Failure> {
-        let done = self.command(Step::Logout, "LOGOUT", |_| {}).await?;
+        let done = match self.logout_sent.take() {
+            Some(tag) => {
+                self.busy = true;
+                self.pending = Some("LOGOUT".into());
+                self.read_until(Step::Logout, &tag, |_| {}).await?
+            }
+            None => self.command(Step::Logout, "LOGOUT", |_| {}).await?,
+        };
         self.state = State::Closed;
         Ok(done.text)
     }

@@ -151,10 +151,14 @@ impl Lines {
         }
     }
 
-    async fn send(&mut self, line: &[u8]) -> std::io::Result<()> {
-        let mut out = Zeroizing::new(Vec::with_capacity(line.len() + 2));
-        out.extend_from_slice(line);
-        out.extend_from_slice(b"\r\n");
+    /// Sends `lines` in one write (more than one only where the server allows PIPELINING).
+    async fn send(&mut self, lines: &[&[u8]]) -> std::io::Result<()> {
+        let size = lines.iter().map(|l| l.len() + 2).sum();
+        let mut out = Zeroizing::new(Vec::with_capacity(size));
+        for line in lines {
+            out.extend_from_slice(line);
+            out.extend_from_slice(b"\r\n");
+        }
         self.wire.write_all(&out).await?;
         self.wire.flush().await
     }
@@ -168,6 +172,10 @@ pub(crate) struct Pop3 {
     /// or its future was dropped at the deadline), so QUIT is not attempted.
     busy: bool,
     pending: Option<String>,
+    /// The last CAPA listed PIPELINING (RFC 2449 §6.6): commands may go out together.
+    pipelining: bool,
+    /// QUIT went out with STAT; its reply is still to be read.
+    quit_sent: bool,
 }
 
 impl Pop3 {
@@ -227,11 +235,27 @@ impl Pop3 {
         shown: &str,
         line: &[u8],
     ) -> Result<(Reply, String), Failure> {
+        self.command_then(step, shown, line, None).await
+    }
+
+    /// [`command`](Self::command), with `then` written in the same packet (PIPELINING);
+    /// only the reply to `line` is read.
+    async fn command_then(
+        &mut self,
+        step: Step,
+        shown: &str,
+        line: &[u8],
+        then: Option<&[u8]>,
+    ) -> Result<(Reply, String), Failure> {
         self.busy = true;
         self.pending = Some(shown.to_string());
         let lines = self.lines(step)?;
         lines.wire.mark();
-        if let Err(err) = lines.send(line).await {
+        let sent = match then {
+            Some(then) => lines.send(&[line, then]).await,
+            None => lines.send(&[line]).await,
+        };
+        if let Err(err) = sent {
             return Err(self.io_failure(step, &err));
         }
         self.read_reply(step, shown).await
@@ -399,6 +423,8 @@ impl MailSession for Pop3 {
             endpoint,
             busy: false,
             pending: None,
+            pipelining: false,
+            quit_sent: false,
         }
     }
 
@@ -435,11 +461,13 @@ impl MailSession for Pop3 {
     async fn capabilities(&mut self) -> Result<Vec<String>, Failure> {
         let step = Step::Capabilities;
         let (reply, _) = self.command(step, "CAPA", b"CAPA").await?;
-        match reply {
-            Reply::Ok(_) => self.read_multiline(step).await,
+        let caps = match reply {
+            Reply::Ok(_) => self.read_multiline(step).await?,
             // An RFC 1939 server without CAPA: nothing is advertised.
-            _ => Ok(Vec::new()),
-        }
+            _ => Vec::new(),
+        };
+        self.pipelining = has_capability(&caps, "PIPELINING");
+        Ok(caps)
     }
 
     fn offers_starttls(&self, caps: &[String]) -> bool {
@@ -566,7 +594,10 @@ impl MailSession for Pop3 {
 
     async fn inspect(&mut self, _mailbox: &str) -> Result<(MailboxInfo, String), Failure> {
         let step = Step::Mailbox;
-        let (reply, raw) = self.command(step, "STAT", b"STAT").await?;
+        // QUIT follows whatever STAT answers; with PIPELINING it goes out with it.
+        let then = self.pipelining.then_some(&b"QUIT"[..]);
+        self.quit_sent = then.is_some();
+        let (reply, raw) = self.command_then(step, "STAT", b"STAT", then).await?;
         match reply {
             Reply::Ok(text) => {
                 let (messages, size) = parse_stat(&text).ok_or_else(|| {
@@ -603,7 +634,13 @@ impl MailSession for Pop3 {
     }
 
     async fn quit(&mut self) -> Result<String, Failure> {
-        let (_, raw) = self.command(Step::Logout, "QUIT", b"QUIT").await?;
+        let (_, raw) = if self.quit_sent {
+            self.busy = true;
+            self.pending = Some("QUIT".into());
+            self.read_reply(Step::Logout, "QUIT").await?
+        } else {
+            self.command(Step::Logout, "QUIT", b"QUIT").await?
+        };
         self.conn = None;
         Ok(raw)
     }

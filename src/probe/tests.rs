@@ -24,7 +24,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// One move of a scripted server.
 enum Act {
-    /// Write these bytes; `$TAG` becomes the tag of the last command read.
+    /// Write these bytes; `$TAG` becomes the tag of the last command read, `$PREV` that
+    /// of the one before it.
     Say(&'static str),
     SayBytes(Vec<u8>),
     /// Read a line; after its tag (IMAP) or as a whole (POP3) it must start with this.
@@ -37,6 +38,8 @@ enum Act {
     Flood(Vec<u8>),
     /// Say nothing for a minute.
     Silence,
+    /// The client must send nothing more for a moment (it waits for a reply).
+    Quiet,
 }
 
 use Act::*;
@@ -117,14 +120,12 @@ async fn serve(script: Vec<Act>) -> Server {
         let mut io: Box<dyn Io> = Box::new(tcp);
         let mut seen = Vec::new();
         let mut tag = String::new();
+        let mut prev = String::new();
         for act in script {
             match act {
                 Say(text) => {
-                    if io
-                        .write_all(text.replace("$TAG", &tag).as_bytes())
-                        .await
-                        .is_err()
-                    {
+                    let text = text.replace("$TAG", &tag).replace("$PREV", &prev);
+                    if io.write_all(text.as_bytes()).await.is_err() {
                         break;
                     }
                 }
@@ -140,7 +141,7 @@ async fn serve(script: Vec<Act>) -> Server {
                     seen.push(line.clone());
                     let rest = match line.split_once(' ') {
                         Some((t, rest)) if is_tag(t) => {
-                            tag = t.to_string();
+                            prev = std::mem::replace(&mut tag, t.to_string());
                             rest
                         }
                         _ => line.as_str(),
@@ -168,6 +169,15 @@ async fn serve(script: Vec<Act>) -> Server {
                 },
                 Flood(chunk) => while io.write_all(&chunk).await.is_ok() {},
                 Silence => tokio::time::sleep(Duration::from_secs(60)).await,
+                Quiet => {
+                    let mut byte = [0u8];
+                    let read = io.read(&mut byte);
+                    if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(300), read).await
+                    {
+                        seen.push(format!("UNEXPECTED, {n} byte(s) before a reply"));
+                        break;
+                    }
+                }
             }
         }
         seen
@@ -1130,6 +1140,8 @@ async fn pop3_user_pass_stat_quit() {
         Cmd("PASS "),
         Say("+OK Logged in.\r\n"),
         Cmd("STAT"),
+        // No PIPELINING in CAPA: QUIT waits for STAT's reply.
+        Quiet,
         Say("+OK 2 320\r\n"),
         Cmd("QUIT"),
         Say("+OK Logging out.\r\n"),
@@ -1160,6 +1172,113 @@ async fn pop3_user_pass_stat_quit() {
     assert_eq!(report.steps[6].detail, "+OK Logging out.");
     assert_eq!(server.seen().await[2], format!("PASS {SECRET}"));
     assert_secret_kept(&report);
+}
+
+/// With PIPELINING (RFC 2449 §6.6) QUIT goes out with STAT: one round trip fewer, and
+/// STAT's reply is read as STAT's, QUIT's as QUIT's.
+#[tokio::test]
+async fn pop3_quit_goes_out_with_stat_when_the_server_pipelines() {
+    let server = serve(vec![
+        Say("+OK Dovecot ready.\r\n"),
+        Cmd("CAPA"),
+        Say("+OK\r\nUSER\r\nPIPELINING\r\n.\r\n"),
+        Cmd("USER alice"),
+        Say("+OK\r\n"),
+        Cmd("PASS "),
+        Say("+OK Logged in.\r\n"),
+        Cmd("STAT"),
+        Cmd("QUIT"),
+        Say("+OK 2 320\r\n+OK Logging out.\r\n"),
+    ])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Pop3, TlsMode::None),
+        &password(true),
+    )
+    .await;
+    assert!(report.passed(), "{report:#?}");
+    assert_eq!(report.steps[5].detail, "STAT: 2 messages, 320 octets");
+    assert_eq!(report.steps[6].detail, "+OK Logging out.");
+    server.seen().await;
+
+    // A refused STAT is still classified by its own reply, and the session still ends.
+    let server = serve(vec![
+        Say("+OK Dovecot ready.\r\n"),
+        Cmd("CAPA"),
+        Say("+OK\r\nUSER\r\nPIPELINING\r\n.\r\n"),
+        Cmd("USER alice"),
+        Say("+OK\r\n"),
+        Cmd("PASS "),
+        Say("+OK Logged in.\r\n"),
+        Cmd("STAT"),
+        Cmd("QUIT"),
+        Say("-ERR [SYS/TEMP] Mail storage unavailable\r\n+OK bye\r\n"),
+    ])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Pop3, TlsMode::None),
+        &password(true),
+    )
+    .await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::ServerUnavailable, "{f:?}");
+    assert!(
+        f.message.contains("Mail storage unavailable"),
+        "{}",
+        f.message
+    );
+    assert_eq!(steps(&report).last(), Some(&("logout", true)));
+    assert_eq!(report.steps.last().unwrap().detail, "+OK bye");
+    server.seen().await;
+}
+
+/// LOGOUT goes out with STATUS (RFC 3501 §5.5), and each reply is matched to its own tag:
+/// a refused STATUS is quoted as such even though LOGOUT's OK arrived with it.
+#[tokio::test]
+async fn imap_logout_goes_out_with_status_and_each_reply_keeps_its_tag() {
+    let server = serve(vec![
+        Say(IMAP_GREETING),
+        Cmd("AUTHENTICATE PLAIN "),
+        Say("$TAG OK Logged in\r\n"),
+        Cmd("STATUS \"INBOX\" (MESSAGES UNSEEN)"),
+        Cmd("LOGOUT"),
+        Say("* STATUS INBOX (MESSAGES 12 UNSEEN 3)\r\n$PREV OK Status completed.\r\n* BYE Logging out\r\n$TAG OK Logout completed.\r\n"),
+    ])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Imap, TlsMode::None),
+        &password(true),
+    )
+    .await;
+    assert!(report.passed(), "{report:#?}");
+    assert_eq!(report.findings.mailbox.as_ref().unwrap().messages, 12);
+    assert_eq!(report.steps.last().unwrap().detail, "OK Logout completed.");
+    server.seen().await;
+
+    let server = serve(vec![
+        Say(IMAP_GREETING),
+        Cmd("AUTHENTICATE PLAIN "),
+        Say("$TAG OK Logged in\r\n"),
+        Cmd("STATUS"),
+        Cmd("LOGOUT"),
+        Say("$PREV NO [NONEXISTENT] Mailbox doesn't exist: INBOX\r\n* BYE Logging out\r\n$TAG OK Logout completed.\r\n"),
+    ])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Imap, TlsMode::None),
+        &password(true),
+    )
+    .await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::MailboxUnavailable, "{f:?}");
+    assert!(
+        f.message
+            .contains("NO [NONEXISTENT] Mailbox doesn't exist: INBOX"),
+        "{}",
+        f.message
+    );
+    assert_eq!(steps(&report).last(), Some(&("logout", true)));
+    server.seen().await;
 }
 
 #[tokio::test]
