@@ -73,12 +73,15 @@ impl Setup {
             presented: presented.clone(),
             algorithms: provider.signature_verification_algorithms,
         });
-        let config = ClientConfig::builder_with_provider(provider.clone())
+        let mut config = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|err| setup_failed(err.to_string()))?
             .dangerous()
             .with_custom_certificate_verifier(verifier)
             .with_no_client_auth();
+        // Every test makes a full handshake, so a replaced certificate is seen by the next
+        // one: no session is kept to resume (nor the server's tickets stored for nothing).
+        config.resumption = rustls::client::Resumption::disabled();
 
         Ok(Setup {
             config: Arc::new(config),
