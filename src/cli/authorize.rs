@@ -576,8 +576,9 @@ async fn store(
     bail!("Secret {name} kept changing while the tokens were stored")
 }
 
-/// Removes the tokens: the whole Secret when mailroom made it, else its token keys; and
-/// revokes the refresh token where the provider has an endpoint for it.
+/// Removes the tokens: the whole Secret when it is a token Secret holding nothing else,
+/// else only its token keys (authorize labels a Secret it writes into, which may hold the
+/// user's own data); and revokes the refresh token where the provider has an endpoint.
 async fn revoke(
     secrets: &Api<Secret>,
     name: &str,
@@ -597,16 +598,22 @@ async fn revoke(
             Err(message) => eprintln!("Could not revoke the refresh token: {message}"),
         }
     }
-    if tokens::is_token_secret(&secret) {
+    const TOKEN_KEYS: [&str; 4] = [
+        REFRESH_TOKEN,
+        tokens::ACCESS_TOKEN,
+        tokens::EXPIRES_AT,
+        tokens::SCOPE,
+    ];
+    let only_tokens = secret
+        .data
+        .iter()
+        .flatten()
+        .all(|(key, _)| TOKEN_KEYS.contains(&key.as_str()));
+    if tokens::is_token_secret(&secret) && only_tokens {
         secrets.delete(name, &Default::default()).await?;
     } else {
         let mut keys = serde_json::Map::new();
-        for key in [
-            REFRESH_TOKEN,
-            tokens::ACCESS_TOKEN,
-            tokens::EXPIRES_AT,
-            tokens::SCOPE,
-        ] {
+        for key in TOKEN_KEYS {
             keys.insert(key.to_string(), serde_json::Value::Null);
         }
         secrets

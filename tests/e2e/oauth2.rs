@@ -983,6 +983,30 @@ async fn authorize_with_a_browser_then_ready_over_imaps_xoauth2_and_pop3s_oauthb
         .await;
 }
 
+/// A token Secret that also holds other data (authorize labels any Secret it writes
+/// into) keeps that data on --revoke: only the token keys go.
+#[tokio::test]
+async fn revoke_removes_only_the_tokens_from_a_secret_that_holds_more() {
+    let env = Env::new("oauth2-revoke-keeps").await;
+    let (server, refresh) = alice_grant(&env);
+    env.apply(&generic_imap(&env, &server));
+    env.token_secret(
+        "alice-token",
+        &[
+            (tokens::REFRESH_TOKEN, refresh.as_str()),
+            ("team-note", "kept by its owner"),
+        ],
+    )
+    .await;
+    let (child, rx) = authorize(&env, &["imap", "--revoke"]);
+    let mut seen = String::new();
+    let (code_status, _) = finish(child, rx, &mut seen);
+    assert_eq!(code_status, Some(0), "{seen}");
+    let secret = token_secret(&env).await.expect("the Secret is kept");
+    assert_eq!(key_of(&secret, "team-note"), "kept by its owner");
+    assert_eq!(key_of(&secret, tokens::REFRESH_TOKEN), "");
+}
+
 #[tokio::test]
 async fn authorize_with_a_device_code() {
     let env = Env::new("oauth2-device").await;
