@@ -1,5 +1,5 @@
 //! The `mailroom` command line (also `kubectl mailroom` when installed as
-//! `kubectl-mailroom`): `controller`, `crd` and `check`.
+//! `kubectl-mailroom`): `controller`, `crd`, `check`, `retest` and `authorize`.
 
 mod authorize;
 mod check;
@@ -61,7 +61,8 @@ pub struct ControllerArgs {
     #[arg(long, env = "MAILROOM_LOG", default_value = "info")]
     pub log: String,
     /// Address of /metrics, /healthz and /readyz: :PORT for every address (IPv6 and
-    /// IPv4), HOST:PORT for one; "off" serves nothing; port 0 picks one.
+    /// IPv4), IP:PORT for one (127.0.0.1:8080, [::1]:8080); "off" serves nothing; port 0
+    /// picks one.
     #[arg(long, env = "MAILROOM_METRICS_ADDR", default_value = ":8080")]
     pub metrics_addr: String,
     /// Per-provider metric series (namespace and name as labels); off by default to keep
@@ -77,7 +78,8 @@ pub struct ControllerArgs {
     /// The Lease's namespace; the pod's own (POD_NAMESPACE) or the kubeconfig's when absent.
     #[arg(long, env = "POD_NAMESPACE")]
     pub lease_namespace: Option<String>,
-    /// How long the Lease holds without renewal, in seconds: a standby takes over within it.
+    /// How long the Lease holds without renewal, in seconds: a dead leader's Lease expires
+    /// after it, then a standby takes it, syncs its caches and tests.
     #[arg(long, env = "MAILROOM_LEASE_DURATION", default_value_t = 15)]
     pub lease_duration: u64,
     /// This replica's shard (0-based) when providers are split over several replicas.
