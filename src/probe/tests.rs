@@ -1178,48 +1178,33 @@ async fn pop3_user_pass_stat_quit() {
 /// STAT's reply is read as STAT's, QUIT's as QUIT's.
 #[tokio::test]
 async fn pop3_quit_goes_out_with_stat_when_the_server_pipelines() {
-    let server = serve(vec![
-        Say("+OK Dovecot ready.\r\n"),
-        Cmd("CAPA"),
-        Say("+OK\r\nUSER\r\nPIPELINING\r\n.\r\n"),
-        Cmd("USER alice"),
-        Say("+OK\r\n"),
-        Cmd("PASS "),
-        Say("+OK Logged in.\r\n"),
-        Cmd("STAT"),
-        Cmd("QUIT"),
-        Say("+OK 2 320\r\n+OK Logging out.\r\n"),
-    ])
-    .await;
-    let report = run(
-        &target(server.port, Protocol::Pop3, TlsMode::None),
-        &password(true),
-    )
-    .await;
+    // The server answers STAT only once QUIT has arrived too.
+    let pipelined = |replies: &'static str| {
+        serve(vec![
+            Say("+OK Dovecot ready.\r\n"),
+            Cmd("CAPA"),
+            Say("+OK\r\nUSER\r\nPIPELINING\r\n.\r\n"),
+            Cmd("USER alice"),
+            Say("+OK\r\n"),
+            Cmd("PASS "),
+            Say("+OK Logged in.\r\n"),
+            Cmd("STAT"),
+            Cmd("QUIT"),
+            Say(replies),
+        ])
+    };
+    let t = |port| target(port, Protocol::Pop3, TlsMode::None);
+
+    let server = pipelined("+OK 2 320\r\n+OK Logging out.\r\n").await;
+    let report = run(&t(server.port), &password(true)).await;
     assert!(report.passed(), "{report:#?}");
     assert_eq!(report.steps[5].detail, "STAT: 2 messages, 320 octets");
     assert_eq!(report.steps[6].detail, "+OK Logging out.");
     server.seen().await;
 
     // A refused STAT is still classified by its own reply, and the session still ends.
-    let server = serve(vec![
-        Say("+OK Dovecot ready.\r\n"),
-        Cmd("CAPA"),
-        Say("+OK\r\nUSER\r\nPIPELINING\r\n.\r\n"),
-        Cmd("USER alice"),
-        Say("+OK\r\n"),
-        Cmd("PASS "),
-        Say("+OK Logged in.\r\n"),
-        Cmd("STAT"),
-        Cmd("QUIT"),
-        Say("-ERR [SYS/TEMP] Mail storage unavailable\r\n+OK bye\r\n"),
-    ])
-    .await;
-    let report = run(
-        &target(server.port, Protocol::Pop3, TlsMode::None),
-        &password(true),
-    )
-    .await;
+    let server = pipelined("-ERR [SYS/TEMP] Mail storage unavailable\r\n+OK bye\r\n").await;
+    let report = run(&t(server.port), &password(true)).await;
     let f = failure(&report);
     assert_eq!(f.reason, Reason::ServerUnavailable, "{f:?}");
     assert!(
