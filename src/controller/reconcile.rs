@@ -293,10 +293,17 @@ async fn showing_checking<T>(
         outcome = &mut test => return outcome,
         slot = ctx.writes.acquire(Write::Background) => slot,
     };
-    // The test goes on while Checking is written.
+    // The test goes on while Checking is written. Checking only tells people a test is
+    // under way: a refused write of it costs neither the result nor a new login.
     let (shown, outcome) = tokio::join!(Box::pin(apply(api, p, checking, ctx, slot)), test);
-    shown?;
-    outcome
+    match shown {
+        Err(e) if e.provider_gone() => Err(e),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not show Checking; the test's result is written next");
+            outcome
+        }
+        Ok(()) => outcome,
+    }
 }
 
 /// Writes a test's outcome (status, Event) and remembers when the next test is due.

@@ -648,3 +648,93 @@ async fn a_tarpit_for_500_providers_times_them_all_out_and_the_rest_of_the_fleet
         "a steady provider's second test came {late:?} after its first (interval 30s)"
     );
 }
+
+/// Checking is shown while a slow test runs. An API server that refuses that write (an
+/// admission policy here; throttling or an outage in life) costs neither the test's result
+/// nor another connection to the mail server.
+#[tokio::test]
+async fn a_refused_checking_write_costs_neither_the_result_nor_another_connection() {
+    let env = alice_env("checking-refused").await;
+    let tarpit = Hostile::start("127.0.0.11", "IMAP", Behaviour::Silent);
+    let policy = format!("refuse-checking-{}", env.ns);
+    env.apply(&format!(
+        "apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {{name: {policy}}}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+      - {{apiGroups: [mailroom.dev], apiVersions: ['*'], operations: [UPDATE], resources: [incomingmailproviders/status]}}
+  validations:
+    - expression: \"!has(object.status) || !has(object.status.conditions) || !object.status.conditions.exists(c, c.type == 'Ready' && c.reason == 'Checking')\"
+      message: Checking refused by the test
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {{name: {policy}}}
+spec:
+  policyName: {policy}
+  validationActions: [Deny]
+  matchResources:
+    namespaceSelector:
+      matchLabels: {{kubernetes.io/metadata.name: {ns}}}
+",
+        ns = env.ns
+    ));
+    let api = env.providers();
+    api.create(
+        &Default::default(),
+        &fleet::connectivity(
+            "slow",
+            "slow",
+            "127.0.0.11",
+            tarpit.port(),
+            "IMAP",
+            "{interval: 5m, timeout: 5s}",
+        ),
+    )
+    .await
+    .unwrap();
+    // Until the policy refuses a Checking status (a dry run), the test proves nothing.
+    let checking = serde_json::json!({"status": {"conditions": [{
+        "type": "Ready", "status": "Unknown", "reason": "Checking", "message": "policy probe",
+        "lastTransitionTime": "2026-01-01T00:00:00Z"
+    }]}});
+    let dry_run = kube::api::PatchParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while api
+        .patch_status("slow", &dry_run, &kube::api::Patch::Merge(&checking))
+        .await
+        .is_ok()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the admission policy did not take effect"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let _controller = env.controller();
+    let p = env
+        .wait_reason("slow", "Timeout", Duration::from_secs(30))
+        .await;
+    assert!(message(&p).contains("greeting"), "{}", message(&p));
+    assert_eq!(
+        tarpit.connections(),
+        1,
+        "the refused Checking write cost the result and a new connection"
+    );
+    env.bed
+        .kubectl()
+        .args([
+            "delete",
+            "validatingadmissionpolicybinding,validatingadmissionpolicy",
+            &policy,
+        ])
+        .output()
+        .unwrap();
+}
