@@ -117,7 +117,7 @@ async fn reconcile_inner(
     };
 
     let fingerprint = ctx.objects.fingerprint(&ns, &references(&p.spec)).await;
-    let memory = ctx.memory.lock().unwrap().get(&key).cloned();
+    let memory = remembered(&ctx, &key, &p);
     let seen = Seen {
         generation,
         request,
@@ -132,6 +132,7 @@ async fn reconcile_inner(
             if memory.is_none() {
                 // First sight after a restart: adopt the schedule the status implies.
                 let next = Memory {
+                    uid: p.metadata.uid.clone(),
                     generation,
                     request: request.map(str::to_string),
                     references: fingerprint,
@@ -158,6 +159,26 @@ async fn reconcile_inner(
     );
     // The test asks for a reconcile when it is done, which schedules the next one.
     Ok(Action::await_change())
+}
+
+/// What the controller remembers of this very object (schedule, a result not yet
+/// written). What it remembers under the name of an object deleted since is forgotten:
+/// a provider created again under that name gets its own first test.
+fn remembered(
+    ctx: &Context,
+    key: &ObjectRef<IncomingMailProvider>,
+    p: &IncomingMailProvider,
+) -> Option<Memory> {
+    let mut memory = ctx.memory.lock().unwrap();
+    match memory.get(key) {
+        Some(m) if m.uid == p.metadata.uid => Some(m.clone()),
+        Some(_) => {
+            memory.remove(key);
+            ctx.unwritten.lock().unwrap().remove(key);
+            None
+        }
+        None => None,
+    }
 }
 
 /// What a test started by a reconcile needs.
@@ -324,6 +345,13 @@ async fn record(
     } = job;
     let (interval, stored) = (*interval, p.status.as_ref());
     let finished = Timestamp::now();
+    // Deleted during its test, or deleted and created again under its name: the result
+    // is the old object's, and is written nowhere (a status applies by name).
+    let now_uid = ctx.provider(key).and_then(|now| now.metadata.uid.clone());
+    if now_uid != p.metadata.uid {
+        info!("deleted during its test; the result is dropped");
+        return Ok(());
+    }
     // This result supersedes any an earlier write failed to store, and follows it: the
     // failures it counted go on counting (and the backoff with them) through an outage
     // of the API server.
@@ -355,6 +383,7 @@ async fn record(
     let failures = u32::try_from(new.consecutive_failures).unwrap_or(u32::MAX);
     let wait = schedule::next_wait(interval, failures, &*ctx.jitter);
     let next = Memory {
+        uid: p.metadata.uid.clone(),
         generation: sctx.generation,
         request: sctx.check_request.map(str::to_string),
         references: fingerprint,

@@ -149,6 +149,9 @@ impl Why {
 /// What the controller remembers of a provider between tests.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Memory {
+    /// The object it was of: a provider deleted and created again under its name is
+    /// another object, with a schedule of its own.
+    pub uid: Option<String>,
     pub generation: Option<i64>,
     pub request: Option<String>,
     pub references: u64,
@@ -242,6 +245,7 @@ mod decide_tests {
 
     fn memory(next_due: i64) -> Memory {
         Memory {
+            uid: None,
             generation: Some(1),
             request: None,
             references: 7,
@@ -275,6 +279,7 @@ mod decide_tests {
         s.request = Some("now");
         assert_eq!(decide(Some(&m), &s, &Zero), Err(Why::Requested));
         let handled = Memory {
+            uid: None,
             request: Some("now".into()),
             ..m
         };

@@ -738,3 +738,60 @@ spec:
         .output()
         .unwrap();
 }
+
+/// A provider deleted and created again under its name is another object: it gets a
+/// first test of its own at once (not the old one's schedule, an interval away), and a
+/// test of the old one that was still running is never written onto it.
+#[tokio::test]
+async fn a_provider_created_again_under_its_name_gets_its_own_first_test() {
+    let env = alice_env("recreated").await;
+    let tarpit = Hostile::start("127.0.0.12", "IMAP", Behaviour::Silent);
+    let api = env.providers();
+    let delete = |name: &str| {
+        let out = env.kubectl(&["delete", "imp", name, "--wait=true"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    env.apply_alice_imaps("p");
+    let _controller = env.controller();
+    env.wait_reason("p", "Connected", Duration::from_secs(30))
+        .await;
+    delete("p");
+    env.apply_alice_imaps("p");
+    env.wait_reason("p", "Connected", Duration::from_secs(20))
+        .await;
+
+    // q's first test waits on a silent server; q is deleted meanwhile and created again
+    // for Dovecot. The old test ends in Timeout, which is not the new q's.
+    api.create(
+        &Default::default(),
+        &fleet::connectivity(
+            "q",
+            "recreated",
+            "127.0.0.12",
+            tarpit.port(),
+            "IMAP",
+            "{interval: 5m, timeout: 8s}",
+        ),
+    )
+    .await
+    .unwrap();
+    env.wait_reason("q", "Checking", Duration::from_secs(20))
+        .await;
+    delete("q");
+    env.apply_alice_imaps("q");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        let q = api.get("q").await.unwrap();
+        if !matches!(reason(&q), "" | "Checking") {
+            break q;
+        }
+        assert!(Instant::now() < deadline, "q got no result");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(reason(&first), "Connected", "{}", message(&first));
+    assert_eq!(tarpit.connections(), 1);
+}
