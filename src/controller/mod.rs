@@ -322,6 +322,7 @@ async fn run_controllers(
         recorder: Recorder::new(client.clone(), reporter),
         objects: Objects::new(
             client.clone(),
+            scopes.clone(),
             secret_stores.clone(),
             cm_stores.clone(),
             tokens.own_writes(),
@@ -408,9 +409,23 @@ async fn run_controllers(
             .await
             .iter()
             .all(Result::is_ok);
-        if all && ctx.objects.ready().await {
+        // Ready once every scope's Secrets and ConfigMaps have listed, or after a minute
+        // with those that cannot named: the others are tested meanwhile, and a pod held
+        // unready by one namespace it may not read would stall every rollout.
+        let listed = async {
+            while !ctx.objects.unsynced().is_empty() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        if all {
+            match tokio::time::timeout(Duration::from_secs(60), listed).await {
+                Ok(()) => tracing::info!("caches synced"),
+                Err(_) => tracing::error!(
+                    unsynced = ?ctx.objects.unsynced(),
+                    "the Secrets and ConfigMaps of these namespaces could not be listed for a minute (see the watch errors): their providers wait, the others are tested"
+                ),
+            }
             readiness.synced();
-            tracing::info!("caches synced");
         }
         futures::future::pending::<()>().await
     };

@@ -33,6 +33,8 @@ type Key = (ObjectKind, String, String);
 /// Metadata stores (one per watched scope) and the value cache.
 pub struct Objects {
     client: Client,
+    /// The watched scopes (a namespace, or None for all), one per store below.
+    scopes: Vec<Option<String>>,
     secrets: Vec<Store<PartialObjectMeta<Secret>>>,
     config_maps: Vec<Store<PartialObjectMeta<ConfigMap>>>,
     values: Mutex<HashMap<Key, (String, Value)>>,
@@ -43,12 +45,14 @@ pub struct Objects {
 impl Objects {
     pub fn new(
         client: Client,
+        scopes: Vec<Option<String>>,
         secrets: Vec<Store<PartialObjectMeta<Secret>>>,
         config_maps: Vec<Store<PartialObjectMeta<ConfigMap>>>,
         own: Arc<OwnWrites>,
     ) -> Self {
         Objects {
             client,
+            scopes,
             secrets,
             config_maps,
             values: Mutex::new(HashMap::new()),
@@ -56,20 +60,45 @@ impl Objects {
         }
     }
 
-    /// Waits until every metadata store has listed once: before that, "absent" would be
-    /// a guess, and a test on a guess is a test to repeat. Polled, because a reconcile
-    /// parked on the stores' own readiness futures was seen not to be woken.
-    pub async fn ready(&self) -> bool {
+    /// Waits until the metadata stores of the scope that holds `namespace` have listed
+    /// once: before that, "absent" would be a guess, and a test on a guess is a test to
+    /// repeat. Only that scope's: a namespace whose Secrets the controller may not list
+    /// (a RoleBinding gone) must not stop the tests of every other. Polled, because a
+    /// reconcile parked on the stores' own readiness futures was seen not to be woken.
+    pub async fn ready_for(&self, namespace: &str) -> bool {
+        let scope = self
+            .scopes
+            .iter()
+            .position(|s| s.as_deref().is_none_or(|s| s == namespace));
+        match scope {
+            Some(i) => self.scopes_ready(&[i]).await,
+            None => false,
+        }
+    }
+
+    /// The watched namespaces (or "all namespaces") whose metadata stores have not listed
+    /// yet.
+    pub fn unsynced(&self) -> Vec<String> {
+        (0..self.scopes.len())
+            .filter(|&i| self.scopes_ready(&[i]).now_or_never() != Some(true))
+            .map(|i| {
+                self.scopes[i]
+                    .clone()
+                    .unwrap_or_else(|| "all namespaces".into())
+            })
+            .collect()
+    }
+
+    async fn scopes_ready(&self, scopes: &[usize]) -> bool {
         loop {
-            let pending = self
-                .secrets
+            let pending = scopes
                 .iter()
-                .map(|s| s.wait_until_ready().now_or_never())
-                .chain(
-                    self.config_maps
-                        .iter()
-                        .map(|s| s.wait_until_ready().now_or_never()),
-                )
+                .flat_map(|&i| {
+                    [
+                        self.secrets[i].wait_until_ready().now_or_never(),
+                        self.config_maps[i].wait_until_ready().now_or_never(),
+                    ]
+                })
                 .find(|state| !matches!(state, Some(Ok(()))));
             match pending {
                 None => return true,

@@ -72,7 +72,7 @@ async fn reconcile_inner(
         // When it is done, the test asks for this reconcile again.
         return Ok(Action::await_change());
     }
-    if tokio::time::timeout(Duration::from_secs(30), ctx.objects.ready()).await != Ok(true) {
+    if tokio::time::timeout(Duration::from_secs(30), ctx.objects.ready_for(&ns)).await != Ok(true) {
         return Err(Error::NotSynced);
     }
     let api: Api<IncomingMailProvider> = Api::namespaced(ctx.client.clone(), &ns);

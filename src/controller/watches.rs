@@ -40,16 +40,21 @@ impl Backoff for WatchBackoff {
 }
 
 /// A watch (or reflector) stream that retries on its own [`WatchBackoff`] and logs each
-/// failure instead of passing it on, for `Controller::watches_stream`.
-pub fn retried<S, T>(
+/// failure instead of passing it on, for `Controller::watches_stream`. The watcher says
+/// `Init` before each attempt to list; it is left out here (the reflector before has its
+/// store already), or it would reset the backoff at every attempt of a list that keeps
+/// failing (403 in a namespace), which then retried twice a second for ever.
+pub fn retried<S, K>(
     watch: &'static str,
     stream: S,
-) -> impl Stream<Item = Result<T, watcher::Error>> + Send + 'static
+) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
 where
-    S: Stream<Item = Result<T, watcher::Error>> + Send + 'static,
-    T: Send + 'static,
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    K: Send + 'static,
 {
-    StreamBackoff::new(stream, WatchBackoff::default()).filter_map(move |item| {
+    let attempts =
+        stream.filter(|item| futures::future::ready(!matches!(item, Ok(watcher::Event::Init))));
+    StreamBackoff::new(attempts, WatchBackoff::default()).filter_map(move |item| {
         futures::future::ready(match item {
             Ok(item) => Some(Ok(item)),
             Err(error) => {

@@ -2238,6 +2238,82 @@ async fn watch_namespaces_confines_the_controller_to_them() {
     );
 }
 
+/// One watched namespace whose Secrets the controller may not list (its Role edited, or
+/// its RoleBinding gone with it) stops no other: the other namespace is tested at once,
+/// and the failing watch backs off (it retried twice a second, for ever).
+#[tokio::test]
+async fn a_namespace_whose_secrets_are_forbidden_stops_no_other() {
+    let env = Env::new("chart-forbidden").await;
+    let helm = Helm::on_bed(&env);
+    let rel = release(&env);
+    let full = fullname(&rel);
+    let team_a = env.bed.namespace("team-a");
+    let team_b = env.bed.namespace("team-b");
+    let values_json = format!(r#"watchNamespaces=["{team_a}","{team_b}"]"#);
+    let values = [
+        "--set",
+        "crds.enabled=false,rbac.userRoles=false",
+        "--set-json",
+        values_json.as_str(),
+    ];
+    install(&helm, &rel, &env.ns, &values);
+    let kubeconfig = token_kubeconfig(&env, &env.ns, &full, "controller.kubeconfig");
+    mail_basics(&env, &team_a, None);
+    mail_basics(&env, &team_b, None);
+    // team-b's Role without its Secrets rule.
+    let role = format!("{full}-controller");
+    let out = kubectl_in(&env, &team_b, &["get", "role", &role, "-o", "json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let mut r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rules: Vec<Value> = r["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|rule| !rule["resources"].to_string().contains("secrets"))
+        .cloned()
+        .collect();
+    r["rules"] = Value::Array(rules);
+    let mut cmd = env.bed.kubectl();
+    cmd.args(["-n", &team_b, "replace", "-f", "-"]);
+    let out = with_input(cmd, &r.to_string());
+    assert!(out.status.success(), "{}", text(&out));
+    let out = kubectl_as(
+        &env,
+        &kubeconfig,
+        &["auth", "can-i", "list", "secrets", "-n", &team_b],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "no");
+
+    let port = env.bed.dovecot().imaps_port();
+    for ns in [&team_a, &team_b] {
+        apply_in(
+            &env,
+            ns,
+            &provider("mine", "IMAP", port, "Implicit", ALICE_AUTH, ""),
+        );
+    }
+    let chart = chart_args(&helm, &rel, &env.ns, &values);
+    let started = Instant::now();
+    let controller = controller_as(&env, &kubeconfig, &chart, &[], &env.ns);
+    wait_ready_reason(&env, &team_a, "mine", "Connected", &controller).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{team_a} waited for {team_b}: {:?}",
+        started.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(20).saturating_sub(started.elapsed())).await;
+    let logs = controller.logs();
+    let retries = logs
+        .lines()
+        .filter(|l| l.contains("watch failed") && l.contains("Secrets"))
+        .count();
+    // 0.5 s doubling to 5 s, with jitter: about 7 attempts in 20 s.
+    assert!(
+        (1..=12).contains(&retries),
+        "{retries} failed attempts of the Secrets watch in 20 s:\n{logs}"
+    );
+}
+
 /// Whether `pattern` (one .dockerignore line, already without `!`) matches `path` the way
 /// Docker's pattern matcher does: `/`-separated, `**` any number of folders (none too),
 /// `*` and `?` within one name; a folder that matches leaves out everything in it.
