@@ -28,6 +28,8 @@ const SHOW_CHECKING_AFTER: Duration = Duration::from_secs(2);
 
 /// How long after a failed read or write the provider is reconciled again.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
+/// The longest wait between writes of a status the API server keeps refusing.
+const REFUSED_RETRY_CAP: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -44,6 +46,32 @@ impl Error {
     fn provider_gone(&self) -> bool {
         matches!(self, Error::WriteStatus(kube::Error::Api(status)) if status.code == 404)
     }
+
+    /// A status write the API server answered and refused (a policy, a schema, rights),
+    /// which the next attempt is likely to meet again; not an outage, a conflict (409) or
+    /// throttling (429), after which a write soon is what brings the status back.
+    fn write_refused(&self) -> bool {
+        matches!(self, Error::WriteStatus(kube::Error::Api(status))
+            if (400..500).contains(&status.code) && ![404, 409, 429].contains(&status.code))
+    }
+}
+
+/// When to try again after `error`: soon, unless the API server keeps refusing this
+/// provider's status; then 5 s doubling with each refusal, up to 5 minutes (a status the
+/// server will never take is otherwise written every 5 s, for ever).
+fn retry_after(ctx: &Context, key: &ObjectRef<IncomingMailProvider>, error: &Error) -> Duration {
+    if !error.write_refused() {
+        return RETRY_AFTER;
+    }
+    let refusals = ctx
+        .unwritten
+        .lock()
+        .unwrap()
+        .get(key)
+        .map_or(1, |kept| kept.refusals.max(1));
+    RETRY_AFTER
+        .saturating_mul(1 << (refusals - 1).min(10))
+        .min(REFUSED_RETRY_CAP)
 }
 
 pub async fn reconcile(p: Arc<IncomingMailProvider>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -200,6 +228,7 @@ struct Job {
 async fn test_and_write(job: Job, ctx: Arc<Context>) -> Duration {
     let ns = job.p.namespace().unwrap_or_default();
     let span = info_span!("provider", namespace = %ns, name = %job.p.name_any());
+    let key = job.key.clone();
     match test_and_write_inner(job, &ctx, ns)
         .instrument(span.clone())
         .await
@@ -210,8 +239,9 @@ async fn test_and_write(job: Job, ctx: Arc<Context>) -> Duration {
             Duration::ZERO
         }
         Err(error) => {
-            span.in_scope(|| warn!(%error, "will retry"));
-            RETRY_AFTER
+            let after = retry_after(&ctx, &key, &error);
+            span.in_scope(|| warn!(%error, retry_in = ?after, "will retry"));
+            after
         }
     }
 }
@@ -356,6 +386,7 @@ async fn record(
     // failures it counted go on counting (and the backoff with them) through an outage
     // of the API server.
     let kept = ctx.unwritten.lock().unwrap().remove(key);
+    let refusals = kept.as_ref().map_or(0, |kept| kept.refusals);
     let unstored = kept.map(|kept| kept.status(stored, sctx));
     let old = unstored.as_ref().or(stored);
     let seconds = outcome.report.as_ref().map(|r| r.duration.as_secs_f64());
@@ -410,6 +441,7 @@ async fn record(
         ctx.unwritten.lock().unwrap().insert(
             key.clone(),
             Unwritten {
+                refusals: refusals + u32::from(e.write_refused()),
                 outcome,
                 finished,
                 before: unstored.map(Box::new),
@@ -426,6 +458,8 @@ async fn record(
 /// A test's result whose status write failed, kept until a write succeeds.
 #[derive(Clone, Debug)]
 pub struct Unwritten {
+    /// Writes of it the API server refused (see [`Error::write_refused`]) in a row.
+    refusals: u32,
     outcome: check::Outcome,
     finished: Timestamp,
     /// The status it followed, when that was not stored either (several failed writes in
@@ -463,7 +497,14 @@ async fn write_unwritten(
     };
     let old = p.status.as_ref();
     let new = kept.status(old, sctx);
-    write(api, p, &new, ctx, Write::Change).await?;
+    if let Err(e) = write(api, p, &new, ctx, Write::Change).await {
+        if e.write_refused()
+            && let Some(kept) = ctx.unwritten.lock().unwrap().get_mut(key)
+        {
+            kept.refusals = kept.refusals.saturating_add(1);
+        }
+        return Err(e);
+    }
     ctx.unwritten.lock().unwrap().remove(key);
     info!(
         reason = kept.outcome.reason.as_str(),
@@ -579,9 +620,10 @@ fn event_note(message: &str) -> String {
     format!("{}…", &message[..end])
 }
 
-pub fn error_policy(_p: Arc<IncomingMailProvider>, error: &Error, _ctx: Arc<Context>) -> Action {
-    warn!(%error, "will retry");
-    Action::requeue(RETRY_AFTER)
+pub fn error_policy(p: Arc<IncomingMailProvider>, error: &Error, ctx: Arc<Context>) -> Action {
+    let after = retry_after(&ctx, &ObjectRef::from_obj(&*p), error);
+    warn!(%error, retry_in = ?after, "will retry");
+    Action::requeue(after)
 }
 
 #[cfg(test)]
@@ -642,11 +684,13 @@ mod tests {
         assert_eq!(stored.consecutive_failures, 1);
         // Two more tests fail while no write gets through; each follows the one before.
         let first = super::Unwritten {
+            refusals: 0,
             outcome: refused.clone(),
             finished: at(10),
             before: None,
         };
         let second = super::Unwritten {
+            refusals: 0,
             outcome: refused.clone(),
             finished: at(30),
             before: Some(Box::new(first.status(Some(&stored), &sctx))),

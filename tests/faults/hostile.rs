@@ -656,32 +656,11 @@ async fn a_tarpit_for_500_providers_times_them_all_out_and_the_rest_of_the_fleet
 async fn a_refused_checking_write_costs_neither_the_result_nor_another_connection() {
     let env = alice_env("checking-refused").await;
     let tarpit = Hostile::start("127.0.0.11", "IMAP", Behaviour::Silent);
-    let policy = format!("refuse-checking-{}", env.ns);
-    env.apply(&format!(
-        "apiVersion: admissionregistration.k8s.io/v1
-kind: ValidatingAdmissionPolicy
-metadata: {{name: {policy}}}
-spec:
-  failurePolicy: Fail
-  matchConstraints:
-    resourceRules:
-      - {{apiGroups: [mailroom.dev], apiVersions: ['*'], operations: [UPDATE], resources: [incomingmailproviders/status]}}
-  validations:
-    - expression: \"!has(object.status) || !has(object.status.conditions) || !object.status.conditions.exists(c, c.type == 'Ready' && c.reason == 'Checking')\"
-      message: Checking refused by the test
----
-apiVersion: admissionregistration.k8s.io/v1
-kind: ValidatingAdmissionPolicyBinding
-metadata: {{name: {policy}}}
-spec:
-  policyName: {policy}
-  validationActions: [Deny]
-  matchResources:
-    namespaceSelector:
-      matchLabels: {{kubernetes.io/metadata.name: {ns}}}
-",
-        ns = env.ns
-    ));
+    let policy = refuse_status_writes(
+        &env,
+        "refuse-checking",
+        "!has(object.status) || !has(object.status.conditions) || !object.status.conditions.exists(c, c.type == 'Ready' && c.reason == 'Checking')",
+    );
     let api = env.providers();
     api.create(
         &Default::default(),
@@ -728,15 +707,7 @@ spec:
         1,
         "the refused Checking write cost the result and a new connection"
     );
-    env.bed
-        .kubectl()
-        .args([
-            "delete",
-            "validatingadmissionpolicybinding,validatingadmissionpolicy",
-            &policy,
-        ])
-        .output()
-        .unwrap();
+    remove_policy(&env, &policy);
 }
 
 /// A provider deleted and created again under its name is another object: it gets a
@@ -794,4 +765,97 @@ async fn a_provider_created_again_under_its_name_gets_its_own_first_test() {
     };
     assert_eq!(reason(&first), "Connected", "{}", message(&first));
     assert_eq!(tarpit.connections(), 1);
+}
+
+/// Has the API server refuse the status writes of this test's namespace for which
+/// `expression` (CEL, over `object`) is false; returns the policy's name.
+fn refuse_status_writes(env: &Env, name: &str, expression: &str) -> String {
+    let policy = format!("{name}-{}", env.ns);
+    env.apply(&format!(
+        "apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {{name: {policy}}}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+      - {{apiGroups: [mailroom.dev], apiVersions: ['*'], operations: [UPDATE], resources: [incomingmailproviders/status]}}
+  validations:
+    - expression: \"{expression}\"
+      message: status refused by the test
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {{name: {policy}}}
+spec:
+  policyName: {policy}
+  validationActions: [Deny]
+  matchResources:
+    namespaceSelector:
+      matchLabels: {{kubernetes.io/metadata.name: {ns}}}
+",
+        ns = env.ns
+    ));
+    policy
+}
+
+fn remove_policy(env: &Env, policy: &str) {
+    env.bed
+        .kubectl()
+        .args([
+            "delete",
+            "validatingadmissionpolicybinding,validatingadmissionpolicy",
+            policy,
+        ])
+        .output()
+        .unwrap();
+}
+
+/// A status the API server keeps refusing (a policy, a schema) is tried again less and
+/// less often (5 s doubling, up to 5 minutes), not every 5 s for ever; the result is kept,
+/// and written once the server takes it.
+#[tokio::test]
+async fn a_status_the_api_server_keeps_refusing_is_retried_with_a_growing_wait() {
+    let env = alice_env("status-refused").await;
+    let policy = refuse_status_writes(&env, "refuse-status", "false");
+    env.apply_alice_imaps("p");
+    // Until the policy refuses a status (a dry run), the test proves nothing.
+    let dry_run = kube::api::PatchParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let status = serde_json::json!({"status": {"consecutiveFailures": 0}});
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env
+        .providers()
+        .patch_status("p", &dry_run, &kube::api::Patch::Merge(&status))
+        .await
+        .is_ok()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the admission policy did not take effect"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let controller = env.controller();
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    let logs = controller.logs();
+    let refused = logs
+        .lines()
+        .filter(|l| l.contains("will retry") && l.contains("writing status"))
+        .count();
+    // Written at 0 s, then 5, 15 and 35 s: every 5 s would be 8 writes.
+    assert!(
+        (2..=5).contains(&refused),
+        "{refused} refused status writes in 40 s:\n{logs}"
+    );
+    assert_eq!(
+        logs.lines().filter(|l| l.contains("tested")).count(),
+        1,
+        "the result was not kept:\n{logs}"
+    );
+    remove_policy(&env, &policy);
+    env.wait_reason("p", "Connected", Duration::from_secs(90))
+        .await;
 }
