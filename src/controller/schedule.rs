@@ -207,8 +207,10 @@ pub fn decide(memory: Option<&Memory>, seen: &Seen, jitter: &dyn Jitter) -> Resu
     }
     let failures = u32::try_from(status.consecutive_failures).unwrap_or(0);
     let wait = next_wait(seen.interval, failures, jitter);
+    // Written by a replica whose clock is ahead of ours: counted from now, so the skew
+    // does not lengthen the wait.
+    let last = last.0.min(seen.now);
     let due = last
-        .0
         .checked_add(k8s_openapi::jiff::SignedDuration::try_from(wait).unwrap_or_default())
         .unwrap_or(seen.now);
     until(due)
@@ -321,5 +323,20 @@ mod decide_tests {
             Err(Why::SpecChanged)
         );
         let _ = SignedDuration::ZERO;
+    }
+
+    /// A lastCheckTime from a replica whose clock is 60 s ahead counts from now: the next
+    /// test is an interval away, not an interval and the skew.
+    #[test]
+    fn a_last_check_from_a_clock_ahead_counts_from_now() {
+        let status = IncomingMailProviderStatus {
+            observed_generation: Some(1),
+            last_check_time: Some(Time(at(60))),
+            ..Default::default()
+        };
+        assert_eq!(
+            decide(None, &seen(Some(&status), 0), &Zero),
+            Ok(Duration::from_secs(300))
+        );
     }
 }
