@@ -329,10 +329,17 @@ fn parse_bundle(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, Failure> {
         certs.push(cert);
     }
     if certs.is_empty() {
-        return Err(invalid_spec(
-            "the CA bundle (tls.caBundleRef) holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
-                .into(),
-        ));
+        // A DER certificate (an ASN.1 SEQUENCE) is the usual mistake: a .cer or .crt file
+        // from a Windows CA, put in binaryData.
+        let der = if pem.starts_with(&[0x30, 0x82]) {
+            ": it looks like a DER (binary) certificate; convert it with \
+             `openssl x509 -inform DER -in ca.cer -out ca.crt` and store ca.crt"
+        } else {
+            ""
+        };
+        return Err(invalid_spec(format!(
+            "the CA bundle (tls.caBundleRef) holds no PEM certificate (-----BEGIN CERTIFICATE-----){der}"
+        )));
     }
     Ok(certs)
 }
@@ -830,6 +837,20 @@ mod tests {
         assert_eq!(f.reason, Reason::InvalidSpec);
         assert!(
             f.message.contains("holds no PEM certificate"),
+            "{}",
+            f.message
+        );
+        assert!(!f.message.contains("DER"), "{}", f.message);
+        // The test CA, as DER.
+        let der = CertificateDer::pem_slice_iter(include_bytes!("testdata/ca.pem"))
+            .next()
+            .unwrap()
+            .unwrap();
+        let f = parse_bundle(der.as_ref()).unwrap_err();
+        assert!(
+            f.message.contains(
+                "looks like a DER (binary) certificate; convert it with `openssl x509 -inform DER"
+            ),
             "{}",
             f.message
         );
