@@ -675,27 +675,11 @@ async fn a_refused_checking_write_costs_neither_the_result_nor_another_connectio
     )
     .await
     .unwrap();
-    // Until the policy refuses a Checking status (a dry run), the test proves nothing.
     let checking = serde_json::json!({"status": {"conditions": [{
         "type": "Ready", "status": "Unknown", "reason": "Checking", "message": "policy probe",
         "lastTransitionTime": "2026-01-01T00:00:00Z"
     }]}});
-    let dry_run = kube::api::PatchParams {
-        dry_run: true,
-        ..Default::default()
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while api
-        .patch_status("slow", &dry_run, &kube::api::Patch::Merge(&checking))
-        .await
-        .is_ok()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the admission policy did not take effect"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_status_refused(&env, "slow", &checking).await;
 
     let _controller = env.controller();
     let p = env
@@ -799,6 +783,28 @@ spec:
     policy
 }
 
+/// Waits until the API server refuses `status` for provider `name` (a dry run): until the
+/// policy takes effect, a test of it proves nothing.
+async fn until_status_refused(env: &Env, name: &str, status: &serde_json::Value) {
+    let dry_run = kube::api::PatchParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env
+        .providers()
+        .patch_status(name, &dry_run, &kube::api::Patch::Merge(status))
+        .await
+        .is_ok()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the admission policy did not take effect"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn remove_policy(env: &Env, policy: &str) {
     env.bed
         .kubectl()
@@ -819,25 +825,8 @@ async fn a_status_the_api_server_keeps_refusing_is_retried_with_a_growing_wait()
     let env = alice_env("status-refused").await;
     let policy = refuse_status_writes(&env, "refuse-status", "false");
     env.apply_alice_imaps("p");
-    // Until the policy refuses a status (a dry run), the test proves nothing.
-    let dry_run = kube::api::PatchParams {
-        dry_run: true,
-        ..Default::default()
-    };
     let status = serde_json::json!({"status": {"consecutiveFailures": 0}});
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while env
-        .providers()
-        .patch_status("p", &dry_run, &kube::api::Patch::Merge(&status))
-        .await
-        .is_ok()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the admission policy did not take effect"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_status_refused(&env, "p", &status).await;
     let controller = env.controller();
     tokio::time::sleep(Duration::from_secs(40)).await;
     let logs = controller.logs();
