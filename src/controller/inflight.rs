@@ -78,7 +78,7 @@ impl InFlight {
         let trigger = self
             .triggers
             .iter()
-            .find(|(scope, _)| super::in_scope(scope, &key))
+            .find(|(scope, _)| super::in_scope(scope, key.namespace.as_deref()))
             .map(|(_, tx)| tx.clone());
         self.tasks.spawn(async move {
             let again = tokio::select! {

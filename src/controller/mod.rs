@@ -108,15 +108,15 @@ impl Context {
     ) -> Option<Arc<IncomingMailProvider>> {
         self.providers
             .iter()
-            .find(|(scope, _)| in_scope(scope, key))
+            .find(|(scope, _)| in_scope(scope, key.namespace.as_deref()))
             .and_then(|(_, store)| store.get(key))
     }
 }
 
-/// Whether the provider `key` is watched by the controller of `scope` (`None`: all
+/// Whether objects of `namespace` are watched by the controller of `scope` (`None`: all
 /// namespaces).
-pub fn in_scope(scope: &Option<String>, key: &ObjectRef<IncomingMailProvider>) -> bool {
-    scope.is_none() || scope.as_deref() == key.namespace.as_deref()
+pub fn in_scope(scope: &Option<String>, namespace: Option<&str>) -> bool {
+    scope.is_none() || scope.as_deref() == namespace
 }
 
 /// Runs until SIGTERM or SIGINT, then finishes the tests in flight, releases the lease

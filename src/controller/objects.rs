@@ -66,13 +66,18 @@ impl Objects {
     /// (a RoleBinding gone) must not stop the tests of every other. Polled, because a
     /// reconcile parked on the stores' own readiness futures was seen not to be woken.
     pub async fn ready_for(&self, namespace: &str) -> bool {
-        let scope = self
+        let Some(i) = self
             .scopes
             .iter()
-            .position(|s| s.as_deref().is_none_or(|s| s == namespace));
-        match scope {
-            Some(i) => self.scopes_ready(&[i]).await,
-            None => false,
+            .position(|scope| super::in_scope(scope, Some(namespace)))
+        else {
+            return false;
+        };
+        loop {
+            match self.listed(i) {
+                Some(listed) => return listed,
+                None => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            }
         }
     }
 
@@ -80,7 +85,7 @@ impl Objects {
     /// yet.
     pub fn unsynced(&self) -> Vec<String> {
         (0..self.scopes.len())
-            .filter(|&i| self.scopes_ready(&[i]).now_or_never() != Some(true))
+            .filter(|&i| self.listed(i) != Some(true))
             .map(|i| {
                 self.scopes[i]
                     .clone()
@@ -89,22 +94,17 @@ impl Objects {
             .collect()
     }
 
-    async fn scopes_ready(&self, scopes: &[usize]) -> bool {
-        loop {
-            let pending = scopes
-                .iter()
-                .flat_map(|&i| {
-                    [
-                        self.secrets[i].wait_until_ready().now_or_never(),
-                        self.config_maps[i].wait_until_ready().now_or_never(),
-                    ]
-                })
-                .find(|state| !matches!(state, Some(Ok(()))));
-            match pending {
-                None => return true,
-                Some(Some(Err(_))) => return false,
-                _ => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
-            }
+    /// Whether scope `i`'s Secrets and ConfigMaps have listed: `None` while they have not
+    /// yet, `Some(false)` if they never will (their watch is gone).
+    fn listed(&self, i: usize) -> Option<bool> {
+        let states = [
+            self.secrets[i].wait_until_ready().now_or_never(),
+            self.config_maps[i].wait_until_ready().now_or_never(),
+        ];
+        match states.iter().find(|state| !matches!(state, Some(Ok(())))) {
+            None => Some(true),
+            Some(Some(Err(_))) => Some(false),
+            Some(_) => None,
         }
     }
 

@@ -320,10 +320,14 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
 /// changed meanwhile. A user who deletes a provider pointing at the wrong server expects
 /// no more logins there; the reconcile that follows a skipped test decides again.
 fn still_current(queued: &IncomingMailProvider, now: Option<&IncomingMailProvider>) -> bool {
-    now.is_some_and(|now| {
-        now.metadata.uid == queued.metadata.uid
-            && now.metadata.generation == queued.metadata.generation
-    })
+    still_there(queued, now)
+        && now.is_some_and(|now| now.metadata.generation == queued.metadata.generation)
+}
+
+/// Whether `now` (the cache's) is the very object `tested` was: not deleted, nor deleted
+/// and created again under its name.
+fn still_there(tested: &IncomingMailProvider, now: Option<&IncomingMailProvider>) -> bool {
+    now.is_some_and(|now| now.metadata.uid == tested.metadata.uid)
 }
 
 /// Runs a first test; if it is still running after `SHOW_CHECKING_AFTER`, writes Checking
@@ -377,8 +381,7 @@ async fn record(
     let finished = Timestamp::now();
     // Deleted during its test, or deleted and created again under its name: the result
     // is the old object's, and is written nowhere (a status applies by name).
-    let now_uid = ctx.provider(key).and_then(|now| now.metadata.uid.clone());
-    if now_uid != p.metadata.uid {
+    if !still_there(p, ctx.provider(key).as_deref()) {
         info!("deleted during its test; the result is dropped");
         return Ok(());
     }

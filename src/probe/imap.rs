@@ -210,15 +210,28 @@ impl Imap {
         command: &str,
         on_data: impl FnMut(&Response<'_>) + Send,
     ) -> Result<Done, Failure> {
-        self.busy = true;
-        self.pending = Some(command.to_string());
-        let tag = self.next_tag();
-        self.mark();
-        self.write(step, format!("{tag} {command}\r\n")).await?;
+        let (tag, _) = self.send(step, command, None).await?;
         self.read_until(step, &tag, on_data).await
     }
 
-    async fn write(&mut self, step: Step, lines: String) -> Result<(), Failure> {
+    /// Writes `command` (never a secret), and `then` in the same write if given, each with
+    /// a tag of ours; returns their tags.
+    async fn send(
+        &mut self,
+        step: Step,
+        command: &str,
+        then: Option<&str>,
+    ) -> Result<(String, Option<String>), Failure> {
+        self.busy = true;
+        self.pending = Some(command.to_string());
+        let tag = self.next_tag();
+        let mut lines = format!("{tag} {command}\r\n");
+        let then_tag = then.map(|then| {
+            let then_tag = self.next_tag();
+            lines.push_str(&format!("{then_tag} {then}\r\n"));
+            then_tag
+        });
+        self.mark();
         let Some(conn) = self.conn() else {
             return Err(self.closed(step));
         };
@@ -228,7 +241,8 @@ impl Imap {
             wire.flush().await
         }
         .await;
-        written.map_err(|err| self.io_failure(step, &err))
+        written.map_err(|err| self.io_failure(step, &err))?;
+        Ok((tag, then_tag))
     }
 
     /// Reads responses until the tagged reply to `tag`, handing the others to `on_data`.
@@ -627,13 +641,8 @@ impl MailSession for Imap {
         let command = format!("STATUS {argument} (MESSAGES UNSEEN)");
         // LOGOUT follows whatever STATUS answers, so it goes out with it (RFC 3501 §5.5
         // allows commands in flight together): one round trip fewer.
-        self.busy = true;
-        self.pending = Some(command.clone());
-        let (tag, logout) = (self.next_tag(), self.next_tag());
-        self.mark();
-        self.write(step, format!("{tag} {command}\r\n{logout} LOGOUT\r\n"))
-            .await?;
-        self.logout_sent = Some(logout);
+        let (tag, logout) = self.send(step, &command, Some("LOGOUT")).await?;
+        self.logout_sent = logout;
         let mut counts: Option<(Option<u64>, Option<u64>)> = None;
         let done = self
             .read_until(step, &tag, |response| {

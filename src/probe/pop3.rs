@@ -251,11 +251,8 @@ impl Pop3 {
         self.pending = Some(shown.to_string());
         let lines = self.lines(step)?;
         lines.wire.mark();
-        let sent = match then {
-            Some(then) => lines.send(&[line, then]).await,
-            None => lines.send(&[line]).await,
-        };
-        if let Err(err) = sent {
+        let out: Vec<&[u8]> = std::iter::once(line).chain(then).collect();
+        if let Err(err) = lines.send(&out).await {
             return Err(self.io_failure(step, &err));
         }
         self.read_reply(step, shown).await

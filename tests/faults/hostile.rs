@@ -754,6 +754,25 @@ async fn a_provider_created_again_under_its_name_gets_its_own_first_test() {
 /// Has the API server refuse the status writes of this test's namespace for which
 /// `expression` (CEL, over `object`) is false; returns the policy's name.
 fn refuse_status_writes(env: &Env, name: &str, expression: &str) -> String {
+    refuse_updates(
+        env,
+        name,
+        "{apiGroups: [mailroom.dev], apiVersions: ['*'], operations: [UPDATE], resources: [incomingmailproviders/status]}",
+        expression,
+        "status refused by the test",
+    )
+}
+
+/// A ValidatingAdmissionPolicy, bound to this test's namespace, that refuses the requests
+/// `rule` matches (a resourceRules entry) for which `expression` is false, as a cluster's
+/// policy engine would; returns its name.
+pub fn refuse_updates(
+    env: &Env,
+    name: &str,
+    rule: &str,
+    expression: &str,
+    message: &str,
+) -> String {
     let policy = format!("{name}-{}", env.ns);
     env.apply(&format!(
         "apiVersion: admissionregistration.k8s.io/v1
@@ -763,10 +782,10 @@ spec:
   failurePolicy: Fail
   matchConstraints:
     resourceRules:
-      - {{apiGroups: [mailroom.dev], apiVersions: ['*'], operations: [UPDATE], resources: [incomingmailproviders/status]}}
+      - {rule}
   validations:
     - expression: \"{expression}\"
-      message: status refused by the test
+      message: {message}
 ---
 apiVersion: admissionregistration.k8s.io/v1
 kind: ValidatingAdmissionPolicyBinding
@@ -805,7 +824,7 @@ async fn until_status_refused(env: &Env, name: &str, status: &serde_json::Value)
     }
 }
 
-fn remove_policy(env: &Env, policy: &str) {
+pub fn remove_policy(env: &Env, policy: &str) {
     env.bed
         .kubectl()
         .args([

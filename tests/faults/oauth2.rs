@@ -408,46 +408,20 @@ fn oauth_imap(env: &Env, server: &TokenServer) -> String {
 /// Has the API server refuse every update of the token Secret `alice-token` (an admission
 /// policy, as a cluster's policy engine or a full etcd would); returns the policy's name.
 async fn refuse_token_writes(env: &Env) -> String {
-    let policy = format!("refuse-token-writes-{}", env.ns);
-    env.apply(&format!(
-        "apiVersion: admissionregistration.k8s.io/v1
-kind: ValidatingAdmissionPolicy
-metadata: {{name: {policy}}}
-spec:
-  failurePolicy: Fail
-  matchConstraints:
-    resourceRules:
-      - {{apiGroups: [''], apiVersions: [v1], operations: [UPDATE], resources: [secrets]}}
-  validations:
-    - {{expression: \"object.metadata.name != 'alice-token'\", message: token Secret writes refused by the test}}
----
-apiVersion: admissionregistration.k8s.io/v1
-kind: ValidatingAdmissionPolicyBinding
-metadata: {{name: {policy}}}
-spec:
-  policyName: {policy}
-  validationActions: [Deny]
-  matchResources:
-    namespaceSelector:
-      matchLabels: {{kubernetes.io/metadata.name: {ns}}}
-",
-        ns = env.ns
-    ));
+    let policy = crate::hostile::refuse_updates(
+        env,
+        "refuse-token-writes",
+        "{apiGroups: [''], apiVersions: [v1], operations: [UPDATE], resources: [secrets]}",
+        "object.metadata.name != 'alice-token'",
+        "token Secret writes refused by the test",
+    );
     until_updates(env, "alice-token", true).await;
     policy
 }
 
 /// Removes the policy of [`refuse_token_writes`] and waits until updates are taken.
 async fn allow_token_writes(env: &Env, policy: &str) {
-    env.bed
-        .kubectl()
-        .args([
-            "delete",
-            "validatingadmissionpolicybinding,validatingadmissionpolicy",
-            policy,
-        ])
-        .output()
-        .unwrap();
+    crate::hostile::remove_policy(env, policy);
     until_updates(env, "alice-token", false).await;
 }
 
