@@ -89,6 +89,11 @@ pub struct ControllerArgs {
     /// Lease); every provider belongs to exactly one, by a stable hash of namespace/name.
     #[arg(long, env = "MAILROOM_SHARD_COUNT", default_value_t = 1)]
     pub shard_count: u32,
+    /// The pod's terminationGracePeriodSeconds (seconds, or 30s, 1m): on SIGTERM, tests in
+    /// flight get a third of it, storing kept OAuth2 tokens a sixth, releasing the Lease a
+    /// third, so the process exits before the kubelet kills it.
+    #[arg(long, env = "MAILROOM_TERMINATION_GRACE_PERIOD", default_value = "30", value_parser = seconds)]
+    pub termination_grace_period: u64,
 }
 
 /// Runs the command line; returns the process exit code.
@@ -135,6 +140,9 @@ pub async fn main() -> anyhow::Result<i32> {
                 per_provider_metrics: args.per_provider_metrics,
                 lease,
                 shard,
+                stopping: crate::controller::Stopping::within(std::time::Duration::from_secs(
+                    args.termination_grace_period,
+                )),
             };
             crate::controller::run(client, settings).await?;
             Ok(0)

@@ -58,6 +58,8 @@ pub struct Settings {
     pub lease: Option<LeaseSettings>,
     /// Which providers this replica tests.
     pub shard: shard::Shard,
+    /// How long it may take to stop (the pod's termination grace period).
+    pub stopping: Stopping,
 }
 
 /// The Lease that elects the one replica that tests.
@@ -150,7 +152,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             shutdown,
         )
         .await;
-        tokens.store_kept(STORE_TOKENS_WITHIN).await;
+        tokens.store_kept(settings.stopping.store_tokens).await;
         return result;
     };
 
@@ -169,7 +171,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             tokio::select! {
                 changed = leading.changed() => changed.map_err(|_| anyhow::anyhow!("the lease manager stopped"))?,
                 _ = shutdown.clone() => {
-                    release(leading, task).await;
+                    release(leading, task, settings.stopping.release).await;
                     return Ok(());
                 }
             }
@@ -192,26 +194,35 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             }
         };
         metrics.set_leader(false);
-        tokens.store_kept(STORE_TOKENS_WITHIN).await;
+        tokens.store_kept(settings.stopping.store_tokens).await;
         if let Some(result) = stopped {
-            release(leading, task).await;
+            release(leading, task, settings.stopping.release).await;
             return result;
         }
     }
 }
 
-/// How long a stopping controller tries to give its lease up. Without a control plane it
-/// cannot (a partition, etcd down): it says so and exits, well within the chart's 30 s
-/// grace period, rather than hang until the kubelet kills it.
-const RELEASE_WITHIN: Duration = Duration::from_secs(10);
+/// How a stopping controller spends the pod's termination grace period (the kubelet kills
+/// it after that): tests in flight get a third to finish, then are cancelled (their
+/// providers keep their last status); OAuth2 tokens it could not store before get a sixth;
+/// giving the lease up gets a third (without a control plane it cannot: it says so and
+/// exits rather than hang until it is killed). A sixth is left over for the process to exit.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Stopping {
+    pub drain: Duration,
+    pub store_tokens: Duration,
+    pub release: Duration,
+}
 
-/// How long a stopping controller waits for the tests in flight before it cancels them.
-const DRAIN_WITHIN: Duration = Duration::from_secs(10);
-
-/// How long a stopping controller (or one that lost its lease) tries to store OAuth2
-/// tokens it could not store before (within the chart's 30 s grace period, beside the
-/// lease's release).
-const STORE_TOKENS_WITHIN: Duration = Duration::from_secs(5);
+impl Stopping {
+    pub fn within(grace: Duration) -> Stopping {
+        Stopping {
+            drain: grace / 3,
+            store_tokens: grace / 6,
+            release: grace / 3,
+        }
+    }
+}
 
 /// Gives the lease up so a standby takes over at once instead of after its duration.
 async fn release(
@@ -219,6 +230,7 @@ async fn release(
     task: tokio::task::JoinHandle<
         Result<kube_lease_manager::LeaseManager, kube_lease_manager::LeaseManagerError>,
     >,
+    within: Duration,
 ) {
     drop(leading);
     let give_up = async {
@@ -228,15 +240,15 @@ async fn release(
             .map_err(|e| anyhow::anyhow!("the lease manager failed: {e}"))?;
         manager.release().await.map_err(anyhow::Error::from)
     };
-    match tokio::time::timeout(RELEASE_WITHIN, give_up).await {
+    match tokio::time::timeout(within, give_up).await {
         Ok(Ok(())) => tracing::info!("released the lease"),
         Ok(Err(error)) => tracing::warn!(
             %error,
             "could not release the lease: a standby takes over when it expires"
         ),
         Err(_) => tracing::warn!(
-            "could not release the lease within {}s: a standby takes over when it expires",
-            RELEASE_WITHIN.as_secs()
+            "could not release the lease within {:?}: a standby takes over when it expires",
+            within
         ),
     }
 }
@@ -436,14 +448,14 @@ async fn run_controllers(
         _ = synced => {}
     }
     // A stopping controller finishes the tests in flight (it starts no more), within a
-    // bound that leaves the rest of the chart's 30 s grace period to store kept tokens
-    // and release the lease: a test of a slow server may take its whole check.timeout.
-    let cancelled = ctx.inflight.finish(DRAIN_WITHIN).await;
+    // bound that leaves the rest of the grace period to store kept tokens and release the
+    // lease: a test of a slow server may take its whole check.timeout.
+    let drain = settings.stopping.drain;
+    let cancelled = ctx.inflight.finish(drain).await;
     if cancelled > 0 {
         tracing::warn!(
             cancelled,
-            "tests still running {}s after the stop was asked: cancelled; their providers keep their last status",
-            DRAIN_WITHIN.as_secs()
+            "tests still running {drain:?} after the stop was asked: cancelled; their providers keep their last status"
         );
     }
     tracing::info!("controller stopped");
@@ -525,5 +537,29 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: finishing the tests in flight"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: finishing the tests in flight"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stopping_fits_in_the_grace_period_with_time_to_spare() {
+        // The chart's default 30 s: 10 s of tests, 5 s of tokens, 10 s for the lease.
+        assert_eq!(
+            Stopping::within(Duration::from_secs(30)),
+            Stopping {
+                drain: Duration::from_secs(10),
+                store_tokens: Duration::from_secs(5),
+                release: Duration::from_secs(10),
+            }
+        );
+        for grace in [1, 6, 9, 30, 120] {
+            let grace = Duration::from_secs(grace);
+            let s = Stopping::within(grace);
+            let spent = s.drain + s.store_tokens + s.release;
+            assert!(spent < grace && spent >= grace * 4 / 5, "{grace:?}: {s:?}");
+        }
     }
 }

@@ -663,8 +663,8 @@ impl TokenManager {
         };
         if tokio::time::timeout(within, store).await.is_err() {
             tracing::warn!(
-                "could not store the kept tokens within {}s of stopping",
-                within.as_secs()
+                "could not store the kept tokens within {:?} of stopping",
+                within
             );
         }
         for (namespace, name) in self.unsaved.lock().unwrap().keys() {

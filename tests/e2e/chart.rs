@@ -607,9 +607,21 @@ fn the_default_deployment_is_locked_down() {
         "--metrics-addr=:8080",
         "--leader-election=true",
         "--lease-name=mailroom",
+        "--termination-grace-period=30",
     ] {
         assert!(a.iter().any(|x| x == expected), "{expected} not in {a:?}");
     }
+    assert_eq!(
+        pod["terminationGracePeriodSeconds"], 30,
+        "the controller is told the grace period the kubelet gives it"
+    );
+    // The binary takes every argument the chart gives it (clap checks each before --help).
+    let out = Command::new(MAILROOM)
+        .args(&a)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{a:?}: {}", text(&out));
     assert!(
         !a.iter().any(|x| x.starts_with("--namespace")),
         "every namespace by default: {a:?}"
