@@ -15,8 +15,8 @@ pub mod status;
 mod watches;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
@@ -137,7 +137,17 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let shutdown = shutdown_signal().shared();
+    // When the stop was asked: every step of the stop ends at its point after that moment.
+    let asked = Arc::new(OnceLock::new());
+    let shutdown = {
+        let asked = asked.clone();
+        async move {
+            wait_for_signal().await;
+            let _ = asked.set(Instant::now());
+        }
+        .boxed()
+        .shared()
+    };
     // One token manager for the process, not per lease term: the tokens it keeps since a
     // refused write-back outlive a lost lease, and are stored before the process ends.
     let tokens = Arc::new(TokenManager::new(client.clone())?);
@@ -150,9 +160,13 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             readiness,
             tokens.clone(),
             shutdown,
+            asked.clone(),
         )
         .await;
-        tokens.store_kept(settings.stopping.store_tokens).await;
+        let stopping = &settings.stopping;
+        tokens
+            .store_kept(stopping.for_tokens(asked.get().copied()))
+            .await;
         return result;
     };
 
@@ -171,7 +185,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             tokio::select! {
                 changed = leading.changed() => changed.map_err(|_| anyhow::anyhow!("the lease manager stopped"))?,
                 _ = shutdown.clone() => {
-                    release(leading, task, settings.stopping.release).await;
+                    release(leading, task, settings.stopping.for_lease(asked.get().copied())).await;
                     return Ok(());
                 }
             }
@@ -186,7 +200,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             }
         };
         let stopped = tokio::select! {
-            result = run_controllers(client.clone(), &settings, metrics.clone(), readiness.clone(), tokens.clone(), shutdown.clone()) => Some(result),
+            result = run_controllers(client.clone(), &settings, metrics.clone(), readiness.clone(), tokens.clone(), shutdown.clone(), asked.clone()) => Some(result),
             _ = lost => {
                 // Dropping the controllers cancels the tests in flight: another replica leads now.
                 tracing::warn!(lease = %lease.name, "lost the lease: testing stopped");
@@ -194,19 +208,23 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             }
         };
         metrics.set_leader(false);
-        tokens.store_kept(settings.stopping.store_tokens).await;
+        // A lost lease (no stop asked) gives the tokens their share of the grace period.
+        let asked = asked.get().copied();
+        tokens.store_kept(settings.stopping.for_tokens(asked)).await;
         if let Some(result) = stopped {
-            release(leading, task, settings.stopping.release).await;
+            release(leading, task, settings.stopping.for_lease(asked)).await;
             return result;
         }
     }
 }
 
 /// How a stopping controller spends the pod's termination grace period (the kubelet kills
-/// it after that): tests in flight get a third to finish, then are cancelled (their
-/// providers keep their last status); OAuth2 tokens it could not store before get a sixth;
-/// giving the lease up gets a third (without a control plane it cannot: it says so and
-/// exits rather than hang until it is killed). A sixth is left over for the process to exit.
+/// it after that), counted from the moment the stop was asked: tests in flight (and
+/// reconciles under way) get a third to finish, then are cancelled (their providers keep
+/// their last status); OAuth2 tokens it could not store before get a sixth; giving the
+/// lease up gets a third (without a control plane it cannot: it says so and exits rather
+/// than hang until it is killed). A sixth is left over for the process to exit. A step
+/// that ends early leaves its time to the next.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Stopping {
     pub drain: Duration,
@@ -222,6 +240,31 @@ impl Stopping {
             release: grace / 3,
         }
     }
+
+    /// What is left for the tests in flight.
+    pub fn for_tests(&self, asked: Option<Instant>) -> Duration {
+        left(asked, self.drain, self.drain)
+    }
+
+    /// What is left for storing kept tokens; their own share when no stop was asked (a
+    /// lost lease).
+    pub fn for_tokens(&self, asked: Option<Instant>) -> Duration {
+        left(asked, self.store_tokens, self.drain + self.store_tokens)
+    }
+
+    /// What is left for releasing the lease.
+    pub fn for_lease(&self, asked: Option<Instant>) -> Duration {
+        left(
+            asked,
+            self.release,
+            self.drain + self.store_tokens + self.release,
+        )
+    }
+}
+
+/// The time until `ends` after `asked`, or `share` when no stop was asked.
+fn left(asked: Option<Instant>, share: Duration, ends: Duration) -> Duration {
+    asked.map_or(share, |asked| ends.saturating_sub(asked.elapsed()))
 }
 
 /// Gives the lease up so a standby takes over at once instead of after its duration.
@@ -270,6 +313,7 @@ async fn run_controllers(
     readiness: Arc<http::Readiness>,
     tokens: Arc<TokenManager>,
     shutdown: futures::future::Shared<futures::future::BoxFuture<'static, ()>>,
+    asked: Arc<OnceLock<Instant>>,
 ) -> anyhow::Result<()> {
     readiness.syncing();
     let scopes: Vec<Option<String>> = if settings.namespaces.is_empty() {
@@ -442,8 +486,16 @@ async fn run_controllers(
         futures::future::pending::<()>().await
     };
     tracing::info!(namespaces = ?settings.namespaces, "controller started");
+    // Once the stop is asked, the reconciles under way (a status write to an API server
+    // that is away, say) get the tests' share of the grace period, no more.
+    let reconciles_bounded = async {
+        shutdown.clone().await;
+        tokio::time::sleep(settings.stopping.for_tests(asked.get().copied())).await;
+        tracing::warn!("reconciles still running when the tests' time ran out: stopped");
+    };
     tokio::select! {
         _ = futures::future::join_all(controllers) => {}
+        _ = reconciles_bounded => {}
         _ = sweeper => {}
         _ = synced => {}
     }
@@ -451,7 +503,10 @@ async fn run_controllers(
     // bound that leaves the rest of the grace period to store kept tokens and release the
     // lease: a test of a slow server may take its whole check.timeout.
     let drain = settings.stopping.drain;
-    let cancelled = ctx.inflight.finish(drain).await;
+    let cancelled = ctx
+        .inflight
+        .finish(settings.stopping.for_tests(asked.get().copied()))
+        .await;
     if cancelled > 0 {
         tracing::warn!(
             cancelled,
@@ -527,10 +582,6 @@ async fn sweep(ctx: Arc<Context>) {
     }
 }
 
-fn shutdown_signal() -> futures::future::BoxFuture<'static, ()> {
-    wait_for_signal().boxed()
-}
-
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
@@ -561,5 +612,21 @@ mod tests {
             let spent = s.drain + s.store_tokens + s.release;
             assert!(spent < grace && spent >= grace * 4 / 5, "{grace:?}: {s:?}");
         }
+    }
+
+    #[test]
+    fn each_step_of_a_stop_ends_at_its_point_after_the_stop_was_asked() {
+        let s = Stopping::within(Duration::from_secs(30));
+        // 12 s after SIGTERM (tests and reconciles took longer than their 10 s): the
+        // tokens have until 15 s, the lease until 25 s.
+        let asked = Some(Instant::now() - Duration::from_secs(12));
+        assert_eq!(s.for_tests(asked), Duration::ZERO);
+        let tokens = s.for_tokens(asked);
+        assert!(tokens <= Duration::from_secs(3) && tokens > Duration::from_secs(2));
+        let lease = s.for_lease(asked);
+        assert!(lease <= Duration::from_secs(13) && lease > Duration::from_secs(12));
+        // A lost lease, no stop asked: each its own share.
+        assert_eq!(s.for_tokens(None), Duration::from_secs(5));
+        assert_eq!(s.for_lease(None), Duration::from_secs(10));
     }
 }

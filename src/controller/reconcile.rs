@@ -100,8 +100,14 @@ async fn reconcile_inner(
         // When it is done, the test asks for this reconcile again.
         return Ok(Action::await_change());
     }
-    if tokio::time::timeout(Duration::from_secs(30), ctx.objects.ready_for(&ns)).await != Ok(true) {
-        return Err(Error::NotSynced);
+    // A stopping controller waits for no cache: graceful shutdown waits for this reconcile.
+    tokio::select! {
+        ready = tokio::time::timeout(Duration::from_secs(30), ctx.objects.ready_for(&ns)) => {
+            if ready != Ok(true) {
+                return Err(Error::NotSynced);
+            }
+        }
+        () = ctx.stopping.clone() => return Ok(Action::await_change()),
     }
     let api: Api<IncomingMailProvider> = Api::namespaced(ctx.client.clone(), &ns);
     let old = p.status.as_ref();

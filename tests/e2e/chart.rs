@@ -2306,7 +2306,7 @@ async fn a_namespace_whose_secrets_are_forbidden_stops_no_other() {
     }
     let chart = chart_args(&helm, &rel, &env.ns, &values);
     let started = Instant::now();
-    let controller = controller_as(&env, &kubeconfig, &chart, &[], &env.ns);
+    let mut controller = controller_as(&env, &kubeconfig, &chart, &[], &env.ns);
     wait_ready_reason(&env, &team_a, "mine", "Connected", &controller).await;
     assert!(
         started.elapsed() < Duration::from_secs(20),
@@ -2323,6 +2323,22 @@ async fn a_namespace_whose_secrets_are_forbidden_stops_no_other() {
     assert!(
         (1..=12).contains(&retries),
         "{retries} failed attempts of the Secrets watch in 20 s:\n{logs}"
+    );
+
+    // team-b's provider waits for its Secrets, 30 s at a time: a stop does not wait for it
+    // (the grace period would run out before the Lease is released).
+    let asked = Instant::now();
+    let status = controller.terminate(Duration::from_secs(40));
+    let took = asked.elapsed();
+    assert!(
+        status.is_some_and(|s| s.success()) && took < Duration::from_secs(5),
+        "exit {status:?} {took:?} after SIGTERM:\n{}",
+        controller.logs()
+    );
+    assert!(
+        controller.logs().contains("released the lease"),
+        "{}",
+        controller.logs()
     );
 }
 
