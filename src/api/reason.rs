@@ -12,6 +12,7 @@ pub enum Reason {
     InvalidSpec,
     SecretNotFound,
     SecretKeyMissing,
+    AccessDenied,
     AuthorizationRequired,
     TokenRefreshFailed,
     AuthorizationRevoked,
@@ -35,13 +36,14 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in the order the README documents them.
-    pub const ALL: [Reason; 22] = [
+    pub const ALL: [Reason; 23] = [
         Reason::Connected,
         Reason::Checking,
         Reason::Suspended,
         Reason::InvalidSpec,
         Reason::SecretNotFound,
         Reason::SecretKeyMissing,
+        Reason::AccessDenied,
         Reason::AuthorizationRequired,
         Reason::TokenRefreshFailed,
         Reason::AuthorizationRevoked,
@@ -68,6 +70,7 @@ impl Reason {
             Reason::InvalidSpec => "InvalidSpec",
             Reason::SecretNotFound => "SecretNotFound",
             Reason::SecretKeyMissing => "SecretKeyMissing",
+            Reason::AccessDenied => "AccessDenied",
             Reason::AuthorizationRequired => "AuthorizationRequired",
             Reason::TokenRefreshFailed => "TokenRefreshFailed",
             Reason::AuthorizationRevoked => "AuthorizationRevoked",
@@ -104,6 +107,7 @@ impl Reason {
             Reason::InvalidSpec
                 | Reason::SecretNotFound
                 | Reason::SecretKeyMissing
+                | Reason::AccessDenied
                 | Reason::AuthorizationRequired
                 | Reason::TokenRefreshFailed
                 | Reason::AuthorizationRevoked
@@ -124,6 +128,9 @@ impl Reason {
             }
             Reason::SecretKeyMissing => {
                 "Add the key the message names to the Secret (or point usernameKey/passwordKey at the right one)."
+            }
+            Reason::AccessDenied => {
+                "Let mailroom read Secrets and ConfigMaps in the provider's namespace (get, list, watch; the chart's watchNamespaces does). No test runs until it may."
             }
             Reason::AuthorizationRequired => {
                 "Run the `mailroom authorize` command the message gives (or, for a token Secret made by hand, add the label the message names)."

@@ -3,6 +3,7 @@
 //! The decisions live in pure modules (`schedule`, `status`); this module reads, calls
 //! them, and writes.
 
+mod access;
 mod http;
 mod inflight;
 mod limits;
@@ -34,6 +35,7 @@ use crate::api::IncomingMailProvider;
 use crate::credentials::tokens::TokenManager;
 use crate::credentials::{ObjectKind, references};
 
+use access::Access;
 pub use http::ListenAddr;
 pub use limits::HostLimits;
 pub use objects::Objects;
@@ -345,6 +347,7 @@ async fn run_controllers(
     // and triggers for the providers that reference them.
     let mut secret_stores = Vec::new();
     let mut cm_stores = Vec::new();
+    let mut accesses = Vec::new();
     let mut secret_streams = Vec::new();
     let mut cm_streams = Vec::new();
     for scope in &scopes {
@@ -361,6 +364,7 @@ async fn run_controllers(
             watcher(cms, watcher::Config::default()).modify(slim_metadata),
         ));
         cm_stores.push(store);
+        accesses.push([Arc::new(Access::default()), Arc::new(Access::default())]);
     }
 
     let reporter = Reporter {
@@ -381,6 +385,7 @@ async fn run_controllers(
             scopes.clone(),
             secret_stores.clone(),
             cm_stores.clone(),
+            accesses.clone(),
             tokens.own_writes(),
         ),
         limits: HostLimits::new(settings.per_host),
@@ -402,13 +407,15 @@ async fn run_controllers(
     // Losing the lease drops this future: the tests it started stop with it.
     let _cancel_tests = ctx.inflight.cancel_on_drop();
     let mut controllers = Vec::new();
-    for ((((scope, secret_stream), cm_stream), retest), (store, writer)) in scopes
+    for (((((scope, secret_stream), cm_stream), retest), (store, writer)), access) in scopes
         .iter()
         .zip(secret_streams)
         .zip(cm_streams)
         .zip(retests)
         .zip(provider_stores.iter().cloned().zip(provider_writers))
+        .zip(accesses)
     {
+        let [secrets_access, cms_access] = access;
         let (providers, _, _) = api_for(scope);
         // Reconciles only decide and start tests (see `inflight`), so they are short and
         // not bounded here (0). What costs (tests, Secret reads, token requests) is
@@ -426,13 +433,13 @@ async fn run_controllers(
         let by_cm = store.clone();
         let controller = controller
             .watches_stream(
-                watches::retried("Secrets", secret_stream).touched_objects(),
+                watches::retried("Secrets", secret_stream, secrets_access).touched_objects(),
                 move |meta: PartialObjectMeta<Secret>| {
                     dependents(&by_secret, ObjectKind::Secret, &meta)
                 },
             )
             .watches_stream(
-                watches::retried("ConfigMaps", cm_stream).touched_objects(),
+                watches::retried("ConfigMaps", cm_stream, cms_access).touched_objects(),
                 move |meta: PartialObjectMeta<ConfigMap>| {
                     dependents(&by_cm, ObjectKind::ConfigMap, &meta)
                 },

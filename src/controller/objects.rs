@@ -14,6 +14,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
 
+use super::access::Access;
 use crate::credentials::tokens::own_writes::{OwnWrites, Resolved};
 use crate::credentials::{Fetched, ObjectKind, Reference};
 
@@ -37,6 +38,8 @@ pub struct Objects {
     scopes: Vec<Option<String>>,
     secrets: Vec<Store<PartialObjectMeta<Secret>>>,
     config_maps: Vec<Store<PartialObjectMeta<ConfigMap>>>,
+    /// Whether each scope's Secrets and ConfigMaps watches are let through.
+    access: Vec<[Arc<Access>; 2]>,
     values: Mutex<HashMap<Key, (String, Value)>>,
     /// The token Secrets the controller rewrote itself (its token manager's ledger).
     own: Arc<OwnWrites>,
@@ -48,6 +51,7 @@ impl Objects {
         scopes: Vec<Option<String>>,
         secrets: Vec<Store<PartialObjectMeta<Secret>>>,
         config_maps: Vec<Store<PartialObjectMeta<ConfigMap>>>,
+        access: Vec<[Arc<Access>; 2]>,
         own: Arc<OwnWrites>,
     ) -> Self {
         Objects {
@@ -55,6 +59,7 @@ impl Objects {
             scopes,
             secrets,
             config_maps,
+            access,
             values: Mutex::new(HashMap::new()),
             own,
         }
@@ -63,9 +68,11 @@ impl Objects {
     /// Waits until the metadata stores of the scope that holds `namespace` have listed
     /// once: before that, "absent" would be a guess, and a test on a guess is a test to
     /// repeat. Only that scope's: a namespace whose Secrets the controller may not list
-    /// (a RoleBinding gone) must not stop the tests of every other. Polled, because a
-    /// reconcile parked on the stores' own readiness futures was seen not to be woken.
-    pub async fn ready_for(&self, namespace: &str) -> bool {
+    /// (a RoleBinding gone) must not stop the tests of every other; false once the API
+    /// server has refused that list for `denied_after` (see [`Objects::denied`]). Polled,
+    /// because a reconcile parked on the stores' own readiness futures was seen not to be
+    /// woken.
+    pub async fn ready_for(&self, namespace: &str, denied_after: std::time::Duration) -> bool {
         let Some(i) = self
             .scopes
             .iter()
@@ -76,9 +83,32 @@ impl Objects {
         loop {
             match self.listed(i) {
                 Some(listed) => return listed,
+                None if self.denied(namespace, denied_after).is_some() => return false,
                 None => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
             }
         }
+    }
+
+    /// Why the controller may not read the Secrets or ConfigMaps of `namespace`, if the
+    /// API server has refused their watch for at least `for_at_least`: the API server's
+    /// words, and what to grant.
+    pub fn denied(&self, namespace: &str, for_at_least: std::time::Duration) -> Option<String> {
+        let i = self
+            .scopes
+            .iter()
+            .position(|scope| super::in_scope(scope, Some(namespace)))?;
+        self.access[i]
+            .iter()
+            .zip(["secrets", "configmaps"])
+            .find_map(|(access, resource)| {
+                access.denied(for_at_least).map(|words| {
+                    format!(
+                        "mailroom may not read {resource} in namespace {namespace}: the API server says {words:?}; \
+                         give its ServiceAccount get, list and watch on secrets and configmaps there \
+                         (the Helm chart does for every namespace in watchNamespaces)"
+                    )
+                })
+            })
     }
 
     /// The watched namespaces (or "all namespaces") whose metadata stores have not listed

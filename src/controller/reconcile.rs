@@ -26,6 +26,11 @@ use crate::credentials::references;
 /// How long a first test may run before the status says Checking.
 const SHOW_CHECKING_AFTER: Duration = Duration::from_secs(2);
 
+/// How long the API server must have refused the watch of a namespace's Secrets or
+/// ConfigMaps before its providers say `AccessDenied` (a RoleBinding created with the
+/// controller may take a moment); also how often they look again.
+const ACCESS_DENIED_AFTER: Duration = Duration::from_secs(15);
+
 /// How long after a failed read or write the provider is reconciled again.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
 /// The longest wait between writes of a status the API server keeps refusing.
@@ -100,15 +105,6 @@ async fn reconcile_inner(
         // When it is done, the test asks for this reconcile again.
         return Ok(Action::await_change());
     }
-    // A stopping controller waits for no cache: graceful shutdown waits for this reconcile.
-    tokio::select! {
-        ready = tokio::time::timeout(Duration::from_secs(30), ctx.objects.ready_for(&ns)) => {
-            if ready != Ok(true) {
-                return Err(Error::NotSynced);
-            }
-        }
-        () = ctx.stopping.clone() => return Ok(Action::await_change()),
-    }
     let api: Api<IncomingMailProvider> = Api::namespaced(ctx.client.clone(), &ns);
     let old = p.status.as_ref();
     let generation = p.meta().generation;
@@ -119,6 +115,24 @@ async fn reconcile_inner(
         now,
         check_request: request,
     };
+    // A provider that references nothing needs no cache of Secrets and ConfigMaps.
+    if !references(&p.spec).is_empty() && !p.spec.suspend {
+        // A stopping controller waits for no cache: graceful shutdown waits for this.
+        let listed = tokio::select! {
+            ready = tokio::time::timeout(
+                Duration::from_secs(30),
+                ctx.objects.ready_for(&ns, ACCESS_DENIED_AFTER),
+            ) => ready == Ok(true),
+            () = ctx.stopping.clone() => return Ok(Action::await_change()),
+        };
+        // Refused before its first list, or since (what the cache holds may be stale).
+        if let Some(message) = ctx.objects.denied(&ns, ACCESS_DENIED_AFTER) {
+            return Box::pin(access_denied(&api, &p, &key, message, &sctx, &ctx)).await;
+        }
+        if !listed {
+            return Err(Error::NotSynced);
+        }
+    }
 
     if p.spec.suspend {
         ctx.memory.lock().unwrap().remove(&key);
@@ -193,6 +207,39 @@ async fn reconcile_inner(
     );
     // The test asks for a reconcile when it is done, which schedules the next one.
     Ok(Action::await_change())
+}
+
+/// A provider whose Secrets or ConfigMaps the controller may not read is not tested: it
+/// says so (Ready False, `AccessDenied`, the API server's words and what to grant), rather
+/// than keep its last verdict while nobody tests it. The watch retries; once it is let
+/// through, the objects it lists trigger this provider's reconcile, and so does the
+/// requeue here. What it remembers of its schedule goes, so that it is tested at once
+/// then (see `schedule::decide`).
+async fn access_denied(
+    api: &Api<IncomingMailProvider>,
+    p: &IncomingMailProvider,
+    key: &ObjectRef<IncomingMailProvider>,
+    message: String,
+    sctx: &StatusContext<'_>,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    ctx.memory.lock().unwrap().remove(key);
+    let old = p.status.as_ref();
+    let shown = status::ready(old)
+        .is_some_and(|c| c.reason == Reason::AccessDenied.as_str() && c.message == message);
+    if !shown {
+        let outcome = check::Outcome {
+            endpoint: crate::api::Endpoint::of(&p.spec),
+            report: None,
+            reason: Reason::AccessDenied,
+            message,
+            anonymous: false,
+        };
+        let new = status::after_test(old, &outcome, sctx);
+        write(api, p, &new, ctx, Write::Change).await?;
+        announce(p, old, &new, ctx).await;
+    }
+    Ok(Action::requeue(ACCESS_DENIED_AFTER))
 }
 
 /// What the controller remembers of this very object (schedule, a result not yet

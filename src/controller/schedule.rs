@@ -132,6 +132,8 @@ pub enum Why {
     ReferencesChanged,
     /// The interval (or backoff) elapsed.
     Scheduled,
+    /// Its Secrets could not be read (AccessDenied) and now can.
+    AccessRestored,
 }
 
 impl Why {
@@ -142,6 +144,7 @@ impl Why {
             Why::Requested => "test requested",
             Why::ReferencesChanged => "referenced object changed",
             Why::Scheduled => "scheduled",
+            Why::AccessRestored => "its Secrets can be read again",
         }
     }
 }
@@ -204,6 +207,13 @@ pub fn decide(memory: Option<&Memory>, seen: &Seen, jitter: &dyn Jitter) -> Resu
     }
     if requested(status.last_handled_check_request.as_deref()) {
         return Err(Why::Requested);
+    }
+    // Not tested while its Secrets could not be read: due as soon as they can (the
+    // reconcile does not get here while they cannot).
+    if super::status::ready(Some(status))
+        .is_some_and(|c| c.reason == crate::api::Reason::AccessDenied.as_str())
+    {
+        return Err(Why::AccessRestored);
     }
     let failures = u32::try_from(status.consecutive_failures).unwrap_or(0);
     let wait = next_wait(seen.interval, failures, jitter);
@@ -323,6 +333,35 @@ mod decide_tests {
             Err(Why::SpecChanged)
         );
         let _ = SignedDuration::ZERO;
+    }
+
+    /// A provider that said AccessDenied was not tested: once the reconcile gets this far
+    /// (its Secrets can be read), it is tested at once, not after its backoff.
+    #[test]
+    fn a_provider_whose_secrets_could_not_be_read_is_tested_once_they_can() {
+        let denied = IncomingMailProviderStatus {
+            observed_generation: Some(1),
+            last_check_time: Some(Time(at(0))),
+            consecutive_failures: 4,
+            conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                type_: "Ready".into(),
+                status: "False".into(),
+                reason: "AccessDenied".into(),
+                message: String::new(),
+                observed_generation: Some(1),
+                last_transition_time: Time(at(0)),
+            }],
+            ..Default::default()
+        };
+        assert_eq!(
+            decide(None, &seen(Some(&denied), 1), &Zero),
+            Err(Why::AccessRestored)
+        );
+        // Tested since: the memory of that test decides.
+        assert_eq!(
+            decide(Some(&memory(300)), &seen(Some(&denied), 1), &Zero),
+            Ok(Duration::from_secs(299))
+        );
     }
 
     /// A lastCheckTime from a replica whose clock is 60 s ahead counts from now: the next

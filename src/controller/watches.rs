@@ -9,12 +9,14 @@
 //! errors away from the shared one, which is given the same short backoff and so paces
 //! only the providers' own watch. Every failed attempt is logged.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use kube::runtime::utils::{Backoff, StreamBackoff};
 use kube::runtime::watcher;
 
+use super::access::Access;
 use super::schedule::{self, RandomJitter};
 
 /// [`schedule::watch_retry`] as kube-runtime's backoff; reset by every item a watch
@@ -43,10 +45,12 @@ impl Backoff for WatchBackoff {
 /// failure instead of passing it on, for `Controller::watches_stream`. The watcher says
 /// `Init` before each attempt to list; it is left out here (the reflector before has its
 /// store already), or it would reset the backoff at every attempt of a list that keeps
-/// failing (403 in a namespace), which then retried twice a second for ever.
+/// failing (403 in a namespace), which then retried twice a second for ever. `access`
+/// learns whether the API server lets this watch through.
 pub fn retried<S, K>(
     watch: &'static str,
     stream: S,
+    access: Arc<Access>,
 ) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
 where
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
@@ -56,8 +60,12 @@ where
         stream.filter(|item| futures::future::ready(!matches!(item, Ok(watcher::Event::Init))));
     StreamBackoff::new(attempts, WatchBackoff::default()).filter_map(move |item| {
         futures::future::ready(match item {
-            Ok(item) => Some(Ok(item)),
+            Ok(item) => {
+                access.allowed();
+                Some(Ok(item))
+            }
             Err(error) => {
+                access.failed(&error);
                 failed(watch, &error);
                 None
             }
