@@ -95,6 +95,9 @@ pub struct Context {
     pub memory: Mutex<HashMap<ObjectRef<IncomingMailProvider>, schedule::Memory>>,
     /// Results whose status write failed, written on the next reconcile instead of a test.
     pub unwritten: Mutex<HashMap<ObjectRef<IncomingMailProvider>, reconcile::Unwritten>>,
+    /// Status writes the API server refused in a row, per provider, whatever wrote them
+    /// (a result, Suspended, AccessDenied): the wait before the next grows with them.
+    pub refusals: Mutex<HashMap<ObjectRef<IncomingMailProvider>, u32>>,
     pub jitter: Box<dyn schedule::Jitter>,
     /// OAuth2: keeps access tokens fresh and writes rotated refresh tokens back.
     pub tokens: Arc<TokenManager>,
@@ -394,6 +397,7 @@ async fn run_controllers(
         stopping: shutdown.clone(),
         memory: Mutex::new(HashMap::new()),
         unwritten: Mutex::new(HashMap::new()),
+        refusals: Mutex::new(HashMap::new()),
         jitter: Box::new(schedule::RandomJitter),
         tokens,
         metrics,
@@ -568,6 +572,7 @@ async fn sweep(ctx: Arc<Context>) {
             .lock()
             .unwrap()
             .retain(|k, _| live.contains(k));
+        ctx.refusals.lock().unwrap().retain(|k, _| live.contains(k));
         let named: HashSet<_> = live
             .iter()
             .map(|r| (r.namespace.clone().unwrap_or_default(), r.name.clone()))

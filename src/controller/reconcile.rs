@@ -44,12 +44,17 @@ pub enum Error {
     NotSynced,
     #[error("writing status: {0}")]
     WriteStatus(#[source] kube::Error),
+    #[error(
+        "the provider was deleted (or deleted and created again) before its status was written"
+    )]
+    Gone,
 }
 
 impl Error {
     /// A write refused because the provider no longer exists.
     fn provider_gone(&self) -> bool {
-        matches!(self, Error::WriteStatus(kube::Error::Api(status)) if status.code == 404)
+        matches!(self, Error::Gone)
+            || matches!(self, Error::WriteStatus(kube::Error::Api(status)) if status.code == 404)
     }
 
     /// A status write the API server answered and refused (a policy, a schema, rights),
@@ -69,11 +74,11 @@ fn retry_after(ctx: &Context, key: &ObjectRef<IncomingMailProvider>, error: &Err
         return RETRY_AFTER;
     }
     let refusals = ctx
-        .unwritten
+        .refusals
         .lock()
         .unwrap()
         .get(key)
-        .map_or(1, |kept| kept.refusals.max(1));
+        .map_or(1, |&n| n.max(1));
     RETRY_AFTER
         .saturating_mul(1 << (refusals - 1).min(10))
         .min(REFUSED_RETRY_CAP)
@@ -442,7 +447,6 @@ async fn record(
     // failures it counted go on counting (and the backoff with them) through an outage
     // of the API server.
     let kept = ctx.unwritten.lock().unwrap().remove(key);
-    let refusals = kept.as_ref().map_or(0, |kept| kept.refusals);
     let unstored = kept.map(|kept| kept.status(stored, sctx));
     let old = unstored.as_ref().or(stored);
     let seconds = outcome.report.as_ref().map(|r| r.duration.as_secs_f64());
@@ -497,7 +501,6 @@ async fn record(
         ctx.unwritten.lock().unwrap().insert(
             key.clone(),
             Unwritten {
-                refusals: refusals + u32::from(e.write_refused()),
                 outcome,
                 finished,
                 before: unstored.map(Box::new),
@@ -514,8 +517,6 @@ async fn record(
 /// A test's result whose status write failed, kept until a write succeeds.
 #[derive(Clone, Debug)]
 pub struct Unwritten {
-    /// Writes of it the API server refused (see [`Error::write_refused`]) in a row.
-    refusals: u32,
     outcome: check::Outcome,
     finished: Timestamp,
     /// The status it followed, when that was not stored either (several failed writes in
@@ -553,14 +554,7 @@ async fn write_unwritten(
     };
     let old = p.status.as_ref();
     let new = kept.status(old, sctx);
-    if let Err(e) = write(api, p, &new, ctx, Write::Change).await {
-        if e.write_refused()
-            && let Some(kept) = ctx.unwritten.lock().unwrap().get_mut(key)
-        {
-            kept.refusals = kept.refusals.saturating_add(1);
-        }
-        return Err(e);
-    }
+    write(api, p, &new, ctx, Write::Change).await?;
     ctx.unwritten.lock().unwrap().remove(key);
     info!(
         reason = kept.outcome.reason.as_str(),
@@ -589,8 +583,36 @@ async fn write(
     apply(api, p, status, ctx, slot).await
 }
 
-/// `write`, in a slot already taken.
+/// `write`, in a slot already taken. Counts the refusals in a row (see [`retry_after`]).
 async fn apply(
+    api: &Api<IncomingMailProvider>,
+    p: &IncomingMailProvider,
+    status: &IncomingMailProviderStatus,
+    ctx: &Context,
+    slot: WriteSlot<'_>,
+) -> Result<(), Error> {
+    let key = ObjectRef::from_obj(p);
+    // The slot may have taken a while: a provider deleted, or deleted and created again
+    // under its name, meanwhile would get this status (applied by name), the new one
+    // another object's verdict and no first test of its own.
+    if !still_there(p, ctx.provider(&key).as_deref()) {
+        return Err(Error::Gone);
+    }
+    let written = send(api, p, status, ctx, slot).await;
+    let mut refusals = ctx.refusals.lock().unwrap();
+    match &written {
+        Err(e) if e.write_refused() => {
+            let n = refusals.entry(key).or_default();
+            *n = n.saturating_add(1);
+        }
+        _ => {
+            refusals.remove(&key);
+        }
+    }
+    written
+}
+
+async fn send(
     api: &Api<IncomingMailProvider>,
     p: &IncomingMailProvider,
     status: &IncomingMailProviderStatus,
@@ -740,13 +762,11 @@ mod tests {
         assert_eq!(stored.consecutive_failures, 1);
         // Two more tests fail while no write gets through; each follows the one before.
         let first = super::Unwritten {
-            refusals: 0,
             outcome: refused.clone(),
             finished: at(10),
             before: None,
         };
         let second = super::Unwritten {
-            refusals: 0,
             outcome: refused.clone(),
             finished: at(30),
             before: Some(Box::new(first.status(Some(&stored), &sctx))),

@@ -763,6 +763,45 @@ fn refuse_status_writes(env: &Env, name: &str, expression: &str) -> String {
     )
 }
 
+/// The same for a status written without a test (Suspended here; InvalidSpec and
+/// AccessDenied go the same way): it was retried every 5 s for ever.
+#[tokio::test]
+async fn a_refused_status_of_a_suspended_provider_is_retried_with_a_growing_wait() {
+    let env = alice_env("suspended-refused").await;
+    let policy = refuse_status_writes(&env, "refuse-suspended", "false");
+    env.apply_alice_imaps("p");
+    let out = env.kubectl(&[
+        "patch",
+        "imp",
+        "p",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"suspend":true}}"#,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let status = serde_json::json!({"status": {"consecutiveFailures": 0}});
+    until_status_refused(&env, "p", &status).await;
+    let controller = env.controller();
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    let logs = controller.logs();
+    let refused = logs
+        .lines()
+        .filter(|l| l.contains("will retry") && l.contains("writing status"))
+        .count();
+    // Written at 0 s, then 5, 15 and 35 s: every 5 s would be 8 writes.
+    assert!(
+        (2..=5).contains(&refused),
+        "{refused} refused status writes in 40 s:\n{logs}"
+    );
+    assert!(
+        !logs.contains("tested"),
+        "a suspended provider was tested:\n{logs}"
+    );
+    remove_policy(&env, &policy);
+    env.wait_reason("p", "Suspended", Duration::from_secs(330))
+        .await;
+}
+
 /// A ValidatingAdmissionPolicy, bound to this test's namespace, that refuses the requests
 /// `rule` matches (a resourceRules entry) for which `expression` is false, as a cluster's
 /// policy engine would; returns its name.
