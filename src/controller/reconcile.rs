@@ -140,7 +140,10 @@ async fn reconcile_inner(
     }
 
     if p.spec.suspend {
+        // Resumed, it starts afresh: neither its old schedule nor a result kept from
+        // before comes back.
         ctx.memory.lock().unwrap().remove(&key);
+        ctx.unwritten.lock().unwrap().remove(&key);
         let new = status::suspended(old, &sctx);
         if status::differs(old, &new) {
             Box::pin(write(&api, &p, &new, &ctx, Write::Change)).await?;
@@ -467,10 +470,7 @@ async fn record(
         "tested"
     );
 
-    let since_write = stored
-        .and_then(|s| s.last_check_time.as_ref())
-        .map(|t| Duration::try_from(t.0.duration_until(finished)).unwrap_or_default())
-        .unwrap_or(Duration::MAX);
+    let since_write = since_last_check(stored, finished);
     let failures = u32::try_from(new.consecutive_failures).unwrap_or(u32::MAX);
     let wait = schedule::next_wait(interval, failures, &*ctx.jitter);
     let next = Memory {
@@ -512,6 +512,16 @@ async fn record(
     Box::pin(announce(p, stored, &new, ctx)).await;
     ctx.memory.lock().unwrap().insert(key.clone(), next);
     Ok(())
+}
+
+/// How long ago the stored status's lastCheckTime was written, for the heartbeat. One in
+/// the future (written by a replica whose clock runs ahead) counts as long ago: waiting
+/// for our clock to catch up would freeze LAST CHECK for the skew and an interval.
+fn since_last_check(stored: Option<&IncomingMailProviderStatus>, now: Timestamp) -> Duration {
+    stored
+        .and_then(|s| s.last_check_time.as_ref())
+        .and_then(|t| Duration::try_from(t.0.duration_until(now)).ok())
+        .unwrap_or(Duration::MAX)
 }
 
 /// A test's result whose status write failed, kept until a write succeeds.
@@ -719,6 +729,23 @@ mod tests {
         }
         let bytes = size(super::test_and_write);
         assert!(bytes < 3 * 1024, "a waiting test takes {bytes} bytes");
+    }
+
+    #[test]
+    fn a_last_check_written_by_a_clock_ahead_leaves_the_heartbeat_due() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let now = k8s_openapi::jiff::Timestamp::from_second(1_800_000_000).unwrap();
+        let at = |secs: i64| super::IncomingMailProviderStatus {
+            last_check_time: Some(Time(
+                k8s_openapi::jiff::Timestamp::from_second(1_800_000_000 + secs).unwrap(),
+            )),
+            ..Default::default()
+        };
+        let (before, ahead) = (at(-60), at(600));
+        let since = |s| super::since_last_check(s, now);
+        assert_eq!(since(Some(&before)), std::time::Duration::from_secs(60));
+        assert_eq!(since(Some(&ahead)), std::time::Duration::MAX);
+        assert_eq!(since(None), std::time::Duration::MAX);
     }
 
     #[test]
