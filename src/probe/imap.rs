@@ -1,13 +1,15 @@
 //! IMAP (RFC 3501) over async-imap: the greeting, CAPABILITY, STARTTLS, LOGIN or
 //! AUTHENTICATE PLAIN, STATUS and LOGOUT.
 //!
-//! async-imap parses responses and runs LOGIN, AUTHENTICATE and STARTTLS. CAPABILITY,
+//! async-imap parses responses and runs LOGIN and STARTTLS. CAPABILITY, AUTHENTICATE,
 //! STATUS and LOGOUT are written by us (with our own `M` tags, distinct from async-imap's
 //! `A0001`…) and read back through async-imap's parser, because its own helpers lose what
-//! a test reports: `capabilities()` returns an unordered set, and `status()` silently
-//! ignores a STATUS reply whose mailbox name is spelled differently. Failure messages quote
-//! the server's tagged reply as it was sent, taken from the meter's record of recent lines
-//! (async-imap only keeps a `Debug` rendering of it).
+//! a test reports: `capabilities()` returns an unordered set, `status()` silently ignores
+//! a STATUS reply whose mailbox name is spelled differently, and `authenticate()` takes
+//! untagged data before the `+` for the end of the exchange and then waits for a tagged
+//! reply while the server waits for the credentials. Failure messages quote the server's
+//! tagged reply as it was sent, taken from the meter's record of recent lines (async-imap
+//! only keeps a `Debug` rendering of it).
 
 use std::io;
 
@@ -30,9 +32,10 @@ use crate::api::{Protocol, Reason};
 use secrecy::zeroize::Zeroizing;
 
 enum State {
-    /// Not authenticated (or PREAUTH).
+    /// Not authenticated, or logged in other than by async-imap's LOGIN (PREAUTH, our own
+    /// AUTHENTICATE): async-imap makes a `Session` only in its own login.
     Client(Client<Wire>),
-    /// Logged in.
+    /// Logged in by LOGIN.
     Session(Session<Wire>),
     /// Handed away for STARTTLS, lost to a dropped future, or logged out.
     Closed,
@@ -154,27 +157,7 @@ impl Imap {
         refused: Reason,
     ) -> Failure {
         match err {
-            ImapError::No(_) | ImapError::Bad(_) => {
-                self.busy = false;
-                let reply = self.tagged_reply();
-                let said = reply
-                    .as_deref()
-                    .map(quote)
-                    .unwrap_or_else(|| "a NO or BAD reply".into());
-                if refused == Reason::AuthenticationFailed
-                    && let Some(failure) = reply.as_deref().and_then(|r| {
-                        classify::refused_login(Protocol::Imap, &self.endpoint, command, r)
-                    })
-                {
-                    return failure;
-                }
-                let message = if refused == Reason::AuthenticationFailed {
-                    format!("IMAP {command} rejected by {}: {said}", self.endpoint)
-                } else {
-                    format!("IMAP server {} refused {command}: {said}", self.endpoint)
-                };
-                Failure::new(refused, step, message)
-            }
+            ImapError::No(_) | ImapError::Bad(_) => self.refusal(step, command, refused),
             ImapError::Io(io) => self.io_failure(step, &io),
             ImapError::ConnectionLost => {
                 classify::connection_closed(step, &self.endpoint, &self.recent())
@@ -195,6 +178,29 @@ impl Imap {
                 )
             }
         }
+    }
+
+    /// A NO or BAD reply to `command` (after which the session is still usable).
+    fn refusal(&mut self, step: Step, command: &str, refused: Reason) -> Failure {
+        self.busy = false;
+        let reply = self.tagged_reply();
+        let said = reply
+            .as_deref()
+            .map(quote)
+            .unwrap_or_else(|| "a NO or BAD reply".into());
+        if refused == Reason::AuthenticationFailed
+            && let Some(failure) = reply
+                .as_deref()
+                .and_then(|r| classify::refused_login(Protocol::Imap, &self.endpoint, command, r))
+        {
+            return failure;
+        }
+        let message = if refused == Reason::AuthenticationFailed {
+            format!("IMAP {command} rejected by {}: {said}", self.endpoint)
+        } else {
+            format!("IMAP server {} refused {command}: {said}", self.endpoint)
+        };
+        Failure::new(refused, step, message)
     }
 
     fn next_tag(&mut self) -> String {
@@ -232,17 +238,22 @@ impl Imap {
             then_tag
         });
         self.mark();
+        self.write(step, lines.as_bytes()).await?;
+        Ok((tag, then_tag))
+    }
+
+    /// Writes `bytes` and flushes them.
+    async fn write(&mut self, step: Step, bytes: &[u8]) -> Result<(), Failure> {
         let Some(conn) = self.conn() else {
             return Err(self.closed(step));
         };
         let written = async {
             let wire = conn.get_mut();
-            wire.write_all(lines.as_bytes()).await?;
+            wire.write_all(bytes).await?;
             wire.flush().await
         }
         .await;
-        written.map_err(|err| self.io_failure(step, &err))?;
-        Ok((tag, then_tag))
+        written.map_err(|err| self.io_failure(step, &err))
     }
 
     /// Reads responses until the tagged reply to `tag`, handing the others to `on_data`.
@@ -277,6 +288,101 @@ impl Imap {
                 }
                 other => on_data(other),
             }
+        }
+    }
+
+    /// IMAP LOGIN, run by async-imap.
+    async fn login(
+        &mut self,
+        command: &str,
+        username: &str,
+        password: &SecretString,
+    ) -> Result<String, Failure> {
+        let step = Step::Authenticate;
+        if username.contains('\0') || password.expose_secret().contains('\0') {
+            self.busy = false;
+            return Err(Failure::new(
+                Reason::InvalidSpec,
+                step,
+                "the username or password contains a NUL character, which IMAP LOGIN cannot send",
+            ));
+        }
+        let client = self.take_client(step)?;
+        match client.login(username, password.expose_secret()).await {
+            Ok(session) => {
+                self.state = State::Session(session);
+                self.busy = false;
+                Ok(self.tagged_reply().unwrap_or_else(|| "OK".into()))
+            }
+            Err((err, client)) => {
+                self.state = State::Client(client);
+                Err(self.imap_failure(step, command, err, Reason::AuthenticationFailed))
+            }
+        }
+    }
+
+    /// AUTHENTICATE (RFC 3501 §6.2.2): answers each `+` challenge until the tagged reply,
+    /// skipping untagged data before, between and after them.
+    async fn sasl(&mut self, command: &str, exchange: &mut Exchange) -> Result<String, Failure> {
+        let step = Step::Authenticate;
+        let tag = self.next_tag();
+        // SASL-IR (RFC 4959): the initial response goes with the command, saving a round
+        // trip.
+        let initial = if self.sasl_ir {
+            exchange.initial_response()
+        } else {
+            None
+        };
+        let line = match initial {
+            Some(initial) => Zeroizing::new(format!(
+                "{tag} AUTHENTICATE {} {}\r\n",
+                exchange.mechanism(),
+                sasl::encode(&initial).as_str()
+            )),
+            None => Zeroizing::new(format!("{tag} AUTHENTICATE {}\r\n", exchange.mechanism())),
+        };
+        self.write(step, line.as_bytes()).await?;
+        loop {
+            let Some(conn) = self.conn() else {
+                return Err(self.closed(step));
+            };
+            let read = conn.read_response().await;
+            let response = self.received(step, read)?;
+            let challenge = match response.parsed() {
+                Response::Continue(outcome) => outcome.information.as_deref().unwrap_or_default(),
+                Response::Done {
+                    tag: done_tag,
+                    status,
+                    ..
+                } if done_tag.0 == tag => {
+                    if *status != Status::Ok {
+                        return Err(self.refusal(step, command, Reason::AuthenticationFailed));
+                    }
+                    self.busy = false;
+                    let words = classify::tagged_reply_to(&self.recent(), &tag);
+                    return Ok(words.unwrap_or_else(|| "OK".into()));
+                }
+                _ => continue,
+            };
+            let Ok(challenge) = sasl::decode_challenge(challenge) else {
+                // Worded as async-imap's error was; cut by characters, as it may quote anything.
+                let text: String =
+                    format!("parse: unable to parse authentication response: {challenge}")
+                        .chars()
+                        .take(200)
+                        .collect();
+                return Err(Failure::new(
+                    Reason::ProtocolError,
+                    step,
+                    format!("IMAP {command} with {} failed: {text}", self.endpoint),
+                ));
+            };
+            let response = sasl::encode(&exchange.respond(&challenge));
+            // Sized first: growing it would leave a copy of the credentials behind.
+            let mut answer = Zeroizing::new(String::with_capacity(response.len() + 2));
+            answer.push_str(&response);
+            answer.push_str("\r\n");
+            self.write(step, answer.as_bytes()).await?;
         }
     }
 
@@ -556,77 +662,28 @@ impl MailSession for Imap {
         self.busy = true;
         self.pending = Some(command.to_string());
         self.mark();
-        let sasl_ir = self.sasl_ir;
-        let client = self.take_client(step)?;
-        let result = match mechanism {
-            Mechanism::XOAuth2
-            | Mechanism::OAuthBearer
-            | Mechanism::SaslPlain
-            | Mechanism::SaslLogin => {
-                let mut exchange = match mechanism {
-                    Mechanism::XOAuth2 => Exchange::xoauth2(username, password),
-                    Mechanism::OAuthBearer => Exchange::oauthbearer(username, password),
-                    Mechanism::SaslPlain => Exchange::plain(username, password),
-                    _ => Exchange::login(username, password),
-                };
-                if let Err(why) = exchange.check() {
-                    self.state = State::Client(client);
-                    self.busy = false;
-                    return Err(Failure::new(Reason::InvalidSpec, step, why));
-                }
-                // SASL-IR (RFC 4959): the initial response goes with the command, saving a
-                // round trip. async-imap has no API for it, but writes its mechanism
-                // argument verbatim after AUTHENTICATE, so the response rides there.
-                let initial = if sasl_ir {
-                    exchange.initial_response()
-                } else {
-                    None
-                };
-                let argument = match initial {
-                    Some(initial) => Zeroizing::new(format!(
-                        "{} {}",
-                        exchange.mechanism(),
-                        sasl::encode(&initial).as_str()
-                    )),
-                    None => Zeroizing::new(exchange.mechanism().to_string()),
-                };
-                let result = client.authenticate(argument.as_str(), &mut exchange).await;
-                result.map_err(|(err, client)| (err, client, exchange.later_challenges().to_vec()))
-            }
+        let mut exchange = match mechanism {
+            Mechanism::XOAuth2 => Exchange::xoauth2(username, password),
+            Mechanism::OAuthBearer => Exchange::oauthbearer(username, password),
+            Mechanism::SaslPlain => Exchange::plain(username, password),
+            Mechanism::SaslLogin => Exchange::login(username, password),
             Mechanism::ImapLogin | Mechanism::UserPass => {
-                if username.contains('\0') || password.expose_secret().contains('\0') {
-                    self.state = State::Client(client);
-                    self.busy = false;
-                    return Err(Failure::new(
-                        Reason::InvalidSpec,
-                        step,
-                        "the username or password contains a NUL character, which IMAP LOGIN cannot send",
-                    ));
-                }
-                client
-                    .login(username, password.expose_secret())
-                    .await
-                    .map_err(|(err, client)| (err, client, Vec::new()))
+                return self.login(command, username, password).await;
             }
         };
-        match result {
-            Ok(session) => {
-                self.state = State::Session(session);
-                self.busy = false;
-                Ok(self.tagged_reply().unwrap_or_else(|| "OK".into()))
-            }
-            Err((err, client, challenges)) => {
-                self.state = State::Client(client);
-                let mut failure =
-                    self.imap_failure(step, command, err, Reason::AuthenticationFailed);
-                for challenge in challenges {
-                    failure
-                        .message
-                        .push_str(&sasl::describe_challenge(&challenge));
-                }
-                Err(failure)
-            }
+        if let Err(why) = exchange.check() {
+            self.busy = false;
+            return Err(Failure::new(Reason::InvalidSpec, step, why));
         }
+        let result = self.sasl(command, &mut exchange).await;
+        result.map_err(|mut failure| {
+            for challenge in exchange.later_challenges() {
+                failure
+                    .message
+                    .push_str(&sasl::describe_challenge(challenge));
+            }
+            failure
+        })
     }
 
     async fn inspect(&mut self, mailbox: &str) -> Result<(MailboxInfo, String), Failure> {

@@ -1788,3 +1788,66 @@ async fn pop3_control_characters_are_escaped_everywhere() {
     );
     assert_eq!(server.seen().await, ["CAPA", "QUIT"]);
 }
+
+/// A server that does not advertise SASL-IR may send untagged data before its `+`; it is
+/// skipped, not taken for the end of the exchange (which left the probe waiting for a
+/// tagged reply while the server waited for the credentials, until the timeout).
+#[tokio::test]
+async fn imap_untagged_data_before_the_continuation_is_skipped() {
+    let server = serve(vec![
+        Say("* OK ready\r\n"),
+        Cmd("CAPABILITY"),
+        Say("* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n$TAG OK done\r\n"),
+        Cmd("AUTHENTICATE PLAIN"),
+        Say("* OK [ALERT] Maintenance tonight\r\n* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n+ \r\n"),
+        Any,
+        Say("$TAG OK Logged in\r\n"),
+        Cmd("STATUS"),
+        Say("* STATUS INBOX (MESSAGES 5 UNSEEN 1)\r\n$TAG OK done\r\n"),
+        Cmd("LOGOUT"),
+        Say("$TAG OK bye\r\n"),
+    ])
+    .await;
+    let mut t = target(server.port, Protocol::Imap, TlsMode::None);
+    t.timeout = Duration::from_secs(2);
+    let report = run(&t, &password(true)).await;
+    assert!(report.passed(), "{report:#?}");
+    assert_eq!(
+        report.steps[4].detail,
+        "AUTHENTICATE PLAIN as alice: OK Logged in"
+    );
+    let seen = server.seen().await;
+    let expected = sasl::encode(
+        &sasl::Exchange::plain("alice", &SecretString::from(SECRET))
+            .initial_response()
+            .unwrap(),
+    );
+    assert_eq!(seen[2], *expected);
+    assert_secret_kept(&report);
+
+    // SASL LOGIN: before each of its two challenges.
+    let server = serve(vec![
+        Say("* OK ready\r\n"),
+        Cmd("CAPABILITY"),
+        Say("* CAPABILITY IMAP4rev1 LOGINDISABLED AUTH=LOGIN\r\n$TAG OK done\r\n"),
+        Cmd("AUTHENTICATE LOGIN"),
+        Say("* OK hello\r\n+ VXNlcm5hbWU6\r\n"),
+        Any,
+        Say("* OK still here\r\n+ UGFzc3dvcmQ6\r\n"),
+        Any,
+        Say("$TAG OK Logged in\r\n"),
+        Cmd("STATUS"),
+        Say("* STATUS INBOX (MESSAGES 5)\r\n$TAG OK done\r\n"),
+        Cmd("LOGOUT"),
+        Say("$TAG OK bye\r\n"),
+    ])
+    .await;
+    let mut t = target(server.port, Protocol::Imap, TlsMode::None);
+    t.timeout = Duration::from_secs(2);
+    let report = run(&t, &password(true)).await;
+    assert!(report.passed(), "{report:#?}");
+    assert_eq!(report.findings.mechanism.as_deref(), Some("LOGIN"));
+    let seen = server.seen().await;
+    assert_eq!(seen[2], "YWxpY2U=");
+    assert_secret_kept(&report);
+}
