@@ -10,6 +10,11 @@
 //! reply while the server waits for the credentials. Failure messages quote the server's
 //! tagged reply as it was sent, taken from the meter's record of recent lines (async-imap
 //! only keeps a `Debug` rendering of it).
+//!
+//! A server that speaks only IMAP4rev2 (RFC 9051) lists no IMAP4rev1 among its
+//! capabilities, and imap-proto refuses such a list: in a greeting's code it is left in the
+//! text, as an untagged CAPABILITY it is a parse error. Both are read from the text instead
+//! (see [`capability_list`]).
 
 use std::io;
 
@@ -256,6 +261,35 @@ impl Imap {
         written.map_err(|err| self.io_failure(step, &err))
     }
 
+    /// The list in an untagged CAPABILITY that imap-proto refused (one without IMAP4rev1),
+    /// if that is what `err` is. async-imap's stream gives nothing more after a parse
+    /// error, so the connection goes on under a fresh `Client`: the wire hands the parser
+    /// one line at a time, and the error quotes the whole unparsed buffer, so it is checked
+    /// that the line is all that is dropped. A `Session` cannot be rebuilt over the wire.
+    fn refused_capabilities(&mut self, err: &io::Error) -> Option<Vec<String>> {
+        if !is_parse_error(err) {
+            return None;
+        }
+        let error = err.to_string();
+        let caps = self.recent().iter().find_map(|line| {
+            let caps = capability_list(line.strip_prefix("* ")?)?;
+            let dropped = format!("during parsing of {:?}", format!("{line}\r\n"));
+            error.ends_with(&dropped).then_some(caps)
+        })?;
+        match std::mem::replace(&mut self.state, State::Closed) {
+            State::Client(client) => {
+                let mut wire = client.into_inner();
+                wire.response_read();
+                self.state = State::Client(Client::new(wire));
+                Some(caps)
+            }
+            other => {
+                self.state = other;
+                None
+            }
+        }
+    }
+
     /// Reads responses until the tagged reply to `tag`, handing the others to `on_data`.
     async fn read_until(
         &mut self,
@@ -268,6 +302,13 @@ impl Imap {
                 return Err(self.closed(step));
             };
             let read = conn.read_response().await;
+            if let Err(err) = &read
+                && let Some(caps) = self.refused_capabilities(err)
+            {
+                let list = caps.iter().map(|c| Capability::Atom(c.as_str().into()));
+                on_data(&Response::Capabilities(list.collect()));
+                continue;
+            }
             let response = self.received(step, read)?;
             match response.parsed() {
                 Response::Done {
@@ -347,6 +388,11 @@ impl Imap {
                 return Err(self.closed(step));
             };
             let read = conn.read_response().await;
+            if let Err(err) = &read
+                && self.refused_capabilities(err).is_some()
+            {
+                continue;
+            }
             let response = self.received(step, read)?;
             let challenge = match response.parsed() {
                 Response::Continue(outcome) => outcome.information.as_deref().unwrap_or_default(),
@@ -417,6 +463,22 @@ fn capability_text(cap: &Capability<'_>) -> String {
 
 fn has_capability(caps: &[String], name: &str) -> bool {
     caps.iter().any(|c| c.eq_ignore_ascii_case(name))
+}
+
+/// The list in `CAPABILITY IMAP4rev2 AUTH=PLAIN ...` (an untagged response without its
+/// `* `, or a greeting's code without its brackets), read from the text for the lists
+/// imap-proto refuses: those without IMAP4rev1. `None` unless there is a name and every
+/// one is printable ASCII, as IMAP atoms are.
+fn capability_list(text: &str) -> Option<Vec<String>> {
+    let (word, list) = text.split_once(' ')?;
+    let caps: Vec<String> = list
+        .split(' ')
+        .filter(|c| !c.is_empty())
+        .map(str::to_string)
+        .collect();
+    let atom = |c: &String| c.bytes().all(|b| b.is_ascii_graphic());
+    (word.eq_ignore_ascii_case("CAPABILITY") && !caps.is_empty() && caps.iter().all(atom))
+        .then_some(caps)
 }
 
 /// A mailbox name as an IMAP quoted string, in modified UTF-7 (RFC 3501 §5.1.3).
@@ -506,6 +568,18 @@ impl MailSession for Imap {
                     },
                 ..
             } => Some(list.iter().map(capability_text).collect::<Vec<_>>()),
+            // A list imap-proto refused stays in the text: `[CAPABILITY IMAP4rev2 ...] ready`.
+            Response::Data {
+                outcome:
+                    Outcome {
+                        code: None,
+                        information: Some(text),
+                    },
+                ..
+            } => text
+                .strip_prefix('[')
+                .and_then(|t| t.split_once(']'))
+                .and_then(|(code, _)| capability_list(code)),
             _ => None,
         };
         let preauth = match response.parsed() {
@@ -804,5 +878,27 @@ mod tests {
             "AUTH=PLAIN"
         );
         assert_eq!(capability_text(&Capability::Atom("IDLE".into())), "IDLE");
+    }
+
+    #[test]
+    fn capability_lists_imap_proto_refuses_are_read_from_the_text() {
+        assert_eq!(
+            capability_list("CAPABILITY IMAP4rev2 AUTH=PLAIN SASL-IR").unwrap(),
+            ["IMAP4rev2", "AUTH=PLAIN", "SASL-IR"]
+        );
+        assert_eq!(
+            capability_list("capability imap4rev2").unwrap(),
+            ["imap4rev2"]
+        );
+        // Stray spaces, as some servers send, are no names.
+        assert_eq!(
+            capability_list("CAPABILITY IMAP4rev2  IDLE ").unwrap(),
+            ["IMAP4rev2", "IDLE"]
+        );
+        assert_eq!(capability_list("CAPABILITY"), None);
+        assert_eq!(capability_list("CAPABILITY "), None);
+        assert_eq!(capability_list("CAPABILITY IMAP4rev2 \x1b[31m"), None);
+        assert_eq!(capability_list("CAPABILITY IMAP4rev2 Stra\u{df}e"), None);
+        assert_eq!(capability_list("OK IMAP4rev2"), None);
     }
 }

@@ -1789,6 +1789,70 @@ async fn pop3_control_characters_are_escaped_everywhere() {
     assert_eq!(server.seen().await, ["CAPA", "QUIT"]);
 }
 
+/// RFC 9051: a server that speaks only IMAP4rev2 lists no IMAP4rev1, and imap-proto
+/// refuses such a capability list (in a greeting's code it is dropped, as an untagged
+/// CAPABILITY it is a parse error). Tested like any other server.
+#[tokio::test]
+async fn imap4rev2_only_capabilities_in_the_greeting() {
+    // No CAPABILITY asked, and SASL-IR is seen.
+    let server = serve(vec![
+        Tls("server"),
+        Say("* OK [CAPABILITY IMAP4rev2 AUTH=PLAIN SASL-IR] IMAP4rev2 ready\r\n"),
+        Cmd("AUTHENTICATE PLAIN "),
+        Say("$TAG OK [CAPABILITY IMAP4rev2 AUTH=PLAIN] Logged in\r\n"),
+        Cmd("STATUS \"INBOX\" (MESSAGES UNSEEN)"),
+        Cmd("LOGOUT"),
+        Say("* STATUS INBOX (MESSAGES 7 UNSEEN 2)\r\n$PREV OK Status completed.\r\n* BYE\r\n$TAG OK bye\r\n"),
+    ])
+    .await;
+    let t = trusting(target(server.port, Protocol::Imap, TlsMode::Implicit), CA);
+    let report = run(&t, &password(false)).await;
+    assert!(report.passed(), "{report:#?}");
+    assert_eq!(
+        report.findings.capabilities,
+        ["IMAP4rev2", "AUTH=PLAIN", "SASL-IR"]
+    );
+    assert_eq!(
+        report.steps[4].detail,
+        "IMAP4rev2 AUTH=PLAIN SASL-IR (from the greeting)"
+    );
+    assert_eq!(report.findings.mailbox.as_ref().unwrap().messages, 7);
+    assert_eq!(server.seen().await.len(), 3);
+}
+
+#[tokio::test]
+async fn imap4rev2_only_capabilities_asked_for() {
+    // Before and after STARTTLS, each list in the same packet as the tagged OK.
+    let server = serve(vec![
+        Say("* OK IMAP4rev2 ready\r\n"),
+        Cmd("CAPABILITY"),
+        Say("* CAPABILITY IMAP4rev2 STARTTLS LOGINDISABLED\r\n$TAG OK done\r\n"),
+        Cmd("STARTTLS"),
+        Say("$TAG OK Begin TLS negotiation now.\r\n"),
+        Tls("server"),
+        Cmd("CAPABILITY"),
+        Say("* CAPABILITY IMAP4rev2 AUTH=PLAIN\r\n$TAG OK done\r\n"),
+        Cmd("AUTHENTICATE PLAIN"),
+        // Untagged data before the continuation, the list among it.
+        Say("* CAPABILITY IMAP4rev2 AUTH=PLAIN\r\n+ \r\n"),
+        Any,
+        Say("$TAG OK Logged in\r\n"),
+        Cmd("STATUS"),
+        Cmd("LOGOUT"),
+        Say("* STATUS \"INBOX\" (MESSAGES 3 UNSEEN 0)\r\n$PREV OK done\r\n$TAG OK bye\r\n"),
+    ])
+    .await;
+    let mut t = trusting(target(server.port, Protocol::Imap, TlsMode::StartTls), CA);
+    t.host = "localhost".into();
+    let report = run(&t, &password(false)).await;
+    assert!(report.passed(), "{report:#?}");
+    assert_eq!(report.findings.capabilities, ["IMAP4rev2", "AUTH=PLAIN"]);
+    assert_eq!(report.steps[3].detail, "IMAP4rev2 STARTTLS LOGINDISABLED");
+    assert_eq!(report.findings.mailbox.as_ref().unwrap().messages, 3);
+    assert_secret_kept(&report);
+    server.seen().await;
+}
+
 /// A server that does not advertise SASL-IR may send untagged data before its `+`; it is
 /// skipped, not taken for the end of the exchange (which left the probe waiting for a
 /// tagged reply while the server waited for the credentials, until the timeout).
