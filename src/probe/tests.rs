@@ -1915,3 +1915,81 @@ async fn imap_untagged_data_before_the_continuation_is_skipped() {
     assert_eq!(seen[2], "YWxpY2U=");
     assert_secret_kept(&report);
 }
+
+/// RFC 1939 servers know no CAPA: USER/PASS is still tried (over TLS).
+#[tokio::test]
+async fn pop3_without_capa_logs_in_with_user_pass() {
+    let server = serve(vec![
+        Tls("server"),
+        Say("+OK ready\r\n"),
+        Cmd("CAPA"),
+        Say("-ERR Unknown command\r\n"),
+        Cmd("USER alice"),
+        Say("+OK\r\n"),
+        Cmd("PASS "),
+        Say("+OK Logged in.\r\n"),
+        Cmd("STAT"),
+        Say("+OK 1 100\r\n"),
+        Cmd("QUIT"),
+        Say("+OK bye\r\n"),
+    ])
+    .await;
+    let t = trusting(target(server.port, Protocol::Pop3, TlsMode::Implicit), CA);
+    let report = run(&t, &password(false)).await;
+    assert!(report.passed(), "{report:#?}");
+    assert!(report.findings.capabilities.is_empty());
+    assert_eq!(report.steps[4].detail, "none advertised");
+    assert_eq!(report.findings.mechanism.as_deref(), Some("USER"));
+    assert_eq!(report.findings.mailbox.as_ref().unwrap().messages, 1);
+    assert_eq!(server.seen().await[2], format!("PASS {SECRET}"));
+    assert_secret_kept(&report);
+}
+
+/// Capability names are case-insensitive (RFC 3501 §9): a server may list them in lower
+/// case.
+#[tokio::test]
+async fn imap_capabilities_in_lower_case() {
+    let server = serve(vec![
+        Say("* OK [capability imap4rev1 auth=plain] ready\r\n"),
+        Cmd("AUTHENTICATE PLAIN"),
+        Say("+ \r\n"),
+        Any,
+        Say("$TAG OK Logged in\r\n"),
+        Cmd("STATUS"),
+        Say("* status INBOX (messages 4 unseen 4)\r\n$TAG OK done\r\n"),
+        Cmd("LOGOUT"),
+        Say("$TAG OK bye\r\n"),
+    ])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Imap, TlsMode::None),
+        &password(true),
+    )
+    .await;
+    assert!(report.passed(), "{report:#?}");
+    assert_eq!(report.findings.mechanism.as_deref(), Some("PLAIN"));
+    assert_eq!(report.findings.mailbox.as_ref().unwrap().unseen, Some(4));
+    server.seen().await;
+
+    // STARTTLS, LOGINDISABLED and SASL-IR likewise.
+    let server = serve(vec![
+        Say("* OK [capability imap4rev1 starttls logindisabled] ready\r\n"),
+        Cmd("STARTTLS"),
+        Say("$TAG OK go\r\n"),
+        Tls("server"),
+        Cmd("CAPABILITY"),
+        Say("* capability imap4rev1 sasl-ir auth=plain\r\n$TAG ok done\r\n"),
+        Cmd("AUTHENTICATE PLAIN "),
+        Say("$TAG ok Logged in\r\n"),
+        Cmd("STATUS"),
+        Cmd("LOGOUT"),
+        Say("* STATUS INBOX (MESSAGES 4 UNSEEN 4)\r\n$PREV ok done\r\n$TAG ok bye\r\n"),
+    ])
+    .await;
+    let mut t = trusting(target(server.port, Protocol::Imap, TlsMode::StartTls), CA);
+    t.host = "localhost".into();
+    let report = run(&t, &password(false)).await;
+    assert!(report.passed(), "{report:#?}");
+    assert_eq!(report.findings.mechanism.as_deref(), Some("PLAIN"));
+    server.seen().await;
+}
