@@ -229,7 +229,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
 /// their last status); OAuth2 tokens it could not store before get a sixth; giving the
 /// lease up gets a third (without a control plane it cannot: it says so and exits rather
 /// than hang until it is killed). A sixth is left over for the process to exit. A step
-/// that ends early leaves its time to the next.
+/// never takes more than its share, and less when the ones before it overran.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Stopping {
     pub drain: Duration,
@@ -267,9 +267,11 @@ impl Stopping {
     }
 }
 
-/// The time until `ends` after `asked`, or `share` when no stop was asked.
+/// `share`, cut to the time until `ends` after `asked` when a stop was asked.
 fn left(asked: Option<Instant>, share: Duration, ends: Duration) -> Duration {
-    asked.map_or(share, |asked| ends.saturating_sub(asked.elapsed()))
+    asked.map_or(share, |asked| {
+        share.min(ends.saturating_sub(asked.elapsed()))
+    })
 }
 
 /// Gives the lease up so a standby takes over at once instead of after its duration.
@@ -630,13 +632,20 @@ mod tests {
     fn each_step_of_a_stop_ends_at_its_point_after_the_stop_was_asked() {
         let s = Stopping::within(Duration::from_secs(30));
         // 12 s after SIGTERM (tests and reconciles took longer than their 10 s): the
-        // tokens have until 15 s, the lease until 25 s.
+        // tokens have until 15 s; the lease its 10 s, by 25 s.
         let asked = Some(Instant::now() - Duration::from_secs(12));
         assert_eq!(s.for_tests(asked), Duration::ZERO);
         let tokens = s.for_tokens(asked);
         assert!(tokens <= Duration::from_secs(3) && tokens > Duration::from_secs(2));
+        assert_eq!(s.for_lease(asked), Duration::from_secs(10));
+        // 20 s after: the lease has until 25 s.
+        let asked = Some(Instant::now() - Duration::from_secs(20));
         let lease = s.for_lease(asked);
-        assert!(lease <= Duration::from_secs(13) && lease > Duration::from_secs(12));
+        assert!(lease <= Duration::from_secs(5) && lease > Duration::from_secs(4));
+        // At once: no step takes more than its share.
+        let asked = Some(Instant::now());
+        assert!(s.for_tokens(asked) <= Duration::from_secs(5));
+        assert!(s.for_lease(asked) <= Duration::from_secs(10));
         // A lost lease, no stop asked: each its own share.
         assert_eq!(s.for_tokens(None), Duration::from_secs(5));
         assert_eq!(s.for_lease(None), Duration::from_secs(10));
