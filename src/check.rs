@@ -21,6 +21,22 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// A verdict reached before any connection (the spec, the Secrets, the controller's
+    /// rights): no report.
+    pub fn before_connecting(
+        spec: &IncomingMailProviderSpec,
+        reason: Reason,
+        message: String,
+    ) -> Outcome {
+        Outcome {
+            endpoint: Endpoint::of(spec),
+            report: None,
+            reason,
+            message,
+            anonymous: spec.authentication.method == crate::api::AuthMethod::None,
+        }
+    }
+
     pub fn is_ready(&self) -> bool {
         self.reason == Reason::Connected
     }
@@ -64,20 +80,12 @@ pub fn prepare(
 
 /// Runs one test.
 pub async fn run(spec: &IncomingMailProviderSpec, objects: &Fetched) -> Outcome {
-    let endpoint = Endpoint::of(spec);
-    let anonymous = spec.authentication.method == crate::api::AuthMethod::None;
     let (target, login) = match prepare(spec, objects) {
         Ok(inputs) => inputs,
-        Err((reason, message)) => {
-            return Outcome {
-                endpoint,
-                report: None,
-                reason,
-                message,
-                anonymous,
-            };
-        }
+        Err((reason, message)) => return Outcome::before_connecting(spec, reason, message),
     };
+    let endpoint = Endpoint::of(spec);
+    let anonymous = spec.authentication.method == crate::api::AuthMethod::None;
     let report = probe::run(&target, &login).await;
     let (reason, message) = verdict(spec, &endpoint, &login, &report);
     Outcome {

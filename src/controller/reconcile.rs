@@ -157,13 +157,7 @@ async fn reconcile_inner(
         Ok(t) => t,
         Err(message) => {
             // The CRD refuses such durations; an object stored before a rule existed may not.
-            let outcome = check::Outcome {
-                endpoint: crate::api::Endpoint::of(&p.spec),
-                report: None,
-                reason: Reason::InvalidSpec,
-                message,
-                anonymous: false,
-            };
+            let outcome = check::Outcome::before_connecting(&p.spec, Reason::InvalidSpec, message);
             let new = status::after_test(old, &outcome, &sctx);
             if status::differs(old, &new) {
                 Box::pin(write(&api, &p, &new, &ctx, Write::Change)).await?;
@@ -236,13 +230,7 @@ async fn access_denied(
     let shown = status::ready(old)
         .is_some_and(|c| c.reason == Reason::AccessDenied.as_str() && c.message == message);
     if !shown {
-        let outcome = check::Outcome {
-            endpoint: crate::api::Endpoint::of(&p.spec),
-            report: None,
-            reason: Reason::AccessDenied,
-            message,
-            anonymous: false,
-        };
+        let outcome = check::Outcome::before_connecting(&p.spec, Reason::AccessDenied, message);
         let new = status::after_test(old, &outcome, sctx);
         write(api, p, &new, ctx, Write::Change).await?;
         announce(p, old, &new, ctx).await;

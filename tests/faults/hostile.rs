@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::fleet::{self, answered, reason};
-use crate::support::{ALICE_AUTH, Env, alice_env, provider, ready};
+use crate::support::{ALICE_AUTH, Controller, Env, alice_env, provider, ready};
 
 /// What a hostile server does with a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -779,20 +779,7 @@ async fn a_refused_status_of_a_suspended_provider_is_retried_with_a_growing_wait
         r#"{"spec":{"suspend":true}}"#,
     ]);
     assert!(out.status.success(), "{out:?}");
-    let status = serde_json::json!({"status": {"consecutiveFailures": 0}});
-    until_status_refused(&env, "p", &status).await;
-    let controller = env.controller();
-    tokio::time::sleep(Duration::from_secs(40)).await;
-    let logs = controller.logs();
-    let refused = logs
-        .lines()
-        .filter(|l| l.contains("will retry") && l.contains("writing status"))
-        .count();
-    // Written at 0 s, then 5, 15 and 35 s: every 5 s would be 8 writes.
-    assert!(
-        (2..=5).contains(&refused),
-        "{refused} refused status writes in 40 s:\n{logs}"
-    );
+    let (_controller, logs) = refused_for_40_seconds(&env, "p").await;
     assert!(
         !logs.contains("tested"),
         "a suspended provider was tested:\n{logs}"
@@ -800,6 +787,26 @@ async fn a_refused_status_of_a_suspended_provider_is_retried_with_a_growing_wait
     remove_policy(&env, &policy);
     env.wait_reason("p", "Suspended", Duration::from_secs(330))
         .await;
+}
+
+/// Runs the controller for 40 s while every status write of `name` is refused (the policy
+/// in place), and checks that it tried at 0 s, then 5, 15 and 35 s, not every 5 s (8
+/// writes); returns it, still running, and its log.
+async fn refused_for_40_seconds(env: &Env, name: &str) -> (Controller, String) {
+    let status = serde_json::json!({"status": {"consecutiveFailures": 0}});
+    until_status_refused(env, name, &status).await;
+    let controller = env.controller();
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    let logs = controller.logs();
+    let refused = logs
+        .lines()
+        .filter(|l| l.contains("will retry") && l.contains("writing status"))
+        .count();
+    assert!(
+        (2..=5).contains(&refused),
+        "{refused} refused status writes in 40 s:\n{logs}"
+    );
+    (controller, logs)
 }
 
 /// A ValidatingAdmissionPolicy, bound to this test's namespace, that refuses the requests
@@ -883,20 +890,7 @@ async fn a_status_the_api_server_keeps_refusing_is_retried_with_a_growing_wait()
     let env = alice_env("status-refused").await;
     let policy = refuse_status_writes(&env, "refuse-status", "false");
     env.apply_alice_imaps("p");
-    let status = serde_json::json!({"status": {"consecutiveFailures": 0}});
-    until_status_refused(&env, "p", &status).await;
-    let controller = env.controller();
-    tokio::time::sleep(Duration::from_secs(40)).await;
-    let logs = controller.logs();
-    let refused = logs
-        .lines()
-        .filter(|l| l.contains("will retry") && l.contains("writing status"))
-        .count();
-    // Written at 0 s, then 5, 15 and 35 s: every 5 s would be 8 writes.
-    assert!(
-        (2..=5).contains(&refused),
-        "{refused} refused status writes in 40 s:\n{logs}"
-    );
+    let (_controller, logs) = refused_for_40_seconds(&env, "p").await;
     assert_eq!(
         logs.lines().filter(|l| l.contains("tested")).count(),
         1,
