@@ -130,7 +130,7 @@ impl Reason {
                 "Add the key the message names to the Secret (or point usernameKey/passwordKey at the right one)."
             }
             Reason::AccessDenied => {
-                "Let mailroom read Secrets and ConfigMaps in the provider's namespace (get, list, watch; the chart's watchNamespaces does). No test runs until it may."
+                "Let mailroom's ServiceAccount get, list and watch the kind the message names in the provider's namespace (the message says through which Role or ClusterRole). No test runs until it may."
             }
             Reason::AuthorizationRequired => {
                 "Run the `mailroom authorize` command the message gives (or, for a token Secret made by hand, add the label the message names)."

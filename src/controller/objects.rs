@@ -66,56 +66,75 @@ impl Objects {
     }
 
     /// Waits until the metadata stores of the scope that holds `namespace` have listed
-    /// once: before that, "absent" would be a guess, and a test on a guess is a test to
-    /// repeat. Only that scope's: a namespace whose Secrets the controller may not list
-    /// (a RoleBinding gone) must not stop the tests of every other; false once the API
-    /// server has refused that list for `denied_after` (see [`Objects::denied`]). Polled,
-    /// because a reconcile parked on the stores' own readiness futures was seen not to be
-    /// woken.
-    pub async fn ready_for(&self, namespace: &str, denied_after: std::time::Duration) -> bool {
-        let Some(i) = self
-            .scopes
-            .iter()
-            .position(|scope| super::in_scope(scope, Some(namespace)))
-        else {
+    /// once, those of the `kinds` a provider references: before that, "absent" would be a
+    /// guess, and a test on a guess is a test to repeat. Only that scope's: a namespace
+    /// whose Secrets the controller may not list (a RoleBinding gone) must not stop the
+    /// tests of every other; false once the API server has refused one of those lists for
+    /// `denied_after` (see [`Objects::denied`]). Polled, because a reconcile parked on the
+    /// stores' own readiness futures was seen not to be woken.
+    pub async fn ready_for(
+        &self,
+        namespace: &str,
+        kinds: &[ObjectKind],
+        denied_after: std::time::Duration,
+    ) -> bool {
+        let Some(i) = self.scope_of(namespace) else {
             return false;
         };
         loop {
-            match self.listed(i) {
+            match self.listed(i, kinds) {
                 Some(listed) => return listed,
-                None if self.denied(namespace, denied_after).is_some() => return false,
+                None if self.denied(namespace, kinds, denied_after).is_some() => return false,
                 None => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
             }
         }
     }
 
-    /// Why the controller may not read the Secrets or ConfigMaps of `namespace`, if the
-    /// API server has refused their watch for at least `for_at_least`: the API server's
-    /// words, and what to grant.
-    pub fn denied(&self, namespace: &str, for_at_least: std::time::Duration) -> Option<String> {
-        let i = self
-            .scopes
+    /// Why the controller may not read the `kinds` of object (Secrets, ConfigMaps) a
+    /// provider of `namespace` references, if the API server has refused their watch for at
+    /// least `for_at_least`: the API server's words, and what to grant.
+    pub fn denied(
+        &self,
+        namespace: &str,
+        kinds: &[ObjectKind],
+        for_at_least: std::time::Duration,
+    ) -> Option<String> {
+        let i = self.scope_of(namespace)?;
+        let (words, resource) = kinds.iter().find_map(|&kind| {
+            let (access, resource) = match kind {
+                ObjectKind::Secret => (&self.access[i][0], "secrets"),
+                ObjectKind::ConfigMap => (&self.access[i][1], "configmaps"),
+            };
+            access.denied(for_at_least).map(|words| (words, resource))
+        })?;
+        // What to grant depends on how the controller watches: one namespace, or all.
+        let (r#where, grant) = match &self.scopes[i] {
+            Some(_) => (
+                format!("in namespace {namespace}"),
+                "a Role and RoleBinding there (the Helm chart makes them for every namespace in watchNamespaces)",
+            ),
+            None => (
+                "in all namespaces".to_string(),
+                "a ClusterRole and ClusterRoleBinding (the Helm chart makes them when watchNamespaces is empty)",
+            ),
+        };
+        Some(format!(
+            "mailroom may not read {resource} {where}: the API server says {words:?}; \
+             give its ServiceAccount get, list and watch on secrets and configmaps through {grant}"
+        ))
+    }
+
+    fn scope_of(&self, namespace: &str) -> Option<usize> {
+        self.scopes
             .iter()
-            .position(|scope| super::in_scope(scope, Some(namespace)))?;
-        self.access[i]
-            .iter()
-            .zip(["secrets", "configmaps"])
-            .find_map(|(access, resource)| {
-                access.denied(for_at_least).map(|words| {
-                    format!(
-                        "mailroom may not read {resource} in namespace {namespace}: the API server says {words:?}; \
-                         give its ServiceAccount get, list and watch on secrets and configmaps there \
-                         (the Helm chart does for every namespace in watchNamespaces)"
-                    )
-                })
-            })
+            .position(|scope| super::in_scope(scope, Some(namespace)))
     }
 
     /// The watched namespaces (or "all namespaces") whose metadata stores have not listed
     /// yet.
     pub fn unsynced(&self) -> Vec<String> {
         (0..self.scopes.len())
-            .filter(|&i| self.listed(i) != Some(true))
+            .filter(|&i| self.listed(i, &[ObjectKind::Secret, ObjectKind::ConfigMap]) != Some(true))
             .map(|i| {
                 self.scopes[i]
                     .clone()
@@ -124,13 +143,16 @@ impl Objects {
             .collect()
     }
 
-    /// Whether scope `i`'s Secrets and ConfigMaps have listed: `None` while they have not
+    /// Whether scope `i`'s stores of these kinds have listed: `None` while they have not
     /// yet, `Some(false)` if they never will (their watch is gone).
-    fn listed(&self, i: usize) -> Option<bool> {
-        let states = [
-            self.secrets[i].wait_until_ready().now_or_never(),
-            self.config_maps[i].wait_until_ready().now_or_never(),
-        ];
+    fn listed(&self, i: usize, kinds: &[ObjectKind]) -> Option<bool> {
+        let states: Vec<_> = kinds
+            .iter()
+            .map(|kind| match kind {
+                ObjectKind::Secret => self.secrets[i].wait_until_ready().now_or_never(),
+                ObjectKind::ConfigMap => self.config_maps[i].wait_until_ready().now_or_never(),
+            })
+            .collect();
         match states.iter().find(|state| !matches!(state, Some(Ok(())))) {
             None => Some(true),
             Some(Some(Err(_))) => Some(false),
@@ -255,5 +277,66 @@ impl Objects {
     /// Drops cached values no provider references any more.
     pub fn retain(&self, live: &std::collections::HashSet<Key>) {
         self.values.lock().unwrap().retain(|k, _| live.contains(k));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::{reflector, watcher};
+
+    /// Objects watching `scopes`, whose Secrets watch the API server refuses.
+    fn secrets_refused(scopes: Vec<Option<String>>) -> Objects {
+        let config = kube::Config::new("https://127.0.0.1:1".parse().unwrap());
+        let client = Client::try_from(config).unwrap();
+        let n = scopes.len();
+        let access: Vec<[Arc<Access>; 2]> = (0..n)
+            .map(|_| [Arc::new(Access::default()), Arc::new(Access::default())])
+            .collect();
+        let status =
+            kube::core::Status::failure("secrets is forbidden", "Forbidden").with_code(403);
+        for [secrets, _] in &access {
+            secrets.failed(&watcher::Error::InitialListFailed(kube::Error::Api(
+                Box::new(status.clone()),
+            )));
+        }
+        Objects::new(
+            client,
+            scopes,
+            (0..n).map(|_| reflector::store().0).collect(),
+            (0..n).map(|_| reflector::store().0).collect(),
+            access,
+            Arc::default(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_refusal_concerns_only_providers_that_reference_that_kind() {
+        let objects = secrets_refused(vec![Some("team-b".into())]);
+        let now = std::time::Duration::ZERO;
+        let message = objects
+            .denied("team-b", &[ObjectKind::Secret, ObjectKind::ConfigMap], now)
+            .expect("a provider with a Secret is refused");
+        assert!(
+            message.contains("may not read secrets in namespace team-b")
+                && message.contains("a Role and RoleBinding there"),
+            "{message}"
+        );
+        assert_eq!(
+            objects.denied("team-b", &[ObjectKind::ConfigMap], now),
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn watching_every_namespace_asks_for_cluster_wide_rights() {
+        let objects = secrets_refused(vec![None]);
+        let message = objects
+            .denied("team-b", &[ObjectKind::Secret], std::time::Duration::ZERO)
+            .unwrap();
+        assert!(
+            message.contains("in all namespaces") && message.contains("ClusterRoleBinding"),
+            "{message}"
+        );
     }
 }

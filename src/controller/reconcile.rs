@@ -120,18 +120,22 @@ async fn reconcile_inner(
         now,
         check_request: request,
     };
-    // A provider that references nothing needs no cache of Secrets and ConfigMaps.
-    if !references(&p.spec).is_empty() && !p.spec.suspend {
+    // A provider waits only for the caches of the kinds it references (none for one that
+    // references nothing).
+    let mut kinds: Vec<_> = references(&p.spec).iter().map(|r| r.kind).collect();
+    kinds.sort();
+    kinds.dedup();
+    if !kinds.is_empty() && !p.spec.suspend {
         // A stopping controller waits for no cache: graceful shutdown waits for this.
         let listed = tokio::select! {
             ready = tokio::time::timeout(
                 Duration::from_secs(30),
-                ctx.objects.ready_for(&ns, ACCESS_DENIED_AFTER),
+                ctx.objects.ready_for(&ns, &kinds, ACCESS_DENIED_AFTER),
             ) => ready == Ok(true),
             () = ctx.stopping.clone() => return Ok(Action::await_change()),
         };
         // Refused before its first list, or since (what the cache holds may be stale).
-        if let Some(message) = ctx.objects.denied(&ns, ACCESS_DENIED_AFTER) {
+        if let Some(message) = ctx.objects.denied(&ns, &kinds, ACCESS_DENIED_AFTER) {
             return Box::pin(access_denied(&api, &p, &key, message, &sctx, &ctx)).await;
         }
         if !listed {
@@ -227,11 +231,13 @@ async fn access_denied(
 ) -> Result<Action, Error> {
     ctx.memory.lock().unwrap().remove(key);
     let old = p.status.as_ref();
-    let shown = status::ready(old)
-        .is_some_and(|c| c.reason == Reason::AccessDenied.as_str() && c.message == message);
-    if !shown {
-        let outcome = check::Outcome::before_connecting(&p.spec, Reason::AccessDenied, message);
-        let new = status::after_test(old, &outcome, sctx);
+    let outcome = check::Outcome::before_connecting(&p.spec, Reason::AccessDenied, message);
+    let new = status::after_test(old, &outcome, sctx);
+    // Written once, not at every look (the message as status keeps it, cut).
+    let said = |s: Option<&IncomingMailProviderStatus>| {
+        status::ready(s).map(|c| (c.reason.clone(), c.message.clone()))
+    };
+    if said(old) != said(Some(&new)) {
         write(api, p, &new, ctx, Write::Change).await?;
         announce(p, old, &new, ctx).await;
     }

@@ -374,14 +374,19 @@ impl Imap {
         } else {
             None
         };
-        let line = match initial {
-            Some(initial) => Zeroizing::new(format!(
-                "{tag} AUTHENTICATE {} {}\r\n",
-                exchange.mechanism(),
-                sasl::encode(&initial).as_str()
-            )),
-            None => Zeroizing::new(format!("{tag} AUTHENTICATE {}\r\n", exchange.mechanism())),
-        };
+        // Sized first: growing it would leave a copy of the credentials behind.
+        let encoded = initial.map(|initial| sasl::encode(&initial));
+        let mut line = Zeroizing::new(String::with_capacity(
+            tag.len() + 40 + encoded.as_ref().map_or(0, |e| e.len()),
+        ));
+        line.push_str(&tag);
+        line.push_str(" AUTHENTICATE ");
+        line.push_str(exchange.mechanism());
+        if let Some(encoded) = &encoded {
+            line.push(' ');
+            line.push_str(encoded);
+        }
+        line.push_str("\r\n");
         self.write(step, line.as_bytes()).await?;
         loop {
             let Some(conn) = self.conn() else {

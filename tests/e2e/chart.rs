@@ -2309,6 +2309,12 @@ async fn a_namespace_whose_secrets_are_forbidden_stops_no_other() {
             &provider("mine", "IMAP", port, "Implicit", ALICE_AUTH, ""),
         );
     }
+    // team-b's provider without a login references only a ConfigMap, which may be read.
+    apply_in(
+        &env,
+        &team_b,
+        &provider("anon", "IMAP", port, "Implicit", "{method: None}", ""),
+    );
     let chart = chart_args(&helm, &rel, &env.ns, &values);
     let started = Instant::now();
     let mut controller = controller_as(&env, &kubeconfig, &chart, &[], &env.ns);
@@ -2338,6 +2344,7 @@ async fn a_namespace_whose_secrets_are_forbidden_stops_no_other() {
     // Again, until team-b's provider says why it is not tested.
     let started = Instant::now();
     let controller = controller_as(&env, &kubeconfig, &chart, &[], &env.ns);
+    wait_ready_reason(&env, &team_b, "anon", "Connected", &controller).await;
     wait_ready_reason(&env, &team_b, "mine", "AccessDenied", &controller).await;
     let out = kubectl_in(&env, &team_b, &["get", "imp", "mine", "-o", "json"]);
     let p: Value = serde_json::from_slice(&out.stdout).unwrap();
