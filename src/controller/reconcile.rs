@@ -219,8 +219,8 @@ async fn reconcile_inner(
 /// says so (Ready False, `AccessDenied`, the API server's words and what to grant), rather
 /// than keep its last verdict while nobody tests it. The watch retries; once it is let
 /// through, the objects it lists trigger this provider's reconcile, and so does the
-/// requeue here. What it remembers of its schedule goes, so that it is tested at once
-/// then (see `schedule::decide`).
+/// requeue here. It is due at once then: what it remembers of its schedule is made
+/// overdue (after a restart, `schedule::decide` reads the same from the status).
 async fn access_denied(
     api: &Api<IncomingMailProvider>,
     p: &IncomingMailProvider,
@@ -229,7 +229,20 @@ async fn access_denied(
     sctx: &StatusContext<'_>,
     ctx: &Context,
 ) -> Result<Action, Error> {
-    ctx.memory.lock().unwrap().remove(key);
+    // Not forgotten: a reconcile that read the status before this write reached the cache
+    // would adopt the old verdict's schedule, and a test a whole interval later.
+    ctx.memory
+        .lock()
+        .unwrap()
+        .entry(key.clone())
+        .or_insert_with(|| Memory {
+            uid: p.metadata.uid.clone(),
+            generation: p.meta().generation,
+            request: None,
+            references: 0,
+            next_due: sctx.now,
+        })
+        .next_due = sctx.now;
     let old = p.status.as_ref();
     let outcome = check::Outcome::before_connecting(&p.spec, Reason::AccessDenied, message);
     let new = status::after_test(old, &outcome, sctx);
