@@ -31,6 +31,15 @@ const OWN_WRITE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// (kind, namespace, name) of a referenced object.
 type Key = (ObjectKind, String, String);
 
+/// What a provider says when the API server lets the controller list and watch the
+/// Secrets and ConfigMaps of `namespace` but refuses it one of them (`get`).
+pub fn get_refused(namespace: &str, words: &str) -> String {
+    format!(
+        "mailroom may not read a Secret or ConfigMap this provider references: the API server says {words:?}; \
+         give its ServiceAccount get, list and watch on secrets and configmaps in namespace {namespace}"
+    )
+}
+
 /// Metadata stores (one per watched scope) and the value cache.
 pub struct Objects {
     client: Client,

@@ -345,7 +345,28 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
             // The versions this test reads, for the schedule: a Secret changed while the
             // test waited is tested now, and not once more after it.
             let fingerprint = ctx.objects.fingerprint(&ns, &refs).await;
-            let fetched = ctx.objects.fetch(&ns, &refs).await.map_err(Error::Fetch)?;
+            // Its slot among all tests is taken last, and held until its result is written.
+            let test_slot = async || {
+                tokio::select! {
+                    slot = ctx.tests.acquire() => Some(slot.expect("the test semaphore is never closed")),
+                    () = ctx.stopping.clone() => None,
+                }
+            };
+            let fetched = match ctx.objects.fetch(&ns, &refs).await {
+                Ok(fetched) => fetched,
+                // Listed and watched but not to be read (a Role without `get`): said, as a
+                // refused watch is, and retried with the backoff of a failed test.
+                Err(kube::Error::Api(s)) if s.code == 403 => {
+                    let message = super::objects::get_refused(&ns, &s.message);
+                    let outcome =
+                        check::Outcome::before_connecting(&p.spec, Reason::AccessDenied, message);
+                    let Some(slot) = test_slot().await else {
+                        return Ok(None);
+                    };
+                    return Ok(Some((Box::new(outcome), fingerprint, slot)));
+                }
+                Err(e) => return Err(Error::Fetch(e)),
+            };
             // OAuth2: a fresh access token (refreshed, and the Secret rewritten, if needed).
             let fetched = Box::pin(ctx.tokens.prepare(p, fetched)).await;
             for _ in 0..ctx.tokens.take_refreshes() {
@@ -356,9 +377,8 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
                 Some((Reason::TokenRefreshFailed, _)) => ctx.metrics.token_refresh("failed"),
                 _ => {}
             }
-            let slot = tokio::select! {
-                slot = ctx.tests.acquire() => slot.expect("the test semaphore is never closed"),
-                () = ctx.stopping.clone() => return Ok(None),
+            let Some(slot) = test_slot().await else {
+                return Ok(None);
             };
             let outcome = Box::pin(check::run(&p.spec, &fetched)).await;
             Ok(Some((Box::new(outcome), fingerprint, slot)))

@@ -2401,6 +2401,36 @@ async fn a_namespace_whose_secrets_are_forbidden_stops_no_other() {
         restored.elapsed(),
         controller.logs()
     );
+
+    // Listed and watched, but not to be read (`get` taken away): a changed Secret cannot be
+    // fetched, and the provider says so.
+    let mut no_get = original.clone();
+    for rule in no_get["rules"].as_array_mut().unwrap() {
+        if rule["resources"].to_string().contains("secrets") {
+            rule["verbs"] = json!(["list", "watch"]);
+        }
+    }
+    let mut cmd = env.bed.kubectl();
+    cmd.args(["-n", &team_b, "replace", "-f", "-"]);
+    let out = with_input(cmd, &no_get.to_string());
+    assert!(out.status.success(), "{}", text(&out));
+    let out = kubectl_in(&env, &team_b, &["label", "secret", "alice", "rotated=1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_ready_reason(&env, &team_b, "mine", "AccessDenied", &controller).await;
+    let out = kubectl_in(&env, &team_b, &["get", "imp", "mine", "-o", "json"]);
+    let p: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let message = p["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .map(|c| c["message"].to_string())
+        .unwrap();
+    assert!(
+        message.contains("may not read a Secret or ConfigMap")
+            && message.contains("cannot get resource"),
+        "{message}"
+    );
 }
 
 /// Whether `pattern` (one .dockerignore line, already without `!`) matches `path` the way
