@@ -314,21 +314,35 @@ fn spawn_on_keeper(command: Command) -> io::Result<Child> {
 }
 
 /// A port on `ip` that nothing listens on now and that this process has not handed out
-/// before (the same race every envtest-like harness accepts).
+/// before (the same race every envtest-like harness accepts). Taken below the kernel's
+/// ephemeral range (`ip_local_port_range`), where no outgoing connection gets its source
+/// port: a server restarted on its port (Dovecot, etcd, kube-apiserver) found it held by
+/// some client's connection now and then ("Address already in use"), which a port the
+/// kernel handed out for `bind(0)` is exposed to.
 pub fn free_port(ip: Ipv4Addr) -> Result<u16> {
     static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
     let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-    for _ in 0..50 {
-        let port = TcpListener::bind((ip, 0))
-            .with_context(|| format!("binding a free port on {ip}"))?
-            .local_addr()?
-            .port();
-        if !given.contains(&port) {
+    let (low, high) = (10_000, ephemeral_low().max(10_001));
+    let random = ring::rand::SystemRandom::new();
+    for _ in 0..500 {
+        let mut bytes = [0u8; 2];
+        ring::rand::SecureRandom::fill(&random, &mut bytes)
+            .map_err(|_| anyhow::anyhow!("no randomness for a port"))?;
+        let port = low + u16::from_le_bytes(bytes) % (high - low);
+        if !given.contains(&port) && TcpListener::bind((ip, port)).is_ok() {
             given.push(port);
             return Ok(port);
         }
     }
-    bail!("no free port found on {ip}")
+    bail!("no free port found on {ip} between {low} and {high}")
+}
+
+/// The first port of the kernel's ephemeral range (32768 unless configured).
+fn ephemeral_low() -> u16 {
+    fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768)
 }
 
 /// The last `lines` lines of a log file, for error messages.
@@ -340,5 +354,24 @@ pub fn tail(path: &Path, lines: usize) -> String {
             all[all.len().saturating_sub(lines)..].join("\n")
         }
         Err(e) => format!("({} cannot be read: {e})", path.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_lie_below_the_ephemeral_range_and_differ() {
+        let ports: Vec<u16> = (0..20)
+            .map(|_| free_port(Ipv4Addr::LOCALHOST).unwrap())
+            .collect();
+        for port in &ports {
+            assert!((10_000..ephemeral_low()).contains(port), "{port}");
+        }
+        let mut unique = ports.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), ports.len(), "{ports:?}");
     }
 }
