@@ -54,16 +54,20 @@ impl Access {
     }
 }
 
+/// The API server's words when it refused the controller a request (403).
+pub fn refusal(error: &kube::Error) -> Option<&str> {
+    match error {
+        kube::Error::Api(s) if s.code == 403 => Some(&s.message),
+        _ => None,
+    }
+}
+
 /// The message of a 403, from whichever step of the watch it came.
 fn forbidden(error: &watcher::Error) -> Option<String> {
     match error {
-        watcher::Error::InitialListFailed(kube::Error::Api(s))
-        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
-        | watcher::Error::WatchFailed(kube::Error::Api(s))
-            if s.code == 403 =>
-        {
-            Some(s.message.clone())
-        }
+        watcher::Error::InitialListFailed(e)
+        | watcher::Error::WatchStartFailed(e)
+        | watcher::Error::WatchFailed(e) => refusal(e).map(str::to_string),
         watcher::Error::WatchError(s) if s.code == 403 => Some(s.message.clone()),
         _ => None,
     }

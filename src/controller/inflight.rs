@@ -15,7 +15,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender, unbounded};
-use futures::future::{BoxFuture, Shared};
 use kube::runtime::reflector::ObjectRef;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
@@ -33,14 +32,14 @@ pub struct InFlight {
     /// Where a finished test asks for its provider's reconcile: one channel per watched
     /// scope (all namespaces, or one namespace each).
     triggers: Vec<(Option<String>, UnboundedSender<Key>)>,
-    stopping: Shared<BoxFuture<'static, ()>>,
+    stopping: super::Stop,
 }
 
 impl InFlight {
     /// One trigger stream per scope, in the order given, for `Controller::reconcile_on`.
     pub fn new(
         scopes: &[Option<String>],
-        stopping: Shared<BoxFuture<'static, ()>>,
+        stopping: super::Stop,
     ) -> (InFlight, Vec<UnboundedReceiver<Key>>) {
         let (triggers, receivers) = scopes
             .iter()
@@ -90,7 +89,7 @@ impl InFlight {
             // policy would; a controller that is stopping reconciles nothing more.
             tokio::select! {
                 () = tokio::time::sleep(again) => {}
-                () = stopping => return,
+                _ = stopping => return,
                 () = cancel.cancelled() => return,
             }
             if let Some(tx) = trigger {
@@ -147,7 +146,7 @@ mod tests {
         ObjectRef::new(name).within(ns)
     }
 
-    fn never() -> Shared<BoxFuture<'static, ()>> {
+    fn never() -> crate::controller::Stop {
         futures::future::pending().boxed().shared()
     }
 
@@ -205,6 +204,7 @@ mod tests {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let stopping = async move {
             let _ = stopped.await;
+            std::time::Instant::now()
         }
         .boxed()
         .shared();

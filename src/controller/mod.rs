@@ -16,7 +16,7 @@ pub mod status;
 mod watches;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
@@ -91,7 +91,7 @@ pub struct Context {
     /// The tests started by reconciles, which run beside them (see `inflight`).
     pub inflight: inflight::InFlight,
     /// Resolves when the controller is told to stop.
-    pub stopping: futures::future::Shared<futures::future::BoxFuture<'static, ()>>,
+    pub stopping: Stop,
     pub memory: Mutex<HashMap<ObjectRef<IncomingMailProvider>, schedule::Memory>>,
     /// Results whose status write failed, written on the next reconcile instead of a test.
     pub unwritten: Mutex<HashMap<ObjectRef<IncomingMailProvider>, reconcile::Unwritten>>,
@@ -142,17 +142,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         }
         None => None,
     };
-    // When the stop was asked: every step of the stop ends at its point after that moment.
-    let asked = Arc::new(OnceLock::new());
-    let shutdown = {
-        let asked = asked.clone();
-        async move {
-            wait_for_signal().await;
-            let _ = asked.set(Instant::now());
-        }
-        .boxed()
-        .shared()
-    };
+    let shutdown: Stop = wait_for_signal().boxed().shared();
     // One token manager for the process, not per lease term: the tokens it keeps since a
     // refused write-back outlive a lost lease, and are stored before the process ends.
     let tokens = Arc::new(TokenManager::new(client.clone())?);
@@ -164,13 +154,12 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             metrics,
             readiness,
             tokens.clone(),
-            shutdown,
-            asked.clone(),
+            shutdown.clone(),
         )
         .await;
         let stopping = &settings.stopping;
         tokens
-            .store_kept(stopping.for_tokens(asked.get().copied()))
+            .store_kept(stopping.for_tokens(asked(&shutdown)))
             .await;
         return result;
     };
@@ -190,7 +179,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             tokio::select! {
                 changed = leading.changed() => changed.map_err(|_| anyhow::anyhow!("the lease manager stopped"))?,
                 _ = shutdown.clone() => {
-                    release(leading, task, settings.stopping.for_lease(asked.get().copied())).await;
+                    release(leading, task, settings.stopping.for_lease(asked(&shutdown))).await;
                     return Ok(());
                 }
             }
@@ -205,7 +194,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             }
         };
         let stopped = tokio::select! {
-            result = run_controllers(client.clone(), &settings, metrics.clone(), readiness.clone(), tokens.clone(), shutdown.clone(), asked.clone()) => Some(result),
+            result = run_controllers(client.clone(), &settings, metrics.clone(), readiness.clone(), tokens.clone(), shutdown.clone()) => Some(result),
             _ = lost => {
                 // Dropping the controllers cancels the tests in flight: another replica leads now.
                 tracing::warn!(lease = %lease.name, "lost the lease: testing stopped");
@@ -214,7 +203,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         };
         metrics.set_leader(false);
         // A lost lease (no stop asked) gives the tokens their share of the grace period.
-        let asked = asked.get().copied();
+        let asked = asked(&shutdown);
         tokens.store_kept(settings.stopping.for_tokens(asked)).await;
         if let Some(result) = stopped {
             release(leading, task, settings.stopping.for_lease(asked)).await;
@@ -319,8 +308,7 @@ async fn run_controllers(
     metrics: Arc<metrics::Metrics>,
     readiness: Arc<http::Readiness>,
     tokens: Arc<TokenManager>,
-    shutdown: futures::future::Shared<futures::future::BoxFuture<'static, ()>>,
-    asked: Arc<OnceLock<Instant>>,
+    shutdown: Stop,
 ) -> anyhow::Result<()> {
     readiness.syncing();
     let scopes: Vec<Option<String>> = if settings.namespaces.is_empty() {
@@ -454,7 +442,7 @@ async fn run_controllers(
             .reconcile_on(retest)
             // Now only the providers' own watch reaches this backoff (see `watches`).
             .trigger_backoff(watches::WatchBackoff::default())
-            .graceful_shutdown_on(shutdown.clone());
+            .graceful_shutdown_on(shutdown.clone().map(|_| ()));
         let ctx = ctx.clone();
         controllers.push(
             controller
@@ -502,8 +490,8 @@ async fn run_controllers(
     // Once the stop is asked, the reconciles under way (a status write to an API server
     // that is away, say) get the tests' share of the grace period, no more.
     let reconciles_bounded = async {
-        shutdown.clone().await;
-        tokio::time::sleep(settings.stopping.for_tests(asked.get().copied())).await;
+        let asked = shutdown.clone().await;
+        tokio::time::sleep(settings.stopping.for_tests(Some(asked))).await;
         tracing::warn!("reconciles still running when the tests' time ran out: stopped");
     };
     tokio::select! {
@@ -518,7 +506,7 @@ async fn run_controllers(
     let drain = settings.stopping.drain;
     let cancelled = ctx
         .inflight
-        .finish(settings.stopping.for_tests(asked.get().copied()))
+        .finish(settings.stopping.for_tests(asked(&shutdown)))
         .await;
     if cancelled > 0 {
         tracing::warn!(
@@ -596,13 +584,23 @@ async fn sweep(ctx: Arc<Context>) {
     }
 }
 
-async fn wait_for_signal() {
+/// Resolves, for every holder, with the moment the controller was told to stop: each step
+/// of the stop ends at its point after it (see [`Stopping`]).
+pub type Stop = futures::future::Shared<futures::future::BoxFuture<'static, Instant>>;
+
+/// When the stop was asked, if it was.
+fn asked(stop: &Stop) -> Option<Instant> {
+    stop.clone().now_or_never()
+}
+
+async fn wait_for_signal() -> Instant {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: finishing the tests in flight"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: finishing the tests in flight"),
     }
+    Instant::now()
 }
 
 #[cfg(test)]

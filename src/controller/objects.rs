@@ -32,12 +32,31 @@ const OWN_WRITE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 type Key = (ObjectKind, String, String);
 
 /// What a provider says when the API server lets the controller list and watch the
-/// Secrets and ConfigMaps of `namespace` but refuses it one of them (`get`).
-pub fn get_refused(namespace: &str, words: &str) -> String {
+/// Secrets and ConfigMaps of `namespace` but refuses it one of them (`get`); `None` for
+/// any other failed read.
+pub fn get_refused(namespace: &str, error: &kube::Error) -> Option<String> {
+    let words = super::access::refusal(error)?;
+    Some(refused(
+        "a Secret or ConfigMap this provider references",
+        words,
+        &format!("in namespace {namespace}"),
+    ))
+}
+
+/// `AccessDenied`'s message: what may not be read, the API server's words, what to grant.
+fn refused(what: &str, words: &str, grant: &str) -> String {
     format!(
-        "mailroom may not read a Secret or ConfigMap this provider references: the API server says {words:?}; \
-         give its ServiceAccount get, list and watch on secrets and configmaps in namespace {namespace}"
+        "mailroom may not read {what}: the API server says {words:?}; \
+         give its ServiceAccount get, list and watch on secrets and configmaps {grant}"
     )
+}
+
+/// Whether the cache of `kinds` a provider references may be trusted: listed (and let
+/// through by the API server), refused (its words), or neither yet.
+pub enum Readiness {
+    Listed,
+    Denied(String),
+    NotListed,
 }
 
 /// Metadata stores (one per watched scope) and the value cache.
@@ -78,22 +97,26 @@ impl Objects {
     /// once, those of the `kinds` a provider references: before that, "absent" would be a
     /// guess, and a test on a guess is a test to repeat. Only that scope's: a namespace
     /// whose Secrets the controller may not list (a RoleBinding gone) must not stop the
-    /// tests of every other; false once the API server has refused one of those lists for
-    /// `denied_after` (see [`Objects::denied`]). Polled, because a reconcile parked on the
+    /// tests of every other. Denied once the API server has refused one of those watches
+    /// for `denied_after`, before the first list or since (what the cache holds may then
+    /// be stale); see [`Objects::denied`]. Polled, because a reconcile parked on the
     /// stores' own readiness futures was seen not to be woken.
     pub async fn ready_for(
         &self,
         namespace: &str,
         kinds: &[ObjectKind],
         denied_after: std::time::Duration,
-    ) -> bool {
+    ) -> Readiness {
         let Some(i) = self.scope_of(namespace) else {
-            return false;
+            return Readiness::NotListed;
         };
         loop {
+            if let Some(message) = self.denied(namespace, kinds, denied_after) {
+                return Readiness::Denied(message);
+            }
             match self.listed(i, kinds) {
-                Some(listed) => return listed,
-                None if self.denied(namespace, kinds, denied_after).is_some() => return false,
+                Some(true) => return Readiness::Listed,
+                Some(false) => return Readiness::NotListed,
                 None => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
             }
         }
@@ -102,7 +125,7 @@ impl Objects {
     /// Why the controller may not read the `kinds` of object (Secrets, ConfigMaps) a
     /// provider of `namespace` references, if the API server has refused their watch for at
     /// least `for_at_least`: the API server's words, and what to grant.
-    pub fn denied(
+    fn denied(
         &self,
         namespace: &str,
         kinds: &[ObjectKind],
@@ -127,9 +150,10 @@ impl Objects {
                 "a ClusterRole and ClusterRoleBinding (the Helm chart makes them when watchNamespaces is empty)",
             ),
         };
-        Some(format!(
-            "mailroom may not read {resource} {where}: the API server says {words:?}; \
-             give its ServiceAccount get, list and watch on secrets and configmaps through {grant}"
+        Some(refused(
+            &format!("{resource} {where}"),
+            &words,
+            &format!("through {grant}"),
         ))
     }
 
@@ -155,14 +179,11 @@ impl Objects {
     /// Whether scope `i`'s stores of these kinds have listed: `None` while they have not
     /// yet, `Some(false)` if they never will (their watch is gone).
     fn listed(&self, i: usize, kinds: &[ObjectKind]) -> Option<bool> {
-        let states: Vec<_> = kinds
-            .iter()
-            .map(|kind| match kind {
-                ObjectKind::Secret => self.secrets[i].wait_until_ready().now_or_never(),
-                ObjectKind::ConfigMap => self.config_maps[i].wait_until_ready().now_or_never(),
-            })
-            .collect();
-        match states.iter().find(|state| !matches!(state, Some(Ok(())))) {
+        let mut states = kinds.iter().map(|kind| match kind {
+            ObjectKind::Secret => self.secrets[i].wait_until_ready().now_or_never(),
+            ObjectKind::ConfigMap => self.config_maps[i].wait_until_ready().now_or_never(),
+        });
+        match states.find(|state| !matches!(state, Some(Ok(())))) {
             None => Some(true),
             Some(Some(Err(_))) => Some(false),
             Some(_) => None,

@@ -16,6 +16,7 @@ use serde_json::json;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::limits::{Write, WriteSlot};
+use super::objects::Readiness;
 use super::schedule::{self, Memory, Seen};
 use super::status::{self, Context as StatusContext};
 use super::{Context, FIELD_MANAGER};
@@ -122,24 +123,25 @@ async fn reconcile_inner(
     };
     // A provider waits only for the caches of the kinds it references (none for one that
     // references nothing).
-    let mut kinds: Vec<_> = references(&p.spec).iter().map(|r| r.kind).collect();
+    let refs = references(&p.spec);
+    let mut kinds: Vec<_> = refs.iter().map(|r| r.kind).collect();
     kinds.sort();
     kinds.dedup();
     if !kinds.is_empty() && !p.spec.suspend {
         // A stopping controller waits for no cache: graceful shutdown waits for this.
-        let listed = tokio::select! {
+        let ready = tokio::select! {
             ready = tokio::time::timeout(
                 Duration::from_secs(30),
                 ctx.objects.ready_for(&ns, &kinds, ACCESS_DENIED_AFTER),
-            ) => ready == Ok(true),
-            () = ctx.stopping.clone() => return Ok(Action::await_change()),
+            ) => ready,
+            _ = ctx.stopping.clone() => return Ok(Action::await_change()),
         };
-        // Refused before its first list, or since (what the cache holds may be stale).
-        if let Some(message) = ctx.objects.denied(&ns, &kinds, ACCESS_DENIED_AFTER) {
-            return Box::pin(access_denied(&api, &p, &key, message, &sctx, &ctx)).await;
-        }
-        if !listed {
-            return Err(Error::NotSynced);
+        match ready {
+            Ok(Readiness::Listed) => {}
+            Ok(Readiness::Denied(message)) => {
+                return Box::pin(access_denied(&api, &p, &key, message, &sctx, &ctx)).await;
+            }
+            Ok(Readiness::NotListed) | Err(_) => return Err(Error::NotSynced),
         }
     }
 
@@ -170,7 +172,7 @@ async fn reconcile_inner(
         }
     };
 
-    let fingerprint = ctx.objects.fingerprint(&ns, &references(&p.spec)).await;
+    let fingerprint = ctx.objects.fingerprint(&ns, &refs).await;
     let memory = remembered(&ctx, &key, &p);
     let seen = Seen {
         generation,
@@ -332,7 +334,7 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
         // every test started, and thousands may be queued here.
         let _host = tokio::select! {
             permit = ctx.limits.acquire(&p.spec.server.host) => permit,
-            () = ctx.stopping.clone() => return Ok(None),
+            _ = ctx.stopping.clone() => return Ok(None),
         };
         if !still_current(p, ctx.provider(&job.key).as_deref()) {
             return Ok(None);
@@ -349,15 +351,17 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
             let test_slot = async || {
                 tokio::select! {
                     slot = ctx.tests.acquire() => Some(slot.expect("the test semaphore is never closed")),
-                    () = ctx.stopping.clone() => None,
+                    _ = ctx.stopping.clone() => None,
                 }
             };
             let fetched = match ctx.objects.fetch(&ns, &refs).await {
                 Ok(fetched) => fetched,
-                // Listed and watched but not to be read (a Role without `get`): said, as a
-                // refused watch is, and retried with the backoff of a failed test.
-                Err(kube::Error::Api(s)) if s.code == 403 => {
-                    let message = super::objects::get_refused(&ns, &s.message);
+                Err(e) => {
+                    // Listed and watched but not to be read (a Role without `get`): said,
+                    // as a refused watch is, and retried with the backoff of a failed test.
+                    let Some(message) = super::objects::get_refused(&ns, &e) else {
+                        return Err(Error::Fetch(e));
+                    };
                     let outcome =
                         check::Outcome::before_connecting(&p.spec, Reason::AccessDenied, message);
                     let Some(slot) = test_slot().await else {
@@ -365,7 +369,6 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
                     };
                     return Ok(Some((Box::new(outcome), fingerprint, slot)));
                 }
-                Err(e) => return Err(Error::Fetch(e)),
             };
             // OAuth2: a fresh access token (refreshed, and the Secret rewritten, if needed).
             let fetched = Box::pin(ctx.tokens.prepare(p, fetched)).await;
@@ -620,13 +623,13 @@ async fn write(
     apply(api, p, status, ctx, slot).await
 }
 
-/// `write`, in a slot already taken. Counts the refusals in a row (see [`retry_after`]).
+/// `write`, in a slot already taken.
 async fn apply(
     api: &Api<IncomingMailProvider>,
     p: &IncomingMailProvider,
     status: &IncomingMailProviderStatus,
     ctx: &Context,
-    slot: WriteSlot<'_>,
+    _slot: WriteSlot<'_>,
 ) -> Result<(), Error> {
     let key = ObjectRef::from_obj(p);
     // The slot may have taken a while: a provider deleted, or deleted and created again
@@ -635,48 +638,40 @@ async fn apply(
     if !still_there(p, ctx.provider(&key).as_deref()) {
         return Err(Error::Gone);
     }
-    let written = send(api, p, status, ctx, slot).await;
-    let mut refusals = ctx.refusals.lock().unwrap();
-    match &written {
-        Err(e) if e.write_refused() => {
-            let n = refusals.entry(key).or_default();
-            *n = n.saturating_add(1);
-        }
-        _ => {
-            refusals.remove(&key);
-        }
-    }
-    written
-}
-
-async fn send(
-    api: &Api<IncomingMailProvider>,
-    p: &IncomingMailProvider,
-    status: &IncomingMailProviderStatus,
-    ctx: &Context,
-    _slot: WriteSlot<'_>,
-) -> Result<(), Error> {
     let patch = json!({
         "apiVersion": IncomingMailProvider::api_version(&()),
         "kind": IncomingMailProvider::kind(&()),
         "status": status,
     });
-    // What `Api::patch_status` sends, without decoding the object the API server sends
-    // back: nothing reads it, and decoding it (managedFields and all) took about 4% of the
-    // controller's CPU in steady state.
-    let mut request = kube::core::Request::new(api.resource_url())
-        .patch_subresource(
-            "status",
-            &p.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .map_err(|e| Error::WriteStatus(kube::Error::BuildRequest(e)))?;
-    request.extensions_mut().insert("patch_subresource");
-    ctx.client
-        .request_text(request)
-        .await
-        .map_err(Error::WriteStatus)?;
+    let written = async {
+        // What `Api::patch_status` sends, without decoding the object the API server
+        // sends back: nothing reads it, and decoding it (managedFields and all) took about
+        // 4% of the controller's CPU in steady state.
+        let mut request = kube::core::Request::new(api.resource_url())
+            .patch_subresource(
+                "status",
+                &p.name_any(),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .map_err(kube::Error::BuildRequest)?;
+        request.extensions_mut().insert("patch_subresource");
+        ctx.client.request_text(request).await
+    }
+    .await
+    .map_err(Error::WriteStatus);
+    // Refusals in a row (see `retry_after`): any other answer ends the row.
+    match &written {
+        Err(e) if e.write_refused() => {
+            let mut refusals = ctx.refusals.lock().unwrap();
+            let n = refusals.entry(key).or_default();
+            *n = n.saturating_add(1);
+        }
+        _ => {
+            ctx.refusals.lock().unwrap().remove(&key);
+        }
+    }
+    written?;
     ctx.metrics.api_write("status");
     if let Some(ready) = status::ready(Some(status)) {
         let ns = p.namespace().unwrap_or_default();

@@ -34,7 +34,6 @@ use super::session::{Greeting, MailSession, Mechanism};
 use super::stream::{Limits, Meter, Tcp, Wire, limit_exceeded};
 use super::{Failure, MailboxInfo, Step};
 use crate::api::{Protocol, Reason};
-use secrecy::zeroize::Zeroizing;
 
 enum State {
     /// Not authenticated, or logged in other than by async-imap's LOGIN (PREAUTH, our own
@@ -243,18 +242,21 @@ impl Imap {
             then_tag
         });
         self.mark();
-        self.write(step, lines.as_bytes()).await?;
+        self.write(step, &[&lines]).await?;
         Ok((tag, then_tag))
     }
 
-    /// Writes `bytes` and flushes them.
-    async fn write(&mut self, step: Step, bytes: &[u8]) -> Result<(), Failure> {
+    /// Writes `parts` and flushes them: one record, as the wire keeps what is written
+    /// until the flush.
+    async fn write(&mut self, step: Step, parts: &[&str]) -> Result<(), Failure> {
         let Some(conn) = self.conn() else {
             return Err(self.closed(step));
         };
         let written = async {
             let wire = conn.get_mut();
-            wire.write_all(bytes).await?;
+            for part in parts {
+                wire.write_all(part.as_bytes()).await?;
+            }
             wire.flush().await
         }
         .await;
@@ -374,20 +376,23 @@ impl Imap {
         } else {
             None
         };
-        // Sized first: growing it would leave a copy of the credentials behind.
+        // Written in pieces (the wire keeps them for one flush): a line joined first would
+        // leave another copy of the credentials behind.
         let encoded = initial.map(|initial| sasl::encode(&initial));
-        let mut line = Zeroizing::new(String::with_capacity(
-            tag.len() + 40 + encoded.as_ref().map_or(0, |e| e.len()),
-        ));
-        line.push_str(&tag);
-        line.push_str(" AUTHENTICATE ");
-        line.push_str(exchange.mechanism());
-        if let Some(encoded) = &encoded {
-            line.push(' ');
-            line.push_str(encoded);
-        }
-        line.push_str("\r\n");
-        self.write(step, line.as_bytes()).await?;
+        let (space, initial) = match encoded.as_deref() {
+            Some(encoded) => (" ", encoded.as_str()),
+            None => ("", ""),
+        };
+        let mechanism = exchange.mechanism();
+        let line = [
+            tag.as_str(),
+            " AUTHENTICATE ",
+            mechanism,
+            space,
+            initial,
+            "\r\n",
+        ];
+        self.write(step, &line).await?;
         loop {
             let Some(conn) = self.conn() else {
                 return Err(self.closed(step));
@@ -429,11 +434,7 @@ impl Imap {
                 ));
             };
             let response = sasl::encode(&exchange.respond(&challenge));
-            // Sized first: growing it would leave a copy of the credentials behind.
-            let mut answer = Zeroizing::new(String::with_capacity(response.len() + 2));
-            answer.push_str(&response);
-            answer.push_str("\r\n");
-            self.write(step, answer.as_bytes()).await?;
+            self.write(step, &[&response, "\r\n"]).await?;
         }
     }
 

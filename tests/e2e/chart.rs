@@ -2041,25 +2041,24 @@ fn controller_as(
     Controller { child, log }
 }
 
-/// Waits until the provider's Ready reason is `reason`; on timeout, says what it saw and
-/// what the controller logged.
+/// Waits until the provider's Ready reason is `reason` and returns its Ready condition; on
+/// timeout, says what it saw and what the controller logged.
 async fn wait_ready_reason(
     env: &Env,
     ns: &str,
     name_: &str,
     reason: &str,
     controller: &Controller,
-) {
+) -> Value {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let out = kubectl_in(env, ns, &["get", "imp", name_, "-o", "json"]);
         let p = serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null);
         let ready = p["status"]["conditions"]
             .as_array()
-            .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
-            .map(|c| c["reason"].as_str().unwrap_or_default().to_string());
-        if ready.as_deref() == Some(reason) {
-            return;
+            .and_then(|c| c.iter().find(|c| c["type"] == "Ready"));
+        if let Some(ready) = ready.filter(|c| c["reason"] == reason) {
+            return ready.clone();
         }
         assert!(
             Instant::now() < deadline,
@@ -2277,6 +2276,12 @@ async fn a_namespace_whose_secrets_are_forbidden_stops_no_other() {
     let out = kubectl_in(&env, &team_b, &["get", "role", &role, "-o", "json"]);
     assert!(out.status.success(), "{}", text(&out));
     let mut r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let replace_role = |role: &Value| {
+        let mut cmd = env.bed.kubectl();
+        cmd.args(["-n", &team_b, "replace", "-f", "-"]);
+        let out = with_input(cmd, &role.to_string());
+        assert!(out.status.success(), "{}", text(&out));
+    };
     let mut original = r.clone();
     original["metadata"]
         .as_object_mut()
@@ -2290,10 +2295,7 @@ async fn a_namespace_whose_secrets_are_forbidden_stops_no_other() {
         .cloned()
         .collect();
     r["rules"] = Value::Array(rules);
-    let mut cmd = env.bed.kubectl();
-    cmd.args(["-n", &team_b, "replace", "-f", "-"]);
-    let out = with_input(cmd, &r.to_string());
-    assert!(out.status.success(), "{}", text(&out));
+    replace_role(&r);
     let out = kubectl_as(
         &env,
         &kubeconfig,
@@ -2345,16 +2347,7 @@ async fn a_namespace_whose_secrets_are_forbidden_stops_no_other() {
     let started = Instant::now();
     let controller = controller_as(&env, &kubeconfig, &chart, &[], &env.ns);
     wait_ready_reason(&env, &team_b, "anon", "Connected", &controller).await;
-    wait_ready_reason(&env, &team_b, "mine", "AccessDenied", &controller).await;
-    let out = kubectl_in(&env, &team_b, &["get", "imp", "mine", "-o", "json"]);
-    let p: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let ready = p["status"]["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == "Ready")
-        .unwrap()
-        .clone();
+    let ready = wait_ready_reason(&env, &team_b, "mine", "AccessDenied", &controller).await;
     let message = ready["message"].as_str().unwrap();
     assert_eq!(ready["status"], "False", "{ready}");
     for needed in [
@@ -2389,10 +2382,7 @@ async fn a_namespace_whose_secrets_are_forbidden_stops_no_other() {
     );
 
     // The Role given back its Secrets rule: tested at once, Ready.
-    let mut cmd = env.bed.kubectl();
-    cmd.args(["-n", &team_b, "replace", "-f", "-"]);
-    let out = with_input(cmd, &original.to_string());
-    assert!(out.status.success(), "{}", text(&out));
+    replace_role(&original);
     let restored = Instant::now();
     wait_ready_reason(&env, &team_b, "mine", "Connected", &controller).await;
     assert!(
@@ -2410,22 +2400,11 @@ async fn a_namespace_whose_secrets_are_forbidden_stops_no_other() {
             rule["verbs"] = json!(["list", "watch"]);
         }
     }
-    let mut cmd = env.bed.kubectl();
-    cmd.args(["-n", &team_b, "replace", "-f", "-"]);
-    let out = with_input(cmd, &no_get.to_string());
-    assert!(out.status.success(), "{}", text(&out));
+    replace_role(&no_get);
     let out = kubectl_in(&env, &team_b, &["label", "secret", "alice", "rotated=1"]);
     assert!(out.status.success(), "{}", text(&out));
-    wait_ready_reason(&env, &team_b, "mine", "AccessDenied", &controller).await;
-    let out = kubectl_in(&env, &team_b, &["get", "imp", "mine", "-o", "json"]);
-    let p: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let message = p["status"]["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == "Ready")
-        .map(|c| c["message"].to_string())
-        .unwrap();
+    let ready = wait_ready_reason(&env, &team_b, "mine", "AccessDenied", &controller).await;
+    let message = ready["message"].to_string();
     assert!(
         message.contains("may not read a Secret or ConfigMap")
             && message.contains("cannot get resource"),
