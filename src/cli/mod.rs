@@ -240,25 +240,16 @@ fn kubeconfig_files() -> anyhow::Result<Option<kube::config::Kubeconfig>> {
     Ok(Some(merged))
 }
 
-/// A `--timeout`: seconds, or a number with `s`, `m` or `h` (`90`, `90s`, `2m`, `1h`), as
-/// kubectl's flags beside it take.
+/// A `--timeout`: seconds, or a duration as the provider's own fields take it (`90`,
+/// `90s`, `2m`, `1h30m`); a fraction of a second counts as a whole one.
 pub fn seconds(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let (number, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        Some((at, _)) => text.split_at(at),
-        None => (text, "s"),
-    };
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?}: give seconds or a duration such as 90s, 2m or 1h"))?;
-    let scale = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        _ => return Err(format!("{text:?}: the unit must be s, m or h")),
-    };
-    n.checked_mul(scale)
-        .ok_or_else(|| format!("{text:?}: too long"))
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return text.parse().map_err(|_| format!("{text:?}: too long"));
+    }
+    crate::api::parse_duration(text)
+        .map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0))
+        .map_err(|_| format!("{text:?}: give seconds or a duration such as 90s, 2m or 1h30m"))
 }
 
 /// The API server the command talks to, for an error that never reached it.
@@ -341,10 +332,18 @@ mod tests {
 
     #[test]
     fn timeouts_take_seconds_or_a_duration() {
-        for (text, seconds) in [("90", 90), ("90s", 90), ("2m", 120), ("1h", 3600)] {
+        for (text, seconds) in [
+            ("90", 90),
+            ("90s", 90),
+            ("2m", 120),
+            ("1h", 3600),
+            ("1m30s", 90),
+            ("1.5m", 90),
+            ("500ms", 1),
+        ] {
             assert_eq!(super::seconds(text), Ok(seconds), "{text}");
         }
-        for bad in ["", "m", "2 minutes", "1.5m", "2d", "-1"] {
+        for bad in ["", "m", "2 minutes", "2d", "-1", "1h 30m"] {
             assert!(super::seconds(bad).is_err(), "{bad}");
         }
     }
