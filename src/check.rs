@@ -87,7 +87,10 @@ pub async fn run(spec: &IncomingMailProviderSpec, objects: &Fetched) -> Outcome 
     let endpoint = Endpoint::of(spec);
     let anonymous = spec.authentication.method == crate::api::AuthMethod::None;
     let report = probe::run(&target, &login).await;
-    let (reason, message) = verdict(spec, &endpoint, &login, &report);
+    let (reason, mut message) = verdict(spec, &endpoint, &login, &report);
+    if let Some(warning) = &objects.token_warning {
+        message.push_str(&format!("; WARNING: {warning}"));
+    }
     Outcome {
         endpoint,
         report: Some(report),

@@ -26,7 +26,7 @@ use crate::api::oauth2::{endpoints, plaintext_endpoints, scopes};
 use crate::api::{AuthMethod, IncomingMailProvider, OAuth2Flow, OAuth2Provider};
 use crate::credentials::http::post_form;
 use crate::credentials::tokens::{
-    self, Grant, REFRESH_TOKEN, TOKEN_REQUEST_TIMEOUT, read_grant, token_tls, updated_secret,
+    self, Grant, REFRESH_TOKEN, TOKEN_REQUEST_TIMEOUT, read_grant, signed_in_secret, token_tls,
 };
 
 #[derive(clap::Args, Debug)]
@@ -51,9 +51,10 @@ pub struct AuthorizeArgs {
     #[arg(long)]
     pub no_wait: bool,
     /// How long to wait for the sign-in, and then for the controller's test: seconds, or
-    /// 90s, 5m, 1h.
-    #[arg(long, default_value = "300", value_parser = super::seconds)]
-    pub timeout: u64,
+    /// 90s, 5m, 1h [default: 300; with --device, the sign-in waits as long as its code is
+    /// valid, which the server says]
+    #[arg(long, value_parser = super::seconds)]
+    pub timeout: Option<u64>,
 }
 
 pub async fn run(args: AuthorizeArgs) -> anyhow::Result<i32> {
@@ -128,7 +129,7 @@ pub async fn run(args: AuthorizeArgs) -> anyhow::Result<i32> {
         .clone()
         .context("spec.authentication.oauth2.tokenURL is required")?;
     let scope = scopes(&o, provider.spec.server.protocol).join(" ");
-    let deadline = Instant::now() + Duration::from_secs(args.timeout);
+    let wait = Duration::from_secs(args.timeout.unwrap_or(DEFAULT_TIMEOUT));
 
     let grant = if args.device || o.flow == OAuth2Flow::DeviceCode {
         if o.provider == OAuth2Provider::Google {
@@ -146,7 +147,8 @@ pub async fn run(args: AuthorizeArgs) -> anyhow::Result<i32> {
             &scope,
             &device_url,
             &token_url,
-            deadline,
+            args.timeout
+                .map(|t| Instant::now() + Duration::from_secs(t)),
         )
         .await?
     } else {
@@ -163,12 +165,22 @@ pub async fn run(args: AuthorizeArgs) -> anyhow::Result<i32> {
             &token_url,
             o.provider,
             !args.no_browser,
-            deadline,
+            Instant::now() + wait,
         )
         .await?
     };
     store(&secrets, &secret_name, &grant).await?;
     eprintln!("Stored the tokens in Secret {ns}/{secret_name}.");
+    if grant.refresh_token.is_none() {
+        eprintln!(
+            "warning: the token endpoint granted no refresh token, so the controller cannot renew the access token: {ns}/{} works until it expires{}, then needs this command again. Most servers grant one only for the offline_access scope (spec.authentication.oauth2.scopes).",
+            args.name,
+            grant
+                .expires_in
+                .map(|s| format!(" (in {s} s)"))
+                .unwrap_or_default()
+        );
+    }
     let requested = request_check(&providers, &args.name).await?;
     if args.no_wait {
         return Ok(0);
@@ -176,8 +188,12 @@ pub async fn run(args: AuthorizeArgs) -> anyhow::Result<i32> {
     eprintln!("Asked the controller for a test; waiting for it…");
     let pending = vec![((ns.clone(), args.name.clone()), requested)];
     let scope = Scope::namespace(client, &ns);
-    wait_for_tests(&scope, pending, Duration::from_secs(args.timeout)).await
+    wait_for_tests(&scope, pending, wait).await
 }
+
+/// How long the sign-in (browser) and then the controller's test are waited for, in
+/// seconds, without `--timeout`.
+const DEFAULT_TIMEOUT: u64 = 300;
 
 fn random_urlsafe(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
@@ -432,7 +448,7 @@ async fn exchange(
     let (status, body) = post_form(tls, token_url, form, TOKEN_REQUEST_TIMEOUT)
         .await
         .map_err(anyhow::Error::msg)?;
-    match read_grant(status, &body) {
+    match read_grant(status, &body, form) {
         Grant::Tokens(t) => Ok(t),
         Grant::Refused { error, description } => {
             bail!("the token endpoint {token_url} refused: {error}: {description}")
@@ -464,17 +480,21 @@ async fn device_flow(
     scope: &str,
     device_url: &str,
     token_url: &str,
-    deadline: Instant,
+    limit: Option<Instant>,
 ) -> anyhow::Result<tokens::TokenResponse> {
     let mut form = vec![("client_id", SecretString::from(client_id.to_string()))];
     if !scope.is_empty() {
         form.push(("scope", SecretString::from(scope.to_string())));
     }
+    // A confidential client authenticates here too (RFC 8628 §3.1), not only when it polls.
+    if let Some(c) = client_secret {
+        form.push(("client_secret", c.clone()));
+    }
     let (status, body) = post_form(tls, device_url, &form, TOKEN_REQUEST_TIMEOUT)
         .await
         .map_err(anyhow::Error::msg)?;
     if status != 200 {
-        match read_grant(status, &body) {
+        match read_grant(status, &body, &form) {
             Grant::Refused { error, description } => {
                 bail!(
                     "the device authorization endpoint {device_url} refused: {error}: {description}"
@@ -504,8 +524,14 @@ async fn device_flow(
     let expires = Instant::now() + Duration::from_secs(d.expires_in.unwrap_or(900));
     let device_code = SecretString::from(d.device_code);
     loop {
-        if Instant::now() > deadline || Instant::now() > expires {
+        if Instant::now() > expires {
             bail!("the code expired before the sign-in finished: run the command again");
+        }
+        if limit.is_some_and(|l| Instant::now() > l) {
+            bail!(
+                "no sign-in within --timeout (the code is still valid for {} s): run the command again, with a longer --timeout or none",
+                expires.saturating_duration_since(Instant::now()).as_secs()
+            );
         }
         tokio::time::sleep(interval).await;
         let mut form = vec![
@@ -526,7 +552,7 @@ async fn device_flow(
                 continue;
             }
         };
-        match read_grant(status, &body) {
+        match read_grant(status, &body, &form) {
             Grant::Tokens(t) => return Ok(t),
             Grant::Refused { error, .. } if error == "authorization_pending" => {}
             Grant::Refused { error, .. } if error == "slow_down" => {
@@ -555,7 +581,7 @@ async fn store(
 ) -> anyhow::Result<()> {
     for _ in 0..5 {
         let current = secrets.get_opt(name).await?;
-        let mut updated = updated_secret(current.as_ref(), grant, Timestamp::now());
+        let mut updated = signed_in_secret(current.as_ref(), grant, Timestamp::now());
         let result = match current {
             Some(_) => {
                 secrets
@@ -590,13 +616,21 @@ async fn revoke(
         return Ok(());
     };
     let refresh = tokens::TokenSet::from_secret(&secret).refresh_token;
-    if let (Some(url), Some(token)) = (endpoints(o).revocation, refresh) {
-        let form = [("token", token)];
-        match post_form(tls, &url, &form, TOKEN_REQUEST_TIMEOUT).await {
-            Ok((200, _)) => eprintln!("Revoked the refresh token at {url}."),
-            Ok((status, _)) => eprintln!("The revocation endpoint {url} answered HTTP {status}."),
-            Err(message) => eprintln!("Could not revoke the refresh token: {message}"),
+    match (endpoints(o).revocation, refresh) {
+        (Some(url), Some(token)) => {
+            let form = [("token", token)];
+            match post_form(tls, &url, &form, TOKEN_REQUEST_TIMEOUT).await {
+                Ok((200, _)) => eprintln!("Revoked the refresh token at {url}."),
+                Ok((status, _)) => {
+                    eprintln!("The revocation endpoint {url} answered HTTP {status}.")
+                }
+                Err(message) => eprintln!("Could not revoke the refresh token: {message}"),
+            }
         }
+        (None, Some(_)) => eprintln!(
+            "Note: mailroom knows no revocation endpoint for this provider, so the refresh token stays valid at the identity provider until it expires or is revoked there (for Microsoft Entra ID: revoke the user's sessions, or the app's consent)."
+        ),
+        _ => {}
     }
     const TOKEN_KEYS: [&str; 4] = [
         REFRESH_TOKEN,

@@ -4,6 +4,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
@@ -128,6 +129,7 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
     // Secret from the files is only used, never refreshed: the refresh would read and
     // write the cluster's copy, and the new tokens could be stored nowhere while a
     // rotating endpoint retires the file's refresh token.
+    let mut tokens = None;
     let fetched = match &client {
         _ if token_in_files => Fetched {
             provider: provider.name_any(),
@@ -135,7 +137,11 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
             ..fetched
         },
         Ok(client) => match crate::credentials::tokens::TokenManager::new(client.clone()) {
-            Ok(tokens) => tokens.prepare(&provider, fetched).await,
+            Ok(manager) => {
+                let fetched = manager.prepare_once(&provider, fetched).await;
+                tokens = Some(manager);
+                fetched
+            }
             Err(_) => fetched,
         },
         Err(_) => Fetched {
@@ -145,9 +151,21 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
     };
     let label = format!("{}/{}", fetched.namespace, provider.name_any());
     let outcome = check::run(&provider.spec, &fetched).await;
+    // A rotated refresh token that could not be stored would be lost with this process.
+    let unstored = match &tokens {
+        Some(manager) => manager.store_kept(Duration::from_secs(10)).await,
+        None => Vec::new(),
+    };
     let mut out = std::io::stdout().lock();
     print_outcome(&mut out, &label, &outcome)?;
-    Ok(if outcome.is_ready() { 0 } else { 1 })
+    for line in &unstored {
+        eprintln!("error: {line}");
+    }
+    Ok(if outcome.is_ready() && unstored.is_empty() {
+        0
+    } else {
+        1
+    })
 }
 
 /// The OAuth2 token Secret a provider names, if it logs in with OAuth2.

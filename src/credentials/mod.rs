@@ -62,7 +62,8 @@ impl CredentialError {
 }
 
 /// The referenced objects, fetched by the caller, keyed by name (same namespace).
-#[derive(Default, Clone, Debug)]
+/// `Debug` names the objects and shows none of their data.
+#[derive(Default, Clone)]
 pub struct Fetched {
     pub namespace: String,
     /// The provider's name, where known: messages that give a command name it.
@@ -72,6 +73,22 @@ pub struct Fetched {
     /// OAuth2: why the token manager could not provide a usable access token, if it could
     /// not (the controller sets it; without it, the token Secret's cached token is used).
     pub token_problem: Option<(Reason, String)>,
+    /// OAuth2: what the provider's status should warn of although a token is at hand
+    /// (rotated tokens the token manager could not store).
+    pub token_warning: Option<String>,
+}
+
+impl std::fmt::Debug for Fetched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fetched")
+            .field("namespace", &self.namespace)
+            .field("provider", &self.provider)
+            .field("secrets", &self.secrets.keys().collect::<Vec<_>>())
+            .field("config_maps", &self.config_maps.keys().collect::<Vec<_>>())
+            .field("token_problem", &self.token_problem)
+            .field("token_warning", &self.token_warning)
+            .finish()
+    }
 }
 
 /// The login a test uses.

@@ -38,6 +38,8 @@ pub const TOKEN_LABEL: &str = "mailroom.dev/oauth2-tokens";
 
 /// An access token is refreshed when it has less than this left.
 pub const REFRESH_AHEAD: Duration = Duration::from_secs(5 * 60);
+/// The least time left for an access token to be used in a test.
+const USABLE: Duration = Duration::from_secs(10);
 /// Bound on one request to a token endpoint.
 pub const TOKEN_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -126,18 +128,16 @@ impl TokenSet {
 
     /// Whether the access token is usable at `now` (with a few seconds for the test).
     pub fn access_valid(&self, now: Timestamp) -> bool {
-        self.access_token.is_some()
-            && self
-                .expires_at
-                .is_none_or(|e| remaining(e, now) > Duration::from_secs(10))
+        self.access_token.is_some() && self.expires_at.is_none_or(|e| remaining(e, now) > USABLE)
     }
 
-    /// Whether the access token can be used without refreshing.
-    pub fn access_fresh(&self, now: Timestamp) -> bool {
+    /// Whether the access token can be used without refreshing: it has more than
+    /// `ahead` left (and at least what [`Self::access_valid`] asks).
+    pub fn access_fresh(&self, now: Timestamp, ahead: Duration) -> bool {
         self.access_token.is_some()
             && self
                 .expires_at
-                .is_some_and(|e| remaining(e, now) > REFRESH_AHEAD)
+                .is_some_and(|e| remaining(e, now) > ahead.max(USABLE))
     }
 
     fn same_refresh_token(&self, other: &TokenSet) -> bool {
@@ -166,9 +166,10 @@ pub enum Plan {
     Required,
 }
 
-/// The pure decision before a test.
-pub fn plan(flow: OAuth2Flow, tokens: Option<&TokenSet>, now: Timestamp) -> Plan {
-    if tokens.is_some_and(|t| t.access_fresh(now)) {
+/// The pure decision before a test: a token with more than `ahead` left is used
+/// ([`REFRESH_AHEAD`] for the controller).
+pub fn plan(flow: OAuth2Flow, tokens: Option<&TokenSet>, now: Timestamp, ahead: Duration) -> Plan {
+    if tokens.is_some_and(|t| t.access_fresh(now, ahead)) {
         return Plan::Use;
     }
     if flow == OAuth2Flow::ClientCredentials {
@@ -189,10 +190,27 @@ pub struct TokenResponse {
     pub access_token: SecretString,
     #[serde(default, deserialize_with = "optional_secret_string")]
     pub refresh_token: Option<SecretString>,
-    #[serde(default)]
+    /// A number, or a string holding one (as some endpoints send it).
+    #[serde(default, deserialize_with = "seconds")]
     pub expires_in: Option<u64>,
     #[serde(default)]
     pub scope: Option<String>,
+}
+
+fn seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum NumberOrText {
+        Number(u64),
+        Text(String),
+    }
+    match <Option<NumberOrText> as serde::Deserialize>::deserialize(d)? {
+        None => Ok(None),
+        Some(NumberOrText::Number(n)) => Ok(Some(n)),
+        Some(NumberOrText::Text(t)) => t.trim().parse().map(Some).map_err(|_| {
+            serde::de::Error::custom(format!("expires_in {t:?} is not a number of seconds"))
+        }),
+    }
 }
 
 impl std::fmt::Debug for TokenResponse {
@@ -237,32 +255,50 @@ struct ErrorBody {
     error_description: Option<String>,
 }
 
-/// Reads a token endpoint's answer.
-pub fn read_grant(status: u16, body: &[u8]) -> Grant {
+/// Reads a token endpoint's answer to `form`. The server's words are quoted in status,
+/// Events and logs, so any value of the form that is a secret (a refresh token, a client
+/// secret, a code) is cut out of them: some servers echo the token they refuse.
+pub fn read_grant(status: u16, body: &[u8], form: &[(&str, SecretString)]) -> Grant {
     if (200..300).contains(&status) {
         return match serde_json::from_slice::<TokenResponse>(body) {
             Ok(t) => Grant::Tokens(t),
+            Err(e) if e.is_data() => Grant::Failed(format!(
+                "HTTP {status} with a JSON body mailroom cannot use: {}",
+                scrub(&e.to_string(), form)
+            )),
             Err(_) => Grant::Failed(format!(
                 "HTTP {status} without an access_token in a JSON body"
             )),
         };
     }
     if let Ok(e) = serde_json::from_slice::<ErrorBody>(body) {
+        let description = e.error_description.unwrap_or_default();
+        let first_line = description.lines().next().unwrap_or_default();
         return Grant::Refused {
-            error: e.error.chars().take(100).collect(),
-            description: e
-                .error_description
-                .unwrap_or_default()
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .chars()
-                .take(300)
-                .collect(),
+            error: scrub(&e.error, form).chars().take(100).collect(),
+            description: scrub(first_line, form).chars().take(300).collect(),
         };
     }
-    let excerpt: String = String::from_utf8_lossy(body).chars().take(200).collect();
+    let excerpt: String = scrub(&String::from_utf8_lossy(body), form)
+        .chars()
+        .take(200)
+        .collect();
     Grant::Failed(format!("HTTP {status}: {:?}", excerpt.trim()))
+}
+
+/// `text` with every secret value of `form` replaced by `[redacted]`. The fields that
+/// are no secret (what is asked for, and by which client) stay, and so do values too
+/// short to be a token, which would cut ordinary words.
+fn scrub(text: &str, form: &[(&str, SecretString)]) -> String {
+    const PUBLIC: [&str; 4] = ["grant_type", "client_id", "scope", "redirect_uri"];
+    let mut out = text.to_string();
+    for (name, value) in form {
+        let value = value.expose_secret();
+        if !PUBLIC.contains(name) && value.len() >= 8 {
+            out = out.replace(value, "[redacted]");
+        }
+    }
+    out
 }
 
 /// The token Secret after a grant: the new tokens over the old keys; a refresh token the
@@ -295,6 +331,21 @@ pub fn updated_secret(current: Option<&Secret>, grant: &TokenResponse, now: Time
         .labels
         .get_or_insert_with(BTreeMap::new)
         .insert(TOKEN_LABEL.into(), "true".into());
+    secret
+}
+
+/// The token Secret after a new sign-in (`mailroom authorize`): as [`updated_secret`],
+/// but a sign-in replaces every token, so a refresh token (or scope) it did not grant is
+/// removed rather than kept from an earlier sign-in, perhaps of another account.
+pub fn signed_in_secret(current: Option<&Secret>, grant: &TokenResponse, now: Timestamp) -> Secret {
+    let mut secret = updated_secret(current, grant, now);
+    let data = secret.data.get_or_insert_with(BTreeMap::new);
+    if grant.refresh_token.is_none() {
+        data.remove(REFRESH_TOKEN);
+    }
+    if grant.scope.is_none() {
+        data.remove(SCOPE);
+    }
     secret
 }
 
@@ -412,6 +463,37 @@ struct Unsaved {
     replaced: TokenSet,
     grant: TokenResponse,
     granted_at: Timestamp,
+    /// Why it is not stored (the last write's error), for the provider's status.
+    why: String,
+}
+
+/// Token Secret (namespace, name) to what is kept for it.
+type BySecret<T> = Arc<Mutex<HashMap<(String, String), T>>>;
+
+fn key(namespace: &str, name: &str) -> (String, String) {
+    (namespace.to_string(), name.to_string())
+}
+
+/// Keeps a grant not stored yet. A grant already kept for the Secret was made from it,
+/// so the Secret still holds what that one replaced.
+fn keep(
+    unsaved: &BySecret<Unsaved>,
+    at: (String, String),
+    replaced: TokenSet,
+    grant: TokenResponse,
+    why: String,
+) {
+    let mut unsaved = unsaved.lock().unwrap();
+    let replaced = unsaved.get(&at).map_or(replaced, |k| k.replaced.clone());
+    unsaved.insert(
+        at,
+        Unsaved {
+            replaced,
+            grant,
+            granted_at: Timestamp::now(),
+            why,
+        },
+    );
 }
 
 /// What became of the grant kept for a token Secret.
@@ -424,74 +506,30 @@ enum Kept {
     Unstored(Secret, kube::Error),
 }
 
-/// A grant between the token endpoint's answer and its write-back. Dropped before it is
-/// settled (its test cancelled, as a stopping controller does after its drain), the grant
-/// is kept as unsaved, for [`TokenManager::store_kept`]: a token endpoint that rotates
-/// refresh tokens has already retired the one the Secret holds. Had the write landed,
-/// the Secret holds other tokens than those the grant replaced, and it is dropped then.
-struct Unsettled<'a> {
-    manager: &'a TokenManager,
-    namespace: &'a str,
-    name: &'a str,
-    replaced: &'a TokenSet,
-    grant: &'a TokenResponse,
-    armed: bool,
-}
-
-impl<'a> Unsettled<'a> {
-    fn arm(
-        manager: &'a TokenManager,
-        namespace: &'a str,
-        name: &'a str,
-        replaced: &'a TokenSet,
-        grant: &'a TokenResponse,
-    ) -> Self {
-        Unsettled {
-            manager,
-            namespace,
-            name,
-            replaced,
-            grant,
-            armed: true,
-        }
-    }
-
-    fn disarm(mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for Unsettled<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            tracing::warn!(secret = %self.name, "stopped before the new tokens were stored; keeping them to store before exit");
-            self.manager.keep(
-                self.namespace,
-                self.name,
-                self.replaced.clone(),
-                self.grant.clone(),
-            );
-        }
-    }
-}
-
 /// Held while one token Secret is refreshed.
 type SecretLock = Arc<tokio::sync::Mutex<()>>;
 
 /// Keeps access tokens fresh for the controller: refreshes ahead of expiry, writes rotated
 /// refresh tokens back at once with optimistic concurrency, and never refreshes one
 /// token Secret twice at once (a per-Secret async mutex; across replicas, the
-/// resourceVersion check).
+/// resourceVersion check). It never creates a Secret: `mailroom authorize` does, as the
+/// user, so the controller needs no right to create Secrets.
 pub struct TokenManager {
     client: Client,
     tls: Arc<rustls::ClientConfig>,
     locks: Mutex<HashMap<(String, String), SecretLock>>,
     /// The token Secrets it rewrote, for the controller to tell from changes.
     own: Arc<OwnWrites>,
-    /// Tokens granted whose write-back failed, by token Secret (namespace, name): kept
-    /// and used until a write succeeds, since a token endpoint that rotates refresh
-    /// tokens no longer takes the one the Secret still holds.
-    unsaved: Mutex<HashMap<(String, String), Unsaved>>,
+    /// Tokens granted from a refresh token but not stored (yet), by token Secret: kept and
+    /// used until a write succeeds, since a token endpoint that rotates refresh tokens no
+    /// longer takes the one the Secret still holds. A grant is kept here the moment it
+    /// arrives, and forgotten once written.
+    unsaved: BySecret<Unsaved>,
+    /// App-only (ClientCredentials) tokens whose token Secret is missing or not marked as
+    /// mailroom's: such a grant replaces nothing, so memory is enough.
+    app: BySecret<Secret>,
+    /// Token requests in flight, each in a task of its own (see [`Self::exchange`]).
+    exchanges: tokio_util::task::TaskTracker,
     /// Tokens obtained from the token endpoint since [`Self::take_refreshes`] last ran.
     refreshes: std::sync::atomic::AtomicU64,
 }
@@ -508,7 +546,9 @@ impl TokenManager {
             tls: token_tls()?,
             locks: Mutex::new(HashMap::new()),
             own: Arc::default(),
-            unsaved: Mutex::default(),
+            unsaved: Arc::default(),
+            app: Arc::default(),
+            exchanges: tokio_util::task::TaskTracker::new(),
             refreshes: Default::default(),
         })
     }
@@ -521,21 +561,66 @@ impl TokenManager {
     fn lock(&self, namespace: &str, name: &str) -> SecretLock {
         let mut locks = self.locks.lock().unwrap();
         locks.retain(|_, l| Arc::strong_count(l) > 1);
-        locks
-            .entry((namespace.to_string(), name.to_string()))
-            .or_default()
-            .clone()
+        locks.entry(key(namespace, name)).or_default().clone()
     }
 
     /// Makes sure `fetched` carries a fresh access token for `provider` (refreshing and
     /// writing the token Secret back if needed), or the reason there is none.
-    pub async fn prepare(&self, provider: &IncomingMailProvider, mut fetched: Fetched) -> Fetched {
-        fetched.provider = provider.name_any();
-        let spec = &provider.spec;
-        if spec.authentication.method != AuthMethod::OAuth2 {
+    pub async fn prepare(&self, provider: &IncomingMailProvider, fetched: Fetched) -> Fetched {
+        self.prepare_ahead(provider, fetched, REFRESH_AHEAD).await
+    }
+
+    /// As [`Self::prepare`], for one test run by a person (`mailroom check`): a token that
+    /// is still valid is used rather than refreshed ahead of time, and a refresh token is
+    /// redeemed only if the caller may store what replaces it (asked as a dry run), since
+    /// a token endpoint that rotates refresh tokens retires the Secret's at once.
+    pub async fn prepare_once(&self, provider: &IncomingMailProvider, fetched: Fetched) -> Fetched {
+        let Some(o) = oauth2_of(provider) else {
+            return fetched;
+        };
+        let name = &o.token_secret_ref.name;
+        let Some(secret) = fetched.secrets.get(name) else {
+            return self.prepare_ahead(provider, fetched, Duration::ZERO).await;
+        };
+        let tokens = TokenSet::from_secret(secret);
+        if o.flow == OAuth2Flow::ClientCredentials
+            || tokens.access_valid(Timestamp::now())
+            || tokens.refresh_token.is_none()
+        {
+            return self.prepare_ahead(provider, fetched, Duration::ZERO).await;
+        }
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &fetched.namespace);
+        let dry_run = PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        if let Err(kube::Error::Api(status)) = api.replace(name, &dry_run, secret).await
+            && matches!(status.code, 401 | 403)
+        {
+            let mut fetched = fetched;
+            fetched.token_problem = Some((
+                Reason::TokenRefreshFailed,
+                format!(
+                    "the access token in Secret {name:?} has expired, and refreshing it would retire the Secret's refresh token, but you may not store the new one there ({}); the controller refreshes it at its next test: `mailroom retest {} -n {}` asks for one now",
+                    status.message,
+                    provider.name_any(),
+                    fetched.namespace
+                ),
+            ));
             return fetched;
         }
-        let Some(o) = &spec.authentication.oauth2 else {
+        self.prepare_ahead(provider, fetched, Duration::ZERO).await
+    }
+
+    async fn prepare_ahead(
+        &self,
+        provider: &IncomingMailProvider,
+        mut fetched: Fetched,
+        ahead: Duration,
+    ) -> Fetched {
+        fetched.provider = provider.name_any();
+        let spec = &provider.spec;
+        let Some(o) = oauth2_of(provider) else {
             return fetched;
         };
         // Refused before any token is used, not only at the next refresh: an object
@@ -545,15 +630,21 @@ impl TokenManager {
             return fetched;
         }
         let secret_name = o.token_secret_ref.name.clone();
-        let cached = fetched.secrets.get(&secret_name).map(TokenSet::from_secret);
-        if plan(o.flow, cached.as_ref(), Timestamp::now()) == Plan::Use {
+        let namespace = fetched.namespace.clone();
+        let at = key(&namespace, &secret_name);
+        let in_memory = self.app.lock().unwrap().get(&at).cloned();
+        let cached = in_memory.as_ref().or(fetched.secrets.get(&secret_name));
+        let tokens = cached.map(TokenSet::from_secret);
+        if plan(o.flow, tokens.as_ref(), Timestamp::now(), ahead) == Plan::Use {
+            if let Some(secret) = in_memory {
+                fetched.secrets.insert(secret_name, secret);
+            }
             return fetched;
         }
-        let namespace = fetched.namespace.clone();
         let lock = self.lock(&namespace, &secret_name);
         let _guard = lock.lock().await;
         match self
-            .refresh(provider, o, &namespace, &secret_name, &fetched)
+            .refresh(provider, o, &namespace, &secret_name, &fetched, ahead)
             .await
         {
             Ok(secret) => {
@@ -561,13 +652,23 @@ impl TokenManager {
             }
             Err(problem) => fetched.token_problem = Some(problem),
         }
+        if let Some(kept) = self.unsaved.lock().unwrap().get(&at) {
+            fetched.token_warning = Some(format!(
+                "the rotated OAuth2 tokens could not be stored in Secret {:?} ({}): until a write succeeds they live only in this controller's memory, and the refresh token the Secret holds may no longer be valid",
+                at.1, kept.why
+            ));
+        }
         fetched
     }
 
-    /// Forgets what it keeps (unsaved grants, its own writes) for Secrets no provider
-    /// references any more.
+    /// Forgets what it keeps (unsaved grants, app-only tokens, its own writes) for
+    /// Secrets no provider references any more.
     pub fn retain(&self, mut keep: impl FnMut(&str, &str) -> bool) {
         self.unsaved
+            .lock()
+            .unwrap()
+            .retain(|(ns, name), _| keep(ns, name));
+        self.app
             .lock()
             .unwrap()
             .retain(|(ns, name), _| keep(ns, name));
@@ -575,33 +676,43 @@ impl TokenManager {
     }
 
     fn forget_unsaved(&self, namespace: &str, name: &str) {
-        let key = (namespace.to_string(), name.to_string());
-        self.unsaved.lock().unwrap().remove(&key);
+        self.unsaved.lock().unwrap().remove(&key(namespace, name));
     }
 
-    /// The token Secret as a refresh should see it: with the tokens of an earlier grant
-    /// whose write-back failed, stored now if the API server takes them, else only in
-    /// memory.
+    /// The token Secret as a refresh should see it, and the tokens the Secret really
+    /// holds: with the tokens of an earlier grant whose write-back failed, stored now if
+    /// the API server takes them, else only in memory.
     async fn with_unsaved(
         &self,
         api: &Api<Secret>,
         namespace: &str,
         name: &str,
         current: Option<Secret>,
-    ) -> Option<Secret> {
-        match self.store_unsaved(api, namespace, name, current).await {
-            Kept::None(current) => current,
-            Kept::Stored(stored) => Some(stored),
+    ) -> (Option<Secret>, TokenSet) {
+        let held = |s: Option<&Secret>| s.map(TokenSet::from_secret).unwrap_or_default();
+        match self
+            .store_unsaved(api, namespace, name, current.clone())
+            .await
+        {
+            Kept::None(current) => {
+                let h = held(current.as_ref());
+                (current, h)
+            }
+            Kept::Stored(stored) => {
+                let h = held(Some(&stored));
+                (Some(stored), h)
+            }
             Kept::Unstored(merged, e) => {
                 tracing::warn!(secret = name, error = %e, "still cannot store the new tokens; using them from memory");
-                Some(merged)
+                self.note_unsaved(namespace, name, &e);
+                (Some(merged), held(current.as_ref()))
             }
         }
     }
 
     /// Tries to store the grant kept for the Secret over `current`. A kept grant is
     /// dropped once the Secret holds other tokens than those it replaced (`mailroom
-    /// authorize`, another replica).
+    /// authorize`, another replica), or is gone (`mailroom authorize --revoke`).
     async fn store_unsaved(
         &self,
         api: &Api<Secret>,
@@ -609,24 +720,25 @@ impl TokenManager {
         name: &str,
         current: Option<Secret>,
     ) -> Kept {
-        let key = (namespace.to_string(), name.to_string());
-        let kept = self.unsaved.lock().unwrap().get(&key).cloned();
+        let kept = self
+            .unsaved
+            .lock()
+            .unwrap()
+            .get(&key(namespace, name))
+            .cloned();
         let Some(kept) = kept else {
             return Kept::None(current);
         };
-        let held = current
-            .as_ref()
-            .map(TokenSet::from_secret)
-            .unwrap_or_default();
-        if !held.same_refresh_token(&kept.replaced) {
+        let Some(held) = &current else {
+            self.forget_unsaved(namespace, name);
+            return Kept::None(current);
+        };
+        if !TokenSet::from_secret(held).same_refresh_token(&kept.replaced) {
             self.forget_unsaved(namespace, name);
             return Kept::None(current);
         }
-        let merged = updated_secret(current.as_ref(), &kept.grant, kept.granted_at);
-        match self
-            .write_back(api, namespace, name, current.as_ref(), &merged)
-            .await
-        {
+        let merged = updated_secret(Some(held), &kept.grant, kept.granted_at);
+        match self.write_back(api, namespace, name, held, &merged).await {
             Ok(stored) => {
                 self.forget_unsaved(namespace, name);
                 tracing::info!(secret = name, "stored the tokens kept since a failed write");
@@ -637,14 +749,17 @@ impl TokenManager {
     }
 
     /// Tries once more, within `within` in all, to store every grant kept since a failed
-    /// write: a stopping controller takes them with it, and a token endpoint that rotates
-    /// refresh tokens no longer takes the one the Secret holds. Called once no test runs.
-    pub async fn store_kept(&self, within: Duration) {
-        let keys: Vec<_> = self.unsaved.lock().unwrap().keys().cloned().collect();
-        if keys.is_empty() {
-            return;
-        }
+    /// write, once the token requests in flight have answered: a stopping controller
+    /// takes them with it, and a token endpoint that rotates refresh tokens no longer
+    /// takes the one the Secret holds. Called once no test runs. Returns what is still
+    /// not stored, one line per token Secret.
+    pub async fn store_kept(&self, within: Duration) -> Vec<String> {
         let store = async {
+            self.exchanges.close();
+            self.exchanges.wait().await;
+            // Open again for a replica that leads again after a lost Lease.
+            self.exchanges.reopen();
+            let keys: Vec<_> = self.unsaved.lock().unwrap().keys().cloned().collect();
             for (namespace, name) in &keys {
                 let lock = self.lock(namespace, name);
                 let _guard = lock.lock().await;
@@ -657,7 +772,7 @@ impl TokenManager {
                     Err(e) => Some(e),
                 };
                 if let Some(error) = failed {
-                    tracing::warn!(%namespace, secret = %name, %error, "could not store the new tokens before stopping");
+                    self.note_unsaved(namespace, name, &error);
                 }
             }
         };
@@ -667,65 +782,73 @@ impl TokenManager {
                 within
             );
         }
-        for (namespace, name) in self.unsaved.lock().unwrap().keys() {
-            tracing::error!(
-                %namespace,
-                secret = %name,
-                "stopping with OAuth2 tokens the API server did not store: if the token endpoint rotates refresh tokens, the Secret's is no longer valid; run `mailroom authorize` for the providers that use it"
-            );
+        let unsaved = self.unsaved.lock().unwrap();
+        let mut left: Vec<String> = unsaved
+            .iter()
+            .map(|((namespace, name), kept)| {
+                tracing::error!(
+                    %namespace,
+                    secret = %name,
+                    why = %kept.why,
+                    "stopping with OAuth2 tokens the API server did not store: if the token endpoint rotates refresh tokens, the Secret's is no longer valid; run `mailroom authorize` for the providers that use it"
+                );
+                format!(
+                    "the rotated OAuth2 tokens could not be stored in Secret {namespace}/{name} ({}); if the token endpoint rotates refresh tokens, the one the Secret holds is no longer valid: run `mailroom authorize` for the providers that use it",
+                    kept.why
+                )
+            })
+            .collect();
+        left.sort();
+        left
+    }
+
+    /// Records why the grant kept for a Secret is still not stored.
+    fn note_unsaved(&self, namespace: &str, name: &str, error: &kube::Error) {
+        if let Some(kept) = self.unsaved.lock().unwrap().get_mut(&key(namespace, name)) {
+            kept.why = write_error(error);
         }
     }
 
-    /// Keeps a grant whose write-back failed with `error`. A grant already kept for the
-    /// Secret was made from it, so the Secret still holds what that one replaced.
-    fn keep_unsaved(
+    /// Asks the token endpoint for a grant, in a task of its own: a grant that redeems a
+    /// refresh token is kept (as not stored yet) the moment it arrives, so that a test
+    /// cancelled meanwhile (a stopping controller, after its drain) loses no token that a
+    /// rotating endpoint has already replaced; [`Self::store_kept`] waits for these tasks.
+    async fn exchange(
         &self,
-        namespace: &str,
-        name: &str,
-        replaced: TokenSet,
-        grant: TokenResponse,
-        error: &kube::Error,
-    ) {
-        tracing::warn!(secret = name, %error, "could not store the new tokens; keeping them in memory");
-        self.keep(namespace, name, replaced, grant);
+        url: String,
+        form: Vec<(&'static str, SecretString)>,
+        at: (String, String),
+        held: TokenSet,
+    ) -> Grant {
+        let (tls, unsaved) = (self.tls.clone(), self.unsaved.clone());
+        let task = self.exchanges.spawn(async move {
+            let grant = match super::http::post_form(&tls, &url, &form, TOKEN_REQUEST_TIMEOUT).await
+            {
+                Ok((status, body)) => read_grant(status, &body, &form),
+                Err(message) => Grant::Failed(message),
+            };
+            if let Grant::Tokens(t) = &grant
+                && form.iter().any(|(k, _)| *k == REFRESH_TOKEN)
+            {
+                keep(&unsaved, at, held, t.clone(), "not written yet".into());
+            }
+            grant
+        });
+        task.await
+            .unwrap_or_else(|e| Grant::Failed(format!("the token request stopped: {e}")))
     }
 
-    /// Keeps a grant not stored yet (see [`Self::keep_unsaved`]).
-    fn keep(&self, namespace: &str, name: &str, replaced: TokenSet, grant: TokenResponse) {
-        let key = (namespace.to_string(), name.to_string());
-        let mut unsaved = self.unsaved.lock().unwrap();
-        let replaced = unsaved.get(&key).map_or(replaced, |k| k.replaced.clone());
-        unsaved.insert(
-            key,
-            Unsaved {
-                replaced,
-                grant,
-                granted_at: Timestamp::now(),
-            },
-        );
-    }
-
-    /// Writes `updated` over `current` (or creates it), marked as our own write.
+    /// Writes `updated` over `current`, marked as our own write.
     async fn write_back(
         &self,
         api: &Api<Secret>,
         namespace: &str,
         name: &str,
-        current: Option<&Secret>,
+        current: &Secret,
         updated: &Secret,
     ) -> Result<Secret, kube::Error> {
-        let pending = self
-            .own
-            .begin(namespace, name, current.and_then(|s| s.resource_version()));
-        let written = match current {
-            Some(_) => api.replace(name, &PostParams::default(), updated).await,
-            None => {
-                let mut fresh = updated.clone();
-                fresh.metadata.name = Some(name.to_string());
-                fresh.metadata.namespace = Some(namespace.to_string());
-                api.create(&PostParams::default(), &fresh).await
-            }
-        };
+        let pending = self.own.begin(namespace, name, current.resource_version());
+        let written = api.replace(name, &PostParams::default(), updated).await;
         if let Ok(secret) = &written
             && let Some(after) = secret.resource_version()
         {
@@ -736,72 +859,74 @@ impl TokenManager {
 
     /// Writes a grant back over `current` (see [`Self::write_back`]) and returns the
     /// Secret the test uses: stored, adopted from a newer write, or kept in memory.
+    /// `held` is the tokens `current` holds in the API server (not those of a grant kept
+    /// in memory): another writer is told by a change from them.
     #[allow(clippy::too_many_arguments)]
     async fn store_grant(
         &self,
         api: &Api<Secret>,
         namespace: &str,
         secret_name: &str,
-        current: Option<Secret>,
-        used: &TokenSet,
+        current: &Secret,
+        held: &TokenSet,
         response: &TokenResponse,
         what: &str,
     ) -> Secret {
-        let updated = updated_secret(current.as_ref(), response, Timestamp::now());
-        match self
-            .write_back(api, namespace, secret_name, current.as_ref(), &updated)
+        let updated = updated_secret(Some(current), response, Timestamp::now());
+        let error = match self
+            .write_back(api, namespace, secret_name, current, &updated)
             .await
         {
             Ok(secret) => {
+                self.forget_unsaved(namespace, secret_name);
                 tracing::info!(
                     secret = secret_name,
                     grant = what,
                     "stored a new access token"
                 );
-                secret
+                return secret;
             }
             Err(kube::Error::Api(status)) if status.code == 409 => {
-                // Changed (or created) meanwhile. If the refresh token is no longer
-                // the one used, the newer one is kept and ours is used for this test
-                // only; if it is, ours is written over it.
+                // Changed meanwhile. If the refresh token is no longer the one held, the
+                // newer one is kept and ours is used for this test only; if it is, ours
+                // is written over it.
                 let again = api.get_opt(secret_name).await.ok().flatten();
-                if let Some(again) = &again
-                    && !TokenSet::from_secret(again).same_refresh_token(used)
-                {
+                let Some(again) =
+                    again.filter(|a| TokenSet::from_secret(a).same_refresh_token(held))
+                else {
+                    // Rotated by another writer, or deleted (`authorize --revoke`).
                     self.forget_unsaved(namespace, secret_name);
-                    let mut local = again.clone();
-                    let data = local.data.get_or_insert_with(BTreeMap::new);
-                    data.insert(
-                        ACCESS_TOKEN.into(),
-                        ByteString(response.access_token.expose_secret().as_bytes().to_vec()),
-                    );
+                    let mut local = updated;
+                    local.metadata.resource_version = None;
                     return local;
-                }
-                let retry = updated_secret(again.as_ref(), response, Timestamp::now());
+                };
+                let retry = updated_secret(Some(&again), response, Timestamp::now());
                 match self
-                    .write_back(api, namespace, secret_name, again.as_ref(), &retry)
+                    .write_back(api, namespace, secret_name, &again, &retry)
                     .await
                 {
-                    Ok(secret) => secret,
-                    Err(e) => {
-                        // Never a second round: it would redeem the refresh token
-                        // this grant just replaced.
-                        self.keep_unsaved(
-                            namespace,
-                            secret_name,
-                            used.clone(),
-                            response.clone(),
-                            &e,
-                        );
-                        retry
+                    Ok(secret) => {
+                        self.forget_unsaved(namespace, secret_name);
+                        return secret;
                     }
+                    // Never a second round: it would redeem the refresh token this grant
+                    // just replaced.
+                    Err(e) => e,
                 }
             }
-            Err(e) => {
-                self.keep_unsaved(namespace, secret_name, used.clone(), response.clone(), &e);
-                updated
-            }
+            Err(e) => e,
+        };
+        tracing::warn!(secret = secret_name, %error, "could not store the new tokens; keeping them in memory");
+        if response_replaces(held) {
+            keep(
+                &self.unsaved,
+                key(namespace, secret_name),
+                held.clone(),
+                response.clone(),
+                write_error(&error),
+            );
         }
+        updated
     }
 
     async fn refresh(
@@ -811,10 +936,12 @@ impl TokenManager {
         namespace: &str,
         secret_name: &str,
         fetched: &Fetched,
+        ahead: Duration,
     ) -> Result<Secret, (Reason, String)> {
         let name = provider.name_any();
         let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
         let command = authorize_command(&name, namespace, o.flow);
+        let app_only = o.flow == OAuth2Flow::ClientCredentials;
         let Some(token_url) = endpoints(o).token else {
             return Err((
                 Reason::InvalidSpec,
@@ -849,15 +976,26 @@ impl TokenManager {
                     format!("reading Secret {namespace}/{secret_name}: {e}"),
                 )
             })?;
-            let current = self
+            let (current, held) = self
                 .with_unsaved(&api, namespace, secret_name, current)
                 .await;
-            let tokens = current.as_ref().map(TokenSet::from_secret);
+            // App-only tokens replace nothing: kept in memory when the Secret is not
+            // there to hold them, or not mailroom's to write.
+            let ours = current.as_ref().is_some_and(is_token_secret);
+            let in_memory = app_only && !ours;
+            // What the test would use: the Secret, or the app-only token in memory.
+            let source = if in_memory {
+                let app = self.app.lock().unwrap();
+                app.get(&key(namespace, secret_name)).cloned()
+            } else {
+                current.clone()
+            };
+            let tokens = source.as_ref().map(TokenSet::from_secret);
             let now = Timestamp::now();
-            let step = plan(o.flow, tokens.as_ref(), now);
+            let step = plan(o.flow, tokens.as_ref(), now, ahead);
             match step {
                 Plan::Use => {
-                    return Ok(current.expect("a usable token comes from a Secret"));
+                    return Ok(source.expect("a usable token comes from a Secret or memory"));
                 }
                 Plan::Required => {
                     return Err((
@@ -874,14 +1012,12 @@ impl TokenManager {
                 }
                 Plan::Refresh | Plan::ClientCredentials => {}
             }
-            if let Some(secret) = &current
-                && !is_token_secret(secret)
-            {
+            if !app_only && !ours {
                 // As when the token endpoint fails: the access token serves while valid.
                 let message = unmarked(namespace, secret_name, &command);
                 if tokens.as_ref().is_some_and(|t| t.access_valid(now)) {
                     tracing::warn!(%message, "not refreshing");
-                    return Ok(current.expect("checked above"));
+                    return Ok(current.expect("a refresh token comes from a Secret"));
                 }
                 return Err((Reason::AuthorizationRequired, message));
             }
@@ -898,13 +1034,14 @@ impl TokenManager {
             } else {
                 "refresh of the access token"
             };
-            let grant =
-                match super::http::post_form(&self.tls, &token_url, &form, TOKEN_REQUEST_TIMEOUT)
-                    .await
-                {
-                    Ok((status, body)) => read_grant(status, &body),
-                    Err(message) => Grant::Failed(message),
-                };
+            let grant = self
+                .exchange(
+                    token_url.clone(),
+                    form,
+                    key(namespace, secret_name),
+                    held.clone(),
+                )
+                .await;
             let response = match grant {
                 Grant::Tokens(t) => {
                     self.refreshes
@@ -918,7 +1055,7 @@ impl TokenManager {
                     for _ in 0..4 {
                         let again = api.get_opt(secret_name).await.ok().flatten();
                         if let Some(again) = &again
-                            && !TokenSet::from_secret(again).same_refresh_token(&used)
+                            && !TokenSet::from_secret(again).same_refresh_token(&held)
                         {
                             rotated = true;
                             break;
@@ -940,33 +1077,64 @@ impl TokenManager {
                     let message = format!(
                         "the token endpoint {token_url} refused the {what}: {error}: {description}"
                     );
-                    return still_valid(current, &used, now, message);
+                    return still_valid(source, &used, now, message);
                 }
                 Grant::Failed(message) => {
-                    return still_valid(current, &used, now, format!("{what} failed: {message}"));
+                    return still_valid(source, &used, now, format!("{what} failed: {message}"));
                 }
             };
-            // From here the grant exists only in this future: should the test be
-            // cancelled (a stopping controller), it is kept to be stored before exit.
-            let unsettled = Unsettled::arm(self, namespace, secret_name, &used, &response);
-            let stored = self
-                .store_grant(
-                    &api,
-                    namespace,
-                    secret_name,
-                    current,
-                    &used,
-                    &response,
-                    what,
-                )
-                .await;
-            unsettled.disarm();
-            return Ok(stored);
+            return Ok(match current.filter(|_| ours) {
+                Some(current) => {
+                    self.app
+                        .lock()
+                        .unwrap()
+                        .remove(&key(namespace, secret_name));
+                    self.store_grant(
+                        &api,
+                        namespace,
+                        secret_name,
+                        &current,
+                        &held,
+                        &response,
+                        what,
+                    )
+                    .await
+                }
+                None => {
+                    let local = updated_secret(None, &response, now);
+                    self.app
+                        .lock()
+                        .unwrap()
+                        .insert(key(namespace, secret_name), local.clone());
+                    local
+                }
+            });
         }
         Err((
             Reason::TokenRefreshFailed,
             format!("Secret {namespace}/{secret_name} kept changing while its token was refreshed"),
         ))
+    }
+}
+
+/// The provider's OAuth2 settings, if it logs in with OAuth2.
+fn oauth2_of(provider: &IncomingMailProvider) -> Option<&OAuth2Spec> {
+    let auth = &provider.spec.authentication;
+    auth.oauth2
+        .as_ref()
+        .filter(|_| auth.method == AuthMethod::OAuth2)
+}
+
+/// Whether a grant over `held` retires something only the Secret keeps (a refresh token).
+fn response_replaces(held: &TokenSet) -> bool {
+    held.refresh_token.is_some()
+}
+
+/// A failed write, as status may quote it: the API server's message, or the error.
+fn write_error(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) => status.message.clone(),
+        other => other.to_string(),
     }
 }
 

@@ -187,8 +187,8 @@ fn perms(list: &[(&str, &str, &[&str], &str)]) -> BTreeSet<Permission> {
 }
 
 /// What the controller may do with providers, Events, Secrets and ConfigMaps (point 2 of
-/// the chart's RBAC model, docs/security.md); Secrets create/update only for OAuth2
-/// token rotation.
+/// the chart's RBAC model, docs/security.md); Secrets update only for OAuth2 token
+/// rotation, and never create.
 fn controller_permissions(token_rotation: bool) -> BTreeSet<Permission> {
     let mut p = perms(&[
         (
@@ -209,7 +209,7 @@ fn controller_permissions(token_rotation: bool) -> BTreeSet<Permission> {
         ("", "secrets", &["get", "list", "watch"], "*"),
     ]);
     if token_rotation {
-        p.extend(perms(&[("", "secrets", &["create", "update"], "*")]));
+        p.extend(perms(&[("", "secrets", &["update"], "*")]));
     }
     p
 }
@@ -2126,6 +2126,51 @@ async fn the_controller_works_with_the_charts_service_account_and_nothing_more()
         "",
     ));
     wait_ready_reason(&env, &env.ns, "as-sa-wrong", "ProtocolError", &controller).await;
+
+    // OAuth2: an expired access token is refreshed and the rotated refresh token written
+    // back, with the chart's rights (update, never create).
+    let server = mailroom_testbed::TokenServer::start(env.bed.oauth());
+    server.register_client("mailroom-chart", None, None);
+    let first = server.grant("alice", "mailroom-chart");
+    env.token_secret(
+        "alice-token",
+        &[
+            ("refresh_token", &first),
+            ("access_token", "expired"),
+            ("expires_at", "2020-01-01T00:00:00Z"),
+        ],
+    )
+    .await;
+    env.apply(&provider(
+        "as-sa-oauth2",
+        "IMAP",
+        env.bed.dovecot().imaps_port(),
+        "Implicit",
+        &format!(
+            "{{method: OAuth2, username: alice, oauth2: {{provider: Generic, clientId: mailroom-chart, tokenURL: '{}', tokenSecretRef: {{name: alice-token}}}}}}",
+            server.token_url()
+        ),
+        "",
+    ));
+    wait_ready_reason(&env, &env.ns, "as-sa-oauth2", "Connected", &controller).await;
+    let stored = kubectl_in(
+        &env,
+        &env.ns,
+        &[
+            "get",
+            "secret",
+            "alice-token",
+            "-o",
+            "jsonpath={.data.refresh_token}",
+        ],
+    );
+    use base64::Engine as _;
+    let stored = base64::engine::general_purpose::STANDARD
+        .decode(String::from_utf8_lossy(&stored.stdout).trim())
+        .unwrap();
+    let stored = String::from_utf8(stored).unwrap();
+    assert_ne!(stored, first, "the rotated refresh token was not stored");
+    assert!(server.refresh_token_valid(&stored));
 
     let lease = env.kubectl(&[
         "get",

@@ -370,10 +370,14 @@ async fn client_credentials_is_ready_with_no_authorize_step_and_no_secret_leaks(
     let server = TokenServer::start(env.bed.oauth());
     const CLIENT_SECRET: &str = "Pl4nted-Client-Secret-41c9";
     server.register_client(CLIENT, Some(CLIENT_SECRET), Some("alice"));
+    // Tokens shorter than the refresh margin: every test asks for a new one.
+    server.set_access_ttl(Duration::from_secs(120));
     env.secret("app-secret", &[("client-secret", CLIENT_SECRET)])
         .await;
     let d = env.bed.dovecot();
-    // Microsoft's app-only flow, its token URL pointed at the test server.
+    // Microsoft's app-only flow, its token URL pointed at the test server. The token
+    // Secret does not exist: an app-only token replaces nothing, so memory holds it, and
+    // the controller, which may not create Secrets, creates none.
     env.apply(&oauth_provider(
         "app",
         "IMAP",
@@ -389,29 +393,49 @@ async fn client_credentials_is_ready_with_no_authorize_step_and_no_secret_leaks(
         .await;
     let message = &ready(&p).unwrap().message;
     assert!(message.contains("OAuth2"), "{message}");
-    let secret = token_secret(&env)
-        .await
-        .expect("the controller stored the token");
-    assert_eq!(
-        secret
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(tokens::TOKEN_LABEL))
-            .map(String::as_str),
-        Some("true")
+    assert!(
+        token_secret(&env).await.is_none(),
+        "the controller created the token Secret"
     );
+
+    // Once a Secret marked as mailroom's is there, the token is stored in it (replicas and
+    // restarts share it).
+    env.token_secret("alice-token", &[]).await;
+    env.kubectl(&[
+        "annotate",
+        "imp/app",
+        "mailroom.dev/check-requested-at=stored",
+        "--overwrite",
+    ]);
+    env.wait(
+        "app",
+        "the check request answered",
+        Duration::from_secs(30),
+        |p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.last_handled_check_request.as_deref())
+                == Some("stored")
+        },
+    )
+    .await;
+    let secret = token_secret(&env).await.unwrap();
     let access = key_of(&secret, tokens::ACCESS_TOKEN);
-    assert!(access.len() > 20);
+    assert!(access.len() > 20, "no access token stored: {secret:?}");
+
+    let issued = server.issued_access_tokens();
+    assert!(issued.len() >= 2, "{issued:?}");
     for (place, text) in outputs(&env, controller.logs()).await {
         assert!(
             !text.contains(CLIENT_SECRET),
             "the client secret appeared in the {place}"
         );
-        assert!(
-            !text.contains(&access),
-            "the access token appeared in the {place}"
-        );
+        for token in &issued {
+            assert!(
+                !text.contains(token.as_str()),
+                "an access token appeared in the {place}"
+            );
+        }
     }
 }
 
@@ -1013,6 +1037,15 @@ async fn authorize_with_a_device_code() {
     trust_bed_ca(&env).await;
     let server = TokenServer::start(env.bed.oauth());
     server.register_client(CLIENT, None, None);
+    // A confidential client must authenticate on the device authorization request too
+    // (RFC 8628 §3.1), as Keycloak's do.
+    const CONFIDENTIAL: &str = "mailroom-confidential";
+    server.register_client(CONFIDENTIAL, Some("Device-Client-Secret-5e1"), None);
+    env.secret(
+        "app-secret",
+        &[("client-secret", "Device-Client-Secret-5e1")],
+    )
+    .await;
     let d = env.bed.dovecot();
     env.apply(&oauth_provider(
         "imap",
@@ -1031,7 +1064,7 @@ async fn authorize_with_a_device_code() {
         "POP3",
         d.pop3s_port(),
         &format!(
-            "provider: Microsoft, flow: DeviceCode, clientId: {CLIENT}, deviceAuthorizationURL: '{}', tokenURL: '{}', tokenSecretRef: {{name: alice-pop-token}}",
+            "provider: Microsoft, flow: DeviceCode, clientId: {CONFIDENTIAL}, clientSecretRef: {{name: app-secret}}, deviceAuthorizationURL: '{}', tokenURL: '{}', tokenSecretRef: {{name: alice-pop-token}}",
             server.device_authorization_url(),
             server.token_url()
         ),
@@ -1182,5 +1215,112 @@ async fn check_of_manifests_uses_a_token_secret_from_the_files_and_never_refresh
     assert!(
         token_secret(&env).await.is_none(),
         "a preflight wrote the token Secret into the cluster"
+    );
+}
+
+/// A kubeconfig for the bed's API server that acts as `user` (impersonation), in `dir`.
+fn kubeconfig_as(env: &Env, dir: &std::path::Path, user: &str) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(env.bed.kubeconfig_path()).unwrap();
+    let mut config: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    for entry in config["users"].as_sequence_mut().unwrap() {
+        entry["user"]["as"] = serde_yaml::Value::from(user);
+    }
+    let path = dir.join(format!("kubeconfig-{user}"));
+    std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
+    path
+}
+
+/// `mailroom check` of a provider whose access token has expired. A person who may read
+/// the token Secret but not update it gets no refresh: a rotating endpoint would retire
+/// the Secret's refresh token, and the new one could be stored nowhere. The output says
+/// how to have the controller test instead. A person who may update it refreshes, and
+/// the rotated token is stored.
+#[tokio::test]
+async fn check_refreshes_an_expired_token_only_for_a_caller_who_may_store_it() {
+    let env = Env::new("oauth2-check-refresh").await;
+    trust_bed_ca(&env).await;
+    let (server, refresh) = alice_grant(&env);
+    let expired = env
+        .bed
+        .oauth()
+        .access_token("alice", Duration::from_secs(1));
+    env.token_secret(
+        "alice-token",
+        &[
+            ("refresh_token", &refresh),
+            ("access_token", &expired),
+            ("expires_at", &rfc3339_in(-60)),
+        ],
+    )
+    .await;
+    env.apply(&generic_imap(&env, &server));
+    env.apply(&format!(
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {{name: reader, namespace: {ns}}}\nrules:\n- apiGroups: [mailroom.dev]\n  resources: [incomingmailproviders]\n  verbs: [get]\n- apiGroups: ['']\n  resources: [secrets, configmaps]\n  verbs: [get]\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: reader, namespace: {ns}}}\nroleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: reader}}\nsubjects:\n- {{apiGroup: rbac.authorization.k8s.io, kind: User, name: reader}}\n",
+        ns = env.ns
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let reader = kubeconfig_as(&env, dir.path(), "reader");
+
+    let (code, stdout, stderr) = env.mailroom(&[
+        "check",
+        "imap",
+        "-n",
+        &env.ns,
+        "--kubeconfig",
+        reader.to_str().unwrap(),
+    ]);
+    let out = format!("{stdout}{stderr}");
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("TokenRefreshFailed"), "{out}");
+    assert!(
+        out.contains(&format!("mailroom retest imap -n {}", env.ns)),
+        "{out}"
+    );
+    assert_eq!(server.token_requests(), 0, "a refresh was made:\n{out}");
+    assert!(server.refresh_token_valid(&refresh));
+
+    let (code, stdout, stderr) = env.mailroom(&["check", "imap", "-n", &env.ns]);
+    let out = format!("{stdout}{stderr}");
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(server.token_requests(), 1, "{out}");
+    let stored = key_of(&token_secret(&env).await.unwrap(), tokens::REFRESH_TOKEN);
+    assert_ne!(stored, refresh, "the rotated refresh token was not stored");
+    assert!(server.refresh_token_valid(&stored));
+}
+
+/// A sign-in whose token endpoint grants no refresh token (many do without the
+/// `offline_access` scope): the Secret keeps no refresh token of an earlier sign-in beside
+/// the new access token, and the command warns that the provider will need it again.
+#[tokio::test]
+async fn authorize_without_a_refresh_token_granted_warns_and_keeps_no_older_one() {
+    let env = Env::new("oauth2-no-refresh").await;
+    trust_bed_ca(&env).await;
+    let (server, earlier) = alice_grant(&env);
+    env.token_secret("alice-token", &[("refresh_token", &earlier)])
+        .await;
+    server.set_refresh_tokens(false);
+    env.apply(&oauth_provider(
+        "imap",
+        "IMAP",
+        env.bed.dovecot().imaps_port(),
+        &generic(
+            &server,
+            &format!(", authorizationURL: '{}'", server.authorization_url()),
+        ),
+    ));
+    let (child, rx) = authorize(&env, &["imap", "--no-wait"]);
+    let mut seen = String::new();
+    let url = line_with(&rx, &mut seen, |l| l.trim_start().starts_with("http"));
+    follow_redirect(&server.sign_in(url.trim(), "alice").unwrap());
+    let (code, stdout) = finish(child, rx, &mut seen);
+    assert_eq!(code, Some(0), "{seen}{stdout}");
+    assert!(seen.contains("granted no refresh token"), "{seen}");
+    assert!(seen.contains("offline_access"), "{seen}");
+    let secret = token_secret(&env).await.unwrap();
+    assert!(key_of(&secret, tokens::ACCESS_TOKEN).len() > 20);
+    assert_eq!(
+        key_of(&secret, tokens::REFRESH_TOKEN),
+        "",
+        "the earlier sign-in's refresh token was kept beside the new access token"
     );
 }

@@ -454,6 +454,15 @@ async fn a_rotated_token_the_api_server_refuses_to_store_is_kept_and_stored_late
     // The Secret's refresh token dies at the first refresh.
     let (server, first) = rotating_grant(&env).await;
     let (controller, policy) = first_refresh_refused(&env, &server, &first).await;
+    // The provider works, and its status says what is at risk, in the API server's words.
+    let p = env.providers().get("oauth-imap").await.unwrap();
+    let message = ready_message(&p);
+    assert!(
+        message.contains(
+            "WARNING: the rotated OAuth2 tokens could not be stored in Secret \"alice-token\""
+        ) && message.contains("token Secret writes refused by the test"),
+        "{message}"
+    );
 
     // The next test refreshes from the token kept in memory, not from the Secret's dead one.
     fleet::request_checks(&env, &["oauth-imap".to_string()], "still-refused").await;
@@ -485,7 +494,53 @@ async fn a_rotated_token_the_api_server_refuses_to_store_is_kept_and_stored_late
         )
         .await;
     assert_eq!(reason(&p), "Connected", "{}", controller.logs());
+    assert!(
+        !ready_message(&p).contains("WARNING"),
+        "{}",
+        ready_message(&p)
+    );
     one_good_token(&env, &server, "once writes were taken", &controller.logs()).await;
+}
+
+/// The Ready condition's message.
+fn ready_message(p: &mailroom::api::IncomingMailProvider) -> String {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| c.message.clone())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_grant_revoked_while_its_rotated_token_is_unstored_is_authorization_revoked() {
+    let env = alice_env("oauth2-unsaved-revoked").await;
+    let (server, first) = rotating_grant(&env).await;
+    let (controller, _policy) = first_refresh_refused(&env, &server, &first).await;
+
+    // The user revokes the grant while the rotated token lives only in memory: the Secret
+    // still holds the token that grant retired, which is no sign of another writer.
+    server.revoke_user("alice");
+    fleet::request_checks(&env, &["oauth-imap".to_string()], "revoked").await;
+    let p = env
+        .wait(
+            "oauth-imap",
+            "the revoked request answered",
+            Duration::from_secs(30),
+            |p| answered(p, "revoked"),
+        )
+        .await;
+    assert_eq!(
+        reason(&p),
+        "AuthorizationRevoked",
+        "{}\n{}",
+        ready_message(&p),
+        controller.logs()
+    );
+    assert_eq!(
+        server.token_requests(),
+        2,
+        "the refused refresh was retried as if someone else had rotated the token"
+    );
 }
 
 #[tokio::test]

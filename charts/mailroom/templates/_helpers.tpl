@@ -90,9 +90,11 @@ ClusterRole (every namespace) and the Roles (watchNamespaces).
 {{- if .Values.oauth2.tokenRotation }}
 # oauth2.tokenRotation: the OAuth2 token manager writes rotated refresh tokens (and the
 # cached access token) back into the provider's tokenSecretRef Secret, with
-# resourceVersion for optimistic concurrency (update), creating it when missing (create).
+# resourceVersion for optimistic concurrency (update). Never create: `mailroom authorize`
+# creates token Secrets as the user, and whoever may create Secrets may have the token
+# controller fill one with any ServiceAccount's token.
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [create, update]
+  verbs: [update]
 {{- end }}
 {{- end -}}

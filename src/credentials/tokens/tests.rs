@@ -27,7 +27,12 @@ fn plan_uses_a_fresh_token_and_refreshes_ahead_of_expiry() {
         (EXPIRES_AT, "2026-11-29T11:00:00Z"),
     ]));
     assert_eq!(
-        plan(OAuth2Flow::AuthorizationCode, Some(&fresh), now),
+        plan(
+            OAuth2Flow::AuthorizationCode,
+            Some(&fresh),
+            now,
+            REFRESH_AHEAD
+        ),
         Plan::Use
     );
     let soon = TokenSet::from_secret(&secret(&[
@@ -36,7 +41,12 @@ fn plan_uses_a_fresh_token_and_refreshes_ahead_of_expiry() {
         (EXPIRES_AT, "2026-11-29T10:04:00Z"),
     ]));
     assert_eq!(
-        plan(OAuth2Flow::AuthorizationCode, Some(&soon), now),
+        plan(
+            OAuth2Flow::AuthorizationCode,
+            Some(&soon),
+            now,
+            REFRESH_AHEAD
+        ),
         Plan::Refresh
     );
     assert!(soon.access_valid(now), "still usable if the refresh fails");
@@ -45,20 +55,25 @@ fn plan_uses_a_fresh_token_and_refreshes_ahead_of_expiry() {
         (EXPIRES_AT, "2026-11-29T09:00:00Z"),
     ]));
     assert_eq!(
-        plan(OAuth2Flow::DeviceCode, Some(&expired), now),
+        plan(OAuth2Flow::DeviceCode, Some(&expired), now, REFRESH_AHEAD),
         Plan::Required
     );
     assert!(!expired.access_valid(now));
     assert_eq!(
-        plan(OAuth2Flow::AuthorizationCode, None, now),
+        plan(OAuth2Flow::AuthorizationCode, None, now, REFRESH_AHEAD),
         Plan::Required
     );
     assert_eq!(
-        plan(OAuth2Flow::ClientCredentials, None, now),
+        plan(OAuth2Flow::ClientCredentials, None, now, REFRESH_AHEAD),
         Plan::ClientCredentials
     );
     assert_eq!(
-        plan(OAuth2Flow::ClientCredentials, Some(&fresh), now),
+        plan(
+            OAuth2Flow::ClientCredentials,
+            Some(&fresh),
+            now,
+            REFRESH_AHEAD
+        ),
         Plan::Use
     );
 }
@@ -68,6 +83,7 @@ fn grants_and_microsoft_errors_are_read() {
     match read_grant(
         200,
         br#"{"access_token":"at","refresh_token":"rt","expires_in":3599,"token_type":"Bearer"}"#,
+        &[],
     ) {
         Grant::Tokens(t) => {
             assert_eq!(t.access_token.expose_secret(), "at");
@@ -79,6 +95,7 @@ fn grants_and_microsoft_errors_are_read() {
     match read_grant(
         400,
         br#"{"error":"invalid_grant","error_description":"AADSTS70008: The provided authorization code or refresh token has expired.\r\nTrace ID: x","error_codes":[70008]}"#,
+        &[],
     ) {
         Grant::Refused { error, description } => {
             assert_eq!(error, "invalid_grant");
@@ -88,8 +105,116 @@ fn grants_and_microsoft_errors_are_read() {
         other => panic!("{other:?}"),
     }
     assert!(
-        matches!(read_grant(502, b"<html>bad gateway</html>"), Grant::Failed(m) if m.contains("HTTP 502"))
+        matches!(read_grant(502, b"<html>bad gateway</html>", &[]), Grant::Failed(m) if m.contains("HTTP 502"))
     );
+}
+
+#[test]
+fn plan_for_one_test_uses_a_token_until_it_is_nearly_expired() {
+    let now = at(NOW);
+    let soon = TokenSet::from_secret(&secret(&[
+        (ACCESS_TOKEN, "a"),
+        (REFRESH_TOKEN, "r"),
+        (EXPIRES_AT, "2026-11-29T10:04:00Z"),
+    ]));
+    // `mailroom check` passes no margin: four minutes left is enough for one test.
+    assert_eq!(
+        plan(
+            OAuth2Flow::AuthorizationCode,
+            Some(&soon),
+            now,
+            Duration::ZERO
+        ),
+        Plan::Use
+    );
+    let seconds_left = TokenSet::from_secret(&secret(&[
+        (ACCESS_TOKEN, "a"),
+        (REFRESH_TOKEN, "r"),
+        (EXPIRES_AT, "2026-11-29T10:00:05Z"),
+    ]));
+    assert_eq!(
+        plan(
+            OAuth2Flow::AuthorizationCode,
+            Some(&seconds_left),
+            now,
+            Duration::ZERO
+        ),
+        Plan::Refresh
+    );
+}
+
+#[test]
+fn a_token_endpoint_echoing_the_request_has_its_secrets_cut_out() {
+    let form = [
+        ("grant_type", SecretString::from("refresh_token")),
+        (
+            "refresh_token",
+            SecretString::from("rt-Echoed-Refresh-Token-7f3a"),
+        ),
+        ("client_id", SecretString::from("mailroom-client")),
+        (
+            "client_secret",
+            SecretString::from("cs-Echoed-Client-Secret-91b2"),
+        ),
+    ];
+    let refused = read_grant(
+        400,
+        br#"{"error":"invalid_grant","error_description":"Invalid refresh token: rt-Echoed-Refresh-Token-7f3a (client mailroom-client)"}"#,
+        &form,
+    );
+    let Grant::Refused { error, description } = refused else {
+        panic!("{refused:?}")
+    };
+    assert_eq!(error, "invalid_grant");
+    assert_eq!(
+        description,
+        "Invalid refresh token: [redacted] (client mailroom-client)"
+    );
+    let failed = read_grant(
+        500,
+        b"internal error handling client_secret=cs-Echoed-Client-Secret-91b2",
+        &form,
+    );
+    let Grant::Failed(message) = failed else {
+        panic!("{failed:?}")
+    };
+    assert!(!message.contains("cs-Echoed"), "{message}");
+    assert!(message.contains("client_secret=[redacted]"), "{message}");
+}
+
+#[test]
+fn expires_in_may_come_as_a_string() {
+    match read_grant(200, br#"{"access_token":"at","expires_in":"3599"}"#, &[]) {
+        Grant::Tokens(t) => assert_eq!(t.expires_in, Some(3599)),
+        other => panic!("{other:?}"),
+    }
+    // Not a number at all: the message names the field, and the grant is not lost
+    // silently as "no access_token".
+    match read_grant(200, br#"{"access_token":"at","expires_in":"soon"}"#, &[]) {
+        Grant::Failed(m) => assert!(m.contains("expires_in"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_new_sign_in_without_a_refresh_token_removes_the_old_one() {
+    let now = at(NOW);
+    let old = secret(&[
+        (REFRESH_TOKEN, "r-of-an-earlier-sign-in"),
+        (ACCESS_TOKEN, "a1"),
+        (SCOPE, "old"),
+        (USERNAME, "alice"),
+    ]);
+    let grant: TokenResponse =
+        serde_json::from_str(r#"{"access_token":"a2","expires_in":60}"#).unwrap();
+    let new = TokenSet::from_secret(&signed_in_secret(Some(&old), &grant, now));
+    assert!(new.refresh_token.is_none());
+    assert_eq!(new.access_token.unwrap().expose_secret(), "a2");
+    assert_eq!(new.username.as_deref(), Some("alice"));
+    let grant: TokenResponse =
+        serde_json::from_str(r#"{"access_token":"a3","refresh_token":"r3"}"#).unwrap();
+    let new = TokenSet::from_secret(&signed_in_secret(Some(&old), &grant, now));
+    assert_eq!(new.refresh_token.unwrap().expose_secret(), "r3");
 }
 
 #[test]
@@ -209,29 +334,56 @@ fn token_form_for_refresh_and_client_credentials() {
     );
 }
 
-/// A grant whose write-back never settled (its test cancelled) is kept for the manager to
-/// store before the process exits; one settled is not.
+/// A token request whose test is cancelled before the answer arrives (a stopping
+/// controller, after its drain) still keeps the grant once it arrives, and stopping waits
+/// for it: a rotating endpoint has already retired the refresh token the Secret holds.
 #[tokio::test]
-async fn a_grant_dropped_before_it_is_stored_is_kept() {
-    // Never dialled: the guard acts in memory only.
+async fn a_grant_that_arrives_after_its_test_was_cancelled_is_kept() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/token", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut request = vec![0u8; 4096];
+        let _ = conn.read(&mut request).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let body = r#"{"access_token":"a2","refresh_token":"r2","expires_in":3600}"#;
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        conn.write_all(answer.as_bytes()).await.unwrap();
+    });
+    // No API server: storing fails, and what is kept is reported.
     let config = kube::Config::new("https://127.0.0.1:1".parse().unwrap());
     let manager = TokenManager::new(Client::try_from(config).unwrap()).unwrap();
-    let replaced = TokenSet::from_secret(&secret(&[(REFRESH_TOKEN, "old")]));
-    let grant: TokenResponse =
-        serde_json::from_str(r#"{"access_token": "a", "refresh_token": "new"}"#).unwrap();
-    let key = ("ns".to_string(), "t".to_string());
-
-    Unsettled::arm(&manager, "ns", "t", &replaced, &grant).disarm();
+    let held = TokenSet::from_secret(&secret(&[(REFRESH_TOKEN, "r1")]));
+    let form = vec![
+        ("grant_type", SecretString::from("refresh_token")),
+        ("refresh_token", SecretString::from("r1")),
+    ];
+    let asked = manager.exchange(url, form, key("ns", "t"), held.clone());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), asked)
+            .await
+            .is_err(),
+        "answered before the server did"
+    );
     assert!(manager.unsaved.lock().unwrap().is_empty());
 
-    drop(Unsettled::arm(&manager, "ns", "t", &replaced, &grant));
-    let kept = manager.unsaved.lock().unwrap().get(&key).cloned().unwrap();
-    assert!(kept.replaced.same_refresh_token(&replaced));
+    let left = manager.store_kept(Duration::from_secs(5)).await;
+    let kept = manager
+        .unsaved
+        .lock()
+        .unwrap()
+        .get(&key("ns", "t"))
+        .cloned();
+    let kept = kept.expect("the grant that arrived after the cancel is kept");
+    assert!(kept.replaced.same_refresh_token(&held));
     assert_eq!(
-        kept.grant
-            .refresh_token
-            .as_ref()
-            .map(|t| t.expose_secret().to_string()),
-        Some("new".to_string())
+        kept.grant.refresh_token.as_ref().map(|t| t.expose_secret()),
+        Some("r2")
     );
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].contains("Secret ns/t"), "{left:?}");
 }

@@ -60,6 +60,8 @@ struct State {
     dead: HashMap<String, &'static str>,
     codes: HashMap<String, Code>,
     access_ttl: Option<Duration>,
+    /// Grants without a refresh token (a server asked for no offline access).
+    no_refresh_tokens: bool,
     down: bool,
     token_requests: usize,
     /// Refresh tokens presented (to prove none was used twice).
@@ -192,6 +194,23 @@ impl TokenServer {
         self.state.lock().unwrap().access_ttl = Some(ttl);
     }
 
+    /// Whether sign-ins and refreshes grant a refresh token (default yes); without one,
+    /// as many servers answer a request without the `offline_access` scope.
+    pub fn set_refresh_tokens(&self, granted: bool) {
+        self.state.lock().unwrap().no_refresh_tokens = !granted;
+    }
+
+    /// Every access token issued so far (to search outputs for them).
+    pub fn issued_access_tokens(&self) -> Vec<String> {
+        self.state
+            .lock()
+            .unwrap()
+            .issued_access
+            .iter()
+            .cloned()
+            .collect()
+    }
+
     /// Token requests answered so far.
     pub fn token_requests(&self) -> usize {
         self.state.lock().unwrap().token_requests
@@ -319,11 +338,21 @@ fn serve(conn: TcpStream, state: &Mutex<State>, key: &OAuthKey) -> std::io::Resu
             let form = parse_form(&String::from_utf8_lossy(&body));
             let mut st = state.lock().unwrap();
             let client_id = form.get("client_id").cloned().unwrap_or_default();
-            if !st.clients.contains_key(&client_id) {
+            let secret = st.clients.get(&client_id).map(|c| c.secret.clone());
+            if secret.is_none() {
                 error(
                     400,
                     "unauthorized_client",
                     "AADSTS700016: Application not found.",
+                )
+            } else if let Some(Some(secret)) = secret
+                && form.get("client_secret") != Some(&secret)
+            {
+                // A confidential client authenticates on this request too (RFC 8628 §3.1).
+                error(
+                    401,
+                    "invalid_client",
+                    "AADSTS7000218: The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
                 )
             } else {
                 let user_code: String = random_token("")
@@ -519,17 +548,17 @@ fn token(st: &mut State, key: &OAuthKey, form: &HashMap<String, String>) -> (u16
     }
     let ttl = st.access_ttl.unwrap_or(Duration::from_secs(3600));
     let access = key.access_token(&grant.user, ttl);
-    let refresh = random_token("rt-");
-    st.refresh.insert(refresh.clone(), grant.clone());
     st.issued_access.insert(access.clone());
-    (
-        200,
-        json!({
-            "token_type": "Bearer",
-            "scope": "https://outlook.office.com/IMAP.AccessAsUser.All",
-            "expires_in": ttl.as_secs(),
-            "access_token": access,
-            "refresh_token": refresh,
-        }),
-    )
+    let mut answer = json!({
+        "token_type": "Bearer",
+        "scope": "https://outlook.office.com/IMAP.AccessAsUser.All",
+        "expires_in": ttl.as_secs(),
+        "access_token": access,
+    });
+    if !st.no_refresh_tokens {
+        let refresh = random_token("rt-");
+        st.refresh.insert(refresh.clone(), grant.clone());
+        answer["refresh_token"] = json!(refresh);
+    }
+    (200, answer)
 }
