@@ -1,8 +1,10 @@
 -- Argo CD health check for mailroom.dev/IncomingMailProvider (docs/gitops.md).
 -- Ready True -> Healthy; Ready False -> Degraded; Ready Unknown, no status yet, or a
 -- status older than the spec (observedGeneration behind metadata.generation) ->
--- Progressing; suspended (spec.suspend) -> Suspended. The message is the Ready reason
--- and message, as `kubectl describe imp` shows them.
+-- Progressing; suspended (spec.suspend) -> Healthy, with "Suspended: ..." as the
+-- message: a provider paused on purpose is in its desired state (as Flux counts it), and
+-- Argo CD's Suspended would hold a sync wave after it for ever. The message is the Ready
+-- reason and message, as `kubectl describe imp` shows them.
 local hs = {status = "Progressing", message = "Waiting for the first test"}
 if obj.status == nil then
   return hs
@@ -16,12 +18,10 @@ end
 if obj.status.conditions ~= nil then
   for _, condition in ipairs(obj.status.conditions) do
     if condition.type == "Ready" then
-      if condition.status == "True" then
+      if condition.status == "True" or condition.reason == "Suspended" then
         hs.status = "Healthy"
       elseif condition.status == "False" then
         hs.status = "Degraded"
-      elseif condition.reason == "Suspended" then
-        hs.status = "Suspended"
       end
       hs.message = (condition.reason or "") .. ": " .. (condition.message or "")
       return hs

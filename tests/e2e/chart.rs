@@ -313,6 +313,38 @@ fn the_values_schema_refuses_what_the_chart_cannot_use() {
         r#"watchNamespaces=["Not_A_Namespace"]"#,
     ]);
     assert!(!out.status.success(), "a namespace name that cannot exist");
+    // An egress rule without ports would open every port.
+    let out = helm.run(&[
+        "template",
+        "r",
+        CHART,
+        "--set",
+        "networkPolicy.enabled=true",
+        "--set-json",
+        "networkPolicy.apiServer.ports=[]",
+    ]);
+    assert!(
+        !out.status.success() && text(&out).contains("apiServer/ports"),
+        "an API server rule with no ports; helm said:\n{}",
+        text(&out)
+    );
+    let docs = Helm::offline().render(
+        "r",
+        "ops",
+        &[
+            "--set",
+            "networkPolicy.enabled=true",
+            "--set-json",
+            "networkPolicy.mailPorts=[]",
+        ],
+    );
+    let egress = only(&docs, "NetworkPolicy")["spec"]["egress"].clone();
+    for rule in egress.as_array().unwrap() {
+        assert!(
+            rule["ports"].as_array().is_some_and(|p| !p.is_empty()),
+            "an egress rule open to every port: {egress}"
+        );
+    }
     let out = helm.run(&[
         "template",
         "r",
@@ -423,6 +455,43 @@ fn a_service_monitor_needs_the_metrics_service() {
         sm["spec"]["namespaceSelector"]["matchNames"],
         json!(["ops"])
     );
+    // Alerts select the ServiceMonitor's job: without it, or a job named, they would
+    // watch series no one scrapes (the no-leader alert firing for ever).
+    assert_refused(
+        &helm,
+        "metrics.prometheusRule.enabled=true",
+        "metrics.prometheusRule.job",
+        "alerts on a job no one scrapes",
+    );
+    let docs = helm.render(
+        "mailroom",
+        "ops",
+        &[
+            "--set",
+            "metrics.prometheusRule.enabled=true,metrics.prometheusRule.job=mail",
+        ],
+    );
+    let rules = serde_json::to_string(&only(&docs, "PrometheusRule")["spec"]).unwrap();
+    assert!(rules.contains(r#"job=\"mail\""#), "{rules}");
+    assert!(!rules.contains("mailroom-metrics"), "{rules}");
+    // The longest release name helm takes: the Service's name is still a DNS label, and
+    // the alerts select the job named after it.
+    let long = "r".repeat(53);
+    let docs = helm.render(
+        &long,
+        "ops",
+        &[
+            "--set",
+            "metrics.serviceMonitor.enabled=true,metrics.prometheusRule.enabled=true",
+        ],
+    );
+    let service = name(only(&docs, "Service")).to_string();
+    assert!(
+        service.len() <= 63 && service.ends_with("-metrics"),
+        "{service}"
+    );
+    let rules = serde_json::to_string(&only(&docs, "PrometheusRule")["spec"]).unwrap();
+    assert!(rules.contains(&format!(r#"job=\"{service}\""#)), "{rules}");
     // Without either: neither.
     let docs = helm.render(
         "mailroom",
@@ -1020,7 +1089,7 @@ fn the_alerts_fire_when_a_mailbox_stays_down_or_no_replica_tests() {
     // Per provider (one shard).
     write_rules(
         "per-provider.json",
-        "metrics.prometheusRule.enabled=true,metrics.perProvider=true",
+        "metrics.prometheusRule.enabled=true,metrics.serviceMonitor.enabled=true,metrics.perProvider=true",
     );
     // Every reason for 20 minutes, as the gauge reports it (1 for Ready True, else 0):
     // only those whose Ready is False alert (Checking and Suspended are Unknown).
@@ -1150,7 +1219,7 @@ fn the_alerts_fire_when_a_mailbox_stays_down_or_no_replica_tests() {
     // Counts only (the default), and three shards of which one has no leader.
     write_rules(
         "counts.json",
-        "metrics.prometheusRule.enabled=true,sharding.shards=3",
+        "metrics.prometheusRule.enabled=true,metrics.serviceMonitor.enabled=true,sharding.shards=3",
     );
     let fleet_alert = |now: u32| {
         json!([{
@@ -1793,7 +1862,10 @@ async fn the_argocd_health_check_reads_real_providers() {
     let (status, message) = argocd_health(&env, "bad");
     assert_eq!(status, "Degraded", "{message}");
     assert!(message.starts_with("AuthenticationFailed: "), "{message}");
-    assert_eq!(argocd_health(&env, "paused").0, "Suspended");
+    // Paused on purpose: in its desired state, so a later sync wave is not held.
+    let (status, message) = argocd_health(&env, "paused");
+    assert_eq!(status, "Healthy", "{message}");
+    assert!(message.starts_with("Suspended: "), "{message}");
 
     // A spec the controller has not tested yet: Progressing, whatever Ready says.
     controller.terminate(Duration::from_secs(10));

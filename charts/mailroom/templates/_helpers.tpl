@@ -12,6 +12,12 @@
 {{- end -}}
 {{- end -}}
 
+{{- /* The metrics Service, and the Prometheus job named after it: a Service name is a
+DNS label (63 characters at most), so the fullname is cut to leave room for the suffix. */}}
+{{- define "mailroom.metricsName" -}}
+{{- printf "%s-metrics" (include "mailroom.fullname" . | trunc 55 | trimSuffix "-") -}}
+{{- end -}}
+
 {{- define "mailroom.name" -}}
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
