@@ -123,10 +123,7 @@ pub fn verdict(
     };
     let mut message = format!("{} {endpoint}: {who}", endpoint.protocol.as_str());
     if let Some(m) = &report.findings.mailbox {
-        let messages = match m.messages {
-            1 => "1 message".to_string(),
-            n => format!("{n} messages"),
-        };
+        let messages = crate::probe::messages(m.messages);
         match m.unseen {
             Some(unseen) => {
                 message.push_str(&format!("; {} has {messages}, {unseen} unseen", m.name))
@@ -138,6 +135,19 @@ pub fn verdict(
         message.push_str(
             "; WARNING: the server's certificate is not verified (tls.insecureSkipVerify)",
         );
+    }
+    // Said as loudly as the certificate: whoever reads the line may not know the spec.
+    if endpoint.tls_mode == crate::api::TlsMode::None {
+        let sent = match login {
+            Login::Password { .. } => Some("the password"),
+            Login::OAuth2 { .. } => Some("the access token"),
+            Login::None => None,
+        };
+        if let Some(sent) = sent {
+            message.push_str(&format!(
+                "; WARNING: {sent} is sent without TLS (authentication.allowUnencrypted)"
+            ));
+        }
     }
     (Reason::Connected, message)
 }

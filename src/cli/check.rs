@@ -2,15 +2,15 @@
 //! before it is applied), printing each step with its timing and the server's words.
 //! Exit status 0 only if the provider would be Ready.
 
-use std::io::Write;
-use std::path::PathBuf;
+use std::io::{Read as _, Write};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use kube::api::Api;
+use kube::api::{Api, Patch, PatchParams, ValidationDirective};
 
 use crate::api::{AuthMethod, IncomingMailProvider, Reason};
 use crate::check::{self, Outcome};
@@ -27,9 +27,12 @@ pub struct CheckArgs {
     pub namespace: Option<String>,
     #[command(flatten)]
     pub kube: super::KubeArgs,
-    /// Test the provider in a manifest instead (repeatable). Secrets and ConfigMaps in the
-    /// files are used first; the cluster supplies the rest when it can be reached. An
-    /// OAuth2 token Secret from the files is used as it is, never refreshed.
+    /// Test the provider in a manifest instead (repeatable; a file, a directory of .yaml,
+    /// .yml and .json files, or - for stdin). When the cluster can be reached, the API
+    /// server first checks the provider against the CRD's rules (a server-side dry run).
+    /// Secrets and ConfigMaps in the files are used first; the cluster supplies the rest
+    /// when it can be reached. An OAuth2 token Secret from the files is used as it is,
+    /// never refreshed.
     #[arg(long = "filename", short = 'f')]
     pub files: Vec<PathBuf>,
 }
@@ -43,7 +46,7 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
     {
         bail!("{}", super::error_text(e));
     }
-    let (provider, mut fetched) = if args.files.is_empty() {
+    let (provider, mut fetched, manifest) = if args.files.is_empty() {
         let client = client
             .as_ref()
             .map_err(|e| anyhow::anyhow!("{}", super::error_text(e)))?;
@@ -68,9 +71,11 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
                 namespace: ns,
                 ..Default::default()
             },
+            None,
         )
     } else {
-        from_files(&args)?
+        let (p, fetched, manifest) = from_files(&args)?;
+        (p, fetched, Some(manifest))
     };
     // Whether the OAuth2 token Secret came from the files (before the cluster adds any).
     let token_in_files = !args.files.is_empty()
@@ -80,6 +85,26 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
             Ok(c) => c.default_namespace().to_string(),
             Err(_) => "default".into(),
         });
+    }
+    // A manifest is what `kubectl apply` would send: the API server says first whether it
+    // would take it (schema, CEL rules, unknown fields), which the test cannot.
+    if let Some(manifest) = &manifest {
+        match &client {
+            Ok(client) => {
+                if let Some(refusal) =
+                    refused_by_api_server(client, &fetched.namespace, &provider, manifest).await
+                {
+                    let label = format!("{}/{}", fetched.namespace, provider.name_any());
+                    let outcome =
+                        Outcome::before_connecting(&provider.spec, Reason::InvalidSpec, refusal);
+                    print_outcome(&mut std::io::stdout().lock(), &label, &outcome)?;
+                    return Ok(1);
+                }
+            }
+            Err(_) => eprintln!(
+                "note: no cluster to check the manifest against the CRD's rules; `kubectl apply --dry-run=server -f` does, once one is reachable"
+            ),
+        }
     }
     for r in references(&provider.spec) {
         let present = match r.kind {
@@ -194,47 +219,132 @@ fn expired_file_token(
     ))
 }
 
-/// Reads the provider (exactly one) and any Secrets and ConfigMaps from the files.
-fn from_files(args: &CheckArgs) -> anyhow::Result<(IncomingMailProvider, Fetched)> {
+/// Whether the API server refuses the provider as `manifest` has it (a server-side apply,
+/// dry run, unknown fields refused as `kubectl apply` refuses them): its words if it does.
+/// When it cannot be asked (no right to apply providers there, no CRD), a note says so.
+async fn refused_by_api_server(
+    client: &kube::Client,
+    namespace: &str,
+    provider: &IncomingMailProvider,
+    manifest: &serde_json::Value,
+) -> Option<String> {
+    let mut object = manifest.clone();
+    object["metadata"]["namespace"] = serde_json::Value::from(namespace);
+    let api: Api<IncomingMailProvider> = Api::namespaced(client.clone(), namespace);
+    let params = PatchParams {
+        dry_run: true,
+        // Fields another manager owns do not conflict with a dry run that changes nothing.
+        force: true,
+        field_manager: Some("mailroom-check".into()),
+        field_validation: Some(ValidationDirective::Strict),
+    };
+    let name = provider.name_any();
+    match api.patch(&name, &params, &Patch::Apply(&object)).await {
+        Ok(_) => None,
+        // Invalid (422), undecodable (400), or a field the schema does not declare, which
+        // server-side apply reports as a failed typed patch (as `kubectl apply
+        // --server-side` shows it).
+        Err(kube::Error::Api(status))
+            if matches!(status.code, 400 | 422)
+                || status.message.contains("field not declared in schema") =>
+        {
+            Some(format!(
+                "the API server refuses this manifest: {}",
+                status.message
+            ))
+        }
+        Err(e) => {
+            eprintln!(
+                "note: the manifest was not checked against the CRD's rules: {}",
+                super::error_text(&anyhow::Error::new(e))
+            );
+            None
+        }
+    }
+}
+
+/// The documents of one -f argument: a file, every .yaml, .yml and .json file of a
+/// directory (in name order), or stdin for `-`, as `kubectl apply -f` reads them.
+fn documents(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
+    if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading stdin")?;
+        return Ok(vec![("stdin".into(), text)]);
+    }
+    if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.is_file()
+                    && p.extension()
+                        .is_some_and(|x| x == "yaml" || x == "yml" || x == "json")
+            })
+            .collect();
+        files.sort();
+        return files.iter().map(|f| read_file(f)).collect();
+    }
+    Ok(vec![read_file(path)?])
+}
+
+fn read_file(path: &Path) -> anyhow::Result<(String, String)> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok((path.display().to_string(), text))
+}
+
+/// Reads the provider (exactly one) and any Secrets and ConfigMaps from the files; the
+/// provider also as written, for the API server to check.
+fn from_files(
+    args: &CheckArgs,
+) -> anyhow::Result<(IncomingMailProvider, Fetched, serde_json::Value)> {
     let mut providers = Vec::new();
     let mut fetched = Fetched::default();
     for path in &args.files {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            let value = serde_yaml::Value::deserialize_from(doc)
-                .with_context(|| format!("{}: document {} is not YAML", path.display(), i + 1))?;
-            if value.is_null() {
-                continue;
-            }
-            let kind = value
-                .get("kind")
-                .and_then(|k| k.as_str())
-                .unwrap_or_default()
-                .to_string();
-            let at = || format!("{}: document {} ({kind})", path.display(), i + 1);
-            match kind.as_str() {
-                "IncomingMailProvider" => {
-                    let p: IncomingMailProvider = serde_yaml::from_value(value).with_context(at)?;
-                    providers.push(p);
+        for (source, text) in documents(path)? {
+            for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+                let value = serde_yaml::Value::deserialize_from(doc)
+                    .with_context(|| format!("{source}: document {} is not YAML", i + 1))?;
+                // A list (`kubectl get -o yaml`) holds its objects in `items`.
+                let objects = match value.get("items").and_then(|i| i.as_sequence()) {
+                    Some(items) if kind_of(&value).ends_with("List") => items.clone(),
+                    _ => vec![value],
+                };
+                for value in objects {
+                    if value.is_null() {
+                        continue;
+                    }
+                    let kind = kind_of(&value);
+                    let at = || format!("{source}: document {} ({kind})", i + 1);
+                    match kind.as_str() {
+                        "IncomingMailProvider" => {
+                            let raw: serde_json::Value =
+                                serde_yaml::from_value(value.clone()).with_context(at)?;
+                            let p: IncomingMailProvider =
+                                serde_yaml::from_value(value).with_context(at)?;
+                            providers.push((p, raw));
+                        }
+                        "Secret" => {
+                            let s: Secret = serde_yaml::from_value(value).with_context(at)?;
+                            fetched.secrets.insert(s.name_any(), s);
+                        }
+                        "ConfigMap" => {
+                            let c: ConfigMap = serde_yaml::from_value(value).with_context(at)?;
+                            fetched.config_maps.insert(c.name_any(), c);
+                        }
+                        _ => {}
+                    }
                 }
-                "Secret" => {
-                    let s: Secret = serde_yaml::from_value(value).with_context(at)?;
-                    fetched.secrets.insert(s.name_any(), s);
-                }
-                "ConfigMap" => {
-                    let c: ConfigMap = serde_yaml::from_value(value).with_context(at)?;
-                    fetched.config_maps.insert(c.name_any(), c);
-                }
-                _ => {}
             }
         }
     }
-    let provider = match (providers.len(), &args.name) {
+    let (provider, raw) = match (providers.len(), &args.name) {
         (0, _) => bail!("no IncomingMailProvider in the files given with -f"),
         (_, Some(name)) => providers
             .into_iter()
-            .find(|p| &p.name_any() == name)
+            .find(|(p, _)| &p.name_any() == name)
             .with_context(|| format!("no IncomingMailProvider named {name} in the files"))?,
         (1, None) => providers.remove(0),
         (n, None) => bail!("{n} IncomingMailProviders in the files: name the one to test"),
@@ -242,7 +352,15 @@ fn from_files(args: &CheckArgs) -> anyhow::Result<(IncomingMailProvider, Fetched
     if let Some(ns) = provider.namespace() {
         fetched.namespace = ns;
     }
-    Ok((provider, fetched))
+    Ok((provider, fetched, raw))
+}
+
+fn kind_of(value: &serde_yaml::Value) -> String {
+    value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .unwrap_or_default()
+        .to_string()
 }
 
 trait DeserializeFrom: Sized {

@@ -96,9 +96,25 @@ pub struct ControllerArgs {
     pub termination_grace_period: u64,
 }
 
+/// The command line; usage and help name the command as it was run, so a kubectl plugin
+/// user reads `kubectl mailroom`, not the file name `kubectl-mailroom`.
+fn parse() -> Cli {
+    use clap::{CommandFactory as _, FromArgMatches as _};
+    let invoked = std::env::args_os().next().and_then(|a| {
+        std::path::Path::new(&a)
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+    });
+    let mut command = Cli::command();
+    if invoked.as_deref() == Some("kubectl-mailroom") {
+        command = command.bin_name("kubectl mailroom");
+    }
+    Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit())
+}
+
 /// Runs the command line; returns the process exit code.
 pub async fn main() -> anyhow::Result<i32> {
-    let cli = Cli::parse();
+    let cli = parse();
     match cli.command {
         Command::Crd => {
             print!("{}", crd_yaml());
@@ -264,10 +280,20 @@ pub fn error_text(e: &anyhow::Error) -> String {
             Some(kube::Error::Service(_) | kube::Error::HyperError(_))
         )
     });
-    // Each cause once: kube's errors repeat their source in their own text.
+    // Each cause once: kube's errors repeat their source in their own text. The API
+    // server's refusal is its one-line message, as kubectl prints it, not kube's dump of
+    // the whole Status object.
     let mut text = String::new();
     for cause in e.chain() {
-        let part = cause.to_string();
+        let part = match cause.downcast_ref::<kube::Error>() {
+            Some(kube::Error::Api(status)) => status.message.clone(),
+            _ if cause.downcast_ref::<Box<kube::core::Status>>().is_some()
+                || cause.downcast_ref::<kube::core::Status>().is_some() =>
+            {
+                continue;
+            }
+            _ => cause.to_string(),
+        };
         if !text.contains(&part) {
             if !text.is_empty() {
                 text.push_str(": ");
@@ -329,6 +355,23 @@ pub fn reasons_table() -> String {
 #[cfg(test)]
 mod tests {
     use clap::Parser as _;
+
+    #[test]
+    fn an_api_servers_refusal_is_its_message_not_the_status_object() {
+        let status = kube::core::Status {
+            code: 403,
+            message: r#"secrets "alice" is forbidden: User "vera" cannot get resource "secrets""#
+                .into(),
+            reason: "Forbidden".into(),
+            ..Default::default()
+        };
+        let e = anyhow::Error::new(kube::Error::Api(Box::new(status)))
+            .context("reading Secret ops/alice");
+        assert_eq!(
+            super::error_text(&e),
+            r#"reading Secret ops/alice: secrets "alice" is forbidden: User "vera" cannot get resource "secrets""#
+        );
+    }
 
     #[test]
     fn timeouts_take_seconds_or_a_duration() {

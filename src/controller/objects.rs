@@ -31,23 +31,12 @@ const OWN_WRITE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// (kind, namespace, name) of a referenced object.
 type Key = (ObjectKind, String, String);
 
-/// What a provider says when the API server lets the controller list and watch the
-/// Secrets and ConfigMaps of `namespace` but refuses it one of them (`get`); `None` for
-/// any other failed read.
-pub fn get_refused(namespace: &str, error: &kube::Error) -> Option<String> {
-    let words = super::access::refusal(error)?;
-    Some(refused(
-        "a Secret or ConfigMap this provider references",
-        words,
-        &format!("in namespace {namespace}"),
-    ))
-}
-
-/// `AccessDenied`'s message: what may not be read, the API server's words, what to grant.
-fn refused(what: &str, words: &str, grant: &str) -> String {
+/// `AccessDenied`'s message: what may not be read, the API server's words, and what to
+/// grant (`resource`, where, and through which role).
+fn refused(what: &str, words: &str, resource: &str, (r#where, grant): (String, &str)) -> String {
     format!(
         "mailroom may not read {what}: the API server says {words:?}; \
-         give its ServiceAccount get, list and watch on secrets and configmaps {grant}"
+         give its ServiceAccount get, list and watch on {resource} {where} through {grant}"
     )
 }
 
@@ -139,8 +128,49 @@ impl Objects {
             };
             access.denied(for_at_least).map(|words| (words, resource))
         })?;
-        // What to grant depends on how the controller watches: one namespace, or all.
-        let (r#where, grant) = match &self.scopes[i] {
+        let grant = self.grant(i, namespace);
+        Some(refused(
+            &format!("{resource} {}", grant.0),
+            &words,
+            resource,
+            grant,
+        ))
+    }
+
+    /// What a provider says when the API server lets the controller list and watch the
+    /// Secrets and ConfigMaps of `namespace` but refuses it one of them (`get`); `None`
+    /// for any other failed read.
+    pub fn get_refused(&self, namespace: &str, error: &kube::Error) -> Option<String> {
+        let words = super::access::refusal(error)?;
+        // The API server names the resource it refused in the details.
+        let resource = match error {
+            kube::Error::Api(status) => status
+                .details
+                .as_ref()
+                .map(|d| d.kind.as_str())
+                .filter(|k| matches!(*k, "secrets" | "configmaps")),
+            _ => None,
+        }
+        .unwrap_or("secrets and configmaps");
+        let grant = match self.scope_of(namespace) {
+            Some(i) => self.grant(i, namespace),
+            None => (
+                format!("in namespace {namespace}"),
+                "a Role and RoleBinding there",
+            ),
+        };
+        Some(refused(
+            "a Secret or ConfigMap this provider references",
+            words,
+            resource,
+            grant,
+        ))
+    }
+
+    /// Where rights are missing and what grants them, by how the controller watches:
+    /// one namespace (a Role there), or all (a ClusterRole).
+    fn grant(&self, scope: usize, namespace: &str) -> (String, &'static str) {
+        match &self.scopes[scope] {
             Some(_) => (
                 format!("in namespace {namespace}"),
                 "a Role and RoleBinding there (the Helm chart makes them for every namespace in watchNamespaces)",
@@ -149,12 +179,7 @@ impl Objects {
                 "in all namespaces".to_string(),
                 "a ClusterRole and ClusterRoleBinding (the Helm chart makes them when watchNamespaces is empty)",
             ),
-        };
-        Some(refused(
-            &format!("{resource} {where}"),
-            &words,
-            &format!("through {grant}"),
-        ))
+        }
     }
 
     fn scope_of(&self, namespace: &str) -> Option<usize> {
@@ -355,6 +380,41 @@ mod tests {
         assert_eq!(
             objects.denied("team-b", &[ObjectKind::ConfigMap], now),
             None
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_read_names_the_resource_and_the_role_to_grant() {
+        let forbidden = |kind: &str| {
+            let mut status = kube::core::Status::failure(
+                &format!("{kind} \"ca\" is forbidden: cannot get resource"),
+                "Forbidden",
+            )
+            .with_code(403);
+            status.details = Some(kube::core::response::StatusDetails {
+                kind: kind.into(),
+                name: "ca".into(),
+                group: String::new(),
+                uid: String::new(),
+                causes: Vec::new(),
+                retry_after_seconds: 0,
+            });
+            kube::Error::Api(Box::new(status))
+        };
+        let everywhere = secrets_refused(vec![None]);
+        let message = everywhere
+            .get_refused("team-b", &forbidden("configmaps"))
+            .unwrap();
+        assert!(
+            message.contains("get, list and watch on configmaps in all namespaces")
+                && message.contains("ClusterRole"),
+            "{message}"
+        );
+        let one = secrets_refused(vec![Some("team-b".into())]);
+        let message = one.get_refused("team-b", &forbidden("secrets")).unwrap();
+        assert!(
+            message.contains("on secrets in namespace team-b through a Role"),
+            "{message}"
         );
     }
 

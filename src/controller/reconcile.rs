@@ -359,7 +359,7 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
                 Err(e) => {
                     // Listed and watched but not to be read (a Role without `get`): said,
                     // as a refused watch is, and retried with the backoff of a failed test.
-                    let Some(message) = super::objects::get_refused(&ns, &e) else {
+                    let Some(message) = ctx.objects.get_refused(&ns, &e) else {
                         return Err(Error::Fetch(e));
                     };
                     let outcome =

@@ -819,8 +819,8 @@ impl MailSession for Imap {
             ));
         };
         let words = match unseen {
-            Some(unseen) => format!("{mailbox}: {messages} messages, {unseen} unseen"),
-            None => format!("{mailbox}: {messages} messages"),
+            Some(unseen) => format!("{mailbox}: {}, {unseen} unseen", super::messages(messages)),
+            None => format!("{mailbox}: {}", super::messages(messages)),
         };
         Ok((
             MailboxInfo {

@@ -213,6 +213,14 @@ pub struct MailboxInfo {
     pub unseen: Option<u64>,
 }
 
+/// "1 message", "3 messages": as the step lines and the Ready message count them.
+pub fn messages(n: u64) -> String {
+    match n {
+        1 => "1 message".into(),
+        n => format!("{n} messages"),
+    }
+}
+
 /// Why a test failed: a Ready reason, the step, and a message for people that quotes the
 /// server where it said anything and never contains a secret.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]

@@ -614,7 +614,7 @@ impl MailSession for Pop3 {
                         messages,
                         unseen: None,
                     },
-                    format!("STAT: {messages} messages, {size} octets"),
+                    format!("STAT: {}, {size} octets", super::messages(messages)),
                 ))
             }
             _ => Err(classify::refused_mailbox(

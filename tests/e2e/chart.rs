@@ -2524,7 +2524,8 @@ async fn a_namespace_whose_secrets_are_forbidden_stops_no_other() {
     let message = ready["message"].to_string();
     assert!(
         message.contains("may not read a Secret or ConfigMap")
-            && message.contains("cannot get resource"),
+            && message.contains("cannot get resource")
+            && message.contains(&format!("on secrets in namespace {team_b} through a Role")),
         "{message}"
     );
 }

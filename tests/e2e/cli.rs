@@ -71,6 +71,13 @@ async fn check_prints_each_step_and_exits_zero_only_when_ready() {
         "kubectl mailroom check: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Its help names the command as the user typed it.
+    let out = Command::new(&plugin)
+        .args(["check", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("Usage: kubectl mailroom check"), "{help}");
 
     // A manifest tested before it is applied, with its Secret from a file too.
     let dir = tempfile::tempdir().unwrap();
@@ -115,6 +122,80 @@ async fn check_prints_each_step_and_exits_zero_only_when_ready() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains("AuthenticationFailed"), "{text}");
+}
+
+/// `mailroom check -f` is a preflight: a manifest the API server would refuse (a CEL rule,
+/// an unknown field) is refused in its words, before any test; one it would take is
+/// tested, read from stdin and from a `kind: List` as `kubectl apply -f -` reads it; and
+/// the dry run leaves nothing behind.
+#[tokio::test]
+async fn check_of_a_manifest_is_refused_as_the_api_server_would_refuse_it() {
+    let env = alice_env("cli-preflight").await;
+    let port = env.bed.dovecot().imaps_port();
+    let good = provider("pre", "IMAP", port, "Implicit", ALICE_AUTH, "");
+    let check = |manifest: &str| {
+        let mut child = Command::new(MAILROOM)
+            .args(["check", "-n", &env.ns, "-f", "-"])
+            .env("KUBECONFIG", env.bed.kubeconfig_path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(manifest.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+
+    let (code, out) = check(&good.replace("interval: 5m", "interval: 10s"));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("InvalidSpec"), "{out}");
+    assert!(
+        out.contains("the API server refuses this manifest")
+            && out.contains("interval must be at least 30s"),
+        "{out}"
+    );
+    assert!(!out.contains("connect "), "a test ran:\n{out}");
+
+    let (code, out) = check(&good.replace("  check:", "  chek: {interval: 1m}\n  check:"));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(".spec.chek: field not declared in schema"),
+        "{out}"
+    );
+
+    // `kubectl get imp -o yaml` gives a List.
+    let list = format!(
+        "apiVersion: v1\nkind: List\nitems:\n{}",
+        good.lines()
+            .enumerate()
+            .map(|(i, l)| if i == 0 {
+                format!("- {l}\n")
+            } else {
+                format!("  {l}\n")
+            })
+            .collect::<String>()
+    );
+    let (code, out) = check(&list);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("Ready=True"), "{out}");
+    assert!(
+        env.providers().get_opt("pre").await.unwrap().is_none(),
+        "the dry run created the provider"
+    );
 }
 
 /// `mailroom retest`, run as a user would, with the bed's kubeconfig.

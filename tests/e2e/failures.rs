@@ -406,8 +406,15 @@ async fn a_pop3_mailbox_held_by_another_session_is_unavailable_not_a_wrong_passw
         "mailroom.dev/check-requested-at=released",
         "--overwrite",
     ]);
-    env.wait_reason("carol", "Connected", Duration::from_secs(60))
+    let p = env
+        .wait_reason("carol", "Connected", Duration::from_secs(60))
         .await;
+    // A password in the clear is said as loudly as an unverified certificate.
+    let msg = &ready(&p).unwrap().message;
+    assert!(
+        msg.contains("WARNING: the password is sent without TLS (authentication.allowUnencrypted)"),
+        "{msg:?}"
+    );
 }
 
 #[tokio::test]
