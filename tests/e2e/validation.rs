@@ -126,4 +126,17 @@ async fn kubectl_explain_documents_the_fields() {
         "kubectl explain:\n{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Defaults are said in words: explain does not show the schema's.
+    for (field, default) in [
+        ("spec.check.interval", "Default: 5m."),
+        ("spec.check.timeout", "Default: 30s."),
+        (
+            "spec.authentication.secretRef.passwordKey",
+            "Default: password.",
+        ),
+    ] {
+        let out = env.kubectl(&["explain", &format!("incomingmailprovider.{field}")]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(default), "kubectl explain {field}:\n{text}");
+    }
 }
