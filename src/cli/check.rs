@@ -228,8 +228,16 @@ async fn refused_by_api_server(
     provider: &IncomingMailProvider,
     manifest: &serde_json::Value,
 ) -> Option<String> {
+    // What a person writes: a manifest saved from the cluster (`kubectl get -o yaml`)
+    // also carries what the API server sets, which an apply must not send.
     let mut object = manifest.clone();
-    object["metadata"]["namespace"] = serde_json::Value::from(namespace);
+    if let Some(map) = object.as_object_mut() {
+        map.remove("status");
+    }
+    if let Some(metadata) = object["metadata"].as_object_mut() {
+        metadata.retain(|k, _| matches!(k.as_str(), "name" | "labels" | "annotations"));
+        metadata.insert("namespace".into(), serde_json::Value::from(namespace));
+    }
     let api: Api<IncomingMailProvider> = Api::namespaced(client.clone(), namespace);
     let params = PatchParams {
         dry_run: true,

@@ -196,6 +196,15 @@ async fn check_of_a_manifest_is_refused_as_the_api_server_would_refuse_it() {
         env.providers().get_opt("pre").await.unwrap().is_none(),
         "the dry run created the provider"
     );
+
+    // What `kubectl get imp -o yaml` saved (a List, with what the API server set), after
+    // which the object changed: the saved resourceVersion is stale.
+    env.apply(&good.replace("name: pre", "name: saved"));
+    let saved = env.kubectl(&["get", "imp", "-o", "yaml"]);
+    env.kubectl(&["annotate", "imp/saved", "changed=later"]);
+    let (code, out) = check(&String::from_utf8_lossy(&saved.stdout));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains("note:"), "{out}");
 }
 
 /// `mailroom retest`, run as a user would, with the bed's kubeconfig.
