@@ -183,6 +183,28 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
     };
     let mut out = std::io::stdout().lock();
     print_outcome(&mut out, &label, &outcome)?;
+    // The network is this machine's, not the controller's: a name only the cluster's DNS
+    // knows, or a port only its pods may reach, fails here and works there.
+    if matches!(
+        outcome.reason,
+        Reason::DnsResolutionFailed
+            | Reason::ConnectionRefused
+            | Reason::ConnectionTimedOut
+            | Reason::NetworkUnreachable
+            | Reason::Timeout
+    ) {
+        writeln!(
+            out,
+            "Note: this test ran from this machine, whose DNS and network may differ from the controller's; `mailroom retest {} -n {}` has the controller test it{}.",
+            provider.name_any(),
+            fetched.namespace,
+            if manifest.is_some() {
+                " once it is applied"
+            } else {
+                ""
+            }
+        )?;
+    }
     for line in &unstored {
         eprintln!("error: {line}");
     }

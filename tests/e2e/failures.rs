@@ -170,6 +170,17 @@ async fn network_failures_are_classified() {
         msg.contains("+OK"),
         "the POP3 greeting should be quoted: {msg:?}"
     );
+
+    // Run from a person's machine, a network failure may be that machine's alone: the
+    // output says so, and how to have the controller test instead.
+    let (code, stdout, _) = env.mailroom(&["check", "nxdomain", "-n", &env.ns]);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains("DNSResolutionFailed")
+            && stdout.contains("this test ran from this machine")
+            && stdout.contains(&format!("mailroom retest nxdomain -n {}", env.ns)),
+        "{stdout}"
+    );
 }
 
 #[tokio::test]
