@@ -57,7 +57,7 @@ pub fn endpoints(spec: &OAuth2Spec) -> OAuth2Endpoints {
         authorization: given(&spec.authorization_url).or(authorization),
         token: given(&spec.token_url).or(token),
         device_authorization: given(&spec.device_authorization_url).or(device),
-        revocation,
+        revocation: given(&spec.revocation_url).or(revocation),
     }
 }
 
@@ -92,6 +92,7 @@ pub fn plaintext_endpoints(spec: &OAuth2Spec, allow_unencrypted: bool) -> Result
         ("authorizationURL", &spec.authorization_url),
         ("tokenURL", &spec.token_url),
         ("deviceAuthorizationURL", &spec.device_authorization_url),
+        ("revocationURL", &spec.revocation_url),
     ] {
         let Some(url) = given(url) else { continue };
         if !ENCRYPTED.is_match(&url) {

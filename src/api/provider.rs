@@ -188,6 +188,9 @@ pub enum CaBundleKind {
     validation = Rule::new(super::oauth2::endpoint_rule("deviceAuthorizationURL"))
         .message("deviceAuthorizationURL must be an https:// URL (http:// only to this host's loopback), or set allowUnencrypted to true: the client secret and tokens would cross the network unencrypted")
         .field_path(".oauth2.deviceAuthorizationURL"),
+    validation = Rule::new(super::oauth2::endpoint_rule("revocationURL"))
+        .message("revocationURL must be an https:// URL (http:// only to this host's loopback), or set allowUnencrypted to true: the client secret and tokens would cross the network unencrypted")
+        .field_path(".oauth2.revocationURL"),
 )]
 pub struct AuthenticationSpec {
     /// Password: log in with a username and password from a Secret. OAuth2: log in with
@@ -298,6 +301,15 @@ pub struct OAuth2Spec {
     )]
     #[schemars(length(max = 2048))]
     pub device_authorization_url: Option<String>,
+    /// The token revocation endpoint (RFC 7009) that `mailroom authorize --revoke` calls:
+    /// for Generic, where the server has one; for Google an override (Microsoft has none).
+    #[serde(
+        default,
+        rename = "revocationURL",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(length(max = 2048))]
+    pub revocation_url: Option<String>,
     /// Auto (default): what the server advertises, OAUTHBEARER (RFC 7628) where both are;
     /// or XOAUTH2 or OAUTHBEARER only.
     #[serde(default)]

@@ -618,7 +618,22 @@ async fn revoke(
     let refresh = tokens::TokenSet::from_secret(&secret).refresh_token;
     match (endpoints(o).revocation, refresh) {
         (Some(url), Some(token)) => {
-            let form = [("token", token)];
+            // RFC 7009 §2.1: the client identifies itself (and a confidential one
+            // authenticates) as it does at the token endpoint.
+            let mut form = vec![
+                ("token", token),
+                ("token_type_hint", SecretString::from("refresh_token")),
+                ("client_id", SecretString::from(o.client_id.clone())),
+            ];
+            if let Some(r) = &o.client_secret_ref
+                && let Ok(Some(s)) = secrets.get_opt(&r.name).await
+                && let Some(value) = s.data.as_ref().and_then(|d| d.get(&r.key))
+            {
+                form.push((
+                    "client_secret",
+                    SecretString::from(String::from_utf8_lossy(&value.0).trim().to_string()),
+                ));
+            }
             match post_form(tls, &url, &form, TOKEN_REQUEST_TIMEOUT).await {
                 Ok((200, _)) => eprintln!("Revoked the refresh token at {url}."),
                 Ok((status, _)) => {
@@ -628,7 +643,7 @@ async fn revoke(
             }
         }
         (None, Some(_)) => eprintln!(
-            "Note: mailroom knows no revocation endpoint for this provider, so the refresh token stays valid at the identity provider until it expires or is revoked there (for Microsoft Entra ID: revoke the user's sessions, or the app's consent)."
+            "Note: this provider has no revocation endpoint (spec.authentication.oauth2.revocationURL), so the refresh token stays valid at the identity provider until it expires or is revoked there (for Microsoft Entra ID: revoke the user's sessions, or the app's consent)."
         ),
         _ => {}
     }

@@ -102,6 +102,13 @@ async fn invalid_oauth2_manifests_are_rejected_with_the_field_named() {
                 "https://",
             ],
         ),
+        (
+            "revocation endpoint over plain http",
+            oauth(
+                "provider: Generic, tokenURL: 'https://id.example/token', revocationURL: 'http://id.example/revoke'",
+            ),
+            &["spec.authentication.oauth2.revocationURL", "https://"],
+        ),
     ];
     let mut failures = Vec::new();
     for (what, spec, expected) in &cases {
@@ -423,8 +430,12 @@ async fn client_credentials_is_ready_with_no_authorize_step_and_no_secret_leaks(
     let access = key_of(&secret, tokens::ACCESS_TOKEN);
     assert!(access.len() > 20, "no access token stored: {secret:?}");
 
+    assert!(
+        server.token_requests() >= 2,
+        "the second test asked for no token: {}",
+        server.token_requests()
+    );
     let issued = server.issued_access_tokens();
-    assert!(issued.len() >= 2, "{issued:?}");
     for (place, text) in outputs(&env, controller.logs()).await {
         assert!(
             !text.contains(CLIENT_SECRET),
@@ -1029,6 +1040,32 @@ async fn revoke_removes_only_the_tokens_from_a_secret_that_holds_more() {
     let secret = token_secret(&env).await.expect("the Secret is kept");
     assert_eq!(key_of(&secret, "team-note"), "kept by its owner");
     assert_eq!(key_of(&secret, tokens::REFRESH_TOKEN), "");
+    // No revocation endpoint: the refresh token still works there, and the output says so.
+    assert!(server.refresh_token_valid(&refresh));
+    assert!(seen.contains("has no revocation endpoint"), "{seen}");
+
+    // With one (RFC 7009), it is revoked at the server too.
+    env.apply(&oauth_provider(
+        "imap",
+        "IMAP",
+        env.bed.dovecot().imaps_port(),
+        &generic(
+            &server,
+            &format!(", revocationURL: '{}'", server.revocation_url()),
+        ),
+    ));
+    let again = server.grant("alice", CLIENT);
+    env.token_secret("alice-token", &[(tokens::REFRESH_TOKEN, again.as_str())])
+        .await;
+    let (child, rx) = authorize(&env, &["imap", "--revoke"]);
+    let mut seen = String::new();
+    let (code_status, _) = finish(child, rx, &mut seen);
+    assert_eq!(code_status, Some(0), "{seen}");
+    assert!(seen.contains("Revoked the refresh token at"), "{seen}");
+    assert!(
+        !server.refresh_token_valid(&again),
+        "the refresh token still works at the server"
+    );
 }
 
 #[tokio::test]

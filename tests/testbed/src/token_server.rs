@@ -245,6 +245,11 @@ impl TokenServer {
         }
     }
 
+    /// The RFC 7009 revocation endpoint: a refresh token posted there stops working.
+    pub fn revocation_url(&self) -> String {
+        format!("{}/revoke", self.url())
+    }
+
     pub fn device_authorization_url(&self) -> String {
         format!("{}/devicecode", self.url())
     }
@@ -382,6 +387,25 @@ fn serve(conn: TcpStream, state: &Mutex<State>, key: &OAuthKey) -> std::io::Resu
                         "interval": 1,
                     }),
                 )
+            }
+        }
+        ("POST", "/revoke") => {
+            let form = parse_form(&String::from_utf8_lossy(&body));
+            let mut st = state.lock().unwrap();
+            let client_id = form.get("client_id").cloned().unwrap_or_default();
+            if !st.clients.contains_key(&client_id) {
+                error(
+                    401,
+                    "invalid_client",
+                    "AADSTS700016: Application not found.",
+                )
+            } else {
+                // RFC 7009 §2.2: 200 whether or not the token was valid.
+                let token = form.get("token").cloned().unwrap_or_default();
+                if st.refresh.remove(&token).is_some() {
+                    st.dead.insert(token, AADSTS_REVOKED);
+                }
+                (200, json!({}))
             }
         }
         ("POST", "/token") => {
