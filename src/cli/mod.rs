@@ -286,6 +286,10 @@ pub fn error_text(e: &anyhow::Error) -> String {
     let mut text = String::new();
     for cause in e.chain() {
         let part = match cause.downcast_ref::<kube::Error>() {
+            // An empty message (a proxy's empty answer): the code and reason instead.
+            Some(kube::Error::Api(status)) if status.message.trim().is_empty() => {
+                format!("HTTP {} {}", status.code, status.reason)
+            }
             Some(kube::Error::Api(status)) => status.message.clone(),
             _ if cause.downcast_ref::<Box<kube::core::Status>>().is_some()
                 || cause.downcast_ref::<kube::core::Status>().is_some() =>
@@ -406,6 +410,21 @@ mod tests {
         assert_eq!(
             super::error_text(&e),
             r#"reading Secret ops/alice: secrets "alice" is forbidden: User "vera" cannot get resource "secrets""#
+        );
+    }
+
+    #[test]
+    fn an_empty_refusal_says_its_code() {
+        let status = kube::core::Status {
+            code: 502,
+            reason: "Bad Gateway".into(),
+            ..Default::default()
+        };
+        let e = anyhow::Error::new(kube::Error::Api(Box::new(status)))
+            .context("reading IncomingMailProvider ops/x");
+        assert_eq!(
+            super::error_text(&e),
+            "reading IncomingMailProvider ops/x: HTTP 502 Bad Gateway"
         );
     }
 

@@ -547,9 +547,18 @@ fn dependents<K: Resource>(
         .collect()
 }
 
-/// Forgets deleted providers and the values only they used, once a minute.
+/// Forgets deleted providers and the values only they used, once a minute, from a
+/// minute after the provider caches have listed: before that they are empty, and a sweep
+/// would forget everything, tokens kept across a lost Lease included.
 async fn sweep(ctx: Arc<Context>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    for (_, store) in &ctx.providers {
+        if store.wait_until_ready().await.is_err() {
+            // Its watch is gone with the controllers, which end this term anyway.
+            return futures::future::pending().await;
+        }
+    }
+    let period = Duration::from_secs(60);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     loop {
         tick.tick().await;
         let providers: Vec<_> = ctx.providers.iter().flat_map(|(_, s)| s.state()).collect();

@@ -82,6 +82,13 @@ pub fn form_encode(form: &[(&str, SecretString)]) -> Zeroizing<String> {
     out
 }
 
+/// One value as [`form_encode`] writes it.
+pub fn form_value(text: &str) -> String {
+    let mut out = String::new();
+    encode_into(&mut out, text);
+    out
+}
+
 fn encode_into(out: &mut String, text: &str) {
     for b in text.bytes() {
         match b {

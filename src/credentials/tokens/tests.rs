@@ -180,6 +180,17 @@ fn a_token_endpoint_echoing_the_request_has_its_secrets_cut_out() {
     };
     assert!(!message.contains("cs-Echoed"), "{message}");
     assert!(message.contains("client_secret=[redacted]"), "{message}");
+    // A server echoing the form as it received it: the token percent-encoded.
+    let form = [("refresh_token", SecretString::from("1//0gEchoed/Token+41"))];
+    let failed = read_grant(
+        400,
+        b"bad request: refresh_token=1%2F%2F0gEchoed%2FToken%2B41",
+        &form,
+    );
+    let Grant::Failed(message) = failed else {
+        panic!("{failed:?}")
+    };
+    assert!(!message.contains("Echoed"), "{message}");
 }
 
 #[test]
@@ -386,4 +397,90 @@ async fn a_grant_that_arrives_after_its_test_was_cancelled_is_kept() {
     );
     assert_eq!(left.len(), 1, "{left:?}");
     assert!(left[0].contains("Secret ns/t"), "{left:?}");
+}
+
+fn test_manager() -> TokenManager {
+    // Never dialled: no API server answers, so nothing is stored.
+    let config = kube::Config::new("https://127.0.0.1:1".parse().unwrap());
+    TokenManager::new(Client::try_from(config).unwrap()).unwrap()
+}
+
+/// A grant kept because its write failed is reported as at risk only if it replaced the
+/// Secret's refresh token: one from an endpoint that does not rotate (Google) loses
+/// nothing if it is never stored.
+#[tokio::test]
+async fn only_a_kept_grant_that_rotated_the_refresh_token_is_reported() {
+    let manager = test_manager();
+    let held = TokenSet::from_secret(&secret(&[(REFRESH_TOKEN, "r1")]));
+    let same: TokenResponse = serde_json::from_str(r#"{"access_token":"a2"}"#).unwrap();
+    keep(
+        &manager.unsaved,
+        key("ns", "google"),
+        held.clone(),
+        same,
+        "refused".into(),
+    );
+    let rotated: TokenResponse =
+        serde_json::from_str(r#"{"access_token":"a2","refresh_token":"r2"}"#).unwrap();
+    keep(
+        &manager.unsaved,
+        key("ns", "rotating"),
+        held,
+        rotated,
+        "refused".into(),
+    );
+    let left = manager.store_kept(Duration::from_secs(5)).await;
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].contains("Secret ns/rotating"), "{left:?}");
+}
+
+/// App-only tokens in memory serve only the settings they were granted for.
+#[tokio::test]
+async fn an_app_only_token_serves_only_its_own_client_and_scopes() {
+    let manager = test_manager();
+    let spec = |client: &str| -> OAuth2Spec {
+        serde_yaml::from_str(&format!(
+            "{{provider: Microsoft, flow: ClientCredentials, tenant: contoso.com, clientId: {client}, clientSecretRef: {{name: s}}, tokenSecretRef: {{name: t}}}}"
+        ))
+        .unwrap()
+    };
+    let imap = crate::api::Protocol::Imap;
+    let at = key("ns", "t");
+    manager.keep_app_token(
+        at.clone(),
+        &spec("app-a"),
+        imap,
+        secret(&[(ACCESS_TOKEN, "a")]),
+    );
+    assert!(manager.app_token(&at, &spec("app-a"), imap).is_some());
+    assert!(manager.app_token(&at, &spec("app-b"), imap).is_none());
+    assert!(
+        manager
+            .app_token(&key("other", "t"), &spec("app-a"), imap)
+            .is_none()
+    );
+}
+
+#[test]
+fn a_token_without_a_known_expiry_serves_one_test_but_the_controller_refreshes_it() {
+    let now = at(NOW);
+    let unknown = TokenSet::from_secret(&secret(&[(ACCESS_TOKEN, "a"), (REFRESH_TOKEN, "r")]));
+    assert_eq!(
+        plan(
+            OAuth2Flow::AuthorizationCode,
+            Some(&unknown),
+            now,
+            Duration::ZERO
+        ),
+        Plan::Use
+    );
+    assert_eq!(
+        plan(
+            OAuth2Flow::AuthorizationCode,
+            Some(&unknown),
+            now,
+            REFRESH_AHEAD
+        ),
+        Plan::Refresh
+    );
 }
