@@ -515,7 +515,7 @@ fn ready_message(p: &mailroom::api::IncomingMailProvider) -> String {
 async fn a_grant_revoked_while_its_rotated_token_is_unstored_is_authorization_revoked() {
     let env = alice_env("oauth2-unsaved-revoked").await;
     let (server, first) = rotating_grant(&env).await;
-    let (controller, _policy) = first_refresh_refused(&env, &server, &first).await;
+    let (controller, policy) = first_refresh_refused(&env, &server, &first).await;
 
     // The user revokes the grant while the rotated token lives only in memory: the Secret
     // still holds the token that grant retired, which is no sign of another writer.
@@ -541,6 +541,7 @@ async fn a_grant_revoked_while_its_rotated_token_is_unstored_is_authorization_re
         2,
         "the refused refresh was retried as if someone else had rotated the token"
     );
+    crate::hostile::remove_policy(&env, &policy);
 }
 
 #[tokio::test]
