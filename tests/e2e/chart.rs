@@ -2160,7 +2160,7 @@ async fn the_controller_works_with_the_charts_service_account_and_nothing_more()
     let kubeconfig = token_kubeconfig(&env, &env.ns, &full, "controller.kubeconfig");
     let baseline = baseline_account(&env, &env.ns);
     let mut expected = as_listed(&controller_permissions(true));
-    expected.extend(as_listed(&lease_permissions("mailroom")));
+    expected.extend(as_listed(&lease_permissions(&full)));
     assert_eq!(
         granted(&env, &kubeconfig, &env.ns, &baseline),
         expected,
@@ -2244,10 +2244,11 @@ async fn the_controller_works_with_the_charts_service_account_and_nothing_more()
     assert_ne!(stored, first, "the rotated refresh token was not stored");
     assert!(server.refresh_token_valid(&stored));
 
+    // The release's own Lease, named after it.
     let lease = env.kubectl(&[
         "get",
         "lease",
-        "mailroom",
+        &full,
         "-o",
         "jsonpath={.spec.holderIdentity}",
     ]);
@@ -2728,6 +2729,8 @@ async fn a_second_release_as_the_readme_gives_it_collides_with_nothing_of_the_fi
             .any(|(k, _, _)| k == "CustomResourceDefinition"),
         "the collision this guards against"
     );
+    // Its Lease is its own even then: a release's is named after it.
+    assert_ne!(lease(&first), lease(&naive), "one Lease for two releases");
     // What the API server says of both (a dry run: the bed's CRD is every test's).
     for (which, docs) in [("first", &first), ("second", &second)] {
         let out = dry_run_apply(&env, docs);

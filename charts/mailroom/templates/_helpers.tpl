@@ -18,6 +18,12 @@ DNS label (63 characters at most), so the fullname is cut to leave room for the 
 {{- printf "%s-metrics" (include "mailroom.fullname" . | trunc 55 | trimSuffix "-") -}}
 {{- end -}}
 
+{{- /* The Lease: the release's own unless named, so that two releases in one namespace
+never elect one leader between them. */}}
+{{- define "mailroom.leaseName" -}}
+{{- .Values.leaderElection.leaseName | default (include "mailroom.fullname" .) -}}
+{{- end -}}
+
 {{- define "mailroom.name" -}}
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
