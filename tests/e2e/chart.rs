@@ -427,6 +427,34 @@ fn a_service_account_the_chart_does_not_create_must_be_named_when_it_binds_right
     );
 }
 
+/// Labels and probes given in values add to the chart's, never replace its own: a
+/// duplicate selector label made the pod template miss the Deployment's selector.
+#[test]
+fn values_cannot_override_the_charts_own_labels_or_probe_endpoints() {
+    let docs = Helm::offline().render(
+        "mailroom",
+        "ops",
+        &[
+            "--set-json",
+            r#"podLabels={"app.kubernetes.io/name":"x","team":"a"}"#,
+            "--set-json",
+            r#"commonLabels={"app.kubernetes.io/instance":"y","cost":"c"}"#,
+            "--set-json",
+            r#"probes.liveness.httpGet={"path":"/other","port":1}"#,
+        ],
+    );
+    let deployment = only(&docs, "Deployment");
+    let selector = &deployment["spec"]["selector"]["matchLabels"];
+    let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    for (k, v) in selector.as_object().unwrap() {
+        assert_eq!(&labels[k], v, "pod label {k} against the selector");
+    }
+    assert_eq!(labels["team"], "a");
+    assert_eq!(labels["cost"], "c");
+    let probe = &deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbe"];
+    assert_eq!(probe["httpGet"]["path"], "/healthz", "{probe}");
+}
+
 #[test]
 fn a_service_monitor_needs_the_metrics_service() {
     let helm = Helm::offline();

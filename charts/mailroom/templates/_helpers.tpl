@@ -58,7 +58,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: mailroom
-{{- with .Values.commonLabels }}
+{{- /* The chart's own keys are not overridden: a duplicate key in a pod template
+makes its labels miss the Deployment's selector, and the Deployment is refused. */}}
+{{- with omit .Values.commonLabels "helm.sh/chart" "app.kubernetes.io/name" "app.kubernetes.io/instance" "app.kubernetes.io/version" "app.kubernetes.io/managed-by" "app.kubernetes.io/part-of" }}
 {{ toYaml . }}
 {{- end }}
 {{- end -}}
