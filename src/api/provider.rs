@@ -395,18 +395,20 @@ fn default_password_key() -> String {
 /// When and how the connection is tested.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new(format!("!self.timeout.matches('{d}') || !self.interval.matches('{d}') || duration(self.timeout) <= duration(self.interval)", d = cel_duration()))
+// Judged only once the interval is valid itself: an interval under 30s gets its one error,
+// not this one too about a timeout the user never set.
+#[x_kube(validation = Rule::new(format!("!self.timeout.matches('{d}') || !self.interval.matches('{d}') || duration(self.interval) < duration('30s') || duration(self.timeout) <= duration(self.interval)", d = cel_duration()))
     .message("timeout (30s unless set) must not be longer than interval")
     .field_path(".timeout"))]
 pub struct CheckSpec {
     /// How often to test, as a duration such as 30s, 5m or 1h (minimum 30s).
     #[serde(default = "default_interval")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    #[x_kube(validation = Rule::new(format!("self.matches('{}')", cel_duration())).message(DURATION_FORM))]
     #[x_kube(validation = Rule::new(format!("!self.matches('{}') || duration(self) >= duration('30s')", cel_duration())).message("interval must be at least 30s"))]
     pub interval: String,
     /// Bound on one whole test, such as 30s (at least 1s, at most the interval).
     #[serde(default = "default_timeout")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    #[x_kube(validation = Rule::new(format!("self.matches('{}')", cel_duration())).message(DURATION_FORM))]
     #[x_kube(validation = Rule::new(format!("!self.matches('{}') || duration(self) >= duration('1s')", cel_duration())).message("timeout must be at least 1s"))]
     pub timeout: String,
     /// IMAP: the folder whose STATUS (messages, unseen) is read as part of the test.
@@ -435,9 +437,14 @@ impl Default for CheckSpec {
     }
 }
 
-/// The form of `check.interval` and `check.timeout` (the schema's pattern), as a CEL
-/// string literal: the rules that read them as durations apply only once it matches, so a
-/// value such as "5 minutes" gets the pattern's one error, not CEL conversion errors too.
+/// What a malformed `check.interval` or `check.timeout` is told (a CEL rule rather than
+/// the schema's pattern, whose error quotes the regular expression).
+const DURATION_FORM: &str =
+    "must be a duration such as 30s, 5m or 1h30m: numbers with the units ms, s, m or h, no spaces";
+
+/// The form of `check.interval` and `check.timeout`, as a CEL string literal: the rules
+/// that read them as durations apply only once it matches, so a value such as "5 minutes"
+/// gets the one error of the form, not CEL conversion errors too.
 fn cel_duration() -> String {
     r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$".replace('\\', "\\\\")
 }

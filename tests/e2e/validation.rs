@@ -39,6 +39,11 @@ async fn invalid_manifests_are_rejected_with_the_field_named() {
             &["spec.check.interval", "at least 30s"],
         ),
         (
+            "interval in words",
+            format!("  server: {{host: mail.example.com, protocol: IMAP}}\n  check: {{interval: 5 minutes}}\n{OK_AUTH}"),
+            &["spec.check.interval", "must be a duration such as 30s, 5m or 1h30m"],
+        ),
+        (
             "timeout over interval",
             format!("  server: {{host: mail.example.com, protocol: IMAP}}\n  check: {{interval: 1m, timeout: 2m}}\n{OK_AUTH}"),
             &["spec.check.timeout", "longer than interval"],
@@ -83,7 +88,15 @@ async fn invalid_manifests_are_rejected_with_the_field_named() {
             format!(
                 "  server: {{host: mail.example.com, protocol: IMAP}}\n  check: {{interval: 5 minutes}}\n{OK_AUTH}"
             ),
-            &["conversion", "longer than interval"][..],
+            &["conversion", "longer than interval", "should match"][..],
+        ),
+        // An interval under 30s is that one mistake, not also a timeout (left at its
+        // default) longer than the interval.
+        (
+            format!(
+                "  server: {{host: mail.example.com, protocol: IMAP}}\n  check: {{interval: 10s}}\n{OK_AUTH}"
+            ),
+            &["longer than interval"][..],
         ),
     ] {
         let out = env.try_apply(&manifest(&spec));
