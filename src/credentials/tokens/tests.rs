@@ -1,3 +1,6 @@
+use kube::Client;
+
+use super::manager::*;
 use super::*;
 
 fn secret(pairs: &[(&str, &str)]) -> Secret {
