@@ -338,6 +338,20 @@ fn rfc3339_in(secs: i64) -> String {
         .to_string()
 }
 
+/// Token Secret `alice-token` (marked as mailroom's) holding `refresh` and an access
+/// token `access` that expired a minute ago: the next test must refresh.
+async fn expired_token_secret(env: &Env, refresh: &str, access: &str) {
+    env.token_secret(
+        "alice-token",
+        &[
+            ("refresh_token", refresh),
+            ("access_token", access),
+            ("expires_at", &rfc3339_in(-60)),
+        ],
+    )
+    .await;
+}
+
 async fn token_secret(env: &Env) -> Option<Secret> {
     Api::<Secret>::namespaced(env.client.clone(), &env.ns)
         .get_opt("alice-token")
@@ -461,15 +475,7 @@ async fn an_expired_token_is_refreshed_and_the_rotated_refresh_token_stored() {
         .bed
         .oauth()
         .access_token("alice", Duration::from_secs(1));
-    env.token_secret(
-        "alice-token",
-        &[
-            ("refresh_token", &old_refresh),
-            ("access_token", &old_access),
-            ("expires_at", &rfc3339_in(-60)),
-        ],
-    )
-    .await;
+    expired_token_secret(&env, &old_refresh, &old_access).await;
     let d = env.bed.dovecot();
     env.apply(&oauth_provider(
         "imap",
@@ -542,15 +548,7 @@ async fn a_revoked_grant_is_authorization_revoked() {
     trust_bed_ca(&env).await;
     let (server, refresh) = alice_grant(&env);
     server.revoke_user("alice");
-    env.token_secret(
-        "alice-token",
-        &[
-            ("refresh_token", &refresh),
-            ("access_token", "x"),
-            ("expires_at", &rfc3339_in(-60)),
-        ],
-    )
-    .await;
+    expired_token_secret(&env, &refresh, "x").await;
     env.apply(&generic_imap(&env, &server));
     let _controller = env.controller();
     let p = env
@@ -772,15 +770,7 @@ async fn two_refreshers_racing_leave_one_valid_token() {
     for round in 0..15 {
         server.revoke_user("alice");
         let refresh = server.grant("alice", CLIENT);
-        env.token_secret(
-            "alice-token",
-            &[
-                ("refresh_token", &refresh),
-                ("access_token", "stale"),
-                ("expires_at", &rfc3339_in(-60)),
-            ],
-        )
-        .await;
+        expired_token_secret(&env, &refresh, "stale").await;
         let fetched = || mailroom::credentials::Fetched {
             namespace: env.ns.clone(),
             ..Default::default()
@@ -1281,15 +1271,7 @@ async fn check_refreshes_an_expired_token_only_for_a_caller_who_may_store_it() {
         .bed
         .oauth()
         .access_token("alice", Duration::from_secs(1));
-    env.token_secret(
-        "alice-token",
-        &[
-            ("refresh_token", &refresh),
-            ("access_token", &expired),
-            ("expires_at", &rfc3339_in(-60)),
-        ],
-    )
-    .await;
+    expired_token_secret(&env, &refresh, &expired).await;
     env.apply(&generic_imap(&env, &server));
     env.apply(&format!(
         "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {{name: reader, namespace: {ns}}}\nrules:\n- apiGroups: [mailroom.dev]\n  resources: [incomingmailproviders]\n  verbs: [get]\n- apiGroups: ['']\n  resources: [secrets, configmaps]\n  verbs: [get]\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: reader, namespace: {ns}}}\nroleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: reader}}\nsubjects:\n- {{apiGroup: rbac.authorization.k8s.io, kind: User, name: reader}}\n",
