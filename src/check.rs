@@ -42,7 +42,7 @@ impl Outcome {
     }
 }
 
-/// The durations of `spec.check`, parsed (the CRD's pattern makes failure rare; a manifest
+/// The durations of `spec.check`, parsed (the CRD's rules make failure rare; a manifest
 /// checked before it is applied may still carry a bad one).
 pub fn timing(spec: &IncomingMailProviderSpec) -> Result<(Duration, Duration), String> {
     let interval =

@@ -1,5 +1,5 @@
 //! Defaulting that depends on more than one field (ports), and the duration grammar the
-//! CRD's pattern accepts.
+//! CRD's rules accept.
 
 use std::time::Duration;
 

@@ -403,11 +403,13 @@ fn default_password_key() -> String {
 pub struct CheckSpec {
     /// How often to test, as a duration such as 30s, 5m or 1h (minimum 30s).
     #[serde(default = "default_interval")]
+    #[schemars(length(max = 64))]
     #[x_kube(validation = Rule::new(format!("self.matches('{}')", cel_duration())).message(DURATION_FORM))]
     #[x_kube(validation = Rule::new(format!("!self.matches('{}') || duration(self) >= duration('30s')", cel_duration())).message("interval must be at least 30s"))]
     pub interval: String,
     /// Bound on one whole test, such as 30s (at least 1s, at most the interval).
     #[serde(default = "default_timeout")]
+    #[schemars(length(max = 64))]
     #[x_kube(validation = Rule::new(format!("self.matches('{}')", cel_duration())).message(DURATION_FORM))]
     #[x_kube(validation = Rule::new(format!("!self.matches('{}') || duration(self) >= duration('1s')", cel_duration())).message("timeout must be at least 1s"))]
     pub timeout: String,

@@ -168,7 +168,7 @@ impl Metrics {
     pub fn set_leader(&self, leading: bool) {
         self.leader.set(i64::from(leading));
         if !leading {
-            self.retain_providers(&Default::default());
+            self.retain_providers(|_| false);
         }
     }
 
@@ -217,14 +217,14 @@ impl Metrics {
         }
     }
 
-    /// Forgets providers not in `live`.
-    pub fn retain_providers(&self, live: &std::collections::HashSet<(String, String)>) {
+    /// Forgets the providers (namespace, name) for which `keep` is false.
+    pub fn retain_providers(&self, keep: impl Fn(&(String, String)) -> bool) {
         let gone: Vec<_> = self
             .ready
             .lock()
             .unwrap()
             .keys()
-            .filter(|k| !live.contains(*k))
+            .filter(|k| !keep(k))
             .cloned()
             .collect();
         for (ns, name) in gone {
@@ -260,7 +260,7 @@ mod tests {
             text.contains("mailroom_providers{ready=\"False\"} 0"),
             "{text}"
         );
-        m.retain_providers(&[("ops".to_string(), "a".to_string())].into());
+        m.retain_providers(|k| k.0 == "ops" && k.1 == "a");
         assert!(m.encode().contains("mailroom_providers{ready=\"True\"} 1"));
         assert!(
             !m.encode().contains("ops"),

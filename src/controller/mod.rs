@@ -547,36 +547,37 @@ fn dependents<K: Resource>(
         .collect()
 }
 
-/// Forgets deleted providers and the values only they used, once a minute, from a
-/// minute after the provider caches have listed: before that they are empty, and a sweep
-/// would forget everything, tokens kept across a lost Lease included.
+/// Forgets deleted providers and the values only they used, once a minute. A scope whose
+/// provider cache has not listed yet is empty, not deleted: what it holds (tokens kept
+/// across a lost Lease among them) is kept until it has.
 async fn sweep(ctx: Arc<Context>) {
-    for (_, store) in &ctx.providers {
-        if store.wait_until_ready().await.is_err() {
-            // Its watch is gone with the controllers, which end this term anyway.
-            return futures::future::pending().await;
-        }
-    }
-    let period = Duration::from_secs(60);
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
     loop {
         tick.tick().await;
+        let unlisted: Vec<&Option<String>> = ctx
+            .providers
+            .iter()
+            .filter(|(_, store)| !matches!(store.wait_until_ready().now_or_never(), Some(Ok(()))))
+            .map(|(scope, _)| scope)
+            .collect();
+        let held = |ns: &str| unlisted.iter().any(|scope| in_scope(scope, Some(ns)));
         let providers: Vec<_> = ctx.providers.iter().flat_map(|(_, s)| s.state()).collect();
         let live: HashSet<_> = providers
             .iter()
             .map(|p| ObjectRef::from_obj(&**p))
             .collect();
-        ctx.memory.lock().unwrap().retain(|k, _| live.contains(k));
-        ctx.unwritten
-            .lock()
-            .unwrap()
-            .retain(|k, _| live.contains(k));
-        ctx.refusals.lock().unwrap().retain(|k, _| live.contains(k));
+        let keep = |k: &ObjectRef<IncomingMailProvider>| {
+            live.contains(k) || held(k.namespace.as_deref().unwrap_or_default())
+        };
+        ctx.memory.lock().unwrap().retain(|k, _| keep(k));
+        ctx.unwritten.lock().unwrap().retain(|k, _| keep(k));
+        ctx.refusals.lock().unwrap().retain(|k, _| keep(k));
         let named: HashSet<_> = live
             .iter()
             .map(|r| (r.namespace.clone().unwrap_or_default(), r.name.clone()))
             .collect();
-        ctx.metrics.retain_providers(&named);
+        ctx.metrics
+            .retain_providers(|k| named.contains(k) || held(&k.0));
         let used: HashSet<_> = providers
             .iter()
             .flat_map(|p| {
@@ -586,9 +587,9 @@ async fn sweep(ctx: Arc<Context>) {
                     .map(move |r| (r.kind, ns.clone(), r.name))
             })
             .collect();
-        ctx.objects.retain(&used);
+        ctx.objects.retain(|k| used.contains(k) || held(&k.1));
         ctx.tokens.retain(|ns, name| {
-            used.contains(&(ObjectKind::Secret, ns.to_string(), name.to_string()))
+            used.contains(&(ObjectKind::Secret, ns.to_string(), name.to_string())) || held(ns)
         });
     }
 }

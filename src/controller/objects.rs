@@ -330,8 +330,8 @@ impl Objects {
     }
 
     /// Drops cached values no provider references any more.
-    pub fn retain(&self, live: &std::collections::HashSet<Key>) {
-        self.values.lock().unwrap().retain(|k, _| live.contains(k));
+    pub fn retain(&self, keep: impl Fn(&Key) -> bool) {
+        self.values.lock().unwrap().retain(|k, _| keep(k));
     }
 }
 

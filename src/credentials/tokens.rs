@@ -169,10 +169,13 @@ pub enum Plan {
 /// The pure decision before a test: a token with more than `ahead` left is used
 /// ([`REFRESH_AHEAD`] for the controller).
 pub fn plan(flow: OAuth2Flow, tokens: Option<&TokenSet>, now: Timestamp, ahead: Duration) -> Plan {
-    if tokens.is_some_and(|t| t.access_fresh(now, ahead)) {
+    // An app-only token of unknown expiry is not worth keeping: asking for a new one
+    // retires nothing.
+    let app_only = flow == OAuth2Flow::ClientCredentials;
+    if tokens.is_some_and(|t| t.access_fresh(now, ahead) && (t.expires_at.is_some() || !app_only)) {
         return Plan::Use;
     }
-    if flow == OAuth2Flow::ClientCredentials {
+    if app_only {
         return Plan::ClientCredentials;
     }
     match tokens {

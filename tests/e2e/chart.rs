@@ -441,6 +441,8 @@ fn values_cannot_override_the_charts_own_labels_or_probe_endpoints() {
             r#"commonLabels={"app.kubernetes.io/instance":"y","cost":"c"}"#,
             "--set-json",
             r#"probes.liveness.httpGet={"path":"/other","port":1}"#,
+            "--set-json",
+            r#"probes.readiness.exec={"command":["true"]}"#,
         ],
     );
     let deployment = only(&docs, "Deployment");
@@ -453,6 +455,8 @@ fn values_cannot_override_the_charts_own_labels_or_probe_endpoints() {
     assert_eq!(labels["cost"], "c");
     let probe = &deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbe"];
     assert_eq!(probe["httpGet"]["path"], "/healthz", "{probe}");
+    let probe = &deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"];
+    assert!(probe.get("exec").is_none(), "two handlers: {probe}");
 }
 
 #[test]

@@ -57,6 +57,12 @@ pub(super) fn keep(
     let earlier = unsaved.get(&at);
     let rotated = rotates(&replaced, &grant) || earlier.is_some_and(|k| k.rotated);
     let replaced = earlier.map_or(replaced, |k| k.replaced.clone());
+    // A grant that did not rotate the refresh token it redeemed keeps the earlier grant's:
+    // that one, not the Secret's, is the token the endpoint still takes.
+    let mut grant = grant;
+    if grant.refresh_token.is_none() {
+        grant.refresh_token = earlier.and_then(|k| k.grant.refresh_token.clone());
+    }
     unsaved.insert(
         at,
         Unsaved {
@@ -109,7 +115,7 @@ pub struct TokenManager {
     pub(super) unsaved: BySecret<Unsaved>,
     /// App-only (ClientCredentials) tokens whose token Secret is missing or not marked as
     /// mailroom's: such a grant replaces nothing, so memory is enough.
-    app: BySecret<(String, Secret)>,
+    app: BySecret<HashMap<String, Secret>>,
     /// Token requests in flight, each in a task of its own (see [`Self::exchange`]).
     exchanges: tokio_util::task::TaskTracker,
     /// Tokens obtained from the token endpoint since [`Self::take_refreshes`] last ran.
@@ -270,8 +276,7 @@ impl TokenManager {
             return None;
         }
         let app = self.app.lock().unwrap();
-        let (granted_for, secret) = app.get(at)?;
-        (*granted_for == app_settings(o, protocol)).then(|| secret.clone())
+        app.get(at)?.get(&app_settings(o, protocol)).cloned()
     }
 
     pub(super) fn keep_app_token(
@@ -282,7 +287,12 @@ impl TokenManager {
         secret: Secret,
     ) {
         let settings = app_settings(o, protocol);
-        self.app.lock().unwrap().insert(at, (settings, secret));
+        self.app
+            .lock()
+            .unwrap()
+            .entry(at)
+            .or_default()
+            .insert(settings, secret);
     }
 
     fn forget_unsaved(&self, namespace: &str, name: &str) {
@@ -343,7 +353,18 @@ impl TokenManager {
             self.forget_unsaved(namespace, name);
             return Kept::None(current);
         };
-        if !TokenSet::from_secret(held).same_refresh_token(&kept.replaced) {
+        // Dropped when the Secret is no longer what the grant replaced: another refresh
+        // token (a new sign-in, another replica), no longer mailroom's to write (its label
+        // removed), or, for a grant that replaced no refresh token, another access token
+        // (someone refreshed since, with the same refresh token: theirs is newer).
+        let now_held = TokenSet::from_secret(held);
+        fn access(t: &TokenSet) -> Option<&str> {
+            t.access_token.as_ref().map(|a| a.expose_secret())
+        }
+        if !now_held.same_refresh_token(&kept.replaced)
+            || !is_token_secret(held)
+            || (!kept.rotated && access(&now_held) != access(&kept.replaced))
+        {
             self.forget_unsaved(namespace, name);
             return Kept::None(current);
         }
@@ -609,7 +630,14 @@ impl TokenManager {
             let step = plan(o.flow, tokens.as_ref(), now, ahead);
             match step {
                 Plan::Use => {
-                    return Ok(source.expect("a usable token comes from a Secret or memory"));
+                    let source = source.expect("a usable token comes from a Secret or memory");
+                    if app_only && ours {
+                        // Fresher in the Secret (another replica's) than in memory: the
+                        // next tests use it without coming here.
+                        let at = key(namespace, secret_name);
+                        self.keep_app_token(at, o, protocol, source.clone());
+                    }
+                    return Ok(source);
                 }
                 Plan::Required => {
                     return Err((

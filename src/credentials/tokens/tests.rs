@@ -457,6 +457,21 @@ async fn an_app_only_token_serves_only_its_own_client_and_scopes() {
     );
     assert!(manager.app_token(&at, &spec("app-a"), imap).is_some());
     assert!(manager.app_token(&at, &spec("app-b"), imap).is_none());
+    // Two apps naming one Secret each keep their own token.
+    manager.keep_app_token(
+        at.clone(),
+        &spec("app-b"),
+        imap,
+        secret(&[(ACCESS_TOKEN, "b")]),
+    );
+    let a = manager.app_token(&at, &spec("app-a"), imap).unwrap();
+    assert_eq!(
+        TokenSet::from_secret(&a)
+            .access_token
+            .unwrap()
+            .expose_secret(),
+        "a"
+    );
     assert!(
         manager
             .app_token(&key("other", "t"), &spec("app-a"), imap)
@@ -486,4 +501,44 @@ fn a_token_without_a_known_expiry_serves_one_test_but_the_controller_refreshes_i
         ),
         Plan::Refresh
     );
+}
+
+/// A grant kept unstored, then a second one from it that did not rotate: the kept refresh
+/// token stays the first grant's (the one the endpoint takes), never the Secret's retired
+/// one.
+#[tokio::test]
+async fn a_second_unstored_grant_without_a_refresh_token_keeps_the_first_ones() {
+    let manager = test_manager();
+    let held = TokenSet::from_secret(&secret(&[(REFRESH_TOKEN, "r1")]));
+    let first: TokenResponse =
+        serde_json::from_str(r#"{"access_token":"a2","refresh_token":"r2"}"#).unwrap();
+    keep(
+        &manager.unsaved,
+        key("ns", "t"),
+        held.clone(),
+        first,
+        "refused".into(),
+    );
+    let second: TokenResponse = serde_json::from_str(r#"{"access_token":"a3"}"#).unwrap();
+    keep(
+        &manager.unsaved,
+        key("ns", "t"),
+        held,
+        second,
+        "refused".into(),
+    );
+    let kept = manager
+        .unsaved
+        .lock()
+        .unwrap()
+        .get(&key("ns", "t"))
+        .cloned()
+        .unwrap();
+    let merged = TokenSet::from_secret(&updated_secret(
+        Some(&secret(&[(REFRESH_TOKEN, "r1")])),
+        &kept.grant,
+        at(NOW),
+    ));
+    assert_eq!(merged.refresh_token.unwrap().expose_secret(), "r2");
+    assert_eq!(merged.access_token.unwrap().expose_secret(), "a3");
 }
