@@ -20,7 +20,9 @@ use super::objects::Readiness;
 use super::schedule::{self, Memory, Seen};
 use super::status::{self, Context as StatusContext};
 use super::{Context, FIELD_MANAGER};
-use crate::api::{CHECK_REQUESTED_AT, IncomingMailProvider, IncomingMailProviderStatus, Reason};
+use crate::api::{
+    CHECK_REQUESTED_AT, Endpoint, IncomingMailProvider, IncomingMailProviderStatus, Reason,
+};
 use crate::check;
 use crate::credentials::references;
 
@@ -150,7 +152,7 @@ async fn reconcile_inner(
         // before comes back.
         ctx.memory.lock().unwrap().remove(&key);
         ctx.unwritten.lock().unwrap().remove(&key);
-        let new = status::suspended(old, &sctx);
+        let new = status::suspended(old, &Endpoint::of(&p.spec), &sctx);
         if status::differs(old, &new) {
             Box::pin(write(&api, &p, &new, &ctx, Write::Change)).await?;
             // Ready changed (to Unknown, Suspended): an Event like every other change.
@@ -391,7 +393,7 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
     // A new provider shows Checking only if its first test is slow (queued behind others,
     // or a server taking its time): most finish first, which saves a write each.
     let outcome = if old.is_none_or(|s| s.conditions.is_empty()) {
-        let checking = status::checking(old, &sctx);
+        let checking = status::checking(old, &Endpoint::of(&p.spec), &sctx);
         showing_checking(test, &api, p, &checking, ctx).await?
     } else {
         test.await?

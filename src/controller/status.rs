@@ -5,8 +5,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
 use crate::api::{
-    CertificateStatus, EndpointStatus, IncomingMailProviderStatus as Status, MailboxStatus, Reason,
-    ServerStatus, TlsMode, TlsStatus,
+    CertificateStatus, Endpoint, EndpointStatus, IncomingMailProviderStatus as Status,
+    MailboxStatus, Reason, ServerStatus, TlsMode, TlsStatus,
 };
 use crate::check::Outcome;
 use crate::probe::Step;
@@ -51,12 +51,7 @@ pub fn after_test(old: Option<&Status>, outcome: &Outcome, ctx: &Context) -> Sta
     let mut new = Status {
         observed_generation: ctx.generation,
         conditions: old.conditions.clone(),
-        endpoint: Some(EndpointStatus {
-            host: outcome.endpoint.host.clone(),
-            port: i32::from(outcome.endpoint.port),
-            protocol: outcome.endpoint.protocol,
-            tls_mode: outcome.endpoint.tls_mode,
-        }),
+        endpoint: Some(endpoint_status(&outcome.endpoint)),
         // What this test did not reach stays as last seen: "last known" beats "unknown".
         server: old.server.clone(),
         tls: old.tls.clone(),
@@ -137,25 +132,41 @@ pub fn after_test(old: Option<&Status>, outcome: &Outcome, ctx: &Context) -> Sta
     new
 }
 
-/// The status while `spec.suspend` is true: Ready Unknown, the rest as last seen.
-pub fn suspended(old: Option<&Status>, ctx: &Context) -> Status {
+/// The status while `spec.suspend` is true: Ready Unknown, the rest as last seen but the
+/// endpoint, which is the spec's.
+pub fn suspended(old: Option<&Status>, endpoint: &Endpoint, ctx: &Context) -> Status {
     unknown(
         old,
+        endpoint,
         ctx,
         Reason::Suspended,
         "spec.suspend is true: no tests run until it is false",
     )
 }
 
-/// The status of a provider whose first test has not finished.
-pub fn checking(old: Option<&Status>, ctx: &Context) -> Status {
-    unknown(old, ctx, Reason::Checking, "the first test is running")
+/// The status of a provider whose first test has not finished (its endpoint shown
+/// already: the PORT column reads it).
+pub fn checking(old: Option<&Status>, endpoint: &Endpoint, ctx: &Context) -> Status {
+    unknown(
+        old,
+        endpoint,
+        ctx,
+        Reason::Checking,
+        "the first test is running",
+    )
 }
 
-/// Ready Unknown for `reason`, everything else as last seen.
-fn unknown(old: Option<&Status>, ctx: &Context, reason: Reason, message: &str) -> Status {
+/// Ready Unknown for `reason`, the endpoint the spec gives, everything else as last seen.
+fn unknown(
+    old: Option<&Status>,
+    endpoint: &Endpoint,
+    ctx: &Context,
+    reason: Reason,
+    message: &str,
+) -> Status {
     let mut new = old.cloned().unwrap_or_default();
     new.observed_generation = ctx.generation;
+    new.endpoint = Some(endpoint_status(endpoint));
     set_condition(
         &mut new.conditions,
         READY,
@@ -166,6 +177,15 @@ fn unknown(old: Option<&Status>, ctx: &Context, reason: Reason, message: &str) -
         ctx.now,
     );
     new
+}
+
+fn endpoint_status(e: &Endpoint) -> EndpointStatus {
+    EndpointStatus {
+        host: e.host.clone(),
+        port: i32::from(e.port),
+        protocol: e.protocol,
+        tls_mode: e.tls_mode,
+    }
 }
 
 type Cond = (&'static str, &'static str, String);

@@ -341,6 +341,15 @@ async fn retest_has_the_controller_test_now_and_prints_its_verdicts() {
         .await;
     env.wait_reason("sus", "Suspended", Duration::from_secs(60))
         .await;
+    // Created suspended, never tested: `kubectl get imp` still shows its PORT.
+    let out = env.kubectl(&[
+        "get",
+        "imp",
+        "sus",
+        "-o",
+        "jsonpath={.status.endpoint.port}",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), port.to_string());
     let before = controller.tests();
 
     // One provider: the controller tests it once more, and its verdict is printed.

@@ -236,11 +236,20 @@ fn only_news_is_worth_a_write() {
 #[test]
 fn suspension_keeps_what_was_known() {
     let a = after_test(None, &success(), &ctx(0));
-    let s = suspended(Some(&a), &ctx(5));
+    let s = suspended(Some(&a), &endpoint(), &ctx(5));
     assert_eq!(cond(&s, READY).status, "Unknown");
     assert_eq!(cond(&s, READY).reason, "Suspended");
     assert_eq!(s.mailbox, a.mailbox);
-    assert!(!differs(Some(&s), &suspended(Some(&s), &ctx(10))));
+    assert!(!differs(
+        Some(&s),
+        &suspended(Some(&s), &endpoint(), &ctx(10))
+    ));
+    // Created suspended: the PORT column still shows the spec's endpoint.
+    let fresh = suspended(None, &endpoint(), &ctx(5));
+    assert_eq!(
+        fresh.endpoint.map(|e| e.port),
+        Some(i32::from(endpoint().port))
+    );
 }
 
 #[test]
@@ -255,7 +264,7 @@ fn events_record_changes_and_first_failures_not_first_successes() {
         ),
         &ctx(0),
     );
-    let checking = checking(None, &ctx(0));
+    let checking = checking(None, &endpoint(), &ctx(0));
     assert!(!worth_an_event(None, &ok), "a first success is no change");
     assert!(!worth_an_event(Some(&checking), &ok), "nor after Checking");
     assert!(worth_an_event(None, &refused), "a first failure is");
