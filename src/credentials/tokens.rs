@@ -324,9 +324,15 @@ pub fn updated_secret(current: Option<&Secret>, grant: &TokenResponse, now: Time
         put(REFRESH_TOKEN, r.expose_secret());
     }
     let ttl = grant.expires_in.unwrap_or(3600);
-    let expires = now
+    let mut expires = now
         .checked_add(SignedDuration::from_secs(ttl.min(365 * 86400) as i64))
         .unwrap_or(now);
+    // `now` is this machine's clock, perhaps a laptop's running ahead (`mailroom
+    // authorize`): an access token that states its own expiry in the server's clock (a
+    // JWT's `exp`, as Microsoft's do) is not trusted past that.
+    if let Some(exp) = jwt_expiry(grant.access_token.expose_secret()) {
+        expires = expires.min(exp);
+    }
     put(EXPIRES_AT, &expires.to_string());
     if let Some(s) = &grant.scope {
         put(SCOPE, s);
@@ -337,6 +343,22 @@ pub fn updated_secret(current: Option<&Secret>, grant: &TokenResponse, now: Time
         .get_or_insert_with(BTreeMap::new)
         .insert(TOKEN_LABEL.into(), "true".into());
     secret
+}
+
+/// The `exp` claim of an access token that is a JWT; `None` for an opaque one. Read as a
+/// hint only: the signature is the mail server's business, not the client's.
+fn jwt_expiry(token: &str) -> Option<Timestamp> {
+    use base64::Engine as _;
+    let mut parts = token.split('.');
+    let (_, payload, _) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    Timestamp::from_second(claims.get("exp")?.as_i64()?).ok()
 }
 
 /// The token Secret after a new sign-in (`mailroom authorize`): as [`updated_secret`],

@@ -542,3 +542,27 @@ async fn a_second_unstored_grant_without_a_refresh_token_keeps_the_first_ones() 
     assert_eq!(merged.refresh_token.unwrap().expose_secret(), "r2");
     assert_eq!(merged.access_token.unwrap().expose_secret(), "a3");
 }
+
+/// A clock running ahead (a laptop's, at `mailroom authorize`) does not make the Secret
+/// promise more than the token's own `exp` says.
+#[test]
+fn a_jwt_access_token_expires_no_later_than_its_own_exp() {
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let now = at(NOW);
+    let exp = now.as_second() + 600;
+    let jwt = format!(
+        "{}.{}.sig",
+        b64(r#"{"alg":"HS256"}"#),
+        b64(&format!(r#"{{"sub":"alice","exp":{exp}}}"#))
+    );
+    let grant: TokenResponse =
+        serde_json::from_str(&format!(r#"{{"access_token":"{jwt}","expires_in":3600}}"#)).unwrap();
+    let tokens = TokenSet::from_secret(&updated_secret(None, &grant, now));
+    assert_eq!(tokens.expires_at, Some(at("2026-11-29T10:10:00Z")));
+    // An opaque token: expires_in alone.
+    let grant: TokenResponse =
+        serde_json::from_str(r#"{"access_token":"opaque.token","expires_in":3600}"#).unwrap();
+    let tokens = TokenSet::from_secret(&updated_secret(None, &grant, now));
+    assert_eq!(tokens.expires_at, Some(at("2026-11-29T11:00:00Z")));
+}
