@@ -86,6 +86,12 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
             Err(_) => "default".into(),
         });
     }
+    // A provider uses only what lives in its own namespace: objects of the files that
+    // name another are not its.
+    let ns = fetched.namespace.clone();
+    let ours = |object_ns: Option<String>| object_ns.is_none_or(|n| n == ns);
+    fetched.secrets.retain(|_, s| ours(s.namespace()));
+    fetched.config_maps.retain(|_, c| ours(c.namespace()));
     // A manifest is what `kubectl apply` would send: the API server says first whether it
     // would take it (schema, CEL rules, unknown fields), which the test cannot.
     if let Some(manifest) = &manifest {

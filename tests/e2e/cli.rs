@@ -189,7 +189,9 @@ async fn check_of_a_manifest_is_refused_as_the_api_server_would_refuse_it() {
             })
             .collect::<String>()
     );
-    let (code, out) = check(&list);
+    // With a Secret of the same name from another namespace, which is not the provider's.
+    let elsewhere = "---\napiVersion: v1\nkind: Secret\nmetadata: {name: alice, namespace: elsewhere}\nstringData: {username: alice, password: wrong-one}\n";
+    let (code, out) = check(&format!("{list}{elsewhere}"));
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("Ready=True"), "{out}");
     assert!(
