@@ -392,10 +392,16 @@ async fn until_updates(env: &Env, name: &str, refused: bool) {
 
 /// Provider `oauth-imap`: alice over IMAPS with the grant of Secret `alice-token`.
 fn oauth_imap(env: &Env, server: &TokenServer) -> String {
+    oauth_alice(server, "oauth-imap", "IMAP", env.bed.dovecot().imaps_port())
+}
+
+/// Provider `name`: alice over `protocol` with implicit TLS on `port`, with the grant of
+/// Secret `alice-token`.
+fn oauth_alice(server: &TokenServer, name: &str, protocol: &str, port: u16) -> String {
     provider(
-        "oauth-imap",
-        "IMAP",
-        env.bed.dovecot().imaps_port(),
+        name,
+        protocol,
+        port,
         "Implicit",
         &format!(
             "{{method: OAuth2, username: alice, oauth2: {{provider: Generic, clientId: {CLIENT}, tokenURL: '{}', tokenSecretRef: {{name: alice-token}}}}}}",
@@ -571,4 +577,45 @@ async fn a_stopping_controller_stores_the_rotated_token_it_could_not_store_befor
         &controller.logs(),
     )
     .await;
+}
+
+/// Two providers share a token Secret whose writes are refused: both warn. Once writes
+/// are taken and one provider's test stores the kept tokens, the other is tested too and
+/// loses its warning at once, not at its next interval.
+#[tokio::test]
+async fn once_kept_tokens_are_stored_no_provider_sharing_them_keeps_the_warning() {
+    let env = alice_env("oauth2-unsaved-shared").await;
+    let (server, _first) = rotating_grant(&env).await;
+    env.apply(&oauth_imap(&env, &server));
+    let pop3s = env.bed.dovecot().pop3s_port();
+    env.apply(&oauth_alice(&server, "oauth-pop3", "POP3", pop3s));
+    let policy = refuse_token_writes(&env).await;
+    let controller = env.controller();
+    let warned = |p: &mailroom::api::IncomingMailProvider| {
+        ready_message(p).contains("could not be stored in Secret \"alice-token\"")
+    };
+    for name in ["oauth-imap", "oauth-pop3"] {
+        env.wait(
+            name,
+            "a warning about the unstored tokens",
+            Duration::from_secs(60),
+            warned,
+        )
+        .await;
+    }
+
+    allow_token_writes(&env, &policy).await;
+    fleet::request_checks(&env, &["oauth-imap".to_string()], "allowed").await;
+    env.wait(
+        "oauth-pop3",
+        "Connected without the warning, with no request of its own",
+        Duration::from_secs(20),
+        |p| reason(p) == "Connected" && !warned(p),
+    )
+    .await;
+    assert!(
+        server.reused_refresh_tokens().is_empty(),
+        "a refresh token was presented twice:\n{}",
+        controller.logs()
+    );
 }

@@ -369,7 +369,13 @@ impl TokenManager {
             return Kept::None(current);
         }
         let merged = updated_secret(Some(held), &kept.grant, kept.granted_at);
-        match self.write_back(api, namespace, name, held, &merged).await {
+        // Stored at last after a warning: not marked as our own write, so that every
+        // provider sharing the Secret is tested and its status loses the warning now,
+        // not at its next interval.
+        match self
+            .write(api, namespace, name, held, &merged, !kept.rotated)
+            .await
+        {
             Ok(stored) => {
                 self.forget_unsaved(namespace, name);
                 tracing::info!(secret = name, "stored the tokens kept since a failed write");
@@ -481,9 +487,24 @@ impl TokenManager {
         current: &Secret,
         updated: &Secret,
     ) -> Result<Secret, kube::Error> {
-        let pending = self.own.begin(namespace, name, current.resource_version());
+        self.write(api, namespace, name, current, updated, true)
+            .await
+    }
+
+    /// Writes `updated` over `current`; marked as our own write (no test of the providers
+    /// sharing the Secret follows) when `own`.
+    async fn write(
+        &self,
+        api: &Api<Secret>,
+        namespace: &str,
+        name: &str,
+        current: &Secret,
+        updated: &Secret,
+        own: bool,
+    ) -> Result<Secret, kube::Error> {
+        let pending = own.then(|| self.own.begin(namespace, name, current.resource_version()));
         let written = api.replace(name, &PostParams::default(), updated).await;
-        if let Ok(secret) = &written
+        if let (Ok(secret), Some(pending)) = (&written, pending)
             && let Some(after) = secret.resource_version()
         {
             pending.done(after);
