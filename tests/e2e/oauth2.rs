@@ -315,11 +315,16 @@ fn generic(server: &TokenServer, extra: &str) -> String {
 /// Provider `imap`: alice over IMAPS with a Generic OAuth2 server's tokens in Secret
 /// `alice-token`.
 fn generic_imap(env: &Env, server: &TokenServer) -> String {
+    generic_imap_with(env, server, "")
+}
+
+/// As [`generic_imap`], with `extra` appended to its `oauth2` fields.
+fn generic_imap_with(env: &Env, server: &TokenServer, extra: &str) -> String {
     oauth_provider(
         "imap",
         "IMAP",
         env.bed.dovecot().imaps_port(),
-        &generic(server, ""),
+        &generic(server, extra),
     )
 }
 
@@ -1035,14 +1040,10 @@ async fn revoke_removes_only_the_tokens_from_a_secret_that_holds_more() {
     assert!(seen.contains("has no revocation endpoint"), "{seen}");
 
     // With one (RFC 7009), it is revoked at the server too.
-    env.apply(&oauth_provider(
-        "imap",
-        "IMAP",
-        env.bed.dovecot().imaps_port(),
-        &generic(
-            &server,
-            &format!(", revocationURL: '{}'", server.revocation_url()),
-        ),
+    env.apply(&generic_imap_with(
+        &env,
+        &server,
+        &format!(", revocationURL: '{}'", server.revocation_url()),
     ));
     let again = server.grant("alice", CLIENT);
     env.token_secret("alice-token", &[(tokens::REFRESH_TOKEN, again.as_str())])
@@ -1318,14 +1319,10 @@ async fn authorize_without_a_refresh_token_granted_warns_and_keeps_no_older_one(
     env.token_secret("alice-token", &[("refresh_token", &earlier)])
         .await;
     server.set_refresh_tokens(false);
-    env.apply(&oauth_provider(
-        "imap",
-        "IMAP",
-        env.bed.dovecot().imaps_port(),
-        &generic(
-            &server,
-            &format!(", authorizationURL: '{}'", server.authorization_url()),
-        ),
+    env.apply(&generic_imap_with(
+        &env,
+        &server,
+        &format!(", authorizationURL: '{}'", server.authorization_url()),
     ));
     let (child, rx) = authorize(&env, &["imap", "--no-wait"]);
     let mut seen = String::new();

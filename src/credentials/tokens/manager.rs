@@ -478,19 +478,6 @@ impl TokenManager {
             .unwrap_or_else(|e| Grant::Failed(format!("the token request stopped: {e}")))
     }
 
-    /// Writes `updated` over `current`, marked as our own write.
-    async fn write_back(
-        &self,
-        api: &Api<Secret>,
-        namespace: &str,
-        name: &str,
-        current: &Secret,
-        updated: &Secret,
-    ) -> Result<Secret, kube::Error> {
-        self.write(api, namespace, name, current, updated, true)
-            .await
-    }
-
     /// Writes `updated` over `current`; marked as our own write (no test of the providers
     /// sharing the Secret follows) when `own`.
     async fn write(
@@ -512,7 +499,7 @@ impl TokenManager {
         written
     }
 
-    /// Writes a grant back over `current` (see [`Self::write_back`]) and returns the
+    /// Writes a grant back over `current` (see [`Self::write`]) and returns the
     /// Secret the test uses: stored, adopted from a newer write, or kept in memory.
     /// `held` is the tokens `current` holds in the API server (not those of a grant kept
     /// in memory): another writer is told by a change from them.
@@ -529,7 +516,7 @@ impl TokenManager {
     ) -> Secret {
         let updated = updated_secret(Some(current), response, Timestamp::now());
         let error = match self
-            .write_back(api, namespace, secret_name, current, &updated)
+            .write(api, namespace, secret_name, current, &updated, true)
             .await
         {
             Ok(secret) => {
@@ -549,7 +536,7 @@ impl TokenManager {
                     Ok(Some(again)) if TokenSet::from_secret(&again).same_refresh_token(held) => {
                         let retry = updated_secret(Some(&again), response, Timestamp::now());
                         match self
-                            .write_back(api, namespace, secret_name, &again, &retry)
+                            .write(api, namespace, secret_name, &again, &retry, true)
                             .await
                         {
                             Ok(secret) => {
