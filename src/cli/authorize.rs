@@ -107,22 +107,7 @@ pub async fn run(args: AuthorizeArgs) -> anyhow::Result<i32> {
             );
         }
     }
-    let client_secret = match &o.client_secret_ref {
-        Some(r) => {
-            let s = secrets
-                .get(&r.name)
-                .await
-                .with_context(|| format!("reading Secret {ns}/{} (clientSecretRef)", r.name))?;
-            let value = s
-                .data
-                .as_ref()
-                .and_then(|d| d.get(&r.key))
-                .map(|b| String::from_utf8_lossy(&b.0).trim().to_string())
-                .with_context(|| format!("Secret {ns}/{} has no key {:?}", r.name, r.key))?;
-            Some(SecretString::from(value))
-        }
-        None => None,
-    };
+    let client_secret = client_secret(&secrets, &ns, &o).await?;
     let e = endpoints(&o);
     let token_url = e
         .token
@@ -194,6 +179,28 @@ pub async fn run(args: AuthorizeArgs) -> anyhow::Result<i32> {
 /// How long the sign-in (browser) and then the controller's test are waited for, in
 /// seconds, without `--timeout`.
 const DEFAULT_TIMEOUT: u64 = 300;
+
+/// The client secret `clientSecretRef` names, if the provider has one.
+async fn client_secret(
+    secrets: &Api<Secret>,
+    ns: &str,
+    o: &crate::api::OAuth2Spec,
+) -> anyhow::Result<Option<SecretString>> {
+    let Some(r) = &o.client_secret_ref else {
+        return Ok(None);
+    };
+    let s = secrets
+        .get(&r.name)
+        .await
+        .with_context(|| format!("reading Secret {ns}/{} (clientSecretRef)", r.name))?;
+    let value = s
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&r.key))
+        .map(|b| String::from_utf8_lossy(&b.0).trim().to_string())
+        .with_context(|| format!("Secret {ns}/{} has no key {:?}", r.name, r.key))?;
+    Ok(Some(SecretString::from(value)))
+}
 
 fn random_urlsafe(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
@@ -625,14 +632,9 @@ async fn revoke(
                 ("token_type_hint", SecretString::from("refresh_token")),
                 ("client_id", SecretString::from(o.client_id.clone())),
             ];
-            if let Some(r) = &o.client_secret_ref
-                && let Ok(Some(s)) = secrets.get_opt(&r.name).await
-                && let Some(value) = s.data.as_ref().and_then(|d| d.get(&r.key))
-            {
-                form.push((
-                    "client_secret",
-                    SecretString::from(String::from_utf8_lossy(&value.0).trim().to_string()),
-                ));
+            // Best effort: without it a public client's revocation still goes through.
+            if let Ok(Some(secret)) = client_secret(secrets, "", o).await {
+                form.push(("client_secret", secret));
             }
             match post_form(tls, &url, &form, TOKEN_REQUEST_TIMEOUT).await {
                 Ok((200, _)) => eprintln!("Revoked the refresh token at {url}."),

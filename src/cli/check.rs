@@ -12,7 +12,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams, ValidationDirective};
 
-use crate::api::{AuthMethod, IncomingMailProvider, Reason};
+use crate::api::{IncomingMailProvider, Reason};
 use crate::check::{self, Outcome};
 use crate::controller::status::format_duration;
 use crate::credentials::tokens::TokenSet;
@@ -223,9 +223,7 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
 
 /// The OAuth2 token Secret a provider names, if it logs in with OAuth2.
 fn token_secret(provider: &IncomingMailProvider) -> Option<&str> {
-    let auth = &provider.spec.authentication;
-    let o = auth.oauth2.as_ref()?;
-    (auth.method == AuthMethod::OAuth2).then_some(o.token_secret_ref.name.as_str())
+    crate::credentials::tokens::oauth2_of(provider).map(|o| o.token_secret_ref.name.as_str())
 }
 
 /// Why the token Secret from the files cannot be used as it is, if it cannot.

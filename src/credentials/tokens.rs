@@ -22,7 +22,9 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::{CredentialError, Fetched, secret_text};
 use crate::api::oauth2::scopes;
-use crate::api::{IncomingMailProviderSpec, OAuth2Flow, OAuth2Spec, Reason};
+use crate::api::{
+    AuthMethod, IncomingMailProvider, IncomingMailProviderSpec, OAuth2Flow, OAuth2Spec, Reason,
+};
 use crate::probe::Login;
 pub use manager::TokenManager;
 
@@ -374,6 +376,14 @@ pub fn signed_in_secret(current: Option<&Secret>, grant: &TokenResponse, now: Ti
         data.remove(SCOPE);
     }
     secret
+}
+
+/// The provider's OAuth2 settings, if it logs in with OAuth2.
+pub fn oauth2_of(provider: &IncomingMailProvider) -> Option<&OAuth2Spec> {
+    let auth = &provider.spec.authentication;
+    auth.oauth2
+        .as_ref()
+        .filter(|_| auth.method == AuthMethod::OAuth2)
 }
 
 /// The login for an OAuth2 provider: the token Secret's access token, or why there is

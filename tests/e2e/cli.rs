@@ -7,7 +7,8 @@ use std::time::Duration;
 use kube::ResourceExt;
 
 use crate::support::{
-    ALICE_AUTH, Env, MAILROOM, WRONG_AUTH, alice_env, provider, trust_bed_ca, wrong_password_secret,
+    ALICE_AUTH, Env, MAILROOM, WRONG_AUTH, alice_env, provider, trust_bed_ca, with_input,
+    wrong_password_secret,
 };
 
 #[tokio::test]
@@ -134,22 +135,10 @@ async fn check_of_a_manifest_is_refused_as_the_api_server_would_refuse_it() {
     let port = env.bed.dovecot().imaps_port();
     let good = provider("pre", "IMAP", port, "Implicit", ALICE_AUTH, "");
     let check = |manifest: &str| {
-        let mut child = Command::new(MAILROOM)
-            .args(["check", "-n", &env.ns, "-f", "-"])
-            .env("KUBECONFIG", env.bed.kubeconfig_path())
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write as _;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(manifest.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+        let mut cmd = Command::new(MAILROOM);
+        cmd.args(["check", "-n", &env.ns, "-f", "-"])
+            .env("KUBECONFIG", env.bed.kubeconfig_path());
+        let out = with_input(cmd, manifest);
         (
             out.status.code(),
             format!(

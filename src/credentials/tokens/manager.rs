@@ -15,11 +15,11 @@ use secrecy::{ExposeSecret, SecretString};
 use super::own_writes::OwnWrites;
 use super::{
     Grant, OAuth2Spec, Plan, REFRESH_AHEAD, TOKEN_REQUEST_TIMEOUT, TokenResponse, TokenSet,
-    authorize_command, is_token_secret, plan, read_grant, token_form, token_tls, unmarked,
-    updated_secret,
+    authorize_command, is_token_secret, oauth2_of, plan, read_grant, token_form, token_tls,
+    unmarked, updated_secret,
 };
 use crate::api::oauth2::{endpoints, plaintext_endpoints, scopes};
-use crate::api::{AuthMethod, IncomingMailProvider, OAuth2Flow, Reason};
+use crate::api::{IncomingMailProvider, OAuth2Flow, Reason};
 use crate::credentials::{CredentialError, Fetched, ObjectKind, secret_text};
 
 /// A grant not yet stored in its Secret.
@@ -162,42 +162,49 @@ impl TokenManager {
     /// is still valid is used rather than refreshed ahead of time, and a refresh token is
     /// redeemed only if the caller may store what replaces it (asked as a dry run), since
     /// a token endpoint that rotates refresh tokens retires the Secret's at once.
-    pub async fn prepare_once(&self, provider: &IncomingMailProvider, fetched: Fetched) -> Fetched {
-        let Some(o) = oauth2_of(provider) else {
+    pub async fn prepare_once(
+        &self,
+        provider: &IncomingMailProvider,
+        mut fetched: Fetched,
+    ) -> Fetched {
+        if let Some(refusal) = self.may_not_store(provider, &fetched).await {
+            fetched.token_problem = Some((Reason::TokenRefreshFailed, refusal));
             return fetched;
-        };
+        }
+        self.prepare_ahead(provider, fetched, Duration::ZERO).await
+    }
+
+    /// Why a refresh for one test must not happen, if it must not: it would redeem the
+    /// token Secret's refresh token, and the caller may not update that Secret.
+    async fn may_not_store(
+        &self,
+        provider: &IncomingMailProvider,
+        fetched: &Fetched,
+    ) -> Option<String> {
+        let o = oauth2_of(provider)?;
         let name = &o.token_secret_ref.name;
-        let Some(secret) = fetched.secrets.get(name) else {
-            return self.prepare_ahead(provider, fetched, Duration::ZERO).await;
-        };
+        let secret = fetched.secrets.get(name)?;
         let tokens = TokenSet::from_secret(secret);
         if o.flow == OAuth2Flow::ClientCredentials
             || tokens.access_valid(Timestamp::now())
             || tokens.refresh_token.is_none()
         {
-            return self.prepare_ahead(provider, fetched, Duration::ZERO).await;
+            return None;
         }
         let api: Api<Secret> = Api::namespaced(self.client.clone(), &fetched.namespace);
         let dry_run = PostParams {
             dry_run: true,
             ..Default::default()
         };
-        if let Err(kube::Error::Api(status)) = api.replace(name, &dry_run, secret).await
-            && matches!(status.code, 401 | 403)
-        {
-            let mut fetched = fetched;
-            fetched.token_problem = Some((
-                Reason::TokenRefreshFailed,
-                format!(
-                    "the access token in Secret {name:?} has expired, and refreshing it would retire the Secret's refresh token, but you may not store the new one there ({}); the controller refreshes it at its next test: `mailroom retest {} -n {}` asks for one now",
-                    status.message,
-                    provider.name_any(),
-                    fetched.namespace
-                ),
-            ));
-            return fetched;
+        match api.replace(name, &dry_run, secret).await {
+            Err(kube::Error::Api(status)) if matches!(status.code, 401 | 403) => Some(format!(
+                "the access token in Secret {name:?} has expired, and refreshing it would retire the Secret's refresh token, but you may not store the new one there ({}); the controller refreshes it at its next test: `mailroom retest {} -n {}` asks for one now",
+                status.message,
+                provider.name_any(),
+                fetched.namespace
+            )),
+            _ => None,
         }
-        self.prepare_ahead(provider, fetched, Duration::ZERO).await
     }
 
     async fn prepare_ahead(
@@ -324,7 +331,6 @@ impl TokenManager {
             }
             Kept::Unstored(merged, e) => {
                 tracing::warn!(secret = name, error = %e, "still cannot store the new tokens; using them from memory");
-                self.note_unsaved(namespace, name, &e);
                 (Some(merged), held(current.as_ref()))
             }
         }
@@ -381,7 +387,10 @@ impl TokenManager {
                 tracing::info!(secret = name, "stored the tokens kept since a failed write");
                 Kept::Stored(stored)
             }
-            Err(e) => Kept::Unstored(merged, e),
+            Err(e) => {
+                self.note_unsaved(namespace, name, &e);
+                Kept::Unstored(merged, e)
+            }
         }
     }
 
@@ -401,15 +410,11 @@ impl TokenManager {
                 let lock = self.lock(namespace, name);
                 let _guard = lock.lock().await;
                 let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
-                let failed = match api.get_opt(name).await {
-                    Ok(current) => match self.store_unsaved(&api, namespace, name, current).await {
-                        Kept::Unstored(_, e) => Some(e),
-                        Kept::None(_) | Kept::Stored(_) => None,
-                    },
-                    Err(e) => Some(e),
-                };
-                if let Some(error) = failed {
-                    self.note_unsaved(namespace, name, &error);
+                match api.get_opt(name).await {
+                    Ok(current) => {
+                        self.store_unsaved(&api, namespace, name, current).await;
+                    }
+                    Err(e) => self.note_unsaved(namespace, name, &e),
                 }
             }
         };
@@ -585,6 +590,7 @@ impl TokenManager {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
         let command = authorize_command(&name, namespace, o.flow);
         let app_only = o.flow == OAuth2Flow::ClientCredentials;
+        let protocol = provider.spec.server.protocol;
         let Some(token_url) = endpoints(o).token else {
             return Err((
                 Reason::InvalidSpec,
@@ -627,7 +633,6 @@ impl TokenManager {
             let ours = current.as_ref().is_some_and(is_token_secret);
             let in_memory = app_only && !ours;
             // What the test would use: the Secret, or the app-only token in memory.
-            let protocol = provider.spec.server.protocol;
             let source = if in_memory {
                 self.app_token(&key(namespace, secret_name), o, protocol)
             } else {
@@ -674,7 +679,7 @@ impl TokenManager {
             let used = tokens.clone().unwrap_or_default();
             let form = token_form(
                 o,
-                provider.spec.server.protocol,
+                protocol,
                 step,
                 used.refresh_token.as_ref(),
                 client_secret.as_ref(),
@@ -771,14 +776,6 @@ fn app_settings(o: &OAuth2Spec, protocol: crate::api::Protocol) -> String {
         o.client_id,
         scopes(o, protocol).join(" ")
     )
-}
-
-/// The provider's OAuth2 settings, if it logs in with OAuth2.
-fn oauth2_of(provider: &IncomingMailProvider) -> Option<&OAuth2Spec> {
-    let auth = &provider.spec.authentication;
-    auth.oauth2
-        .as_ref()
-        .filter(|_| auth.method == AuthMethod::OAuth2)
 }
 
 /// A failed write, as status may quote it: the API server's message, or the error.
