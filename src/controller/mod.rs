@@ -13,9 +13,10 @@ mod reconcile;
 pub mod schedule;
 pub mod shard;
 pub mod status;
+mod sweep;
 mod watches;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -459,7 +460,7 @@ async fn run_controllers(
                 .boxed(),
         );
     }
-    let sweeper = sweep(ctx.clone());
+    let sweeper = sweep::run(ctx.clone());
     let synced = async {
         let providers = provider_stores.iter().map(|s| s.wait_until_ready().boxed());
         let all = futures::future::join_all(providers)
@@ -545,53 +546,6 @@ fn dependents<K: Resource>(
         })
         .map(|p| ObjectRef::from_obj(&*p))
         .collect()
-}
-
-/// Forgets deleted providers and the values only they used, once a minute. A scope whose
-/// provider cache has not listed yet is empty, not deleted: what it holds (tokens kept
-/// across a lost Lease among them) is kept until it has.
-async fn sweep(ctx: Arc<Context>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(60));
-    loop {
-        tick.tick().await;
-        let unlisted: Vec<&Option<String>> = ctx
-            .providers
-            .iter()
-            .filter(|(_, store)| !matches!(store.wait_until_ready().now_or_never(), Some(Ok(()))))
-            .map(|(scope, _)| scope)
-            .collect();
-        let held = |ns: &str| unlisted.iter().any(|scope| in_scope(scope, Some(ns)));
-        let providers: Vec<_> = ctx.providers.iter().flat_map(|(_, s)| s.state()).collect();
-        let live: HashSet<_> = providers
-            .iter()
-            .map(|p| ObjectRef::from_obj(&**p))
-            .collect();
-        let keep = |k: &ObjectRef<IncomingMailProvider>| {
-            live.contains(k) || held(k.namespace.as_deref().unwrap_or_default())
-        };
-        ctx.memory.lock().unwrap().retain(|k, _| keep(k));
-        ctx.unwritten.lock().unwrap().retain(|k, _| keep(k));
-        ctx.refusals.lock().unwrap().retain(|k, _| keep(k));
-        let named: HashSet<_> = live
-            .iter()
-            .map(|r| (r.namespace.clone().unwrap_or_default(), r.name.clone()))
-            .collect();
-        ctx.metrics
-            .retain_providers(|k| named.contains(k) || held(&k.0));
-        let used: HashSet<_> = providers
-            .iter()
-            .flat_map(|p| {
-                let ns = p.namespace().unwrap_or_default();
-                references(&p.spec)
-                    .into_iter()
-                    .map(move |r| (r.kind, ns.clone(), r.name))
-            })
-            .collect();
-        ctx.objects.retain(|k| used.contains(k) || held(&k.1));
-        ctx.tokens.retain(|ns, name| {
-            used.contains(&(ObjectKind::Secret, ns.to_string(), name.to_string())) || held(ns)
-        });
-    }
 }
 
 /// Resolves, for every holder, with the moment the controller was told to stop: each step

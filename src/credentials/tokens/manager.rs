@@ -30,7 +30,7 @@ pub(super) struct Unsaved {
     pub(super) grant: TokenResponse,
     granted_at: Timestamp,
     /// Why it is not stored (the last write's error), for the provider's status.
-    why: String,
+    pub(super) why: String,
     /// Whether the grant replaced the Secret's refresh token (a rotating endpoint): only
     /// then is something lost, and said, if it is never stored. A grant that did not is
     /// kept all the same, so that tests use it rather than ask for another.
@@ -509,7 +509,7 @@ impl TokenManager {
     /// `held` is the tokens `current` holds in the API server (not those of a grant kept
     /// in memory): another writer is told by a change from them.
     #[allow(clippy::too_many_arguments)]
-    async fn store_grant(
+    pub(super) async fn store_grant(
         &self,
         api: &Api<Secret>,
         namespace: &str,

@@ -566,3 +566,94 @@ fn a_jwt_access_token_expires_no_later_than_its_own_exp() {
     let tokens = TokenSet::from_secret(&updated_secret(None, &grant, now));
     assert_eq!(tokens.expires_at, Some(at("2026-11-29T11:00:00Z")));
 }
+
+/// An API server that answers every write with 409 Conflict and every read with 500: the
+/// Secret changed meanwhile, and what it holds now cannot be known. (The real API server
+/// cannot be made to fail just the re-read, so this fault is scripted.)
+async fn conflicted_api_server() -> (String, tokio::task::JoinHandle<Vec<String>>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let served = tokio::spawn(async move {
+        let mut methods = Vec::new();
+        while methods.len() < 2 {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            loop {
+                let mut request = vec![0u8; 64 * 1024];
+                let n = conn.read(&mut request).await.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                let head = String::from_utf8_lossy(&request[..n]).to_string();
+                let method = head.split(' ').next().unwrap_or_default().to_string();
+                let (code, reason) = if method == "PUT" {
+                    (409, "Conflict")
+                } else {
+                    (500, "InternalError")
+                };
+                let body = format!(
+                    r#"{{"kind":"Status","apiVersion":"v1","status":"Failure","message":"scripted {reason}","reason":"{reason}","code":{code}}}"#
+                );
+                let answer = format!(
+                    "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                conn.write_all(answer.as_bytes()).await.unwrap();
+                methods.push(method);
+                if methods.len() >= 2 {
+                    break;
+                }
+            }
+        }
+        methods
+    });
+    (url, served)
+}
+
+/// A write that met a conflict, whose re-read then failed, keeps the grant: the Secret
+/// may still hold the refresh token the grant replaced, and a rotating endpoint no longer
+/// honours it.
+#[tokio::test]
+async fn a_grant_whose_write_conflicted_and_whose_reread_failed_is_kept() {
+    let (url, served) = conflicted_api_server().await;
+    let client = Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+    let manager = TokenManager::new(client.clone()).unwrap();
+    let api: kube::Api<Secret> = kube::Api::namespaced(client, "ns");
+    let mut current = secret(&[(REFRESH_TOKEN, "r1"), (ACCESS_TOKEN, "a1")]);
+    current.metadata.name = Some("t".into());
+    current.metadata.namespace = Some("ns".into());
+    current.metadata.resource_version = Some("7".into());
+    let held = TokenSet::from_secret(&current);
+    let grant: TokenResponse =
+        serde_json::from_str(r#"{"access_token":"a2","refresh_token":"r2","expires_in":3600}"#)
+            .unwrap();
+    let used = manager
+        .store_grant(&api, "ns", "t", &current, &held, &grant, "refresh")
+        .await;
+    assert_eq!(served.await.unwrap(), ["PUT", "GET"]);
+    // The test goes on with the new access token.
+    assert_eq!(
+        TokenSet::from_secret(&used)
+            .access_token
+            .as_ref()
+            .map(|t| t.expose_secret().to_string()),
+        Some("a2".into())
+    );
+    let kept = manager
+        .unsaved
+        .lock()
+        .unwrap()
+        .get(&key("ns", "t"))
+        .cloned();
+    let kept = kept.expect("the grant is kept to be stored later");
+    assert!(kept.replaced.same_refresh_token(&held));
+    assert_eq!(
+        kept.grant.refresh_token.as_ref().map(|t| t.expose_secret()),
+        Some("r2")
+    );
+    assert!(
+        kept.why.contains("scripted InternalError"),
+        "{}",
+        kept.why
+    );
+}
