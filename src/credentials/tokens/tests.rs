@@ -386,20 +386,30 @@ async fn a_grant_that_arrives_after_its_test_was_cancelled_is_kept() {
     assert!(manager.unsaved.lock().unwrap().is_empty());
 
     let left = manager.store_kept(Duration::from_secs(5)).await;
+    assert_kept_rotation(
+        &manager,
+        &held,
+        "the grant that arrived after the cancel is kept",
+    );
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].contains("Secret ns/t"), "{left:?}");
+}
+
+/// The grant kept for Secret ns/t: it replaced `held` and carries refresh token r2.
+fn assert_kept_rotation(manager: &TokenManager, held: &TokenSet, what: &str) -> Unsaved {
     let kept = manager
         .unsaved
         .lock()
         .unwrap()
         .get(&key("ns", "t"))
         .cloned();
-    let kept = kept.expect("the grant that arrived after the cancel is kept");
-    assert!(kept.replaced.same_refresh_token(&held));
+    let kept = kept.expect(what);
+    assert!(kept.replaced.same_refresh_token(held));
     assert_eq!(
         kept.grant.refresh_token.as_ref().map(|t| t.expose_secret()),
         Some("r2")
     );
-    assert_eq!(left.len(), 1, "{left:?}");
-    assert!(left[0].contains("Secret ns/t"), "{left:?}");
+    kept
 }
 
 fn test_manager() -> TokenManager {
@@ -639,21 +649,6 @@ async fn a_grant_whose_write_conflicted_and_whose_reread_failed_is_kept() {
             .map(|t| t.expose_secret().to_string()),
         Some("a2".into())
     );
-    let kept = manager
-        .unsaved
-        .lock()
-        .unwrap()
-        .get(&key("ns", "t"))
-        .cloned();
-    let kept = kept.expect("the grant is kept to be stored later");
-    assert!(kept.replaced.same_refresh_token(&held));
-    assert_eq!(
-        kept.grant.refresh_token.as_ref().map(|t| t.expose_secret()),
-        Some("r2")
-    );
-    assert!(
-        kept.why.contains("scripted InternalError"),
-        "{}",
-        kept.why
-    );
+    let kept = assert_kept_rotation(&manager, &held, "the grant is kept to be stored later");
+    assert!(kept.why.contains("scripted InternalError"), "{}", kept.why);
 }
