@@ -57,6 +57,7 @@ pub struct Metrics {
     writes: Family<KindLabels, Counter>,
     token_refreshes: Family<ResultLabels, Counter>,
     leader: Gauge,
+    overdue: Gauge,
     per_provider: Option<Family<ProviderLabels, Gauge>>,
     /// Ready status (and reason) last written per provider, for the gauges.
     ready: Mutex<HashMap<(String, String), (String, String)>>,
@@ -109,6 +110,12 @@ impl Metrics {
             "1 while this replica holds the lease and tests providers",
             leader.clone(),
         );
+        let overdue = Gauge::default();
+        registry.register(
+            "providers_overdue",
+            "Providers this replica tests whose last test is older than their schedule allows (interval or backoff with jitter, check.timeout and a minute): their status is going stale",
+            overdue.clone(),
+        );
         let per_provider = per_provider.then(|| {
             let family = Family::<ProviderLabels, Gauge>::default();
             registry.register(
@@ -126,6 +133,7 @@ impl Metrics {
             writes,
             token_refreshes,
             leader,
+            overdue,
             per_provider,
             ready: Mutex::new(HashMap::new()),
         }
@@ -169,6 +177,7 @@ impl Metrics {
         self.leader.set(i64::from(leading));
         if !leading {
             self.retain_providers(|_| false);
+            self.overdue.set(0);
         }
     }
 
@@ -214,6 +223,25 @@ impl Metrics {
                 };
                 f.get_or_create(&labels).set(i64::from(status == "True"));
             }
+        }
+    }
+
+    /// How many of this replica's providers are overdue (see `staleness`).
+    pub fn set_overdue(&self, count: usize) {
+        self.overdue.set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// Records a provider's Ready status as its stored status says, unless one is known
+    /// already: what this replica writes is recorded as it writes it, and the cache it
+    /// reads here may not hold its last write yet (the gauge would go back for a moment).
+    pub fn provider_seen(&self, namespace: &str, name: &str, ready: Option<(&str, &str)>) {
+        let known = self
+            .ready
+            .lock()
+            .unwrap()
+            .contains_key(&(namespace.to_string(), name.to_string()));
+        if !known && ready.is_some() {
+            self.provider_ready(namespace, name, ready);
         }
     }
 
@@ -269,14 +297,44 @@ mod tests {
     }
 
     #[test]
+    fn a_stored_status_read_after_this_replica_wrote_a_newer_one_changes_nothing() {
+        let m = Metrics::new(true);
+        // Taking over: the stored status seeds the gauges.
+        m.provider_seen("ops", "a", Some(("False", "Timeout")));
+        assert!(m.encode().contains("mailroom_providers{ready=\"False\"} 1"));
+        // Then a test's write; the cache still holds the status before it.
+        m.provider_ready("ops", "a", Some(("True", "Connected")));
+        m.provider_seen("ops", "a", Some(("False", "Timeout")));
+        let text = m.encode();
+        assert!(
+            text.contains("mailroom_providers{ready=\"True\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mailroom_providers{ready=\"False\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "mailroom_provider_ready{namespace=\"ops\",name=\"a\",reason=\"Connected\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("reason=\"Timeout\""), "{text}");
+    }
+
+    #[test]
     fn a_replica_that_stops_testing_stops_counting_providers() {
         let m = Metrics::new(true);
         m.set_leader(true);
         m.provider_ready("ops", "a", Some(("False", "Timeout")));
         m.provider_ready("ops", "b", Some(("True", "Connected")));
+        m.set_overdue(3);
+        assert!(m.encode().contains("mailroom_providers_overdue 3"));
         m.set_leader(false);
         let text = m.encode();
         assert!(text.contains("mailroom_leader 0"), "{text}");
+        assert!(text.contains("mailroom_providers_overdue 0"), "{text}");
         assert!(
             text.contains("mailroom_providers{ready=\"False\"} 0")
                 && text.contains("mailroom_providers{ready=\"True\"} 0"),

@@ -12,6 +12,7 @@ mod objects;
 mod reconcile;
 pub mod schedule;
 pub mod shard;
+mod staleness;
 pub mod status;
 mod sweep;
 mod watches;
@@ -461,6 +462,7 @@ async fn run_controllers(
         );
     }
     let sweeper = sweep::run(ctx.clone());
+    let staleness = staleness::run(ctx.clone());
     let synced = async {
         let providers = provider_stores.iter().map(|s| s.wait_until_ready().boxed());
         let all = futures::future::join_all(providers)
@@ -499,6 +501,7 @@ async fn run_controllers(
         _ = futures::future::join_all(controllers) => {}
         _ = reconciles_bounded => {}
         _ = sweeper => {}
+        _ = staleness => {}
         _ = synced => {}
     }
     // A stopping controller finishes the tests in flight (it starts no more), within a

@@ -107,7 +107,7 @@ async fn reconcile_inner(
     // Ready counts at once, not only as each provider's status is next written.
     let ready = status::ready(p.status.as_ref());
     let ready = ready.map(|c| (c.status.as_str(), c.reason.as_str()));
-    ctx.metrics.provider_ready(&ns, &p.name_any(), ready);
+    ctx.metrics.provider_seen(&ns, &p.name_any(), ready);
     let key = ObjectRef::from_obj(&*p);
     if ctx.inflight.is_running(&key) {
         // When it is done, the test asks for this reconcile again.
@@ -169,6 +169,8 @@ async fn reconcile_inner(
             let new = status::after_test(old, &outcome, &sctx);
             if status::differs(old, &new) {
                 Box::pin(write(&api, &p, &new, &ctx, Write::Change)).await?;
+                // A Warning Event like every change of Ready.
+                Box::pin(announce(&p, old, &new, &ctx)).await;
             }
             return Ok(Action::await_change());
         }

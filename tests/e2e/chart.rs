@@ -203,7 +203,6 @@ fn controller_permissions(token_rotation: bool) -> BTreeSet<Permission> {
             &["patch"],
             "*",
         ),
-        ("", "events", &["create", "patch"], "*"),
         ("events.k8s.io", "events", &["create", "patch"], "*"),
         ("", "configmaps", &["get", "list", "watch"], "*"),
         ("", "secrets", &["get", "list", "watch"], "*"),
@@ -1058,14 +1057,16 @@ fn the_alerts_fire_when_a_mailbox_stays_down_or_no_replica_tests() {
             "values": values,
         })
     };
-    let ready = |ns: &str, name: &str, reason: &str, values: &str| {
+    let ready_on = |pod: &str, ns: &str, name: &str, reason: &str, values: &str| {
         series(
             "mailroom_provider_ready",
-            "a",
+            pod,
             &format!("namespace=\"{ns}\",name=\"{name}\",reason=\"{reason}\""),
             values,
         )
     };
+    let ready =
+        |ns: &str, name: &str, reason: &str, values: &str| ready_on("a", ns, name, reason, values);
     let leader = |pod: &str, values: &str| series("mailroom_leader", pod, "", values);
     let providers = |pod: &str, ready: &str, values: &str| {
         series(
@@ -1075,6 +1076,7 @@ fn the_alerts_fire_when_a_mailbox_stays_down_or_no_replica_tests() {
             values,
         )
     };
+    let overdue = |pod: &str, values: &str| series("mailroom_providers_overdue", pod, "", values);
     let tests = |pod: &str, values: &str| {
         series(
             "mailroom_tests_total",
@@ -1103,16 +1105,15 @@ fn the_alerts_fire_when_a_mailbox_stays_down_or_no_replica_tests() {
             },
         })
     };
-    let no_tests = |pod: &str, providers: u32| {
+    let overdue_alert = |pod: &str, providers: u32| {
         json!({
-            "exp_labels": {"severity": "warning", "cause": "NoTests", "instance": format!("{pod}:8080")},
+            "exp_labels": {"severity": "warning", "cause": "Overdue", "instance": format!("{pod}:8080")},
             "exp_annotations": {
-                "summary": format!("mailroom mail/mailroom: the replica {pod}:8080 holds a lease \
-                    and reports {providers} providers, but has run no test for 15m"),
-                "description": "Statuses are going stale while it keeps the standby out: its \
-                    log says what it waits for (forbidden: a missing RBAC rule), and its \
-                    /readyz stays unready until its caches sync: kubectl -n mail get pods \
-                    -l app.kubernetes.io/instance=mailroom",
+                "summary": format!("mailroom mail/mailroom: {providers} providers tested by the \
+                    replica {pod}:8080 are overdue for a test"),
+                "description": "Their statuses are going stale while it holds the lease: its \
+                    log says why (forbidden: a missing RBAC rule; writing status: the API \
+                    server refuses it): kubectl -n mail logs -l app.kubernetes.io/instance=mailroom",
             },
         })
     };
@@ -1204,45 +1205,47 @@ fn the_alerts_fire_when_a_mailbox_stays_down_or_no_replica_tests() {
                 ],
             },
             {
-                // Leases held, and the tests behind them.
+                // Leases held, and whether their providers are tested on schedule.
                 "interval": "1m",
                 "input_series": [
-                    // Took the lease at 0 and reports 4 providers from their statuses, but
-                    // its caches never synced: not one test.
+                    // Took the lease at 0; from 3m on 4 of its providers are overdue (its
+                    // caches never synced, say): alerts 10 minutes later, not before.
                     leader("stuck", "1x45"),
-                    providers("stuck", "True", "3x45"),
-                    providers("stuck", "False", "1x45"),
-                    // Stands by after leading: its old counters stay, and mean nothing.
+                    overdue("stuck", "0x2 4x43"),
+                    // Stands by: reports nothing overdue.
                     leader("standby", "0x45"),
-                    tests("standby", "120x45"),
-                    // Took over at 5m and tests 3 providers every 5 minutes: its tests
-                    // series appears with the first round.
+                    overdue("standby", "0x45"),
+                    // Took over at 5m with 3 providers overdue after an outage, tested
+                    // within 2 minutes: no alert.
                     leader("new", "0x4 1x41"),
-                    providers("new", "True", "_x4 3x41"),
-                    tests("new", "_x5 3x4 6x5 9x5 12x5 15x5 18x5 21x5 24x5 27x2"),
-                    // Took over at 5m; its 2 providers are tested every 12 minutes, longer
-                    // than notTestingFor: the first round's new series counts as a test.
-                    leader("slow", "0x4 1x41"),
-                    providers("slow", "True", "_x5 2x40"),
-                    tests("slow", "_x5 2x11 4x11 6x11 8x3"),
-                    // Tested for ten minutes, then stopped testing while holding the lease.
+                    overdue("new", "0x4 3x2 0x39"),
+                    // Tested on schedule for 20 minutes, then 2 providers left overdue.
                     leader("stopped", "1x45"),
-                    providers("stopped", "False", "2x45"),
-                    tests("stopped", "0+2x10 20x35"),
-                    // Leads, but every provider is suspended (Unknown): nothing to test.
-                    leader("idle", "1x45"),
-                    providers("idle", "Unknown", "5x45"),
-                    providers("idle", "True", "0x45"),
+                    overdue("stopped", "0x20 2x25"),
                 ],
                 "alert_rule_test": [
-                    alert("9m", "MailroomNotTesting", json!([])),
-                    alert("11m", "MailroomNotTesting", json!([no_tests("stuck", 4)])),
-                    alert("16m", "MailroomNotTesting", json!([no_tests("stuck", 4)])),
-                    alert("33m", "MailroomNotTesting", json!([no_tests("stuck", 4)])),
-                    alert("37m", "MailroomNotTesting", json!([
-                        no_tests("stuck", 4),
-                        no_tests("stopped", 2),
+                    alert("12m", "MailroomNotTesting", json!([])),
+                    alert("14m", "MailroomNotTesting", json!([overdue_alert("stuck", 4)])),
+                    alert("30m", "MailroomNotTesting", json!([overdue_alert("stuck", 4)])),
+                    alert("32m", "MailroomNotTesting", json!([
+                        overdue_alert("stuck", 4),
+                        overdue_alert("stopped", 2),
                     ])),
+                ],
+            },
+            {
+                // The lease changes hands at 8m (a rollout): the old leader's series end
+                // at 7m (stale from 8m), the new leader's begin at 9m. A mailbox failing all along still
+                // alerts after 15 minutes.
+                "interval": "1m",
+                "input_series": [
+                    ready_on("a", "team-a", "inbox", "Timeout", "0x7 stale"),
+                    ready_on("b", "team-a", "inbox", "Timeout", "_x9 0x11"),
+                    leader("a", "1x7 stale"),
+                    leader("b", "_x9 1x11"),
+                ],
+                "alert_rule_test": [
+                    alert("16m", "MailroomMailboxNotReady", json!([not_ready("team-a", "inbox")])),
                 ],
             },
         ],
@@ -1309,6 +1312,24 @@ fn the_alerts_fire_when_a_mailbox_stays_down_or_no_replica_tests() {
                 ],
                 "alert_rule_test": [
                     alert("16m", "MailroomMailboxesNotReady", fleet_alert(1)),
+                ],
+            },
+            {
+                // The lease of one shard changes hands at 8m (no series from either
+                // replica then): the wait goes on; the failures end at 18m, and the alert
+                // within 3 minutes.
+                "interval": "1m",
+                "input_series": [
+                    providers("a", "False", "2x7 stale"),
+                    providers("b", "False", "_x9 2x8 0x5"),
+                    leader("a", "1x7 stale"),
+                    leader("b", "_x9 1x13"),
+                    leader("c", "1x22"),
+                    leader("d", "1x22"),
+                ],
+                "alert_rule_test": [
+                    alert("16m", "MailroomMailboxesNotReady", fleet_alert(2)),
+                    alert("21m", "MailroomMailboxesNotReady", json!([])),
                 ],
             },
         ],

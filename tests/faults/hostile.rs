@@ -900,3 +900,46 @@ async fn a_status_the_api_server_keeps_refusing_is_retried_with_a_growing_wait()
     env.wait_reason("p", "Connected", Duration::from_secs(90))
         .await;
 }
+
+/// A provider whose status never gets written (here the API server refuses it; in life,
+/// caches that never synced do the same) is counted in `mailroom_providers_overdue` once
+/// its schedule has passed, which the chart's `MailroomNotTesting` alert reads; a
+/// provider tested on schedule beside it is not.
+#[tokio::test]
+async fn a_provider_whose_status_goes_stale_is_counted_overdue() {
+    let env = alice_env("overdue").await;
+    let policy = refuse_status_writes(&env, "refuse-overdue", "object.metadata.name != 'stale'");
+    let port = env.bed.dovecot().imaps_port();
+    let fast = |name: &str| {
+        provider(name, "IMAP", port, "Implicit", ALICE_AUTH, "")
+            .replace("interval: 5m, timeout: 10s", "interval: 30s, timeout: 5s")
+    };
+    env.apply(&fast("stale"));
+    env.apply(&fast("fresh"));
+    let created = Instant::now();
+    let status = serde_json::json!({"status": {"consecutiveFailures": 0}});
+    until_status_refused(&env, "stale", &status).await;
+    let controller = env.controller();
+    env.wait_reason("fresh", "Connected", Duration::from_secs(30))
+        .await;
+    // Due within 30 s + 3 s of jitter, its test bounded by 5 s, and a minute's grace:
+    // overdue 98 s after its creation, counted within the next 30 s.
+    let early = controller
+        .metrics_with(&["mailroom_providers_overdue 0"], Duration::ZERO)
+        .await;
+    assert!(
+        early.contains("mailroom_providers_overdue 0"),
+        "overdue before its time ({:?} after its creation):\n{early}",
+        created.elapsed()
+    );
+    let metrics = controller
+        .metrics_with(&["mailroom_providers_overdue 1"], Duration::from_secs(150))
+        .await;
+    assert!(
+        metrics.contains("mailroom_providers_overdue 1"),
+        "not counted overdue {:?} after its creation:\n{metrics}",
+        created.elapsed()
+    );
+    assert!(created.elapsed() > Duration::from_secs(98));
+    remove_policy(&env, &policy);
+}

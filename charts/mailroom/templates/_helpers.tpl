@@ -92,7 +92,7 @@ ClusterRole (every namespace) and the Roles (watchNamespaces).
 - apiGroups: [mailroom.dev]
   resources: [incomingmailproviders/status]
   verbs: [patch]
-- apiGroups: ["", events.k8s.io]
+- apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]
 - apiGroups: [""]
