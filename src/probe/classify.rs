@@ -151,9 +151,21 @@ fn refusal(reply: &str) -> Refusal {
         Some("LOGIN-DELAY") => Refusal::ServerSide(
             "the server refuses a login this soon after the previous one (a spec.check.interval longer than its delay avoids this)",
         ),
+        Some("LIMIT") => Refusal::ServerSide(TOO_MANY_SESSIONS),
+        // Gmail caps an account's sessions and says so only in words, as an [ALERT]
+        // (or with no code): "Too many simultaneous connections. (Failure)".
+        _ if reply
+            .to_ascii_lowercase()
+            .contains("too many simultaneous connections")
+            || reply.to_ascii_lowercase().contains("too many connections") =>
+        {
+            Refusal::ServerSide(TOO_MANY_SESSIONS)
+        }
         _ => Refusal::Credentials,
     }
 }
+
+const TOO_MANY_SESSIONS: &str = "the account has as many sessions open as the server allows (other clients of this mailbox hold them), and it takes no more until some close";
 
 /// The failure a refused login (`reply`, the server's line) stands for when its code
 /// says it is not the credentials; `None` when it is (the caller says so its own way).
@@ -551,6 +563,10 @@ mod tests {
             "-ERR [LOGIN-DELAY] Wait 900 seconds",
             "NO [UNAVAILABLE] Temporary authentication failure.",
             "NO [SERVERBUG] Internal error",
+            "NO [LIMIT] Too many open sessions",
+            // Gmail's, past 15 sessions of one account: no code of its own.
+            "NO [ALERT] Too many simultaneous connections. (Failure)",
+            "-ERR too many connections from this account",
         ] {
             assert!(matches!(refusal(reply), Refusal::ServerSide(_)), "{reply}");
         }

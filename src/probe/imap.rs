@@ -467,6 +467,14 @@ fn capability_text(cap: &Capability<'_>) -> String {
     }
 }
 
+/// The mechanism an `AUTH=` capability names. Compared by bytes: a server may send a
+/// capability that is not ASCII, and slicing it at a fixed index could split a character.
+fn sasl_name(capability: &str) -> Option<&str> {
+    let prefix = capability.get(..5)?;
+    let name = capability.get(5..)?;
+    (prefix.eq_ignore_ascii_case("AUTH=") && !name.is_empty()).then_some(name)
+}
+
 fn has_capability(caps: &[String], name: &str) -> bool {
     caps.iter().any(|c| c.eq_ignore_ascii_case(name))
 }
@@ -667,7 +675,19 @@ impl MailSession for Imap {
         }
         let words = self.tagged_reply().unwrap_or_else(|| "OK".into());
         let client = self.take_client(step)?;
-        let (tcp, meter) = client.into_inner().into_plain().ok_or_else(|| {
+        let wire = client.into_inner();
+        if wire.unread() > 0 {
+            return Err(Failure::new(
+                Reason::ProtocolError,
+                step,
+                format!(
+                    "IMAP server {} sent data after its OK to STARTTLS, before the TLS \
+                     handshake; refusing to continue (someone may be injecting responses)",
+                    self.endpoint
+                ),
+            ));
+        }
+        let (tcp, meter) = wire.into_plain().ok_or_else(|| {
             Failure::new(
                 Reason::ProtocolError,
                 step,
@@ -698,7 +718,7 @@ impl MailSession for Imap {
         }
         let offered: Vec<&str> = caps
             .iter()
-            .filter(|c| c.len() > 5 && c[..5].eq_ignore_ascii_case("AUTH="))
+            .filter(|c| sasl_name(c).is_some())
             .map(String::as_str)
             .collect();
         let offered = if offered.is_empty() {
@@ -726,8 +746,8 @@ impl MailSession for Imap {
 
     fn sasl_offered(&self, caps: &[String]) -> Vec<String> {
         caps.iter()
-            .filter(|c| c.len() > 5 && c[..5].eq_ignore_ascii_case("AUTH="))
-            .map(|c| c[5..].to_ascii_uppercase())
+            .filter_map(|c| sasl_name(c))
+            .map(|m| m.to_ascii_uppercase())
             .collect()
     }
 

@@ -465,6 +465,13 @@ impl Wire {
         self.unanswered = 0;
     }
 
+    /// IMAP: bytes read from the server and not passed on yet. After the tagged OK to
+    /// STARTTLS there must be none: bytes sent before the handshake but read as if
+    /// after it would let a man in the middle inject responses (CVE-2011-0411).
+    pub fn unread(&self) -> usize {
+        self.held_from + self.held.len() - self.passed_on
+    }
+
     /// Takes the plaintext connection apart for a STARTTLS upgrade. `None` if it is
     /// already TLS (or in memory).
     pub fn into_plain(self) -> Option<(Tcp, Meter)> {

@@ -66,6 +66,10 @@ fn acceptor(name: &str) -> TlsAcceptor {
             include_bytes!("testdata/server.key"),
         ),
         "pinned" => (PINNED, include_bytes!("testdata/pinned.key")),
+        "cnonly" => (
+            include_bytes!("testdata/cnonly.pem"),
+            include_bytes!("testdata/cnonly.key"),
+        ),
         "expired" => (
             include_bytes!("testdata/expired.pem"),
             include_bytes!("testdata/expired.key"),
@@ -1992,4 +1996,161 @@ async fn imap_capabilities_in_lower_case() {
     assert!(report.passed(), "{report:#?}");
     assert_eq!(report.findings.mechanism.as_deref(), Some("PLAIN"));
     server.seen().await;
+}
+
+/// imap-proto accepts any byte but NUL in an atom, so a capability may be non-ASCII: the
+/// test ends in a verdict (a panic would leave the provider untested, its last status
+/// standing).
+#[tokio::test]
+async fn a_capability_that_is_not_ascii_ends_in_a_verdict() {
+    for (greeting, oauth) in [
+        (
+            "* OK [CAPABILITY IMAP4rev1 LOGINDISABLED AUTH\u{e9}X] hi\r\n",
+            false,
+        ),
+        (
+            "* OK [CAPABILITY IMAP4rev1 AUTH=XOAUTH2 \u{c4}\u{c4}\u{c4}] hi\r\n",
+            true,
+        ),
+    ] {
+        let server = serve(vec![Say(greeting), Any, Say("$TAG NO bye\r\n")]).await;
+        let t = target(server.port, Protocol::Imap, TlsMode::None);
+        let login = match oauth {
+            false => password(true),
+            true => Login::OAuth2 {
+                username: "alice".into(),
+                token: SecretString::from(SECRET),
+                mechanism: SaslMechanism::Auto,
+                allow_unencrypted: true,
+            },
+        };
+        let report = tokio::spawn(async move { run(&t, &login).await }).await;
+        let report = report.expect("the probe panicked");
+        failure(&report);
+    }
+}
+
+/// Gmail refuses a 16th concurrent session at login this way; the password is right.
+#[tokio::test]
+async fn gmail_too_many_simultaneous_connections_is_not_a_wrong_password() {
+    let server = serve(vec![
+        Say("* OK Gimap ready for requests from 10.0.0.1\r\n"),
+        Cmd("CAPABILITY"),
+        Say("* CAPABILITY IMAP4rev1 AUTH=XOAUTH2 AUTH=PLAIN\r\n$TAG OK Thats all she wrote!\r\n"),
+        Cmd("AUTHENTICATE PLAIN"),
+        Say("+ \r\n"),
+        Any,
+        Say("$TAG NO [ALERT] Too many simultaneous connections. (Failure)\r\n"),
+        Cmd("LOGOUT"),
+        Say("$TAG OK 73 good day (Success)\r\n"),
+    ])
+    .await;
+    let t = target(server.port, Protocol::Imap, TlsMode::None);
+    let f = failure(&run(&t, &password(true)).await).clone();
+    assert_eq!(f.reason, Reason::ServerUnavailable, "{f:?}");
+    assert!(
+        f.message.contains("Too many simultaneous connections"),
+        "{}",
+        f.message
+    );
+    assert!(f.message.contains("not a wrong login"), "{}", f.message);
+}
+
+/// After the server agreed to STARTTLS/STLS, a failed handshake says so, and does not
+/// advise the mode already in use.
+#[tokio::test]
+async fn a_handshake_failed_after_starttls_blames_the_servers_tls_not_the_mode() {
+    // IMAP: the server closes instead of handshaking (broken TLS setup on its side).
+    let server = serve(vec![
+        Say("* OK ready\r\n"),
+        Cmd("CAPABILITY"),
+        Say("* CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED\r\n$TAG OK done\r\n"),
+        Cmd("STARTTLS"),
+        Say("$TAG OK Begin TLS negotiation now.\r\n"),
+    ])
+    .await;
+    let t = target(server.port, Protocol::Imap, TlsMode::StartTls);
+    let f = failure(&run(&t, &password(false)).await).clone();
+    assert_eq!(f.reason, Reason::TlsHandshakeFailed);
+    assert!(!f.message.contains("tls.mode StartTLS"), "{}", f.message);
+    assert!(
+        f.message.contains("accepted STARTTLS but closed"),
+        "{}",
+        f.message
+    );
+    // POP3: the server answers the ClientHello in plaintext.
+    let server = serve(vec![
+        Say("+OK ready\r\n"),
+        Cmd("CAPA"),
+        Say("+OK\r\nSTLS\r\nUSER\r\n.\r\n"),
+        Cmd("STLS"),
+        Say("+OK Begin TLS negotiation\r\n"),
+        Any,
+        Say("-ERR Unknown command\r\n"),
+    ])
+    .await;
+    let t = target(server.port, Protocol::Pop3, TlsMode::StartTls);
+    let f = failure(&run(&t, &password(false)).await).clone();
+    assert_eq!(f.reason, Reason::TlsHandshakeFailed);
+    assert!(!f.message.contains("tls.mode StartTLS"), "{}", f.message);
+    assert!(
+        f.message
+            .contains("accepted STLS but then answered in plaintext"),
+        "{}",
+        f.message
+    );
+}
+
+/// Plaintext after the OK to STARTTLS, read before the handshake (response injection,
+/// CVE-2011-0411): refused, as POP3 refuses it after STLS, and no credentials are sent.
+#[tokio::test]
+async fn imap_data_after_the_ok_to_starttls_is_refused() {
+    let server = serve(vec![
+        Say("* OK ready\r\n"),
+        Cmd("CAPABILITY"),
+        Say("* CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED\r\n$TAG OK done\r\n"),
+        Cmd("STARTTLS"),
+        Say("$TAG OK Begin TLS now.\r\n* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n"),
+        Tls("server"),
+        Cmd("CAPABILITY"),
+        Say("* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n$TAG OK done\r\n"),
+        Cmd("AUTHENTICATE PLAIN"),
+        Say("+ \r\n"),
+        Any,
+        Say("$TAG OK Logged in\r\n"),
+        Cmd("STATUS"),
+        Cmd("LOGOUT"),
+        Say("* STATUS INBOX (MESSAGES 1)\r\n$PREV OK done\r\n$TAG OK bye\r\n"),
+    ])
+    .await;
+    let mut t = trusting(target(server.port, Protocol::Imap, TlsMode::StartTls), CA);
+    t.host = "localhost".into();
+    let report = run(&t, &password(false)).await;
+    let f = failure(&report).clone();
+    assert_eq!((f.reason, f.step), (Reason::ProtocolError, Step::StartTls));
+    assert!(f.message.contains("injecting"), "{}", f.message);
+    assert_secret_kept(&report);
+}
+
+/// A pinned self-signed certificate naming its host only in the CN (no subjectAltName,
+/// as old mail servers' certificate scripts made them): no tls.serverName can match, so
+/// none is suggested.
+#[tokio::test]
+async fn a_certificate_naming_its_host_only_in_the_cn_says_to_reissue_it() {
+    let server = serve(vec![Tls("cnonly")]).await;
+    let pem = include_bytes!("testdata/cnonly.pem");
+    let mut t = trusting(target(server.port, Protocol::Imap, TlsMode::Implicit), pem);
+    t.host = "localhost".into();
+    let f = failure(&run(&t, &Login::None).await).clone();
+    assert_eq!(f.reason, Reason::CertificateInvalid);
+    assert!(
+        !f.message.contains("set tls.serverName to one of those"),
+        "{}",
+        f.message
+    );
+    assert!(
+        f.message.contains("no subjectAltName") && f.message.contains("reissue"),
+        "{}",
+        f.message
+    );
 }

@@ -29,7 +29,7 @@ use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 use super::classify::{self, quote_bytes};
 use super::stream::Tcp;
 use super::{CertInfo, Failure, Step, Target, TlsInfo};
-use crate::api::{Protocol, Reason};
+use crate::api::{Protocol, Reason, TlsMode};
 
 /// Everything needed for one handshake, prepared before any byte is sent.
 pub(crate) struct Setup {
@@ -40,6 +40,9 @@ pub(crate) struct Setup {
     /// The chain the server presented (end entity first), recorded by the verifier.
     presented: Arc<Mutex<Vec<CertificateDer<'static>>>>,
     protocol: Protocol,
+    /// The handshake follows STARTTLS / STLS, which the server accepted: a port that
+    /// starts in plaintext, so the advice for an implicit-TLS port does not apply.
+    after_starttls: bool,
     extra_roots: usize,
 }
 
@@ -89,6 +92,7 @@ impl Setup {
             name,
             presented,
             protocol: target.protocol,
+            after_starttls: target.tls_mode == TlsMode::StartTls,
             extra_roots: pinned.len(),
         })
     }
@@ -130,6 +134,16 @@ impl Setup {
             |message: String| Failure::new(Reason::TlsHandshakeFailed, Step::TlsHandshake, message);
         if !sniffed.is_empty() && !looks_like_tls(sniffed) {
             let first_line = sniffed.split(|&b| b == b'\n').next().unwrap_or(sniffed);
+            if self.after_starttls {
+                return failed(format!(
+                    "TLS handshake with {endpoint} failed: the server accepted {} but then \
+                     answered in plaintext ({}) instead of starting TLS: its STARTTLS is \
+                     broken, or something between (a proxy, a firewall inspecting mail) \
+                     strips it",
+                    self.starttls_command(),
+                    quote_bytes(first_line)
+                ));
+            }
             let (starttls, port) = match self.protocol {
                 Protocol::Imap => ("StartTLS", 993),
                 Protocol::Pop3 => ("StartTLS", 995),
@@ -166,6 +180,19 @@ impl Setup {
                 io::ErrorKind::UnexpectedEof
                 | io::ErrorKind::ConnectionReset
                 | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::BrokenPipe
+                    if self.after_starttls =>
+                {
+                    failed(format!(
+                        "{endpoint} accepted {} but closed the connection during the TLS \
+                     handshake without a TLS answer: the server's TLS setup is broken (its \
+                     log says why: often a certificate or key it cannot read)",
+                        self.starttls_command()
+                    ))
+                }
+                io::ErrorKind::UnexpectedEof
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
                 | io::ErrorKind::BrokenPipe => failed(format!(
                     "{endpoint} closed the connection during the TLS handshake without a TLS answer \
                      (is this a TLS port? a STARTTLS port needs tls.mode StartTLS)"
@@ -175,15 +202,30 @@ impl Setup {
         }
     }
 
+    fn starttls_command(&self) -> &'static str {
+        match self.protocol {
+            Protocol::Imap => "STARTTLS",
+            Protocol::Pop3 => "STLS",
+        }
+    }
+
     /// The handshake ran out of time.
     pub fn timeout_failure(&self, endpoint: &str, waited: Duration, total: Duration) -> Failure {
         Failure::new(
             Reason::Timeout,
             Step::TlsHandshake,
-            format!(
-                "TLS handshake with {endpoint} did not finish {} (is this a TLS port?)",
-                classify::within(waited, total)
-            ),
+            if self.after_starttls {
+                format!(
+                    "TLS handshake with {endpoint} did not finish {} (the server accepted {} but did not go on with TLS)",
+                    classify::within(waited, total),
+                    self.starttls_command()
+                )
+            } else {
+                format!(
+                    "TLS handshake with {endpoint} did not finish {} (is this a TLS port?)",
+                    classify::within(waited, total)
+                )
+            },
         )
     }
 
@@ -202,21 +244,35 @@ impl Setup {
         // The names the certificate carries: from our own reading of it, else from
         // rustls's rendering (`DnsName("a")`, `IpAddress(1.2.3.4)`).
         let carried = chain.first().map(|der| san_names(der)).unwrap_or_default();
-        let names = |presented: &[String]| {
-            let list: Vec<String> = if carried.is_empty() {
+        let names = |presented: &[String]| -> Vec<String> {
+            if carried.is_empty() {
                 presented.iter().map(|p| plain_name(p)).collect()
             } else {
                 carried.clone()
-            };
-            if list.is_empty() {
-                "no DNS name or IP address (subjectAltName)".to_string()
-            } else {
-                list.join(", ")
             }
         };
         let expected = match &self.server_name {
             ServerName::IpAddress(ip) => format!("the IP address {}", IpAddr::from(*ip)),
             _ => format!("{:?}", self.name),
+        };
+        let mismatch = |names: Vec<String>| {
+            if names.is_empty() {
+                // Old self-signed certificates (mkcert scripts of mail servers) name their
+                // host only as the subject's CN, which TLS clients no longer read: no
+                // tls.serverName can match, so do not suggest one.
+                format!(
+                    "{what} is not valid for {expected}: it carries no subjectAltName, and TLS \
+                     clients do not read a host name from the subject's CN (RFC 9525); reissue \
+                     it with a subjectAltName for the name (pinning it with tls.caBundleRef \
+                     does not change this)"
+                )
+            } else {
+                format!(
+                    "{what} is not valid for {expected}: it names {}; set tls.serverName to one \
+                     of those names, or connect by a name it carries",
+                    names.join(", ")
+                )
+            }
         };
         match err {
             CertificateError::UnknownIssuer => match &leaf {
@@ -266,17 +322,10 @@ impl Setup {
                 rfc3339(time.as_secs() as i64)
             ),
             CertificateError::NotValidYet => format!("{what} is not valid yet; check the clocks"),
-            CertificateError::NotValidForNameContext { presented, .. } => format!(
-                "{what} is not valid for {expected}: it names {}; set tls.serverName to one of those names, or connect by a name it carries",
-                names(presented)
-            ),
-            CertificateError::NotValidForName => {
-                let presented = Vec::new();
-                format!(
-                    "{what} is not valid for {expected}: it names {}; set tls.serverName to one of those names, or connect by a name it carries",
-                    names(&presented)
-                )
+            CertificateError::NotValidForNameContext { presented, .. } => {
+                mismatch(names(presented))
             }
+            CertificateError::NotValidForName => mismatch(names(&[])),
             CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
                 format!(
                     "{what} is not meant for TLS servers (its extended key usage lacks serverAuth)"
