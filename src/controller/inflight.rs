@@ -11,9 +11,11 @@
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::FutureExt;
 use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender, unbounded};
 use kube::runtime::reflector::ObjectRef;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -22,6 +24,9 @@ use tokio_util::task::TaskTracker;
 use crate::api::IncomingMailProvider;
 
 type Key = ObjectRef<IncomingMailProvider>;
+
+/// The wait before a test that panicked is tried again.
+const AFTER_A_PANIC: Duration = Duration::from_secs(60);
 
 /// The tests running or waiting for a slot, at most one per provider.
 pub struct InFlight {
@@ -79,6 +84,19 @@ impl InFlight {
             .iter()
             .find(|(scope, _)| super::in_scope(scope, key.namespace.as_deref()))
             .map(|(_, tx)| tx.clone());
+        let provider = key.to_string();
+        // A test that panics (a defect of mailroom's) is tried again later rather than
+        // never: nothing else would ask for its provider's reconcile, and its last status
+        // would stand unnoticed but for the overdue count.
+        let test = AssertUnwindSafe(test).catch_unwind().map(move |ended| {
+            ended.unwrap_or_else(|_| {
+                tracing::error!(
+                    provider,
+                    "the test panicked (a defect of mailroom's); trying again in {AFTER_A_PANIC:?}"
+                );
+                AFTER_A_PANIC
+            })
+        });
         self.tasks.spawn(async move {
             let again = tokio::select! {
                 again = test => again,
@@ -174,6 +192,19 @@ mod tests {
             rx[0].try_recv().is_err(),
             "not in another namespace's scope"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_test_that_panics_is_tried_again_later() {
+        let (inflight, mut rx) = InFlight::new(&[None], never());
+        assert!(inflight.start(key("a", "p"), async {
+            panic!("a defect");
+        }));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!inflight.is_running(&key("a", "p")));
+        assert!(rx[0].try_recv().is_err(), "not at once");
+        tokio::time::sleep(AFTER_A_PANIC).await;
+        assert_eq!(rx[0].try_recv().ok(), Some(key("a", "p")));
     }
 
     #[tokio::test]
