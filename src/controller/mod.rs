@@ -15,6 +15,7 @@ pub mod shard;
 mod staleness;
 pub mod status;
 mod sweep;
+mod tenure;
 mod watches;
 
 use std::collections::HashMap;
@@ -150,6 +151,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     let tokens = Arc::new(TokenManager::new(client.clone())?);
     let Some(lease) = &settings.lease else {
         metrics.set_leader(true);
+        let (_always, testing) = tokio::sync::watch::channel(true);
         let result = run_controllers(
             client,
             &settings,
@@ -157,6 +159,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
             readiness,
             tokens.clone(),
             shutdown.clone(),
+            testing,
         )
         .await;
         let stopping = &settings.stopping;
@@ -166,13 +169,22 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         return result;
     };
 
+    let duration = lease.duration.as_secs().max(2);
+    let grace = (duration / 3).max(1);
     let manager = LeaseManagerBuilder::new(client.clone(), &lease.name)
         .with_namespace(&lease.namespace)
         .with_identity(&lease.identity)
-        .with_duration(lease.duration.as_secs().max(2))
-        .with_grace((lease.duration.as_secs() / 3).max(1))
+        .with_duration(duration)
+        .with_grace(grace)
         .build()
         .await?;
+    let tenure = tenure::Tenure::new(
+        Api::namespaced(client.clone(), &lease.namespace),
+        &lease.name,
+        &lease.identity,
+        Duration::from_secs(duration),
+        Duration::from_secs(grace),
+    );
     let (mut leading, task) = manager.watch().await;
     tracing::info!(lease = %lease.name, namespace = %lease.namespace, identity = %lease.identity, "waiting for the lease");
     loop {
@@ -186,6 +198,19 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
                 }
             }
         }
+        // The lease manager says this replica holds the Lease; it tests once it has seen
+        // the Lease renewed, and only while it goes on seeing that (see `tenure`).
+        let renewed = tokio::select! {
+            renewed = tenure.confirmed() => renewed,
+            changed = leading.changed() => {
+                changed.map_err(|_| anyhow::anyhow!("the lease manager stopped"))?;
+                continue;
+            }
+            _ = shutdown.clone() => {
+                release(leading, task, settings.stopping.for_lease(asked(&shutdown))).await;
+                return Ok(());
+            }
+        };
         tracing::info!(lease = %lease.name, "holding the lease: testing");
         metrics.set_leader(true);
         let lost = async {
@@ -195,13 +220,32 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
                 }
             }
         };
+        // Tests pause while the Lease is not seen renewed, and go on once it is; the
+        // controllers, their caches and what they keep (results not yet written among
+        // it) stay.
+        let (pause, testing) = tokio::sync::watch::channel(true);
+        let watch_tenure = async {
+            let mut renewed = renewed;
+            loop {
+                tenure.lapsed(renewed).await;
+                tracing::warn!(
+                    lease = %lease.name,
+                    "the lease was not seen renewed (is the API server reachable?): tests paused before it can expire and a standby take it, until a renewal is seen"
+                );
+                let _ = pause.send(false);
+                renewed = tenure.confirmed().await;
+                tracing::info!(lease = %lease.name, "the lease was renewed: testing again");
+                let _ = pause.send(true);
+            }
+        };
         let stopped = tokio::select! {
-            result = run_controllers(client.clone(), &settings, metrics.clone(), readiness.clone(), tokens.clone(), shutdown.clone()) => Some(result),
+            result = run_controllers(client.clone(), &settings, metrics.clone(), readiness.clone(), tokens.clone(), shutdown.clone(), testing) => Some(result),
             _ = lost => {
                 // Dropping the controllers cancels the tests in flight: another replica leads now.
                 tracing::warn!(lease = %lease.name, "lost the lease: testing stopped");
                 None
             }
+            () = watch_tenure => None,
         };
         metrics.set_leader(false);
         // A lost lease (no stop asked) gives the tokens their share of the grace period.
@@ -304,6 +348,7 @@ impl Drop for AbortOnDrop {
 }
 
 /// The controllers (one per watched scope) until `shutdown`.
+#[allow(clippy::too_many_arguments)]
 async fn run_controllers(
     client: Client,
     settings: &Settings,
@@ -311,6 +356,7 @@ async fn run_controllers(
     readiness: Arc<http::Readiness>,
     tokens: Arc<TokenManager>,
     shutdown: Stop,
+    testing: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     readiness.syncing();
     let scopes: Vec<Option<String>> = if settings.namespaces.is_empty() {
@@ -370,7 +416,7 @@ async fn run_controllers(
     // runs (see `reconcile::still_current`).
     let (provider_stores, provider_writers): (Vec<_>, Vec<_>) =
         scopes.iter().map(|_| reflector::store()).unzip();
-    let (inflight, retests) = inflight::InFlight::new(&scopes, shutdown.clone());
+    let (inflight, retests) = inflight::InFlight::new(&scopes, shutdown.clone(), testing);
     let ctx = Arc::new(Context {
         inflight,
         client: client.clone(),

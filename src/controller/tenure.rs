@@ -1,0 +1,158 @@
+//! How long the holder of the Lease may go on testing. The lease manager renews the Lease
+//! and says when another replica holds it, but not when its renewals fail: it retries
+//! them and logs. A leader cut off from the API server would go on testing after its
+//! Lease expired and a standby took over, and both would log in to every mailbox. So the
+//! holder reads the Lease itself once each renewal is due, and stops testing before the
+//! Lease can expire unrenewed (as client-go's renew deadline does); it tests again once
+//! it sees a renewal.
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::Api;
+
+/// The Lease as this replica reads it.
+#[derive(Debug, PartialEq)]
+enum Seen {
+    /// Held by this replica, renewed at this time (the holder's clock, which is ours).
+    Renewed(Timestamp),
+    /// Held by another replica, or by none.
+    NotOurs,
+    /// Not read: the API server did not answer in time, or refused.
+    Unknown,
+}
+
+pub struct Tenure {
+    api: Api<Lease>,
+    name: String,
+    identity: String,
+    /// The Lease's duration, and how long before its expiry the lease manager renews it.
+    duration: Duration,
+    grace: Duration,
+}
+
+impl Tenure {
+    pub fn new(
+        api: Api<Lease>,
+        name: &str,
+        identity: &str,
+        duration: Duration,
+        grace: Duration,
+    ) -> Self {
+        Tenure {
+            api,
+            name: name.to_string(),
+            identity: identity.to_string(),
+            duration,
+            grace,
+        }
+    }
+
+    async fn read(&self) -> Seen {
+        let within = (self.grace / 4).max(Duration::from_millis(250));
+        let lease = match tokio::time::timeout(within, self.api.get_opt(&self.name)).await {
+            Ok(Ok(lease)) => lease,
+            _ => return Seen::Unknown,
+        };
+        let spec = lease.and_then(|l| l.spec).unwrap_or_default();
+        match (spec.holder_identity, spec.renew_time) {
+            (Some(holder), Some(renewed)) if holder == self.identity => Seen::Renewed(renewed.0),
+            _ => Seen::NotOurs,
+        }
+    }
+
+    /// Waits until the Lease is seen held by this replica and renewed recently enough to
+    /// test; returns when it was renewed.
+    pub async fn confirmed(&self) -> Timestamp {
+        loop {
+            if let Seen::Renewed(at) = self.read().await
+                && Timestamp::now() < stop_at(at, self.duration, self.grace)
+            {
+                return at;
+            }
+            tokio::time::sleep((self.grace / 4).max(Duration::from_millis(250))).await;
+        }
+    }
+
+    /// Resolves when this replica can no longer be sure it holds the Lease: the Lease was
+    /// not seen renewed by [`stop_at`], or another replica holds it. `renewed` is when it
+    /// was last seen renewed.
+    pub async fn lapsed(&self, mut renewed: Timestamp) {
+        loop {
+            sleep_until(look_at(renewed, self.duration, self.grace)).await;
+            let stop = stop_at(renewed, self.duration, self.grace);
+            loop {
+                if Timestamp::now() >= stop {
+                    return;
+                }
+                match self.read().await {
+                    Seen::Renewed(at) if at > renewed => {
+                        renewed = at;
+                        break;
+                    }
+                    Seen::NotOurs => return,
+                    Seen::Renewed(_) | Seen::Unknown => {
+                        let pause = Timestamp::now().duration_until(stop);
+                        let pause = Duration::try_from(pause).unwrap_or_default();
+                        tokio::time::sleep(pause.min(self.grace / 8)).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn after(t: Timestamp, d: Duration) -> Timestamp {
+    t.checked_add(SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX))
+        .unwrap_or(Timestamp::MAX)
+}
+
+fn before(t: Timestamp, d: Duration) -> Timestamp {
+    t.checked_sub(SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX))
+        .unwrap_or(Timestamp::MIN)
+}
+
+/// When a holder whose Lease was renewed at `renewed` stops testing unless it has seen a
+/// renewal since: half the grace before the Lease expires, so that its tests end before a
+/// standby may take the Lease.
+fn stop_at(renewed: Timestamp, duration: Duration, grace: Duration) -> Timestamp {
+    before(after(renewed, duration), grace / 2)
+}
+
+/// When to look for the next renewal: a quarter of the grace after the lease manager
+/// renews (`grace` before expiry), which leaves a quarter before [`stop_at`] to look again.
+fn look_at(renewed: Timestamp, duration: Duration, grace: Duration) -> Timestamp {
+    after(before(after(renewed, duration), grace), grace / 4)
+}
+
+async fn sleep_until(t: Timestamp) {
+    let wait = Timestamp::now().duration_until(t);
+    if let Ok(wait) = Duration::try_from(wait) {
+        tokio::time::sleep(wait).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: i64, millis: i64) -> Timestamp {
+        Timestamp::from_millisecond(1_800_000_000_000 + secs * 1000 + millis).unwrap()
+    }
+
+    #[test]
+    fn the_holder_stops_before_its_lease_expires_and_looks_after_the_renewal() {
+        // The chart's 15 s Lease, renewed 5 s before it expires.
+        let (duration, grace) = (Duration::from_secs(15), Duration::from_secs(5));
+        let renewed = at(0, 0);
+        // Renewal due at 10 s; looked for at 11.25 s; testing stops at 12.5 s, 2.5 s
+        // before a standby may take the expired Lease at 15 s.
+        assert_eq!(look_at(renewed, duration, grace), at(11, 250));
+        assert_eq!(stop_at(renewed, duration, grace), at(12, 500));
+        // The tests' 6 s Lease, renewed 2 s before it expires.
+        let (duration, grace) = (Duration::from_secs(6), Duration::from_secs(2));
+        assert_eq!(look_at(renewed, duration, grace), at(4, 500));
+        assert_eq!(stop_at(renewed, duration, grace), at(5, 0));
+    }
+}
