@@ -20,7 +20,7 @@ impl HostLimits {
         }
     }
 
-    /// Waits for a slot for `host` (case-insensitive).
+    /// Waits for a slot for `host`, however it is spelt (see [`host_key`]).
     pub async fn acquire(&self, host: &str) -> OwnedSemaphorePermit {
         let sem = {
             let mut hosts = self.hosts.lock().unwrap();
@@ -30,7 +30,7 @@ impl HostLimits {
                 hosts.retain(|_, s| s.available_permits() < per_host);
             }
             hosts
-                .entry(host.to_ascii_lowercase())
+                .entry(host_key(host))
                 .or_insert_with(|| Arc::new(Semaphore::new(self.per_host)))
                 .clone()
         };
@@ -38,6 +38,17 @@ impl HostLimits {
             .await
             .expect("host semaphores are never closed")
     }
+}
+
+/// One server's key however its name is spelt: DNS names without case or a final dot
+/// (`Mail.Example.com.` is `mail.example.com`), IP addresses in their one written form
+/// (`2001:DB8:0:0:0:0:0:1` is `2001:db8::1`).
+fn host_key(host: &str) -> String {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = bare.parse::<std::net::IpAddr>() {
+        return ip.to_string();
+    }
+    host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase()
 }
 
 /// What a write to the API server carries.
@@ -112,6 +123,23 @@ mod tests {
         let fourth =
             tokio::time::timeout(Duration::from_millis(50), slots.acquire(Write::Change)).await;
         assert!(fourth.is_err(), "no more writes than slots in all");
+    }
+
+    #[tokio::test]
+    async fn one_server_spelt_two_ways_shares_its_slots() {
+        for (a, b) in [
+            ("mail.example.com", "Mail.Example.com."),
+            ("2001:db8::1", "2001:DB8:0:0:0:0:0:1"),
+        ] {
+            let limits = HostLimits::new(1);
+            let _held = limits.acquire(a).await;
+            let second = tokio::time::timeout(Duration::from_millis(50), limits.acquire(b)).await;
+            assert!(
+                second.is_err(),
+                "{b:?} is the server {a:?}: its test must wait"
+            );
+        }
+        assert_ne!(host_key("mail.example.com"), host_key("mail.example.org"));
     }
 
     #[tokio::test]

@@ -387,6 +387,12 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
             let Some(slot) = test_slot().await else {
                 return Ok(None);
             };
+            // Asked again: with many hosts busy, the wait for a slot among all tests can
+            // be long, and a provider deleted or re-pointed meanwhile must not be tested
+            // with what it said before.
+            if !still_current(p, ctx.provider(&job.key).as_deref()) {
+                return Ok(None);
+            }
             let outcome = Box::pin(check::run(&p.spec, &fetched)).await;
             Ok(Some((Box::new(outcome), fingerprint, slot)))
         })

@@ -161,6 +161,15 @@ pub struct Memory {
     pub next_due: k8s_openapi::jiff::Timestamp,
 }
 
+/// The jitter at its most: the longest wait.
+pub struct Longest;
+
+impl Jitter for Longest {
+    fn unit(&self) -> f64 {
+        1.0
+    }
+}
+
 /// What the provider looks like now.
 pub struct Seen<'a> {
     pub generation: Option<i64>,
@@ -175,10 +184,14 @@ pub struct Seen<'a> {
 /// cache may lag behind our own last write); status alone is used after a restart, so a
 /// restarted controller resumes each provider's schedule instead of testing all at once.
 pub fn decide(memory: Option<&Memory>, seen: &Seen, jitter: &dyn Jitter) -> Result<Duration, Why> {
+    // No wait is longer than a success's (the interval and its jitter): a due time
+    // further off than that was set by a clock since stepped back, and would delay the
+    // test by the whole step.
+    let longest = next_wait(seen.interval, 0, &Longest);
     let until = |due: k8s_openapi::jiff::Timestamp| -> Result<Duration, Why> {
         let left = seen.now.duration_until(due);
         if left.is_positive() {
-            Ok(Duration::try_from(left).unwrap_or_default())
+            Ok(Duration::try_from(left).unwrap_or_default().min(longest))
         } else {
             Err(Why::Scheduled)
         }
@@ -377,5 +390,13 @@ mod decide_tests {
             decide(None, &seen(Some(&status), 0), &Zero),
             Ok(Duration::from_secs(300))
         );
+    }
+
+    /// The replica's own clock stepped back an hour after a test (an NTP step, a VM
+    /// resumed): the wait it remembers is no longer than the interval and its jitter.
+    #[test]
+    fn a_clock_stepped_back_does_not_stretch_the_wait_past_the_interval() {
+        let wait = decide(Some(&memory(300)), &seen(None, -3600), &Zero);
+        assert_eq!(wait, Ok(Duration::from_secs(330)));
     }
 }

@@ -19,15 +19,6 @@ const GRACE: Duration = Duration::from_secs(60);
 /// How often the count is taken.
 const EVERY: Duration = Duration::from_secs(30);
 
-/// The most the schedule waits after a test with this many failures in a row.
-struct Longest;
-
-impl schedule::Jitter for Longest {
-    fn unit(&self) -> f64 {
-        1.0
-    }
-}
-
 /// Whether `p`'s status should have been written again by `now`. Its last test (or, for
 /// one never tested, its creation) plus the longest wait its schedule allows, the test's
 /// own timeout and [`GRACE`]. Suspended providers are not tested on purpose, those that
@@ -49,7 +40,7 @@ pub fn overdue(p: &IncomingMailProvider, now: Timestamp) -> bool {
         return false;
     };
     let failures = status.map_or(0, |s| u32::try_from(s.consecutive_failures).unwrap_or(0));
-    let allowed = schedule::next_wait(interval, failures, &Longest) + timeout + GRACE;
+    let allowed = schedule::next_wait(interval, failures, &schedule::Longest) + timeout + GRACE;
     let allowed = SignedDuration::try_from(allowed).unwrap_or(SignedDuration::MAX);
     last.0.checked_add(allowed).is_ok_and(|due| due < now)
 }

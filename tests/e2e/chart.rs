@@ -565,6 +565,8 @@ fn three_shards_are_three_deployments_each_with_its_shard_its_pods_and_its_lease
         );
         assert!(args.contains(&"--shard-count=3"), "{args:?}");
         assert!(args.contains(&"--lease-name=mailroom"), "{args:?}");
+        // Every shard may test providers of one host: the release's 8 split in three.
+        assert!(args.contains(&"--per-host-concurrency=2"), "{args:?}");
         // Each Deployment selects its own pods only, and its pods carry that label.
         let selector = &d["spec"]["selector"]["matchLabels"];
         assert_eq!(selector["mailroom.dev/shard"], i.to_string());
