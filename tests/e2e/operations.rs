@@ -410,6 +410,33 @@ async fn a_provider_deleted_while_its_test_waits_for_the_host_is_not_tested() {
     );
 }
 
+/// The same for a test waiting for a slot among all tests (`--concurrency`), which with
+/// many hosts busy is the longer wait: its provider is looked at again before it logs in.
+#[tokio::test]
+async fn a_provider_deleted_while_its_test_waits_for_a_slot_among_all_is_not_tested() {
+    let env = alice_env("deleted-queued-all").await;
+    // Two hosts of their own: `first` holds the one slot of all for 4 s on one.
+    let busy = CountingRelay::to_imaps(&env, "127.0.0.13", Duration::from_secs(4)).await;
+    let other = CountingRelay::to_imaps(&env, "127.0.0.14", Duration::ZERO).await;
+    env.apply(&through_relay("first", "127.0.0.13", &busy));
+    let _controller = env.controller_with(&["--concurrency", "1"]);
+    busy.first_connection().await;
+    // This one's host is free, but no slot among all is: its test waits...
+    env.apply(&through_relay("deleted", "127.0.0.14", &other));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // ...and its provider is deleted meanwhile.
+    let out = env.kubectl(&["delete", "imp", "deleted", "--wait=true"]);
+    assert!(out.status.success(), "{out:?}");
+    env.wait_reason("first", "Connected", Duration::from_secs(30))
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        other.accepted(),
+        0,
+        "connections to the other host: the deleted provider's queued test must not run"
+    );
+}
+
 #[tokio::test]
 async fn a_secret_changed_while_its_test_waits_for_the_host_is_tested_once_with_its_new_value() {
     let env = alice_env("rotated-queued").await;
