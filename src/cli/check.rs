@@ -356,16 +356,15 @@ fn from_files(
                         "IncomingMailProvider" => {
                             let raw: serde_json::Value =
                                 serde_yaml::from_value(value.clone()).with_context(at)?;
-                            let p: IncomingMailProvider =
-                                serde_yaml::from_value(value).with_context(at)?;
+                            let p: IncomingMailProvider = read_object(value, false, at)?;
                             providers.push((p, raw));
                         }
                         "Secret" => {
-                            let s: Secret = serde_yaml::from_value(value).with_context(at)?;
+                            let s: Secret = read_object(value, true, at)?;
                             fetched.secrets.insert(s.name_any(), s);
                         }
                         "ConfigMap" => {
-                            let c: ConfigMap = serde_yaml::from_value(value).with_context(at)?;
+                            let c: ConfigMap = read_object(value, false, at)?;
                             fetched.config_maps.insert(c.name_any(), c);
                         }
                         _ => {}
@@ -387,6 +386,27 @@ fn from_files(
         fetched.namespace = ns;
     }
     Ok((provider, fetched, raw))
+}
+
+/// One object of a file, its error naming the field (`spec.server.port: invalid type`).
+/// A Secret's error never quotes the value it could not read: an unquoted number given as
+/// a password would otherwise be printed, into a CI log.
+fn read_object<T: serde::de::DeserializeOwned>(
+    value: serde_yaml::Value,
+    secret: bool,
+    at: impl Fn() -> String,
+) -> anyhow::Result<T> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        if secret {
+            anyhow::anyhow!(
+                "{}: {path}: not a value a Secret can hold (stringData takes strings: quote numbers; data takes base64)",
+                at()
+            )
+        } else {
+            anyhow::anyhow!("{}: {path}: {}", at(), e.into_inner())
+        }
+    })
 }
 
 fn kind_of(value: &serde_yaml::Value) -> String {
@@ -438,4 +458,44 @@ pub fn print_outcome(out: &mut impl Write, label: &str, outcome: &Outcome) -> st
         writeln!(out, "What to do: {}", outcome.reason.hint())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn yaml(text: &str) -> serde_yaml::Value {
+        serde_yaml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn a_field_that_cannot_be_read_is_named_by_its_path() {
+        let value = yaml(
+            "metadata: {name: x}\nspec:\n  server: {host: h, protocol: IMAP, port: abc}\n  authentication: {method: None}",
+        );
+        let e = read_object::<IncomingMailProvider>(value, false, || "p.yaml: document 1".into())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("p.yaml: document 1: spec.server.port: invalid type"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_secret_value_that_cannot_be_read_is_never_quoted() {
+        for text in [
+            "metadata: {name: s}\nstringData: {password: 84736251}",
+            "metadata: {name: s}\ndata: {password: 84736251}",
+        ] {
+            let e = read_object::<Secret>(yaml(text), true, || "s.yaml: document 1".into())
+                .unwrap_err()
+                .to_string();
+            assert!(!e.contains("84736251"), "{e}");
+            assert!(
+                e.contains(".password: not a value a Secret can hold"),
+                "{e}"
+            );
+        }
+    }
 }

@@ -229,11 +229,13 @@ impl KubeArgs {
 }
 
 /// The files `KUBECONFIG` lists, merged as kubectl merges them, skipping those that do not
-/// exist as kubectl does (kube alone refuses the whole list); `None` without the variable.
+/// exist as kubectl does (kube alone refuses the whole list); `None` without the variable,
+/// or with it empty.
 fn kubeconfig_files() -> anyhow::Result<Option<kube::config::Kubeconfig>> {
     use anyhow::Context as _;
     use kube::config::Kubeconfig;
-    let Some(list) = std::env::var_os("KUBECONFIG") else {
+    // Empty (`KUBECONFIG=${KUBECONFIG:-}` in a CI template) is unset, as for kubectl.
+    let Some(list) = std::env::var_os("KUBECONFIG").filter(|l| !l.is_empty()) else {
         return Ok(None);
     };
     let paths: Vec<_> = std::env::split_paths(&list)

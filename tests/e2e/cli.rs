@@ -285,6 +285,21 @@ async fn the_commands_take_kubectls_kubeconfig_and_context_flags() {
         "KUBECONFIG with a missing file:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // KUBECONFIG empty (`${KUBECONFIG:-}` in a CI template): unset, so ~/.kube/config.
+    std::fs::create_dir_all(dir.path().join(".kube")).unwrap();
+    std::fs::copy(&file, dir.path().join(".kube/config")).unwrap();
+    let out = Command::new(MAILROOM)
+        .args(["check", "imaps", "-n", &env.ns, "--context", &bed_context])
+        .env("KUBECONFIG", "")
+        .env("HOME", dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "KUBECONFIG empty:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // With -f the cluster is optional, but a named context that does not exist is an error.
     let manifest = dir.path().join("provider.yaml");
     std::fs::write(
