@@ -252,9 +252,13 @@ async fn access_denied(
     let old = p.status.as_ref();
     let outcome = check::Outcome::before_connecting(&p.spec, Reason::AccessDenied, message);
     let new = status::after_test(old, &outcome, sctx);
-    // Written once, not at every look (the message as status keeps it, cut).
+    // Written once, not at every look (the message as status keeps it, cut); again for
+    // a new spec or a new test request, which `mailroom retest` and `kubectl wait` wait
+    // to see answered.
     let said = |s: Option<&IncomingMailProviderStatus>| {
-        status::ready(s).map(|c| (c.reason.clone(), c.message.clone()))
+        let ready = status::ready(s).map(|c| (c.reason.clone(), c.message.clone()));
+        let answered = s.map(|s| (s.observed_generation, s.last_handled_check_request.clone()));
+        (ready, answered)
     };
     if said(old) != said(Some(&new)) {
         write(api, p, &new, ctx, Write::Change).await?;

@@ -2542,6 +2542,42 @@ async fn a_namespace_whose_secrets_are_forbidden_stops_no_other() {
         "a Warning Event says it: {}",
         text(&events)
     );
+    // A test asked for meanwhile (`mailroom retest`) is answered: the request echoed with
+    // the same AccessDenied, not left for the retest to time out on.
+    let out = kubectl_in(
+        &env,
+        &team_b,
+        &[
+            "annotate",
+            "imp",
+            "mine",
+            "mailroom.dev/check-requested-at=while-denied",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let asked = Instant::now();
+    loop {
+        let out = kubectl_in(
+            &env,
+            &team_b,
+            &[
+                "get",
+                "imp",
+                "mine",
+                "-o",
+                "jsonpath={.status.lastHandledCheckRequest}",
+            ],
+        );
+        if String::from_utf8_lossy(&out.stdout) == "while-denied" {
+            break;
+        }
+        assert!(
+            asked.elapsed() < Duration::from_secs(15),
+            "the request was not echoed while access is denied:\n{}",
+            controller.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     tokio::time::sleep(Duration::from_secs(20).saturating_sub(started.elapsed())).await;
     let logs = controller.logs();
     let retries = logs
