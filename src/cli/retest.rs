@@ -106,6 +106,39 @@ impl Scope {
 }
 
 pub async fn run(args: RetestArgs) -> anyhow::Result<i32> {
+    // --timeout bounds the whole command, an API server that does not answer included.
+    let timeout = Duration::from_secs(args.timeout);
+    let until = Instant::now() + timeout;
+    let asked = tokio::time::timeout(timeout, ask(&args))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "no answer from the API server within --timeout {}s",
+                args.timeout
+            )
+        })??;
+    let (scope, code, pending) = asked;
+    if pending.is_empty() {
+        return Ok(code);
+    }
+    let asked = format!(
+        "Asked the controller to test {} provider(s) in {}",
+        pending.len(),
+        scope.describe("all namespaces")
+    );
+    if args.no_wait {
+        eprintln!("{asked}; `kubectl get imp` shows the results.");
+        return Ok(code);
+    }
+    eprintln!("{asked}; waiting for the results…");
+    let left = until.saturating_duration_since(Instant::now());
+    let waited = wait_for_tests(&scope, pending, left).await?;
+    Ok(code.max(waited))
+}
+
+/// Reads the providers asked for, and annotates each one that can be tested: the scope,
+/// the exit code so far (1 when one is suspended), and the requests made.
+async fn ask(args: &RetestArgs) -> anyhow::Result<(Scope, i32, Vec<(Named, String)>)> {
     let (client, ns) = super::connect(&args.kube, args.namespace.as_deref()).await?;
     let scope = Scope {
         client: client.clone(),
@@ -164,21 +197,7 @@ pub async fn run(args: RetestArgs) -> anyhow::Result<i32> {
         let requested = request_check(&api, &named.1).await?;
         pending.push((named, requested));
     }
-    if pending.is_empty() {
-        return Ok(code);
-    }
-    let asked = format!(
-        "Asked the controller to test {} provider(s) in {}",
-        pending.len(),
-        scope.describe("all namespaces")
-    );
-    if args.no_wait {
-        eprintln!("{asked}; `kubectl get imp` shows the results.");
-        return Ok(code);
-    }
-    eprintln!("{asked}; waiting for the results…");
-    let waited = wait_for_tests(&scope, pending, Duration::from_secs(args.timeout)).await?;
-    Ok(code.max(waited))
+    Ok((scope, code, pending))
 }
 
 /// Sets the check-requested-at annotation of `name`; returns its value.
@@ -211,8 +230,27 @@ pub(crate) async fn wait_for_tests(
     let mut pending: BTreeMap<Named, String> = pending.into_iter().collect();
     let until = Instant::now() + timeout;
     let mut code = 0;
+    let mut said = false;
     loop {
-        for p in current(scope, &pending).await? {
+        // Each read bounded by what is left; one that fails for a moment (an API server
+        // restarting, etcd electing a leader) is tried again, as `kubectl wait` does.
+        let left = until.saturating_duration_since(Instant::now());
+        let found = match tokio::time::timeout(left, current(scope, &pending)).await {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) if !passing(&e) => return Err(e),
+            Ok(Err(e)) => {
+                if !said {
+                    eprintln!(
+                        "reading the providers failed ({}); trying again until the timeout",
+                        super::error_text(&e)
+                    );
+                    said = true;
+                }
+                Vec::new()
+            }
+            Err(_) => Vec::new(),
+        };
+        for p in found {
             let named = (p.namespace().unwrap_or_default(), p.name_any());
             let Some((ready, verdict)) = verdict(&p, &pending[&named]) else {
                 continue;
@@ -238,6 +276,17 @@ pub(crate) async fn wait_for_tests(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Whether a failed read may pass: not a provider gone, nor a refusal, which waiting
+/// does not change.
+fn passing(e: &anyhow::Error) -> bool {
+    !e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<kube::Error>(),
+            Some(kube::Error::Api(status)) if matches!(status.code, 401 | 403 | 404)
+        )
+    })
 }
 
 /// The providers still awaited, as stored now: one GET each for a few in one namespace,
@@ -277,4 +326,24 @@ fn verdict(p: &IncomingMailProvider, requested: &str) -> Option<(bool, String)> 
     let ready = crate::controller::status::ready(Some(status))?;
     let line = format!("Ready={} {}: {}", ready.status, ready.reason, ready.message);
     Some((ready.status == "True", line))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api_error(code: u16, message: &str) -> anyhow::Error {
+        let status = kube::core::Status::failure(message, "").with_code(code);
+        anyhow::Error::from(kube::Error::Api(Box::new(status))).context("reading ops/inbox")
+    }
+
+    #[test]
+    fn a_moment_of_failure_is_waited_out_but_a_refusal_or_a_deleted_provider_is_not() {
+        assert!(passing(&api_error(500, "etcdserver: leader changed")));
+        assert!(passing(&api_error(503, "the server is shutting down")));
+        assert!(passing(&anyhow::anyhow!("connection refused")));
+        assert!(!passing(&api_error(404, "not found")));
+        assert!(!passing(&api_error(403, "forbidden")));
+        assert!(!passing(&api_error(401, "Unauthorized")));
+    }
 }

@@ -494,3 +494,42 @@ async fn retest_by_label_asks_only_the_matching_providers_in_one_or_every_namesp
         "{err}"
     );
 }
+
+/// `retest --timeout` bounds the whole command: an API server that accepts connections and
+/// never answers (a load balancer in front of a stuck one) ends it with exit status 2
+/// within the timeout, as a CI job relies on.
+#[tokio::test]
+async fn retest_ends_within_its_timeout_when_the_api_server_never_answers() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Accepts and holds every connection, saying nothing.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            held.push(conn);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("kubeconfig");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: stuck\n\
+             clusters: [{{name: stuck, cluster: {{server: 'https://127.0.0.1:{port}', insecure-skip-tls-verify: true}}}}]\n\
+             users: [{{name: u, user: {{token: t}}}}]\n\
+             contexts: [{{name: stuck, context: {{cluster: stuck, user: u, namespace: ops}}}}]\n"
+        ),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let out = Command::new(MAILROOM)
+        .args(["retest", "inbox", "--timeout", "3", "--kubeconfig"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(took < Duration::from_secs(6), "took {took:?}: {text}");
+    assert!(text.contains("within --timeout 3s"), "{text}");
+}
