@@ -173,7 +173,7 @@ pub async fn run(args: AuthorizeArgs) -> anyhow::Result<i32> {
     eprintln!("Asked the controller for a test; waiting for it…");
     let pending = vec![((ns.clone(), args.name.clone()), requested)];
     let scope = Scope::namespace(client, &ns);
-    wait_for_tests(&scope, pending, wait).await
+    wait_for_tests(&scope, pending, std::time::Instant::now() + wait, wait).await
 }
 
 /// How long the sign-in (browser) and then the controller's test are waited for, in

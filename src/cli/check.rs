@@ -38,6 +38,10 @@ pub struct CheckArgs {
 }
 
 pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
+    // A usage error is said as one, before any cluster is looked for.
+    if args.files.is_empty() && args.name.is_none() {
+        bail!("give a provider NAME, or -f FILE");
+    }
     let client = args.kube.client().await;
     // With -f the cluster is optional, but not when named: a typo in --context must not
     // turn into SecretNotFound.
@@ -80,18 +84,59 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
     // Whether the OAuth2 token Secret came from the files (before the cluster adds any).
     let token_in_files = !args.files.is_empty()
         && token_secret(&provider).is_some_and(|name| fetched.secrets.contains_key(name));
-    if provider.namespace().is_none() {
-        fetched.namespace = args.namespace.clone().unwrap_or_else(|| match &client {
+    if manifest.is_some() {
+        // Where `kubectl apply -f` would put each object of the files: its own namespace,
+        // else -n, else the context's; with -n, one that names another is refused.
+        let target = args.namespace.clone().unwrap_or_else(|| match &client {
             Ok(c) => c.default_namespace().to_string(),
             Err(_) => "default".into(),
         });
+        let named = std::iter::once((
+            "IncomingMailProvider",
+            provider.name_any(),
+            provider.namespace(),
+        ))
+        .chain(
+            fetched
+                .secrets
+                .values()
+                .map(|s| ("Secret", s.name_any(), s.namespace())),
+        )
+        .chain(
+            fetched
+                .config_maps
+                .values()
+                .map(|c| ("ConfigMap", c.name_any(), c.namespace())),
+        );
+        for (kind, name, object_ns) in named {
+            if let (Some(given), Some(object_ns)) = (&args.namespace, object_ns)
+                && &object_ns != given
+            {
+                bail!(
+                    "{kind} {name} in the files names namespace {object_ns}, not -n {given}: kubectl apply -n {given} would refuse it"
+                );
+            }
+        }
+        fetched.namespace = provider.namespace().unwrap_or_else(|| target.clone());
+        // A provider uses only what lives in its own namespace: objects of the files that
+        // would be applied in another are not its.
+        let ns = fetched.namespace.clone();
+        let ours = |kind: &str, name: &str, object_ns: Option<String>| {
+            let lands = object_ns.unwrap_or_else(|| target.clone());
+            if lands != ns {
+                eprintln!(
+                    "note: {kind} {name} from the files would be applied in namespace {lands}, not the provider's {ns}: not used"
+                );
+            }
+            lands == ns
+        };
+        fetched
+            .secrets
+            .retain(|name, s| ours("Secret", name, s.namespace()));
+        fetched
+            .config_maps
+            .retain(|name, c| ours("ConfigMap", name, c.namespace()));
     }
-    // A provider uses only what lives in its own namespace: objects of the files that
-    // name another are not its.
-    let ns = fetched.namespace.clone();
-    let ours = |object_ns: Option<String>| object_ns.is_none_or(|n| n == ns);
-    fetched.secrets.retain(|_, s| ours(s.namespace()));
-    fetched.config_maps.retain(|_, c| ours(c.namespace()));
     // A manifest is what `kubectl apply` would send: the API server says first whether it
     // would take it (schema, CEL rules, unknown fields), which the test cannot.
     if let Some(manifest) = &manifest {
@@ -382,9 +427,6 @@ fn from_files(
         (1, None) => providers.remove(0),
         (n, None) => bail!("{n} IncomingMailProviders in the files: name the one to test"),
     };
-    if let Some(ns) = provider.namespace() {
-        fetched.namespace = ns;
-    }
     Ok((provider, fetched, raw))
 }
 

@@ -131,8 +131,7 @@ pub async fn run(args: RetestArgs) -> anyhow::Result<i32> {
         return Ok(code);
     }
     eprintln!("{asked}; waiting for the results…");
-    let left = until.saturating_duration_since(Instant::now());
-    let waited = wait_for_tests(&scope, pending, left).await?;
+    let waited = wait_for_tests(&scope, pending, until, timeout).await?;
     Ok(code.max(waited))
 }
 
@@ -221,14 +220,14 @@ pub(crate) async fn request_check(
 
 /// Waits until each provider's status echoes the request made of it, printing each
 /// verdict as it comes. Returns 0 if all are Ready, 1 if one is not, 2 if one did not
-/// come within `timeout`.
+/// come by `until` (the end of the command's `timeout`).
 pub(crate) async fn wait_for_tests(
     scope: &Scope,
     pending: Vec<(Named, String)>,
+    until: Instant,
     timeout: Duration,
 ) -> anyhow::Result<i32> {
     let mut pending: BTreeMap<Named, String> = pending.into_iter().collect();
-    let until = Instant::now() + timeout;
     let mut code = 0;
     let mut said = false;
     loop {

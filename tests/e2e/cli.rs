@@ -178,11 +178,29 @@ async fn check_of_a_manifest_is_refused_as_the_api_server_would_refuse_it() {
             })
             .collect::<String>()
     );
-    // With a Secret of the same name from another namespace, which is not the provider's.
-    let elsewhere = "---\napiVersion: v1\nkind: Secret\nmetadata: {name: alice, namespace: elsewhere}\nstringData: {username: alice, password: wrong-one}\n";
-    let (code, out) = check(&format!("{list}{elsewhere}"));
+    let (code, out) = check(&list);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("Ready=True"), "{out}");
+    // Where `kubectl apply -n NS -f` would put the files' objects: one that names another
+    // namespace is refused, as kubectl refuses it; one that names none lands in NS, so it
+    // is the provider's (here a wrong password, used instead of the cluster's Secret).
+    let secret = |namespace: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: alice{namespace}}}\nstringData: {{username: alice, password: wrong-one}}\n"
+        )
+    };
+    let (code, out) = check(&format!("{list}{}", secret(", namespace: elsewhere")));
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains(&format!(
+            "Secret alice in the files names namespace elsewhere, not -n {ns}: kubectl apply -n {ns} would refuse it",
+            ns = env.ns
+        )),
+        "{out}"
+    );
+    let (code, out) = check(&format!("{list}{}", secret("")));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("AuthenticationFailed"), "{out}");
     assert!(
         env.providers().get_opt("pre").await.unwrap().is_none(),
         "the dry run created the provider"
