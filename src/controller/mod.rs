@@ -43,6 +43,9 @@ pub use http::ListenAddr;
 pub use limits::HostLimits;
 pub use objects::Objects;
 
+/// How often the replicas look whether their Lease was deleted (to create it again).
+const LEASE_LOOK_EVERY: Duration = Duration::from_secs(15);
+
 /// The field manager of every status write.
 pub const FIELD_MANAGER: &str = "mailroom";
 
@@ -186,6 +189,12 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         Duration::from_secs(grace),
     );
     let (mut leading, task) = manager.watch().await;
+    // Beside everything below, for as long as this runs.
+    let keeper = tokio::spawn({
+        let tenure = tenure.clone();
+        async move { tenure.keep_existing(LEASE_LOOK_EVERY).await }
+    });
+    let _keeper = AbortOnDrop(keeper);
     tracing::info!(lease = %lease.name, namespace = %lease.namespace, identity = %lease.identity, "waiting for the lease");
     loop {
         readiness.standby();

@@ -23,6 +23,7 @@ enum Seen {
     Unknown,
 }
 
+#[derive(Clone)]
 pub struct Tenure {
     api: Api<Lease>,
     name: String,
@@ -96,6 +97,34 @@ impl Tenure {
                         let pause = Timestamp::now().duration_until(stop);
                         let pause = Duration::try_from(pause).unwrap_or_default();
                         tokio::time::sleep(pause.min(self.grace / 8)).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Tenure {
+    /// Creates the Lease again whenever it is found deleted (`kubectl delete lease`): the
+    /// lease manager creates it only when it starts, and without it no replica would
+    /// test again until one restarted. Looks every `every`; never ends.
+    pub async fn keep_existing(&self, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            if let Ok(Ok(None)) = tokio::time::timeout(every, self.api.get_opt(&self.name)).await {
+                let lease = Lease {
+                    metadata: kube::api::ObjectMeta {
+                        name: Some(self.name.clone()),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                };
+                match self.api.create(&Default::default(), &lease).await {
+                    Ok(_) => {
+                        tracing::warn!(lease = %self.name, "the lease was deleted: created it again")
+                    }
+                    Err(error) => {
+                        tracing::warn!(lease = %self.name, %error, "the lease was deleted, and could not be created again")
                     }
                 }
             }

@@ -20,6 +20,52 @@ async fn two_providers(prefix: &str) -> Env {
     env
 }
 
+/// A Lease deleted under a running leader (`kubectl delete lease`) is created again, and
+/// testing goes on: the lease manager creates it only when it starts.
+#[tokio::test]
+async fn a_deleted_lease_is_created_again_and_testing_goes_on() {
+    let env = alice_env("lease-deleted").await;
+    env.apply_alice_imaps("imaps");
+    let controller = env.controller();
+    env.wait_reason("imaps", "Connected", Duration::from_secs(60))
+        .await;
+    let out = env.kubectl(&["delete", "lease", "mailroom", "--wait=true"]);
+    assert!(out.status.success(), "{out:?}");
+    let deleted = Instant::now();
+    // Past the 6 s Lease: the leader has paused, seeing no Lease renewed.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    // Asked for a test now: answered once a replica holds the Lease again.
+    let out = env.kubectl(&[
+        "annotate",
+        "imp/imaps",
+        "mailroom.dev/check-requested-at=after-the-lease-was-deleted",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    env.wait(
+        "imaps",
+        "the request answered",
+        Duration::from_secs(60),
+        |p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.last_handled_check_request.as_deref())
+                == Some("after-the-lease-was-deleted")
+        },
+    )
+    .await;
+    eprintln!(
+        "tested again {:?} after the Lease was deleted",
+        deleted.elapsed()
+    );
+    assert!(
+        controller
+            .logs()
+            .contains("the lease was deleted: created it again"),
+        "{}",
+        controller.logs()
+    );
+}
+
 #[tokio::test]
 async fn metrics_health_and_readiness_are_served() {
     let env = two_providers("metrics").await;
