@@ -81,9 +81,6 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
         let (p, fetched, manifest) = from_files(&args)?;
         (p, fetched, Some(manifest))
     };
-    // Whether the OAuth2 token Secret came from the files (before the cluster adds any).
-    let token_in_files = !args.files.is_empty()
-        && token_secret(&provider).is_some_and(|name| fetched.secrets.contains_key(name));
     if manifest.is_some() {
         // Where `kubectl apply -f` would put each object of the files: its own namespace,
         // else -n, else the context's; with -n, one that names another is refused.
@@ -137,6 +134,10 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
             .config_maps
             .retain(|name, c| ours("ConfigMap", name, c.namespace()));
     }
+    // Whether the OAuth2 token Secret came from the files (after those placed in another
+    // namespace are set aside, before the cluster adds any).
+    let token_in_files = !args.files.is_empty()
+        && token_secret(&provider).is_some_and(|name| fetched.secrets.contains_key(name));
     // A manifest is what `kubectl apply` would send: the API server says first whether it
     // would take it (schema, CEL rules, unknown fields), which the test cannot.
     if let Some(manifest) = &manifest {

@@ -38,9 +38,6 @@ pub struct InFlight {
     /// scope (all namespaces, or one namespace each).
     triggers: Vec<(Option<String>, UnboundedSender<Key>)>,
     stopping: super::Stop,
-    /// False while this replica may not test (its Lease not seen renewed, see `tenure`):
-    /// tests stop, and wait, and start again when it turns true.
-    testing: tokio::sync::watch::Receiver<bool>,
 }
 
 impl InFlight {
@@ -48,7 +45,6 @@ impl InFlight {
     pub fn new(
         scopes: &[Option<String>],
         stopping: super::Stop,
-        testing: tokio::sync::watch::Receiver<bool>,
     ) -> (InFlight, Vec<UnboundedReceiver<Key>>) {
         let (triggers, receivers) = scopes
             .iter()
@@ -63,7 +59,6 @@ impl InFlight {
             cancel: CancellationToken::new(),
             triggers,
             stopping,
-            testing,
         };
         (inflight, receivers)
     }
@@ -102,20 +97,10 @@ impl InFlight {
                 AFTER_A_PANIC
             })
         });
-        let mut testing = self.testing.clone();
         self.tasks.spawn(async move {
             let again = tokio::select! {
                 again = test => again,
                 () = cancel.cancelled() => return,
-                // Stopped (dropped, with its slots) while testing is paused; asked for
-                // again once it may go on.
-                Ok(()) = paused(&mut testing) => {
-                    tokio::select! {
-                        Ok(()) = resumed(&mut testing) => Duration::ZERO,
-                        () = cancel.cancelled() => return,
-                        _ = stopping.clone() => return,
-                    }
-                }
             };
             drop(running);
             // After a failure the reconcile waits a little, as kube-runtime's error
@@ -156,15 +141,6 @@ impl InFlight {
     }
 }
 
-/// Resolves when testing pauses; an error once nothing can resume it.
-async fn paused(testing: &mut tokio::sync::watch::Receiver<bool>) -> Result<(), ()> {
-    testing.wait_for(|go| !go).await.map(|_| ()).map_err(|_| ())
-}
-
-async fn resumed(testing: &mut tokio::sync::watch::Receiver<bool>) -> Result<(), ()> {
-    testing.wait_for(|go| *go).await.map(|_| ()).map_err(|_| ())
-}
-
 /// Marks a provider's test as running until dropped (finished or cancelled).
 struct Running {
     set: Arc<Mutex<HashSet<Key>>>,
@@ -192,48 +168,10 @@ mod tests {
         futures::future::pending().boxed().shared()
     }
 
-    /// Testing allowed throughout.
-    fn go() -> tokio::sync::watch::Receiver<bool> {
-        tokio::sync::watch::channel(true).1
-    }
-
-    #[tokio::test]
-    async fn a_pause_stops_the_tests_and_asks_for_them_again_when_it_ends() {
-        let (pause, testing) = tokio::sync::watch::channel(true);
-        let (inflight, mut rx) = InFlight::new(&[None], never(), testing);
-        let (_keep, never_released) = tokio::sync::oneshot::channel::<()>();
-        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        struct OnDrop(Arc<std::sync::atomic::AtomicBool>);
-        impl Drop for OnDrop {
-            fn drop(&mut self) {
-                self.0.store(true, std::sync::atomic::Ordering::SeqCst);
-            }
-        }
-        let guard = OnDrop(dropped.clone());
-        assert!(inflight.start(key("a", "p"), async move {
-            let _guard = guard;
-            let _ = never_released.await;
-            Duration::ZERO
-        }));
-        pause.send(false).unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(
-            dropped.load(std::sync::atomic::Ordering::SeqCst),
-            "the test goes on while paused"
-        );
-        assert!(rx[0].try_recv().is_err(), "asked for again while paused");
-        pause.send(true).unwrap();
-        let asked = tokio::time::timeout(Duration::from_secs(5), rx[0].next())
-            .await
-            .expect("asked for again once testing may go on");
-        assert_eq!(asked, Some(key("a", "p")));
-        assert!(!inflight.is_running(&key("a", "p")));
-    }
-
     #[tokio::test]
     async fn one_test_per_provider_then_a_reconcile_in_its_scope() {
         let scopes = [Some("a".to_string()), Some("b".to_string())];
-        let (inflight, mut rx) = InFlight::new(&scopes, never(), go());
+        let (inflight, mut rx) = InFlight::new(&scopes, never());
         let (release, released) = tokio::sync::oneshot::channel::<()>();
         assert!(inflight.start(key("b", "p"), async move {
             let _ = released.await;
@@ -258,7 +196,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_test_that_panics_is_tried_again_later() {
-        let (inflight, mut rx) = InFlight::new(&[None], never(), go());
+        let (inflight, mut rx) = InFlight::new(&[None], never());
         assert!(inflight.start(key("a", "p"), async {
             panic!("a defect");
         }));
@@ -271,7 +209,7 @@ mod tests {
 
     #[tokio::test]
     async fn losing_the_controllers_cancels_the_tests() {
-        let (inflight, mut rx) = InFlight::new(&[None], never(), go());
+        let (inflight, mut rx) = InFlight::new(&[None], never());
         let guard = inflight.cancel_on_drop();
         let (_keep, never_released) = tokio::sync::oneshot::channel::<()>();
         assert!(inflight.start(key("a", "p"), async move {
@@ -301,7 +239,7 @@ mod tests {
         }
         .boxed()
         .shared();
-        let (inflight, mut rx) = InFlight::new(&[None], stopping.clone(), go());
+        let (inflight, mut rx) = InFlight::new(&[None], stopping.clone());
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let d = done.clone();
         assert!(inflight.start(key("a", "p"), async move {
@@ -322,7 +260,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_test_that_outlasts_the_drain_is_cancelled() {
-        let (inflight, mut rx) = InFlight::new(&[None], never(), go());
+        let (inflight, mut rx) = InFlight::new(&[None], never());
         let (_keep, never_released) = tokio::sync::oneshot::channel::<()>();
         assert!(inflight.start(key("a", "slow"), async move {
             let _ = never_released.await;

@@ -98,6 +98,9 @@ pub struct Context {
     pub inflight: inflight::InFlight,
     /// Resolves when the controller is told to stop.
     pub stopping: Stop,
+    /// False while this replica may not test, its Lease not seen renewed (see `tenure`):
+    /// tests under way stop before they log in, and no status is written, until it is.
+    testing: tokio::sync::watch::Receiver<bool>,
     pub memory: Mutex<HashMap<ObjectRef<IncomingMailProvider>, schedule::Memory>>,
     /// Results whose status write failed, written on the next reconcile instead of a test.
     pub unwritten: Mutex<HashMap<ObjectRef<IncomingMailProvider>, reconcile::Unwritten>>,
@@ -114,6 +117,22 @@ pub struct Context {
 }
 
 impl Context {
+    /// Waits while tests are paused.
+    pub async fn unpaused(&self) {
+        let _ = self.testing.clone().wait_for(|go| *go).await;
+    }
+
+    pub fn is_paused(&self) -> bool {
+        !*self.testing.borrow()
+    }
+
+    /// Resolves when tests pause (never, once nothing can pause them).
+    pub async fn paused(&self) {
+        if self.testing.clone().wait_for(|go| !go).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
     /// A provider as its scope's cache holds it now; `None` once it is deleted.
     pub fn provider(
         &self,
@@ -173,7 +192,9 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     };
 
     let duration = lease.duration.as_secs().max(2);
-    let grace = (duration / 3).max(1);
+    // Renewed at half its duration: a renewal slowed by a loaded API server, or retried
+    // once, still lands well before the holder must pause (see `tenure`).
+    let grace = (duration / 2).max(1);
     let manager = LeaseManagerBuilder::new(client.clone(), &lease.name)
         .with_namespace(&lease.namespace)
         .with_identity(&lease.identity)
@@ -425,9 +446,10 @@ async fn run_controllers(
     // runs (see `reconcile::still_current`).
     let (provider_stores, provider_writers): (Vec<_>, Vec<_>) =
         scopes.iter().map(|_| reflector::store()).unzip();
-    let (inflight, retests) = inflight::InFlight::new(&scopes, shutdown.clone(), testing);
+    let (inflight, retests) = inflight::InFlight::new(&scopes, shutdown.clone());
     let ctx = Arc::new(Context {
         inflight,
+        testing,
         client: client.clone(),
         recorder: Recorder::new(client.clone(), reporter),
         objects: Objects::new(

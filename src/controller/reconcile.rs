@@ -192,6 +192,7 @@ async fn reconcile_inner(
             if memory.is_none() {
                 // First sight after a restart: adopt the schedule the status implies.
                 let next = Memory {
+                    tested: None,
                     uid: p.metadata.uid.clone(),
                     generation,
                     request: request.map(str::to_string),
@@ -199,6 +200,10 @@ async fn reconcile_inner(
                     next_due: after(now, wait),
                 };
                 ctx.memory.lock().unwrap().insert(key, next);
+            } else if let Some(m) = ctx.memory.lock().unwrap().get_mut(&key) {
+                // `decide` waits no longer than an interval (a clock stepped back leaves a
+                // due time further off): the test is due when the wait ends.
+                m.next_due = m.next_due.min(after(now, wait));
             }
             return Ok(Action::requeue(wait));
         }
@@ -242,6 +247,7 @@ async fn access_denied(
         .unwrap()
         .entry(key.clone())
         .or_insert_with(|| Memory {
+            tested: None,
             uid: p.metadata.uid.clone(),
             generation: p.meta().generation,
             request: None,
@@ -336,6 +342,11 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
         check_request: request,
     };
     let test = async {
+        // Not while paused (the Lease not seen renewed): a standby may be testing.
+        tokio::select! {
+            () = ctx.unpaused() => {}
+            _ = ctx.stopping.clone() => return Ok(None),
+        }
         // The host's slot first, then one of all: a test waiting for a busy host (a
         // tarpit, say) must not sit on a slot that a test of another host could use.
         // A controller told to stop starts no more tests: graceful shutdown waits for
@@ -344,7 +355,7 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
             permit = ctx.limits.acquire(&p.spec.server.host) => permit,
             _ = ctx.stopping.clone() => return Ok(None),
         };
-        if !still_current(p, ctx.provider(&job.key).as_deref()) {
+        if !still_current(p, ctx.provider(&job.key).as_deref()) || ctx.is_paused() {
             return Ok(None);
         }
         // Read the Secrets and refresh a token only now, so that these reads and token
@@ -397,11 +408,18 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
             if !still_current(p, ctx.provider(&job.key).as_deref()) {
                 return Ok(None);
             }
-            let outcome = Box::pin(check::run(&p.spec, &fetched)).await;
+            // A pause stops the test before its result (a login may be cut short); the
+            // reconcile that follows starts it again, to wait for the end of the pause. A
+            // result already there is kept, and written once the pause ends (see `apply`).
+            let outcome = tokio::select! {
+                outcome = Box::pin(check::run(&p.spec, &fetched)) => outcome,
+                () = ctx.paused() => return Ok(None),
+            };
             Ok(Some((Box::new(outcome), fingerprint, slot)))
         })
         .await
     };
+
     // A new provider shows Checking only if its first test is slow (queued behind others,
     // or a server taking its time): most finish first, which saves a write each.
     let outcome = if old.is_none_or(|s| s.conditions.is_empty()) {
@@ -523,6 +541,7 @@ async fn record(
         request: sctx.check_request.map(str::to_string),
         references: fingerprint,
         next_due: after(finished, wait),
+        tested: Some(finished),
     };
     let what = if status::differs(stored, &new) {
         Some(Write::Change)
@@ -645,6 +664,8 @@ async fn apply(
     ctx: &Context,
     _slot: WriteSlot<'_>,
 ) -> Result<(), Error> {
+    // Not while paused: a standby that took the Lease may have written a newer status.
+    ctx.unpaused().await;
     let key = ObjectRef::from_obj(p);
     // The slot may have taken a while: a provider deleted, or deleted and created again
     // under its name, meanwhile would get this status (applied by name), the new one

@@ -159,6 +159,9 @@ pub struct Memory {
     pub request: Option<String>,
     pub references: u64,
     pub next_due: k8s_openapi::jiff::Timestamp,
+    /// When this replica's last test of it finished, written or not (an unchanged
+    /// result within the interval is not written): what its schedule counts from.
+    pub tested: Option<k8s_openapi::jiff::Timestamp>,
 }
 
 /// The jitter at its most: the longest wait.
@@ -270,6 +273,7 @@ mod decide_tests {
 
     fn memory(next_due: i64) -> Memory {
         Memory {
+            tested: None,
             uid: None,
             generation: Some(1),
             request: None,
@@ -304,6 +308,7 @@ mod decide_tests {
         s.request = Some("now");
         assert_eq!(decide(Some(&m), &s, &Zero), Err(Why::Requested));
         let handled = Memory {
+            tested: None,
             uid: None,
             request: Some("now".into()),
             ..m

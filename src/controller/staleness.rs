@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
+use kube::runtime::reflector::ObjectRef;
 
 use super::{Context, schedule};
 use crate::api::{IncomingMailProvider, Reason};
@@ -19,12 +20,13 @@ const GRACE: Duration = Duration::from_secs(60);
 /// How often the count is taken.
 const EVERY: Duration = Duration::from_secs(30);
 
-/// Whether `p`'s status should have been written again by `now`. Its last test (or, for
+/// Whether `p` should have been tested again by `now`. Its last test (the status's, or
+/// `tested`, this replica's last one whose unchanged result it did not need to write; for
 /// one never tested, its creation) plus the longest wait its schedule allows, the test's
 /// own timeout and [`GRACE`]. Suspended providers are not tested on purpose, those that
 /// say `AccessDenied` are waiting for a watch and say so, and those whose durations do not
 /// parse say `InvalidSpec`: none of them is overdue.
-pub fn overdue(p: &IncomingMailProvider, now: Timestamp) -> bool {
+pub fn overdue(p: &IncomingMailProvider, tested: Option<Timestamp>, now: Timestamp) -> bool {
     if p.spec.suspend {
         return false;
     }
@@ -35,14 +37,15 @@ pub fn overdue(p: &IncomingMailProvider, now: Timestamp) -> bool {
     if super::status::ready(status).is_some_and(|c| c.reason == Reason::AccessDenied.as_str()) {
         return false;
     }
-    let last = status.and_then(|s| s.last_check_time.as_ref());
-    let Some(last) = last.or(p.metadata.creation_timestamp.as_ref()) else {
+    let written = status.and_then(|s| s.last_check_time.as_ref()).map(|t| t.0);
+    let created = p.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    let Some(last) = written.max(tested).or(created) else {
         return false;
     };
     let failures = status.map_or(0, |s| u32::try_from(s.consecutive_failures).unwrap_or(0));
     let allowed = schedule::next_wait(interval, failures, &schedule::Longest) + timeout + GRACE;
     let allowed = SignedDuration::try_from(allowed).unwrap_or(SignedDuration::MAX);
-    last.0.checked_add(allowed).is_ok_and(|due| due < now)
+    last.checked_add(allowed).is_ok_and(|due| due < now)
 }
 
 /// Counts this replica's overdue providers every [`EVERY`], for the metric.
@@ -51,7 +54,7 @@ pub async fn run(ctx: Arc<Context>) {
     loop {
         tick.tick().await;
         let now = Timestamp::now();
-        let count = ctx
+        let providers: Vec<_> = ctx
             .providers
             .iter()
             .flat_map(|(_, store)| store.state())
@@ -59,8 +62,24 @@ pub async fn run(ctx: Arc<Context>) {
                 ctx.shard
                     .owns(&p.namespace().unwrap_or_default(), &p.name_any())
             })
-            .filter(|p| overdue(p, now))
-            .count();
+            .collect();
+        let count = {
+            let memory = ctx.memory.lock().unwrap();
+            let unwritten = ctx.unwritten.lock().unwrap();
+            providers
+                .iter()
+                .filter(|p| {
+                    // A test whose result is still to be written does not count: its
+                    // status is as stale as it looks.
+                    let key = ObjectRef::from_obj(&***p);
+                    let tested = memory
+                        .get(&key)
+                        .filter(|m| m.uid == p.metadata.uid && !unwritten.contains_key(&key))
+                        .and_then(|m| m.tested);
+                    overdue(p, tested, now)
+                })
+                .count()
+        };
         ctx.metrics.set_overdue(count);
     }
 }
@@ -99,30 +118,43 @@ mod tests {
         // Working: due within 5m + 30s of jitter, tested within its 30s timeout, plus a
         // minute of grace: 7m from its last test.
         let p = provider(Some(0), 0);
-        assert!(!overdue(&p, at(7 * 60)));
-        assert!(overdue(&p, at(7 * 60 + 1)));
+        assert!(!overdue(&p, None, at(7 * 60)));
+        assert!(overdue(&p, None, at(7 * 60 + 1)));
         // Failing twice in a row: retried after at most 22s (20s + 10%).
         let p = provider(Some(0), 2);
-        assert!(!overdue(&p, at(22 + 30 + 60)));
-        assert!(overdue(&p, at(22 + 30 + 60 + 1)));
+        assert!(!overdue(&p, None, at(22 + 30 + 60)));
+        assert!(overdue(&p, None, at(22 + 30 + 60 + 1)));
         // Failing for long: its retries are an interval apart, no closer.
         let p = provider(Some(0), 30);
-        assert!(!overdue(&p, at(5 * 60 + 30 + 60)));
-        assert!(overdue(&p, at(5 * 60 + 30 + 60 + 1)));
+        assert!(!overdue(&p, None, at(5 * 60 + 30 + 60)));
+        assert!(overdue(&p, None, at(5 * 60 + 30 + 60 + 1)));
+    }
+
+    #[test]
+    fn a_test_whose_unchanged_result_was_not_written_counts_as_the_last() {
+        // Written at 0; tested again at 40m for a changed Secret, the same result, not
+        // written (no heartbeat due within the interval): not overdue until 47m.
+        let p = provider(Some(0), 0);
+        assert!(overdue(&p, None, at(10 * 60)));
+        assert!(!overdue(&p, Some(at(40 * 60)), at(10 * 60)));
+        assert!(!overdue(&p, Some(at(40 * 60)), at(47 * 60)));
+        assert!(overdue(&p, Some(at(40 * 60)), at(47 * 60 + 1)));
+        // One older than the status's counts for nothing.
+        assert!(overdue(&p, Some(at(-60)), at(10 * 60)));
     }
 
     #[test]
     fn a_provider_never_tested_is_overdue_from_its_creation() {
         let p = provider(None, 0);
-        assert!(!overdue(&p, at(60)));
-        assert!(overdue(&p, at(8 * 60)));
+        assert!(!overdue(&p, None, at(60)));
+        assert!(overdue(&p, None, at(8 * 60)));
     }
 
     #[test]
     fn providers_not_tested_on_purpose_are_never_overdue() {
         let mut suspended = provider(Some(0), 0);
         suspended.spec.suspend = true;
-        assert!(!overdue(&suspended, at(3600)));
+        assert!(!overdue(&suspended, None, at(3600)));
 
         let mut denied = provider(Some(0), 1);
         denied.status.as_mut().unwrap().conditions =
@@ -134,10 +166,10 @@ mod tests {
                 last_transition_time: Time(at(0)),
                 observed_generation: None,
             }];
-        assert!(!overdue(&denied, at(3600)));
+        assert!(!overdue(&denied, None, at(3600)));
 
         let mut invalid = provider(Some(0), 0);
         invalid.spec.check.interval = "soon".into();
-        assert!(!overdue(&invalid, at(3600)));
+        assert!(!overdue(&invalid, None, at(3600)));
     }
 }

@@ -143,14 +143,15 @@ fn before(t: Timestamp, d: Duration) -> Timestamp {
 }
 
 /// When a holder whose Lease was renewed at `renewed` stops testing unless it has seen a
-/// renewal since: half the grace before the Lease expires, so that its tests end before a
-/// standby may take the Lease.
+/// renewal since: a quarter of the grace before the Lease expires, so that its tests end
+/// before a standby may take the Lease, and the renewal (due `grace` before expiry) has
+/// three quarters of the grace to land and be seen.
 fn stop_at(renewed: Timestamp, duration: Duration, grace: Duration) -> Timestamp {
-    before(after(renewed, duration), grace / 2)
+    before(after(renewed, duration), grace / 4)
 }
 
 /// When to look for the next renewal: a quarter of the grace after the lease manager
-/// renews (`grace` before expiry), which leaves a quarter before [`stop_at`] to look again.
+/// renews (`grace` before expiry); until [`stop_at`] it looks again every eighth.
 fn look_at(renewed: Timestamp, duration: Duration, grace: Duration) -> Timestamp {
     after(before(after(renewed, duration), grace), grace / 4)
 }
@@ -172,16 +173,17 @@ mod tests {
 
     #[test]
     fn the_holder_stops_before_its_lease_expires_and_looks_after_the_renewal() {
-        // The chart's 15 s Lease, renewed 5 s before it expires.
-        let (duration, grace) = (Duration::from_secs(15), Duration::from_secs(5));
+        // The chart's 15 s Lease, renewed 7 s before it expires.
+        let (duration, grace) = (Duration::from_secs(15), Duration::from_secs(7));
         let renewed = at(0, 0);
-        // Renewal due at 10 s; looked for at 11.25 s; testing stops at 12.5 s, 2.5 s
+        // Renewal due at 8 s; looked for at 9.75 s; testing stops at 13.25 s, 1.75 s
         // before a standby may take the expired Lease at 15 s.
-        assert_eq!(look_at(renewed, duration, grace), at(11, 250));
-        assert_eq!(stop_at(renewed, duration, grace), at(12, 500));
-        // The tests' 6 s Lease, renewed 2 s before it expires.
-        let (duration, grace) = (Duration::from_secs(6), Duration::from_secs(2));
-        assert_eq!(look_at(renewed, duration, grace), at(4, 500));
-        assert_eq!(stop_at(renewed, duration, grace), at(5, 0));
+        assert_eq!(look_at(renewed, duration, grace), at(9, 750));
+        assert_eq!(stop_at(renewed, duration, grace), at(13, 250));
+        // The tests' 6 s Lease, renewed 3 s before it expires: 2.25 s for a renewal to
+        // land and be seen.
+        let (duration, grace) = (Duration::from_secs(6), Duration::from_secs(3));
+        assert_eq!(look_at(renewed, duration, grace), at(3, 750));
+        assert_eq!(stop_at(renewed, duration, grace), at(5, 250));
     }
 }

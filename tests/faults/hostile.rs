@@ -940,6 +940,8 @@ async fn a_provider_whose_status_goes_stale_is_counted_overdue() {
         "not counted overdue {:?} after its creation:\n{metrics}",
         created.elapsed()
     );
-    assert!(created.elapsed() > Duration::from_secs(98));
+    // Not before its time (the creationTimestamp, in whole seconds, may be up to a second
+    // before `created`, and the count is taken every 30 s).
+    assert!(created.elapsed() > Duration::from_secs(90));
     remove_policy(&env, &policy);
 }

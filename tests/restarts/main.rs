@@ -23,9 +23,10 @@ use support::{Controller, Env, alice_env, condition, provider, ready};
 const OUTAGE: Duration = Duration::from_secs(12);
 
 /// How soon after the part is back a change must be acted on. A watch retries at least
-/// every 5 s; the providers' interval is 5 minutes, so only a watch that is running
-/// again meets this.
-const RECOVERY: Duration = Duration::from_secs(20);
+/// every 5 s, and the lease manager its renewal with a wait growing to 30 s (tests resume
+/// once a renewal is seen); the providers' interval is 5 minutes, so only a controller
+/// that is running and testing again meets this.
+const RECOVERY: Duration = Duration::from_secs(40);
 
 /// The two tests stop parts every test of this binary uses.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
