@@ -287,37 +287,30 @@ async fn the_commands_take_kubectls_kubeconfig_and_context_flags() {
     ]);
     assert_eq!(code, Some(2), "{text}");
     assert!(text.contains("no-such-context"), "{text}");
-    // KUBECONFIG as a list with a file that does not exist: skipped, as kubectl does.
-    let out = Command::new(MAILROOM)
-        .args(["check", "imaps", "-n", &env.ns, "--context", &bed_context])
-        .env(
-            "KUBECONFIG",
-            format!("{}:/nonexistent/kubeconfig", file.display()),
-        )
-        .env("HOME", dir.path())
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "KUBECONFIG with a missing file:\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    // `check` with KUBECONFIG set to `value` (and HOME the test's folder): it must work.
+    let check_with = |value: &str, what: &str| {
+        let out = Command::new(MAILROOM)
+            .args(["check", "imaps", "-n", &env.ns, "--context", &bed_context])
+            .env("KUBECONFIG", value)
+            .env("HOME", dir.path())
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "KUBECONFIG {what}:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // A list with a file that does not exist: skipped, as kubectl does.
+    check_with(
+        &format!("{}:/nonexistent/kubeconfig", file.display()),
+        "with a missing file",
     );
-    // KUBECONFIG empty (`${KUBECONFIG:-}` in a CI template): unset, so ~/.kube/config.
+    // Empty (`${KUBECONFIG:-}` in a CI template): unset, so ~/.kube/config.
     std::fs::create_dir_all(dir.path().join(".kube")).unwrap();
     std::fs::copy(&file, dir.path().join(".kube/config")).unwrap();
-    let out = Command::new(MAILROOM)
-        .args(["check", "imaps", "-n", &env.ns, "--context", &bed_context])
-        .env("KUBECONFIG", "")
-        .env("HOME", dir.path())
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "KUBECONFIG empty:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    check_with("", "empty");
     // With -f the cluster is optional, but a named context that does not exist is an error.
     let manifest = dir.path().join("provider.yaml");
     std::fs::write(

@@ -398,6 +398,19 @@ async fn hold_the_host(env: &Env, host: &str) -> (CountingRelay, Controller) {
     (relay, controller)
 }
 
+/// Provider `deleted`, on `host` through `relay`, applied while `first` holds a slot its
+/// test needs, and deleted while its test waits; returns once `first` is done and a
+/// queued test would have connected (at once after it).
+async fn deleted_while_queued(env: &Env, host: &str, relay: &CountingRelay) {
+    env.apply(&through_relay("deleted", host, relay));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let out = env.kubectl(&["delete", "imp", "deleted", "--wait=true"]);
+    assert!(out.status.success(), "{out:?}");
+    env.wait_reason("first", "Connected", Duration::from_secs(30))
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+}
+
 /// A provider of alice's mailbox reached through a relay on `host`.
 fn through_relay(name: &str, host: &str, relay: &CountingRelay) -> String {
     provider(name, "IMAP", relay.addr.port(), "Implicit", ALICE_AUTH, "")
@@ -439,16 +452,8 @@ async fn a_provider_deleted_while_its_test_waits_for_the_host_is_not_tested() {
     let env = alice_env("deleted-queued").await;
     // Its own loopback address (the limit is per host).
     let (relay, _controller) = hold_the_host(&env, "127.0.0.7").await;
-    // The host's one slot is taken for 4 s: this one's test waits for it...
-    env.apply(&through_relay("deleted", "127.0.0.7", &relay));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    // ...and its provider is deleted meanwhile.
-    let out = env.kubectl(&["delete", "imp", "deleted", "--wait=true"]);
-    assert!(out.status.success(), "{out:?}");
-    env.wait_reason("first", "Connected", Duration::from_secs(30))
-        .await;
-    // Had the queued test run, it would have connected at once after the first.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The host's one slot is taken for 4 s: this one's test waits for it.
+    deleted_while_queued(&env, "127.0.0.7", &relay).await;
     assert_eq!(
         relay.accepted(),
         1,
@@ -467,15 +472,8 @@ async fn a_provider_deleted_while_its_test_waits_for_a_slot_among_all_is_not_tes
     env.apply(&through_relay("first", "127.0.0.13", &busy));
     let _controller = env.controller_with(&["--concurrency", "1"]);
     busy.first_connection().await;
-    // This one's host is free, but no slot among all is: its test waits...
-    env.apply(&through_relay("deleted", "127.0.0.14", &other));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    // ...and its provider is deleted meanwhile.
-    let out = env.kubectl(&["delete", "imp", "deleted", "--wait=true"]);
-    assert!(out.status.success(), "{out:?}");
-    env.wait_reason("first", "Connected", Duration::from_secs(30))
-        .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // This one's host is free, but no slot among all is: its test waits.
+    deleted_while_queued(&env, "127.0.0.14", &other).await;
     assert_eq!(
         other.accepted(),
         0,
