@@ -209,7 +209,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         Duration::from_secs(duration),
         Duration::from_secs(grace),
     );
-    let (mut leading, task) = manager.watch().await;
+    let (mut leading, task) = watch_lease(manager);
     // Beside everything below, for as long as this runs.
     let keeper = tokio::spawn({
         let tenure = tenure.clone();
@@ -339,23 +339,56 @@ fn left(asked: Option<Instant>, share: Duration, ends: Duration) -> Duration {
     })
 }
 
+/// Drives the lease manager: whether this replica holds the Lease, as it changes. Instead
+/// of the manager's own `watch`, whose retries of a failed renewal wait up to 30 s (tests
+/// stay paused that long after an API server comes back): these wait as the watches do,
+/// 0.5 s doubling to 5 s.
+fn watch_lease(
+    manager: kube_lease_manager::LeaseManager,
+) -> (tokio::sync::watch::Receiver<bool>, LeaseTask) {
+    let manager = Arc::new(manager);
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let driver = tokio::spawn({
+        let manager = manager.clone();
+        async move {
+            let mut failures = 0;
+            loop {
+                tokio::select! {
+                    () = tx.closed() => return,
+                    changed = manager.changed() => match changed {
+                        Ok(holding) => {
+                            failures = 0;
+                            if tx.send(holding).is_err() {
+                                return;
+                            }
+                        }
+                        Err(error) => {
+                            failures += 1;
+                            tracing::warn!(%error, "the lease could not be read or renewed; retrying");
+                            let wait = schedule::watch_retry(failures, &schedule::RandomJitter);
+                            tokio::time::sleep(wait).await;
+                        }
+                    },
+                }
+            }
+        }
+    });
+    (rx, LeaseTask { manager, driver })
+}
+
+/// The lease manager and the task that drives it.
+struct LeaseTask {
+    manager: Arc<kube_lease_manager::LeaseManager>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
 /// Gives the lease up so a standby takes over at once instead of after its duration.
-async fn release(
-    leading: tokio::sync::watch::Receiver<bool>,
-    task: tokio::task::JoinHandle<
-        Result<kube_lease_manager::LeaseManager, kube_lease_manager::LeaseManagerError>,
-    >,
-    within: Duration,
-) {
+async fn release(leading: tokio::sync::watch::Receiver<bool>, task: LeaseTask, within: Duration) {
     drop(leading);
-    let give_up = async {
-        let manager = task
-            .await
-            .map_err(|e| anyhow::anyhow!("the lease manager task failed: {e}"))?
-            .map_err(|e| anyhow::anyhow!("the lease manager failed: {e}"))?;
-        manager.release().await.map_err(anyhow::Error::from)
-    };
-    match tokio::time::timeout(within, give_up).await {
+    // Stopped first, so that no renewal under way takes the Lease back.
+    task.driver.abort();
+    let _ = task.driver.await;
+    match tokio::time::timeout(within, task.manager.release()).await {
         Ok(Ok(())) => tracing::info!("released the lease"),
         Ok(Err(error)) => tracing::warn!(
             %error,

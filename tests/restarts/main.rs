@@ -22,11 +22,11 @@ use support::{Controller, Env, alice_env, condition, provider, ready};
 /// once it is renewed; and long enough for a failing provider's 10 s retry to fall inside.
 const OUTAGE: Duration = Duration::from_secs(12);
 
-/// How soon after the part is back a change must be acted on. A watch retries at least
-/// every 5 s, and the lease manager its renewal with a wait growing to 30 s (tests resume
-/// once a renewal is seen); the providers' interval is 5 minutes, so only a controller
-/// that is running and testing again meets this.
-const RECOVERY: Duration = Duration::from_secs(40);
+/// How soon after the part is back a change must be acted on. A watch, and the renewal of
+/// the Lease (tests resume once a renewal is seen), retry at least every 5 s; the
+/// providers' interval is 5 minutes, so only a controller that is running and testing
+/// again meets this.
+const RECOVERY: Duration = Duration::from_secs(20);
 
 /// The two tests stop parts every test of this binary uses.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
