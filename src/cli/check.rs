@@ -82,57 +82,11 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
         (p, fetched, Some(manifest))
     };
     if manifest.is_some() {
-        // Where `kubectl apply -f` would put each object of the files: its own namespace,
-        // else -n, else the context's; with -n, one that names another is refused.
         let target = args.namespace.clone().unwrap_or_else(|| match &client {
             Ok(c) => c.default_namespace().to_string(),
             Err(_) => "default".into(),
         });
-        let named = std::iter::once((
-            "IncomingMailProvider",
-            provider.name_any(),
-            provider.namespace(),
-        ))
-        .chain(
-            fetched
-                .secrets
-                .values()
-                .map(|s| ("Secret", s.name_any(), s.namespace())),
-        )
-        .chain(
-            fetched
-                .config_maps
-                .values()
-                .map(|c| ("ConfigMap", c.name_any(), c.namespace())),
-        );
-        for (kind, name, object_ns) in named {
-            if let (Some(given), Some(object_ns)) = (&args.namespace, object_ns)
-                && &object_ns != given
-            {
-                bail!(
-                    "{kind} {name} in the files names namespace {object_ns}, not -n {given}: kubectl apply -n {given} would refuse it"
-                );
-            }
-        }
-        fetched.namespace = provider.namespace().unwrap_or_else(|| target.clone());
-        // A provider uses only what lives in its own namespace: objects of the files that
-        // would be applied in another are not its.
-        let ns = fetched.namespace.clone();
-        let ours = |kind: &str, name: &str, object_ns: Option<String>| {
-            let lands = object_ns.unwrap_or_else(|| target.clone());
-            if lands != ns {
-                eprintln!(
-                    "note: {kind} {name} from the files would be applied in namespace {lands}, not the provider's {ns}: not used"
-                );
-            }
-            lands == ns
-        };
-        fetched
-            .secrets
-            .retain(|name, s| ours("Secret", name, s.namespace()));
-        fetched
-            .config_maps
-            .retain(|name, c| ours("ConfigMap", name, c.namespace()));
+        place(&provider, &mut fetched, args.namespace.as_deref(), &target)?;
     }
     // Whether the OAuth2 token Secret came from the files (after those placed in another
     // namespace are set aside, before the cluster adds any).
@@ -265,6 +219,63 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
     } else {
         1
     })
+}
+
+/// Places the files' objects where `kubectl apply -f` would (their own namespace, else
+/// `-n`, else the context's: `target`), refusing, as kubectl does, one that names a
+/// namespace other than `-n`; keeps of them only those in the provider's namespace.
+fn place(
+    provider: &IncomingMailProvider,
+    fetched: &mut Fetched,
+    given: Option<&str>,
+    target: &str,
+) -> anyhow::Result<()> {
+    let named = std::iter::once((
+        "IncomingMailProvider",
+        provider.name_any(),
+        provider.namespace(),
+    ))
+    .chain(
+        fetched
+            .secrets
+            .values()
+            .map(|s| ("Secret", s.name_any(), s.namespace())),
+    )
+    .chain(
+        fetched
+            .config_maps
+            .values()
+            .map(|c| ("ConfigMap", c.name_any(), c.namespace())),
+    );
+    for (kind, name, object_ns) in named {
+        if let (Some(given), Some(object_ns)) = (given, object_ns)
+            && object_ns != given
+        {
+            bail!(
+                "{kind} {name} in the files names namespace {object_ns}, not -n {given}: kubectl apply -n {given} would refuse it"
+            );
+        }
+    }
+    fetched.namespace = provider.namespace().unwrap_or_else(|| target.to_string());
+    // A provider uses only what lives in its own namespace: objects of the files that
+    // would be applied in another are not its.
+    let ns = fetched.namespace.clone();
+    let ours = |kind: &str, name: &str, object_ns: Option<String>| {
+        let lands = object_ns.unwrap_or_else(|| target.to_string());
+        if lands != ns {
+            eprintln!(
+                "note: {kind} {name} from the files would be applied in namespace {lands}, not the provider's {ns}: not used"
+            );
+        }
+        lands == ns
+    };
+    fetched
+        .secrets
+        .retain(|name, s| ours("Secret", name, s.namespace()));
+    fetched
+        .config_maps
+        .retain(|name, c| ours("ConfigMap", name, c.namespace()));
+    Ok(())
 }
 
 /// The OAuth2 token Secret a provider names, if it logs in with OAuth2.

@@ -43,9 +43,6 @@ pub use http::ListenAddr;
 pub use limits::HostLimits;
 pub use objects::Objects;
 
-/// How often the replicas look whether their Lease was deleted (to create it again).
-const LEASE_LOOK_EVERY: Duration = Duration::from_secs(15);
-
 /// The field manager of every status write.
 pub const FIELD_MANAGER: &str = "mailroom";
 
@@ -120,10 +117,6 @@ impl Context {
     /// Waits while tests are paused.
     pub async fn unpaused(&self) {
         let _ = self.testing.clone().wait_for(|go| *go).await;
-    }
-
-    pub fn is_paused(&self) -> bool {
-        !*self.testing.borrow()
     }
 
     /// Resolves when tests pause (never, once nothing can pause them).
@@ -209,13 +202,7 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
         Duration::from_secs(duration),
         Duration::from_secs(grace),
     );
-    let (mut leading, task) = watch_lease(manager);
-    // Beside everything below, for as long as this runs.
-    let keeper = tokio::spawn({
-        let tenure = tenure.clone();
-        async move { tenure.keep_existing(LEASE_LOOK_EVERY).await }
-    });
-    let _keeper = AbortOnDrop(keeper);
+    let (mut leading, task) = watch_lease(manager, tenure.clone());
     tracing::info!(lease = %lease.name, namespace = %lease.namespace, identity = %lease.identity, "waiting for the lease");
     loop {
         readiness.standby();
@@ -342,9 +329,10 @@ fn left(asked: Option<Instant>, share: Duration, ends: Duration) -> Duration {
 /// Drives the lease manager: whether this replica holds the Lease, as it changes. Instead
 /// of the manager's own `watch`, whose retries of a failed renewal wait up to 30 s (tests
 /// stay paused that long after an API server comes back): these wait as the watches do,
-/// 0.5 s doubling to 5 s.
+/// 0.5 s doubling to 5 s. A Lease found deleted is created again.
 fn watch_lease(
     manager: kube_lease_manager::LeaseManager,
+    tenure: tenure::Tenure,
 ) -> (tokio::sync::watch::Receiver<bool>, LeaseTask) {
     let manager = Arc::new(manager);
     let (tx, rx) = tokio::sync::watch::channel(false);
@@ -365,6 +353,9 @@ fn watch_lease(
                         Err(error) => {
                             failures += 1;
                             tracing::warn!(%error, "the lease could not be read or renewed; retrying");
+                            if lease_gone(&error) {
+                                tenure.recreate().await;
+                            }
                             let wait = schedule::watch_retry(failures, &schedule::RandomJitter);
                             tokio::time::sleep(wait).await;
                         }
@@ -374,6 +365,17 @@ fn watch_lease(
         }
     });
     (rx, LeaseTask { manager, driver })
+}
+
+/// Whether the lease manager failed because the Lease does not exist: read (its own
+/// error) or renewed (the API server's 404).
+fn lease_gone(error: &kube_lease_manager::LeaseManagerError) -> bool {
+    use kube_lease_manager::LeaseManagerError as E;
+    match error {
+        E::NonexistentLease(_) => true,
+        E::KubeError(kube::Error::Api(status)) => status.code == 404,
+        _ => false,
+    }
 }
 
 /// The lease manager and the task that drives it.

@@ -189,22 +189,23 @@ async fn reconcile_inner(
     let why = match schedule::decide(memory.as_ref(), &seen, &*ctx.jitter) {
         Ok(wait) => {
             Box::pin(write_unwritten(&api, &p, &key, &sctx, &ctx)).await?;
-            if memory.is_none() {
-                // First sight after a restart: adopt the schedule the status implies.
-                let next = Memory {
+            // First sight after a restart: adopt the schedule the status implies. Else
+            // the test is due when the wait ends: `decide` waits no longer than an
+            // interval (a clock stepped back leaves a due time further off).
+            let due = after(now, wait);
+            ctx.memory
+                .lock()
+                .unwrap()
+                .entry(key)
+                .and_modify(|m| m.next_due = m.next_due.min(due))
+                .or_insert_with(|| Memory {
                     tested: None,
                     uid: p.metadata.uid.clone(),
                     generation,
                     request: request.map(str::to_string),
                     references: fingerprint,
-                    next_due: after(now, wait),
-                };
-                ctx.memory.lock().unwrap().insert(key, next);
-            } else if let Some(m) = ctx.memory.lock().unwrap().get_mut(&key) {
-                // `decide` waits no longer than an interval (a clock stepped back leaves a
-                // due time further off): the test is due when the wait ends.
-                m.next_due = m.next_due.min(after(now, wait));
-            }
+                    next_due: due,
+                });
             return Ok(Action::requeue(wait));
         }
         Err(why) => why,
@@ -355,13 +356,13 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
             permit = ctx.limits.acquire(&p.spec.server.host) => permit,
             _ = ctx.stopping.clone() => return Ok(None),
         };
-        if !still_current(p, ctx.provider(&job.key).as_deref()) || ctx.is_paused() {
+        if !still_current(p, ctx.provider(&job.key).as_deref()) {
             return Ok(None);
         }
         // Read the Secrets and refresh a token only now, so that these reads and token
         // requests are bounded per host like the tests, however many providers wait.
         // Boxed: what follows is large, and only a test that has its slot needs it.
-        Box::pin(async {
+        let work = async {
             let refs = references(&p.spec);
             // The versions this test reads, for the schedule: a Secret changed while the
             // test waited is tested now, and not once more after it.
@@ -408,14 +409,17 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
             if !still_current(p, ctx.provider(&job.key).as_deref()) {
                 return Ok(None);
             }
-            // A pause stops the test before its result (a login may be cut short); the
-            // reconcile that follows starts it again, to wait for the end of the pause. A
-            // result already there is kept, and written once the pause ends (see `apply`).
-            let outcome = tokio::select! {
-                outcome = Box::pin(check::run(&p.spec, &fetched)) => outcome,
-                () = ctx.paused() => return Ok(None),
-            };
+            let outcome = Box::pin(check::run(&p.spec, &fetched)).await;
             Ok(Some((Box::new(outcome), fingerprint, slot)))
+        };
+        // A pause stops the test before its result (a login may be cut short); the
+        // reconcile that follows starts it again, to wait for the end of the pause. A
+        // result already there is kept, and written once the pause ends (see `apply`).
+        Box::pin(async {
+            tokio::select! {
+                outcome = work => outcome,
+                () = ctx.paused() => Ok(None),
+            }
         })
         .await
     };

@@ -19,8 +19,6 @@ use crate::credentials::{ObjectKind, references};
 /// its namespaces counts as live until it has.
 pub struct Live {
     providers: HashSet<ObjectRef<IncomingMailProvider>>,
-    /// The same, by (namespace, name), as metrics name them.
-    named: HashSet<(String, String)>,
     used: HashSet<(ObjectKind, String, String)>,
     unlisted: Vec<Option<String>>,
 }
@@ -47,10 +45,6 @@ impl Live {
                 .iter()
                 .map(|p| ObjectRef::from_obj(&**p))
                 .collect(),
-            named: providers
-                .iter()
-                .map(|p| (p.namespace().unwrap_or_default(), p.name_any()))
-                .collect(),
             used,
             unlisted,
         }
@@ -67,8 +61,8 @@ impl Live {
     }
 
     /// The same, for a provider named by (namespace, name), as metrics are.
-    pub fn provider_named(&self, key: &(String, String)) -> bool {
-        self.named.contains(key) || self.held(&key.0)
+    pub fn provider_named(&self, (namespace, name): &(String, String)) -> bool {
+        self.provider(&ObjectRef::new(name).within(namespace))
     }
 
     /// Whether a live provider references this object (or its namespace is held).

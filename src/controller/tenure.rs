@@ -13,7 +13,6 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::Api;
 
 /// The Lease as this replica reads it.
-#[derive(Debug, PartialEq)]
 enum Seen {
     /// Held by this replica, renewed at this time (the holder's clock, which is ours).
     Renewed(Timestamp),
@@ -51,11 +50,11 @@ impl Tenure {
     }
 
     async fn read(&self) -> Seen {
-        let within = (self.grace / 4).max(Duration::from_millis(250));
-        let lease = match tokio::time::timeout(within, self.api.get_opt(&self.name)).await {
-            Ok(Ok(lease)) => lease,
-            _ => return Seen::Unknown,
-        };
+        let lease =
+            match tokio::time::timeout(self.look_again(), self.api.get_opt(&self.name)).await {
+                Ok(Ok(lease)) => lease,
+                _ => return Seen::Unknown,
+            };
         let spec = lease.and_then(|l| l.spec).unwrap_or_default();
         match (spec.holder_identity, spec.renew_time) {
             (Some(holder), Some(renewed)) if holder == self.identity => Seen::Renewed(renewed.0),
@@ -72,7 +71,7 @@ impl Tenure {
             {
                 return at;
             }
-            tokio::time::sleep((self.grace / 4).max(Duration::from_millis(250))).await;
+            tokio::time::sleep(self.look_again()).await;
         }
     }
 
@@ -105,30 +104,28 @@ impl Tenure {
 }
 
 impl Tenure {
-    /// Creates the Lease again whenever it is found deleted (`kubectl delete lease`): the
-    /// lease manager creates it only when it starts, and without it no replica would
-    /// test again until one restarted. Looks every `every`; never ends.
-    pub async fn keep_existing(&self, every: Duration) {
-        loop {
-            tokio::time::sleep(every).await;
-            if let Ok(Ok(None)) = tokio::time::timeout(every, self.api.get_opt(&self.name)).await {
-                let lease = Lease {
-                    metadata: kube::api::ObjectMeta {
-                        name: Some(self.name.clone()),
-                        ..Default::default()
-                    },
-                    ..Default::default()
-                };
-                match self.api.create(&Default::default(), &lease).await {
-                    Ok(_) => {
-                        tracing::warn!(lease = %self.name, "the lease was deleted: created it again")
-                    }
-                    Err(error) => {
-                        tracing::warn!(lease = %self.name, %error, "the lease was deleted, and could not be created again")
-                    }
-                }
+    /// Creates the Lease again after a `kubectl delete lease`: the lease manager creates
+    /// it only when it starts, and without it no replica would test again until one
+    /// restarted. Called when the lease manager finds it gone.
+    pub async fn recreate(&self) {
+        let lease = Lease {
+            metadata: kube::api::ObjectMeta {
+                name: Some(self.name.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        match self.api.create(&Default::default(), &lease).await {
+            Ok(_) => tracing::warn!(lease = %self.name, "the lease was deleted: created it again"),
+            Err(error) => {
+                tracing::warn!(lease = %self.name, %error, "the lease was deleted, and could not be created again")
             }
         }
+    }
+
+    /// The wait before reading the Lease again while it is not seen renewed.
+    fn look_again(&self) -> Duration {
+        (self.grace / 4).max(Duration::from_millis(250))
     }
 }
 

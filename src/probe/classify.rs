@@ -383,12 +383,18 @@ pub(crate) fn timeout_failure(
     Failure::new(Reason::Timeout, step, message)
 }
 
-/// STARTTLS was asked for, but the server does not advertise it.
-pub(crate) fn starttls_not_offered(protocol: Protocol, endpoint: &str, caps: &[String]) -> Failure {
-    let (command, port) = match protocol {
+/// The command that turns a protocol's plaintext session into TLS, and its usual
+/// implicit-TLS port.
+pub(crate) fn starttls_of(protocol: Protocol) -> (&'static str, u16) {
+    match protocol {
         Protocol::Imap => ("STARTTLS", 993),
         Protocol::Pop3 => ("STLS", 995),
-    };
+    }
+}
+
+/// STARTTLS was asked for, but the server does not advertise it.
+pub(crate) fn starttls_not_offered(protocol: Protocol, endpoint: &str, caps: &[String]) -> Failure {
+    let (command, port) = starttls_of(protocol);
     let listed = if caps.is_empty() {
         "it lists no capabilities".to_string()
     } else {

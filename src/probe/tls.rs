@@ -144,13 +144,10 @@ impl Setup {
                     quote_bytes(first_line)
                 ));
             }
-            let (starttls, port) = match self.protocol {
-                Protocol::Imap => ("StartTLS", 993),
-                Protocol::Pop3 => ("StartTLS", 995),
-            };
+            let (_, port) = classify::starttls_of(self.protocol);
             return failed(format!(
                 "TLS handshake with {endpoint} failed: the server answered in plaintext ({}), \
-                 so this port does not start with TLS; use tls.mode {starttls} here, or the \
+                 so this port does not start with TLS; use tls.mode StartTLS here, or the \
                  implicit-TLS port (usually {port})",
                 quote_bytes(first_line)
             ));
@@ -203,10 +200,7 @@ impl Setup {
     }
 
     fn starttls_command(&self) -> &'static str {
-        match self.protocol {
-            Protocol::Imap => "STARTTLS",
-            Protocol::Pop3 => "STLS",
-        }
+        classify::starttls_of(self.protocol).0
     }
 
     /// The handshake ran out of time.
