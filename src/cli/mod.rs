@@ -94,6 +94,11 @@ pub struct ControllerArgs {
     /// third, so the process exits before the kubelet kills it.
     #[arg(long, env = "MAILROOM_TERMINATION_GRACE_PERIOD", default_value = "30", value_parser = seconds)]
     pub termination_grace_period: u64,
+    /// How long one request to the API server may go unanswered (seconds, or 30s, 1m)
+    /// before it is dropped and tried again on a new connection; watches are not bound by
+    /// it. 0: for ever.
+    #[arg(long, env = "MAILROOM_REQUEST_TIMEOUT", default_value = "60", value_parser = seconds)]
+    pub request_timeout: u64,
 }
 
 /// The command line; usage and help name the command as it was run, so a kubectl plugin
@@ -122,7 +127,8 @@ pub async fn main() -> anyhow::Result<i32> {
         }
         Command::Controller(args) => {
             logging::init(args.log_format, &args.log)?;
-            let client = kube::Client::try_default().await?;
+            let config = kube::Config::infer().await?;
+            let client = controller_client(config, args.request_timeout)?;
             let metrics_addr = match args.metrics_addr.as_str() {
                 "" | "off" => None,
                 addr => Some(
@@ -180,6 +186,10 @@ pub struct KubeArgs {
     /// The kubeconfig context to use (default: its current context).
     #[arg(long, value_name = "NAME")]
     pub context: Option<String>,
+    /// How long to wait for the API server, connecting or for an answer, before giving
+    /// up (seconds, or 30s, 1m; 0: for ever), as kubectl's flag of the same name.
+    #[arg(long, value_name = "DURATION", default_value = "30", value_parser = seconds)]
+    pub request_timeout: u64,
 }
 
 impl KubeArgs {
@@ -200,7 +210,7 @@ impl KubeArgs {
             ),
             None => kubeconfig_files()?,
         };
-        let config = match (named, &self.context) {
+        let mut config = match (named, &self.context) {
             (None, None) => Config::infer()
                 .await
                 .context("loading the kubeconfig (or the in-cluster configuration)")?,
@@ -224,8 +234,37 @@ impl KubeArgs {
             }
         };
         let _ = CLUSTER.set(config.cluster_url.to_string());
+        // The bound is on the connection (connecting, TLS, each wait for bytes once the
+        // request is written), below the kubeconfig's credential plugin: a sign-in in a
+        // browser that the plugin waits for is not cut short by it.
+        if self.request_timeout > 0 {
+            let _ = REQUEST_TIMEOUT.set(self.request_timeout);
+            let bound = std::time::Duration::from_secs(self.request_timeout);
+            config.connect_timeout = Some(config.connect_timeout.map_or(bound, |t| t.min(bound)));
+            config.write_timeout = Some(config.write_timeout.map_or(bound, |t| t.min(bound)));
+            config.read_timeout = Some(bound);
+            config.reset_reader_on_write = true;
+        }
         kube::Client::try_from(config).context("connecting to the cluster")
     }
+}
+
+/// The controller's client: each request bounded by `timeout_secs` (0: unbounded) up to
+/// its answer's head. A connection to an API server that went away without closing it (a
+/// node lost behind a load balancer) otherwise holds a status write or a Lease renewal
+/// until the kernel gives up on it, many minutes later, or for ever on a peer that keeps
+/// the socket open. A watch's head comes at once and its stream is not bounded by this;
+/// kube's watcher restarts a silent one itself.
+pub fn controller_client(config: kube::Config, timeout_secs: u64) -> anyhow::Result<kube::Client> {
+    let builder = kube::client::ClientBuilder::try_from(config)?;
+    Ok(match timeout_secs {
+        0 => builder.build(),
+        secs => builder
+            .with_layer(&tower::timeout::TimeoutLayer::new(
+                std::time::Duration::from_secs(secs),
+            ))
+            .build(),
+    })
 }
 
 /// The files `KUBECONFIG` lists, merged as kubectl merges them, skipping those that do not
@@ -272,6 +311,8 @@ pub fn seconds(text: &str) -> Result<u64, String> {
 
 /// The API server the command talks to, for an error that never reached it.
 static CLUSTER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+/// The command's `--request-timeout`, for an error that is its expiry.
+static REQUEST_TIMEOUT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
 
 /// The error as the command prints it: when the API server could not be reached at all,
 /// which one, as kubectl says.
@@ -307,9 +348,18 @@ pub fn error_text(e: &anyhow::Error) -> String {
             text.push_str(&part);
         }
     }
+    let timed_out = e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+    });
+    let within = match REQUEST_TIMEOUT.get() {
+        Some(secs) if timed_out => format!(" within --request-timeout {secs}s"),
+        _ => String::new(),
+    };
     match CLUSTER.get() {
         Some(cluster) if unreachable => format!(
-            "{text}\n(no answer from the API server at {cluster}: check KUBECONFIG, --kubeconfig or --context)"
+            "{text}\n(no answer from the API server at {cluster}{within}: check KUBECONFIG, --kubeconfig or --context)"
         ),
         _ => text,
     }

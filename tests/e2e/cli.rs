@@ -511,27 +511,8 @@ async fn retest_by_label_asks_only_the_matching_providers_in_one_or_every_namesp
 /// within the timeout, as a CI job relies on.
 #[tokio::test]
 async fn retest_ends_within_its_timeout_when_the_api_server_never_answers() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    // Accepts and holds every connection, saying nothing.
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for conn in listener.incoming() {
-            held.push(conn);
-        }
-    });
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("kubeconfig");
-    std::fs::write(
-        &file,
-        format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: stuck\n\
-             clusters: [{{name: stuck, cluster: {{server: 'https://127.0.0.1:{port}', insecure-skip-tls-verify: true}}}}]\n\
-             users: [{{name: u, user: {{token: t}}}}]\n\
-             contexts: [{{name: stuck, context: {{cluster: stuck, user: u, namespace: ops}}}}]\n"
-        ),
-    )
-    .unwrap();
+    let file = silent_api_server(&dir, "https");
     let started = std::time::Instant::now();
     let out = Command::new(MAILROOM)
         .args(["retest", "inbox", "--timeout", "3", "--kubeconfig"])
@@ -543,4 +524,60 @@ async fn retest_ends_within_its_timeout_when_the_api_server_never_answers() {
     assert_eq!(out.status.code(), Some(2), "{text}");
     assert!(took < Duration::from_secs(6), "took {took:?}: {text}");
     assert!(text.contains("within --timeout 3s"), "{text}");
+}
+
+/// `check NAME` and `authorize` give up on an API server that never answers after
+/// `--request-timeout`, as kubectl's flag of that name does: whether it never finishes the
+/// TLS handshake or never answers a request.
+#[tokio::test]
+async fn check_and_authorize_end_after_the_request_timeout_when_the_api_server_never_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    for scheme in ["https", "http"] {
+        let file = silent_api_server(&dir, scheme);
+        for command in ["check", "authorize"] {
+            let started = std::time::Instant::now();
+            let out = Command::new(MAILROOM)
+                .args([command, "inbox", "--request-timeout", "2s", "--kubeconfig"])
+                .arg(&file)
+                .output()
+                .unwrap();
+            let took = started.elapsed();
+            let text = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{command}, {scheme}: {text}");
+            assert!(
+                took < Duration::from_secs(5),
+                "{command}, {scheme}: took {took:?}: {text}"
+            );
+            assert!(
+                text.contains("no answer from the API server")
+                    && text.contains("within --request-timeout 2s"),
+                "{command}, {scheme}: {text}"
+            );
+        }
+    }
+}
+
+/// A kubeconfig in `dir` whose API server accepts connections and holds them, saying
+/// nothing (a load balancer in front of a stuck one), over `scheme`.
+fn silent_api_server(dir: &tempfile::TempDir, scheme: &str) -> std::path::PathBuf {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            held.push(conn);
+        }
+    });
+    let file = dir.path().join(format!("{scheme}.kubeconfig"));
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: stuck\n\
+             clusters: [{{name: stuck, cluster: {{server: '{scheme}://127.0.0.1:{port}', insecure-skip-tls-verify: true}}}}]\n\
+             users: [{{name: u, user: {{token: t}}}}]\n\
+             contexts: [{{name: stuck, context: {{cluster: stuck, user: u, namespace: ops}}}}]\n"
+        ),
+    )
+    .unwrap();
+    file
 }

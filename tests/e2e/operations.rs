@@ -66,6 +66,95 @@ async fn a_deleted_lease_is_created_again_and_testing_goes_on() {
     );
 }
 
+/// A connection to the API server that goes silent without closing (its node lost behind
+/// a load balancer, a NAT entry dropped) would hold a request for as long as the kernel
+/// keeps it, for ever when the far end keeps the socket open: each request is given up
+/// after `--request-timeout` and made again on a new connection, so the Lease is renewed
+/// and statuses are written.
+#[tokio::test]
+async fn requests_on_connections_to_the_api_server_that_went_silent_are_made_again() {
+    let env = alice_env("silent-api").await;
+    let port = env.bed.dovecot().imaps_port();
+    env.apply(
+        &provider("imaps", "IMAP", port, "Implicit", ALICE_AUTH, "")
+            .replace("interval: 5m", "interval: 30s"),
+    );
+    let text = std::fs::read_to_string(env.bed.kubeconfig_path()).unwrap();
+    let mut config: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let server = &mut config["clusters"][0]["cluster"]["server"];
+    let upstream = server.as_str().unwrap().trim_start_matches("https://");
+    let relay = FreezingRelay::start(upstream.trim_end_matches('/').to_string()).await;
+    *server = format!("https://127.0.0.1:{}", relay.port).into();
+    let kubeconfig = env.dir.path().join("relayed.kubeconfig");
+    std::fs::write(&kubeconfig, serde_yaml::to_string(&config).unwrap()).unwrap();
+    let controller = env.controller_with_env(
+        &["--request-timeout", "3s"],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    );
+    let before = env
+        .wait_reason("imaps", "Connected", Duration::from_secs(60))
+        .await;
+    let checked = before.status.unwrap().last_check_time.unwrap().0;
+    // Every connection open now (the Lease's, the watches', those kept for reuse) goes
+    // silent; new ones go through.
+    relay.freeze();
+    // The next test is due within the interval and its jitter (33 s).
+    env.wait(
+        "imaps",
+        "a test written after the API server's connections went silent",
+        Duration::from_secs(60),
+        |p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.last_check_time.as_ref())
+                .is_some_and(|t| t.0 > checked)
+        },
+    )
+    .await;
+    assert!(
+        controller.logs().contains("request timed out"),
+        "a request on a silent connection was given up:\n{}",
+        controller.logs()
+    );
+}
+
+/// A relay to the API server whose connections can be frozen: each then carries no byte
+/// either way and stays open; connections made after the freeze go through.
+struct FreezingRelay {
+    port: u16,
+    freeze: tokio::sync::watch::Sender<u64>,
+}
+
+impl FreezingRelay {
+    async fn start(upstream: String) -> FreezingRelay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (freeze, _) = tokio::sync::watch::channel(0u64);
+        let frozen = freeze.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let mut frozen = frozen.subscribe();
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        // Both ends stay open and silent until the test ends.
+                        _ = frozen.changed() => std::future::pending::<()>().await,
+                    }
+                });
+            }
+        });
+        FreezingRelay { port, freeze }
+    }
+
+    fn freeze(&self) {
+        self.freeze.send_modify(|n| *n += 1);
+    }
+}
+
 #[tokio::test]
 async fn metrics_health_and_readiness_are_served() {
     let env = two_providers("metrics").await;
