@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
@@ -634,12 +635,26 @@ async fn run_controllers(
     Ok(())
 }
 
-/// What the caches keep of a Secret or ConfigMap: name, namespace, resourceVersion and
-/// labels. managedFields (never read here) would cost memory per object, and a Secret's
-/// `kubectl.kubernetes.io/last-applied-configuration` annotation holds its data.
+/// What the caches keep of a Secret or ConfigMap: name, namespace, resourceVersion,
+/// labels, creation time and the time of its last change. managedFields' field sets would
+/// cost memory per object (only the newest entry's time is kept, for a provider first seen
+/// after a restart), and a Secret's `kubectl.kubernetes.io/last-applied-configuration`
+/// annotation holds its data.
 fn slim_metadata<K: Resource>(meta: &mut K) {
-    meta.meta_mut().managed_fields = None;
-    meta.meta_mut().annotations = None;
+    let m = meta.meta_mut();
+    let changed = m
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|f| f.time.clone())
+        .max_by_key(|t| t.0);
+    m.managed_fields = changed.map(|time| {
+        vec![ManagedFieldsEntry {
+            time: Some(time),
+            ..Default::default()
+        }]
+    });
+    m.annotations = None;
 }
 
 /// The providers in the object's namespace that reference it.

@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use futures::FutureExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -233,6 +235,38 @@ impl Objects {
                     .and_then(|m| m.resource_version())
             }
         }
+    }
+
+    /// When any of `refs` was last created or changed, by the newest of its creation and
+    /// its managedFields' times (which the caches keep for this alone); None when none of
+    /// them exists.
+    pub fn changed_at(&self, namespace: &str, refs: &[Reference]) -> Option<Timestamp> {
+        let when = |meta: &ObjectMeta| {
+            let changed = meta
+                .managed_fields
+                .iter()
+                .flatten()
+                .filter_map(|f| f.time.as_ref());
+            meta.creation_timestamp
+                .iter()
+                .chain(changed)
+                .map(|t| t.0)
+                .max()
+        };
+        refs.iter()
+            .filter_map(|r| match r.kind {
+                ObjectKind::Secret => {
+                    let key = ObjectRef::new(&r.name).within(namespace);
+                    let meta = self.secrets.iter().find_map(|s| s.get(&key))?;
+                    when(&meta.metadata)
+                }
+                ObjectKind::ConfigMap => {
+                    let key = ObjectRef::new(&r.name).within(namespace);
+                    let meta = self.config_maps.iter().find_map(|s| s.get(&key))?;
+                    when(&meta.metadata)
+                }
+            })
+            .max()
     }
 
     /// A hash of the references' current versions: a change means "test again". The

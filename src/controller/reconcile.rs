@@ -178,10 +178,23 @@ async fn reconcile_inner(
 
     let fingerprint = ctx.objects.fingerprint(&ns, &refs).await;
     let memory = remembered(&ctx, &key, &p);
+    // The OAuth2 token Secret changes with every refresh, the controller's own writes.
+    let token = p
+        .spec
+        .authentication
+        .oauth2
+        .as_ref()
+        .map(|o| &o.token_secret_ref.name);
+    let others: Vec<_> = refs
+        .iter()
+        .filter(|r| Some(&r.name) != token)
+        .cloned()
+        .collect();
     let seen = Seen {
         generation,
         request,
         references: fingerprint,
+        references_changed: ctx.objects.changed_at(&ns, &others),
         status: old,
         interval,
         now,

@@ -178,6 +178,9 @@ pub struct Seen<'a> {
     pub generation: Option<i64>,
     pub request: Option<&'a str>,
     pub references: u64,
+    /// When a referenced object was last created or changed by someone (its newest
+    /// managedFields entry), as the API server's clock says; None when none exists.
+    pub references_changed: Option<k8s_openapi::jiff::Timestamp>,
     pub status: Option<&'a crate::api::IncomingMailProviderStatus>,
     pub interval: Duration,
     pub now: k8s_openapi::jiff::Timestamp,
@@ -224,6 +227,12 @@ pub fn decide(memory: Option<&Memory>, seen: &Seen, jitter: &dyn Jitter) -> Resu
     if requested(status.last_handled_check_request.as_deref()) {
         return Err(Why::Requested);
     }
+    // Changed while no replica watched it (a restart, a failover, a rollout): tested now,
+    // as a change the watch saw would be, not at the end of the interval or backoff (both
+    // times are whole seconds: a change in the second of the test counts).
+    if seen.references_changed.is_some_and(|t| t >= last.0) {
+        return Err(Why::ReferencesChanged);
+    }
     // Not tested while its Secrets could not be read: due as soon as they can (the
     // reconcile does not get here while they cannot).
     if super::status::ready(Some(status))
@@ -265,6 +274,7 @@ mod decide_tests {
             generation: Some(1),
             request: None,
             references: 7,
+            references_changed: None,
             status,
             interval: Duration::from_secs(300),
             now: at(now),
@@ -351,6 +361,35 @@ mod decide_tests {
             Err(Why::SpecChanged)
         );
         let _ = SignedDuration::ZERO;
+    }
+
+    /// After a restart, a Secret or ConfigMap changed since the last test (while no
+    /// replica watched) makes the provider due at once; one changed before it does not.
+    #[test]
+    fn after_a_restart_a_reference_changed_since_the_last_test_is_tested_at_once() {
+        let status = IncomingMailProviderStatus {
+            observed_generation: Some(1),
+            last_check_time: Some(Time(at(0))),
+            ..Default::default()
+        };
+        let changed = |t: i64| Seen {
+            references_changed: Some(at(t)),
+            ..seen(Some(&status), 60)
+        };
+        assert_eq!(
+            decide(None, &changed(30), &Zero),
+            Err(Why::ReferencesChanged)
+        );
+        assert_eq!(
+            decide(None, &changed(-30), &Zero),
+            Ok(Duration::from_secs(240))
+        );
+        // With memory, the fingerprint decides: the watch saw every change.
+        let m = memory(100);
+        assert_eq!(
+            decide(Some(&m), &changed(30), &Zero),
+            Ok(Duration::from_secs(40))
+        );
     }
 
     /// A provider that said AccessDenied was not tested: once the reconcile gets this far

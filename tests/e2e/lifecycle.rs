@@ -324,3 +324,50 @@ async fn sigterm_cancels_a_test_that_outlasts_the_drain_and_exits_within_the_gra
         "a cancelled test writes no verdict: {status:?}"
     );
 }
+
+/// A Secret changed while no controller ran (a restart, a failover, a rollout) is tested
+/// as soon as the next one starts, as a change its watch saw would be; a provider whose
+/// objects did not change keeps its schedule (5 m here).
+#[tokio::test]
+async fn a_secret_changed_while_no_controller_ran_is_tested_when_one_starts() {
+    let env = alice_env("changed-between").await;
+    let (user, password) = env.bed.dovecot().account("alice");
+    env.secret("kept", &[("username", &user), ("password", &password)])
+        .await;
+    env.apply_alice_imaps("changed");
+    let port = env.bed.dovecot().imaps_port();
+    env.apply(&provider(
+        "kept",
+        "IMAP",
+        port,
+        "Implicit",
+        "{method: Password, secretRef: {name: kept}}",
+        "",
+    ));
+    let mut first = env.controller();
+    env.wait_reason("changed", "Connected", Duration::from_secs(60))
+        .await;
+    let kept = env
+        .wait_reason("kept", "Connected", Duration::from_secs(60))
+        .await;
+    let checked = kept.status.unwrap().last_check_time;
+    first
+        .terminate(Duration::from_secs(15))
+        .expect("the controller should exit on SIGTERM");
+
+    env.secret(
+        "alice",
+        &[("username", &user), ("password", "changed-meanwhile")],
+    )
+    .await;
+    let _second = env.controller();
+    env.wait_reason("changed", "AuthenticationFailed", Duration::from_secs(20))
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let kept = env.providers().get("kept").await.unwrap();
+    assert_eq!(
+        kept.status.unwrap().last_check_time,
+        checked,
+        "a provider whose Secret did not change is not tested again after the restart"
+    );
+}
