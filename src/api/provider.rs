@@ -495,7 +495,9 @@ pub struct IncomingMailProviderStatus {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct EndpointStatus {
+    /// The server's host, as in spec.server.host.
     pub host: String,
+    /// The port tested: spec.server.port, or the protocol's default for the TLS mode.
     pub port: i32,
     pub protocol: Protocol,
     pub tls_mode: TlsMode,
@@ -505,8 +507,11 @@ pub struct EndpointStatus {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct ServerStatus {
+    /// The server's first line, cut at 256 characters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub greeting: Option<String>,
+    /// What the server says it supports (IMAP CAPABILITY, POP3 CAPA), as last seen in the
+    /// test: each cut at 256 characters, at most 32 (the last then says how many more).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub capabilities: Vec<String>,
 }
@@ -515,7 +520,9 @@ pub struct ServerStatus {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct TlsStatus {
+    /// The protocol version, e.g. TLSv1.3.
     pub version: String,
+    /// The cipher suite, e.g. TLS13_AES_256_GCM_SHA384.
     pub cipher_suite: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_certificate: Option<CertificateStatus>,
@@ -525,10 +532,13 @@ pub struct TlsStatus {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct CertificateStatus {
+    /// The certificate's subject name, cut at 256 characters.
     pub subject: String,
+    /// Its issuer's name, cut at 256 characters.
     pub issuer: String,
     /// Expiry, RFC 3339.
     pub not_after: String,
+    /// The DNS names of its subjectAltName, at most 32 (the last then says how many more).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dns_names: Vec<String>,
 }
@@ -537,7 +547,10 @@ pub struct CertificateStatus {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct MailboxStatus {
+    /// The mailbox counted: spec.check.mailbox for IMAP; INBOX for POP3, which has no
+    /// other.
     pub name: String,
+    /// Messages in it.
     pub messages: i64,
     /// IMAP only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -549,6 +562,32 @@ mod tests {
     use kube::CustomResourceExt;
 
     use super::IncomingMailProvider;
+
+    /// `kubectl explain` has something to say of every field, status included.
+    #[test]
+    fn every_field_of_the_crd_is_described() {
+        fn undescribed(schema: &serde_json::Value, path: &str, found: &mut Vec<String>) {
+            if let Some(props) = schema["properties"].as_object() {
+                for (name, field) in props {
+                    let at = format!("{path}.{name}");
+                    if field["description"].as_str().is_none_or(str::is_empty) {
+                        found.push(at.clone());
+                    }
+                    undescribed(field, &at, found);
+                }
+            }
+            if schema["items"].is_object() {
+                undescribed(&schema["items"], &format!("{path}[]"), found);
+            }
+        }
+        let crd = serde_json::to_value(IncomingMailProvider::crd()).unwrap();
+        let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+        let mut found = Vec::new();
+        for part in ["spec", "status"] {
+            undescribed(&schema["properties"][part], part, &mut found);
+        }
+        assert!(found.is_empty(), "fields without a description: {found:?}");
+    }
 
     #[test]
     fn kubectl_get_shows_the_age_that_custom_columns_would_drop() {

@@ -234,8 +234,31 @@ async fn certificates_are_verified_and_a_ca_bundle_or_pinned_certificate_is_trus
         pinned_auth,
         "",
     ));
+    // The same server, its certificate not verified: Ready, and the message says so.
+    env.apply(
+        &provider(
+            "unverified",
+            "IMAP",
+            selfsigned.imaps_port(),
+            "Implicit",
+            pinned_auth,
+            "",
+        )
+        .replace(
+            "caBundleRef: {kind: ConfigMap, name: test-ca}",
+            "insecureSkipVerify: true",
+        ),
+    );
     let _controller = env.controller();
 
+    let p = env
+        .wait_reason("unverified", "Connected", Duration::from_secs(60))
+        .await;
+    let msg = &ready(&p).unwrap().message;
+    assert!(
+        msg.contains("WARNING: the server's certificate is not verified (tls.insecureSkipVerify)"),
+        "{msg:?}"
+    );
     let p = env
         .wait_reason("untrusted", "CertificateInvalid", Duration::from_secs(60))
         .await;

@@ -110,6 +110,18 @@ async fn invalid_manifests_are_rejected_with_the_field_named() {
         }
     }
 
+    // IP literals are hosts too, IPv6 without brackets (its colons are not a port).
+    for host in ["192.0.2.10", "2001:db8::1", "::1", "mail.example.com."] {
+        let out = env.try_apply(&manifest(&server(&format!(
+            "{{host: '{host}', protocol: IMAP}}"
+        ))));
+        assert!(
+            out.status.success(),
+            "host {host} refused: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     // And a valid one, with every default, is accepted and defaulted by the API server.
     let out = env.try_apply(&manifest(
         "  server: {host: mail.example.com, protocol: POP3}\n  authentication: {method: None}\n",
