@@ -136,6 +136,14 @@ pub fn verdict(
             "; WARNING: the server's certificate is not verified (tls.insecureSkipVerify)",
         );
     }
+    // An http:// token endpoint off this host, which only allowUnencrypted lets through.
+    if let (Login::OAuth2 { .. }, Some(o)) = (login, &spec.authentication.oauth2)
+        && crate::api::oauth2::plaintext_endpoints(o, false).is_err()
+    {
+        message.push_str(
+            "; WARNING: the OAuth2 client secret and tokens go to an http:// endpoint without TLS (authentication.allowUnencrypted)",
+        );
+    }
     // Said as loudly as the certificate: whoever reads the line may not know the spec.
     if endpoint.tls_mode == crate::api::TlsMode::None {
         let sent = match login {
@@ -150,4 +158,71 @@ pub fn verdict(
         }
     }
     (Reason::Connected, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::SaslMechanism;
+    use secrecy::SecretString;
+
+    fn passed() -> Report {
+        Report {
+            steps: Vec::new(),
+            findings: Default::default(),
+            failure: None,
+            duration: Duration::ZERO,
+        }
+    }
+
+    fn oauth2() -> Login {
+        Login::OAuth2 {
+            username: "alice".into(),
+            token: SecretString::from("t"),
+            mechanism: SaslMechanism::Auto,
+            allow_unencrypted: false,
+        }
+    }
+
+    /// What allowUnencrypted lets through is said in the Ready message, as the
+    /// certificate a test does not verify is.
+    #[test]
+    fn the_ready_message_warns_of_what_is_not_protected() {
+        let message = |yaml: &str, login: &Login| {
+            let spec: IncomingMailProviderSpec = serde_yaml::from_str(yaml).unwrap();
+            verdict(&spec, &Endpoint::of(&spec), login, &passed()).1
+        };
+        let server = "server: {host: mail.example.com, protocol: IMAP}\n";
+        let oauth2_at = |url: &str| {
+            format!(
+                "{server}authentication: {{method: OAuth2, allowUnencrypted: true, oauth2: {{provider: Generic, clientId: c, tokenURL: '{url}', tokenSecretRef: {{name: t}}}}}}\n"
+            )
+        };
+        let http = message(&oauth2_at("http://idp.example.com/token"), &oauth2());
+        assert!(
+            http.contains(
+                "WARNING: the OAuth2 client secret and tokens go to an http:// endpoint without TLS"
+            ),
+            "{http}"
+        );
+        for url in [
+            "https://idp.example.com/token",
+            "http://127.0.0.1:8080/token",
+        ] {
+            let text = message(&oauth2_at(url), &oauth2());
+            assert!(!text.contains("WARNING"), "{url}: {text}");
+        }
+        let unverified = message(
+            &format!(
+                "{server}tls: {{insecureSkipVerify: true}}\nauthentication: {{method: None}}\n"
+            ),
+            &Login::None,
+        );
+        assert!(
+            unverified.contains(
+                "WARNING: the server's certificate is not verified (tls.insecureSkipVerify)"
+            ),
+            "{unverified}"
+        );
+    }
 }

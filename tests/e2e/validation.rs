@@ -165,3 +165,53 @@ async fn kubectl_explain_documents_the_fields() {
         assert!(text.contains(default), "kubectl explain {field}:\n{text}");
     }
 }
+
+/// The examples are what a user applies first: the API server takes each as written (a
+/// server-side dry run, in this test's namespace instead of theirs).
+#[tokio::test]
+async fn the_examples_are_accepted_by_the_api_server() {
+    let env = Env::new("examples").await;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files: Vec<_> = ["examples", "examples/demo"]
+        .iter()
+        .flat_map(|dir| std::fs::read_dir(root.join(dir)).unwrap())
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 4, "{files:?}");
+    for file in files {
+        let text: String = std::fs::read_to_string(&file)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("namespace:"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        // The demo's file is a template that scripts/demo fills in.
+        let text = text
+            .replace("${ALICE_PASSWORD}", "secret")
+            .replace("${MAILROOM_MAIL_HOST}", "127.0.0.1")
+            .replace("${MAILROOM_IMAPS_PORT}", "993")
+            .replace("${MAILROOM_POP3_PORT}", "110")
+            .replace("${CLOSED_PORT}", "1");
+        let unfilled = text
+            .lines()
+            .any(|l| !l.trim_start().starts_with('#') && l.contains("${"));
+        assert!(!unfilled, "{}: a variable left:\n{text}", file.display());
+        let mut cmd = env.bed.kubectl();
+        cmd.args(["apply", "--dry-run=server", "-n", &env.ns, "-f", "-"]);
+        let out = crate::support::with_input(cmd, &text);
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("incomingmailprovider.mailroom.dev/"),
+            "{}: no provider applied: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
