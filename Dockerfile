@@ -4,7 +4,9 @@
 # Multi-stage: the release binary is built in the Rust image, then copied alone into
 # distroless/cc (glibc and CA certificates, no shell, no package manager), run as the
 # distroless "nonroot" user 65532 (the chart's runAsUser). It is the binary the test suite
-# runs, from the same sources and Cargo.lock (--locked), in release mode.
+# runs, from the same sources and Cargo.lock (--locked), in release mode. Not a static
+# (musl) binary on distroless/static: that would be a second build, for another libc's
+# DNS resolver and allocator, that no test here runs; distroless/cc adds only glibc.
 
 ARG RUST_VERSION=1.95
 FROM docker.io/library/rust:${RUST_VERSION}-bookworm AS build

@@ -228,9 +228,11 @@ pub fn decide(memory: Option<&Memory>, seen: &Seen, jitter: &dyn Jitter) -> Resu
         return Err(Why::Requested);
     }
     // Changed while no replica watched it (a restart, a failover, a rollout): tested now,
-    // as a change the watch saw would be, not at the end of the interval or backoff (both
-    // times are whole seconds: a change in the second of the test counts).
-    if seen.references_changed.is_some_and(|t| t >= last.0) {
+    // as a change the watch saw would be, not at the end of the interval or backoff. Both
+    // times are whole seconds, and a change in the second of the test does not count: a
+    // provider applied with its Secret is first tested in that second, and would be
+    // tested again at every failover until its next test.
+    if seen.references_changed.is_some_and(|t| t > last.0) {
         return Err(Why::ReferencesChanged);
     }
     // Not tested while its Secrets could not be read: due as soon as they can (the

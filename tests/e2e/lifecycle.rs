@@ -355,6 +355,8 @@ async fn a_secret_changed_while_no_controller_ran_is_tested_when_one_starts() {
         .terminate(Duration::from_secs(15))
         .expect("the controller should exit on SIGTERM");
 
+    // In a later second than the last test (both times are whole seconds).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     env.secret(
         "alice",
         &[("username", &user), ("password", "changed-meanwhile")],

@@ -48,13 +48,29 @@ async fn a_stopped_mail_server_is_refused_and_its_return_is_noticed_before_the_i
         ALICE_AUTH,
         "",
     ));
+    // And one tested every 30 s, that nobody asks about: its next test finds the server
+    // gone by itself.
+    env.apply(
+        &provider(
+            "unattended",
+            "IMAP",
+            d.imaps_port(),
+            "Implicit",
+            ALICE_AUTH,
+            "",
+        )
+        .replace("interval: 5m", "interval: 30s"),
+    );
     let _controller = env.controller();
     env.wait_reason("imaps", "Connected", Duration::from_secs(60))
         .await;
     env.wait_reason("pop3", "Connected", Duration::from_secs(60))
         .await;
+    env.wait_reason("unattended", "Connected", Duration::from_secs(60))
+        .await;
 
     d.stop();
+    let stopped = Instant::now();
     // Nothing triggers a test when a server goes away; the next scheduled one is at the
     // interval (5m). Ask for one, as a user's alert runbook would.
     for name in ["imaps", "pop3"] {
@@ -72,6 +88,13 @@ async fn a_stopped_mail_server_is_refused_and_its_return_is_noticed_before_the_i
             .await;
         assert_eq!(p.status.unwrap().consecutive_failures, 1);
     }
+    // Within its interval, its jitter (3 s) and its refused connection's moment.
+    env.wait_reason("unattended", "ConnectionRefused", Duration::from_secs(40))
+        .await;
+    eprintln!(
+        "the unattended provider saw the server gone {:?} after it stopped",
+        stopped.elapsed()
+    );
     d.start().expect("restarting Dovecot");
     let back = Instant::now();
     // Failures retry after ~10 s (then 20, 40, ...), not after the 5 m interval.
@@ -144,6 +167,21 @@ async fn a_controller_killed_mid_burst_gives_every_provider_a_fresh_status_when_
         done_before < names.len(),
         "the burst finished before the kill; nothing to prove"
     );
+    // Those whose result reached the API server before the kill.
+    let written: Vec<String> = env
+        .providers()
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|p| {
+            p.status
+                .as_ref()
+                .is_some_and(|s| s.last_check_time.is_some())
+        })
+        .map(|p| p.metadata.name.unwrap())
+        .collect();
 
     let second = env.controller();
     for name in &names {
@@ -171,5 +209,13 @@ async fn a_controller_killed_mid_burst_gives_every_provider_a_fresh_status_when_
         unique.len(),
         tested.len(),
         "a provider was tested twice after the restart:\n{logs}"
+    );
+    let again: Vec<&&str> = tested
+        .iter()
+        .filter(|n| written.iter().any(|w| w == *n))
+        .collect();
+    assert!(
+        again.is_empty(),
+        "tested again after the restart though their status was written before the kill: {again:?}\n{logs}"
     );
 }
