@@ -83,6 +83,56 @@ async fn a_missing_secret_or_key_is_named_and_creating_it_heals() {
         .await;
 }
 
+/// A CA bundle ConfigMap is watched as Secrets are: created, or changed, it re-tests its
+/// providers at once, not after their backoff (10 s here) or interval.
+#[tokio::test]
+async fn a_ca_bundle_created_or_changed_is_tested_at_once() {
+    let env = alice_env("ca-change").await;
+    env.apply(
+        &provider(
+            "imaps",
+            "IMAP",
+            env.bed.dovecot().imaps_port(),
+            "Implicit",
+            ALICE_AUTH,
+            "",
+        )
+        .replace("name: test-ca", "name: later-ca"),
+    );
+    let _controller = env.controller();
+    let p = env
+        .wait_reason("imaps", "SecretNotFound", Duration::from_secs(60))
+        .await;
+    assert!(ready(&p).unwrap().message.contains("later-ca"), "{p:?}");
+
+    // Another CA's certificate: the server's is not trusted.
+    let ca = |file: &std::path::Path| {
+        let pem = std::fs::read_to_string(file).unwrap();
+        serde_json::json!({"metadata": {"name": "later-ca"}, "data": {"ca.crt": pem}})
+    };
+    let other = env.bed.self_signed_dovecot().ca_file();
+    let api: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.ns);
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(ca(&other)).unwrap(),
+    )
+    .await
+    .unwrap();
+    env.wait_reason("imaps", "CertificateInvalid", Duration::from_secs(8))
+        .await;
+
+    let right = env.bed.dovecot().ca_file();
+    api.patch(
+        "later-ca",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(ca(&right)),
+    )
+    .await
+    .unwrap();
+    env.wait_reason("imaps", "Connected", Duration::from_secs(8))
+        .await;
+}
+
 #[tokio::test]
 async fn network_failures_are_classified() {
     let env = Env::new("network").await;

@@ -633,3 +633,37 @@ async fn a_provider_deleted_during_its_test_is_dropped_without_a_retry() {
     );
     assert_eq!(relay.accepted(), 1, "and it is not tested again");
 }
+
+/// JSON logs, as collectors read them: one object per line, and each line about a
+/// provider names it, `namespace` and `name` beside the message as Flux's logs put them.
+#[tokio::test]
+async fn json_logs_name_the_provider_on_each_of_its_lines() {
+    let env = alice_env("json-logs").await;
+    env.apply_alice_imaps("imaps");
+    let controller = env.controller_with(&["--log-format", "json"]);
+    env.wait_reason("imaps", "Connected", Duration::from_secs(60))
+        .await;
+    let logs = controller.logs();
+    let mut about = Vec::new();
+    for line in logs.lines() {
+        let entry: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        for key in ["timestamp", "level", "target"] {
+            assert!(entry[key].is_string(), "no {key}: {line}");
+        }
+        if entry["spans"]
+            .as_str()
+            .is_some_and(|s| s.split(':').any(|s| s == "provider"))
+        {
+            assert_eq!(entry["namespace"], env.ns.as_str(), "{line}");
+            assert_eq!(entry["name"], "imaps", "{line}");
+            about.push(entry);
+        }
+    }
+    assert!(
+        about
+            .iter()
+            .any(|e| e["message"] == "tested" && e["reason"] == "Connected"),
+        "no line about the provider's test:\n{logs}"
+    );
+}

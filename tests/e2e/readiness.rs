@@ -78,6 +78,26 @@ async fn each_protocol_and_tls_mode_goes_ready_with_the_details_filled_in() {
         }
         assert!(status.last_check_time.is_some() && status.last_success_time.is_some());
         assert_eq!(status.consecutive_failures, 0);
+        // Written by server-side apply, by one field manager: the status is the
+        // controller's alone, and a manifest applied by a user or GitOps owns none of it.
+        let status_managers: Vec<(String, String)> = p
+            .metadata
+            .managed_fields
+            .iter()
+            .flatten()
+            .filter(|f| f.subresource.as_deref() == Some("status"))
+            .map(|f| {
+                (
+                    f.manager.clone().unwrap_or_default(),
+                    f.operation.clone().unwrap_or_default(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            status_managers,
+            vec![("mailroom".to_string(), "Apply".to_string())],
+            "{name}: managers of the status"
+        );
     }
 
     // What GitOps tools and scripts use: kubectl wait on the Ready condition.
