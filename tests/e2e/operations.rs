@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{ALICE_AUTH, Controller, Env, alice_env, provider};
+use crate::support::{ALICE_AUTH, Controller, Env, alice_env, provider, ready};
 
 async fn two_providers(prefix: &str) -> Env {
     let env = alice_env(prefix).await;
@@ -64,6 +64,95 @@ async fn a_deleted_lease_is_created_again_and_testing_goes_on() {
         "{}",
         controller.logs()
     );
+}
+
+/// A leader that sees another replica holding its Lease (one that took it over a
+/// partition, or a second release by mistake) stops testing at once, tests nothing while
+/// the other renews it, and takes it again once the other's has expired.
+#[tokio::test]
+async fn a_leader_whose_lease_another_holds_stops_testing_until_it_expires() {
+    let env = alice_env("lease-taken").await;
+    env.apply_alice_imaps("imaps");
+    let controller = env.controller();
+    env.wait_reason("imaps", "Connected", Duration::from_secs(60))
+        .await;
+    // Another replica takes the Lease and renews it every 2 s for 12 s.
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(env.client.clone(), &env.ns);
+    let contender = tokio::spawn(async move {
+        for _ in 0..6 {
+            // A MicroTime: six digits of fraction, as the API server parses it.
+            let now = k8s_openapi::jiff::Timestamp::now()
+                .strftime("%Y-%m-%dT%H:%M:%S%.6fZ")
+                .to_string();
+            let patch = serde_json::json!({"spec": {
+                "holderIdentity": "another-replica",
+                "leaseDurationSeconds": 6,
+                "acquireTime": now,
+                "renewTime": now,
+            }});
+            leases
+                .patch(
+                    "mailroom",
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&patch),
+                )
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !controller
+        .logs()
+        .contains("lost the lease: testing stopped")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the leader did not see the Lease taken:\n{}",
+            controller.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        controller
+            .metrics_with(&["mailroom_leader 0"], Duration::from_secs(5))
+            .await
+            .contains("mailroom_leader 0")
+    );
+    // A test asked for now waits for the other replica to stop renewing.
+    let out = env.kubectl(&[
+        "annotate",
+        "imp/imaps",
+        "mailroom.dev/check-requested-at=while-another-holds-it",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let answered = |p: &mailroom::api::IncomingMailProvider| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.last_handled_check_request.as_deref())
+            == Some("while-another-holds-it")
+    };
+    while !contender.is_finished() {
+        let p = env.providers().get("imaps").await.unwrap();
+        assert!(
+            !answered(&p),
+            "tested while another replica held the Lease:\n{}",
+            controller.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    contender.await.unwrap();
+    // Its Lease expires 6 s after its last renewal; then this one takes it and tests.
+    let p = env
+        .wait(
+            "imaps",
+            "the request answered once the Lease is back",
+            Duration::from_secs(20),
+            answered,
+        )
+        .await;
+    assert_eq!(ready(&p).unwrap().reason, "Connected");
 }
 
 /// A connection to the API server that goes silent without closing (its node lost behind
