@@ -444,8 +444,12 @@ async fn three_shards_test_each_provider_exactly_once_and_resharding_loses_none(
     let port = env.bed.dovecot().imaps_port();
     let names: Vec<String> = (0..12).map(|i| format!("box-{i:02}")).collect();
     for name in &names {
-        env.apply(&provider(name, "IMAP", port, "Implicit", ALICE_AUTH, ""));
+        env.apply(
+            &provider(name, "IMAP", port, "Implicit", ALICE_AUTH, "")
+                .replace("interval: 5m", "interval: 30s"),
+        );
     }
+    let started = Instant::now();
     let mut shards: Vec<_> = (0..3)
         .map(|i| env.controller_with(&["--shard-index", &i.to_string(), "--shard-count", "3"]))
         .collect();
@@ -464,6 +468,40 @@ async fn three_shards_test_each_provider_exactly_once_and_resharding_loses_none(
             "shard {i} should test its {expected} providers once:\n{}",
             c.logs()
         );
+    }
+    // Over two intervals (30 s, plus up to 3 s of jitter), each provider is tested by its
+    // own shard only, once per interval: twice or three times in all.
+    tokio::time::sleep(
+        (started + Duration::from_secs(65)).saturating_duration_since(Instant::now()),
+    )
+    .await;
+    for (i, c) in shards.iter().enumerate() {
+        let logs = c.logs();
+        let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+        for tested in logs.lines().filter(|l| l.contains(" tested")) {
+            let name = tested
+                .split(" name=")
+                .nth(1)
+                .and_then(|n| n.split(['}', ' ']).next())
+                .unwrap();
+            *counts.entry(name).or_default() += 1;
+        }
+        for (name, n) in &counts {
+            assert_eq!(
+                shard_of(&env.ns, name, 3),
+                i as u32,
+                "shard {i} tested {name}:\n{logs}"
+            );
+            assert!(
+                (2..=3).contains(n),
+                "{name} tested {n} times in 65 s:\n{logs}"
+            );
+        }
+        let expected = names
+            .iter()
+            .filter(|n| shard_of(&env.ns, n, 3) == i as u32)
+            .count();
+        assert_eq!(counts.len(), expected, "shard {i}:\n{logs}");
     }
     for c in &mut shards {
         assert!(
