@@ -1847,6 +1847,89 @@ fn argocd_health(env: &Env, name_: &str) -> (String, String) {
     )
 }
 
+/// Flux's verdict on provider `name` now, by the `healthCheckExprs` of
+/// docs/flux-kustomization.yaml, evaluated by the API server's own CEL (cel-go, as in
+/// Flux): a ValidatingAdmissionPolicy refuses a server-side dry run of the provider
+/// marked `flux-health-probe`, saying what each expression gives. Flux binds the
+/// object's fields (`status`, `metadata`) where a policy binds `object`.
+async fn flux_health(env: &Env, name_: &str) -> BTreeMap<String, bool> {
+    let policy = format!("flux-health-{}", env.ns);
+    let exists = env.kubectl(&["get", "validatingadmissionpolicy", &policy]);
+    if !exists.status.success() {
+        let docs = parse_documents(&repo_file("docs/flux-kustomization.yaml"));
+        let ks = docs.iter().find(|d| kind(d) == "Kustomization").unwrap();
+        let check = ks["spec"]["healthCheckExprs"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["kind"] == "IncomingMailProvider"))
+            .expect("a health check for IncomingMailProvider");
+        let roots = regex::Regex::new(r"(^|[^.\w])(status|metadata|spec)\b").unwrap();
+        let said: Vec<String> = ["current", "failed", "inProgress"]
+            .iter()
+            .map(|key| {
+                let expr = check[*key].as_str().expect("the expression");
+                let expr = roots.replace_all(expr, "${1}object.${2}");
+                format!("'{key}=' + string({expr})")
+            })
+            .collect();
+        let manifest = json!([
+            {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+             "metadata": {"name": policy},
+             "spec": {"failurePolicy": "Fail",
+                "matchConstraints": {"resourceRules": [{"apiGroups": ["mailroom.dev"], "apiVersions": ["*"],
+                    "operations": ["UPDATE"], "resources": ["incomingmailproviders"]}]},
+                "matchConditions": [{"name": "probe", "expression":
+                    "has(object.metadata.annotations) && 'flux-health-probe' in object.metadata.annotations"}],
+                "validations": [{"expression": "false", "messageExpression": said.join(" + ',' + ")}]}},
+            {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+             "metadata": {"name": policy},
+             "spec": {"policyName": policy, "validationActions": ["Deny"],
+                "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": env.ns}}}}},
+        ]);
+        for doc in manifest.as_array().unwrap() {
+            env.apply(&serde_json::to_string(doc).unwrap());
+        }
+    }
+    // Until the policy takes effect, the dry run is let through.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = env.kubectl(&[
+            "annotate",
+            "--dry-run=server",
+            "--overwrite",
+            &format!("imp/{name_}"),
+            "flux-health-probe=1",
+        ]);
+        let said = String::from_utf8_lossy(&out.stderr).to_string();
+        if let Some(at) = said.find("current=") {
+            return said[at..]
+                .trim()
+                .split(',')
+                .map(|pair| {
+                    let (key, value) = pair.split_once('=').unwrap();
+                    (key.to_string(), value == "true")
+                })
+                .collect();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the probe policy never answered: {said}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Flux's three verdicts, as `flux_health` returns them.
+fn flux(current: bool, failed: bool, in_progress: bool) -> BTreeMap<String, bool> {
+    [
+        ("current", current),
+        ("failed", failed),
+        ("inProgress", in_progress),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
 #[test]
 fn the_gitops_guide_shows_the_health_check_that_is_tested() {
     let guide = repo_file("docs/gitops.md");
@@ -1875,7 +1958,7 @@ fn the_gitops_guide_shows_the_health_check_that_is_tested() {
 }
 
 #[tokio::test]
-async fn the_argocd_health_check_reads_real_providers() {
+async fn the_argocd_and_flux_health_checks_read_real_providers() {
     let env = alice_env("argocd").await;
     wrong_password_secret(&env).await;
     let port = env.bed.dovecot().imaps_port();
@@ -1911,6 +1994,11 @@ async fn the_argocd_health_check_reads_real_providers() {
     ]);
     assert!(out.status.success(), "{}", text(&out));
 
+    // Flux's health checks of docs/flux-kustomization.yaml on the same objects.
+    assert_eq!(flux_health(&env, "good").await, flux(true, false, false));
+    assert_eq!(flux_health(&env, "bad").await, flux(false, true, false));
+    assert_eq!(flux_health(&env, "paused").await, flux(true, false, false));
+
     let (status, message) = argocd_health(&env, "good");
     assert_eq!(status, "Healthy", "{message}");
     assert!(message.starts_with("Connected"), "{message}");
@@ -1935,6 +2023,7 @@ async fn the_argocd_health_check_reads_real_providers() {
     assert!(out.status.success(), "{}", text(&out));
     let (status, message) = argocd_health(&env, "good");
     assert_eq!(status, "Progressing", "{message}");
+    assert!(flux_health(&env, "good").await["inProgress"]);
     // Ready Unknown (a first test still running): Progressing.
     let out = env.kubectl(&["get", "imp", "bad", "-o", "jsonpath={.metadata.generation}"]);
     let generation: i64 = String::from_utf8_lossy(&out.stdout).parse().unwrap();
