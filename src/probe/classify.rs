@@ -338,7 +338,8 @@ pub(crate) fn greeting_timeout(
             if mode != TlsMode::Implicit {
                 message.push_str(
                     "; the server sent nothing (a port that expects TLS from the first byte, \
-                     such as 993 or 995, stays silent like this: try tls.mode Implicit)",
+                     such as 993, 995 or IMAP's legacy 585, stays silent like this: try tls.mode \
+                     Implicit)",
                 );
             }
             Failure::new(Reason::Timeout, Step::Greeting, message)

@@ -46,6 +46,12 @@ async fn check_prints_each_step_and_exits_zero_only_when_ready() {
     ] {
         assert!(text.contains(step), "step {step} missing from:\n{text}");
     }
+    // Each step with its time, and the total.
+    let timed = regex::Regex::new(r"(?m)^\s+ok\s+\S.*?\s\d+ms(\s|$)").unwrap();
+    assert!(
+        timed.find_iter(&text).count() >= 6 && text.contains("total"),
+        "each step should be printed with its time:\n{text}"
+    );
     assert!(
         text.contains("Dovecot"),
         "the server's words should be printed:\n{text}"
