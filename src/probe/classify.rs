@@ -220,6 +220,21 @@ pub(crate) fn oauth2_hint(greeting: &str, capabilities: &[String]) -> &'static s
     }
 }
 
+/// The hint for a refused OAuth2 login on Microsoft Exchange, which says only
+/// "AUTHENTICATE failed." (no error challenge, unlike Gmail) whatever the cause.
+pub(crate) fn exchange_oauth2_hint(greeting: &str) -> &'static str {
+    if greeting.to_ascii_lowercase().contains("microsoft exchange") {
+        " (Exchange Online refuses an OAuth2 login in these words when the token is for \
+         another audience than https://outlook.office.com (a Graph scope, say), when \
+         authentication.username is neither the signed-in user nor a mailbox it has \
+         FullAccess to, when IMAP or POP is turned off for the mailbox, or, with \
+         ClientCredentials, when the app's service principal has no access to the mailbox in \
+         Exchange; see docs/oauth2.md)"
+    } else {
+        ""
+    }
+}
+
 /// A refused STATUS or STAT (`reply`: the server's line). Its code may say the server
 /// failed on its side; Microsoft 365's "User is authenticated but not connected" means the
 /// login was taken but opens no mailbox; an IMAP `BAD` is a command the server did not

@@ -470,12 +470,14 @@ async fn converse<S: MailSession>(
                 session.authenticate(mechanism, username, password),
             )
             .await;
-        if oauth.is_none()
-            && let Err(Stop::Failed(f)) = &mut t.outcome
+        if let Err(Stop::Failed(f)) = &mut t.outcome
             && f.reason == Reason::AuthenticationFailed
         {
             let greeting = rec.findings.greeting.as_deref().unwrap_or_default();
-            f.message.push_str(classify::oauth2_hint(greeting, &caps));
+            f.message.push_str(match oauth {
+                None => classify::oauth2_hint(greeting, &caps),
+                Some(_) => classify::exchange_oauth2_hint(greeting),
+            });
         }
         rec.settle(
             t,

@@ -2145,3 +2145,44 @@ async fn a_certificate_naming_its_host_only_in_the_cn_says_to_reissue_it() {
         f.message
     );
 }
+
+/// Exchange Online refuses a token in two words whatever the cause: the message lists the
+/// usual causes. Another server's refusal carries no such list.
+#[tokio::test]
+async fn an_exchange_oauth2_refusal_lists_its_usual_causes() {
+    for (greeting, listed) in [
+        (
+            "* OK The Microsoft Exchange IMAP4 service is ready.\r\n",
+            true,
+        ),
+        ("* OK Dovecot ready.\r\n", false),
+    ] {
+        let server = serve(vec![
+            Say(greeting),
+            Cmd("CAPABILITY"),
+            Say("* CAPABILITY IMAP4rev1 AUTH=XOAUTH2 SASL-IR\r\n$TAG OK CAPABILITY completed.\r\n"),
+            Cmd("AUTHENTICATE XOAUTH2"),
+            Say("$TAG NO AUTHENTICATE failed.\r\n"),
+            Any,
+            Say("* BYE\r\n$TAG OK\r\n"),
+        ])
+        .await;
+        let login = Login::OAuth2 {
+            username: "alice@example.com".into(),
+            token: SecretString::from(SECRET),
+            mechanism: SaslMechanism::Auto,
+            allow_unencrypted: true,
+        };
+        let report = run(&target(server.port, Protocol::Imap, TlsMode::None), &login).await;
+        let f = failure(&report);
+        assert_eq!(f.reason, Reason::AuthenticationFailed, "{f:?}");
+        assert!(f.message.contains("AUTHENTICATE failed."), "{}", f.message);
+        assert_eq!(
+            f.message.contains("https://outlook.office.com") && f.message.contains("FullAccess"),
+            listed,
+            "{}",
+            f.message
+        );
+        assert_secret_kept(&report);
+    }
+}
