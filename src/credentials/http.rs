@@ -1,7 +1,8 @@
 //! Just enough HTTP/1.1 for OAuth2 token endpoints: one form POST per connection
 //! (`Connection: close`), over TLS with the platform's roots (or plain HTTP, which only a
-//! loopback test server should use), with a deadline and a bound on what is read. Built on
-//! tokio and rustls, which mailroom has anyway, rather than a general HTTP client stack.
+//! loopback test server should use), with a deadline and a bound on what is read, through
+//! the environment's HTTP proxy where one is set ([`super::proxy`]). Built on tokio and
+//! rustls, which mailroom has anyway, rather than a general HTTP client stack.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +10,8 @@ use std::time::Duration;
 use secrecy::zeroize::Zeroizing;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
+
+use super::proxy;
 
 /// The most bytes read of an answer.
 const MAX_RESPONSE: usize = 64 * 1024;
@@ -109,23 +111,30 @@ pub async fn post_form(
     timeout: Duration,
 ) -> Result<(u16, Vec<u8>), String> {
     let target = parse_url(url)?;
+    // Read at every request, as the environment is where a proxy is set.
+    let via = proxy::ProxyEnv::from_env()
+        .proxy_for(&target)
+        .map_err(|e| format!("POST {url}: {e}"))?;
     let body = form_encode(form);
-    let host_header = if target.host.contains(':') {
-        format!("[{}]:{}", target.host, target.port)
-    } else {
-        format!("{}:{}", target.host, target.port)
+    let host_header = proxy::authority(&target.host, target.port);
+    // Plain HTTP through a proxy: the request names the whole URL, and carries the
+    // proxy's credentials (https ones go in the CONNECT, which the endpoint never sees).
+    let (request_target, proxy_line) = match &via {
+        Some(p) if !target.tls => (
+            format!("http://{host_header}{}", target.path),
+            p.authorization_line(),
+        ),
+        _ => (target.path.clone(), Zeroizing::new(String::new())),
     };
     let mut request = Zeroizing::new(format!(
-        "POST {} HTTP/1.1\r\nHost: {host_header}\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+        "POST {request_target} HTTP/1.1\r\nHost: {host_header}\r\n{}Content-Type: application/x-www-form-urlencoded\r\n\
          Accept: application/json\r\nUser-Agent: mailroom\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
-        target.path,
+        proxy_line.as_str(),
         body.len()
     ));
     request.push_str(&body);
     let exchange = async {
-        let tcp = TcpStream::connect((target.host.as_str(), target.port))
-            .await
-            .map_err(|e| format!("connecting to {host_header}: {e}"))?;
+        let tcp = proxy::open(via.as_ref(), &target).await?;
         let raw = if target.tls {
             let name = rustls::pki_types::ServerName::try_from(target.host.clone())
                 .map_err(|e| format!("{:?} is not a valid TLS name: {e}", target.host))?;

@@ -4,6 +4,7 @@
 //! them is the caller's business (the controller reads a cache, the CLI the API server).
 
 pub mod http;
+mod proxy;
 mod references;
 pub mod tokens;
 
