@@ -128,7 +128,7 @@ pub async fn main() -> anyhow::Result<i32> {
         Command::Controller(args) => {
             logging::init(args.log_format, &args.log)?;
             let config = kube::Config::infer().await?;
-            let client = controller_client(config, args.request_timeout)?;
+            let client = controller_client(without_env_proxy(config), args.request_timeout)?;
             let metrics_addr = match args.metrics_addr.as_str() {
                 "" | "off" => None,
                 addr => Some(
@@ -245,7 +245,7 @@ impl KubeArgs {
             config.read_timeout = Some(bound);
             config.reset_reader_on_write = true;
         }
-        kube::Client::try_from(config).context("connecting to the cluster")
+        kube::Client::try_from(without_env_proxy(config)).context("connecting to the cluster")
     }
 }
 
@@ -265,6 +265,23 @@ pub fn controller_client(config: kube::Config, timeout_secs: u64) -> anyhow::Res
             ))
             .build(),
     })
+}
+
+/// The API server is reached directly whatever `HTTPS_PROXY` says: that variable is for
+/// the OAuth2 token requests (credentials::proxy). kube, built without proxy support,
+/// takes it for the API server from a kubeconfig (not in a pod) and then refuses to
+/// start; its NO_PROXY matching (5.0) looks at the proxy's URL, not the server's. A
+/// kubeconfig's own `proxy-url` is kept, and refused by kube as before.
+fn without_env_proxy(mut config: kube::Config) -> kube::Config {
+    let from_env = ["HTTPS_PROXY", "https_proxy"]
+        .iter()
+        .filter_map(|name| std::env::var(name).ok())
+        .find(|value| !value.is_empty())
+        .and_then(|value| value.parse::<hyper::Uri>().ok());
+    if from_env.is_some() && config.proxy_url == from_env {
+        config.proxy_url = None;
+    }
+    config
 }
 
 /// The files `KUBECONFIG` lists, merged as kubectl merges them, skipping those that do not
