@@ -10,6 +10,7 @@ mod bed;
 mod certs;
 mod control_plane;
 mod dovecot;
+mod http_proxy;
 mod maildir;
 mod oauth;
 mod process;
@@ -26,6 +27,7 @@ pub use dovecot::{
     Account, CertKind, Dovecot, DovecotInfo, DovecotOptions, LOCKING_ACCOUNT, MAIL_HOST,
     UNAVAILABLE_USER,
 };
+pub use http_proxy::{HttpProxy, ProxyOptions};
 pub use oauth::OAuthKey;
 pub use state::BedState;
 pub use token_server::TokenServer;

@@ -72,6 +72,10 @@ struct State {
 /// The running server; stops when dropped.
 pub struct TokenServer {
     addr: SocketAddr,
+    /// The host its URLs name.
+    host: String,
+    /// The PEM of the CA that signed its certificate, when it serves https.
+    ca_pem: Option<String>,
     key: OAuthKey,
     state: Arc<Mutex<State>>,
     stop: Arc<AtomicBool>,
@@ -91,7 +95,40 @@ fn random_token(prefix: &str) -> String {
 impl TokenServer {
     /// Starts the server on 127.0.0.1 with tokens signed by `key`.
     pub fn start(key: OAuthKey) -> TokenServer {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("binding the token server");
+        TokenServer::start_at(key, "127.0.0.1".parse().unwrap(), "127.0.0.1")
+    }
+
+    /// Starts the server on `ip`, its URLs naming it `host` (a name that resolves to
+    /// `ip`: a client decides by the name, e.g. whether to use a proxy).
+    pub fn start_at(key: OAuthKey, ip: std::net::IpAddr, host: &str) -> TokenServer {
+        TokenServer::launch(key, ip, host, None)
+    }
+
+    /// As [`TokenServer::start_at`], serving https with a certificate for `host` signed
+    /// by a CA of its own ([`TokenServer::ca_pem`]).
+    pub fn start_tls(key: OAuthKey, ip: std::net::IpAddr, host: &str) -> TokenServer {
+        let ca = crate::certs::Ca::new("mailroom test token server CA").expect("a test CA");
+        let pair = ca.server(host, &[host]).expect("a certificate");
+        let (certs, private) = pem_pair(&pair.cert_pem, &pair.key_pem);
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, private)
+        .expect("the token server's certificate");
+        TokenServer::launch(key, ip, host, Some((Arc::new(config), ca.cert_pem())))
+    }
+
+    fn launch(
+        key: OAuthKey,
+        ip: std::net::IpAddr,
+        host: &str,
+        tls: Option<(Arc<rustls::ServerConfig>, String)>,
+    ) -> TokenServer {
+        let (tls, ca_pem) = tls.unzip();
+        let listener = TcpListener::bind((ip, 0)).expect("binding the token server");
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State::default()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -102,14 +139,16 @@ impl TokenServer {
                     break;
                 }
                 let Ok(conn) = conn else { continue };
-                let (s, k) = (s.clone(), k.clone());
+                let (s, k, tls) = (s.clone(), k.clone(), tls.clone());
                 std::thread::spawn(move || {
-                    let _ = serve(conn, &s, &k);
+                    let _ = serve(conn, tls, &s, &k);
                 });
             }
         });
         TokenServer {
             addr,
+            host: host.to_string(),
+            ca_pem,
             key,
             state,
             stop,
@@ -117,7 +156,22 @@ impl TokenServer {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.ca_pem.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}:{}", self.host, self.addr.port())
+    }
+
+    /// The CA to trust for an https server.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
     }
 
     pub fn token_url(&self) -> String {
@@ -312,13 +366,53 @@ fn parse_form(text: &str) -> HashMap<String, String> {
         .collect()
 }
 
-fn serve(conn: TcpStream, state: &Mutex<State>, key: &OAuthKey) -> std::io::Result<()> {
+fn pem_pair(
+    cert: &str,
+    key: &str,
+) -> (
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+) {
+    use rustls::pki_types::pem::PemObject;
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .expect("the certificate's PEM");
+    let key =
+        rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("the key's PEM");
+    (certs, key)
+}
+
+fn serve(
+    conn: TcpStream,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    state: &Mutex<State>,
+    key: &OAuthKey,
+) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     if state.lock().unwrap().down {
         drop(conn);
         return Ok(());
     }
-    let mut reader = BufReader::new(conn.try_clone()?);
+    let local = conn.local_addr()?;
+    match tls {
+        None => respond(&mut { conn }, local, state, key),
+        Some(config) => {
+            let session = rustls::ServerConnection::new(config).map_err(std::io::Error::other)?;
+            let mut stream = rustls::StreamOwned::new(session, conn);
+            respond(&mut stream, local, state, key)?;
+            stream.conn.send_close_notify();
+            stream.flush()
+        }
+    }
+}
+
+fn respond<S: Read + Write>(
+    conn: &mut S,
+    local: SocketAddr,
+    state: &Mutex<State>,
+    key: &OAuthKey,
+) -> std::io::Result<()> {
+    let mut reader = BufReader::new(&mut *conn);
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
     let mut length = 0usize;
@@ -382,7 +476,7 @@ fn serve(conn: TcpStream, state: &Mutex<State>, key: &OAuthKey) -> std::io::Resu
                     json!({
                         "device_code": device_code,
                         "user_code": user_code,
-                        "verification_uri": format!("http://{}/device", conn.local_addr().map(|a| a.to_string()).unwrap_or_default()),
+                        "verification_uri": format!("http://{local}/device"),
                         "expires_in": 900,
                         "interval": 1,
                     }),
@@ -416,7 +510,7 @@ fn serve(conn: TcpStream, state: &Mutex<State>, key: &OAuthKey) -> std::io::Resu
     };
     let text = answer.to_string();
     let reason = if status == 200 { "OK" } else { "Bad Request" };
-    let mut conn = conn;
+    drop(reader);
     write!(
         conn,
         "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json; charset=utf-8\r\nCache-Control: no-store\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",

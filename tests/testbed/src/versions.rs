@@ -64,7 +64,7 @@ impl Binaries {
 pub fn not_prepared(missing: &Path, cache: &Path) -> String {
     format!(
         "the test bed is not prepared: {} is missing; run tests/testbed/prepare (installs Dovecot \
-         with apt-get and builds etcd, kube-apiserver, kubectl, helm and promtool with Go into {})",
+         and tinyproxy with apt-get and builds etcd, kube-apiserver, kubectl, helm and promtool with Go into {})",
         missing.display(),
         cache.display()
     )
@@ -72,15 +72,21 @@ pub fn not_prepared(missing: &Path, cache: &Path) -> String {
 
 /// Dovecot comes from Debian's package, in /usr/sbin, which a non-root PATH may lack.
 fn find_dovecot() -> PathBuf {
+    find_debian_binary("dovecot", Path::new("/usr/sbin/dovecot"))
+}
+
+/// A binary of a Debian package: on PATH, else where the package puts it.
+pub fn find_debian_binary(name: &str, installed: &Path) -> PathBuf {
     let from_path = std::env::var_os("PATH")
         .into_iter()
         .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|dir| dir.join("dovecot"))
+        .map(|dir| dir.join(name))
         .find(|p| is_executable(p));
-    from_path.unwrap_or_else(|| PathBuf::from("/usr/sbin/dovecot"))
+    from_path.unwrap_or_else(|| installed.to_path_buf())
 }
 
-fn is_executable(path: &Path) -> bool {
+/// Whether `path` is an executable file.
+pub fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     path.metadata()
         .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
@@ -222,7 +228,7 @@ mod tests {
         assert_eq!(
             msg,
             "the test bed is not prepared: /c/etcd is missing; run tests/testbed/prepare (installs \
-             Dovecot with apt-get and builds etcd, kube-apiserver, kubectl, helm and promtool with Go \
+             Dovecot and tinyproxy with apt-get and builds etcd, kube-apiserver, kubectl, helm and promtool with Go \
              into /c)"
         );
     }
