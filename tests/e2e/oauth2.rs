@@ -1340,3 +1340,242 @@ async fn authorize_without_a_refresh_token_granted_warns_and_keeps_no_older_one(
         "the earlier sign-in's refresh token was kept beside the new access token"
     );
 }
+
+use mailroom_testbed::ProxyOptions;
+
+/// This machine's host name and an IPv4 address it resolves to (/etc/hosts): a name not
+/// loopback by its spelling, so the controller sends token requests for it to a proxy
+/// (it never resolves a name to decide, as Go does not), and the proxy reaches a token
+/// server listening on that address.
+fn machine_name() -> (String, std::net::IpAddr) {
+    use std::net::ToSocketAddrs;
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .expect("reading the host name")
+        .trim()
+        .to_string();
+    let ip = (name.as_str(), 0)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.find(|a| a.is_ipv4()))
+        .map(|a| a.ip())
+        .unwrap_or_else(|| {
+            panic!("the host name {name:?} resolves to no IPv4 address; the proxy tests need it to (see /etc/hosts)")
+        });
+    (name, ip)
+}
+
+/// Asks for a test now and waits until the controller has handled the request.
+async fn retest(env: &Env, name: &str, label: &str) -> mailroom::api::IncomingMailProvider {
+    env.kubectl(&[
+        "annotate",
+        &format!("imp/{name}"),
+        &format!("mailroom.dev/check-requested-at={label}"),
+        "--overwrite",
+    ]);
+    env.wait(
+        name,
+        "the check request answered",
+        Duration::from_secs(60),
+        |p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.last_handled_check_request.as_deref())
+                == Some(label)
+        },
+    )
+    .await
+}
+
+// tinyproxy takes only letters, digits, `-`, `.` and `_` in credentials.
+const PROXY_PASSWORD: &str = "Pl4nted-Proxy-Pass.39f2";
+const APP_CLIENT_SECRET: &str = "Pl4nted-Client-Secret-7d1e";
+
+/// Provider `app`: Microsoft's app-only flow with the token URL pointed at `server`,
+/// whose tokens are too short-lived to keep, so that every test asks for one.
+async fn app_provider(env: &Env, server: &TokenServer) {
+    server.register_client(CLIENT, Some(APP_CLIENT_SECRET), Some("alice"));
+    server.set_access_ttl(Duration::from_secs(120));
+    env.secret("app-secret", &[("client-secret", APP_CLIENT_SECRET)])
+        .await;
+    let manifest = oauth_provider(
+        "app",
+        "IMAP",
+        env.bed.dovecot().imaps_port(),
+        &format!(
+            "provider: Microsoft, flow: ClientCredentials, tenant: contoso.onmicrosoft.com, clientId: {CLIENT}, clientSecretRef: {{name: app-secret}}, tokenURL: '{}', tokenSecretRef: {{name: alice-token}}",
+            server.token_url()
+        ),
+    );
+    env.apply(&if server.ca_pem().is_some() {
+        manifest
+    } else {
+        manifest.replace("method: OAuth2", "method: OAuth2, allowUnencrypted: true")
+    });
+}
+
+/// The proxy's URL with Basic credentials, the password's dots percent-encoded (which
+/// decoding must undo).
+fn with_login(proxy: &mailroom_testbed::HttpProxy, password: &str) -> String {
+    format!(
+        "http://mailroom:{}@127.0.0.1:{}",
+        password.replace('.', "%2E"),
+        proxy.port()
+    )
+}
+
+/// Asserts that none of the planted secrets appears in the logs, status or Events.
+async fn no_leaks(env: &Env, logs: String, secrets: &[&str]) {
+    for (place, text) in outputs(env, logs).await {
+        for secret in secrets {
+            assert!(!text.contains(secret), "{secret:?} appeared in the {place}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn token_requests_tunnel_through_https_proxy_with_its_credentials() {
+    let env = Env::new("oauth2-connect").await;
+    trust_bed_ca(&env).await;
+    let (host, ip) = machine_name();
+    let server = TokenServer::start_tls(env.bed.oauth(), ip, &host);
+    let ca_file = env.dir.path().join("token-server-ca.crt");
+    std::fs::write(&ca_file, server.ca_pem().unwrap()).unwrap();
+    let ca_file = ca_file.to_str().unwrap();
+    app_provider(&env, &server).await;
+    let proxy = env.bed.http_proxy(&ProxyOptions {
+        connect_ports: vec![server.port()],
+        basic_auth: Some(("mailroom".into(), PROXY_PASSWORD.into())),
+    });
+    let connect = format!("CONNECT {host}:{} HTTP/1.1", server.port());
+    let tunnels = || proxy.requests().iter().filter(|r| **r == connect).count();
+    let mut logs = String::new();
+
+    // The controller trusts the token server's CA as it would a public one (the
+    // platform's roots, here from SSL_CERT_FILE): TLS runs inside the tunnel.
+    let controller = env.controller_with_env(
+        &[],
+        &[
+            ("HTTPS_PROXY", &with_login(&proxy, PROXY_PASSWORD)),
+            ("NO_PROXY", ""),
+            ("SSL_CERT_FILE", ca_file),
+        ],
+    );
+    env.wait_reason("app", "Connected", Duration::from_secs(60))
+        .await;
+    assert!(
+        tunnels() >= 1,
+        "expected {connect:?} in the proxy's log {}; it received {:?}",
+        proxy.log_path().display(),
+        proxy.requests()
+    );
+    logs.push_str(&controller.logs());
+    drop(controller);
+
+    // A wrong password: the proxy's refusal, in its words, naming proxy and target.
+    const WRONG: &str = "Wr0ng-Proxy-Pass-5e0b";
+    let controller = env.controller_with_env(
+        &[],
+        &[
+            ("https_proxy", &with_login(&proxy, WRONG)),
+            ("SSL_CERT_FILE", ca_file),
+        ],
+    );
+    let p = retest(&env, "app", "wrong-password").await;
+    let condition = ready(&p).unwrap();
+    assert_eq!(condition.reason, "TokenRefreshFailed", "{p:?}");
+    // tinyproxy answers 401 Unauthorized where RFC 9110 says 407.
+    let expected = format!(
+        "the proxy {} (https_proxy) refused CONNECT {host}:{}: 401 Unauthorized",
+        proxy.url(),
+        server.port()
+    );
+    assert!(
+        condition.message.contains(&expected),
+        "expected {expected:?} in {:?}",
+        condition.message
+    );
+    logs.push_str(&controller.logs());
+    no_leaks(
+        &env,
+        logs,
+        &[
+            PROXY_PASSWORD,
+            "Pl4nted-Proxy-Pass%2E",
+            WRONG,
+            APP_CLIENT_SECRET,
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn token_requests_go_through_http_proxy_unless_no_proxy_names_the_host() {
+    let env = Env::new("oauth2-proxy").await;
+    trust_bed_ca(&env).await;
+    let (host, ip) = machine_name();
+    let server = TokenServer::start_at(env.bed.oauth(), ip, &host);
+    app_provider(&env, &server).await;
+    let proxy = env.bed.http_proxy(&ProxyOptions {
+        basic_auth: Some(("mailroom".into(), PROXY_PASSWORD.into())),
+        ..ProxyOptions::default()
+    });
+    // The token endpoint is plain HTTP, so HTTP_PROXY is the variable that applies.
+    let proxy_url = with_login(&proxy, PROXY_PASSWORD);
+    let request_line = format!("POST {} HTTP/1.1", server.token_url());
+    let through_proxy = || {
+        proxy
+            .requests()
+            .iter()
+            .filter(|r| **r == request_line)
+            .count()
+    };
+    let mut logs = String::new();
+
+    // Through the proxy, with its credentials.
+    let controller = env.controller_with_env(&[], &[("HTTP_PROXY", &proxy_url), ("NO_PROXY", "")]);
+    env.wait_reason("app", "Connected", Duration::from_secs(60))
+        .await;
+    assert!(
+        through_proxy() >= 1,
+        "expected {request_line:?} in the proxy's log {}; it received {:?}",
+        proxy.log_path().display(),
+        proxy.requests()
+    );
+    logs.push_str(&controller.logs());
+    drop(controller);
+
+    // NO_PROXY names the host: straight to the token server.
+    let controller =
+        env.controller_with_env(&[], &[("HTTP_PROXY", &proxy_url), ("no_proxy", &host)]);
+    let (before, proxied) = (server.token_requests(), through_proxy());
+    let p = retest(&env, "app", "direct").await;
+    assert_eq!(
+        ready(&p).map(|c| c.reason.as_str()),
+        Some("Connected"),
+        "{p:?}"
+    );
+    assert!(server.token_requests() > before, "no token was requested");
+    assert_eq!(through_proxy(), proxied, "NO_PROXY={host} was not honoured");
+    logs.push_str(&controller.logs());
+    drop(controller);
+
+    // A proxy that is not there: the status names it and the variable, not its password.
+    let gone = proxy.url();
+    drop(proxy);
+    let controller = env.controller_with_env(&[], &[("HTTP_PROXY", &proxy_url), ("NO_PROXY", "")]);
+    let p = retest(&env, "app", "no-proxy").await;
+    let condition = ready(&p).unwrap();
+    assert_eq!(condition.reason, "TokenRefreshFailed", "{p:?}");
+    let message = &condition.message;
+    assert!(
+        message.contains(&format!("connecting to the proxy {gone} (HTTP_PROXY)")),
+        "{message}"
+    );
+    logs.push_str(&controller.logs());
+    no_leaks(
+        &env,
+        logs,
+        &[PROXY_PASSWORD, "Pl4nted-Proxy-Pass%2E", APP_CLIENT_SECRET],
+    )
+    .await;
+}
