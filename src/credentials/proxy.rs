@@ -21,13 +21,14 @@ use super::http::{Url, parse_url};
 /// The most bytes read of a proxy's answer to `CONNECT` before the tunnel.
 const MAX_CONNECT_REPLY: usize = 8 * 1024;
 
-/// The proxy settings of the environment, as read once per request.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+/// The proxy settings of the environment, as read once per request. The proxy URLs
+/// may hold a password, so `Debug` shows only the variables' names.
+#[derive(Debug, Default, Clone)]
 pub struct ProxyEnv {
     /// For https URLs: the variable's name and value.
-    pub https: Option<(&'static str, String)>,
+    pub https: Option<(&'static str, SecretString)>,
     /// For http URLs.
-    pub http: Option<(&'static str, String)>,
+    pub http: Option<(&'static str, SecretString)>,
     pub no_proxy: String,
 }
 
@@ -45,9 +46,11 @@ impl ProxyEnv {
                 .into_iter()
                 .find_map(|n| get(n).filter(|v| !v.trim().is_empty()).map(|v| (n, v)))
         };
+        let secret =
+            |found: Option<(&'static str, String)>| found.map(|(n, v)| (n, SecretString::from(v)));
         ProxyEnv {
-            https: any(["HTTPS_PROXY", "https_proxy"]),
-            http: any(["HTTP_PROXY", "http_proxy"]),
+            https: secret(any(["HTTPS_PROXY", "https_proxy"])),
+            http: secret(any(["HTTP_PROXY", "http_proxy"])),
             no_proxy: any(["NO_PROXY", "no_proxy"])
                 .map(|(_, v)| v)
                 .unwrap_or_default(),
@@ -63,7 +66,7 @@ impl ProxyEnv {
         if bypass(&self.no_proxy, &target.host, target.port) {
             return Ok(None);
         }
-        parse_proxy(var, value).map(Some)
+        parse_proxy(var, value.expose_secret()).map(Some)
     }
 }
 
@@ -136,15 +139,15 @@ pub fn parse_proxy(var: &'static str, value: &str) -> Result<Proxy, String> {
         None => None,
         Some(info) => {
             let (user, password) = info.split_once(':').unwrap_or((info, ""));
-            let mut plain = Zeroizing::new(
-                percent_decode(user).ok_or_else(|| bad("bad %-escape in the user name"))?,
-            );
+            let mut plain =
+                percent_decode(user).ok_or_else(|| bad("bad %-escape in the user name"))?;
             plain.push(b':');
             plain.extend_from_slice(
                 &percent_decode(password).ok_or_else(|| bad("bad %-escape in the password"))?,
             );
-            let encoded = base64::engine::general_purpose::STANDARD.encode(plain.as_slice());
-            Some(SecretString::from(format!("Basic {encoded}")))
+            let encoded =
+                Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(plain.as_slice()));
+            Some(SecretString::from(format!("Basic {}", encoded.as_str())))
         }
     };
     Ok(Proxy {
@@ -155,9 +158,9 @@ pub fn parse_proxy(var: &'static str, value: &str) -> Result<Proxy, String> {
     })
 }
 
-fn percent_decode(text: &str) -> Option<Vec<u8>> {
+fn percent_decode(text: &str) -> Option<Zeroizing<Vec<u8>>> {
     let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
+    let mut out = Zeroizing::new(Vec::with_capacity(bytes.len()));
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
@@ -392,8 +395,17 @@ mod tests {
             ("http_proxy", "http://plain:3"),
             ("no_proxy", ".corp.test"),
         ]);
-        assert_eq!(both.https, Some(("HTTPS_PROXY", "http://upper:1".into())));
-        assert_eq!(both.http, Some(("http_proxy", "http://plain:3".into())));
+        let shown = |v: &Option<(&'static str, SecretString)>| {
+            v.as_ref().map(|(n, s)| (*n, s.expose_secret().to_string()))
+        };
+        assert_eq!(
+            shown(&both.https),
+            Some(("HTTPS_PROXY", "http://upper:1".into()))
+        );
+        assert_eq!(
+            shown(&both.http),
+            Some(("http_proxy", "http://plain:3".into()))
+        );
         assert_eq!(both.no_proxy, ".corp.test");
         let empty_upper = env(&[("HTTPS_PROXY", ""), ("https_proxy", "http://lower:2")]);
         assert_eq!(empty_upper.https.unwrap().0, "https_proxy");
@@ -424,6 +436,8 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+        let secret = env(&[("HTTPS_PROXY", "http://u:s3cret@p:3128")]);
+        assert!(!format!("{secret:?}").contains("s3cret"));
         let broken = env(&[("HTTPS_PROXY", "socks5://p:1080")]);
         assert!(broken.proxy_for(&url("https://login.test/t")).is_err());
     }
