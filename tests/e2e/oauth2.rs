@@ -1471,6 +1471,28 @@ async fn token_requests_tunnel_through_https_proxy_with_its_credentials() {
     logs.push_str(&controller.logs());
     drop(controller);
 
+    // `mailroom check` asks for its own token, through the proxy too.
+    let before = tunnels();
+    let out = std::process::Command::new(crate::support::MAILROOM)
+        .args(["check", "app", "-n", &env.ns])
+        .env("KUBECONFIG", env.bed.kubeconfig_path())
+        .env("HTTPS_PROXY", with_login(&proxy, PROXY_PASSWORD))
+        .env("NO_PROXY", "")
+        .env("SSL_CERT_FILE", ca_file)
+        .output()
+        .expect("running mailroom check");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "mailroom check said:\n{said}");
+    assert!(
+        tunnels() > before,
+        "check's token request did not go through the proxy"
+    );
+    logs.push_str(&said);
+
     // A wrong password: the proxy's refusal, in its words, naming proxy and target.
     const WRONG: &str = "Wr0ng-Proxy-Pass-5e0b";
     let controller = env.controller_with_env(
