@@ -139,7 +139,7 @@ impl Reason {
                 "The token endpoint failed; the message quotes it. Tests resume when it answers."
             }
             Reason::AuthorizationRevoked => {
-                "The grant was revoked or expired: run `mailroom authorize` again."
+                "The grant was revoked or expired, or the identity provider wants the user to sign in again (MFA, Conditional Access, consent): run `mailroom authorize` again."
             }
             Reason::DnsResolutionFailed => "Check spec.server.host and the cluster's DNS.",
             Reason::ConnectionRefused => {

@@ -253,6 +253,18 @@ pub enum Grant {
     Failed(String),
 }
 
+/// Whether a token endpoint's refusal (its RFC 6749 §5.2 `error`) means that only a new
+/// sign-in helps: the grant was revoked or expired (`invalid_grant`), or Microsoft Entra
+/// wants the user back (`interaction_required` for MFA or Conditional Access, as with
+/// AADSTS50076 and AADSTS50079; `consent_required`; `login_required`). Asking again
+/// would only be refused again.
+pub fn needs_sign_in(error: &str) -> bool {
+    matches!(
+        error,
+        "invalid_grant" | "interaction_required" | "consent_required" | "login_required"
+    )
+}
+
 #[derive(serde::Deserialize)]
 struct ErrorBody {
     error: String,

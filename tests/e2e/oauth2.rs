@@ -571,6 +571,39 @@ async fn a_revoked_grant_is_authorization_revoked() {
 }
 
 #[tokio::test]
+async fn a_sign_in_asked_for_again_by_the_identity_provider_is_authorization_revoked() {
+    let env = Env::new("oauth2-interaction").await;
+    trust_bed_ca(&env).await;
+    let (server, refresh) = alice_grant(&env);
+    // Microsoft Entra after a Conditional Access policy began to ask for MFA: the
+    // refresh token is not dead, but only the user can get past this.
+    server.refuse_next(
+        "interaction_required",
+        "AADSTS50076: Due to a configuration change made by your administrator, or because you moved to a new location, you must use multi-factor authentication to access '00000002-0000-0ff1-ce00-000000000000'.",
+    );
+    expired_token_secret(&env, &refresh, "x").await;
+    env.apply(&generic_imap(&env, &server));
+    let controller = env.controller();
+    let p = env
+        .wait_reason("imap", "AuthorizationRevoked", Duration::from_secs(60))
+        .await;
+    let message = &ready(&p).unwrap().message;
+    assert!(
+        message.contains("interaction_required") && message.contains("AADSTS50076"),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!("mailroom authorize imap -n {}", env.ns)),
+        "{message}"
+    );
+    let series = "mailroom_token_refreshes_total{result=\"revoked\"} 1";
+    let metrics = controller
+        .metrics_with(&[series], Duration::from_secs(10))
+        .await;
+    assert!(metrics.contains(series), "counted as revoked:\n{metrics}");
+}
+
+#[tokio::test]
 async fn the_controller_writes_tokens_only_into_a_secret_marked_as_holding_them() {
     let env = Env::new("oauth2-unmarked").await;
     trust_bed_ca(&env).await;

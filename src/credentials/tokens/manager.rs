@@ -15,8 +15,8 @@ use secrecy::{ExposeSecret, SecretString};
 use super::own_writes::OwnWrites;
 use super::{
     Grant, OAuth2Spec, Plan, REFRESH_AHEAD, TOKEN_REQUEST_TIMEOUT, TokenResponse, TokenSet,
-    authorize_command, is_token_secret, oauth2_of, plan, read_grant, token_form, token_tls,
-    unmarked, updated_secret,
+    authorize_command, is_token_secret, needs_sign_in, oauth2_of, plan, read_grant, token_form,
+    token_tls, unmarked, updated_secret,
 };
 use crate::api::oauth2::{endpoints, plaintext_endpoints, scopes};
 use crate::api::{IncomingMailProvider, OAuth2Flow, Reason};
@@ -703,11 +703,13 @@ impl TokenManager {
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     t
                 }
-                Grant::Refused { error, description } if error == "invalid_grant" => {
+                Grant::Refused { error, description } if needs_sign_in(&error) => {
                     // Another replica (or `mailroom authorize`) may have rotated the token
-                    // meanwhile and be about to write it: look again for a moment.
+                    // meanwhile and be about to write it: look again for a moment. Only
+                    // a refresh token gone is told so; a sign-in asked for is not.
                     let mut rotated = false;
-                    for _ in 0..4 {
+                    let tries = if error == "invalid_grant" { 4 } else { 0 };
+                    for _ in 0..tries {
                         let again = api.get_opt(secret_name).await.ok().flatten();
                         if let Some(again) = &again
                             && !TokenSet::from_secret(again).same_refresh_token(&held)

@@ -113,6 +113,32 @@ fn grants_and_microsoft_errors_are_read() {
 }
 
 #[test]
+fn refusals_that_only_a_new_sign_in_cures_are_told_from_the_rest() {
+    // Microsoft Entra: MFA or Conditional Access (AADSTS50076, AADSTS50079), consent
+    // withdrawn, a session ended; and RFC 6749's revoked or expired grant.
+    for error in [
+        "invalid_grant",
+        "interaction_required",
+        "consent_required",
+        "login_required",
+    ] {
+        assert!(needs_sign_in(error), "{error}");
+    }
+    // The client's or the server's trouble: a new sign-in would not help.
+    for error in [
+        "invalid_client",
+        "unauthorized_client",
+        "invalid_request",
+        "invalid_scope",
+        "temporarily_unavailable",
+        "server_error",
+        "",
+    ] {
+        assert!(!needs_sign_in(error), "{error}");
+    }
+}
+
+#[test]
 fn plan_for_one_test_uses_a_token_until_it_is_nearly_expired() {
     let now = at(NOW);
     let soon = TokenSet::from_secret(&secret(&[

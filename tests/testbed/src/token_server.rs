@@ -6,9 +6,10 @@
 //! `invalid_grant` (and `invalid_client`) with an `AADSTS…` code in `error_description`.
 //!
 //! Tests steer it: grant a user a refresh token (what a completed sign-in leaves), revoke,
-//! take the server "down" (connections are dropped unanswered), count token requests.
+//! take the server "down" (connections are dropped unanswered), script the next answers
+//! (a refusal, a 429 with Retry-After), count token requests.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -67,6 +68,15 @@ struct State {
     /// Refresh tokens presented (to prove none was used twice).
     presented: Vec<String>,
     issued_access: HashSet<String>,
+    /// Answers the token endpoint gives, in turn, instead of its own.
+    scripted: VecDeque<Scripted>,
+}
+
+/// An answer written in advance: status, extra headers, JSON body.
+struct Scripted {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Value,
 }
 
 /// The running server; stops when dropped.
@@ -219,6 +229,27 @@ impl TokenServer {
             st.refresh.remove(&t);
             st.dead.insert(t, AADSTS_REVOKED);
         }
+    }
+
+    /// The next token request is answered `status` with `headers` and the JSON `body`,
+    /// whatever it asks (a refusal, a throttled or unavailable server); later ones as
+    /// usual. Calls queue up. Counted as token requests.
+    pub fn answer_next(&self, status: u16, headers: &[(&str, &str)], body: Value) {
+        self.state.lock().unwrap().scripted.push_back(Scripted {
+            status,
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body,
+        });
+    }
+
+    /// The next token request is refused with `error` (HTTP 400, as Microsoft answers),
+    /// e.g. `interaction_required` with an `AADSTS50076` description.
+    pub fn refuse_next(&self, error_code: &str, description: &str) {
+        let (status, body) = error(400, error_code, description);
+        self.answer_next(status, &[], body);
     }
 
     /// Whether a refresh token would still be accepted.
@@ -432,6 +463,7 @@ fn respond<S: Read + Write>(
     let mut parts = request_line.split_whitespace();
     let method = parts.next().unwrap_or_default();
     let path = parts.next().unwrap_or_default();
+    let mut headers = Vec::new();
     let (status, answer) = match (method, path.split('?').next().unwrap_or_default()) {
         ("POST", "/devicecode") => {
             let form = parse_form(&String::from_utf8_lossy(&body));
@@ -504,16 +536,33 @@ fn respond<S: Read + Write>(
         }
         ("POST", "/token") => {
             let form = parse_form(&String::from_utf8_lossy(&body));
-            token(&mut state.lock().unwrap(), key, &form)
+            let mut st = state.lock().unwrap();
+            match st.scripted.pop_front() {
+                Some(answer) => {
+                    st.token_requests += 1;
+                    headers = answer.headers;
+                    (answer.status, answer.body)
+                }
+                None => token(&mut st, key, &form),
+            }
         }
         _ => (404, json!({"error": "not_found"})),
     };
     let text = answer.to_string();
-    let reason = if status == 200 { "OK" } else { "Bad Request" };
+    let reason = match status {
+        200 => "OK",
+        429 => "Too Many Requests",
+        503 => "Service Unavailable",
+        _ => "Bad Request",
+    };
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     drop(reader);
     write!(
         conn,
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json; charset=utf-8\r\nCache-Control: no-store\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json; charset=utf-8\r\nCache-Control: no-store\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{text}",
         text.len()
     )?;
     conn.flush()
