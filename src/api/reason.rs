@@ -136,7 +136,7 @@ impl Reason {
                 "Run the `mailroom authorize` command the message gives (or, for a token Secret made by hand, add the label the message names)."
             }
             Reason::TokenRefreshFailed => {
-                "The token endpoint failed; the message quotes it. Tests resume when it answers."
+                "The token endpoint failed, or asked not to be called until a time the message gives; the message quotes it. Tests resume when it answers."
             }
             Reason::AuthorizationRevoked => {
                 "The grant was revoked or expired, or the identity provider wants the user to sign in again (MFA, Conditional Access, consent): run `mailroom authorize` again."

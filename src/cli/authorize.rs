@@ -24,7 +24,7 @@ use tokio::net::TcpListener;
 use super::retest::{Scope, request_check, wait_for_tests};
 use crate::api::oauth2::{endpoints, plaintext_endpoints, scopes};
 use crate::api::{AuthMethod, IncomingMailProvider, OAuth2Flow, OAuth2Provider};
-use crate::credentials::http::post_form;
+use crate::credentials::http::{Response, post_form};
 use crate::credentials::tokens::{
     self, Grant, REFRESH_TOKEN, TOKEN_REQUEST_TIMEOUT, read_grant, signed_in_secret, token_tls,
 };
@@ -452,10 +452,10 @@ async fn exchange(
     token_url: &str,
     form: &[(&str, SecretString)],
 ) -> anyhow::Result<tokens::TokenResponse> {
-    let (status, body) = post_form(tls, token_url, form, TOKEN_REQUEST_TIMEOUT)
+    let answer = post_form(tls, token_url, form, TOKEN_REQUEST_TIMEOUT)
         .await
         .map_err(anyhow::Error::msg)?;
-    match read_grant(status, &body, form) {
+    match read_grant(answer.status, &answer.body, form) {
         Grant::Tokens(t) => Ok(t),
         Grant::Refused { error, description } => {
             bail!("the token endpoint {token_url} refused: {error}: {description}")
@@ -497,7 +497,7 @@ async fn device_flow(
     if let Some(c) = client_secret {
         form.push(("client_secret", c.clone()));
     }
-    let (status, body) = post_form(tls, device_url, &form, TOKEN_REQUEST_TIMEOUT)
+    let Response { status, body, .. } = post_form(tls, device_url, &form, TOKEN_REQUEST_TIMEOUT)
         .await
         .map_err(anyhow::Error::msg)?;
     if status != 200 {
@@ -552,13 +552,14 @@ async fn device_flow(
         if let Some(c) = client_secret {
             form.push(("client_secret", c.clone()));
         }
-        let (status, body) = match post_form(tls, token_url, &form, TOKEN_REQUEST_TIMEOUT).await {
-            Ok(answer) => answer,
-            Err(message) => {
-                eprintln!("(retrying: {message})");
-                continue;
-            }
-        };
+        let Response { status, body, .. } =
+            match post_form(tls, token_url, &form, TOKEN_REQUEST_TIMEOUT).await {
+                Ok(answer) => answer,
+                Err(message) => {
+                    eprintln!("(retrying: {message})");
+                    continue;
+                }
+            };
         match read_grant(status, &body, &form) {
             Grant::Tokens(t) => return Ok(t),
             Grant::Refused { error, .. } if error == "authorization_pending" => {}
@@ -637,8 +638,10 @@ async fn revoke(
                 form.push(("client_secret", secret));
             }
             match post_form(tls, &url, &form, TOKEN_REQUEST_TIMEOUT).await {
-                Ok((200, _)) => eprintln!("Revoked the refresh token at {url}."),
-                Ok((status, _)) => {
+                Ok(Response { status: 200, .. }) => {
+                    eprintln!("Revoked the refresh token at {url}.")
+                }
+                Ok(Response { status, .. }) => {
                     eprintln!("The revocation endpoint {url} answered HTTP {status}.")
                 }
                 Err(message) => eprintln!("Could not revoke the refresh token: {message}"),

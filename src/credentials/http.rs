@@ -7,6 +7,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::jiff::fmt::rfc2822;
 use secrecy::zeroize::Zeroizing;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -103,13 +105,50 @@ fn encode_into(out: &mut String, text: &str) {
     }
 }
 
-/// POSTs a form; returns the status and the body. Errors are messages for people.
+/// An answer: its status, its `Retry-After` if it had one, and its body.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub retry_after: Option<RetryAfter>,
+    pub body: Vec<u8>,
+}
+
+/// A `Retry-After` header (RFC 9110 §10.2.3): seconds, or an HTTP-date.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryAfter {
+    Seconds(u64),
+    At(Timestamp),
+}
+
+impl RetryAfter {
+    /// `None` for a value that is neither form: it is ignored, as RFC 9110 allows.
+    pub fn parse(value: &str) -> Option<RetryAfter> {
+        let value = value.trim();
+        if let Ok(seconds) = value.parse() {
+            return Some(RetryAfter::Seconds(seconds));
+        }
+        rfc2822::DateTimeParser::new()
+            .parse_timestamp(value)
+            .ok()
+            .map(RetryAfter::At)
+    }
+
+    /// How long from `now` to wait (zero for a date already past).
+    pub fn delay(self, now: Timestamp) -> Duration {
+        match self {
+            RetryAfter::Seconds(s) => Duration::from_secs(s),
+            RetryAfter::At(t) => Duration::try_from(now.duration_until(t)).unwrap_or_default(),
+        }
+    }
+}
+
+/// POSTs a form; returns the answer. Errors are messages for people.
 pub async fn post_form(
     tls: &Arc<rustls::ClientConfig>,
     url: &str,
     form: &[(&str, SecretString)],
     timeout: Duration,
-) -> Result<(u16, Vec<u8>), String> {
+) -> Result<Response, String> {
     let target = parse_url(url)?;
     // Read at every request, as the environment is where a proxy is set.
     let via = proxy::ProxyEnv::from_env()
@@ -176,8 +215,8 @@ async fn roundtrip<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(raw)
 }
 
-/// Splits a whole HTTP/1.1 response into status and body (de-chunked).
-pub fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>), String> {
+/// Splits a whole HTTP/1.1 response into status, `Retry-After` and body (de-chunked).
+pub fn parse_response(raw: &[u8]) -> Result<Response, String> {
     if raw.len() > MAX_RESPONSE {
         return Err(format!("with more than {MAX_RESPONSE} bytes"));
     }
@@ -196,6 +235,7 @@ pub fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>), String> {
         .ok_or_else(|| format!("with something that is not HTTP: {status_line:?}"))?;
     let mut chunked = false;
     let mut length = None;
+    let mut retry_after = None;
     for line in lines {
         if let Some((name, value)) = line.split_once(':') {
             let value = value.trim();
@@ -203,9 +243,16 @@ pub fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>), String> {
                 chunked = value.to_ascii_lowercase().contains("chunked");
             } else if name.eq_ignore_ascii_case("content-length") {
                 length = value.parse::<usize>().ok();
+            } else if name.eq_ignore_ascii_case("retry-after") {
+                retry_after = RetryAfter::parse(value);
             }
         }
     }
+    let answer = |body: Vec<u8>| Response {
+        status,
+        retry_after,
+        body,
+    };
     let mut body = &raw[end + 4..];
     if chunked {
         let mut out = Vec::new();
@@ -227,12 +274,12 @@ pub fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>), String> {
             out.extend_from_slice(&body[..size]);
             body = body.get(size + 2..).unwrap_or_default();
         }
-        return Ok((status, out));
+        return Ok(answer(out));
     }
     if let Some(n) = length {
         body = &body[..n.min(body.len())];
     }
-    Ok((status, body.to_vec()))
+    Ok(answer(body.to_vec()))
 }
 
 #[cfg(test)]
@@ -283,14 +330,41 @@ mod tests {
 
     #[test]
     fn responses_plain_and_chunked() {
-        let (status, body) =
-            parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}").unwrap();
-        assert_eq!((status, body.as_slice()), (200, b"{}".as_slice()));
-        let (status, body) = parse_response(
+        let r = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}").unwrap();
+        assert_eq!((r.status, r.body.as_slice()), (200, b"{}".as_slice()));
+        assert_eq!(r.retry_after, None);
+        let r = parse_response(
             b"HTTP/1.1 400 Bad Request\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{\"a\r\n2\r\n\"}\r\n0\r\n\r\n",
         )
         .unwrap();
-        assert_eq!((status, body.as_slice()), (400, b"{\"a\"}".as_slice()));
+        assert_eq!((r.status, r.body.as_slice()), (400, b"{\"a\"}".as_slice()));
         assert!(parse_response(b"SSH-2.0-OpenSSH\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        let r = parse_response(
+            b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 30\r\nContent-Length: 0\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(r.status, 429);
+        assert_eq!(r.retry_after, Some(RetryAfter::Seconds(30)));
+        let now: Timestamp = "2026-11-29T10:00:00Z".parse().unwrap();
+        assert_eq!(r.retry_after.unwrap().delay(now), Duration::from_secs(30));
+        let r = parse_response(
+            b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: Sun, 29 Nov 2026 10:02:00 GMT\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(
+            r.retry_after.map(|r| r.delay(now)),
+            Some(Duration::from_secs(120))
+        );
+        // A date already past waits nothing; a value of neither form is ignored.
+        assert_eq!(
+            RetryAfter::parse("Sun, 29 Nov 2026 09:00:00 GMT").map(|r| r.delay(now)),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(RetryAfter::parse("soon"), None);
+        assert_eq!(RetryAfter::parse("-5"), None);
     }
 }

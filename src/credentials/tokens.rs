@@ -43,6 +43,10 @@ const USABLE: Duration = Duration::from_secs(10);
 /// Bound on one request to a token endpoint.
 pub const TOKEN_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// The longest a token endpoint's `Retry-After` holds token requests back: more (hours,
+/// or a date a year on) is taken for a mistake, and would outlive the tokens.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
 /// The command that stores tokens for a provider.
 pub fn authorize_command(name: &str, namespace: &str, flow: OAuth2Flow) -> String {
     let device = if flow == OAuth2Flow::DeviceCode {
@@ -263,6 +267,24 @@ pub fn needs_sign_in(error: &str) -> bool {
         error,
         "invalid_grant" | "interaction_required" | "consent_required" | "login_required"
     )
+}
+
+/// Until when a token endpoint asked not to be called, if it did: HTTP 429 or 503 with a
+/// `Retry-After` (capped at [`MAX_RETRY_AFTER`]), to the whole second after it.
+pub fn not_before(
+    status: u16,
+    retry_after: Option<super::http::RetryAfter>,
+    now: Timestamp,
+) -> Option<Timestamp> {
+    if !matches!(status, 429 | 503) {
+        return None;
+    }
+    let delay = retry_after?.delay(now).min(MAX_RETRY_AFTER);
+    if delay.is_zero() {
+        return None;
+    }
+    let partial = i64::from(now.subsec_nanosecond() > 0);
+    Timestamp::from_second(now.as_second() + delay.as_secs() as i64 + partial).ok()
 }
 
 #[derive(serde::Deserialize)]

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use mailroom::api::{Protocol, Reason, SaslMechanism, TlsMode};
+use mailroom::api::{IncomingMailProvider, Protocol, Reason, SaslMechanism, TlsMode};
 use mailroom::probe::{self, Login, Target, Trust};
 use secrecy::SecretString;
 
@@ -720,6 +720,62 @@ async fn a_token_server_that_is_down_leaves_a_valid_token_in_use_then_fails() {
     ]);
     env.wait_reason("imap", "Connected", Duration::from_secs(60))
         .await;
+}
+
+/// Asks the controller for a test of `name` and waits until it handled the request.
+async fn retest(env: &Env, name: &str, request: &str) -> IncomingMailProvider {
+    let out = env.kubectl(&[
+        "annotate",
+        &format!("imp/{name}"),
+        &format!("mailroom.dev/check-requested-at={request}"),
+        "--overwrite",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    env.wait(
+        name,
+        &format!("lastHandledCheckRequest={request}"),
+        Duration::from_secs(30),
+        |p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.last_handled_check_request.as_deref())
+                == Some(request)
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_token_endpoint_that_asks_to_retry_later_is_not_asked_again_before_then() {
+    let env = Env::new("oauth2-throttled").await;
+    trust_bed_ca(&env).await;
+    let (server, refresh) = alice_grant(&env);
+    server.answer_next(
+        429,
+        &[("Retry-After", "30")],
+        serde_json::json!({"error": "temporarily_unavailable", "error_description": "AADSTS50196: The server terminated an operation because it encountered a client request loop."}),
+    );
+    expired_token_secret(&env, &refresh, "x").await;
+    env.apply(&generic_imap(&env, &server));
+    let _controller = env.controller();
+    let p = env
+        .wait_reason("imap", "TokenRefreshFailed", Duration::from_secs(60))
+        .await;
+    let message = &ready(&p).unwrap().message;
+    assert!(message.contains("throttled until"), "{message}");
+    assert_eq!(server.token_requests(), 1);
+    // Tests asked for within the 30 s do not call the token endpoint.
+    for request in ["throttled-1", "throttled-2"] {
+        let p = retest(&env, "imap", request).await;
+        let c = ready(&p).unwrap();
+        assert_eq!(c.reason, "TokenRefreshFailed");
+        assert!(c.message.contains("throttled until"), "{}", c.message);
+    }
+    assert_eq!(server.token_requests(), 1, "asked again while throttled");
 }
 
 #[tokio::test]

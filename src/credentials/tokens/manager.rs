@@ -15,8 +15,8 @@ use secrecy::{ExposeSecret, SecretString};
 use super::own_writes::OwnWrites;
 use super::{
     Grant, OAuth2Spec, Plan, REFRESH_AHEAD, TOKEN_REQUEST_TIMEOUT, TokenResponse, TokenSet,
-    authorize_command, is_token_secret, needs_sign_in, oauth2_of, plan, read_grant, token_form,
-    token_tls, unmarked, updated_secret,
+    authorize_command, is_token_secret, needs_sign_in, not_before, oauth2_of, plan, read_grant,
+    token_form, token_tls, unmarked, updated_secret,
 };
 use crate::api::oauth2::{endpoints, plaintext_endpoints, scopes};
 use crate::api::{IncomingMailProvider, OAuth2Flow, Reason};
@@ -120,6 +120,9 @@ pub struct TokenManager {
     exchanges: tokio_util::task::TaskTracker,
     /// Tokens obtained from the token endpoint since [`Self::take_refreshes`] last ran.
     refreshes: std::sync::atomic::AtomicU64,
+    /// (token endpoint, client) to the time before which it asked not to be called
+    /// again (HTTP 429 or 503 with Retry-After): every test would otherwise ask anew.
+    throttled: Mutex<HashMap<(String, String), Timestamp>>,
 }
 
 impl TokenManager {
@@ -138,6 +141,7 @@ impl TokenManager {
             app: Arc::default(),
             exchanges: tokio_util::task::TaskTracker::new(),
             refreshes: Default::default(),
+            throttled: Mutex::default(),
         })
     }
 
@@ -302,6 +306,20 @@ impl TokenManager {
             .insert(settings, secret);
     }
 
+    /// Until when `token_url` asked `client_id` not to call, if that is still ahead.
+    fn throttled_until(
+        &self,
+        token_url: &str,
+        client_id: &str,
+        now: Timestamp,
+    ) -> Option<Timestamp> {
+        let mut throttled = self.throttled.lock().unwrap();
+        throttled.retain(|_, until| *until > now);
+        throttled
+            .get(&(token_url.to_string(), client_id.to_string()))
+            .copied()
+    }
+
     fn forget_unsaved(&self, namespace: &str, name: &str) {
         self.unsaved.lock().unwrap().remove(&key(namespace, name));
     }
@@ -462,25 +480,32 @@ impl TokenManager {
         form: Vec<(&'static str, SecretString)>,
         at: (String, String),
         held: TokenSet,
-    ) -> Grant {
+    ) -> (Grant, Option<Timestamp>) {
         let (tls, unsaved) = (self.tls.clone(), self.unsaved.clone());
         let task = self.exchanges.spawn(async move {
-            let grant =
+            let (grant, not_before) =
                 match crate::credentials::http::post_form(&tls, &url, &form, TOKEN_REQUEST_TIMEOUT)
                     .await
                 {
-                    Ok((status, body)) => read_grant(status, &body, &form),
-                    Err(message) => Grant::Failed(message),
+                    Ok(r) => (
+                        read_grant(r.status, &r.body, &form),
+                        not_before(r.status, r.retry_after, Timestamp::now()),
+                    ),
+                    Err(message) => (Grant::Failed(message), None),
                 };
             if let Grant::Tokens(t) = &grant
                 && rotates(&held, t)
             {
                 keep(&unsaved, at, held, t.clone(), "not written yet".into());
             }
-            grant
+            (grant, not_before)
         });
-        task.await
-            .unwrap_or_else(|e| Grant::Failed(format!("the token request stopped: {e}")))
+        task.await.unwrap_or_else(|e| {
+            (
+                Grant::Failed(format!("the token request stopped: {e}")),
+                None,
+            )
+        })
     }
 
     /// Writes `updated` over `current`; marked as our own write (no test of the providers
@@ -689,7 +714,15 @@ impl TokenManager {
             } else {
                 "refresh of the access token"
             };
-            let grant = self
+            let throttled = |until: Timestamp| {
+                format!(
+                    "the token endpoint {token_url} asked (HTTP 429 or 503 with Retry-After) not to be called before {until}: throttled until {until}, no {what} is asked for until then"
+                )
+            };
+            if let Some(until) = self.throttled_until(&token_url, &o.client_id, now) {
+                return still_valid(source, &used, now, throttled(until));
+            }
+            let (grant, not_before) = self
                 .exchange(
                     token_url.clone(),
                     form,
@@ -697,6 +730,14 @@ impl TokenManager {
                     held.clone(),
                 )
                 .await;
+            if let Some(until) = not_before {
+                tracing::warn!(secret = secret_name, ?grant, "token endpoint throttled");
+                self.throttled
+                    .lock()
+                    .unwrap()
+                    .insert((token_url.clone(), o.client_id.clone()), until);
+                return still_valid(source, &used, now, throttled(until));
+            }
             let response = match grant {
                 Grant::Tokens(t) => {
                     self.refreshes

@@ -139,6 +139,37 @@ fn refusals_that_only_a_new_sign_in_cures_are_told_from_the_rest() {
 }
 
 #[test]
+fn a_throttled_token_endpoint_is_not_called_before_its_retry_after_within_an_hour() {
+    use crate::credentials::http::RetryAfter;
+    let now = at(NOW);
+    let in_30s = Some(RetryAfter::Seconds(30));
+    assert_eq!(
+        not_before(429, in_30s, now),
+        Some(at("2026-11-29T10:00:30Z"))
+    );
+    assert_eq!(
+        not_before(503, Some(RetryAfter::At(at("2026-11-29T10:02:00Z"))), now),
+        Some(at("2026-11-29T10:02:00Z"))
+    );
+    // To the whole second after, so that status does not change with every test.
+    let later = at("2026-11-29T10:00:00.250Z");
+    assert_eq!(
+        not_before(429, in_30s, later),
+        Some(at("2026-11-29T10:00:31Z"))
+    );
+    // An absurd wait is capped.
+    assert_eq!(
+        not_before(429, Some(RetryAfter::Seconds(86400 * 365)), now),
+        Some(at("2026-11-29T11:00:00Z"))
+    );
+    // Other answers, no header, or nothing to wait: asked again at the next test.
+    assert_eq!(not_before(400, in_30s, now), None);
+    assert_eq!(not_before(500, in_30s, now), None);
+    assert_eq!(not_before(429, None, now), None);
+    assert_eq!(not_before(429, Some(RetryAfter::Seconds(0)), now), None);
+}
+
+#[test]
 fn plan_for_one_test_uses_a_token_until_it_is_nearly_expired() {
     let now = at(NOW);
     let soon = TokenSet::from_secret(&secret(&[
