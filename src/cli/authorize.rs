@@ -472,12 +472,75 @@ struct DeviceAuthorization {
     verification_uri: String,
     #[serde(default)]
     verification_uri_complete: Option<String>,
-    #[serde(default)]
+    /// Numbers, or strings holding them (as some servers send them).
+    #[serde(default, deserialize_with = "tokens::interval_seconds")]
     interval: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "tokens::seconds")]
     expires_in: Option<u64>,
     #[serde(default)]
     message: Option<String>,
+}
+
+/// The longest wait between two polls after the token endpoint's trouble.
+const MAX_POLL_BACKOFF: Duration = Duration::from_secs(60);
+
+/// What one poll of the device flow's token endpoint means.
+#[derive(Debug)]
+enum Poll {
+    Granted(tokens::TokenResponse),
+    /// Not signed in yet.
+    Pending,
+    SlowDown,
+    /// The endpoint's own trouble (HTTP 429 or 5xx, an answer that is not JSON): the user
+    /// may have signed in already, so it is asked again, after `retry_after` if it said.
+    Busy {
+        why: String,
+        retry_after: Option<Duration>,
+    },
+    Expired,
+    /// The user declined: RFC 8628's `access_denied`, Microsoft's `authorization_declined`.
+    Declined(String),
+    /// Anything else ends the command.
+    Failed(String),
+}
+
+/// Reads one poll's answer (RFC 8628 §3.5).
+fn poll_outcome(
+    answer: &Response,
+    form: &[(&str, SecretString)],
+    token_url: &str,
+    now: Timestamp,
+) -> Poll {
+    let busy = |why: String| Poll::Busy {
+        why,
+        retry_after: answer.retry_after.map(|r| r.delay(now)),
+    };
+    if answer.status == 429 || answer.status >= 500 {
+        return busy(format!("HTTP {}", answer.status));
+    }
+    match read_grant(answer.status, &answer.body, form) {
+        Grant::Tokens(t) => Poll::Granted(t),
+        Grant::Refused { error, .. } if error == "authorization_pending" => Poll::Pending,
+        Grant::Refused { error, .. } if error == "slow_down" => Poll::SlowDown,
+        Grant::Refused { error, .. } if error == "expired_token" => Poll::Expired,
+        Grant::Refused { error, .. }
+            if error == "access_denied" || error == "authorization_declined" =>
+        {
+            Poll::Declined(error)
+        }
+        Grant::Refused { error, description } => Poll::Failed(format!(
+            "the token endpoint {token_url} refused: {error}: {description}"
+        )),
+        // Not JSON (a proxy's page, a cut-off answer): the endpoint's trouble.
+        Grant::Failed(message)
+            if serde_json::from_slice::<serde_json::Value>(&answer.body).is_err() =>
+        {
+            busy(message)
+        }
+        Grant::Failed(message) => {
+            Poll::Failed(format!("the token endpoint {token_url}: {message}"))
+        }
+    }
 }
 
 async fn device_flow(
@@ -530,6 +593,9 @@ async fn device_flow(
     let mut interval = Duration::from_secs(d.interval.unwrap_or(5).max(1));
     let expires = Instant::now() + Duration::from_secs(d.expires_in.unwrap_or(900));
     let device_code = SecretString::from(d.device_code);
+    // The wait before the next poll: the interval, or longer after the endpoint's trouble.
+    let mut wait = interval;
+    let mut backoff = interval;
     loop {
         if Instant::now() > expires {
             bail!("the code expired before the sign-in finished: run the command again");
@@ -540,7 +606,8 @@ async fn device_flow(
                 expires.saturating_duration_since(Instant::now()).as_secs()
             );
         }
-        tokio::time::sleep(interval).await;
+        tokio::time::sleep(wait.min(expires.saturating_duration_since(Instant::now()))).await;
+        wait = interval;
         let mut form = vec![
             (
                 "grant_type",
@@ -552,31 +619,32 @@ async fn device_flow(
         if let Some(c) = client_secret {
             form.push(("client_secret", c.clone()));
         }
-        let Response { status, body, .. } =
-            match post_form(tls, token_url, &form, TOKEN_REQUEST_TIMEOUT).await {
-                Ok(answer) => answer,
-                Err(message) => {
-                    eprintln!("(retrying: {message})");
-                    continue;
-                }
-            };
-        match read_grant(status, &body, &form) {
-            Grant::Tokens(t) => return Ok(t),
-            Grant::Refused { error, .. } if error == "authorization_pending" => {}
-            Grant::Refused { error, .. } if error == "slow_down" => {
-                interval += Duration::from_secs(5);
+        let poll = match post_form(tls, token_url, &form, TOKEN_REQUEST_TIMEOUT).await {
+            Ok(answer) => poll_outcome(&answer, &form, token_url, Timestamp::now()),
+            Err(why) => Poll::Busy {
+                why,
+                retry_after: None,
+            },
+        };
+        match poll {
+            Poll::Granted(t) => return Ok(t),
+            Poll::Pending => {}
+            Poll::SlowDown => interval += Duration::from_secs(5),
+            Poll::Busy { why, retry_after } => {
+                // Doubling from the interval, or what the server asked for (within the
+                // code's life: the loop ends when it expires).
+                backoff = (backoff * 2).min(MAX_POLL_BACKOFF);
+                wait = retry_after.unwrap_or(backoff).max(interval);
+                eprintln!("(retrying in {} s: {why})", wait.as_secs());
+                continue;
             }
-            Grant::Refused { error, .. } if error == "expired_token" => {
+            Poll::Expired => {
                 bail!("the code expired before the sign-in finished: run the command again")
             }
-            Grant::Refused { error, .. } if error == "access_denied" => {
-                bail!("the sign-in was declined (access_denied)")
-            }
-            Grant::Refused { error, description } => {
-                bail!("the token endpoint {token_url} refused: {error}: {description}")
-            }
-            Grant::Failed(message) => bail!("the token endpoint {token_url}: {message}"),
+            Poll::Declined(error) => bail!("the sign-in was declined ({error})"),
+            Poll::Failed(message) => bail!("{message}"),
         }
+        backoff = interval;
     }
 }
 
@@ -685,6 +753,83 @@ async fn revoke(
 mod tests {
     use super::*;
     use secrecy::ExposeSecret;
+
+    #[test]
+    fn a_device_authorization_may_give_its_interval_and_expiry_as_strings() {
+        let d: DeviceAuthorization = serde_json::from_str(
+            r#"{"device_code":"dc","user_code":"ABCD","verification_uri":"https://microsoft.com/devicelogin","interval":"5","expires_in":"900"}"#,
+        )
+        .unwrap();
+        assert_eq!((d.interval, d.expires_in), (Some(5), Some(900)));
+        let d: DeviceAuthorization = serde_json::from_str(
+            r#"{"device_code":"dc","user_code":"ABCD","verification_url":"https://www.google.com/device","interval":5}"#,
+        )
+        .unwrap();
+        assert_eq!((d.interval, d.expires_in), (Some(5), None));
+        assert!(
+            serde_json::from_str::<DeviceAuthorization>(
+                r#"{"device_code":"dc","user_code":"A","verification_uri":"u","interval":"soon"}"#
+            )
+            .is_err()
+        );
+    }
+
+    fn poll(status: u16, retry_after: Option<&str>, body: &str) -> Poll {
+        let answer = Response {
+            status,
+            retry_after: retry_after.and_then(crate::credentials::http::RetryAfter::parse),
+            body: body.as_bytes().to_vec(),
+        };
+        poll_outcome(&answer, &[], "https://t/token", Timestamp::now())
+    }
+
+    #[test]
+    fn a_poll_answered_by_a_busy_endpoint_is_asked_again() {
+        assert!(matches!(
+            poll(429, Some("7"), r#"{"error":"temporarily_unavailable"}"#),
+            Poll::Busy { retry_after: Some(d), .. } if d == Duration::from_secs(7)
+        ));
+        assert!(matches!(
+            poll(503, None, "<html>Service Unavailable</html>"),
+            Poll::Busy {
+                retry_after: None,
+                ..
+            }
+        ));
+        assert!(matches!(poll(502, None, ""), Poll::Busy { .. }));
+        // A proxy's page, or a cut-off answer, with any status.
+        assert!(matches!(
+            poll(200, None, "<html>sign in to the proxy</html>"),
+            Poll::Busy { .. }
+        ));
+        assert!(matches!(poll(400, None, "{\"err"), Poll::Busy { .. }));
+    }
+
+    #[test]
+    fn a_poll_is_read_as_rfc_8628_and_microsoft_answer_it() {
+        let refused = |error: &str| poll(400, None, &format!(r#"{{"error":"{error}"}}"#));
+        assert!(matches!(refused("authorization_pending"), Poll::Pending));
+        assert!(matches!(refused("slow_down"), Poll::SlowDown));
+        assert!(matches!(refused("expired_token"), Poll::Expired));
+        for declined in ["access_denied", "authorization_declined"] {
+            assert!(
+                matches!(refused(declined), Poll::Declined(ref e) if e == declined),
+                "{declined}"
+            );
+        }
+        assert!(
+            matches!(refused("invalid_client"), Poll::Failed(m) if m.contains("invalid_client"))
+        );
+        assert!(matches!(
+            poll(200, None, r#"{"access_token":"at","expires_in":"3600"}"#),
+            Poll::Granted(_)
+        ));
+        // JSON, but not a token answer: no use asking again.
+        assert!(matches!(
+            poll(200, None, r#"{"token":"x"}"#),
+            Poll::Failed(_)
+        ));
+    }
 
     #[test]
     fn pkce_challenge_is_the_s256_of_the_verifier() {

@@ -206,7 +206,22 @@ pub struct TokenResponse {
     pub scope: Option<String>,
 }
 
-fn seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+/// `expires_in`: a number of seconds, or a string holding one, as some servers send it.
+pub(crate) fn seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    named_seconds(d, "expires_in")
+}
+
+/// `interval` (of a device authorization), read as [`seconds`].
+pub(crate) fn interval_seconds<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<u64>, D::Error> {
+    named_seconds(d, "interval")
+}
+
+fn named_seconds<'de, D: serde::Deserializer<'de>>(
+    d: D,
+    field: &str,
+) -> Result<Option<u64>, D::Error> {
     #[derive(serde::Deserialize)]
     #[serde(untagged)]
     enum NumberOrText {
@@ -217,7 +232,7 @@ fn seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Err
         None => Ok(None),
         Some(NumberOrText::Number(n)) => Ok(Some(n)),
         Some(NumberOrText::Text(t)) => t.trim().parse().map(Some).map_err(|_| {
-            serde::de::Error::custom(format!("expires_in {t:?} is not a number of seconds"))
+            serde::de::Error::custom(format!("{field} {t:?} is not a number of seconds"))
         }),
     }
 }

@@ -1230,6 +1230,47 @@ async fn authorize_with_a_device_code() {
     assert!(seen.contains("access_denied"), "{seen}");
 }
 
+#[tokio::test]
+async fn authorize_with_a_device_code_rides_out_a_busy_token_endpoint() {
+    let env = Env::new("oauth2-device-busy").await;
+    trust_bed_ca(&env).await;
+    let server = TokenServer::start(env.bed.oauth());
+    server.register_client(CLIENT, None, None);
+    env.apply(&oauth_provider(
+        "imap",
+        "IMAP",
+        env.bed.dovecot().imaps_port(),
+        &generic(
+            &server,
+            &format!(
+                ", flow: DeviceCode, deviceAuthorizationURL: '{}'",
+                server.device_authorization_url()
+            ),
+        ),
+    ));
+    let _controller = env.controller();
+    let (child, rx) = authorize(&env, &["imap", "--device"]);
+    let mut seen = String::new();
+    let line = line_with(&rx, &mut seen, |l| l.trim_start().starts_with("code:"));
+    let user_code = line.trim().trim_start_matches("code:").trim().to_string();
+    // A poll meets a gateway's error page, perhaps after the user signed in: the
+    // sign-in must not be lost.
+    server.answer_next(
+        503,
+        &[("Retry-After", "2")],
+        serde_json::json!("<html>Service Unavailable</html>"),
+    );
+    assert!(server.approve_device(&user_code, "alice"), "{seen}");
+    let (code_status, stdout) = finish(child, rx, &mut seen);
+    assert_eq!(code_status, Some(0), "authorize --device:\n{seen}{stdout}");
+    // In 2 s (the Retry-After), or the interval if slow_down made it longer.
+    assert!(
+        seen.contains("retrying in") && seen.contains("s: HTTP 503"),
+        "{seen}"
+    );
+    assert!(stdout.contains("Ready=True Connected"), "{stdout}");
+}
+
 /// A manifest never validated by the API server (or a provider stored before its rule)
 /// with a token endpoint over plain http: refused by name before any token is used.
 #[tokio::test]
