@@ -423,6 +423,9 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
                 return Ok(None);
             }
             let outcome = Box::pin(check::run(&p.spec, &fetched)).await;
+            if outcome.reason == Reason::AuthenticationFailed {
+                ctx.tokens.rejected(p, &fetched);
+            }
             Ok(Some((Box::new(outcome), fingerprint, slot)))
         };
         // A pause stops the test before its result (a login may be cut short); the

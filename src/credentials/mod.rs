@@ -77,6 +77,9 @@ pub struct Fetched {
     /// OAuth2: what the provider's status should warn of although a token is at hand
     /// (rotated tokens the token manager could not store).
     pub token_warning: Option<String>,
+    /// OAuth2: the access token was granted for this test, not taken from the cache (the
+    /// token manager sets it): a cached one the mail server refuses is refreshed once.
+    pub token_granted: bool,
 }
 
 impl std::fmt::Debug for Fetched {
@@ -88,6 +91,7 @@ impl std::fmt::Debug for Fetched {
             .field("config_maps", &self.config_maps.keys().collect::<Vec<_>>())
             .field("token_problem", &self.token_problem)
             .field("token_warning", &self.token_warning)
+            .field("token_granted", &self.token_granted)
             .finish()
     }
 }

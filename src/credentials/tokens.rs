@@ -192,6 +192,16 @@ pub fn plan(flow: OAuth2Flow, tokens: Option<&TokenSet>, now: Timestamp, ahead: 
     }
 }
 
+/// The plan when the mail server refused the cached access token that `step` would use:
+/// a new one where there is a way to get it, rather than the refused one until it expires.
+pub fn plan_after_rejection(step: Plan, flow: OAuth2Flow, tokens: Option<&TokenSet>) -> Plan {
+    match step {
+        Plan::Use if flow == OAuth2Flow::ClientCredentials => Plan::ClientCredentials,
+        Plan::Use if tokens.is_some_and(|t| t.refresh_token.is_some()) => Plan::Refresh,
+        other => other,
+    }
+}
+
 /// A token endpoint's successful answer (RFC 6749 §5.1).
 #[derive(Clone, serde::Deserialize)]
 pub struct TokenResponse {

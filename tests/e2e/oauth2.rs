@@ -845,6 +845,61 @@ async fn a_token_the_mail_server_rejects_is_authentication_failed_in_status() {
 }
 
 #[tokio::test]
+async fn a_cached_token_the_mail_server_refuses_is_refreshed_before_the_next_test() {
+    let env = Env::new("oauth2-refused-cached").await;
+    trust_bed_ca(&env).await;
+    let (server, refresh) = alice_grant(&env);
+    // An access token the cache calls valid for an hour, which the mail server refuses
+    // (as Exchange Online does one revoked by continuous access evaluation).
+    let refused_from_cache = |refresh: String, ttl: u64| {
+        let forged = env
+            .bed
+            .oauth()
+            .forged_token("alice", Duration::from_secs(ttl));
+        let env = &env;
+        async move {
+            env.token_secret(
+                "alice-token",
+                &[
+                    ("refresh_token", &refresh),
+                    ("access_token", &forged),
+                    ("expires_at", &rfc3339_in(3600)),
+                ],
+            )
+            .await;
+        }
+    };
+    refused_from_cache(refresh, 3600).await;
+    env.apply(&generic_imap(&env, &server));
+    let _controller = env.controller();
+    env.wait_reason("imap", "AuthenticationFailed", Duration::from_secs(60))
+        .await;
+    // The grant is fine: the next test refreshes, and recovers.
+    retest(&env, "imap", "after-refusal").await;
+    env.wait_reason("imap", "Connected", Duration::from_secs(30))
+        .await;
+    assert_eq!(server.token_requests(), 1);
+
+    // The grant revoked too: the next test says so, not at the token's expiry.
+    let live = server.live_refresh_tokens("alice");
+    assert_eq!(live.len(), 1, "{live:?}");
+    server.revoke_user("alice");
+    // Another refused token than the first, which the controller already knows.
+    refused_from_cache(live[0].clone(), 3500).await;
+    env.wait_reason("imap", "AuthenticationFailed", Duration::from_secs(30))
+        .await;
+    retest(&env, "imap", "after-revocation").await;
+    let p = env
+        .wait_reason("imap", "AuthorizationRevoked", Duration::from_secs(30))
+        .await;
+    let message = &ready(&p).unwrap().message;
+    assert!(
+        message.contains(&format!("mailroom authorize imap -n {}", env.ns)),
+        "{message}"
+    );
+}
+
+#[tokio::test]
 async fn two_refreshers_racing_leave_one_valid_token() {
     let env = Env::new("oauth2-race").await;
     let server = TokenServer::start(env.bed.oauth());

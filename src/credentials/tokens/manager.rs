@@ -15,8 +15,8 @@ use secrecy::{ExposeSecret, SecretString};
 use super::own_writes::OwnWrites;
 use super::{
     Grant, OAuth2Spec, Plan, REFRESH_AHEAD, TOKEN_REQUEST_TIMEOUT, TokenResponse, TokenSet,
-    authorize_command, is_token_secret, needs_sign_in, not_before, oauth2_of, plan, read_grant,
-    token_form, token_tls, unmarked, updated_secret,
+    authorize_command, is_token_secret, needs_sign_in, not_before, oauth2_of, plan,
+    plan_after_rejection, read_grant, token_form, token_tls, unmarked, updated_secret,
 };
 use crate::api::oauth2::{endpoints, plaintext_endpoints, scopes};
 use crate::api::{IncomingMailProvider, OAuth2Flow, Reason};
@@ -123,6 +123,11 @@ pub struct TokenManager {
     /// (token endpoint, client) to the time before which it asked not to be called
     /// again (HTTP 429 or 503 with Retry-After): every test would otherwise ask anew.
     throttled: Mutex<HashMap<(String, String), Timestamp>>,
+    /// The access token the mail server last refused, by token Secret, and whether the
+    /// next test refreshes rather than using it until it expires: yes for one taken from
+    /// the cache, no for one granted for the test that was refused (a refresh per test
+    /// would not cure a mailbox that refuses every token).
+    rejected: BySecret<(SecretString, bool)>,
 }
 
 impl TokenManager {
@@ -142,6 +147,7 @@ impl TokenManager {
             exchanges: tokio_util::task::TaskTracker::new(),
             refreshes: Default::default(),
             throttled: Mutex::default(),
+            rejected: Arc::default(),
         })
     }
 
@@ -234,7 +240,9 @@ impl TokenManager {
         let in_memory = self.app_token(&at, o, spec.server.protocol);
         let cached = in_memory.as_ref().or(fetched.secrets.get(&secret_name));
         let tokens = cached.map(TokenSet::from_secret);
-        if plan(o.flow, tokens.as_ref(), Timestamp::now(), ahead) == Plan::Use {
+        if plan(o.flow, tokens.as_ref(), Timestamp::now(), ahead) == Plan::Use
+            && !self.is_rejected(&at, tokens.as_ref())
+        {
             if let Some(secret) = in_memory {
                 fetched.secrets.insert(secret_name, secret);
             }
@@ -247,6 +255,12 @@ impl TokenManager {
             .await
         {
             Ok(secret) => {
+                // Another access token than the cache held: new for this test.
+                let now_held = TokenSet::from_secret(&secret);
+                fn access(t: Option<&TokenSet>) -> Option<&str> {
+                    t?.access_token.as_ref().map(|a| a.expose_secret())
+                }
+                fetched.token_granted = access(Some(&now_held)) != access(tokens.as_ref());
                 fetched.secrets.insert(secret_name, secret);
             }
             Err(problem) => fetched.token_problem = Some(problem),
@@ -268,6 +282,10 @@ impl TokenManager {
             .unwrap()
             .retain(|(ns, name), _| keep(ns, name));
         self.app
+            .lock()
+            .unwrap()
+            .retain(|(ns, name), _| keep(ns, name));
+        self.rejected
             .lock()
             .unwrap()
             .retain(|(ns, name), _| keep(ns, name));
@@ -304,6 +322,53 @@ impl TokenManager {
             .entry(at)
             .or_default()
             .insert(settings, secret);
+    }
+
+    /// Notes that the mail server refused the access token of `fetched`'s test. One taken
+    /// from the cache is refreshed before the next test, so that a revoked grant shows
+    /// at once and a repaired one recovers, not at its expiry; one granted for that test
+    /// is not (a refresh per test would not cure the mail server's refusal).
+    pub fn rejected(&self, provider: &IncomingMailProvider, fetched: &Fetched) {
+        let Some(o) = oauth2_of(provider) else {
+            return;
+        };
+        let name = &o.token_secret_ref.name;
+        let Some(token) = fetched
+            .secrets
+            .get(name)
+            .and_then(|s| TokenSet::from_secret(s).access_token)
+        else {
+            return;
+        };
+        let mut rejected = self.rejected.lock().unwrap();
+        let at = key(&fetched.namespace, name);
+        // Refused again: what was decided for this token stands.
+        if rejected
+            .get(&at)
+            .is_some_and(|(t, _)| t.expose_secret() == token.expose_secret())
+        {
+            return;
+        }
+        let refresh = !fetched.token_granted;
+        if refresh {
+            tracing::info!(secret = %name, "the mail server refused the cached access token; refreshing it before the next test");
+        }
+        rejected.insert(at, (token, refresh));
+    }
+
+    /// Whether `tokens` hold an access token the mail server refused that is to be
+    /// refreshed; a mark for another token (refreshed since) is forgotten.
+    pub(super) fn is_rejected(&self, at: &(String, String), tokens: Option<&TokenSet>) -> bool {
+        let mut rejected = self.rejected.lock().unwrap();
+        let Some((refused, refresh)) = rejected.get(at) else {
+            return false;
+        };
+        let held = tokens.and_then(|t| t.access_token.as_ref());
+        if held.is_some_and(|h| h.expose_secret() == refused.expose_secret()) {
+            return *refresh;
+        }
+        rejected.remove(at);
+        false
     }
 
     /// Until when `token_url` asked `client_id` not to call, if that is still ahead.
@@ -665,7 +730,10 @@ impl TokenManager {
             };
             let tokens = source.as_ref().map(TokenSet::from_secret);
             let now = Timestamp::now();
-            let step = plan(o.flow, tokens.as_ref(), now, ahead);
+            let mut step = plan(o.flow, tokens.as_ref(), now, ahead);
+            if self.is_rejected(&key(namespace, secret_name), tokens.as_ref()) {
+                step = plan_after_rejection(step, o.flow, tokens.as_ref());
+            }
             match step {
                 Plan::Use => {
                     let source = source.expect("a usable token comes from a Secret or memory");

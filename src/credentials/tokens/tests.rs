@@ -709,3 +709,63 @@ async fn a_grant_whose_write_conflicted_and_whose_reread_failed_is_kept() {
     let kept = assert_kept_rotation(&manager, &held, "the grant is kept to be stored later");
     assert!(kept.why.contains("scripted InternalError"), "{}", kept.why);
 }
+
+#[test]
+fn a_refused_cached_token_is_replaced_where_there_is_a_way() {
+    let with_refresh = TokenSet::from_secret(&secret(&[(ACCESS_TOKEN, "a"), (REFRESH_TOKEN, "r")]));
+    let without = TokenSet::from_secret(&secret(&[(ACCESS_TOKEN, "a")]));
+    let delegated = OAuth2Flow::AuthorizationCode;
+    assert_eq!(
+        plan_after_rejection(Plan::Use, delegated, Some(&with_refresh)),
+        Plan::Refresh
+    );
+    assert_eq!(
+        plan_after_rejection(Plan::Use, OAuth2Flow::ClientCredentials, Some(&without)),
+        Plan::ClientCredentials
+    );
+    // Nothing to refresh with: the token as it is.
+    assert_eq!(
+        plan_after_rejection(Plan::Use, delegated, Some(&without)),
+        Plan::Use
+    );
+    assert_eq!(
+        plan_after_rejection(Plan::Required, delegated, None),
+        Plan::Required
+    );
+}
+
+#[tokio::test]
+async fn a_cached_token_the_mail_server_refuses_is_refreshed_once() {
+    let manager = test_manager();
+    let provider = IncomingMailProvider::new("p", spec(OAUTH));
+    let tokens = |access: &str| secret(&[(ACCESS_TOKEN, access), (REFRESH_TOKEN, "r")]);
+    let cached = |access: &str| Fetched {
+        namespace: "ops".into(),
+        secrets: [("alice-token".to_string(), tokens(access))].into(),
+        ..Default::default()
+    };
+    let refresh_before_using = |access: &str| {
+        manager.is_rejected(
+            &key("ops", "alice-token"),
+            Some(&TokenSet::from_secret(&tokens(access))),
+        )
+    };
+    assert!(!refresh_before_using("a1"));
+    // Refused from the cache: refreshed before the next test, however often refused.
+    manager.rejected(&provider, &cached("a1"));
+    assert!(refresh_before_using("a1"));
+    manager.rejected(&provider, &cached("a1"));
+    assert!(refresh_before_using("a1"));
+    // The token granted then is refused too: used until it expires, not refreshed at
+    // every test, nor when refused again from the cache.
+    let mut granted = cached("a2");
+    granted.token_granted = true;
+    manager.rejected(&provider, &granted);
+    assert!(!refresh_before_using("a2"));
+    manager.rejected(&provider, &cached("a2"));
+    assert!(!refresh_before_using("a2"));
+    // The next token (refreshed at its expiry), refused from the cache: refreshed once.
+    assert!(!refresh_before_using("a3"));
+    manager.rejected(&provider, &cached("a3"));
+    assert!(refresh_before_using("a3"));
+}
