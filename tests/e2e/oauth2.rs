@@ -738,7 +738,7 @@ async fn retest(env: &Env, name: &str, request: &str) -> IncomingMailProvider {
     env.wait(
         name,
         &format!("lastHandledCheckRequest={request}"),
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         |p| {
             p.status
                 .as_ref()
@@ -1547,28 +1547,6 @@ fn machine_name() -> (String, std::net::IpAddr) {
             panic!("the host name {name:?} resolves to no IPv4 address; the proxy tests need it to (see /etc/hosts)")
         });
     (name, ip)
-}
-
-/// Asks for a test now and waits until the controller has handled the request.
-async fn retest(env: &Env, name: &str, label: &str) -> mailroom::api::IncomingMailProvider {
-    env.kubectl(&[
-        "annotate",
-        &format!("imp/{name}"),
-        &format!("mailroom.dev/check-requested-at={label}"),
-        "--overwrite",
-    ]);
-    env.wait(
-        name,
-        "the check request answered",
-        Duration::from_secs(60),
-        |p| {
-            p.status
-                .as_ref()
-                .and_then(|s| s.last_handled_check_request.as_deref())
-                == Some(label)
-        },
-    )
-    .await
 }
 
 // tinyproxy takes only letters, digits, `-`, `.` and `_` in credentials.
