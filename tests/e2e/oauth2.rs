@@ -899,6 +899,49 @@ async fn a_cached_token_the_mail_server_refuses_is_refreshed_before_the_next_tes
     );
 }
 
+/// A token endpoint that answers a refresh with the very access token the mail server
+/// refused (some cache client-credentials tokens) is asked once per refusal, not before
+/// every test.
+#[tokio::test]
+async fn a_refused_token_refreshed_into_itself_is_not_refreshed_at_every_test() {
+    let env = Env::new("oauth2-same-token").await;
+    trust_bed_ca(&env).await;
+    let (server, refresh) = alice_grant(&env);
+    let forged = env
+        .bed
+        .oauth()
+        .forged_token("alice", Duration::from_secs(3600));
+    env.token_secret(
+        "alice-token",
+        &[
+            ("refresh_token", &refresh),
+            ("access_token", &forged),
+            ("expires_at", &rfc3339_in(3600)),
+        ],
+    )
+    .await;
+    env.apply(&generic_imap(&env, &server));
+    let _controller = env.controller();
+    env.wait_reason("imap", "AuthenticationFailed", Duration::from_secs(60))
+        .await;
+    server.answer_next(
+        200,
+        &[],
+        serde_json::json!({"access_token": forged, "token_type": "Bearer", "expires_in": 3600}),
+    );
+    retest(&env, "imap", "first").await;
+    assert_eq!(server.token_requests(), 1, "refreshed after the refusal");
+    retest(&env, "imap", "second").await;
+    retest(&env, "imap", "third").await;
+    assert_eq!(
+        server.token_requests(),
+        1,
+        "refreshed again for the same refusal"
+    );
+    let p = env.providers().get("imap").await.unwrap();
+    assert_eq!(ready(&p).unwrap().reason, "AuthenticationFailed");
+}
+
 #[tokio::test]
 async fn two_refreshers_racing_leave_one_valid_token() {
     let env = Env::new("oauth2-race").await;

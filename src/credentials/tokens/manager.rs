@@ -248,12 +248,19 @@ impl TokenManager {
             }
             return fetched;
         }
+        let prompted = self.is_rejected(&at, tokens.as_ref());
         let lock = self.lock(&namespace, &secret_name);
         let _guard = lock.lock().await;
-        match self
+        let refreshed = self
             .refresh(provider, o, &namespace, &secret_name, &fetched, ahead)
-            .await
-        {
+            .await;
+        // One refresh per refusal: an endpoint that answers with the same access token,
+        // or a token Secret shared with a provider the token works for, is not asked again
+        // at every test.
+        if prompted && let Some(mark) = self.rejected.lock().unwrap().get_mut(&at) {
+            mark.1 = false;
+        }
+        match refreshed {
             Ok(secret) => {
                 // Another access token than the cache held: new for this test.
                 let now_held = TokenSet::from_secret(&secret);
