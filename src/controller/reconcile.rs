@@ -24,7 +24,7 @@ use crate::api::{
     CHECK_REQUESTED_AT, Endpoint, IncomingMailProvider, IncomingMailProviderStatus, Reason,
 };
 use crate::check;
-use crate::credentials::references;
+use crate::credentials::{ObjectKind, references};
 
 /// How long a first test may run before the status says Checking.
 const SHOW_CHECKING_AFTER: Duration = Duration::from_secs(2);
@@ -187,7 +187,7 @@ async fn reconcile_inner(
         .map(|o| &o.token_secret_ref.name);
     let others: Vec<_> = refs
         .iter()
-        .filter(|r| Some(&r.name) != token)
+        .filter(|r| !(r.kind == ObjectKind::Secret && Some(&r.name) == token))
         .cloned()
         .collect();
     let seen = Seen {
@@ -565,7 +565,11 @@ async fn record(
     };
     let what = if status::differs(stored, &new) {
         Some(Write::Change)
-    } else if schedule::heartbeat_due(since_write, interval) {
+    } else if schedule::heartbeat_due(since_write, interval)
+        // The stored lastCheckTime must come after the change: else every restart until
+        // the next heartbeat would see the change as new (schedule::decide) and test again.
+        || *why == schedule::Why::ReferencesChanged
+    {
         Some(Write::Background)
     } else {
         None

@@ -386,6 +386,11 @@ mod decide_tests {
             decide(None, &changed(-30), &Zero),
             Ok(Duration::from_secs(240))
         );
+        // In the second of the test: taken as tested (a provider applied with its Secret).
+        assert_eq!(
+            decide(None, &changed(0), &Zero),
+            Ok(Duration::from_secs(240))
+        );
         // With memory, the fingerprint decides: the watch saw every change.
         let m = memory(100);
         assert_eq!(

@@ -373,3 +373,58 @@ async fn a_secret_changed_while_no_controller_ran_is_tested_when_one_starts() {
         "a provider whose Secret did not change is not tested again after the restart"
     );
 }
+
+/// A Secret change the running controller tested, with the same verdict, still writes a
+/// new lastCheckTime: the next controller (a restart) does not take the change for one
+/// nobody tested, and does not test again.
+#[tokio::test]
+async fn a_secret_change_tested_with_the_same_verdict_is_not_tested_again_after_a_restart() {
+    let env = alice_env("changed-same").await;
+    let (user, password) = env.bed.dovecot().account("alice");
+    env.apply_alice_imaps("imaps");
+    let mut first = env.controller();
+    let p = env
+        .wait_reason("imaps", "Connected", Duration::from_secs(60))
+        .await;
+    let checked = p.status.unwrap().last_check_time.unwrap().0;
+    // In a later second than the last test (both times are whole seconds).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    env.secret(
+        "alice",
+        &[
+            ("username", &user),
+            ("password", &password),
+            ("note", "rotated"),
+        ],
+    )
+    .await;
+    let p = env
+        .wait("imaps", "the change tested", Duration::from_secs(20), |p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.last_check_time.as_ref())
+                .is_some_and(|t| t.0 > checked)
+        })
+        .await;
+    assert_eq!(ready(&p).unwrap().reason, "Connected");
+    let tested = p.status.unwrap().last_check_time;
+    first
+        .terminate(Duration::from_secs(15))
+        .expect("the controller should exit on SIGTERM");
+
+    let second = env.controller();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !second.logs().contains("caches synced") {
+        assert!(Instant::now() < deadline, "{}", second.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        second.tests(),
+        0,
+        "tested again after the restart:\n{}",
+        second.logs()
+    );
+    let p = env.providers().get("imaps").await.unwrap();
+    assert_eq!(p.status.unwrap().last_check_time, tested);
+}
