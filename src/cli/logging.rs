@@ -5,6 +5,7 @@ use std::fmt;
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
+use tracing_log::NormalizeEvent;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::{FormatEvent, FormatFields, JsonFields, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormattedFields};
@@ -37,7 +38,8 @@ pub fn init(format: LogFormat, filter: &str) -> anyhow::Result<()> {
 }
 
 /// One JSON object per line, the fields of the event and of the spans it is in side by
-/// side: `{"timestamp", "level", "message", …, "namespace", "name", "spans", "target"}`,
+/// side: `{"timestamp", "level", "message", …, "namespace", "name", "spans", "target"}`
+/// (`spans`: their names from the outermost, joined by `:`),
 /// as Flux's and controller-runtime's logs put an object's namespace and name.
 /// tracing-subscriber's own JSON nests span fields under the span, whose own name takes
 /// the key `name` there: a provider's name was lost to the span's in every collector.
@@ -54,60 +56,149 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        let meta = event.metadata();
+        // An event from a crate that logs through `log` names its own target and level
+        // there, not in tracing's metadata (whose target is "log").
+        let normalized = event.normalized_metadata();
+        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
         let mut line = Map::new();
-        line.insert(
-            "timestamp".into(),
-            k8s_openapi::jiff::Timestamp::now().to_string().into(),
-        );
-        line.insert("level".into(), meta.level().as_str().into());
         event.record(&mut Fields(&mut line));
         if let Some(scope) = ctx.event_scope() {
             let mut spans = Vec::new();
-            for span in scope.from_root() {
+            // The event's own fields, then an inner span's, win over an outer one's.
+            for span in scope {
                 spans.push(span.name());
                 let extensions = span.extensions();
                 let Some(fields) = extensions.get::<FormattedFields<N>>() else {
                     continue;
                 };
                 if let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(fields) {
-                    // The event's own fields, and an outer span's, win over an inner one's.
                     for (key, value) in fields {
                         line.entry(key).or_insert(value);
                     }
                 }
             }
+            spans.reverse();
             line.insert("spans".into(), spans.join(":").into());
         }
+        line.insert(
+            "timestamp".into(),
+            k8s_openapi::jiff::Timestamp::now().to_string().into(),
+        );
+        line.insert("level".into(), meta.level().as_str().into());
         line.insert("target".into(), meta.target().into());
         writeln!(writer, "{}", Value::Object(line))
     }
 }
 
-/// An event's fields as JSON values.
+/// An event's fields as JSON values, without the `log.*` fields a `log` record carries
+/// (its target and level are the line's; file and line are of no use to an operator).
 struct Fields<'a>(&'a mut Map<String, Value>);
+
+impl Fields<'_> {
+    fn insert(&mut self, field: &Field, value: Value) {
+        if !field.name().starts_with("log.") {
+            self.0.insert(field.name().into(), value);
+        }
+    }
+}
 
 impl Visit for Fields<'_> {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.0
-            .insert(field.name().into(), format!("{value:?}").into());
+        self.insert(field, format!("{value:?}").into());
     }
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().into(), value.into());
+        self.insert(field, value.into());
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.0.insert(field.name().into(), value.into());
+        self.insert(field, value.into());
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.0.insert(field.name().into(), value.into());
+        self.insert(field, value.into());
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.0.insert(field.name().into(), value.into());
+        self.insert(field, value.into());
     }
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.0.insert(field.name().into(), value.into());
+        self.insert(field, value.into());
     }
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.0.insert(field.name().into(), value.to_string().into());
+        self.insert(field, value.to_string().into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// The lines `emit` logs through [`FlatJson`], parsed.
+    fn lines(emit: impl FnOnce()) -> Vec<Value> {
+        let out = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let sink = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || Sink(sink.clone()))
+            .fmt_fields(JsonFields::new())
+            .event_format(FlatJson)
+            .finish();
+        tracing::subscriber::with_default(subscriber, emit);
+        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_line_carries_the_provider_beside_the_message() {
+        let lines = lines(|| {
+            let provider = tracing::info_span!("provider", namespace = "ops", name = "imaps");
+            let _p = provider.enter();
+            let probe = tracing::info_span!("probe", host = "mail.example.com", port = 993);
+            let _q = probe.enter();
+            tracing::warn!(reason = "Timeout", level = "shadowed", "tested");
+        });
+        let line = &lines[0];
+        assert_eq!(line["message"], "tested", "{line}");
+        assert_eq!(line["reason"], "Timeout", "{line}");
+        assert_eq!(line["namespace"], "ops", "{line}");
+        assert_eq!(line["name"], "imaps", "{line}");
+        assert_eq!(line["host"], "mail.example.com", "{line}");
+        assert_eq!(line["port"], 993, "{line}");
+        assert_eq!(line["spans"], "provider:probe", "{line}");
+        assert_eq!(line["level"], "WARN", "{line}");
+        assert!(line["timestamp"].is_string() && line["target"].is_string());
+    }
+
+    /// A record of a crate that logs through `log` (rustls, async-imap): its own target
+    /// and level, without the bridge's `log.*` fields.
+    #[test]
+    fn a_log_record_keeps_its_target() {
+        let lines = lines(|| {
+            let record = tracing_log::log::Record::builder()
+                .target("rustls::client::hs")
+                .level(tracing_log::log::Level::Warn)
+                .args(format_args!("no cached session"))
+                .file(Some("hs.rs"))
+                .line(Some(7))
+                .build();
+            tracing_log::format_trace(&record).unwrap();
+        });
+        let line = &lines[0];
+        assert_eq!(line["target"], "rustls::client::hs", "{line}");
+        assert_eq!(line["level"], "WARN", "{line}");
+        assert_eq!(line["message"], "no cached session", "{line}");
+        let keys: Vec<&String> = line.as_object().unwrap().keys().collect();
+        assert!(keys.iter().all(|k| !k.starts_with("log.")), "{line}");
     }
 }
