@@ -127,8 +127,14 @@ pub async fn main() -> anyhow::Result<i32> {
         }
         Command::Controller(args) => {
             logging::init(args.log_format, &args.log)?;
+            let proxied = kubeconfig_files()
+                .ok()
+                .flatten()
+                .or_else(|| kube::config::Kubeconfig::read().ok())
+                .is_some_and(|file| names_proxy(&file, None));
             let config = kube::Config::infer().await?;
-            let client = controller_client(without_env_proxy(config), args.request_timeout)?;
+            let client =
+                controller_client(without_env_proxy(config, proxied), args.request_timeout)?;
             let metrics_addr = match args.metrics_addr.as_str() {
                 "" | "off" => None,
                 addr => Some(
@@ -210,15 +216,23 @@ impl KubeArgs {
             ),
             None => kubeconfig_files()?,
         };
+        // Whether the kubeconfig names a proxy for the cluster (see without_env_proxy).
+        let proxied;
         let mut config = match (named, &self.context) {
-            (None, None) => Config::infer()
-                .await
-                .context("loading the kubeconfig (or the in-cluster configuration)")?,
+            (None, None) => {
+                proxied = Kubeconfig::read()
+                    .ok()
+                    .is_some_and(|file| names_proxy(&file, None));
+                Config::infer()
+                    .await
+                    .context("loading the kubeconfig (or the in-cluster configuration)")?
+            }
             (named, context) => {
                 let file = match named {
                     Some(file) => file,
                     None => Kubeconfig::read().context("reading the kubeconfig")?,
                 };
+                proxied = names_proxy(&file, context.as_deref());
                 if let Some(context) = context
                     && !file.contexts.iter().any(|c| &c.name == context)
                 {
@@ -245,7 +259,10 @@ impl KubeArgs {
             config.read_timeout = Some(bound);
             config.reset_reader_on_write = true;
         }
-        kube::Client::try_from(without_env_proxy(config)).context("connecting to the cluster")
+        kube::Client::try_from(without_env_proxy(config, proxied)).with_context(|| match proxied {
+            true => "connecting to the cluster (the kubeconfig gives it a proxy-url, which mailroom does not support: it reaches the API server directly)",
+            false => "connecting to the cluster",
+        })
     }
 }
 
@@ -271,17 +288,33 @@ pub fn controller_client(config: kube::Config, timeout_secs: u64) -> anyhow::Res
 /// the OAuth2 token requests (credentials::proxy). kube, built without proxy support,
 /// takes it for the API server from a kubeconfig (not in a pod) and then refuses to
 /// start; its NO_PROXY matching (5.0) looks at the proxy's URL, not the server's. A
-/// kubeconfig's own `proxy-url` is kept, and refused by kube as before.
-fn without_env_proxy(mut config: kube::Config) -> kube::Config {
-    let from_env = ["HTTPS_PROXY", "https_proxy"]
-        .iter()
-        .filter_map(|name| std::env::var(name).ok())
-        .find(|value| !value.is_empty())
-        .and_then(|value| value.parse::<hyper::Uri>().ok());
-    if from_env.is_some() && config.proxy_url == from_env {
+/// kubeconfig's own `proxy-url` (`proxied`) is kept, and refused by kube as before.
+fn without_env_proxy(mut config: kube::Config, proxied: bool) -> kube::Config {
+    if !proxied {
         config.proxy_url = None;
     }
     config
+}
+
+/// Whether the kubeconfig's context (`context`, else its current one) gives its cluster
+/// a `proxy-url`.
+fn names_proxy(file: &kube::config::Kubeconfig, context: Option<&str>) -> bool {
+    let Some(context) = context.or(file.current_context.as_deref()) else {
+        return false;
+    };
+    let Some(cluster) = file
+        .contexts
+        .iter()
+        .find(|c| c.name == context)
+        .and_then(|c| c.context.as_ref())
+    else {
+        return false;
+    };
+    file.clusters
+        .iter()
+        .find(|c| c.name == cluster.cluster)
+        .and_then(|c| c.cluster.as_ref())
+        .is_some_and(|c| c.proxy_url.is_some())
 }
 
 /// The files `KUBECONFIG` lists, merged as kubectl merges them, skipping those that do not

@@ -587,3 +587,46 @@ fn silent_api_server(dir: &tempfile::TempDir, scheme: &str) -> std::path::PathBu
     .unwrap();
     file
 }
+
+/// The API server is reached directly, whatever HTTPS_PROXY says (it is for the OAuth2
+/// token requests); a kubeconfig that gives the cluster a proxy-url is refused, saying so,
+/// even when it names the same proxy as HTTPS_PROXY.
+#[tokio::test]
+async fn the_api_server_is_reached_directly_and_a_kubeconfig_proxy_url_is_refused() {
+    let env = Env::new("cli-proxy-url").await;
+    let proxy = "http://127.0.0.1:9";
+    let run = |kubeconfig: &std::path::Path| {
+        let out = Command::new(MAILROOM)
+            .args([
+                "check",
+                "nothing-here",
+                "-n",
+                &env.ns,
+                "--request-timeout",
+                "5s",
+            ])
+            .env("KUBECONFIG", kubeconfig)
+            .env("HTTPS_PROXY", proxy)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, err) = run(env.bed.kubeconfig_path());
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("not found"), "the API server answered: {err}");
+
+    let mut config: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(env.bed.kubeconfig_path()).unwrap()).unwrap();
+    config["clusters"][0]["cluster"]["proxy-url"] = proxy.into();
+    let proxied = env.dir.path().join("proxied.kubeconfig");
+    std::fs::write(&proxied, serde_yaml::to_string(&config).unwrap()).unwrap();
+    let (code, err) = run(&proxied);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("proxy-url, which mailroom does not support"),
+        "{err}"
+    );
+}
