@@ -942,6 +942,58 @@ async fn a_refused_token_refreshed_into_itself_is_not_refreshed_at_every_test() 
     assert_eq!(ready(&p).unwrap().reason, "AuthenticationFailed");
 }
 
+/// At trace level, where every library logs all it does, no token and no client secret
+/// reaches the controller's log, the status or an Event, through a refresh and a test.
+#[tokio::test]
+async fn tokens_and_the_client_secret_appear_nowhere_at_trace_level() {
+    let env = Env::new("oauth2-secrecy").await;
+    trust_bed_ca(&env).await;
+    const CLIENT_SECRET: &str = "Pl4nted-Client-Secret-b81e";
+    let server = TokenServer::start(env.bed.oauth());
+    server.register_client(CLIENT, Some(CLIENT_SECRET), None);
+    let refresh = server.grant("alice", CLIENT);
+    env.secret("app-secret", &[("client-secret", CLIENT_SECRET)])
+        .await;
+    expired_token_secret(&env, &refresh, "Pl4nted-Expired-Access-77c1").await;
+    env.apply(&generic_imap_with(
+        &env,
+        &server,
+        ", clientSecretRef: {name: app-secret}",
+    ));
+    let controller = env.controller_with(&["--log", "trace"]);
+    env.wait_reason("imap", "Connected", Duration::from_secs(60))
+        .await;
+    assert_eq!(server.token_requests(), 1, "{}", controller.logs());
+    let secret = token_secret(&env).await.unwrap();
+    let planted = [
+        CLIENT_SECRET.to_string(),
+        refresh,
+        "Pl4nted-Expired-Access-77c1".to_string(),
+        key_of(&secret, tokens::ACCESS_TOKEN),
+        key_of(&secret, tokens::REFRESH_TOKEN),
+    ];
+    let status = env.kubectl(&["get", "imp", "-o", "yaml"]);
+    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
+    let events =
+        serde_json::to_string(&events.list(&ListParams::default()).await.unwrap().items).unwrap();
+    for (place, text) in [
+        ("controller logs", controller.logs()),
+        (
+            "status",
+            String::from_utf8_lossy(&status.stdout).to_string(),
+        ),
+        ("events", events),
+    ] {
+        for value in &planted {
+            assert!(value.len() > 8, "{planted:?}");
+            assert!(
+                !text.contains(value.as_str()),
+                "a secret value in the {place}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn two_refreshers_racing_leave_one_valid_token() {
     let env = Env::new("oauth2-race").await;
@@ -1316,6 +1368,26 @@ async fn authorize_with_a_device_code() {
             "authorize {name} --device:\n{seen}{stdout}"
         );
         assert!(stdout.contains("Ready=True Connected"), "{stdout}");
+        // Nothing secret on the terminal: the tokens it stored, the client's secret.
+        let secret = Api::<Secret>::namespaced(env.client.clone(), &env.ns)
+            .get(if name == "imap" {
+                "alice-token"
+            } else {
+                "alice-pop-token"
+            })
+            .await
+            .unwrap();
+        let printed = format!("{seen}{stdout}");
+        for value in [
+            key_of(&secret, tokens::ACCESS_TOKEN),
+            key_of(&secret, tokens::REFRESH_TOKEN),
+            "Device-Client-Secret-5e1".to_string(),
+        ] {
+            assert!(
+                value.len() > 8 && !printed.contains(&value),
+                "{name}: a secret printed:\n{printed}"
+            );
+        }
     }
 
     // A declined sign-in is an error, and says so.
@@ -1531,9 +1603,17 @@ async fn check_refreshes_an_expired_token_only_for_a_caller_who_may_store_it() {
     let out = format!("{stdout}{stderr}");
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(server.token_requests(), 1, "{out}");
-    let stored = key_of(&token_secret(&env).await.unwrap(), tokens::REFRESH_TOKEN);
+    let secret = token_secret(&env).await.unwrap();
+    let stored = key_of(&secret, tokens::REFRESH_TOKEN);
     assert_ne!(stored, refresh, "the rotated refresh token was not stored");
     assert!(server.refresh_token_valid(&stored));
+    // What check prints (into a CI job's log) carries none of the tokens.
+    for token in [&refresh, &stored, &key_of(&secret, tokens::ACCESS_TOKEN)] {
+        assert!(
+            !out.contains(token.as_str()),
+            "a token in check's output:\n{out}"
+        );
+    }
 }
 
 /// A sign-in whose token endpoint grants no refresh token (many do without the
