@@ -607,7 +607,6 @@ async fn device_flow(
             );
         }
         tokio::time::sleep(wait.min(expires.saturating_duration_since(Instant::now()))).await;
-        wait = interval;
         let mut form = vec![
             (
                 "grant_type",
@@ -644,6 +643,8 @@ async fn device_flow(
             Poll::Declined(error) => bail!("the sign-in was declined ({error})"),
             Poll::Failed(message) => bail!("{message}"),
         }
+        // After slow_down too: the next poll waits the longer interval.
+        wait = interval;
         backoff = interval;
     }
 }

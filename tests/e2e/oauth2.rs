@@ -1441,6 +1441,48 @@ async fn authorize_with_a_device_code_rides_out_a_busy_token_endpoint() {
     assert!(stdout.contains("Ready=True Connected"), "{stdout}");
 }
 
+/// RFC 8628's `slow_down` adds 5 s to the polling interval (the test server's is 1 s, and
+/// it says slow_down to the second poll): the third poll comes 6 s after the second.
+#[tokio::test]
+async fn authorize_with_a_device_code_polls_slower_when_told() {
+    let env = Env::new("oauth2-slow-down").await;
+    trust_bed_ca(&env).await;
+    let server = TokenServer::start(env.bed.oauth());
+    server.register_client(CLIENT, None, None);
+    env.apply(&oauth_provider(
+        "imap",
+        "IMAP",
+        env.bed.dovecot().imaps_port(),
+        &generic(
+            &server,
+            &format!(
+                ", flow: DeviceCode, deviceAuthorizationURL: '{}'",
+                server.device_authorization_url()
+            ),
+        ),
+    ));
+    let (child, rx) = authorize(&env, &["imap", "--device", "--no-wait"]);
+    let mut seen = String::new();
+    let line = line_with(&rx, &mut seen, |l| l.trim_start().starts_with("code:"));
+    // Signed in once the second poll was told to slow down.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while server.device_polls().len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "{seen}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(server.approve_device(line.trim().trim_start_matches("code:").trim(), "alice"));
+    let (code, stdout) = finish(child, rx, &mut seen);
+    assert_eq!(code, Some(0), "{seen}{stdout}");
+    let polls = server.device_polls();
+    assert_eq!(polls.len(), 3, "{seen}");
+    assert!(polls[1] - polls[0] < Duration::from_secs(3), "{polls:?}");
+    assert!(
+        polls[2] - polls[1] >= Duration::from_millis(5900),
+        "the poll after slow_down came {:?} after it",
+        polls[2] - polls[1]
+    );
+}
+
 /// A manifest never validated by the API server (or a provider stored before its rule)
 /// with a token endpoint over plain http: refused by name before any token is used.
 #[tokio::test]

@@ -53,6 +53,8 @@ struct Device {
 
 #[derive(Default)]
 struct State {
+    /// When each device-code poll came, in order.
+    device_polls: Vec<std::time::Instant>,
     /// By user code.
     devices: HashMap<String, Device>,
     clients: HashMap<String, Client>,
@@ -250,6 +252,11 @@ impl TokenServer {
     pub fn refuse_next(&self, error_code: &str, description: &str) {
         let (status, body) = error(400, error_code, description);
         self.answer_next(status, &[], body);
+    }
+
+    /// When each device-code poll came, in order.
+    pub fn device_polls(&self) -> Vec<std::time::Instant> {
+        self.state.lock().unwrap().device_polls.clone()
     }
 
     /// Whether a refresh token would still be accepted.
@@ -639,6 +646,7 @@ fn token(st: &mut State, key: &OAuthKey, form: &HashMap<String, String>) -> (u16
         }
         "urn:ietf:params:oauth:grant-type:device_code" => {
             let presented = get("device_code");
+            st.device_polls.push(std::time::Instant::now());
             let Some((code, device)) = st
                 .devices
                 .iter_mut()
