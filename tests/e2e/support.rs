@@ -464,3 +464,32 @@ pub fn with_input(mut cmd: Command, input: &str) -> Output {
         .unwrap();
     child.wait_with_output().unwrap()
 }
+
+/// Asserts that none of `values` (a password, tokens, a client secret) appears in the
+/// controller's `logs`, in the providers' status or in the namespace's Events.
+pub async fn assert_nowhere(env: &Env, logs: &str, values: &[&str]) {
+    let status = env.kubectl(&["get", "imp", "-o", "yaml"]);
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(env.client.clone(), &env.ns);
+    let events = serde_json::to_string(
+        &events
+            .list(&kube::api::ListParams::default())
+            .await
+            .unwrap()
+            .items,
+    )
+    .unwrap();
+    for (place, text) in [
+        ("controller logs", logs.to_string()),
+        (
+            "status",
+            String::from_utf8_lossy(&status.stdout).to_string(),
+        ),
+        ("events", events),
+    ] {
+        for value in values {
+            assert!(value.len() > 8, "too short to search for: {values:?}");
+            assert!(!text.contains(value), "a secret value in the {place}");
+        }
+    }
+}
