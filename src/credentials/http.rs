@@ -186,14 +186,25 @@ pub async fn post_form(
             roundtrip(tcp, request.as_bytes()).await
         }
         .map_err(|e| format!("talking to {host_header}: {e}"))?;
-        parse_response(&raw).map_err(|why| format!("answered {why}"))
+        let answer = parse_response(&raw).map_err(|why| format!("answered {why}"))?;
+        // Plain HTTP goes to the proxy itself: its refusal is not the endpoint's answer.
+        match &via {
+            Some(p) if !target.tls && answer.status == 407 => Err(format!(
+                "the proxy {} refused the request: HTTP 407 (its credentials in the variable are missing or wrong)",
+                p.shown()
+            )),
+            _ => Ok(answer),
+        }
     };
     match tokio::time::timeout(timeout, exchange).await {
         Ok(Ok(answer)) => Ok(answer),
         Ok(Err(why)) => Err(format!("POST {url}: {why}")),
         Err(_) => Err(format!(
-            "POST {url}: no answer within {}s",
-            timeout.as_secs()
+            "POST {url}: no answer within {}s{}",
+            timeout.as_secs(),
+            via.as_ref()
+                .map(|p| format!(" (through the proxy {})", p.shown()))
+                .unwrap_or_default()
         )),
     }
 }
@@ -208,8 +219,13 @@ async fn roundtrip<S: AsyncRead + AsyncWrite + Unpin>(
     let mut limited = (&mut stream).take(MAX_RESPONSE as u64 + 1);
     match limited.read_to_end(&mut raw).await {
         Ok(_) => {}
-        // Servers that close TLS without close_notify: what arrived is what there is.
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+        // Servers that close TLS without close_notify, and proxies that answer and reset
+        // before the request's body is read: what arrived is what there is.
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+            ) && !raw.is_empty() => {}
         Err(e) => return Err(e),
     }
     Ok(raw)

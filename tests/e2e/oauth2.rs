@@ -283,8 +283,7 @@ async fn a_token_the_server_rejects_is_authentication_failed_with_its_json_decod
 // The controller and the token manager, against the bed's test authorization server.
 
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 use mailroom::credentials::tokens::{self, TokenManager};
 use mailroom_testbed::TokenServer;
 
@@ -393,22 +392,6 @@ fn key_of(secret: &Secret, key: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Controller logs, the providers as YAML and the namespace's Events, for leak checks.
-async fn outputs(env: &Env, logs: String) -> Vec<(&'static str, String)> {
-    let providers = env.kubectl(&["get", "imp", "-o", "yaml"]);
-    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
-    let events =
-        serde_json::to_string(&events.list(&ListParams::default()).await.unwrap().items).unwrap();
-    vec![
-        ("controller logs", logs),
-        (
-            "status",
-            String::from_utf8_lossy(&providers.stdout).to_string(),
-        ),
-        ("events", events),
-    ]
-}
-
 #[tokio::test]
 async fn client_credentials_is_ready_with_no_authorize_step_and_no_secret_leaks() {
     let env = Env::new("oauth2-app").await;
@@ -475,7 +458,7 @@ async fn client_credentials_is_ready_with_no_authorize_step_and_no_secret_leaks(
         server.token_requests()
     );
     let issued = server.issued_access_tokens();
-    for (place, text) in outputs(&env, controller.logs()).await {
+    for (place, text) in crate::support::outputs(&env, controller.logs()).await {
         assert!(
             !text.contains(CLIENT_SECRET),
             "the client secret appeared in the {place}"
@@ -557,7 +540,7 @@ async fn an_expired_token_is_refreshed_and_the_rotated_refresh_token_stored() {
         metrics.contains("mailroom_token_refreshes_total{result=\"refreshed\"} 1"),
         "the refresh is counted once:\n{metrics}"
     );
-    for (place, text) in outputs(&env, controller.logs()).await {
+    for (place, text) in crate::support::outputs(&env, controller.logs()).await {
         for planted in [&old_refresh, &new_refresh, &new_access] {
             assert!(
                 !text.contains(planted.as_str()),
@@ -859,7 +842,7 @@ async fn a_token_the_mail_server_rejects_is_authentication_failed_in_status() {
         .await;
     let message = &ready(&p).unwrap().message;
     assert!(message.contains("the OAuth2 error was status"), "{message}");
-    for (place, text) in outputs(&env, controller.logs()).await {
+    for (place, text) in crate::support::outputs(&env, controller.logs()).await {
         assert!(!text.contains(&forged), "the token appeared in the {place}");
     }
 }
@@ -1200,7 +1183,7 @@ async fn authorize_with_a_browser_then_ready_over_imaps_xoauth2_and_pop3s_oauthb
     let refresh = key_of(&secret, tokens::REFRESH_TOKEN);
     let access = key_of(&secret, tokens::ACCESS_TOKEN);
     assert!(server.refresh_token_valid(&refresh));
-    let mut places = outputs(&env, controller.logs()).await;
+    let mut places = crate::support::outputs(&env, controller.logs()).await;
     places.push(("mailroom authorize output", outputs_seen));
     for (place, text) in places {
         assert!(
@@ -1721,15 +1704,6 @@ fn with_login(proxy: &mailroom_testbed::HttpProxy, password: &str) -> String {
     )
 }
 
-/// Asserts that none of the planted secrets appears in the logs, status or Events.
-async fn no_leaks(env: &Env, logs: String, secrets: &[&str]) {
-    for (place, text) in outputs(env, logs).await {
-        for secret in secrets {
-            assert!(!text.contains(secret), "{secret:?} appeared in the {place}");
-        }
-    }
-}
-
 #[tokio::test]
 async fn token_requests_tunnel_through_https_proxy_with_its_credentials() {
     let env = Env::new("oauth2-connect").await;
@@ -1815,9 +1789,9 @@ async fn token_requests_tunnel_through_https_proxy_with_its_credentials() {
         condition.message
     );
     logs.push_str(&controller.logs());
-    no_leaks(
+    crate::support::assert_nowhere(
         &env,
-        logs,
+        &logs,
         &[
             PROXY_PASSWORD,
             "Pl4nted-Proxy-Pass%2E",
@@ -1879,6 +1853,23 @@ async fn token_requests_go_through_http_proxy_unless_no_proxy_names_the_host() {
     logs.push_str(&controller.logs());
     drop(controller);
 
+    // Without the proxy's credentials: its refusal, not the token endpoint's answer.
+    let controller =
+        env.controller_with_env(&[], &[("HTTP_PROXY", &proxy.url()), ("NO_PROXY", "")]);
+    let p = retest(&env, "app", "no-credentials").await;
+    let condition = ready(&p).unwrap();
+    assert_eq!(condition.reason, "TokenRefreshFailed", "{p:?}");
+    assert!(
+        condition.message.contains(&format!(
+            "the proxy {} (HTTP_PROXY) refused the request: HTTP 407",
+            proxy.url()
+        )),
+        "{}",
+        condition.message
+    );
+    logs.push_str(&controller.logs());
+    drop(controller);
+
     // A proxy that is not there: the status names it and the variable, not its password.
     let gone = proxy.url();
     drop(proxy);
@@ -1892,9 +1883,9 @@ async fn token_requests_go_through_http_proxy_unless_no_proxy_names_the_host() {
         "{message}"
     );
     logs.push_str(&controller.logs());
-    no_leaks(
+    crate::support::assert_nowhere(
         &env,
-        logs,
+        &logs,
         &[PROXY_PASSWORD, "Pl4nted-Proxy-Pass%2E", APP_CLIENT_SECRET],
     )
     .await;

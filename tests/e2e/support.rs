@@ -465,9 +465,9 @@ pub fn with_input(mut cmd: Command, input: &str) -> Output {
     child.wait_with_output().unwrap()
 }
 
-/// Asserts that none of `values` (a password, tokens, a client secret) appears in the
-/// controller's `logs`, in the providers' status or in the namespace's Events.
-pub async fn assert_nowhere(env: &Env, logs: &str, values: &[&str]) {
+/// What a secret must never reach: the controller's `logs`, the providers' status and the
+/// namespace's Events, each with its name.
+pub async fn outputs(env: &Env, logs: String) -> Vec<(&'static str, String)> {
     let status = env.kubectl(&["get", "imp", "-o", "yaml"]);
     let events: Api<k8s_openapi::api::events::v1::Event> =
         Api::namespaced(env.client.clone(), &env.ns);
@@ -479,14 +479,20 @@ pub async fn assert_nowhere(env: &Env, logs: &str, values: &[&str]) {
             .items,
     )
     .unwrap();
-    for (place, text) in [
-        ("controller logs", logs.to_string()),
+    vec![
+        ("controller logs", logs),
         (
             "status",
             String::from_utf8_lossy(&status.stdout).to_string(),
         ),
         ("events", events),
-    ] {
+    ]
+}
+
+/// Asserts that none of `values` (a password, tokens, a client secret) appears in the
+/// [`outputs`].
+pub async fn assert_nowhere(env: &Env, logs: &str, values: &[&str]) {
+    for (place, text) in outputs(env, logs.to_string()).await {
         for value in values {
             assert!(value.len() > 8, "too short to search for: {values:?}");
             assert!(!text.contains(value), "a secret value in the {place}");
