@@ -237,6 +237,11 @@ impl Objects {
         }
     }
 
+    /// Whether one of `refs` does not exist.
+    pub fn missing(&self, namespace: &str, refs: &[Reference]) -> bool {
+        refs.iter().any(|r| self.version(namespace, r).is_none())
+    }
+
     /// When any of `refs` was last created or changed, by the newest of its creation and
     /// its managedFields' times (which the caches keep for this alone); None when none of
     /// them exists.

@@ -195,6 +195,7 @@ async fn reconcile_inner(
         request,
         references: fingerprint,
         references_changed: ctx.objects.changed_at(&ns, &others),
+        references_missing: ctx.objects.missing(&ns, &others),
         status: old,
         interval,
         now,

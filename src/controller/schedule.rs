@@ -181,6 +181,8 @@ pub struct Seen<'a> {
     /// When a referenced object was last created or changed by someone (its newest
     /// managedFields entry), as the API server's clock says; None when none exists.
     pub references_changed: Option<k8s_openapi::jiff::Timestamp>,
+    /// Whether one of those objects does not exist (a deletion leaves no time).
+    pub references_missing: bool,
     pub status: Option<&'a crate::api::IncomingMailProviderStatus>,
     pub interval: Duration,
     pub now: k8s_openapi::jiff::Timestamp,
@@ -235,6 +237,11 @@ pub fn decide(memory: Option<&Memory>, seen: &Seen, jitter: &dyn Jitter) -> Resu
     if seen.references_changed.is_some_and(|t| t > last.0) {
         return Err(Why::ReferencesChanged);
     }
+    // Deleted meanwhile: the last verdict did not miss it.
+    let reason = super::status::ready(Some(status)).map(|c| c.reason.as_str());
+    if seen.references_missing && reason != Some(crate::api::Reason::SecretNotFound.as_str()) {
+        return Err(Why::ReferencesChanged);
+    }
     // Not tested while its Secrets could not be read: due as soon as they can (the
     // reconcile does not get here while they cannot).
     if super::status::ready(Some(status))
@@ -277,6 +284,7 @@ mod decide_tests {
             request: None,
             references: 7,
             references_changed: None,
+            references_missing: false,
             status,
             interval: Duration::from_secs(300),
             now: at(now),
@@ -396,6 +404,38 @@ mod decide_tests {
         assert_eq!(
             decide(Some(&m), &changed(30), &Zero),
             Ok(Duration::from_secs(40))
+        );
+    }
+
+    /// After a restart, a referenced object gone since the last verdict makes the
+    /// provider due at once, unless that verdict already said it was missing.
+    #[test]
+    fn after_a_restart_a_reference_deleted_since_the_last_test_is_tested_at_once() {
+        let with_reason = |reason: &str| IncomingMailProviderStatus {
+            observed_generation: Some(1),
+            last_check_time: Some(Time(at(0))),
+            conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                type_: "Ready".into(),
+                status: "False".into(),
+                reason: reason.into(),
+                message: String::new(),
+                observed_generation: Some(1),
+                last_transition_time: Time(at(0)),
+            }],
+            ..Default::default()
+        };
+        let (connected, not_found) = (with_reason("Connected"), with_reason("SecretNotFound"));
+        let missing = |status| Seen {
+            references_missing: true,
+            ..seen(Some(status), 60)
+        };
+        assert_eq!(
+            decide(None, &missing(&connected), &Zero),
+            Err(Why::ReferencesChanged)
+        );
+        assert_eq!(
+            decide(None, &missing(&not_found), &Zero),
+            Ok(Duration::from_secs(240))
         );
     }
 

@@ -325,9 +325,9 @@ async fn sigterm_cancels_a_test_that_outlasts_the_drain_and_exits_within_the_gra
     );
 }
 
-/// A Secret changed while no controller ran (a restart, a failover, a rollout) is tested
-/// as soon as the next one starts, as a change its watch saw would be; a provider whose
-/// objects did not change keeps its schedule (5 m here).
+/// A Secret changed or deleted while no controller ran (a restart, a failover, a rollout)
+/// is tested as soon as the next one starts, as a change its watch saw would be; a
+/// provider whose objects did not change keeps its schedule (5 m here).
 #[tokio::test]
 async fn a_secret_changed_while_no_controller_ran_is_tested_when_one_starts() {
     let env = alice_env("changed-between").await;
@@ -344,8 +344,20 @@ async fn a_secret_changed_while_no_controller_ran_is_tested_when_one_starts() {
         "{method: Password, secretRef: {name: kept}}",
         "",
     ));
+    env.secret("gone", &[("username", &user), ("password", &password)])
+        .await;
+    env.apply(&provider(
+        "deleted",
+        "IMAP",
+        port,
+        "Implicit",
+        "{method: Password, secretRef: {name: gone}}",
+        "",
+    ));
     let mut first = env.controller();
     env.wait_reason("changed", "Connected", Duration::from_secs(60))
+        .await;
+    env.wait_reason("deleted", "Connected", Duration::from_secs(60))
         .await;
     let kept = env
         .wait_reason("kept", "Connected", Duration::from_secs(60))
@@ -362,8 +374,13 @@ async fn a_secret_changed_while_no_controller_ran_is_tested_when_one_starts() {
         &[("username", &user), ("password", "changed-meanwhile")],
     )
     .await;
+    // And one deleted: a deletion leaves no time to compare.
+    let out = env.kubectl(&["delete", "secret", "gone"]);
+    assert!(out.status.success(), "{out:?}");
     let _second = env.controller();
     env.wait_reason("changed", "AuthenticationFailed", Duration::from_secs(20))
+        .await;
+    env.wait_reason("deleted", "SecretNotFound", Duration::from_secs(20))
         .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let kept = env.providers().get("kept").await.unwrap();
