@@ -127,12 +127,7 @@ pub async fn main() -> anyhow::Result<i32> {
         }
         Command::Controller(args) => {
             logging::init(args.log_format, &args.log)?;
-            let proxied = kubeconfig_files()
-                .ok()
-                .flatten()
-                .or_else(|| kube::config::Kubeconfig::read().ok())
-                .is_some_and(|file| names_proxy(&file, None));
-            let config = kube::Config::infer().await?;
+            let (config, proxied) = infer_config().await?;
             let client =
                 controller_client(without_env_proxy(config, proxied), args.request_timeout)?;
             let metrics_addr = match args.metrics_addr.as_str() {
@@ -220,12 +215,11 @@ impl KubeArgs {
         let proxied;
         let mut config = match (named, &self.context) {
             (None, None) => {
-                proxied = Kubeconfig::read()
-                    .ok()
-                    .is_some_and(|file| names_proxy(&file, None));
-                Config::infer()
+                let inferred;
+                (inferred, proxied) = infer_config()
                     .await
-                    .context("loading the kubeconfig (or the in-cluster configuration)")?
+                    .context("loading the kubeconfig (or the in-cluster configuration)")?;
+                inferred
             }
             (named, context) => {
                 let file = match named {
@@ -294,6 +288,15 @@ fn without_env_proxy(mut config: kube::Config, proxied: bool) -> kube::Config {
         config.proxy_url = None;
     }
     config
+}
+
+/// kube's usual configuration (the kubeconfig, else in-cluster), and whether the
+/// kubeconfig gives the cluster a `proxy-url` (see [`without_env_proxy`]).
+async fn infer_config() -> Result<(kube::Config, bool), kube::config::InferConfigError> {
+    let proxied = kube::config::Kubeconfig::read()
+        .ok()
+        .is_some_and(|file| names_proxy(&file, None));
+    Ok((kube::Config::infer().await?, proxied))
 }
 
 /// Whether the kubeconfig's context (`context`, else its current one) gives its cluster

@@ -10,13 +10,13 @@ use std::sync::{Arc, Mutex};
 use futures::FutureExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
 
 use super::access::Access;
+use super::schedule::Unwatched;
 use crate::credentials::tokens::own_writes::{OwnWrites, Resolved};
 use crate::credentials::{Fetched, ObjectKind, Reference};
 
@@ -217,61 +217,54 @@ impl Objects {
         }
     }
 
-    /// The resourceVersion of a referenced object, or None when it does not exist.
-    fn version(&self, namespace: &str, r: &Reference) -> Option<String> {
+    /// `read` of a referenced object's metadata as the cache holds it; None when it does
+    /// not exist.
+    fn with_meta<T>(
+        &self,
+        namespace: &str,
+        r: &Reference,
+        read: impl FnOnce(&ObjectMeta) -> T,
+    ) -> Option<T> {
         match r.kind {
             ObjectKind::Secret => {
                 let key = ObjectRef::new(&r.name).within(namespace);
-                self.secrets
-                    .iter()
-                    .find_map(|s| s.get(&key))
-                    .and_then(|m| m.resource_version())
+                let found = self.secrets.iter().find_map(|s| s.get(&key))?;
+                Some(read(&found.metadata))
             }
             ObjectKind::ConfigMap => {
                 let key = ObjectRef::new(&r.name).within(namespace);
-                self.config_maps
-                    .iter()
-                    .find_map(|s| s.get(&key))
-                    .and_then(|m| m.resource_version())
+                let found = self.config_maps.iter().find_map(|s| s.get(&key))?;
+                Some(read(&found.metadata))
             }
         }
     }
 
-    /// Whether one of `refs` does not exist.
-    pub fn missing(&self, namespace: &str, refs: &[Reference]) -> bool {
-        refs.iter().any(|r| self.version(namespace, r).is_none())
+    /// The resourceVersion of a referenced object, or None when it does not exist.
+    fn version(&self, namespace: &str, r: &Reference) -> Option<String> {
+        self.with_meta(namespace, r, |m| m.resource_version.clone())
+            .flatten()
     }
 
-    /// When any of `refs` was last created or changed, by the newest of its creation and
-    /// its managedFields' times (which the caches keep for this alone); None when none of
-    /// them exists.
-    pub fn changed_at(&self, namespace: &str, refs: &[Reference]) -> Option<Timestamp> {
-        let when = |meta: &ObjectMeta| {
-            let changed = meta
-                .managed_fields
-                .iter()
-                .flatten()
-                .filter_map(|f| f.time.as_ref());
-            meta.creation_timestamp
-                .iter()
-                .chain(changed)
-                .map(|t| t.0)
-                .max()
-        };
-        refs.iter()
-            .filter_map(|r| match r.kind {
-                ObjectKind::Secret => {
-                    let key = ObjectRef::new(&r.name).within(namespace);
-                    let meta = self.secrets.iter().find_map(|s| s.get(&key))?;
-                    when(&meta.metadata)
-                }
-                ObjectKind::ConfigMap => {
-                    let key = ObjectRef::new(&r.name).within(namespace);
-                    let meta = self.config_maps.iter().find_map(|s| s.get(&key))?;
-                    when(&meta.metadata)
-                }
-            })
-            .max()
+    /// What happened to `refs` that a watch would have seen: when one was last created
+    /// or changed (the newest of its creation and managedFields times, which the caches
+    /// keep for this alone), and whether one does not exist.
+    pub fn unwatched(&self, namespace: &str, refs: &[Reference]) -> Unwatched {
+        let mut seen = Unwatched::default();
+        for r in refs {
+            let changed = self.with_meta(namespace, r, |m| {
+                let times = m
+                    .managed_fields
+                    .iter()
+                    .flatten()
+                    .filter_map(|f| f.time.as_ref());
+                m.creation_timestamp.iter().chain(times).map(|t| t.0).max()
+            });
+            match changed {
+                None => seen.missing = true,
+                Some(at) => seen.changed = seen.changed.max(at),
+            }
+        }
+        seen
     }
 
     /// A hash of the references' current versions: a change means "test again". The

@@ -17,7 +17,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use super::limits::{Write, WriteSlot};
 use super::objects::Readiness;
-use super::schedule::{self, Memory, Seen};
+use super::schedule::{self, Memory, Seen, Unwatched};
 use super::status::{self, Context as StatusContext};
 use super::{Context, FIELD_MANAGER};
 use crate::api::{
@@ -178,24 +178,30 @@ async fn reconcile_inner(
 
     let fingerprint = ctx.objects.fingerprint(&ns, &refs).await;
     let memory = remembered(&ctx, &key, &p);
-    // The OAuth2 token Secret changes with every refresh, the controller's own writes.
-    let token = p
-        .spec
-        .authentication
-        .oauth2
-        .as_ref()
-        .map(|o| &o.token_secret_ref.name);
-    let others: Vec<_> = refs
-        .iter()
-        .filter(|r| !(r.kind == ObjectKind::Secret && Some(&r.name) == token))
-        .cloned()
-        .collect();
+    // Only where `decide` reads it: a provider first seen since this replica started.
+    let unwatched = match memory {
+        Some(_) => Unwatched::default(),
+        None => {
+            // The OAuth2 token Secret changes with every refresh, the controller's own writes.
+            let token = p
+                .spec
+                .authentication
+                .oauth2
+                .as_ref()
+                .map(|o| &o.token_secret_ref.name);
+            let others: Vec<_> = refs
+                .iter()
+                .filter(|r| !(r.kind == ObjectKind::Secret && Some(&r.name) == token))
+                .cloned()
+                .collect();
+            ctx.objects.unwatched(&ns, &others)
+        }
+    };
     let seen = Seen {
         generation,
         request,
         references: fingerprint,
-        references_changed: ctx.objects.changed_at(&ns, &others),
-        references_missing: ctx.objects.missing(&ns, &others),
+        unwatched,
         status: old,
         interval,
         now,

@@ -178,14 +178,22 @@ pub struct Seen<'a> {
     pub generation: Option<i64>,
     pub request: Option<&'a str>,
     pub references: u64,
-    /// When a referenced object was last created or changed by someone (its newest
-    /// managedFields entry), as the API server's clock says; None when none exists.
-    pub references_changed: Option<k8s_openapi::jiff::Timestamp>,
-    /// Whether one of those objects does not exist (a deletion leaves no time).
-    pub references_missing: bool,
+    /// What became of the referenced objects while no replica watched them; read only
+    /// for a provider this replica has no memory of (see `reconcile`).
+    pub unwatched: Unwatched,
     pub status: Option<&'a crate::api::IncomingMailProviderStatus>,
     pub interval: Duration,
     pub now: k8s_openapi::jiff::Timestamp,
+}
+
+/// The referenced objects (the OAuth2 token Secret, the controller's own writes, aside)
+/// as a restarted controller finds them.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Unwatched {
+    /// When one was last created or changed, by the API server's clock.
+    pub changed: Option<k8s_openapi::jiff::Timestamp>,
+    /// Whether one does not exist (a deletion leaves no time).
+    pub missing: bool,
 }
 
 /// Test now (and why), or wait this long. Memory wins over status (the status in the
@@ -234,12 +242,12 @@ pub fn decide(memory: Option<&Memory>, seen: &Seen, jitter: &dyn Jitter) -> Resu
     // times are whole seconds, and a change in the second of the test does not count: a
     // provider applied with its Secret is first tested in that second, and would be
     // tested again at every failover until its next test.
-    if seen.references_changed.is_some_and(|t| t > last.0) {
+    if seen.unwatched.changed.is_some_and(|t| t > last.0) {
         return Err(Why::ReferencesChanged);
     }
     // Deleted meanwhile: the last verdict did not miss it.
     let reason = super::status::ready(Some(status)).map(|c| c.reason.as_str());
-    if seen.references_missing && reason != Some(crate::api::Reason::SecretNotFound.as_str()) {
+    if seen.unwatched.missing && reason != Some(crate::api::Reason::SecretNotFound.as_str()) {
         return Err(Why::ReferencesChanged);
     }
     // Not tested while its Secrets could not be read: due as soon as they can (the
@@ -283,8 +291,7 @@ mod decide_tests {
             generation: Some(1),
             request: None,
             references: 7,
-            references_changed: None,
-            references_missing: false,
+            unwatched: Unwatched::default(),
             status,
             interval: Duration::from_secs(300),
             now: at(now),
@@ -383,7 +390,10 @@ mod decide_tests {
             ..Default::default()
         };
         let changed = |t: i64| Seen {
-            references_changed: Some(at(t)),
+            unwatched: Unwatched {
+                changed: Some(at(t)),
+                missing: false,
+            },
             ..seen(Some(&status), 60)
         };
         assert_eq!(
@@ -426,7 +436,10 @@ mod decide_tests {
         };
         let (connected, not_found) = (with_reason("Connected"), with_reason("SecretNotFound"));
         let missing = |status| Seen {
-            references_missing: true,
+            unwatched: Unwatched {
+                changed: None,
+                missing: true,
+            },
             ..seen(Some(status), 60)
         };
         assert_eq!(

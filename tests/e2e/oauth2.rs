@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use mailroom::api::{IncomingMailProvider, Protocol, Reason, SaslMechanism, TlsMode};
+use mailroom::api::{Protocol, Reason, SaslMechanism, TlsMode};
 use mailroom::probe::{self, Login, Target, Trust};
 use secrecy::SecretString;
 
@@ -725,33 +725,6 @@ async fn a_token_server_that_is_down_leaves_a_valid_token_in_use_then_fails() {
         .await;
 }
 
-/// Asks the controller for a test of `name` and waits until it handled the request.
-async fn retest(env: &Env, name: &str, request: &str) -> IncomingMailProvider {
-    let out = env.kubectl(&[
-        "annotate",
-        &format!("imp/{name}"),
-        &format!("mailroom.dev/check-requested-at={request}"),
-        "--overwrite",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    env.wait(
-        name,
-        &format!("lastHandledCheckRequest={request}"),
-        Duration::from_secs(60),
-        |p| {
-            p.status
-                .as_ref()
-                .and_then(|s| s.last_handled_check_request.as_deref())
-                == Some(request)
-        },
-    )
-    .await
-}
-
 #[tokio::test]
 async fn a_token_endpoint_that_asks_to_retry_later_is_not_asked_again_before_then() {
     let env = Env::new("oauth2-throttled").await;
@@ -773,7 +746,7 @@ async fn a_token_endpoint_that_asks_to_retry_later_is_not_asked_again_before_the
     assert_eq!(server.token_requests(), 1);
     // Tests asked for within the 30 s do not call the token endpoint.
     for request in ["throttled-1", "throttled-2"] {
-        let p = retest(&env, "imap", request).await;
+        let p = env.retest("imap", request).await;
         let c = ready(&p).unwrap();
         assert_eq!(c.reason, "TokenRefreshFailed");
         assert!(c.message.contains("throttled until"), "{}", c.message);
@@ -817,19 +790,7 @@ async fn a_token_the_mail_server_rejects_is_authentication_failed_in_status() {
     let env = Env::new("oauth2-rejected").await;
     trust_bed_ca(&env).await;
     let server = TokenServer::start(env.bed.oauth());
-    let forged = env
-        .bed
-        .oauth()
-        .forged_token("alice", Duration::from_secs(3600));
-    env.token_secret(
-        "alice-token",
-        &[
-            ("refresh_token", "unused"),
-            ("access_token", &forged),
-            ("expires_at", &rfc3339_in(3600)),
-        ],
-    )
-    .await;
+    let forged = refused_from_cache(&env, "unused", 3600).await;
     env.apply(&oauth_provider(
         "pop3",
         "POP3",
@@ -842,9 +803,7 @@ async fn a_token_the_mail_server_rejects_is_authentication_failed_in_status() {
         .await;
     let message = &ready(&p).unwrap().message;
     assert!(message.contains("the OAuth2 error was status"), "{message}");
-    for (place, text) in crate::support::outputs(&env, controller.logs()).await {
-        assert!(!text.contains(&forged), "the token appeared in the {place}");
-    }
+    crate::support::assert_nowhere(&env, &controller.logs(), &[&forged]).await;
 }
 
 #[tokio::test]
@@ -858,7 +817,7 @@ async fn a_cached_token_the_mail_server_refuses_is_refreshed_before_the_next_tes
     env.wait_reason("imap", "AuthenticationFailed", Duration::from_secs(60))
         .await;
     // The grant is fine: the next test refreshes, and recovers.
-    retest(&env, "imap", "after-refusal").await;
+    env.retest("imap", "after-refusal").await;
     env.wait_reason("imap", "Connected", Duration::from_secs(30))
         .await;
     assert_eq!(server.token_requests(), 1);
@@ -871,7 +830,7 @@ async fn a_cached_token_the_mail_server_refuses_is_refreshed_before_the_next_tes
     refused_from_cache(&env, &live[0], 3500).await;
     env.wait_reason("imap", "AuthenticationFailed", Duration::from_secs(30))
         .await;
-    retest(&env, "imap", "after-revocation").await;
+    env.retest("imap", "after-revocation").await;
     let p = env
         .wait_reason("imap", "AuthorizationRevoked", Duration::from_secs(30))
         .await;
@@ -900,10 +859,10 @@ async fn a_refused_token_refreshed_into_itself_is_not_refreshed_at_every_test() 
         &[],
         serde_json::json!({"access_token": forged, "token_type": "Bearer", "expires_in": 3600}),
     );
-    retest(&env, "imap", "first").await;
+    env.retest("imap", "first").await;
     assert_eq!(server.token_requests(), 1, "refreshed after the refusal");
-    retest(&env, "imap", "second").await;
-    retest(&env, "imap", "third").await;
+    env.retest("imap", "second").await;
+    env.retest("imap", "third").await;
     assert_eq!(
         server.token_requests(),
         1,
@@ -1774,7 +1733,7 @@ async fn token_requests_tunnel_through_https_proxy_with_its_credentials() {
             ("SSL_CERT_FILE", ca_file),
         ],
     );
-    let p = retest(&env, "app", "wrong-password").await;
+    let p = env.retest("app", "wrong-password").await;
     let condition = ready(&p).unwrap();
     assert_eq!(condition.reason, "TokenRefreshFailed", "{p:?}");
     // tinyproxy answers 401 Unauthorized where RFC 9110 says 407.
@@ -1842,7 +1801,7 @@ async fn token_requests_go_through_http_proxy_unless_no_proxy_names_the_host() {
     let controller =
         env.controller_with_env(&[], &[("HTTP_PROXY", &proxy_url), ("no_proxy", &host)]);
     let (before, proxied) = (server.token_requests(), through_proxy());
-    let p = retest(&env, "app", "direct").await;
+    let p = env.retest("app", "direct").await;
     assert_eq!(
         ready(&p).map(|c| c.reason.as_str()),
         Some("Connected"),
@@ -1856,7 +1815,7 @@ async fn token_requests_go_through_http_proxy_unless_no_proxy_names_the_host() {
     // Without the proxy's credentials: its refusal, not the token endpoint's answer.
     let controller =
         env.controller_with_env(&[], &[("HTTP_PROXY", &proxy.url()), ("NO_PROXY", "")]);
-    let p = retest(&env, "app", "no-credentials").await;
+    let p = env.retest("app", "no-credentials").await;
     let condition = ready(&p).unwrap();
     assert_eq!(condition.reason, "TokenRefreshFailed", "{p:?}");
     assert!(
@@ -1874,7 +1833,7 @@ async fn token_requests_go_through_http_proxy_unless_no_proxy_names_the_host() {
     let gone = proxy.url();
     drop(proxy);
     let controller = env.controller_with_env(&[], &[("HTTP_PROXY", &proxy_url), ("NO_PROXY", "")]);
-    let p = retest(&env, "app", "no-proxy").await;
+    let p = env.retest("app", "no-proxy").await;
     let condition = ready(&p).unwrap();
     assert_eq!(condition.reason, "TokenRefreshFailed", "{p:?}");
     let message = &condition.message;

@@ -200,6 +200,34 @@ impl Env {
         }
     }
 
+    /// Asks the controller for a test of `name` (the check-requested-at annotation set to
+    /// `request`) and waits until it handled the request.
+    pub async fn retest(&self, name: &str, request: &str) -> IncomingMailProvider {
+        let out = self.kubectl(&[
+            "annotate",
+            &format!("imp/{name}"),
+            &format!("mailroom.dev/check-requested-at={request}"),
+            "--overwrite",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.wait(
+            name,
+            &format!("lastHandledCheckRequest={request}"),
+            Duration::from_secs(60),
+            |p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.last_handled_check_request.as_deref())
+                    == Some(request)
+            },
+        )
+        .await
+    }
+
     /// Waits until Ready has this reason, and returns the provider.
     pub async fn wait_reason(
         &self,

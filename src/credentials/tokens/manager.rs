@@ -240,15 +240,13 @@ impl TokenManager {
         let in_memory = self.app_token(&at, o, spec.server.protocol);
         let cached = in_memory.as_ref().or(fetched.secrets.get(&secret_name));
         let tokens = cached.map(TokenSet::from_secret);
-        if plan(o.flow, tokens.as_ref(), Timestamp::now(), ahead) == Plan::Use
-            && !self.is_rejected(&at, tokens.as_ref())
-        {
+        let prompted = self.is_rejected(&at, tokens.as_ref());
+        if plan(o.flow, tokens.as_ref(), Timestamp::now(), ahead) == Plan::Use && !prompted {
             if let Some(secret) = in_memory {
                 fetched.secrets.insert(secret_name, secret);
             }
             return fetched;
         }
-        let prompted = self.is_rejected(&at, tokens.as_ref());
         let lock = self.lock(&namespace, &secret_name);
         let _guard = lock.lock().await;
         let refreshed = self
