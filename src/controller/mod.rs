@@ -462,13 +462,13 @@ async fn run_controllers(
         let (store, writer) = reflector::store::<PartialObjectMeta<Secret>>();
         secret_streams.push(reflector::reflector(
             writer,
-            watcher(secrets, watcher::Config::default()).modify(slim_metadata),
+            watcher(secrets, watches::config()).modify(slim_metadata),
         ));
         secret_stores.push(store);
         let (store, writer) = reflector::store::<PartialObjectMeta<ConfigMap>>();
         cm_streams.push(reflector::reflector(
             writer,
-            watcher(cms, watcher::Config::default()).modify(slim_metadata),
+            watcher(cms, watches::config()).modify(slim_metadata),
         ));
         cm_stores.push(store);
         accesses.push([Arc::new(Access::default()), Arc::new(Access::default())]);
@@ -531,7 +531,7 @@ async fn run_controllers(
         // bounded by the host and test semaphores, one test per provider at a time.
         // Every provider stays in memory; its managedFields (a few kB once status is
         // server-side applied, never read here) are not kept.
-        let watched = watcher(providers, watcher::Config::default())
+        let watched = watcher(providers, watches::config())
             .modify(|p: &mut IncomingMailProvider| p.managed_fields_mut().clear());
         let controller = Controller::for_stream(
             reflector::reflector(writer, watched).applied_objects(),

@@ -19,6 +19,19 @@ use kube::runtime::watcher;
 use super::access::Access;
 use super::schedule::{self, RandomJitter};
 
+/// How long the API server keeps one watch open before the watcher makes it again (from
+/// where it was, so nothing is listed again). kube-runtime gives up a watch that carries
+/// nothing for this long plus 5 s: a watch whose connection went silent without closing
+/// (a node lost behind a load balancer) is then made again on a new one. At kube's default
+/// of 290 s a Secret fixed meanwhile went unseen for five minutes; at a minute it is seen
+/// within about 65 s, for one more watch request per watch and minute.
+pub const WATCH_TIMEOUT_SECS: u32 = 60;
+
+/// The controller's watches: see [`WATCH_TIMEOUT_SECS`].
+pub fn config() -> watcher::Config {
+    watcher::Config::default().timeout(WATCH_TIMEOUT_SECS)
+}
+
 /// [`schedule::watch_retry`] as kube-runtime's backoff; reset by every item a watch
 /// yields.
 #[derive(Default)]

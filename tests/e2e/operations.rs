@@ -159,7 +159,8 @@ async fn a_leader_whose_lease_another_holds_stops_testing_until_it_expires() {
 /// a load balancer, a NAT entry dropped) would hold a request for as long as the kernel
 /// keeps it, for ever when the far end keeps the socket open: each request is given up
 /// after `--request-timeout` and made again on a new connection, so the Lease is renewed
-/// and statuses are written.
+/// and statuses are written; each watch is made again within about a minute, so a Secret
+/// changed meanwhile is acted on without waiting for its provider's interval.
 #[tokio::test]
 async fn requests_on_connections_to_the_api_server_that_went_silent_are_made_again() {
     let env = alice_env("silent-api").await;
@@ -168,6 +169,18 @@ async fn requests_on_connections_to_the_api_server_that_went_silent_are_made_aga
         &provider("imaps", "IMAP", port, "Implicit", ALICE_AUTH, "")
             .replace("interval: 5m", "interval: 30s"),
     );
+    // Tested once, then not before five minutes: only a watch can bring its Secret's change.
+    let (user, password) = env.bed.dovecot().account("alice");
+    env.secret("quiet", &[("username", &user), ("password", &password)])
+        .await;
+    env.apply(&provider(
+        "quiet",
+        "IMAP",
+        port,
+        "Implicit",
+        "{method: Password, secretRef: {name: quiet}}",
+        "",
+    ));
     let text = std::fs::read_to_string(env.bed.kubeconfig_path()).unwrap();
     let mut config: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
     let server = &mut config["clusters"][0]["cluster"]["server"];
@@ -184,9 +197,16 @@ async fn requests_on_connections_to_the_api_server_that_went_silent_are_made_aga
         .wait_reason("imaps", "Connected", Duration::from_secs(60))
         .await;
     let checked = before.status.unwrap().last_check_time.unwrap().0;
+    env.wait_reason("quiet", "Connected", Duration::from_secs(60))
+        .await;
     // Every connection open now (the Lease's, the watches', those kept for reuse) goes
     // silent; new ones go through.
     relay.freeze();
+    env.secret(
+        "quiet",
+        &[("username", &user), ("password", "changed-while-silent")],
+    )
+    .await;
     // The next test is due within the interval and its jitter (33 s).
     env.wait(
         "imaps",
@@ -205,6 +225,10 @@ async fn requests_on_connections_to_the_api_server_that_went_silent_are_made_aga
         "a request on a silent connection was given up:\n{}",
         controller.logs()
     );
+    // The Secrets' watch went silent with the rest; it is made again within its 60 s
+    // and 5 s of grace, and the change is tested at once.
+    env.wait_reason("quiet", "AuthenticationFailed", Duration::from_secs(90))
+        .await;
 }
 
 /// A relay to the API server whose connections can be frozen: each then carries no byte
