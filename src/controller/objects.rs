@@ -272,10 +272,21 @@ impl Objects {
     /// its way and the Secret shows a version not yet known as ours or not, this waits
     /// for the write's answer (one API request; at most [`OWN_WRITE_WAIT`]).
     pub async fn fingerprint(&self, namespace: &str, refs: &[Reference]) -> u64 {
+        self.fingerprint_with(namespace, refs, None).await
+    }
+
+    /// [`Self::fingerprint`], with Secret `read.0` at version `read.1` (what a test used,
+    /// which the cache may not show yet) instead of the cache's.
+    pub async fn fingerprint_with(
+        &self,
+        namespace: &str,
+        refs: &[Reference],
+        read: Option<&(String, String)>,
+    ) -> u64 {
         let deadline = tokio::time::Instant::now() + OWN_WRITE_WAIT;
         loop {
             let give_up = tokio::time::Instant::now() >= deadline;
-            if let Some(h) = self.hash_versions(namespace, refs, give_up) {
+            if let Some(h) = self.hash_versions(namespace, refs, read, give_up) {
                 return h;
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -283,11 +294,22 @@ impl Objects {
     }
 
     /// The hash, or None while a version seen may be our own write's (unless `as_seen`).
-    fn hash_versions(&self, namespace: &str, refs: &[Reference], as_seen: bool) -> Option<u64> {
+    fn hash_versions(
+        &self,
+        namespace: &str,
+        refs: &[Reference],
+        read: Option<&(String, String)>,
+        as_seen: bool,
+    ) -> Option<u64> {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         for r in refs {
             r.hash(&mut h);
-            let seen = self.version(namespace, r);
+            let seen = match read {
+                Some((name, version)) if r.kind == ObjectKind::Secret && &r.name == name => {
+                    Some(version.clone())
+                }
+                _ => self.version(namespace, r),
+            };
             let version = match r.kind {
                 ObjectKind::Secret => match self.own.resolve(namespace, &r.name, seen) {
                     Resolved::Version(v) => v,

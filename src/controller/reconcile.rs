@@ -412,6 +412,12 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
             };
             // OAuth2: a fresh access token (refreshed, and the Secret rewritten, if needed).
             let fetched = Box::pin(ctx.tokens.prepare(p, fetched)).await;
+            // The token Secret as this test used it, where the token manager read or
+            // wrote it (see `Fetched::token_source`).
+            let fingerprint = match &fetched.token_source {
+                Some(read) => ctx.objects.fingerprint_with(&ns, &refs, Some(read)).await,
+                None => fingerprint,
+            };
             for _ in 0..ctx.tokens.take_refreshes() {
                 ctx.metrics.token_refresh("refreshed");
             }

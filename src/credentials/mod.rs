@@ -80,6 +80,11 @@ pub struct Fetched {
     /// OAuth2: the access token was granted for this test, not taken from the cache (the
     /// token manager sets it): a cached one the mail server refuses is refreshed once.
     pub token_granted: bool,
+    /// OAuth2: the token Secret's name and the version whose tokens this test uses, when
+    /// the token manager read or wrote the Secret for it. The schedule counts that version
+    /// as tested: tokens kept since a failed write and stored by this test are a change
+    /// for the other providers sharing the Secret, not for this one.
+    pub token_source: Option<(String, String)>,
 }
 
 impl std::fmt::Debug for Fetched {
@@ -92,6 +97,7 @@ impl std::fmt::Debug for Fetched {
             .field("token_problem", &self.token_problem)
             .field("token_warning", &self.token_warning)
             .field("token_granted", &self.token_granted)
+            .field("token_source", &self.token_source)
             .finish()
     }
 }

@@ -266,6 +266,8 @@ impl TokenManager {
                     t?.access_token.as_ref().map(|a| a.expose_secret())
                 }
                 fetched.token_granted = access(Some(&now_held)) != access(tokens.as_ref());
+                // An app-only token kept in memory has no version: none to count.
+                fetched.token_source = secret.resource_version().map(|v| (secret_name.clone(), v));
                 fetched.secrets.insert(secret_name, secret);
             }
             Err(problem) => fetched.token_problem = Some(problem),
