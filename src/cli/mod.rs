@@ -238,6 +238,7 @@ impl KubeArgs {
                 }
                 Config::from_custom_kubeconfig(file, &options)
                     .await
+                    .map_err(|e| proxy_env_named(e, proxied))
                     .context("loading the kubeconfig")?
             }
         };
@@ -290,13 +291,45 @@ fn without_env_proxy(mut config: kube::Config, proxied: bool) -> kube::Config {
     config
 }
 
+/// `error`, naming the variable when it is kube's refusal of an `HTTPS_PROXY` it cannot
+/// parse (the kubeconfig names no `proxy-url`: not `proxied`): kube reads the variable
+/// while loading a kubeconfig (not in a pod), and said only "failed to parse proxy url",
+/// which sent people looking for a proxy in their kubeconfig. The value is not quoted: it
+/// may hold the proxy's password.
+fn proxy_env_named(
+    error: impl std::error::Error + Send + Sync + 'static,
+    proxied: bool,
+) -> anyhow::Error {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+    let mut from_proxy_url = false;
+    while let Some(e) = cause {
+        from_proxy_url |= matches!(
+            e.downcast_ref::<kube::config::KubeconfigError>(),
+            Some(kube::config::KubeconfigError::ParseProxyUrl(_))
+        );
+        cause = e.source();
+    }
+    let env = ["HTTPS_PROXY", "https_proxy"]
+        .into_iter()
+        .find(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()));
+    match (from_proxy_url && !proxied, env) {
+        (true, Some(var)) => anyhow::Error::new(error).context(format!(
+            "{var} is not a URL (kube reads it while loading a kubeconfig, though mailroom sends only OAuth2 token requests through it): write it as http://[user:password@]host:port, with reserved characters of the password percent-encoded"
+        )),
+        _ => anyhow::Error::new(error),
+    }
+}
+
 /// kube's usual configuration (the kubeconfig, else in-cluster), and whether the
 /// kubeconfig gives the cluster a `proxy-url` (see [`without_env_proxy`]).
-async fn infer_config() -> Result<(kube::Config, bool), kube::config::InferConfigError> {
+async fn infer_config() -> anyhow::Result<(kube::Config, bool)> {
     let proxied = kube::config::Kubeconfig::read()
         .ok()
         .is_some_and(|file| names_proxy(&file, None));
-    Ok((kube::Config::infer().await?, proxied))
+    let config = kube::Config::infer()
+        .await
+        .map_err(|e| proxy_env_named(e, proxied))?;
+    Ok((config, proxied))
 }
 
 /// Whether the kubeconfig's context (`context`, else its current one) gives its cluster

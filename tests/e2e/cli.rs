@@ -630,3 +630,36 @@ async fn the_api_server_is_reached_directly_and_a_kubeconfig_proxy_url_is_refuse
         "{err}"
     );
 }
+
+/// An HTTPS_PROXY that is not a URL (a password with a space not percent-encoded): kube
+/// refuses it while loading the kubeconfig; the error names the variable, not a proxy of
+/// the kubeconfig, and never quotes the password.
+#[tokio::test]
+async fn an_https_proxy_that_is_not_a_url_is_named_and_its_password_not_shown() {
+    let env = Env::new("cli-bad-proxy").await;
+    let password = "pass word-7Kq";
+    for args in [
+        vec!["check", "nothing-here", "-n", env.ns.as_str()],
+        vec!["controller"],
+    ] {
+        let out = Command::new(MAILROOM)
+            .args(&args)
+            .env("KUBECONFIG", env.bed.kubeconfig_path())
+            .env(
+                "HTTPS_PROXY",
+                format!("http://user:{password}@proxy.test:3128"),
+            )
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("HTTPS_PROXY is not a URL") && err.contains("percent-encoded"),
+            "{args:?}: {err}"
+        );
+        assert!(
+            !err.contains("word-7Kq"),
+            "{args:?}: the password shown: {err}"
+        );
+    }
+}
