@@ -79,6 +79,14 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
         )
     } else {
         let (p, fetched, manifest) = from_files(&args)?;
+        let p = match p {
+            Ok(p) => p,
+            // What mailroom cannot read (`method: password`, a port in quotes), the API
+            // server may refuse in its own words, all errors at once, as `kubectl apply`.
+            Err(unreadable) => {
+                return unreadable_manifest(&args, &client, &manifest, unreadable).await;
+            }
+        };
         (p, fetched, Some(manifest))
     };
     if manifest.is_some() {
@@ -97,8 +105,13 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
     if let Some(manifest) = &manifest {
         match &client {
             Ok(client) => {
-                if let Some(refusal) =
-                    refused_by_api_server(client, &fetched.namespace, &provider, manifest).await
+                if let Some(refusal) = refused_by_api_server(
+                    client,
+                    &fetched.namespace,
+                    &provider.name_any(),
+                    manifest,
+                )
+                .await
                 {
                     let label = format!("{}/{}", fetched.namespace, provider.name_any());
                     let outcome =
@@ -308,7 +321,7 @@ fn expired_file_token(
 async fn refused_by_api_server(
     client: &kube::Client,
     namespace: &str,
-    provider: &IncomingMailProvider,
+    name: &str,
     manifest: &serde_json::Value,
 ) -> Option<String> {
     // What a person writes: a manifest saved from the cluster (`kubectl get -o yaml`)
@@ -329,15 +342,16 @@ async fn refused_by_api_server(
         field_manager: Some("mailroom-check".into()),
         field_validation: Some(ValidationDirective::Strict),
     };
-    let name = provider.name_any();
-    match api.patch(&name, &params, &Patch::Apply(&object)).await {
+    match api.patch(name, &params, &Patch::Apply(&object)).await {
         Ok(_) => None,
-        // Invalid (422), undecodable (400), or a field the schema does not declare, which
-        // server-side apply reports as a failed typed patch (as `kubectl apply
-        // --server-side` shows it).
+        // Invalid (422), undecodable (400), or a field the schema does not declare or a
+        // value of another type, which server-side apply reports as a failed typed patch
+        // (as `kubectl apply --server-side` shows it).
         Err(kube::Error::Api(status))
             if matches!(status.code, 400 | 422)
-                || status.message.contains("field not declared in schema") =>
+                || status
+                    .message
+                    .contains("failed to create typed patch object") =>
         {
             Some(format!(
                 "the API server refuses this manifest: {}",
@@ -352,6 +366,43 @@ async fn refused_by_api_server(
             None
         }
     }
+}
+
+/// A provider of the files that mailroom cannot read (`unreadable`): the API server's
+/// refusal of it as `InvalidSpec` (exit 1), or, where it would take it or cannot be
+/// asked, mailroom's own error naming the field (exit 2).
+async fn unreadable_manifest(
+    args: &CheckArgs,
+    client: &anyhow::Result<kube::Client>,
+    manifest: &serde_json::Value,
+    unreadable: anyhow::Error,
+) -> anyhow::Result<i32> {
+    let name = manifest["metadata"]["name"].as_str().unwrap_or_default();
+    let Ok(client) = client else {
+        return Err(unreadable);
+    };
+    if name.is_empty() {
+        return Err(unreadable);
+    }
+    let written = manifest["metadata"]["namespace"].as_str();
+    if let (Some(given), Some(written)) = (&args.namespace, written)
+        && given != written
+    {
+        bail!(
+            "IncomingMailProvider {name} in the files names namespace {written}, not -n {given}: kubectl apply -n {given} would refuse it"
+        );
+    }
+    let namespace = written
+        .map(String::from)
+        .or_else(|| args.namespace.clone())
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    let Some(refusal) = refused_by_api_server(client, &namespace, name, manifest).await else {
+        return Err(unreadable);
+    };
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "Testing {namespace}/{name}: not tested")?;
+    print_verdict(&mut out, Reason::InvalidSpec, &refusal)?;
+    Ok(1)
 }
 
 /// The documents of one -f argument: a file, every .yaml, .yml and .json file of a
@@ -386,11 +437,16 @@ fn read_file(path: &Path) -> anyhow::Result<(String, String)> {
     Ok((path.display().to_string(), text))
 }
 
-/// Reads the provider (exactly one) and any Secrets and ConfigMaps from the files; the
-/// provider also as written, for the API server to check.
+/// Reads the provider (exactly one; as mailroom reads it, or why it cannot) and any
+/// Secrets and ConfigMaps from the files; the provider also as written, for the API
+/// server to check.
 fn from_files(
     args: &CheckArgs,
-) -> anyhow::Result<(IncomingMailProvider, Fetched, serde_json::Value)> {
+) -> anyhow::Result<(
+    anyhow::Result<IncomingMailProvider>,
+    Fetched,
+    serde_json::Value,
+)> {
     let mut providers = Vec::new();
     let mut fetched = Fetched::default();
     for path in &args.files {
@@ -413,7 +469,7 @@ fn from_files(
                         "IncomingMailProvider" => {
                             let raw: serde_json::Value =
                                 serde_yaml::from_value(value.clone()).with_context(at)?;
-                            let p: IncomingMailProvider = read_object(value, false, at)?;
+                            let p = read_object::<IncomingMailProvider>(value, false, at);
                             providers.push((p, raw));
                         }
                         "Secret" => {
@@ -434,7 +490,7 @@ fn from_files(
         (0, _) => bail!("no IncomingMailProvider in the files given with -f"),
         (_, Some(name)) => providers
             .into_iter()
-            .find(|(p, _)| &p.name_any() == name)
+            .find(|(_, raw)| raw["metadata"]["name"].as_str() == Some(name))
             .with_context(|| format!("no IncomingMailProvider named {name} in the files"))?,
         (1, None) => providers.remove(0),
         (n, None) => bail!("{n} IncomingMailProviders in the files: name the one to test"),
@@ -502,14 +558,18 @@ pub fn print_outcome(out: &mut impl Write, label: &str, outcome: &Outcome) -> st
         }
         writeln!(out, "  total {}", format_duration(report.duration))?;
     }
-    let ready = outcome.reason.ready_status();
+    print_verdict(out, outcome.reason, &outcome.message)
+}
+
+/// The last lines of a test's output: Ready, its reason and message, and what to do.
+fn print_verdict(out: &mut impl Write, reason: Reason, message: &str) -> std::io::Result<()> {
     writeln!(
         out,
-        "Ready={ready} reason={} message: {}",
-        outcome.reason, outcome.message
+        "Ready={} reason={reason} message: {message}",
+        reason.ready_status()
     )?;
-    if !outcome.is_ready() {
-        writeln!(out, "What to do: {}", outcome.reason.hint())?;
+    if reason != Reason::Connected {
+        writeln!(out, "What to do: {}", reason.hint())?;
     }
     Ok(())
 }

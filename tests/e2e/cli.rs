@@ -172,6 +172,28 @@ async fn check_of_a_manifest_is_refused_as_the_api_server_would_refuse_it() {
         "{out}"
     );
 
+    // What mailroom cannot read itself (values in the wrong case, a port in quotes) is
+    // still the API server's to refuse, in its words (each wrong value at once).
+    let (code, out) = check(
+        &good
+            .replace("method: Password", "method: password")
+            .replace("protocol: IMAP", "protocol: imap"),
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("InvalidSpec")
+            && out.contains("spec.authentication.method: Unsupported value: \"password\"")
+            && out.contains("spec.server.protocol: Unsupported value: \"imap\""),
+        "{out}"
+    );
+    assert!(!out.contains("connect "), "a test ran:\n{out}");
+    let (code, out) = check(&good.replace(&format!("port: {port}"), &format!("port: \"{port}\"")));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("InvalidSpec") && out.contains(".spec.server.port: expected numeric"),
+        "{out}"
+    );
+
     // `kubectl get imp -o yaml` gives a List.
     let list = format!(
         "apiVersion: v1\nkind: List\nitems:\n{}",
