@@ -132,16 +132,25 @@ pub fn after_test(old: Option<&Status>, outcome: &Outcome, ctx: &Context) -> Sta
     new
 }
 
-/// The status while `spec.suspend` is true: Ready Unknown, the rest as last seen but the
-/// endpoint, which is the spec's.
+/// The status while `spec.suspend` is true: Ready Unknown, and Reachable and
+/// Authenticated Unknown `NotTested` (a paused mailbox is not one that is down, for a
+/// dashboard or alert that reads them); what the last test found (server, TLS, mailbox,
+/// times) stays, and the endpoint is the spec's.
 pub fn suspended(old: Option<&Status>, endpoint: &Endpoint, ctx: &Context) -> Status {
-    unknown(
-        old,
-        endpoint,
-        ctx,
-        Reason::Suspended,
-        "spec.suspend is true: no tests run until it is false",
-    )
+    let message = "spec.suspend is true: no tests run until it is false";
+    let mut new = unknown(old, endpoint, ctx, Reason::Suspended, message);
+    for kind in [REACHABLE, AUTHENTICATED] {
+        set_condition(
+            &mut new.conditions,
+            kind,
+            "Unknown",
+            "NotTested",
+            &format!("no connection was attempted: {message}"),
+            ctx.generation,
+            ctx.now,
+        );
+    }
+    new
 }
 
 /// The status of a provider whose first test has not finished (its endpoint shown

@@ -9,7 +9,7 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 
-use crate::support::{ALICE_AUTH, Env, alice_env, provider, ready, trust_bed_ca};
+use crate::support::{ALICE_AUTH, Env, alice_env, condition, provider, ready, trust_bed_ca};
 
 async fn ready_env(prefix: &str, name: &str, extra: &str) -> (Env, crate::support::Controller) {
     let env = alice_env(prefix).await;
@@ -162,6 +162,16 @@ async fn suspend_stops_tests_and_the_annotation_asks_for_one() {
         .wait_reason("sus", "Suspended", Duration::from_secs(20))
         .await;
     assert_eq!(ready(&p).unwrap().status, "Unknown");
+    // Paused, not down: what the last test found is not carried into the new generation.
+    let generation = p.metadata.generation;
+    for kind in ["Reachable", "Authenticated"] {
+        let c = condition(&p, kind).unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str(), c.observed_generation),
+            ("Unknown", "NotTested", generation),
+            "{kind}"
+        );
+    }
     let before = controller.tests();
     let out = env.kubectl(&[
         "annotate",

@@ -236,16 +236,28 @@ fn only_news_is_worth_a_write() {
 #[test]
 fn suspension_keeps_what_was_known() {
     let a = after_test(None, &success(), &ctx(0));
-    let s = suspended(Some(&a), &endpoint(), &ctx(5));
+    // Suspending is a change of the spec: a new generation.
+    let later = |now| Context {
+        generation: Some(4),
+        ..ctx(now)
+    };
+    let s = suspended(Some(&a), &endpoint(), &later(5));
     assert_eq!(cond(&s, READY).status, "Unknown");
     assert_eq!(cond(&s, READY).reason, "Suspended");
+    // Not down: not tested, for the spec's generation.
+    for kind in [REACHABLE, AUTHENTICATED] {
+        assert_eq!(cond(&s, kind).status, "Unknown", "{kind}");
+        assert_eq!(cond(&s, kind).reason, "NotTested", "{kind}");
+        assert_eq!(cond(&s, kind).observed_generation, Some(4), "{kind}");
+    }
     assert_eq!(s.mailbox, a.mailbox);
     assert!(!differs(
         Some(&s),
-        &suspended(Some(&s), &endpoint(), &ctx(10))
+        &suspended(Some(&s), &endpoint(), &later(10))
     ));
     // Created suspended: the PORT column still shows the spec's endpoint.
     let fresh = suspended(None, &endpoint(), &ctx(5));
+    assert_eq!(cond(&fresh, REACHABLE).reason, "NotTested");
     assert_eq!(
         fresh.endpoint.map(|e| e.port),
         Some(i32::from(endpoint().port))
