@@ -53,6 +53,11 @@ pub fn default_port(protocol: Protocol, mode: TlsMode) -> u16 {
     }
 }
 
+/// The longest `check.interval` (and so `check.timeout`) the CRD accepts, as it is
+/// written there and in seconds.
+pub const MAX_INTERVAL: &str = "8760h";
+const MAX_INTERVAL_SECS: f64 = 8760.0 * 3600.0;
+
 /// Parses the durations the CRD accepts: one or more `<number><unit>` with units ms, s, m
 /// and h, such as `30s`, `5m`, `1h30m` or `1.5s` (the subset of Go's syntax that CEL's
 /// `duration()` also reads, so the API server and mailroom agree).
@@ -86,8 +91,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         total += value * unit;
         rest = &rest[len..];
     }
-    if !total.is_finite() || total > 1e9 {
+    if !total.is_finite() {
         return Err(bad());
+    }
+    if total > MAX_INTERVAL_SECS {
+        return Err(format!("{text:?} is longer than {MAX_INTERVAL} (a year)"));
     }
     Ok(Duration::from_secs_f64(total))
 }
@@ -112,6 +120,15 @@ mod tests {
         assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(
+            parse_duration(MAX_INTERVAL).unwrap(),
+            Duration::from_secs(8760 * 3600)
+        );
+        assert!(
+            parse_duration("8761h")
+                .unwrap_err()
+                .contains("longer than 8760h")
+        );
         for bad in ["", "5", "m", "5 m", "5d", "-5s", "1h30"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be refused");
         }

@@ -6,6 +6,8 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
+
+use super::defaults::MAX_INTERVAL;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -33,7 +35,10 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Message", type_ = "string", priority = "1", json_path = ".status.conditions[?(@.type==\"Ready\")].message"),
     validation = Rule::new("self.spec.tls.mode != 'None' || self.spec.authentication.method == 'None' || self.spec.authentication.allowUnencrypted")
         .message("a password or token may not be sent without TLS: set spec.tls.mode to Implicit or StartTLS, or spec.authentication.allowUnencrypted to true")
-        .field_path(".spec.authentication.allowUnencrypted")
+        .field_path(".spec.authentication.allowUnencrypted"),
+    validation = Rule::new("self.spec.server.protocol != 'POP3' || !has(self.spec.check) || self.spec.check.mailbox == 'INBOX'")
+        .message("check.mailbox applies to IMAP only: a POP3 server has one mailbox, which every test opens; remove it (or leave it INBOX)")
+        .field_path(".spec.check.mailbox")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct IncomingMailProviderSpec {
@@ -179,6 +184,12 @@ pub enum CaBundleKind {
         .message("oauth2 is required when method is OAuth2")
         .field_path(".oauth2")
         .reason(Reason::FieldValueRequired),
+    validation = Rule::new("self.method == 'Password' || !has(self.secretRef)")
+        .message("secretRef is used only when method is Password (OAuth2 takes its Secrets in oauth2): remove it, or set method to Password")
+        .field_path(".secretRef"),
+    validation = Rule::new("self.method == 'OAuth2' || !has(self.oauth2)")
+        .message("oauth2 is used only when method is OAuth2: remove it, or set method to OAuth2")
+        .field_path(".oauth2"),
     validation = Rule::new(super::oauth2::endpoint_rule("authorizationURL"))
         .message("authorizationURL must be an https:// URL (http:// only to this host's loopback), or set allowUnencrypted to true: the client secret and tokens would cross the network unencrypted")
         .field_path(".oauth2.authorizationURL"),
@@ -406,6 +417,7 @@ pub struct CheckSpec {
     #[schemars(length(max = 64))]
     #[x_kube(validation = Rule::new(format!("self.matches('{}')", cel_duration())).message(DURATION_FORM))]
     #[x_kube(validation = Rule::new(format!("!self.matches('{}') || duration(self) >= duration('30s')", cel_duration())).message("interval must be at least 30s"))]
+    #[x_kube(validation = Rule::new(format!("!self.matches('{}') || duration(self) <= duration('{MAX_INTERVAL}')", cel_duration())).message(format!("interval must be at most {MAX_INTERVAL} (a year)").as_str()))]
     pub interval: String,
     /// Bound on one whole test, such as 30s (at least 1s, at most the interval).
     #[serde(default = "default_timeout")]

@@ -44,6 +44,26 @@ async fn invalid_manifests_are_rejected_with_the_field_named() {
             &["spec.check.interval", "must be a duration such as 30s, 5m or 1h30m"],
         ),
         (
+            "interval over a year",
+            format!("  server: {{host: mail.example.com, protocol: IMAP}}\n  check: {{interval: 1000000h}}\n{OK_AUTH}"),
+            &["spec.check.interval", "at most 8760h"],
+        ),
+        (
+            "a mailbox for POP3",
+            format!("  server: {{host: mail.example.com, protocol: POP3}}\n  check: {{mailbox: Archive}}\n{OK_AUTH}"),
+            &["spec.check.mailbox", "IMAP only"],
+        ),
+        (
+            "secretRef without a password",
+            "  server: {host: mail.example.com, protocol: IMAP}\n  authentication: {method: None, secretRef: {name: s}}\n".into(),
+            &["spec.authentication.secretRef", "only when method is Password"],
+        ),
+        (
+            "oauth2 with a password",
+            "  server: {host: mail.example.com, protocol: IMAP}\n  authentication: {method: Password, secretRef: {name: s}, oauth2: {provider: Google, clientId: c, tokenSecretRef: {name: t}}}\n".into(),
+            &["spec.authentication.oauth2", "only when method is OAuth2"],
+        ),
+        (
             "timeout over interval",
             format!("  server: {{host: mail.example.com, protocol: IMAP}}\n  check: {{interval: 1m, timeout: 2m}}\n{OK_AUTH}"),
             &["spec.check.timeout", "longer than interval"],
