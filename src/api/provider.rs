@@ -321,6 +321,11 @@ pub struct OAuth2Spec {
     )]
     #[schemars(length(max = 2048))]
     pub revocation_url: Option<String>,
+    /// Certificates (PEM) trusted for the OAuth2 endpoints besides the platform's roots,
+    /// in a ConfigMap or Secret of the provider's namespace: for an authorization server
+    /// whose certificate comes from a private CA (an internal Keycloak or AD FS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle_ref: Option<CaBundleRef>,
     /// Auto (default): what the server advertises, OAUTHBEARER (RFC 7628) where both are;
     /// or XOAUTH2 or OAUTHBEARER only.
     #[serde(default)]

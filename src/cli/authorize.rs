@@ -23,10 +23,11 @@ use tokio::net::TcpListener;
 
 use super::retest::{Scope, request_check, wait_for_tests};
 use crate::api::oauth2::{endpoints, plaintext_endpoints, scopes};
-use crate::api::{AuthMethod, IncomingMailProvider, OAuth2Flow, OAuth2Provider};
+use crate::api::{AuthMethod, CaBundleKind, IncomingMailProvider, OAuth2Flow, OAuth2Provider};
 use crate::credentials::http::{Response, post_form};
 use crate::credentials::tokens::{
     self, Grant, REFRESH_TOKEN, TOKEN_REQUEST_TIMEOUT, read_grant, signed_in_secret, token_tls,
+    token_tls_with,
 };
 
 #[derive(clap::Args, Debug)]
@@ -57,6 +58,47 @@ pub struct AuthorizeArgs {
     pub timeout: Option<u64>,
 }
 
+/// The TLS configuration for the provider's OAuth2 endpoints: the platform's roots, and
+/// the certificates its `oauth2.caBundleRef` names, read from the cluster as the caller.
+async fn endpoint_tls(
+    client: &kube::Client,
+    ns: &str,
+    provider: &IncomingMailProvider,
+) -> anyhow::Result<std::sync::Arc<rustls::ClientConfig>> {
+    let bundle = provider.spec.authentication.oauth2.as_ref();
+    let Some(r) = bundle.and_then(|o| o.ca_bundle_ref.as_ref()) else {
+        return token_tls();
+    };
+    let mut fetched = crate::credentials::Fetched {
+        namespace: ns.to_string(),
+        ..Default::default()
+    };
+    let reading = || {
+        format!(
+            "reading {:?} {ns}/{} (spec.authentication.oauth2.caBundleRef)",
+            r.kind, r.name
+        )
+    };
+    match r.kind {
+        CaBundleKind::ConfigMap => {
+            let api: Api<k8s_openapi::api::core::v1::ConfigMap> =
+                Api::namespaced(client.clone(), ns);
+            if let Some(cm) = api.get_opt(&r.name).await.with_context(reading)? {
+                fetched.config_maps.insert(r.name.clone(), cm);
+            }
+        }
+        CaBundleKind::Secret => {
+            let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+            if let Some(s) = api.get_opt(&r.name).await.with_context(reading)? {
+                fetched.secrets.insert(r.name.clone(), s);
+            }
+        }
+    }
+    let pem = crate::credentials::oauth2_ca_bundle(&provider.spec, &fetched)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    token_tls_with(pem.as_deref()).map_err(|e| anyhow::anyhow!(e))
+}
+
 pub async fn run(args: AuthorizeArgs) -> anyhow::Result<i32> {
     let (client, ns) = super::connect(&args.kube, args.namespace.as_deref()).await?;
     let providers: Api<IncomingMailProvider> = Api::namespaced(client.clone(), &ns);
@@ -76,7 +118,7 @@ pub async fn run(args: AuthorizeArgs) -> anyhow::Result<i32> {
     };
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let secret_name = o.token_secret_ref.name.clone();
-    let tls = token_tls()?;
+    let tls = endpoint_tls(&client, &ns, &provider).await?;
 
     if args.revoke {
         revoke(&secrets, &secret_name, &o, &tls).await?;

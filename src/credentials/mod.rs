@@ -149,10 +149,35 @@ pub fn ca_bundle(
     spec: &IncomingMailProviderSpec,
     objects: &Fetched,
 ) -> Result<Option<Vec<u8>>, CredentialError> {
-    let Some(CaBundleRef { kind, name, key }) = &spec.tls.ca_bundle_ref else {
+    bundle_bytes(
+        spec.tls.ca_bundle_ref.as_ref(),
+        "spec.tls.caBundleRef",
+        objects,
+    )
+}
+
+/// The PEM bytes of `authentication.oauth2.caBundleRef`, if the spec has one.
+pub fn oauth2_ca_bundle(
+    spec: &IncomingMailProviderSpec,
+    objects: &Fetched,
+) -> Result<Option<Vec<u8>>, CredentialError> {
+    let bundle = spec.authentication.oauth2.as_ref();
+    bundle_bytes(
+        bundle.and_then(|o| o.ca_bundle_ref.as_ref()),
+        "spec.authentication.oauth2.caBundleRef",
+        objects,
+    )
+}
+
+/// The PEM bytes that `bundle` (the spec's `field`) names, from `objects`.
+fn bundle_bytes(
+    bundle: Option<&CaBundleRef>,
+    field: &'static str,
+    objects: &Fetched,
+) -> Result<Option<Vec<u8>>, CredentialError> {
+    let Some(CaBundleRef { kind, name, key }) = bundle else {
         return Ok(None);
     };
-    let field = "spec.tls.caBundleRef";
     let not_found = |kind| CredentialError::NotFound {
         kind,
         name: name.clone(),

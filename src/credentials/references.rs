@@ -1,7 +1,7 @@
 //! Which objects a provider depends on: the controller re-tests a provider when one of
 //! them changes (a rewritten token Secret too), and the CLI fetches them before a test.
 
-use crate::api::{AuthMethod, CaBundleKind, IncomingMailProviderSpec};
+use crate::api::{AuthMethod, CaBundleKind, CaBundleRef, IncomingMailProviderSpec};
 
 /// The kinds of object a provider may reference.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -52,17 +52,25 @@ pub fn references(spec: &IncomingMailProviderSpec) -> References {
                 name: c.name.clone(),
             });
         }
+        if let Some(ca) = &o.ca_bundle_ref {
+            refs.push(bundle(ca));
+        }
     }
     if let Some(ca) = &spec.tls.ca_bundle_ref {
-        refs.push(Reference {
-            kind: match ca.kind {
-                CaBundleKind::ConfigMap => ObjectKind::ConfigMap,
-                CaBundleKind::Secret => ObjectKind::Secret,
-            },
-            name: ca.name.clone(),
-        });
+        refs.push(bundle(ca));
     }
     refs.sort();
     refs.dedup();
     refs
+}
+
+/// The object a caBundleRef names.
+fn bundle(ca: &CaBundleRef) -> Reference {
+    Reference {
+        kind: match ca.kind {
+            CaBundleKind::ConfigMap => ObjectKind::ConfigMap,
+            CaBundleKind::Secret => ObjectKind::Secret,
+        },
+        name: ca.name.clone(),
+    }
 }

@@ -130,3 +130,52 @@ authentication: {method: None}
         }]
     );
 }
+
+#[test]
+fn oauth2_ca_bundle_is_referenced_and_read_with_its_field_named() {
+    let s = spec(
+        "
+server: {host: mail.example.com, protocol: IMAP}
+authentication:
+  method: OAuth2
+  oauth2:
+    provider: Generic
+    clientId: c
+    tokenURL: https://id.example.com/token
+    tokenSecretRef: {name: t}
+    caBundleRef: {kind: Secret, name: id-ca, key: root.pem}
+",
+    );
+    let mut objects = Fetched {
+        namespace: "ops".into(),
+        ..Default::default()
+    };
+    let missing = oauth2_ca_bundle(&s, &objects).unwrap_err();
+    assert_eq!(missing.reason(), Reason::SecretNotFound);
+    assert!(
+        missing
+            .to_string()
+            .contains("spec.authentication.oauth2.caBundleRef"),
+        "{missing}"
+    );
+    assert_eq!(
+        ca_bundle(&s, &objects).unwrap(),
+        None,
+        "not the mail server's"
+    );
+    objects.secrets.insert(
+        "id-ca".into(),
+        Secret {
+            data: Some([("root.pem".to_string(), ByteString(b"PEM".to_vec()))].into()),
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        oauth2_ca_bundle(&s, &objects).unwrap(),
+        Some(b"PEM".to_vec())
+    );
+    assert!(references(&s).contains(&Reference {
+        kind: ObjectKind::Secret,
+        name: "id-ca".into()
+    }));
+}

@@ -539,17 +539,51 @@ pub fn token_form(
 
 /// The TLS configuration for token endpoints: the platform's roots.
 pub fn token_tls() -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_native_certs::load_native_certs().certs {
-        let _ = roots.add(cert);
+    token_tls_with(None).map_err(|e| anyhow::anyhow!(e))
+}
+
+/// The TLS configuration for the OAuth2 endpoints of a provider: the platform's roots,
+/// and the certificates of `spec.authentication.oauth2.caBundleRef` (PEM) where it has
+/// one. The error says what is wrong with the bundle, naming the field.
+pub fn token_tls_with(bundle: Option<&[u8]>) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = platform_roots().clone();
+    if let Some(pem) = bundle {
+        const FIELD: &str = "spec.authentication.oauth2.caBundleRef";
+        let mut added = 0;
+        use rustls::pki_types::pem::PemObject as _;
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|e| format!("{FIELD}: not valid PEM: {e}"))?;
+            roots.add(cert).map_err(|e| {
+                format!("{FIELD}: a certificate that cannot be trusted as a CA: {e}")
+            })?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(format!(
+                "{FIELD}: holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+            ));
+        }
     }
     let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
-    .with_safe_default_protocol_versions()?
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
     .with_root_certificates(roots)
     .with_no_client_auth();
     Ok(Arc::new(tls))
+}
+
+/// The platform's roots, read once (a few hundred files on some systems).
+fn platform_roots() -> &'static rustls::RootCertStore {
+    static ROOTS: std::sync::OnceLock<rustls::RootCertStore> = std::sync::OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_native_certs::load_native_certs().certs {
+            let _ = roots.add(cert);
+        }
+        roots
+    })
 }
 
 #[cfg(test)]

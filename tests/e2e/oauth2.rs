@@ -1849,3 +1849,51 @@ async fn token_requests_go_through_http_proxy_unless_no_proxy_names_the_host() {
     )
     .await;
 }
+
+/// A token endpoint whose certificate comes from a private CA (an internal Keycloak or
+/// AD FS): its refresh fails naming the certificate while only the platform's roots are
+/// trusted, and works once `oauth2.caBundleRef` names a ConfigMap with that CA, for the
+/// controller (tested at once, no restart) and for `mailroom check`.
+#[tokio::test]
+async fn a_token_endpoint_with_a_private_ca_is_trusted_through_the_oauth2_ca_bundle() {
+    let env = Env::new("oauth2-private-ca").await;
+    trust_bed_ca(&env).await;
+    let (host, ip) = machine_name();
+    let server = TokenServer::start_tls(env.bed.oauth(), ip, &host);
+    app_provider(&env, &server).await;
+    let controller = env.controller();
+    let p = env
+        .wait_reason("app", "TokenRefreshFailed", Duration::from_secs(60))
+        .await;
+    let message = ready(&p).unwrap().message.clone();
+    assert!(
+        message.contains("certificate") && message.contains(&server.token_url()),
+        "{message}"
+    );
+
+    let cm: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "token-ca"},
+        "data": {"ca.crt": server.ca_pem().unwrap()},
+    }))
+    .unwrap();
+    Api::namespaced(env.client.clone(), &env.ns)
+        .create(&Default::default(), &cm)
+        .await
+        .unwrap();
+    let patch = serde_json::json!({"spec": {"authentication": {"oauth2": {
+        "caBundleRef": {"kind": "ConfigMap", "name": "token-ca"}
+    }}}});
+    env.providers()
+        .patch(
+            "app",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+    env.wait_reason("app", "Connected", Duration::from_secs(30))
+        .await;
+    let (code, out, err) = env.mailroom(&["check", "app", "-n", &env.ns]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    drop(controller);
+}

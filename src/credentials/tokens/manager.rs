@@ -16,7 +16,8 @@ use super::own_writes::OwnWrites;
 use super::{
     Grant, OAuth2Spec, Plan, REFRESH_AHEAD, TOKEN_REQUEST_TIMEOUT, TokenResponse, TokenSet,
     authorize_command, is_token_secret, needs_sign_in, not_before, oauth2_of, plan,
-    plan_after_rejection, read_grant, token_form, token_tls, unmarked, updated_secret,
+    plan_after_rejection, read_grant, token_form, token_tls, token_tls_with, unmarked,
+    updated_secret,
 };
 use crate::api::oauth2::{endpoints, plaintext_endpoints, scopes};
 use crate::api::{IncomingMailProvider, OAuth2Flow, Reason};
@@ -548,12 +549,13 @@ impl TokenManager {
     /// rotating endpoint has already replaced; [`Self::store_kept`] waits for these tasks.
     pub(super) async fn exchange(
         &self,
+        tls: Arc<rustls::ClientConfig>,
         url: String,
         form: Vec<(&'static str, SecretString)>,
         at: (String, String),
         held: TokenSet,
     ) -> (Grant, Option<Timestamp>) {
-        let (tls, unsaved) = (self.tls.clone(), self.unsaved.clone());
+        let unsaved = self.unsaved.clone();
         let task = self.exchanges.spawn(async move {
             let (grant, not_before) =
                 match crate::credentials::http::post_form(&tls, &url, &form, TOKEN_REQUEST_TIMEOUT)
@@ -674,6 +676,22 @@ impl TokenManager {
         updated
     }
 
+    /// The TLS configuration for `provider`'s OAuth2 endpoints: the platform's roots, and
+    /// its `oauth2.caBundleRef` where it has one.
+    fn tls_for(
+        &self,
+        provider: &IncomingMailProvider,
+        fetched: &Fetched,
+    ) -> Result<Arc<rustls::ClientConfig>, (Reason, String)> {
+        match crate::credentials::oauth2_ca_bundle(&provider.spec, fetched) {
+            Ok(None) => Ok(self.tls.clone()),
+            Ok(Some(pem)) => {
+                token_tls_with(Some(&pem)).map_err(|message| (Reason::InvalidSpec, message))
+            }
+            Err(e) => Err((e.reason(), e.to_string())),
+        }
+    }
+
     async fn refresh(
         &self,
         provider: &IncomingMailProvider,
@@ -685,6 +703,7 @@ impl TokenManager {
     ) -> Result<Secret, (Reason, String)> {
         let name = provider.name_any();
         let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        let tls = self.tls_for(provider, fetched)?;
         let command = authorize_command(&name, namespace, o.flow);
         let app_only = o.flow == OAuth2Flow::ClientCredentials;
         let protocol = provider.spec.server.protocol;
@@ -799,6 +818,7 @@ impl TokenManager {
             }
             let (grant, not_before) = self
                 .exchange(
+                    tls.clone(),
                     token_url.clone(),
                     form,
                     key(namespace, secret_name),

@@ -433,7 +433,13 @@ async fn a_grant_that_arrives_after_its_test_was_cancelled_is_kept() {
         ("grant_type", SecretString::from("refresh_token")),
         ("refresh_token", SecretString::from("r1")),
     ];
-    let asked = manager.exchange(url, form, key("ns", "t"), held.clone());
+    let asked = manager.exchange(
+        token_tls().unwrap(),
+        url,
+        form,
+        key("ns", "t"),
+        held.clone(),
+    );
     assert!(
         tokio::time::timeout(Duration::from_millis(50), asked)
             .await
@@ -768,4 +774,25 @@ async fn a_cached_token_the_mail_server_refuses_is_refreshed_once() {
     assert!(!refresh_before_using("a3"));
     manager.rejected(&provider, &cached("a3"));
     assert!(refresh_before_using("a3"));
+}
+
+#[test]
+fn an_oauth2_ca_bundle_adds_its_certificates_or_says_what_is_wrong() {
+    let ca: &[u8] = include_bytes!("../../probe/testdata/ca.pem");
+    assert!(token_tls_with(Some(ca)).is_ok());
+    assert!(token_tls_with(None).is_ok());
+    for (bundle, said) in [
+        (&b"not a certificate"[..], "holds no PEM certificate"),
+        (&[0x30, 0x82, 0x01][..], "holds no PEM certificate"),
+        (
+            &b"-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n"[..],
+            "not valid PEM",
+        ),
+    ] {
+        let error = token_tls_with(Some(bundle)).unwrap_err();
+        assert!(
+            error.starts_with("spec.authentication.oauth2.caBundleRef: ") && error.contains(said),
+            "{error}"
+        );
+    }
 }
