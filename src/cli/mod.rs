@@ -78,9 +78,9 @@ pub struct ControllerArgs {
     /// The Lease's namespace; the pod's own (POD_NAMESPACE) or the kubeconfig's when absent.
     #[arg(long, env = "POD_NAMESPACE")]
     pub lease_namespace: Option<String>,
-    /// How long the Lease holds without renewal, in seconds: a dead leader's Lease expires
-    /// after it, then a standby takes it, syncs its caches and tests.
-    #[arg(long, env = "MAILROOM_LEASE_DURATION", default_value_t = 15)]
+    /// How long the Lease holds without renewal (seconds, or 15s, 1m): a dead leader's
+    /// Lease expires after it, then a standby takes it, syncs its caches and tests.
+    #[arg(long, env = "MAILROOM_LEASE_DURATION", default_value = "15", value_parser = seconds)]
     pub lease_duration: u64,
     /// This replica's shard (0-based) when providers are split over several replicas.
     #[arg(long, env = "MAILROOM_SHARD_INDEX", default_value_t = 0)]
@@ -137,6 +137,14 @@ pub async fn main() -> anyhow::Result<i32> {
                         .map_err(|e| anyhow::anyhow!("--metrics-addr {e}"))?,
                 ),
             };
+            // Renewed at half its duration, and paused an eighth before it ends: a second
+            // leaves nothing to renew in.
+            if args.leader_election && args.lease_duration < 2 {
+                anyhow::bail!(
+                    "--lease-duration {}s: give at least 2s (15s unless set)",
+                    args.lease_duration
+                );
+            }
             let shard = crate::controller::shard::Shard::new(args.shard_index, args.shard_count)
                 .map_err(|e| anyhow::anyhow!(e))?;
             let lease = args

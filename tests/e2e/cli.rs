@@ -685,3 +685,16 @@ async fn an_https_proxy_that_is_not_a_url_is_named_and_its_password_not_shown() 
         );
     }
 }
+
+/// `--lease-duration` takes a duration like the controller's other time flags (every
+/// e2e controller runs with `6s`); one too short to renew in is refused by name.
+#[tokio::test]
+async fn a_lease_too_short_to_renew_is_refused_by_name() {
+    let env = Env::new("cli-lease").await;
+    let (code, _, err) = env.mailroom(&["controller", "--lease-duration", "1s"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--lease-duration 1s: give at least 2s"),
+        "{err}"
+    );
+}

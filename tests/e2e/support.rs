@@ -156,7 +156,7 @@ impl Env {
                 "--lease-namespace",
                 &self.ns,
                 "--lease-duration",
-                "6",
+                "6s",
             ])
             .args(extra)
             .env("KUBECONFIG", self.bed.kubeconfig_path())
