@@ -50,7 +50,7 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
     {
         bail!("{}", super::error_text(e));
     }
-    let (provider, mut fetched, manifest) = if args.files.is_empty() {
+    if args.files.is_empty() {
         let client = client
             .as_ref()
             .map_err(|e| anyhow::anyhow!("{}", super::error_text(e)))?;
@@ -69,26 +69,83 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
         else {
             bail!("IncomingMailProvider {ns}/{name} not found");
         };
-        (
-            p,
-            Fetched {
-                namespace: ns,
-                ..Default::default()
-            },
-            None,
-        )
-    } else {
-        let (p, fetched, manifest) = from_files(&args)?;
-        let p = match p {
-            Ok(p) => p,
-            // What mailroom cannot read (`method: password`, a port in quotes), the API
-            // server may refuse in its own words, all errors at once, as `kubectl apply`.
-            Err(unreadable) => {
-                return unreadable_manifest(&args, &client, &manifest, unreadable).await;
+        let fetched = Fetched {
+            namespace: ns,
+            ..Default::default()
+        };
+        return test_one(&args, &Ok(client.clone()), p, fetched, None).await;
+    }
+    let (providers, fetched) = from_files(&args)?;
+    if let [(p, manifest)] = &providers[..] {
+        return test_manifest(&args, &client, p, manifest, fetched).await;
+    }
+    // Several (a directory, `kustomize build`): each tested as alone, then a summary; the
+    // exit status is the worst of theirs.
+    let mut worst = 0;
+    let mut failed = Vec::new();
+    let total = providers.len();
+    for (i, (p, manifest)) in providers.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        let code = match test_manifest(&args, &client, p, manifest, fetched.clone()).await {
+            Ok(code) => code,
+            Err(e) => {
+                println!("Error: {}", super::error_text(&e));
+                2
             }
         };
-        (p, fetched, Some(manifest))
-    };
+        if code != 0 {
+            failed.push(
+                manifest["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or("?")
+                    .to_string(),
+            );
+        }
+        worst = worst.max(code);
+    }
+    println!();
+    println!(
+        "{} of {total} IncomingMailProviders would be Ready{}",
+        total - failed.len(),
+        match failed.is_empty() {
+            true => String::new(),
+            false => format!("; not: {}", failed.join(", ")),
+        }
+    );
+    Ok(worst)
+}
+
+/// One provider of the files: `provider` as mailroom reads it (or why it cannot), and
+/// `manifest` as written.
+async fn test_manifest(
+    args: &CheckArgs,
+    client: &anyhow::Result<kube::Client>,
+    provider: &anyhow::Result<IncomingMailProvider>,
+    manifest: &serde_json::Value,
+    fetched: Fetched,
+) -> anyhow::Result<i32> {
+    match provider {
+        Ok(p) => test_one(args, client, p.clone(), fetched, Some(manifest)).await,
+        // What mailroom cannot read (`method: password`, a port in quotes), the API
+        // server may refuse in its own words, all errors at once, as `kubectl apply`.
+        Err(unreadable) => {
+            let unreadable = anyhow::anyhow!("{unreadable:#}");
+            unreadable_manifest(args, client, manifest, unreadable).await
+        }
+    }
+}
+
+/// Tests `provider` with the objects `fetched` holds (the files' ones, for a manifest)
+/// and what the cluster adds, printing each step; 0 if it would be Ready.
+async fn test_one(
+    args: &CheckArgs,
+    client: &anyhow::Result<kube::Client>,
+    provider: IncomingMailProvider,
+    mut fetched: Fetched,
+    manifest: Option<&serde_json::Value>,
+) -> anyhow::Result<i32> {
     if manifest.is_some() {
         let target = args.namespace.clone().unwrap_or_else(|| match &client {
             Ok(c) => c.default_namespace().to_string(),
@@ -437,16 +494,13 @@ fn read_file(path: &Path) -> anyhow::Result<(String, String)> {
     Ok((path.display().to_string(), text))
 }
 
-/// Reads the provider (exactly one; as mailroom reads it, or why it cannot) and any
-/// Secrets and ConfigMaps from the files; the provider also as written, for the API
-/// server to check.
-fn from_files(
-    args: &CheckArgs,
-) -> anyhow::Result<(
-    anyhow::Result<IncomingMailProvider>,
-    Fetched,
-    serde_json::Value,
-)> {
+/// A provider of the files: as mailroom reads it (or why it cannot), and as written.
+type Written = (anyhow::Result<IncomingMailProvider>, serde_json::Value);
+
+/// The providers of the files, each as mailroom reads it (or why it cannot) and as
+/// written, for the API server to check (only the one named, when a NAME is given); and
+/// the Secrets and ConfigMaps of the files.
+fn from_files(args: &CheckArgs) -> anyhow::Result<(Vec<Written>, Fetched)> {
     let mut providers = Vec::new();
     let mut fetched = Fetched::default();
     for path in &args.files {
@@ -486,16 +540,16 @@ fn from_files(
             }
         }
     }
-    let (provider, raw) = match (providers.len(), &args.name) {
-        (0, _) => bail!("no IncomingMailProvider in the files given with -f"),
-        (_, Some(name)) => providers
-            .into_iter()
-            .find(|(_, raw)| raw["metadata"]["name"].as_str() == Some(name))
-            .with_context(|| format!("no IncomingMailProvider named {name} in the files"))?,
-        (1, None) => providers.remove(0),
-        (n, None) => bail!("{n} IncomingMailProviders in the files: name the one to test"),
-    };
-    Ok((provider, fetched, raw))
+    if providers.is_empty() {
+        bail!("no IncomingMailProvider in the files given with -f");
+    }
+    if let Some(name) = &args.name {
+        providers.retain(|(_, raw)| raw["metadata"]["name"].as_str() == Some(name));
+        if providers.is_empty() {
+            bail!("no IncomingMailProvider named {name} in the files");
+        }
+    }
+    Ok((providers, fetched))
 }
 
 /// One object of a file, its error naming the field (`spec.server.port: invalid type`).

@@ -698,3 +698,57 @@ async fn a_lease_too_short_to_renew_is_refused_by_name() {
         "{err}"
     );
 }
+
+/// `mailroom check -f DIR` (as `kustomize build | mailroom check -f -`, a GitOps
+/// preflight) tests every provider of the files, each as if alone, and sums up: exit 0
+/// only if all would be Ready; a NAME picks one.
+#[tokio::test]
+async fn check_of_several_manifests_tests_each_and_sums_up() {
+    let env = alice_env("cli-several").await;
+    wrong_password_secret(&env).await;
+    let port = env.bed.dovecot().imaps_port();
+    let dir = env.dir.path().join("providers");
+    std::fs::create_dir(&dir).unwrap();
+    let good = provider("good", "IMAP", port, "Implicit", ALICE_AUTH, "");
+    let bad = provider(
+        "bad",
+        "IMAP",
+        port,
+        "Implicit",
+        crate::support::WRONG_AUTH,
+        "",
+    );
+    std::fs::write(dir.join("a.yaml"), good).unwrap();
+    std::fs::write(dir.join("b.yaml"), bad).unwrap();
+    let check = |name: Option<&str>| {
+        let out = Command::new(MAILROOM)
+            .args(["check", "-n", &env.ns, "-f"])
+            .arg(&dir)
+            .args(name)
+            .env("KUBECONFIG", env.bed.kubeconfig_path())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (code, out) = check(None);
+    assert_eq!(code, Some(1), "{out}");
+    let ns = &env.ns;
+    assert!(
+        out.contains(&format!("Testing {ns}/good"))
+            && out.contains(&format!("Testing {ns}/bad"))
+            && out.contains("Ready=True reason=Connected")
+            && out.contains("Ready=False reason=AuthenticationFailed")
+            && out.contains("1 of 2 IncomingMailProviders would be Ready; not: bad"),
+        "{out}"
+    );
+    let (code, out) = check(Some("good"));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains("/bad"), "{out}");
+}
