@@ -66,6 +66,16 @@ pub struct Metrics {
 impl Metrics {
     pub fn new(per_provider: bool) -> Metrics {
         let mut registry = Registry::with_prefix("mailroom");
+        // Which version each replica runs (mid-rollout, or a stuck old pod), as every
+        // controller reports it.
+        registry.register(
+            "build",
+            "The version of mailroom this replica runs",
+            prometheus_client::metrics::info::Info::new(vec![(
+                "version",
+                env!("CARGO_PKG_VERSION"),
+            )]),
+        );
         let tests = Family::<TestLabels, Counter>::default();
         registry.register(
             "tests",

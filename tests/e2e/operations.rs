@@ -303,6 +303,11 @@ async fn metrics_health_and_readiness_are_served() {
         "mailroom_api_writes_total{kind=\"event\"} 1",
         "mailroom_leader 1",
         "mailroom_token_refreshes_total{result=\"refreshed\"} 0",
+        concat!(
+            "mailroom_build_info{version=\"",
+            env!("CARGO_PKG_VERSION"),
+            "\"} 1"
+        ),
     ];
     let metrics = controller
         .metrics_with(&expected, Duration::from_secs(10))
