@@ -180,7 +180,14 @@ pub async fn post_form(
             let stream = tokio_rustls::TlsConnector::from(tls.clone())
                 .connect(name, tcp)
                 .await
-                .map_err(|e| format!("TLS with {host_header}: {e}"))?;
+                .map_err(|e| {
+                    // An internal identity provider's own CA is the usual cause.
+                    let hint = match e.to_string().contains("UnknownIssuer") {
+                        true => " (a certificate from a private CA: trust it with spec.authentication.oauth2.caBundleRef)",
+                        false => "",
+                    };
+                    format!("TLS with {host_header}: {e}{hint}")
+                })?;
             roundtrip(stream, request.as_bytes()).await
         } else {
             roundtrip(tcp, request.as_bytes()).await

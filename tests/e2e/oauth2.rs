@@ -1867,7 +1867,9 @@ async fn a_token_endpoint_with_a_private_ca_is_trusted_through_the_oauth2_ca_bun
         .await;
     let message = ready(&p).unwrap().message.clone();
     assert!(
-        message.contains("certificate") && message.contains(&server.token_url()),
+        message.contains("UnknownIssuer")
+            && message.contains(&server.token_url())
+            && message.contains("trust it with spec.authentication.oauth2.caBundleRef"),
         "{message}"
     );
 
