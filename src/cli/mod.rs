@@ -48,6 +48,13 @@ pub struct ControllerArgs {
         value_delimiter = ','
     )]
     pub namespaces: Vec<String>,
+    /// The kubeconfig file to use, outside a cluster (default: the files $KUBECONFIG lists
+    /// that exist, else ~/.kube/config, else the pod's in-cluster configuration).
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// The kubeconfig context to use (default: its current context).
+    #[arg(long, value_name = "NAME")]
+    pub context: Option<String>,
     /// Tests running at once, in total (each until its status is written).
     #[arg(long, env = "MAILROOM_CONCURRENCY", default_value_t = 32)]
     pub concurrency: usize,
@@ -127,7 +134,13 @@ pub async fn main() -> anyhow::Result<i32> {
         }
         Command::Controller(args) => {
             logging::init(args.log_format, &args.log)?;
-            let (config, proxied) = infer_config().await?;
+            let (config, proxied) = KubeArgs {
+                kubeconfig: args.kubeconfig.clone(),
+                context: args.context.clone(),
+                request_timeout: 0,
+            }
+            .config()
+            .await?;
             let client =
                 controller_client(without_env_proxy(config, proxied), args.request_timeout)?;
             let metrics_addr = match args.metrics_addr.as_str() {
@@ -206,6 +219,28 @@ impl KubeArgs {
     /// file or a context is named.
     pub async fn client(&self) -> anyhow::Result<kube::Client> {
         use anyhow::Context as _;
+        let (mut config, proxied) = self.config().await?;
+        // The bound is on the connection (connecting, TLS, each wait for bytes once the
+        // request is written), below the kubeconfig's credential plugin: a sign-in in a
+        // browser that the plugin waits for is not cut short by it.
+        if self.request_timeout > 0 {
+            let _ = REQUEST_TIMEOUT.set(self.request_timeout);
+            let bound = std::time::Duration::from_secs(self.request_timeout);
+            config.connect_timeout = Some(config.connect_timeout.map_or(bound, |t| t.min(bound)));
+            config.write_timeout = Some(config.write_timeout.map_or(bound, |t| t.min(bound)));
+            config.read_timeout = Some(bound);
+            config.reset_reader_on_write = true;
+        }
+        kube::Client::try_from(without_env_proxy(config, proxied)).with_context(|| match proxied {
+            true => "connecting to the cluster (the kubeconfig gives it a proxy-url, which mailroom does not support: it reaches the API server directly)",
+            false => "connecting to the cluster",
+        })
+    }
+
+    /// The configuration the flags name (kube's usual search unless a file or a context
+    /// is named), and whether the kubeconfig gives the cluster a `proxy-url`.
+    pub async fn config(&self) -> anyhow::Result<(kube::Config, bool)> {
+        use anyhow::Context as _;
         use kube::config::{Config, KubeConfigOptions, Kubeconfig};
         let options = KubeConfigOptions {
             context: self.context.clone(),
@@ -221,7 +256,7 @@ impl KubeArgs {
         };
         // Whether the kubeconfig names a proxy for the cluster (see without_env_proxy).
         let proxied;
-        let mut config = match (named, &self.context) {
+        let config = match (named, &self.context) {
             (None, None) => {
                 let inferred;
                 (inferred, proxied) = infer_config()
@@ -251,21 +286,7 @@ impl KubeArgs {
             }
         };
         let _ = CLUSTER.set(config.cluster_url.to_string());
-        // The bound is on the connection (connecting, TLS, each wait for bytes once the
-        // request is written), below the kubeconfig's credential plugin: a sign-in in a
-        // browser that the plugin waits for is not cut short by it.
-        if self.request_timeout > 0 {
-            let _ = REQUEST_TIMEOUT.set(self.request_timeout);
-            let bound = std::time::Duration::from_secs(self.request_timeout);
-            config.connect_timeout = Some(config.connect_timeout.map_or(bound, |t| t.min(bound)));
-            config.write_timeout = Some(config.write_timeout.map_or(bound, |t| t.min(bound)));
-            config.read_timeout = Some(bound);
-            config.reset_reader_on_write = true;
-        }
-        kube::Client::try_from(without_env_proxy(config, proxied)).with_context(|| match proxied {
-            true => "connecting to the cluster (the kubeconfig gives it a proxy-url, which mailroom does not support: it reaches the API server directly)",
-            false => "connecting to the cluster",
-        })
+        Ok((config, proxied))
     }
 }
 

@@ -358,6 +358,20 @@ async fn the_commands_take_kubectls_kubeconfig_and_context_flags() {
         text.contains("no-such-context") && !text.contains("SecretNotFound"),
         "{text}"
     );
+    // The controller, run by hand outside a cluster, takes them too: the file's current
+    // context points nowhere, so only --context finds the cluster it tests for.
+    let controller = env.controller_with_env(
+        &[
+            "--kubeconfig",
+            file.to_str().unwrap(),
+            "--context",
+            &bed_context,
+        ],
+        &[("KUBECONFIG", "/nonexistent")],
+    );
+    env.wait_reason("imaps", "Connected", Duration::from_secs(60))
+        .await;
+    drop(controller);
 }
 
 #[tokio::test]
