@@ -410,9 +410,14 @@ async fn refused_by_api_server(
                     .message
                     .contains("failed to create typed patch object") =>
         {
+            // Server-side apply names only the first field the schema does not declare.
+            let words = match status.message.contains("field not declared in schema") {
+                true => undeclared_fields(client, namespace, &object).await,
+                false => None,
+            };
             Some(format!(
                 "the API server refuses this manifest: {}",
-                status.message
+                words.unwrap_or(status.message)
             ))
         }
         Err(e) => {
@@ -460,6 +465,30 @@ async fn unreadable_manifest(
     writeln!(out, "Testing {namespace}/{name}: not tested")?;
     print_verdict(&mut out, Reason::InvalidSpec, &refusal)?;
     Ok(1)
+}
+
+/// Every field of `object` the schema does not declare, in the API server's words, as a
+/// strict dry-run create names them all (`kubectl apply` reports them so), if it names any.
+async fn undeclared_fields(
+    client: &kube::Client,
+    namespace: &str,
+    object: &serde_json::Value,
+) -> Option<String> {
+    use kube::Resource as _;
+    let url = format!(
+        "{}?dryRun=All&fieldValidation=Strict",
+        IncomingMailProvider::url_path(&(), Some(namespace))
+    );
+    let request = hyper::Request::post(url)
+        .header("Content-Type", "application/json")
+        .body(serde_json::to_vec(object).ok()?)
+        .ok()?;
+    match client.request_text(request).await {
+        Err(kube::Error::Api(status)) if status.message.contains("strict decoding error") => {
+            Some(status.message)
+        }
+        _ => None,
+    }
 }
 
 /// The documents of one -f argument: a file, every .yaml, .yml and .json file of a
