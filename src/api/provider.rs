@@ -35,10 +35,15 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Message", type_ = "string", priority = "1", json_path = ".status.conditions[?(@.type==\"Ready\")].message"),
     validation = Rule::new("self.spec.tls.mode != 'None' || self.spec.authentication.method == 'None' || self.spec.authentication.allowUnencrypted")
         .message("a password or token may not be sent without TLS: set spec.tls.mode to Implicit or StartTLS, or spec.authentication.allowUnencrypted to true")
-        .field_path(".spec.authentication.allowUnencrypted"),
-    validation = Rule::new("self.spec.server.protocol != 'POP3' || !has(self.spec.check) || self.spec.check.mailbox == 'INBOX'")
+        .field_path(".spec.authentication.allowUnencrypted")
+)]
+// On the spec, not the root: the API server checks the rules again at each status write,
+// and spares a rule whose object is unchanged (ratcheting), so a provider stored before
+// this rule keeps getting its status.
+#[x_kube(
+    validation = Rule::new("self.server.protocol != 'POP3' || !has(self.check) || self.check.mailbox == 'INBOX'")
         .message("check.mailbox applies to IMAP only: a POP3 server has one mailbox, which every test opens; remove it (or leave it INBOX)")
-        .field_path(".spec.check.mailbox")
+        .field_path(".check.mailbox")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct IncomingMailProviderSpec {
