@@ -296,6 +296,9 @@ fn the_values_schema_refuses_what_the_chart_cannot_use() {
         "sharding.shards=0",
         "metrics.port=70000",
         "no.such.value=1",
+        "dnsPolicy=ClusterLast",
+        "strategy.type=Rolling",
+        "metrics.serviceMonitor.namespace=Not_A_Namespace",
     ] {
         let out = helm.run(&["template", "r", CHART, "--set", bad]);
         assert!(
@@ -312,6 +315,26 @@ fn the_values_schema_refuses_what_the_chart_cannot_use() {
         r#"watchNamespaces=["Not_A_Namespace"]"#,
     ]);
     assert!(!out.status.success(), "a namespace name that cannot exist");
+    // A mount without a path, a host alias without names: the API server would refuse the
+    // Deployment at install time.
+    for (bad, needle) in [
+        (r#"extraVolumeMounts=[{"name":"ca"}]"#, "mountPath"),
+        (r#"hostAliases=[{"ip":"10.0.0.25"}]"#, "hostnames"),
+        (r#"extraVolumes={"name":"ca"}"#, "extraVolumes"),
+    ] {
+        let out = helm.run(&["template", "r", CHART, "--set-json", bad]);
+        assert!(
+            !out.status.success() && text(&out).contains(needle),
+            "expected the schema to refuse --set-json {bad} naming {needle}; helm said:\n{}",
+            text(&out)
+        );
+    }
+    assert_refused(
+        &helm,
+        "dnsPolicy=None",
+        "dnsConfig.nameservers",
+        "a pod with dnsPolicy None and no nameserver has no resolver",
+    );
     // An egress rule without ports would open every port.
     let out = helm.run(&[
         "template",
@@ -717,6 +740,20 @@ fn the_default_deployment_is_locked_down() {
         pod["terminationGracePeriodSeconds"], 30,
         "the controller is told the grace period the kubelet gives it"
     );
+    // Unset, left out: Kubernetes' defaults apply (ClusterFirst DNS, a rolling update), and
+    // one replica gets no anti-affinity.
+    assert!(deployment["spec"].get("strategy").is_none(), "{deployment}");
+    for absent in [
+        "dnsPolicy",
+        "dnsConfig",
+        "hostAliases",
+        "volumes",
+        "affinity",
+        "topologySpreadConstraints",
+    ] {
+        assert!(pod.get(absent).is_none(), "{absent} by default: {pod}");
+    }
+    assert!(c.get("volumeMounts").is_none(), "{c}");
     // The binary takes every argument the chart gives it (clap checks each before --help).
     let out = Command::new(MAILROOM)
         .args(&a)
@@ -972,6 +1009,73 @@ fn replicas_network_policy_and_service_monitor() {
         pdb["spec"]["selector"]["matchLabels"],
         only(&docs, "Deployment")["spec"]["selector"]["matchLabels"]
     );
+    // The PDB protects nothing if both replicas sit on the node being drained: the pods
+    // prefer (not require: one node still runs both) nodes apart from each other.
+    let spread = |selector: &Value| {
+        json!({"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
+            "weight": 100,
+            "podAffinityTerm": {
+                "topologyKey": "kubernetes.io/hostname",
+                "labelSelector": {"matchLabels": selector},
+            },
+        }]}})
+    };
+    let deployment = only(&docs, "Deployment");
+    let selector = &deployment["spec"]["selector"]["matchLabels"];
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["affinity"],
+        spread(selector),
+        "the default anti-affinity, on the pods the PDB selects"
+    );
+    // Sharded: each shard's pods apart from each other (the PDB is per shard).
+    let docs = helm.render("mailroom", "s", &["--set", "replicas=2,sharding.shards=2"]);
+    for i in 0..2 {
+        let d = find(&docs, "Deployment", &format!("mailroom-shard-{i}"));
+        let selector = &d["spec"]["selector"]["matchLabels"];
+        assert_eq!(selector["mailroom.dev/shard"], i.to_string());
+        assert_eq!(d["spec"]["template"]["spec"]["affinity"], spread(selector));
+    }
+    // The user's affinity replaces it entirely (nothing merged in) ...
+    let own = json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [
+            {"key": "mail", "operator": "In", "values": ["yes"]}
+        ]}]
+    }}});
+    let docs = helm.render(
+        "mailroom",
+        "s",
+        &[
+            "--set",
+            "replicas=2",
+            "--set-json",
+            &format!("affinity={own}"),
+        ],
+    );
+    assert_eq!(
+        only(&docs, "Deployment")["spec"]["template"]["spec"]["affinity"],
+        own
+    );
+    // ... and spread constraints of the user's leave it out.
+    let constraints = json!([{
+        "maxSkew": 1,
+        "topologyKey": "topology.kubernetes.io/zone",
+        "whenUnsatisfiable": "ScheduleAnyway",
+        "labelSelector": {"matchLabels": {"app.kubernetes.io/instance": "mailroom"}},
+    }]);
+    let docs = helm.render(
+        "mailroom",
+        "s",
+        &[
+            "--set",
+            "replicas=2",
+            "--set-json",
+            &format!("topologySpreadConstraints={constraints}"),
+        ],
+    );
+    let pod = &only(&docs, "Deployment")["spec"]["template"]["spec"];
+    assert_eq!(pod["topologySpreadConstraints"], constraints);
+    assert!(pod.get("affinity").is_none(), "{pod}");
+
     let docs = helm.render(
         "mailroom",
         "s",
@@ -1028,6 +1132,126 @@ fn replicas_network_policy_and_service_monitor() {
     // Else Prometheus renames the per-provider series' namespace to exported_namespace,
     // and the alerts would name the controller's namespace instead of the provider's.
     assert_eq!(sm["spec"]["endpoints"][0]["honorLabels"], true);
+    assert_eq!(namespace(sm), "s");
+    for absent in ["relabelings", "metricRelabelings"] {
+        assert!(
+            sm["spec"]["endpoints"][0].get(absent).is_none(),
+            "{absent} by default: {sm}"
+        );
+    }
+    // In the namespace Prometheus watches, still scraping the release namespace's Service,
+    // with the user's relabelings on its endpoint.
+    let relabelings = json!([{
+        "sourceLabels": ["__meta_kubernetes_pod_node_name"],
+        "targetLabel": "node",
+    }]);
+    let metric_relabelings = json!([{
+        "action": "drop",
+        "sourceLabels": ["__name__"],
+        "regex": "process_.*",
+    }]);
+    let docs = helm.render(
+        "mailroom",
+        "s",
+        &[
+            "--set",
+            "metrics.serviceMonitor.enabled=true,metrics.serviceMonitor.namespace=monitoring",
+            "--set-json",
+            &format!("metrics.serviceMonitor.relabelings={relabelings}"),
+            "--set-json",
+            &format!("metrics.serviceMonitor.metricRelabelings={metric_relabelings}"),
+        ],
+    );
+    let sm = only(&docs, "ServiceMonitor");
+    assert_eq!(namespace(sm), "monitoring");
+    assert_eq!(sm["spec"]["namespaceSelector"]["matchNames"], json!(["s"]));
+    assert_eq!(namespace(only(&docs, "Service")), "s");
+    let endpoint = &sm["spec"]["endpoints"][0];
+    assert_eq!(endpoint["relabelings"], relabelings, "{endpoint}");
+    assert_eq!(
+        endpoint["metricRelabelings"], metric_relabelings,
+        "{endpoint}"
+    );
+    assert_eq!(endpoint["honorLabels"], true, "{endpoint}");
+}
+
+/// Pod and Deployment settings an operator brings (a CA file on the read-only root
+/// filesystem, split-horizon DNS, a rollout strategy), as `--set-json` arguments.
+const POD_VALUES: [&str; 12] = [
+    "--set-json",
+    r#"extraVolumes=[{"name":"corp-ca","configMap":{"name":"corp-ca"}}]"#,
+    "--set-json",
+    r#"extraVolumeMounts=[{"name":"corp-ca","mountPath":"/etc/mailroom/ca","readOnly":true}]"#,
+    "--set-json",
+    r#"extraEnv=[{"name":"SSL_CERT_FILE","value":"/etc/mailroom/ca/ca.crt"}]"#,
+    "--set-json",
+    r#"dnsConfig={"nameservers":["10.0.0.53"],"searches":["corp.example"],"options":[{"name":"ndots","value":"2"}]}"#,
+    "--set-json",
+    r#"hostAliases=[{"ip":"10.0.0.25","hostnames":["imap.corp.example"]}]"#,
+    "--set-json",
+    r#"strategy={"type":"RollingUpdate","rollingUpdate":{"maxSurge":0,"maxUnavailable":1}}"#,
+];
+
+#[test]
+fn extra_volumes_dns_and_strategy_render_where_kubernetes_reads_them() {
+    let mut values = POD_VALUES.to_vec();
+    values.extend_from_slice(&["--set", "dnsPolicy=None"]);
+    let docs = Helm::offline().render("mailroom", "ops", &values);
+    let deployment = only(&docs, "Deployment");
+    assert_eq!(
+        deployment["spec"]["strategy"],
+        json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}})
+    );
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["volumes"],
+        json!([{"name": "corp-ca", "configMap": {"name": "corp-ca"}}])
+    );
+    assert_eq!(pod["dnsPolicy"], "None");
+    assert_eq!(
+        pod["dnsConfig"],
+        json!({
+            "nameservers": ["10.0.0.53"],
+            "searches": ["corp.example"],
+            "options": [{"name": "ndots", "value": "2"}],
+        })
+    );
+    assert_eq!(
+        pod["hostAliases"],
+        json!([{"ip": "10.0.0.25", "hostnames": ["imap.corp.example"]}])
+    );
+    let c = container(&docs);
+    assert_eq!(
+        c["volumeMounts"],
+        json!([{"name": "corp-ca", "mountPath": "/etc/mailroom/ca", "readOnly": true}])
+    );
+    // The mount adds to the locked-down container, which stays read-only.
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert!(
+        c["env"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"name": "SSL_CERT_FILE", "value": "/etc/mailroom/ca/ca.crt"})),
+        "{}",
+        c["env"]
+    );
+    // Every shard's pods get them.
+    let mut values = POD_VALUES.to_vec();
+    values.extend_from_slice(&["--set", "sharding.shards=2"]);
+    let docs = Helm::offline().render("mailroom", "ops", &values);
+    for d in docs.iter().filter(|d| kind(d) == "Deployment") {
+        let pod = &d["spec"]["template"]["spec"];
+        assert_eq!(pod["volumes"][0]["name"], "corp-ca", "{}", name(d));
+        assert_eq!(
+            pod["containers"][0]["volumeMounts"][0]["name"],
+            "corp-ca",
+            "{}",
+            name(d)
+        );
+        assert_eq!(pod["hostAliases"][0]["ip"], "10.0.0.25", "{}", name(d));
+        assert_eq!(d["spec"]["strategy"]["rollingUpdate"]["maxSurge"], 0);
+        assert!(pod.get("dnsPolicy").is_none(), "unset, left out: {pod}");
+    }
 }
 
 /// The chart's alerts, evaluated by Prometheus's own rule engine (`promtool test rules`)
@@ -2920,6 +3144,46 @@ async fn a_second_release_as_the_readme_gives_it_collides_with_nothing_of_the_fi
             text(&out)
         );
     }
+}
+
+/// The API server validates what the chart renders from the pod values (volume mounts
+/// name a volume, dnsPolicy None comes with a nameserver, a strategy it accepts, the
+/// default anti-affinity of two replicas); a dry run, nothing is created.
+#[tokio::test]
+async fn the_api_server_takes_the_deployment_with_the_pod_values() {
+    let env = Env::new("chart-pod-values").await;
+    let helm = Helm::offline();
+    let mut values = POD_VALUES.to_vec();
+    values.extend_from_slice(&["--set", "dnsPolicy=None,replicas=2,sharding.shards=2"]);
+    let docs: Vec<Value> = helm
+        .render("mailroom", &env.ns, &values)
+        .into_iter()
+        .filter(|d| kind(d) == "Deployment")
+        .collect();
+    assert_eq!(docs.len(), 2, "{:?}", objects(&docs));
+    assert!(
+        docs.iter()
+            .all(|d| d["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"].is_object()),
+        "the default anti-affinity is part of what is checked"
+    );
+    let out = dry_run_apply(&env, &docs);
+    assert!(
+        out.status.success(),
+        "kubectl apply --server-side --dry-run=server of the Deployments:\n{}",
+        text(&out)
+    );
+    // The check is real: a mount of a volume the pod lacks is refused.
+    let docs: Vec<Value> = helm
+        .render("mailroom", &env.ns, &POD_VALUES[2..4])
+        .into_iter()
+        .filter(|d| kind(d) == "Deployment")
+        .collect();
+    let out = dry_run_apply(&env, &docs);
+    assert!(
+        !out.status.success() && text(&out).contains("volumeMounts"),
+        "expected the API server to refuse a mount of no volume; it said:\n{}",
+        text(&out)
+    );
 }
 
 fn dir_file(env: &Env, name_: &str, contents: &str) -> String {
