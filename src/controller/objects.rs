@@ -272,56 +272,74 @@ impl Objects {
     /// its way and the Secret shows a version not yet known as ours or not, this waits
     /// for the write's answer (one API request; at most [`OWN_WRITE_WAIT`]).
     pub async fn fingerprint(&self, namespace: &str, refs: &[Reference]) -> u64 {
-        self.fingerprint_with(namespace, refs, None).await
+        fingerprint(refs, &self.versions(namespace, refs).await)
     }
 
-    /// [`Self::fingerprint`], with Secret `read.0` at version `read.1` (what a test used,
-    /// which the cache may not show yet) instead of the cache's.
-    pub async fn fingerprint_with(
-        &self,
-        namespace: &str,
-        refs: &[Reference],
-        read: Option<&(String, String)>,
-    ) -> u64 {
+    /// The references' current versions, as [`Self::fingerprint`] hashes them (in the
+    /// order of `refs`): what a test keeps of what it read.
+    pub async fn versions(&self, namespace: &str, refs: &[Reference]) -> Vec<Option<String>> {
         let deadline = tokio::time::Instant::now() + OWN_WRITE_WAIT;
         loop {
             let give_up = tokio::time::Instant::now() >= deadline;
-            if let Some(h) = self.hash_versions(namespace, refs, read, give_up) {
-                return h;
+            let versions: Option<Vec<_>> = refs
+                .iter()
+                .map(|r| {
+                    let seen = self.version(namespace, r);
+                    match r.kind {
+                        ObjectKind::Secret => self.resolved(namespace, &r.name, seen, give_up),
+                        ObjectKind::ConfigMap => Some(seen),
+                    }
+                })
+                .collect();
+            if let Some(versions) = versions {
+                return versions;
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
 
-    /// The hash, or None while a version seen may be our own write's (unless `as_seen`).
-    fn hash_versions(
+    /// `versions` of `refs` with Secret `read.0` at version `read.1` instead (what a test
+    /// used, which the cache may not show yet), resolved as our own writes are; the
+    /// others as they were.
+    pub async fn with_read(
         &self,
         namespace: &str,
         refs: &[Reference],
-        read: Option<&(String, String)>,
-        as_seen: bool,
-    ) -> Option<u64> {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        for r in refs {
-            r.hash(&mut h);
-            let seen = match read {
-                Some((name, version)) if r.kind == ObjectKind::Secret && &r.name == name => {
-                    Some(version.clone())
-                }
-                _ => self.version(namespace, r),
-            };
-            let version = match r.kind {
-                ObjectKind::Secret => match self.own.resolve(namespace, &r.name, seen) {
-                    Resolved::Version(v) => v,
-                    // Rare (a write outlived the wait): read the version again.
-                    Resolved::Writing if as_seen => self.version(namespace, r),
-                    Resolved::Writing => return None,
-                },
-                ObjectKind::ConfigMap => seen,
-            };
-            version.hash(&mut h);
+        mut versions: Vec<Option<String>>,
+        read: &(String, String),
+    ) -> Vec<Option<String>> {
+        let (name, version) = read;
+        let deadline = tokio::time::Instant::now() + OWN_WRITE_WAIT;
+        let resolved = loop {
+            let give_up = tokio::time::Instant::now() >= deadline;
+            if let Some(v) = self.resolved(namespace, name, Some(version.clone()), give_up) {
+                break v;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        for (r, v) in refs.iter().zip(versions.iter_mut()) {
+            if r.kind == ObjectKind::Secret && &r.name == name {
+                *v = resolved.clone();
+            }
         }
-        Some(h.finish())
+        versions
+    }
+
+    /// Secret `name` at `seen` as the schedule compares it (our own writes stand for the
+    /// version before them), or None while a write of ours on its way may have made it
+    /// (unless `as_seen`: a write that outlived the wait, `seen` then counts as it is).
+    fn resolved(
+        &self,
+        namespace: &str,
+        name: &str,
+        seen: Option<String>,
+        as_seen: bool,
+    ) -> Option<Option<String>> {
+        match self.own.resolve(namespace, name, seen.clone()) {
+            Resolved::Version(v) => Some(v),
+            Resolved::Writing if as_seen => Some(seen),
+            Resolved::Writing => None,
+        }
     }
 
     /// The referenced objects that exist, read from the cache or, when their version
@@ -387,6 +405,17 @@ impl Objects {
     pub fn retain(&self, keep: impl Fn(&Key) -> bool) {
         self.values.lock().unwrap().retain(|k, _| keep(k));
     }
+}
+
+/// The hash of `refs` at `versions` (as [`Objects::versions`] gives them): a change
+/// means "test again".
+pub fn fingerprint(refs: &[Reference], versions: &[Option<String>]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for (r, v) in refs.iter().zip(versions) {
+        r.hash(&mut h);
+        v.hash(&mut h);
+    }
+    h.finish()
 }
 
 #[cfg(test)]
@@ -482,5 +511,45 @@ mod tests {
             message.contains("in all namespaces") && message.contains("ClusterRoleBinding"),
             "{message}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_test_keeps_what_it_read_with_the_token_secret_it_used() {
+        let config = kube::Config::new("https://127.0.0.1:1".parse().unwrap());
+        let own = Arc::new(OwnWrites::default());
+        let objects = Objects::new(
+            Client::try_from(config).unwrap(),
+            vec![None],
+            vec![reflector::store().0],
+            vec![reflector::store().0],
+            vec![[Arc::new(Access::default()), Arc::new(Access::default())]],
+            own.clone(),
+        );
+        let refs = [
+            Reference {
+                kind: ObjectKind::ConfigMap,
+                name: "ca".into(),
+            },
+            Reference {
+                kind: ObjectKind::Secret,
+                name: "token".into(),
+            },
+        ];
+        let read = vec![Some("c1".to_string()), Some("t1".to_string())];
+        // Its own write-back (t2 over t1) stands for what it replaced: nothing changed.
+        own.begin("ns", "token", Some("t1".into()))
+            .done("t2".into());
+        let used = objects
+            .with_read("ns", &refs, read.clone(), &("token".into(), "t2".into()))
+            .await;
+        assert_eq!(used, read);
+        // Another writer's version (stored kept tokens, a replica's) is what it used; the
+        // ConfigMap stays as read before the token step, though the cache (empty here)
+        // no longer has it: a change meanwhile is not taken as tested.
+        let used = objects
+            .with_read("ns", &refs, read.clone(), &("token".into(), "t9".into()))
+            .await;
+        assert_eq!(used, vec![Some("c1".to_string()), Some("t9".to_string())]);
+        assert_ne!(fingerprint(&refs, &used), fingerprint(&refs, &read));
     }
 }

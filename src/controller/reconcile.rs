@@ -16,7 +16,7 @@ use serde_json::json;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::limits::{Write, WriteSlot};
-use super::objects::Readiness;
+use super::objects::{self, Readiness};
 use super::schedule::{self, Memory, Seen, Unwatched};
 use super::status::{self, Context as StatusContext};
 use super::{Context, FIELD_MANAGER};
@@ -386,7 +386,8 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
             let refs = references(&p.spec);
             // The versions this test reads, for the schedule: a Secret changed while the
             // test waited is tested now, and not once more after it.
-            let fingerprint = ctx.objects.fingerprint(&ns, &refs).await;
+            let versions = ctx.objects.versions(&ns, &refs).await;
+            let fingerprint = objects::fingerprint(&refs, &versions);
             // Its slot among all tests is taken last, and held until its result is written.
             let test_slot = async || {
                 tokio::select! {
@@ -413,9 +414,12 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
             // OAuth2: a fresh access token (refreshed, and the Secret rewritten, if needed).
             let fetched = Box::pin(ctx.tokens.prepare(p, fetched)).await;
             // The token Secret as this test used it, where the token manager read or
-            // wrote it (see `Fetched::token_source`).
+            // wrote it (see `Fetched::token_source`); the others as read before.
             let fingerprint = match &fetched.token_source {
-                Some(read) => ctx.objects.fingerprint_with(&ns, &refs, Some(read)).await,
+                Some(read) => {
+                    let used = ctx.objects.with_read(&ns, &refs, versions, read).await;
+                    objects::fingerprint(&refs, &used)
+                }
                 None => fingerprint,
             };
             for _ in 0..ctx.tokens.take_refreshes() {
