@@ -118,9 +118,11 @@ pub async fn run(args: AuthorizeArgs) -> anyhow::Result<i32> {
     };
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let secret_name = o.token_secret_ref.name.clone();
-    let tls = endpoint_tls(&client, &ns, &provider).await?;
 
     if args.revoke {
+        // Revoking at the server is best effort: a CA bundle that cannot be read must not
+        // keep the tokens in the Secret.
+        let tls = endpoint_tls(&client, &ns, &provider).await;
         revoke(&secrets, &secret_name, &o, &tls).await?;
         request_check(&providers, &args.name).await?;
         eprintln!("Removed the tokens of {ns}/{}.", args.name);
@@ -135,6 +137,7 @@ pub async fn run(args: AuthorizeArgs) -> anyhow::Result<i32> {
         );
         return Ok(0);
     }
+    let tls = endpoint_tls(&client, &ns, &provider).await?;
     // The tokens say who signed in, not which mailbox to log in to: without a login name
     // the provider could not use them, so say so before the sign-in, not after.
     if provider.spec.authentication.username.is_none() {
@@ -728,7 +731,7 @@ async fn revoke(
     secrets: &Api<Secret>,
     name: &str,
     o: &crate::api::OAuth2Spec,
-    tls: &Arc<rustls::ClientConfig>,
+    tls: &anyhow::Result<Arc<rustls::ClientConfig>>,
 ) -> anyhow::Result<()> {
     let Some(secret) = secrets.get_opt(name).await? else {
         eprintln!("Secret {name} does not exist: no tokens to remove.");
@@ -748,7 +751,11 @@ async fn revoke(
             if let Ok(Some(secret)) = client_secret(secrets, "", o).await {
                 form.push(("client_secret", secret));
             }
-            match post_form(tls, &url, &form, TOKEN_REQUEST_TIMEOUT).await {
+            let answer = match tls {
+                Ok(tls) => post_form(tls, &url, &form, TOKEN_REQUEST_TIMEOUT).await,
+                Err(e) => Err(format!("{e:#}")),
+            };
+            match answer {
                 Ok(Response { status: 200, .. }) => {
                     eprintln!("Revoked the refresh token at {url}.")
                 }

@@ -1208,6 +1208,31 @@ async fn revoke_removes_only_the_tokens_from_a_secret_that_holds_more() {
         !server.refresh_token_valid(&again),
         "the refresh token still works at the server"
     );
+
+    // A CA bundle for the endpoints that cannot be read: revoking there is said to have
+    // failed, and the tokens still leave the Secret.
+    env.apply(&generic_imap_with(
+        &env,
+        &server,
+        &format!(
+            ", revocationURL: '{}', caBundleRef: {{kind: ConfigMap, name: no-such-ca}}",
+            server.revocation_url()
+        ),
+    ));
+    let third = server.grant("alice", CLIENT);
+    env.token_secret("alice-token", &[(tokens::REFRESH_TOKEN, third.as_str())])
+        .await;
+    let (child, rx) = authorize(&env, &["imap", "--revoke"]);
+    let mut seen = String::new();
+    let (code_status, _) = finish(child, rx, &mut seen);
+    assert_eq!(code_status, Some(0), "{seen}");
+    assert!(
+        seen.contains("Could not revoke the refresh token")
+            && seen.contains("spec.authentication.oauth2.caBundleRef"),
+        "{seen}"
+    );
+    // It held tokens only: it is gone.
+    assert!(token_secret(&env).await.is_none(), "the tokens were kept");
 }
 
 #[tokio::test]
