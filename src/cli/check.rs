@@ -75,9 +75,9 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
         };
         return test_one(&args, &Ok(client.clone()), p, fetched, None).await;
     }
-    let (providers, fetched) = from_files(&args)?;
+    let (providers, files) = from_files(&args)?;
     if let [(p, manifest)] = &providers[..] {
-        return test_manifest(&args, &client, p, manifest, fetched).await;
+        return test_manifest(&args, &client, p, manifest, &files).await;
     }
     // Several (a directory, `kustomize build`): each tested as alone, then a summary; the
     // exit status is the worst of theirs.
@@ -88,10 +88,10 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
         if i > 0 {
             println!();
         }
-        let code = match test_manifest(&args, &client, p, manifest, fetched.clone()).await {
+        let code = match test_manifest(&args, &client, p, manifest, &files).await {
             Ok(code) => code,
             Err(e) => {
-                println!("Error: {}", super::error_text(&e));
+                eprintln!("error: {}", super::error_text(&e));
                 2
             }
         };
@@ -124,10 +124,17 @@ async fn test_manifest(
     client: &anyhow::Result<kube::Client>,
     provider: &anyhow::Result<IncomingMailProvider>,
     manifest: &serde_json::Value,
-    fetched: Fetched,
+    files: &Objects,
 ) -> anyhow::Result<i32> {
     match provider {
-        Ok(p) => test_one(args, client, p.clone(), fetched, Some(manifest)).await,
+        Ok(p) => {
+            let target = args.namespace.clone().unwrap_or_else(|| match client {
+                Ok(c) => c.default_namespace().to_string(),
+                Err(_) => "default".into(),
+            });
+            let fetched = place(p, files, args.namespace.as_deref(), &target)?;
+            test_one(args, client, p.clone(), fetched, Some(manifest)).await
+        }
         // What mailroom cannot read (`method: password`, a port in quotes), the API
         // server may refuse in its own words, all errors at once, as `kubectl apply`.
         Err(unreadable) => {
@@ -146,13 +153,6 @@ async fn test_one(
     mut fetched: Fetched,
     manifest: Option<&serde_json::Value>,
 ) -> anyhow::Result<i32> {
-    if manifest.is_some() {
-        let target = args.namespace.clone().unwrap_or_else(|| match &client {
-            Ok(c) => c.default_namespace().to_string(),
-            Err(_) => "default".into(),
-        });
-        place(&provider, &mut fetched, args.namespace.as_deref(), &target)?;
-    }
     // Whether the OAuth2 token Secret came from the files (after those placed in another
     // namespace are set aside, before the cluster adds any).
     let token_in_files = !args.files.is_empty()
@@ -291,30 +291,39 @@ async fn test_one(
     })
 }
 
-/// Places the files' objects where `kubectl apply -f` would (their own namespace, else
-/// `-n`, else the context's: `target`), refusing, as kubectl does, one that names a
-/// namespace other than `-n`; keeps of them only those in the provider's namespace.
+/// The Secrets and ConfigMaps of the files, each as written (two of one name may live in
+/// two namespaces).
+#[derive(Default)]
+struct Objects {
+    secrets: Vec<Secret>,
+    config_maps: Vec<ConfigMap>,
+}
+
+/// What `provider` finds of the files' objects where `kubectl apply -f` would put them
+/// (their own namespace, else `-n`, else the context's: `target`): those in its namespace
+/// (the last of a name, as applying the files leaves it). Refuses, as kubectl does, an
+/// object that names a namespace other than `-n`.
 fn place(
     provider: &IncomingMailProvider,
-    fetched: &mut Fetched,
+    files: &Objects,
     given: Option<&str>,
     target: &str,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Fetched> {
     let named = std::iter::once((
         "IncomingMailProvider",
         provider.name_any(),
         provider.namespace(),
     ))
     .chain(
-        fetched
+        files
             .secrets
-            .values()
+            .iter()
             .map(|s| ("Secret", s.name_any(), s.namespace())),
     )
     .chain(
-        fetched
+        files
             .config_maps
-            .values()
+            .iter()
             .map(|c| ("ConfigMap", c.name_any(), c.namespace())),
     );
     for (kind, name, object_ns) in named {
@@ -326,26 +335,34 @@ fn place(
             );
         }
     }
-    fetched.namespace = provider.namespace().unwrap_or_else(|| target.to_string());
-    // A provider uses only what lives in its own namespace: objects of the files that
-    // would be applied in another are not its.
-    let ns = fetched.namespace.clone();
-    let ours = |kind: &str, name: &str, object_ns: Option<String>| {
+    let ns = provider.namespace().unwrap_or_else(|| target.to_string());
+    let mut fetched = Fetched {
+        namespace: ns.clone(),
+        ..Default::default()
+    };
+    let refs = references(&provider.spec);
+    // A provider uses only what lives in its own namespace; one of the files that it names
+    // but that would be applied in another is said so.
+    let ours = |kind: ObjectKind, name: String, object_ns: Option<String>| {
         let lands = object_ns.unwrap_or_else(|| target.to_string());
-        if lands != ns {
+        if lands != ns && refs.iter().any(|r| r.kind == kind && r.name == name) {
             eprintln!(
                 "note: {kind} {name} from the files would be applied in namespace {lands}, not the provider's {ns}: not used"
             );
         }
-        lands == ns
+        (lands == ns).then_some(name)
     };
-    fetched
-        .secrets
-        .retain(|name, s| ours("Secret", name, s.namespace()));
-    fetched
-        .config_maps
-        .retain(|name, c| ours("ConfigMap", name, c.namespace()));
-    Ok(())
+    for s in &files.secrets {
+        if let Some(name) = ours(ObjectKind::Secret, s.name_any(), s.namespace()) {
+            fetched.secrets.insert(name, s.clone());
+        }
+    }
+    for c in &files.config_maps {
+        if let Some(name) = ours(ObjectKind::ConfigMap, c.name_any(), c.namespace()) {
+            fetched.config_maps.insert(name, c.clone());
+        }
+    }
+    Ok(fetched)
 }
 
 /// The OAuth2 token Secret a provider names, if it logs in with OAuth2.
@@ -529,9 +546,9 @@ type Written = (anyhow::Result<IncomingMailProvider>, serde_json::Value);
 /// The providers of the files, each as mailroom reads it (or why it cannot) and as
 /// written, for the API server to check (only the one named, when a NAME is given); and
 /// the Secrets and ConfigMaps of the files.
-fn from_files(args: &CheckArgs) -> anyhow::Result<(Vec<Written>, Fetched)> {
+fn from_files(args: &CheckArgs) -> anyhow::Result<(Vec<Written>, Objects)> {
     let mut providers = Vec::new();
-    let mut fetched = Fetched::default();
+    let mut fetched = Objects::default();
     for path in &args.files {
         for (source, text) in documents(path)? {
             for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
@@ -557,11 +574,11 @@ fn from_files(args: &CheckArgs) -> anyhow::Result<(Vec<Written>, Fetched)> {
                         }
                         "Secret" => {
                             let s: Secret = read_object(value, true, at)?;
-                            fetched.secrets.insert(s.name_any(), s);
+                            fetched.secrets.push(s);
                         }
                         "ConfigMap" => {
                             let c: ConfigMap = read_object(value, false, at)?;
-                            fetched.config_maps.insert(c.name_any(), c);
+                            fetched.config_maps.push(c);
                         }
                         _ => {}
                     }

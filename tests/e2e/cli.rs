@@ -771,4 +771,74 @@ async fn check_of_several_manifests_tests_each_and_sums_up() {
     let (code, out) = check(Some("good"));
     assert_eq!(code, Some(0), "{out}");
     assert!(!out.contains("/bad"), "{out}");
+
+    // Two teams' files side by side, each with a Secret `creds` in its own namespace:
+    // each provider uses its own team's.
+    let other = format!("{}-b", env.ns);
+    let made = env.kubectl(&["create", "namespace", &other]);
+    assert!(made.status.success(), "{made:?}");
+    let (user, password) = env.bed.dovecot().account("alice");
+    let object =
+        |value: serde_json::Value| format!("---\n{}", serde_yaml::to_string(&value).unwrap());
+    let secret = |ns: &str, password: &str| {
+        object(serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "creds", "namespace": ns},
+            "stringData": {"username": user, "password": password},
+        }))
+    };
+    let team = |name: &str, ns: &str| {
+        provider(
+            name,
+            "IMAP",
+            port,
+            "Implicit",
+            "{method: Password, secretRef: {name: creds}}",
+            "",
+        )
+        .replacen("metadata:\n", &format!("metadata:\n  namespace: {ns}\n"), 1)
+    };
+    let ca = object(serde_json::json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "test-ca", "namespace": other},
+        "data": {"ca.crt": std::fs::read_to_string(env.bed.dovecot().ca_file()).unwrap()},
+    }));
+    let teams = env.dir.path().join("teams");
+    std::fs::create_dir(&teams).unwrap();
+    let a = format!("{}{}", team("team-a", &env.ns), secret(&env.ns, &password));
+    let b = format!(
+        "{}{}{ca}",
+        team("team-b", &other),
+        secret(&other, "not-alices")
+    );
+    std::fs::write(teams.join("a.yaml"), a).unwrap();
+    std::fs::write(teams.join("b.yaml"), b).unwrap();
+    let out = Command::new(MAILROOM)
+        .args(["check", "-f"])
+        .arg(&teams)
+        .env("KUBECONFIG", env.bed.kubeconfig_path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}{err}");
+    let verdict = |label: &str| {
+        let at = text
+            .find(&format!("Testing {label}:"))
+            .unwrap_or_else(|| panic!("{label} untested:\n{text}{err}"));
+        text[at..]
+            .lines()
+            .find(|l| l.starts_with("Ready="))
+            .unwrap()
+            .to_string()
+    };
+    assert!(
+        verdict(&format!("{}/team-a", env.ns)).starts_with("Ready=True reason=Connected"),
+        "{text}{err}"
+    );
+    assert!(
+        verdict(&format!("{other}/team-b")).starts_with("Ready=False reason=AuthenticationFailed"),
+        "{text}{err}"
+    );
+    env.kubectl(&["delete", "namespace", &other, "--wait=false"]);
 }
