@@ -183,7 +183,7 @@ pub async fn post_form(
                 .map_err(|e| {
                     // An internal identity provider's own CA is the usual cause.
                     let hint = match e.to_string().contains("UnknownIssuer") {
-                        true => " (a certificate from a private CA: trust it with spec.authentication.oauth2.caBundleRef)",
+                        true => " (a certificate from a private CA: trust that CA with spec.authentication.oauth2.caBundleRef, or check the certificates it holds)",
                         false => "",
                     };
                     format!("TLS with {host_header}: {e}{hint}")

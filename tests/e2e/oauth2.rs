@@ -1877,8 +1877,10 @@ async fn token_requests_go_through_http_proxy_unless_no_proxy_names_the_host() {
 
 /// A token endpoint whose certificate comes from a private CA (an internal Keycloak or
 /// AD FS): its refresh fails naming the certificate while only the platform's roots are
-/// trusted, and works once `oauth2.caBundleRef` names a ConfigMap with that CA, for the
-/// controller (tested at once, no restart) and for `mailroom check`.
+/// trusted, and while `oauth2.caBundleRef` names a ConfigMap with another CA; fixing the
+/// ConfigMap tests again at once (sooner than the backoff), for the controller and for
+/// `mailroom check`; the ConfigMap deleted is said at the next test, though the access
+/// token is still good.
 #[tokio::test]
 async fn a_token_endpoint_with_a_private_ca_is_trusted_through_the_oauth2_ca_bundle() {
     let env = Env::new("oauth2-private-ca").await;
@@ -1894,17 +1896,22 @@ async fn a_token_endpoint_with_a_private_ca_is_trusted_through_the_oauth2_ca_bun
     assert!(
         message.contains("UnknownIssuer")
             && message.contains(&server.token_url())
-            && message.contains("trust it with spec.authentication.oauth2.caBundleRef"),
+            && message.contains("trust that CA with spec.authentication.oauth2.caBundleRef"),
         "{message}"
     );
 
-    let cm: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "token-ca"},
-        "data": {"ca.crt": server.ca_pem().unwrap()},
-    }))
-    .unwrap();
-    Api::namespaced(env.client.clone(), &env.ns)
-        .create(&Default::default(), &cm)
+    // Named, but holding another CA (the mail server's).
+    let bundle = |pem: &str| -> k8s_openapi::api::core::v1::ConfigMap {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "token-ca"},
+            "data": {"ca.crt": pem},
+        }))
+        .unwrap()
+    };
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(env.client.clone(), &env.ns);
+    let mail_ca = std::fs::read_to_string(env.bed.dovecot().ca_file()).unwrap();
+    cms.create(&Default::default(), &bundle(&mail_ca))
         .await
         .unwrap();
     let patch = serde_json::json!({"spec": {"authentication": {"oauth2": {
@@ -1918,9 +1925,45 @@ async fn a_token_endpoint_with_a_private_ca_is_trusted_through_the_oauth2_ca_bun
         )
         .await
         .unwrap();
-    env.wait_reason("app", "Connected", Duration::from_secs(30))
+    let generation = env
+        .providers()
+        .get("app")
+        .await
+        .unwrap()
+        .metadata
+        .generation;
+    let p = env
+        .wait(
+            "app",
+            "the named bundle tested",
+            Duration::from_secs(30),
+            |p| ready(p).is_some_and(|c| c.observed_generation == generation),
+        )
+        .await;
+    assert_eq!(ready(&p).unwrap().reason, "TokenRefreshFailed", "{p:?}");
+
+    // The right CA put in the ConfigMap: tested at once (the backoff is 20 s by now).
+    cms.replace(
+        "token-ca",
+        &Default::default(),
+        &bundle(server.ca_pem().unwrap()),
+    )
+    .await
+    .unwrap();
+    env.wait_reason("app", "Connected", Duration::from_secs(10))
         .await;
     let (code, out, err) = env.mailroom(&["check", "app", "-n", &env.ns]);
     assert_eq!(code, Some(0), "{out}{err}");
+
+    // Deleted while the access token is still good: said at once, not at its refresh.
+    cms.delete("token-ca", &Default::default()).await.unwrap();
+    let p = env
+        .wait_reason("app", "SecretNotFound", Duration::from_secs(10))
+        .await;
+    let message = ready(&p).unwrap().message.clone();
+    assert!(
+        message.contains("spec.authentication.oauth2.caBundleRef"),
+        "{message}"
+    );
     drop(controller);
 }

@@ -235,6 +235,14 @@ impl TokenManager {
             fetched.token_problem = Some((Reason::InvalidSpec, message));
             return fetched;
         }
+        // So is a CA bundle for the endpoints that cannot be used (missing, not PEM), at
+        // the test after it breaks, not at the next refresh, perhaps an hour later.
+        if o.ca_bundle_ref.is_some()
+            && let Err(problem) = self.tls_for(provider, &fetched)
+        {
+            fetched.token_problem = Some(problem);
+            return fetched;
+        }
         let secret_name = o.token_secret_ref.name.clone();
         let namespace = fetched.namespace.clone();
         let at = key(&namespace, &secret_name);
