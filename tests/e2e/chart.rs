@@ -1035,22 +1035,26 @@ fn replicas_network_policy_and_service_monitor() {
         assert_eq!(selector["mailroom.dev/shard"], i.to_string());
         assert_eq!(d["spec"]["template"]["spec"]["affinity"], spread(selector));
     }
+    // Two replicas and one value of the user's.
+    let two_with = |value: &str, json: &Value| {
+        helm.render(
+            "mailroom",
+            "s",
+            &[
+                "--set",
+                "replicas=2",
+                "--set-json",
+                &format!("{value}={json}"),
+            ],
+        )
+    };
     // The user's affinity replaces it entirely (nothing merged in) ...
     let own = json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
         "nodeSelectorTerms": [{"matchExpressions": [
             {"key": "mail", "operator": "In", "values": ["yes"]}
         ]}]
     }}});
-    let docs = helm.render(
-        "mailroom",
-        "s",
-        &[
-            "--set",
-            "replicas=2",
-            "--set-json",
-            &format!("affinity={own}"),
-        ],
-    );
+    let docs = two_with("affinity", &own);
     assert_eq!(
         only(&docs, "Deployment")["spec"]["template"]["spec"]["affinity"],
         own
@@ -1062,16 +1066,7 @@ fn replicas_network_policy_and_service_monitor() {
         "whenUnsatisfiable": "ScheduleAnyway",
         "labelSelector": {"matchLabels": {"app.kubernetes.io/instance": "mailroom"}},
     }]);
-    let docs = helm.render(
-        "mailroom",
-        "s",
-        &[
-            "--set",
-            "replicas=2",
-            "--set-json",
-            &format!("topologySpreadConstraints={constraints}"),
-        ],
-    );
+    let docs = two_with("topologySpreadConstraints", &constraints);
     let pod = &only(&docs, "Deployment")["spec"]["template"]["spec"];
     assert_eq!(pod["topologySpreadConstraints"], constraints);
     assert!(pod.get("affinity").is_none(), "{pod}");
