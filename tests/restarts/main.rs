@@ -1,8 +1,9 @@
 //! Control-plane restarts: kube-apiserver restarted, and separately etcd restarted, under
 //! a running controller. It must keep running, pick its watches up again, and leave no
 //! status lost or stale; told to stop while etcd is down, it must still exit cleanly and
-//! in time. Stopping the API server disturbs every test of a bed, so these run in their
-//! own test binary with their own bed, one at a time.
+//! in time. And a CRD upgrade whose new rule a stored provider breaks. Stopping the API
+//! server or changing the CRD disturbs every test of a bed, so these run in their own test
+//! binary with their own bed, one at a time.
 
 // Shared with the e2e binary; not every helper is used here.
 #[allow(dead_code)]
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use mailroom::api::IncomingMailProvider;
-use support::{Controller, Env, alice_env, condition, provider, ready};
+use support::{ALICE_AUTH, Controller, Env, alice_env, condition, provider, ready, with_input};
 
 /// How long the part stays down once stopped: longer than the controller's 6 s lease
 /// (see `Env::controller`), so the leader must pause its tests before the Lease it cannot
@@ -60,6 +61,72 @@ impl Part {
         }
         .unwrap_or_else(|e| panic!("starting {self:?} again: {e:#}"));
     }
+}
+
+/// A CRD upgrade adds a rule that a stored provider breaks (a POP3 provider with another
+/// mailbox than INBOX, taken before the rule): its status must still be written. The API
+/// server checks the rules again at each status write and spares (ratchets) only a rule
+/// whose object is unchanged, which holds for a rule on the spec, not for one on the
+/// whole object.
+#[tokio::test]
+async fn a_provider_stored_before_a_crd_rule_it_breaks_keeps_getting_its_status() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let env = alice_env("crd-upgrade").await;
+    let current = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/crds/incomingmailprovider.yaml"
+    ))
+    .unwrap();
+    let apply = |crd: &str| {
+        let mut cmd = env.bed.kubectl();
+        cmd.args(["apply", "--server-side", "--force-conflicts", "-f", "-"]);
+        let out = with_input(cmd, crd);
+        assert!(out.status.success(), "applying the CRD: {out:?}");
+    };
+    // The CRD as it was before the rule.
+    let mut before: serde_yaml::Value = serde_yaml::from_str(&current).unwrap();
+    let spec =
+        &mut before["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    let rules = spec["x-kubernetes-validations"].as_sequence_mut().unwrap();
+    let count = rules.len();
+    rules.retain(|r| !r["rule"].as_str().unwrap().contains("'POP3'"));
+    assert_eq!(
+        rules.len(),
+        count - 1,
+        "the POP3 mailbox rule is on the spec"
+    );
+    apply(&serde_yaml::to_string(&before).unwrap());
+    let archive = |name: &str| {
+        provider(
+            name,
+            "POP3",
+            env.bed.dovecot().pop3s_port(),
+            "Implicit",
+            ALICE_AUTH,
+            "",
+        )
+        .replace("timeout: 10s}", "timeout: 10s, mailbox: Archive}")
+    };
+    let until = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    until("the CRD without the rule took no effect", &|| {
+        env.try_apply(&archive("archive")).status.success()
+    });
+    // The upgrade: the rule refuses a new one, and the stored one is tested and written.
+    apply(&current);
+    until("the CRD with the rule took no effect", &|| {
+        let out = env.try_apply(&archive("another"));
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("IMAP only")
+    });
+    let controller = env.controller();
+    let _logs = LogsOnFailure(controller.log.clone());
+    env.wait_reason("archive", "Connected", Duration::from_secs(60))
+        .await;
 }
 
 #[tokio::test]
