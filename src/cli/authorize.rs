@@ -23,7 +23,7 @@ use tokio::net::TcpListener;
 
 use super::retest::{Scope, request_check, wait_for_tests};
 use crate::api::oauth2::{endpoints, plaintext_endpoints, scopes};
-use crate::api::{AuthMethod, CaBundleKind, IncomingMailProvider, OAuth2Flow, OAuth2Provider};
+use crate::api::{AuthMethod, IncomingMailProvider, OAuth2Flow, OAuth2Provider};
 use crate::credentials::http::{Response, post_form};
 use crate::credentials::tokens::{
     self, Grant, REFRESH_TOKEN, TOKEN_REQUEST_TIMEOUT, read_grant, signed_in_secret, token_tls,
@@ -73,27 +73,9 @@ async fn endpoint_tls(
         namespace: ns.to_string(),
         ..Default::default()
     };
-    let reading = || {
-        format!(
-            "reading {:?} {ns}/{} (spec.authentication.oauth2.caBundleRef)",
-            r.kind, r.name
-        )
-    };
-    match r.kind {
-        CaBundleKind::ConfigMap => {
-            let api: Api<k8s_openapi::api::core::v1::ConfigMap> =
-                Api::namespaced(client.clone(), ns);
-            if let Some(cm) = api.get_opt(&r.name).await.with_context(reading)? {
-                fetched.config_maps.insert(r.name.clone(), cm);
-            }
-        }
-        CaBundleKind::Secret => {
-            let api: Api<Secret> = Api::namespaced(client.clone(), ns);
-            if let Some(s) = api.get_opt(&r.name).await.with_context(reading)? {
-                fetched.secrets.insert(r.name.clone(), s);
-            }
-        }
-    }
+    super::check::fetch_from_cluster(client, &crate::credentials::bundle(r), &mut fetched)
+        .await
+        .context("spec.authentication.oauth2.caBundleRef")?;
     let pem = crate::credentials::oauth2_ca_bundle(&provider.spec, &fetched)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     token_tls_with(pem.as_deref()).map_err(|e| anyhow::anyhow!(e))

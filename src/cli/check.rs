@@ -16,7 +16,7 @@ use crate::api::{IncomingMailProvider, Reason};
 use crate::check::{self, Outcome};
 use crate::controller::status::format_duration;
 use crate::credentials::tokens::TokenSet;
-use crate::credentials::{Fetched, ObjectKind, references};
+use crate::credentials::{Fetched, ObjectKind, Reference, references};
 
 #[derive(clap::Args, Debug)]
 pub struct CheckArgs {
@@ -202,27 +202,7 @@ async fn test_one(
                 continue;
             }
         };
-        let ns = fetched.namespace.clone();
-        match r.kind {
-            ObjectKind::Secret => {
-                let found = Api::<Secret>::namespaced(client.clone(), &ns)
-                    .get_opt(&r.name)
-                    .await
-                    .with_context(|| format!("reading Secret {ns}/{}", r.name))?;
-                if let Some(s) = found {
-                    fetched.secrets.insert(r.name.clone(), s);
-                }
-            }
-            ObjectKind::ConfigMap => {
-                let found = Api::<ConfigMap>::namespaced(client.clone(), &ns)
-                    .get_opt(&r.name)
-                    .await
-                    .with_context(|| format!("reading ConfigMap {ns}/{}", r.name))?;
-                if let Some(c) = found {
-                    fetched.config_maps.insert(r.name.clone(), c);
-                }
-            }
-        }
+        fetch_from_cluster(client, &r, &mut fetched).await?;
     }
 
     // OAuth2: the same fresh access token the controller would use (refreshing it, and
@@ -291,6 +271,32 @@ async fn test_one(
     })
 }
 
+/// Reads the object `r` names into `fetched` (in its namespace) from the cluster, as the
+/// caller; nothing when it does not exist (the test then says which is missing).
+pub(super) async fn fetch_from_cluster(
+    client: &kube::Client,
+    r: &Reference,
+    fetched: &mut Fetched,
+) -> anyhow::Result<()> {
+    let ns = &fetched.namespace;
+    let reading = || format!("reading {} {ns}/{}", r.kind, r.name);
+    match r.kind {
+        ObjectKind::Secret => {
+            let api = Api::<Secret>::namespaced(client.clone(), ns);
+            if let Some(s) = api.get_opt(&r.name).await.with_context(reading)? {
+                fetched.secrets.insert(r.name.clone(), s);
+            }
+        }
+        ObjectKind::ConfigMap => {
+            let api = Api::<ConfigMap>::namespaced(client.clone(), ns);
+            if let Some(c) = api.get_opt(&r.name).await.with_context(reading)? {
+                fetched.config_maps.insert(r.name.clone(), c);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The Secrets and ConfigMaps of the files, each as written (two of one name may live in
 /// two namespaces).
 #[derive(Default)]
@@ -327,13 +333,7 @@ fn place(
             .map(|c| ("ConfigMap", c.name_any(), c.namespace())),
     );
     for (kind, name, object_ns) in named {
-        if let (Some(given), Some(object_ns)) = (given, object_ns)
-            && object_ns != given
-        {
-            bail!(
-                "{kind} {name} in the files names namespace {object_ns}, not -n {given}: kubectl apply -n {given} would refuse it"
-            );
-        }
+        landing(kind, &name, object_ns.as_deref(), given, target)?;
     }
     let ns = provider.namespace().unwrap_or_else(|| target.to_string());
     let mut fetched = Fetched {
@@ -363,6 +363,24 @@ fn place(
         }
     }
     Ok(fetched)
+}
+
+/// Where `kubectl apply -n GIVEN -f` puts an object of the files that names namespace
+/// `written` (or none): there, else `-n`, else the context's (`target`, which is `-n`
+/// when given); an object naming another namespace than `-n` is refused, as kubectl does.
+fn landing(
+    kind: &str,
+    name: &str,
+    written: Option<&str>,
+    given: Option<&str>,
+    target: &str,
+) -> anyhow::Result<String> {
+    match (written, given) {
+        (Some(written), Some(given)) if written != given => bail!(
+            "{kind} {name} in the files names namespace {written}, not -n {given}: kubectl apply -n {given} would refuse it"
+        ),
+        (written, _) => Ok(written.unwrap_or(target).to_string()),
+    }
 }
 
 /// The OAuth2 token Secret a provider names, if it logs in with OAuth2.
@@ -463,18 +481,17 @@ async fn unreadable_manifest(
     if name.is_empty() {
         return Err(unreadable);
     }
-    let written = manifest["metadata"]["namespace"].as_str();
-    if let (Some(given), Some(written)) = (&args.namespace, written)
-        && given != written
-    {
-        bail!(
-            "IncomingMailProvider {name} in the files names namespace {written}, not -n {given}: kubectl apply -n {given} would refuse it"
-        );
-    }
-    let namespace = written
-        .map(String::from)
-        .or_else(|| args.namespace.clone())
+    let target = args
+        .namespace
+        .clone()
         .unwrap_or_else(|| client.default_namespace().to_string());
+    let namespace = landing(
+        "IncomingMailProvider",
+        name,
+        manifest["metadata"]["namespace"].as_str(),
+        args.namespace.as_deref(),
+        &target,
+    )?;
     let Some(refusal) = refused_by_api_server(client, &namespace, name, manifest).await else {
         return Err(unreadable);
     };

@@ -278,11 +278,8 @@ impl Objects {
     /// The references' current versions, as [`Self::fingerprint`] hashes them (in the
     /// order of `refs`): what a test keeps of what it read.
     pub async fn versions(&self, namespace: &str, refs: &[Reference]) -> Vec<Option<String>> {
-        let deadline = tokio::time::Instant::now() + OWN_WRITE_WAIT;
-        loop {
-            let give_up = tokio::time::Instant::now() >= deadline;
-            let versions: Option<Vec<_>> = refs
-                .iter()
+        settled(|give_up| {
+            refs.iter()
                 .map(|r| {
                     let seen = self.version(namespace, r);
                     match r.kind {
@@ -290,12 +287,9 @@ impl Objects {
                         ObjectKind::ConfigMap => Some(seen),
                     }
                 })
-                .collect();
-            if let Some(versions) = versions {
-                return versions;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+                .collect()
+        })
+        .await
     }
 
     /// `versions` of `refs` with Secret `read.0` at version `read.1` instead (what a test
@@ -309,14 +303,8 @@ impl Objects {
         read: &(String, String),
     ) -> Vec<Option<String>> {
         let (name, version) = read;
-        let deadline = tokio::time::Instant::now() + OWN_WRITE_WAIT;
-        let resolved = loop {
-            let give_up = tokio::time::Instant::now() >= deadline;
-            if let Some(v) = self.resolved(namespace, name, Some(version.clone()), give_up) {
-                break v;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        };
+        let resolved =
+            settled(|give_up| self.resolved(namespace, name, Some(version.clone()), give_up)).await;
         for (r, v) in refs.iter().zip(versions.iter_mut()) {
             if r.kind == ObjectKind::Secret && &r.name == name {
                 *v = resolved.clone();
@@ -404,6 +392,19 @@ impl Objects {
     /// Drops cached values no provider references any more.
     pub fn retain(&self, keep: impl Fn(&Key) -> bool) {
         self.values.lock().unwrap().retain(|k, _| keep(k));
+    }
+}
+
+/// `attempt(give_up)` until it answers: None while a version seen may be our own write
+/// on its way, asked again every 20 ms until [`OWN_WRITE_WAIT`] has passed, when
+/// `give_up` is true and it takes what it sees.
+async fn settled<T>(attempt: impl Fn(bool) -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + OWN_WRITE_WAIT;
+    loop {
+        if let Some(answer) = attempt(tokio::time::Instant::now() >= deadline) {
+            return answer;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
 

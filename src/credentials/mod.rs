@@ -8,7 +8,7 @@ mod proxy;
 mod references;
 pub mod tokens;
 
-pub use references::{ObjectKind, Reference, References, references};
+pub use references::{ObjectKind, Reference, References, bundle, references};
 
 use std::collections::BTreeMap;
 

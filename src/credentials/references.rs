@@ -65,7 +65,7 @@ pub fn references(spec: &IncomingMailProviderSpec) -> References {
 }
 
 /// The object a caBundleRef names.
-fn bundle(ca: &CaBundleRef) -> Reference {
+pub fn bundle(ca: &CaBundleRef) -> Reference {
     Reference {
         kind: match ca.kind {
             CaBundleKind::ConfigMap => ObjectKind::ConfigMap,

@@ -341,29 +341,10 @@ async fn sigterm_cancels_a_test_that_outlasts_the_drain_and_exits_within_the_gra
 #[tokio::test]
 async fn a_secret_changed_while_no_controller_ran_is_tested_when_one_starts() {
     let env = alice_env("changed-between").await;
-    let (user, password) = env.bed.dovecot().account("alice");
-    env.secret("kept", &[("username", &user), ("password", &password)])
-        .await;
+    let (user, _) = env.bed.dovecot().account("alice");
+    env.apply_alice_imaps_with("kept", "kept").await;
     env.apply_alice_imaps("changed");
-    let port = env.bed.dovecot().imaps_port();
-    env.apply(&provider(
-        "kept",
-        "IMAP",
-        port,
-        "Implicit",
-        "{method: Password, secretRef: {name: kept}}",
-        "",
-    ));
-    env.secret("gone", &[("username", &user), ("password", &password)])
-        .await;
-    env.apply(&provider(
-        "deleted",
-        "IMAP",
-        port,
-        "Implicit",
-        "{method: Password, secretRef: {name: gone}}",
-        "",
-    ));
+    env.apply_alice_imaps_with("deleted", "gone").await;
     let mut first = env.controller();
     env.wait_reason("changed", "Connected", Duration::from_secs(60))
         .await;

@@ -356,6 +356,22 @@ async fn expired_token_secret(env: &Env, refresh: &str, access: &str) {
     .await;
 }
 
+/// Provider `imap` with alice's grant, whose cached access token (returned) the mail
+/// server refuses, tested once by a running controller: AuthenticationFailed.
+async fn refused_by_the_mail_server(
+    prefix: &str,
+) -> (Env, TokenServer, String, crate::support::Controller) {
+    let env = Env::new(prefix).await;
+    trust_bed_ca(&env).await;
+    let (server, refresh) = alice_grant(&env);
+    let forged = refused_from_cache(&env, &refresh, 3600).await;
+    env.apply(&generic_imap(&env, &server));
+    let controller = env.controller();
+    env.wait_reason("imap", "AuthenticationFailed", Duration::from_secs(60))
+        .await;
+    (env, server, forged, controller)
+}
+
 /// Token Secret `alice-token` holding `refresh` and an access token the cache calls
 /// valid for an hour, which the mail server refuses (as Exchange Online does one revoked
 /// by continuous access evaluation); signed to live `ttl` seconds. Returns it.
@@ -808,14 +824,8 @@ async fn a_token_the_mail_server_rejects_is_authentication_failed_in_status() {
 
 #[tokio::test]
 async fn a_cached_token_the_mail_server_refuses_is_refreshed_before_the_next_test() {
-    let env = Env::new("oauth2-refused-cached").await;
-    trust_bed_ca(&env).await;
-    let (server, refresh) = alice_grant(&env);
-    refused_from_cache(&env, &refresh, 3600).await;
-    env.apply(&generic_imap(&env, &server));
-    let _controller = env.controller();
-    env.wait_reason("imap", "AuthenticationFailed", Duration::from_secs(60))
-        .await;
+    let (env, server, _forged, _controller) =
+        refused_by_the_mail_server("oauth2-refused-cached").await;
     // The grant is fine: the next test refreshes, and recovers.
     env.retest("imap", "after-refusal").await;
     env.wait_reason("imap", "Connected", Duration::from_secs(30))
@@ -846,14 +856,7 @@ async fn a_cached_token_the_mail_server_refuses_is_refreshed_before_the_next_tes
 /// every test.
 #[tokio::test]
 async fn a_refused_token_refreshed_into_itself_is_not_refreshed_at_every_test() {
-    let env = Env::new("oauth2-same-token").await;
-    trust_bed_ca(&env).await;
-    let (server, refresh) = alice_grant(&env);
-    let forged = refused_from_cache(&env, &refresh, 3600).await;
-    env.apply(&generic_imap(&env, &server));
-    let _controller = env.controller();
-    env.wait_reason("imap", "AuthenticationFailed", Duration::from_secs(60))
-        .await;
+    let (env, server, forged, _controller) = refused_by_the_mail_server("oauth2-same-token").await;
     server.answer_next(
         200,
         &[],

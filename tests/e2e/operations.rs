@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{ALICE_AUTH, Controller, Env, alice_env, provider, ready};
+use crate::support::{ALICE_AUTH, Controller, Env, alice_env, answered, provider, ready};
 
 async fn two_providers(prefix: &str) -> Env {
     let env = alice_env(prefix).await;
@@ -121,18 +121,8 @@ async fn a_leader_whose_lease_another_holds_stops_testing_until_it_expires() {
             .contains("mailroom_leader 0")
     );
     // A test asked for now waits for the other replica to stop renewing.
-    let out = env.kubectl(&[
-        "annotate",
-        "imp/imaps",
-        "mailroom.dev/check-requested-at=while-another-holds-it",
-    ]);
-    assert!(out.status.success(), "{out:?}");
-    let answered = |p: &mailroom::api::IncomingMailProvider| {
-        p.status
-            .as_ref()
-            .and_then(|s| s.last_handled_check_request.as_deref())
-            == Some("while-another-holds-it")
-    };
+    env.request_test("imaps", "while-another-holds-it");
+    let answered = |p: &mailroom::api::IncomingMailProvider| answered(p, "while-another-holds-it");
     while !contender.is_finished() {
         let p = env.providers().get("imaps").await.unwrap();
         assert!(
@@ -170,17 +160,8 @@ async fn requests_on_connections_to_the_api_server_that_went_silent_are_made_aga
             .replace("interval: 5m", "interval: 30s"),
     );
     // Tested once, then not before five minutes: only a watch can bring its Secret's change.
-    let (user, password) = env.bed.dovecot().account("alice");
-    env.secret("quiet", &[("username", &user), ("password", &password)])
-        .await;
-    env.apply(&provider(
-        "quiet",
-        "IMAP",
-        port,
-        "Implicit",
-        "{method: Password, secretRef: {name: quiet}}",
-        "",
-    ));
+    let (user, _) = env.bed.dovecot().account("alice");
+    env.apply_alice_imaps_with("quiet", "quiet").await;
     let text = std::fs::read_to_string(env.bed.kubeconfig_path()).unwrap();
     let mut config: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
     let server = &mut config["clusters"][0]["cluster"]["server"];

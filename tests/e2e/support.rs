@@ -126,6 +126,17 @@ impl Env {
         self.apply(&provider(name, "IMAP", port, "Implicit", ALICE_AUTH, ""));
     }
 
+    /// Secret `secret` holding alice's login, and provider `name` on the bed's IMAPS port
+    /// logging in with it: a Secret of its own, to change or delete apart from the others.
+    pub async fn apply_alice_imaps_with(&self, name: &str, secret: &str) {
+        let (user, password) = self.bed.dovecot().account("alice");
+        self.secret(secret, &[("username", &user), ("password", &password)])
+            .await;
+        let port = self.bed.dovecot().imaps_port();
+        let auth = format!("{{method: Password, secretRef: {{name: {secret}}}}}");
+        self.apply(&provider(name, "IMAP", port, "Implicit", &auth, ""));
+    }
+
     /// Starts `mailroom controller` for this namespace, as it runs in production (leader
     /// election on, with this test's own Lease; metrics on a free port).
     pub fn controller(&self) -> Controller {
@@ -200,9 +211,9 @@ impl Env {
         }
     }
 
-    /// Asks the controller for a test of `name` (the check-requested-at annotation set to
-    /// `request`) and waits until it handled the request.
-    pub async fn retest(&self, name: &str, request: &str) -> IncomingMailProvider {
+    /// Asks the controller for a test of `name`: the check-requested-at annotation set to
+    /// `request`, as `kubectl annotate` sets it.
+    pub fn request_test(&self, name: &str, request: &str) {
         let out = self.kubectl(&[
             "annotate",
             &format!("imp/{name}"),
@@ -214,16 +225,16 @@ impl Env {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// [`Self::request_test`], and waits until the controller handled the request.
+    pub async fn retest(&self, name: &str, request: &str) -> IncomingMailProvider {
+        self.request_test(name, request);
         self.wait(
             name,
             &format!("lastHandledCheckRequest={request}"),
             Duration::from_secs(60),
-            |p| {
-                p.status
-                    .as_ref()
-                    .and_then(|s| s.last_handled_check_request.as_deref())
-                    == Some(request)
-            },
+            |p| answered(p, request),
         )
         .await
     }
@@ -240,6 +251,14 @@ impl Env {
         })
         .await
     }
+}
+
+/// Whether the provider's status answers the check request `request`.
+pub fn answered(p: &IncomingMailProvider, request: &str) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.last_handled_check_request.as_deref())
+        == Some(request)
 }
 
 /// The Ready condition of a provider.

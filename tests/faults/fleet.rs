@@ -9,7 +9,7 @@ use futures::{StreamExt, TryStreamExt};
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use mailroom::api::{CHECK_REQUESTED_AT, IncomingMailProvider};
 
-use crate::support::{Env, ready};
+use crate::support::{Env, answered, ready};
 
 /// Held by the tests that load the machine on purpose (hundreds of providers, servers
 /// streaming as fast as they can), so that they run one after the other: each times the
@@ -78,14 +78,6 @@ pub async fn request_checks(env: &Env, names: &[String], value: &str) {
         .try_collect::<Vec<()>>()
         .await
         .expect("annotating providers");
-}
-
-/// Whether the provider's status answers the check request `value`.
-pub fn answered(p: &IncomingMailProvider, value: &str) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.last_handled_check_request.as_deref())
-        == Some(value)
 }
 
 /// Asks for a test of each of `names`, waits until all answered it (Ready reason

@@ -14,7 +14,8 @@ use mailroom::api::IncomingMailProvider;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::fleet::{self, answered, reason};
+use crate::fleet::{self, reason};
+use crate::support::answered;
 use crate::support::{ALICE_AUTH, Controller, Env, alice_env, provider, ready};
 
 /// What a hostile server does with a connection.

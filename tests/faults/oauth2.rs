@@ -16,7 +16,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::fleet::{self, answered, reason};
+use crate::fleet::{self, reason};
+use crate::support::answered;
 use crate::support::{ALICE_AUTH, Controller, Env, alice_env, provider};
 
 const CLIENT: &str = "mailroom-test-app";

@@ -315,17 +315,7 @@ async fn outage_and_recovery(part: Part) {
 
     // Watches running again: changes made now are acted on within RECOVERY.
     let request = format!("after-{}", part.name());
-    let out = env.kubectl(&[
-        "annotate",
-        "imp/imaps",
-        &format!("mailroom.dev/check-requested-at={request}"),
-        "--overwrite",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    env.request_test("imaps", &request);
     env.secret(
         "changed",
         &[("username", &user), ("password", "wrong-after")],

@@ -237,12 +237,13 @@ impl TokenManager {
         }
         // So is a CA bundle for the endpoints that cannot be used (missing, not PEM), at
         // the test after it breaks, not at the next refresh, perhaps an hour later.
-        if o.ca_bundle_ref.is_some()
-            && let Err(problem) = self.tls_for(provider, &fetched)
-        {
-            fetched.token_problem = Some(problem);
-            return fetched;
-        }
+        let tls = match self.tls_for(provider, &fetched) {
+            Ok(tls) => tls,
+            Err(problem) => {
+                fetched.token_problem = Some(problem);
+                return fetched;
+            }
+        };
         let secret_name = o.token_secret_ref.name.clone();
         let namespace = fetched.namespace.clone();
         let at = key(&namespace, &secret_name);
@@ -259,7 +260,7 @@ impl TokenManager {
         let lock = self.lock(&namespace, &secret_name);
         let _guard = lock.lock().await;
         let refreshed = self
-            .refresh(provider, o, &namespace, &secret_name, &fetched, ahead)
+            .refresh(provider, o, tls, &secret_name, &fetched, ahead)
             .await;
         // One refresh per refusal: an endpoint that answers with the same access token,
         // or a token Secret shared with a provider the token works for, is not asked again
@@ -700,18 +701,20 @@ impl TokenManager {
         }
     }
 
+    /// A usable token for `provider` from its token Secret, memory or the token endpoint
+    /// (reached with `tls`), written back where it rotated.
     async fn refresh(
         &self,
         provider: &IncomingMailProvider,
         o: &OAuth2Spec,
-        namespace: &str,
+        tls: Arc<rustls::ClientConfig>,
         secret_name: &str,
         fetched: &Fetched,
         ahead: Duration,
     ) -> Result<Secret, (Reason, String)> {
+        let namespace = fetched.namespace.as_str();
         let name = provider.name_any();
         let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
-        let tls = self.tls_for(provider, fetched)?;
         let command = authorize_command(&name, namespace, o.flow);
         let app_only = o.flow == OAuth2Flow::ClientCredentials;
         let protocol = provider.spec.server.protocol;
