@@ -321,6 +321,8 @@ fn the_values_schema_refuses_what_the_chart_cannot_use() {
         (r#"extraVolumeMounts=[{"name":"ca"}]"#, "mountPath"),
         (r#"hostAliases=[{"ip":"10.0.0.25"}]"#, "hostnames"),
         (r#"extraVolumes={"name":"ca"}"#, "extraVolumes"),
+        // A CIDR where a NetworkPolicy peer belongs.
+        (r#"networkPolicy.mailTo=["10.0.0.0/8"]"#, "mailTo"),
     ] {
         let out = helm.run(&["template", "r", CHART, "--set-json", bad]);
         assert!(
@@ -3177,6 +3179,76 @@ async fn the_api_server_takes_the_deployment_with_the_pod_values() {
     assert!(
         !out.status.success() && text(&out).contains("volumeMounts"),
         "expected the API server to refuse a mount of no volume; it said:\n{}",
+        text(&out)
+    );
+}
+
+/// `networkPolicy.mailTo` keeps the mail ports to the networks given (a provider's editor
+/// chooses the host, so an operator keeps tests off the cluster's own network), while
+/// the extra ports (a token endpoint on the internet) stay open to any address; the API
+/// server takes the NetworkPolicy (a dry run) and refuses a malformed peer.
+#[tokio::test]
+async fn mail_to_limits_where_the_mail_ports_reach() {
+    let env = Env::new("chart-mail-to").await;
+    let helm = Helm::offline();
+    let outside = json!([{"ipBlock": {
+        "cidr": "0.0.0.0/0",
+        "except": ["10.0.0.0/8", "169.254.0.0/16"],
+    }}]);
+    let render = |mail_to: &Value| {
+        helm.render(
+            "mailroom",
+            &env.ns,
+            &[
+                "--set",
+                "networkPolicy.enabled=true",
+                "--set-json",
+                "networkPolicy.extraEgressPorts=[443]",
+                "--set-json",
+                &format!("networkPolicy.mailTo={mail_to}"),
+            ],
+        )
+    };
+    let docs = render(&outside);
+    let np = only(&docs, "NetworkPolicy");
+    let rule_with = |port: u64| {
+        np["spec"]["egress"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| {
+                r["ports"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|p| p["port"] == port)
+            })
+            .unwrap_or_else(|| panic!("no rule for port {port}: {np}"))
+            .clone()
+    };
+    for port in [143, 993, 110, 995] {
+        assert_eq!(rule_with(port)["to"], outside, "port {port}");
+    }
+    assert!(
+        rule_with(443).get("to").is_none(),
+        "443 to any address: {np}"
+    );
+    assert!(
+        rule_with(53).get("to").is_none(),
+        "DNS to any address: {np}"
+    );
+    let out = dry_run_apply(&env, std::slice::from_ref(np));
+    assert!(
+        out.status.success(),
+        "kubectl apply --server-side --dry-run=server of the NetworkPolicy:\n{}",
+        text(&out)
+    );
+    // The check is real: an exception outside its block is refused by name.
+    let docs = render(&json!([{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["192.168.0.0/16"]}}]));
+    let out = dry_run_apply(&env, std::slice::from_ref(only(&docs, "NetworkPolicy")));
+    assert!(
+        !out.status.success() && text(&out).contains("except"),
+        "expected the API server to refuse an exception outside the block; it said:\n{}",
         text(&out)
     );
 }
