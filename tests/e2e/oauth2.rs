@@ -1970,3 +1970,110 @@ async fn a_token_endpoint_with_a_private_ca_is_trusted_through_the_oauth2_ca_bun
     );
     drop(controller);
 }
+
+/// `mailroom authorize` reaches an identity provider with a private CA through
+/// `oauth2.caBundleRef` in every flow: the device flow refuses to start while only the
+/// platform's roots are trusted, saying where to trust the CA; with the bundle the browser
+/// sign-in's code exchange, the device flow's requests and polls, and the revocation all
+/// go over TLS to that CA, and the providers become Ready.
+#[tokio::test]
+async fn authorize_trusts_the_oauth2_ca_bundle_in_every_flow() {
+    let env = Env::new("oauth2-authorize-ca").await;
+    trust_bed_ca(&env).await;
+    let (host, ip) = machine_name();
+    let server = TokenServer::start_tls(env.bed.oauth(), ip, &host);
+    server.register_client(CLIENT, None, None);
+    let d = env.bed.dovecot();
+    let device = |name: &str, bundle: &str| {
+        oauth_provider(
+            name,
+            "IMAP",
+            d.imaps_port(),
+            &format!(
+                "provider: Generic, flow: DeviceCode, clientId: {CLIENT}, tokenURL: '{}', deviceAuthorizationURL: '{}', tokenSecretRef: {{name: {name}-token}}{bundle}",
+                server.token_url(),
+                server.device_authorization_url()
+            ),
+        )
+    };
+    let bundle = ", caBundleRef: {kind: ConfigMap, name: idp-ca}";
+
+    // Only the platform's roots: no code is shown, and the error says what to do.
+    env.apply(&device("plain", ""));
+    let (child, rx) = authorize(&env, &["plain", "--device"]);
+    let mut seen = String::new();
+    let (code_status, _) = finish(child, rx, &mut seen);
+    assert_ne!(code_status, Some(0), "{seen}");
+    assert!(
+        seen.contains("UnknownIssuer")
+            && seen.contains("trust that CA with spec.authentication.oauth2.caBundleRef"),
+        "{seen}"
+    );
+    assert!(
+        !seen.lines().any(|l| l.trim_start().starts_with("code:")),
+        "a sign-in was started:\n{seen}"
+    );
+
+    let cm: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "idp-ca"},
+        "data": {"ca.crt": server.ca_pem().unwrap()},
+    }))
+    .unwrap();
+    Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(env.client.clone(), &env.ns)
+        .create(&Default::default(), &cm)
+        .await
+        .unwrap();
+    env.apply(&device("dev", bundle));
+    env.apply(&oauth_provider(
+        "web",
+        "IMAP",
+        d.imaps_port(),
+        &format!(
+            "provider: Generic, clientId: {CLIENT}, tokenURL: '{}', authorizationURL: '{}', revocationURL: '{}', tokenSecretRef: {{name: web-token}}{bundle}",
+            server.token_url(),
+            server.authorization_url(),
+            server.revocation_url()
+        ),
+    ));
+    let _controller = env.controller();
+
+    let (child, rx) = authorize(&env, &["dev", "--device"]);
+    let mut seen = String::new();
+    let line = line_with(&rx, &mut seen, |l| l.trim_start().starts_with("code:"));
+    assert!(server.approve_device(line.trim().trim_start_matches("code:").trim(), "alice"));
+    let (code_status, stdout) = finish(child, rx, &mut seen);
+    assert_eq!(
+        code_status,
+        Some(0),
+        "authorize dev --device:\n{seen}{stdout}"
+    );
+    assert!(stdout.contains("Ready=True Connected"), "{stdout}");
+
+    let (child, rx) = authorize(&env, &["web"]);
+    let mut seen = String::new();
+    let url = line_with(&rx, &mut seen, |l| l.trim_start().starts_with("http"));
+    follow_redirect(&server.sign_in(url.trim(), "alice").unwrap());
+    let (code_status, stdout) = finish(child, rx, &mut seen);
+    assert_eq!(code_status, Some(0), "authorize web:\n{seen}{stdout}");
+    assert!(stdout.contains("Ready=True Connected"), "{stdout}");
+    for name in ["dev", "web"] {
+        env.wait_reason(name, "Connected", Duration::from_secs(10))
+            .await;
+    }
+
+    let secrets = Api::<Secret>::namespaced(env.client.clone(), &env.ns);
+    let refresh = key_of(
+        &secrets.get("web-token").await.unwrap(),
+        tokens::REFRESH_TOKEN,
+    );
+    assert!(server.refresh_token_valid(&refresh));
+    let (child, rx) = authorize(&env, &["web", "--revoke"]);
+    let mut seen = String::new();
+    let (code_status, _) = finish(child, rx, &mut seen);
+    assert_eq!(code_status, Some(0), "{seen}");
+    assert!(seen.contains("Revoked the refresh token at"), "{seen}");
+    assert!(
+        !server.refresh_token_valid(&refresh),
+        "the refresh token still works at the server"
+    );
+}
