@@ -577,29 +577,34 @@ async fn run_controllers(
     let sweeper = sweep::run(ctx.clone());
     let staleness = staleness::run(ctx.clone());
     let synced = async {
-        let providers = provider_stores.iter().map(|s| s.wait_until_ready().boxed());
-        let all = futures::future::join_all(providers)
-            .await
-            .iter()
-            .all(Result::is_ok);
-        // Ready once every scope's Secrets and ConfigMaps have listed, or after a minute
-        // with those that cannot named: the others are tested meanwhile, and a pod held
-        // unready by one namespace it may not read would stall every rollout.
+        // Ready once every scope's providers, Secrets and ConfigMaps have listed, or after
+        // a minute with those that cannot named: the others are tested meanwhile, and a
+        // pod held unready by one namespace it may not read (its RoleBinding gone) would
+        // stall every rollout.
+        let unlisted_providers = || -> Vec<String> {
+            scopes
+                .iter()
+                .zip(&provider_stores)
+                .filter(|(_, store)| {
+                    !matches!(store.wait_until_ready().now_or_never(), Some(Ok(())))
+                })
+                .map(|(scope, _)| scope.clone().unwrap_or_else(|| "all namespaces".into()))
+                .collect()
+        };
         let listed = async {
-            while !ctx.objects.unsynced().is_empty() {
+            while !unlisted_providers().is_empty() || !ctx.objects.unsynced().is_empty() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         };
-        if all {
-            match tokio::time::timeout(Duration::from_secs(60), listed).await {
-                Ok(()) => tracing::info!("caches synced"),
-                Err(_) => tracing::error!(
-                    unsynced = ?ctx.objects.unsynced(),
-                    "the Secrets and ConfigMaps of these namespaces could not be listed for a minute (see the watch errors): their providers wait, the others are tested"
-                ),
-            }
-            readiness.synced();
+        match tokio::time::timeout(Duration::from_secs(60), listed).await {
+            Ok(()) => tracing::info!("caches synced"),
+            Err(_) => tracing::error!(
+                providers = ?unlisted_providers(),
+                secrets_and_config_maps = ?ctx.objects.unsynced(),
+                "these namespaces' providers, or their Secrets and ConfigMaps, could not be listed for a minute (see the watch errors): their providers wait, the others are tested"
+            ),
         }
+        readiness.synced();
         futures::future::pending::<()>().await
     };
     tracing::info!(namespaces = ?settings.namespaces, "controller started");

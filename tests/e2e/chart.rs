@@ -2932,6 +2932,102 @@ async fn a_namespace_whose_secrets_are_forbidden_stops_no_other() {
     );
 }
 
+/// A watched namespace whose RoleBinding is gone (its providers, Secrets and ConfigMaps
+/// all refused) holds up neither the other namespace nor the pod's readiness for long:
+/// `/readyz` turns ready after a minute with an error naming the namespace (a rollout of
+/// a pod that stayed unready would never finish), and the RoleBinding given back, its
+/// provider is tested.
+#[tokio::test]
+async fn a_namespace_whose_role_binding_is_gone_holds_up_readiness_a_minute_at_most() {
+    let env = Env::new("chart-unbound").await;
+    let helm = Helm::on_bed(&env);
+    let rel = release(&env);
+    let full = fullname(&rel);
+    let team_a = env.bed.namespace("team-a");
+    let team_b = env.bed.namespace("team-b");
+    let values_json = format!(r#"watchNamespaces=["{team_a}","{team_b}"]"#);
+    let values = [
+        "--set",
+        "crds.enabled=false,rbac.userRoles=false",
+        "--set-json",
+        values_json.as_str(),
+    ];
+    install(&helm, &rel, &env.ns, &values);
+    let kubeconfig = token_kubeconfig(&env, &env.ns, &full, "controller.kubeconfig");
+    mail_basics(&env, &team_a, None);
+    mail_basics(&env, &team_b, None);
+    let binding = format!("{full}-controller");
+    let out = kubectl_in(
+        &env,
+        &team_b,
+        &["get", "rolebinding", &binding, "-o", "json"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let mut saved: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let meta = saved["metadata"].as_object_mut().unwrap();
+    for generated in [
+        "resourceVersion",
+        "uid",
+        "creationTimestamp",
+        "managedFields",
+    ] {
+        meta.remove(generated);
+    }
+    let out = kubectl_in(&env, &team_b, &["delete", "rolebinding", &binding]);
+    assert!(out.status.success(), "{}", text(&out));
+    let port = env.bed.dovecot().imaps_port();
+    for ns in [&team_a, &team_b] {
+        apply_in(
+            &env,
+            ns,
+            &provider("mine", "IMAP", port, "Implicit", ALICE_AUTH, ""),
+        );
+    }
+
+    let chart = chart_args(&helm, &rel, &env.ns, &values);
+    let started = Instant::now();
+    let controller = controller_as(&env, &kubeconfig, &chart, &[], &env.ns);
+    wait_ready_reason(&env, &team_a, "mine", "Connected", &controller).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{team_a} waited for {team_b}: {:?}",
+        started.elapsed()
+    );
+    let (code, body) = controller.get("/readyz").await;
+    assert_eq!(
+        code, 503,
+        "ready before {team_b} listed or a minute passed: {body}"
+    );
+    loop {
+        let (code, _) = controller.get("/readyz").await;
+        if code == 200 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "/readyz still {code} after {:?}:\n{}",
+            started.elapsed(),
+            controller.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(55), "ready after {took:?}");
+    let logs = controller.logs();
+    let said = logs
+        .lines()
+        .find(|l| l.contains("could not be listed for a minute"))
+        .unwrap_or_else(|| panic!("no error says which namespace:\n{logs}"));
+    assert!(said.contains(&team_b) && !said.contains(&team_a), "{said}");
+
+    // The RoleBinding given back: its provider is tested.
+    let mut cmd = env.bed.kubectl();
+    cmd.args(["-n", &team_b, "create", "-f", "-"]);
+    let out = with_input(cmd, &saved.to_string());
+    assert!(out.status.success(), "{}", text(&out));
+    wait_ready_reason(&env, &team_b, "mine", "Connected", &controller).await;
+}
+
 /// Whether `pattern` (one .dockerignore line, already without `!`) matches `path` the way
 /// Docker's pattern matcher does: `/`-separated, `**` any number of folders (none too),
 /// `*` and `?` within one name; a folder that matches leaves out everything in it.

@@ -295,12 +295,16 @@ impl Controller {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let logs = self.logs();
+            // Text logs (`address=...`) or JSON ones (`"address":"..."`).
             if let Some(rest) = logs.split("address=").nth(1) {
                 return rest
                     .split_whitespace()
                     .next()
                     .unwrap_or_default()
                     .to_string();
+            }
+            if let Some(rest) = logs.split("\"address\":\"").nth(1) {
+                return rest.split('"').next().unwrap_or_default().to_string();
             }
             assert!(
                 Instant::now() < deadline,
