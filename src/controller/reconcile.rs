@@ -103,6 +103,13 @@ async fn reconcile_inner(
         // Another replica's: it tests and writes this one.
         return Ok(Action::await_change());
     }
+    if being_deleted(&p) {
+        // Deleted, held only by someone's finalizer: no more logins, nor a verdict or a
+        // metrics series that would keep an alert on it firing (the sweep forgets the
+        // rest).
+        ctx.metrics.provider_ready(&ns, &p.name_any(), None);
+        return Ok(Action::await_change());
+    }
     // What its stored status says: a replica that just took over reports the fleet's
     // Ready counts at once, not only as each provider's status is next written.
     let ready = status::ready(p.status.as_ref());
@@ -484,10 +491,15 @@ fn still_current(queued: &IncomingMailProvider, now: Option<&IncomingMailProvide
         && now.is_some_and(|now| now.metadata.generation == queued.metadata.generation)
 }
 
-/// Whether `now` (the cache's) is the very object `tested` was: not deleted, nor deleted
-/// and created again under its name.
+/// Whether `now` (the cache's) is the very object `tested` was: not deleted (nor being
+/// deleted), nor deleted and created again under its name.
 fn still_there(tested: &IncomingMailProvider, now: Option<&IncomingMailProvider>) -> bool {
-    now.is_some_and(|now| now.metadata.uid == tested.metadata.uid)
+    now.is_some_and(|now| now.metadata.uid == tested.metadata.uid && !being_deleted(now))
+}
+
+/// Deleted, and kept only until finalizers (not mailroom's: it sets none) are removed.
+pub(super) fn being_deleted(p: &IncomingMailProvider) -> bool {
+    p.metadata.deletion_timestamp.is_some()
 }
 
 /// Runs a first test; if it is still running after `SHOW_CHECKING_AFTER`, writes Checking

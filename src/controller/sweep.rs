@@ -30,7 +30,11 @@ impl Live {
             .filter(|(_, store)| !matches!(store.wait_until_ready().now_or_never(), Some(Ok(()))))
             .map(|(scope, _)| scope.clone())
             .collect();
-        let providers: Vec<_> = stores.iter().flat_map(|(_, s)| s.state()).collect();
+        let providers: Vec<_> = stores
+            .iter()
+            .flat_map(|(_, s)| s.state())
+            .filter(|p| !super::reconcile::being_deleted(p))
+            .collect();
         let used = providers
             .iter()
             .flat_map(|p| {
@@ -148,6 +152,24 @@ mod tests {
         // The same name elsewhere is another object.
         assert!(!live.object(ObjectKind::Secret, "other", "kept-login"));
         assert!(!live.object(ObjectKind::ConfigMap, "team", "kept-login"));
+    }
+
+    #[test]
+    fn a_provider_being_deleted_is_forgotten_while_a_finalizer_holds_it() {
+        let mut held = provider("team", "held", "held-login");
+        held.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ));
+        held.metadata.finalizers = Some(vec!["example.com/hold".into()]);
+        let stores = vec![(
+            Some("team".to_string()),
+            listed(vec![held, provider("team", "kept", "kept-login")]),
+        )];
+        let live = Live::of(&stores);
+        assert!(!live.provider(&key("team", "held")));
+        assert!(!live.object(ObjectKind::Secret, "team", "held-login"));
+        assert!(live.provider(&key("team", "kept")));
     }
 
     #[test]

@@ -771,6 +771,82 @@ async fn a_provider_deleted_during_its_test_is_dropped_without_a_retry() {
     assert_eq!(relay.accepted(), 1, "and it is not tested again");
 }
 
+/// A provider deleted but held by someone else's finalizer (a backup tool, a policy
+/// engine) is what its owner deleted: no more logins, a test asked for is not answered,
+/// and its metrics series goes, so no alert keeps firing on it. The other provider,
+/// asked at the same moment, is answered: the controller was listening.
+#[tokio::test]
+async fn a_provider_being_deleted_is_tested_no_more() {
+    let env = alice_env("being-deleted").await;
+    env.apply_alice_imaps("kept");
+    env.apply(&format!(
+        "{}metadata:\n  name: held\n  finalizers: [example.com/hold]\n",
+        provider(
+            "held",
+            "IMAP",
+            env.bed.dovecot().imaps_port(),
+            "Implicit",
+            ALICE_AUTH,
+            ""
+        )
+        .replace("metadata:\n  name: held\n", "")
+    ));
+    let controller = env.controller_with(&["--per-provider-metrics"]);
+    for name in ["kept", "held"] {
+        env.wait_reason(name, "Connected", Duration::from_secs(60))
+            .await;
+    }
+    let series = "name=\"held\"";
+    let metrics = controller
+        .metrics_with(&[series], Duration::from_secs(10))
+        .await;
+    assert!(metrics.contains(series), "{metrics}");
+    let tested = |logs: &str| {
+        logs.lines()
+            .filter(|l| l.contains(" tested") && l.contains("held"))
+            .count()
+    };
+    let before = tested(&controller.logs());
+
+    let out = env.kubectl(&["delete", "imp", "held", "--wait=false"]);
+    assert!(out.status.success(), "{out:?}");
+    let p = env.providers().get("held").await.unwrap();
+    assert!(p.metadata.deletion_timestamp.is_some(), "{p:?}");
+    env.request_test("held", "after-delete");
+    env.retest("kept", "after-delete").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let p = env.providers().get("held").await.unwrap();
+    assert!(
+        !answered(&p, "after-delete"),
+        "a provider being deleted was tested: {:?}",
+        p.status
+    );
+    assert_eq!(tested(&controller.logs()), before, "{}", controller.logs());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, metrics) = controller.get("/metrics").await;
+        if !metrics.contains(series) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the series of a provider being deleted stays:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // Its finalizer removed, it goes.
+    let out = env.kubectl(&[
+        "patch",
+        "imp",
+        "held",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":null}}"#,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+}
+
 /// JSON logs, as collectors read them: one object per line, and each line about a
 /// provider names it, `namespace` and `name` beside the message as Flux's logs put them.
 #[tokio::test]
