@@ -10,6 +10,7 @@ mod limits;
 pub mod metrics;
 mod objects;
 mod reconcile;
+pub mod referrers;
 pub mod schedule;
 pub mod shard;
 mod staleness;
@@ -22,7 +23,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
 use kube::api::Api;
@@ -36,8 +37,8 @@ use kube_lease_manager::LeaseManagerBuilder;
 use tokio::sync::Semaphore;
 
 use crate::api::IncomingMailProvider;
+use crate::credentials::ObjectKind;
 use crate::credentials::tokens::TokenManager;
-use crate::credentials::{ObjectKind, references};
 
 use access::Access;
 pub use http::ListenAddr;
@@ -531,15 +532,18 @@ async fn run_controllers(
         // bounded by the host and test semaphores, one test per provider at a time.
         // Every provider stays in memory; its managedFields (a few kB once status is
         // server-side applied, never read here) are not kept.
+        let referrers = Arc::new(referrers::Referrers::default());
+        let indexed = referrers.clone();
         let watched = watcher(providers, watches::config())
-            .modify(|p: &mut IncomingMailProvider| p.managed_fields_mut().clear());
+            .modify(|p: &mut IncomingMailProvider| p.managed_fields_mut().clear())
+            .inspect_ok(move |event| indexed.apply(event));
         let controller = Controller::for_stream(
             reflector::reflector(writer, watched).applied_objects(),
             store.clone(),
         )
         .with_config(ControllerConfig::default().concurrency(0));
-        let by_secret = store.clone();
-        let by_cm = store.clone();
+        let by_secret = referrers.clone();
+        let by_cm = referrers;
         let controller = controller
             .watches_stream(
                 watches::retried("Secrets", secret_stream, secrets_access).touched_objects(),
@@ -664,23 +668,16 @@ fn slim_metadata<K: Resource>(meta: &mut K) {
 
 /// The providers in the object's namespace that reference it.
 fn dependents<K: Resource>(
-    store: &Store<IncomingMailProvider>,
+    referrers: &referrers::Referrers,
     kind: ObjectKind,
     obj: &K,
 ) -> Vec<ObjectRef<IncomingMailProvider>> {
-    let ns = obj.meta().namespace.clone().unwrap_or_default();
-    let name = obj.meta().name.clone().unwrap_or_default();
-    store
-        .state()
-        .into_iter()
-        .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
-        .filter(|p| {
-            references(&p.spec)
-                .iter()
-                .any(|r| r.kind == kind && r.name == name)
-        })
-        .map(|p| ObjectRef::from_obj(&*p))
-        .collect()
+    let meta = obj.meta();
+    referrers.of(
+        kind,
+        meta.namespace.as_deref().unwrap_or_default(),
+        meta.name.as_deref().unwrap_or_default(),
+    )
 }
 
 /// Resolves, for every holder, with the moment the controller was told to stop: each step
