@@ -542,19 +542,19 @@ async fn run_controllers(
             store.clone(),
         )
         .with_config(ControllerConfig::default().concurrency(0));
-        let by_secret = referrers.clone();
-        let by_cm = referrers;
+        let (by_secret, by_cm) = (referrers.clone(), referrers);
+        let (secrets_seen, cms_seen) = (ctx.clone(), ctx.clone());
         let controller = controller
             .watches_stream(
                 watches::retried("Secrets", secret_stream, secrets_access).touched_objects(),
                 move |meta: PartialObjectMeta<Secret>| {
-                    dependents(&by_secret, ObjectKind::Secret, &meta)
+                    dependents(&secrets_seen, &by_secret, ObjectKind::Secret, &meta)
                 },
             )
             .watches_stream(
                 watches::retried("ConfigMaps", cm_stream, cms_access).touched_objects(),
                 move |meta: PartialObjectMeta<ConfigMap>| {
-                    dependents(&by_cm, ObjectKind::ConfigMap, &meta)
+                    dependents(&cms_seen, &by_cm, ObjectKind::ConfigMap, &meta)
                 },
             )
             // A finished test asks for its provider's reconcile, which schedules the next.
@@ -666,18 +666,21 @@ fn slim_metadata<K: Resource>(meta: &mut K) {
     m.annotations = None;
 }
 
-/// The providers in the object's namespace that reference it.
+/// The providers in the object's namespace that reference it, for an event of the
+/// object (which the cache now holds).
 fn dependents<K: Resource>(
+    ctx: &Context,
     referrers: &referrers::Referrers,
     kind: ObjectKind,
     obj: &K,
 ) -> Vec<ObjectRef<IncomingMailProvider>> {
     let meta = obj.meta();
-    referrers.of(
-        kind,
+    let (ns, name) = (
         meta.namespace.as_deref().unwrap_or_default(),
         meta.name.as_deref().unwrap_or_default(),
-    )
+    );
+    ctx.objects.seen(kind, ns, name);
+    referrers.of(kind, ns, name)
 }
 
 /// Resolves, for every holder, with the moment the controller was told to stop: each step

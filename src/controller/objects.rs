@@ -26,6 +26,15 @@ enum Value {
     ConfigMap(Arc<ConfigMap>),
 }
 
+impl Value {
+    fn version(&self) -> Option<String> {
+        match self {
+            Value::Secret(s) => s.resource_version(),
+            Value::ConfigMap(c) => c.resource_version(),
+        }
+    }
+}
+
 /// The longest a test or a decision waits for the answer to the controller's own write
 /// of a Secret it references: one API request, which its client bounds anyway.
 const OWN_WRITE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -60,6 +69,9 @@ pub struct Objects {
     /// Whether each scope's Secrets and ConfigMaps watches are let through.
     access: Vec<[Arc<Access>; 2]>,
     values: Mutex<HashMap<Key, (String, Value)>>,
+    /// Objects a test read from the API server before their watch brought them, at the
+    /// version read: what the cache will show, until their first event comes.
+    read_ahead: Mutex<HashMap<Key, String>>,
     /// The token Secrets the controller rewrote itself (its token manager's ledger).
     own: Arc<OwnWrites>,
 }
@@ -80,6 +92,7 @@ impl Objects {
             config_maps,
             access,
             values: Mutex::new(HashMap::new()),
+            read_ahead: Mutex::new(HashMap::new()),
             own,
         }
     }
@@ -243,6 +256,16 @@ impl Objects {
     fn version(&self, namespace: &str, r: &Reference) -> Option<String> {
         self.with_meta(namespace, r, |m| m.resource_version.clone())
             .flatten()
+            .or_else(|| {
+                let key = (r.kind, namespace.to_string(), r.name.clone());
+                self.read_ahead.lock().unwrap().get(&key).cloned()
+            })
+    }
+
+    /// An event of this object came: the cache holds what it is now.
+    pub fn seen(&self, kind: ObjectKind, namespace: &str, name: &str) {
+        let key = (kind, namespace.to_string(), name.to_string());
+        self.read_ahead.lock().unwrap().remove(&key);
     }
 
     /// What happened to `refs` that a watch would have seen: when one was last created
@@ -331,17 +354,20 @@ impl Objects {
     }
 
     /// The referenced objects that exist, read from the cache or, when their version
-    /// moved, from the API server.
+    /// moved or the cache has not seen them, from the API server: a Secret applied just
+    /// before its provider may reach the controller later than the provider (separate
+    /// watches), and must not be said missing meanwhile.
     pub async fn fetch(&self, namespace: &str, refs: &[Reference]) -> Result<Fetched, kube::Error> {
         let mut fetched = Fetched {
             namespace: namespace.to_string(),
             ..Default::default()
         };
         for r in refs {
-            let Some(version) = self.version(namespace, r) else {
-                continue;
-            };
             let key = (r.kind, namespace.to_string(), r.name.clone());
+            let in_cache = self
+                .with_meta(namespace, r, |m| m.resource_version.clone())
+                .flatten();
+            let version = in_cache.clone().unwrap_or_default();
             let cached = {
                 let values = self.values.lock().unwrap();
                 values
@@ -353,6 +379,14 @@ impl Objects {
                 Some(v) => Some(v),
                 None => self.get(namespace, r).await?,
             };
+            if in_cache.is_none() {
+                let read = value.as_ref().and_then(Value::version);
+                let mut ahead = self.read_ahead.lock().unwrap();
+                match read {
+                    Some(rv) => ahead.insert(key.clone(), rv),
+                    None => ahead.remove(&key),
+                };
+            }
             match value {
                 Some(Value::Secret(s)) => {
                     let rv = s.resource_version().unwrap_or_default();
@@ -392,6 +426,7 @@ impl Objects {
     /// Drops cached values no provider references any more.
     pub fn retain(&self, keep: impl Fn(&Key) -> bool) {
         self.values.lock().unwrap().retain(|k, _| keep(k));
+        self.read_ahead.lock().unwrap().retain(|k, _| keep(k));
     }
 }
 
@@ -406,6 +441,30 @@ async fn settled<T>(attempt: impl Fn(bool) -> Option<T>) -> T {
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+/// `versions` (as [`Objects::versions`] gave them before `fetched` was read), with the
+/// objects the cache did not show but the API server had at the version read: their
+/// event, when it comes, is then no change.
+pub fn with_fetched(
+    refs: &[Reference],
+    mut versions: Vec<Option<String>>,
+    fetched: &Fetched,
+) -> Vec<Option<String>> {
+    for (r, v) in refs.iter().zip(versions.iter_mut()) {
+        if v.is_some() {
+            continue;
+        }
+        let read = match r.kind {
+            ObjectKind::Secret => fetched.secrets.get(&r.name).map(|s| s.resource_version()),
+            ObjectKind::ConfigMap => fetched
+                .config_maps
+                .get(&r.name)
+                .map(|c| c.resource_version()),
+        };
+        *v = read.flatten();
+    }
+    versions
 }
 
 /// The hash of `refs` at `versions` (as [`Objects::versions`] gives them): a change

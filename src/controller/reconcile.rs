@@ -418,6 +418,9 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
                     return Ok(Some((Box::new(outcome), fingerprint, slot)));
                 }
             };
+            // What the cache had not seen yet counts at the version read.
+            let versions = objects::with_fetched(&refs, versions, &fetched);
+            let fingerprint = objects::fingerprint(&refs, &versions);
             // OAuth2: a fresh access token (refreshed, and the Secret rewritten, if needed).
             let fetched = Box::pin(ctx.tokens.prepare(p, fetched)).await;
             // The token Secret as this test used it, where the token manager read or

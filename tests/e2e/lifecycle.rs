@@ -436,3 +436,113 @@ async fn a_secret_change_tested_with_the_same_verdict_is_not_tested_again_after_
     let p = env.providers().get("imaps").await.unwrap();
     assert_eq!(p.status.unwrap().last_check_time, tested);
 }
+
+/// Secrets applied with the providers that use them, each Secret just before its
+/// provider (as Helm, Argo CD and Flux order a batch): no provider is ever said to miss
+/// its Secret, though the controller learns of Secrets and providers on separate watches
+/// and tests a new provider at once. A blip of `SecretNotFound` would fail a Flux
+/// Kustomization that waits for health.
+#[tokio::test]
+async fn secrets_applied_just_before_their_providers_are_never_said_missing() {
+    let env = Env::new("batch").await;
+    trust_bed_ca(&env).await;
+    let _controller = env.controller();
+    // Started and holding its Lease before the batch, so each provider is tested as it
+    // arrives.
+    env.apply_alice_imaps_with("first", "first").await;
+    env.wait_reason("first", "Connected", Duration::from_secs(60))
+        .await;
+    let (user, password) = env.bed.dovecot().account("alice");
+    let port = env.bed.dovecot().imaps_port();
+    const N: usize = 60;
+    let mut batch = String::new();
+    for i in 0..N {
+        batch.push_str(&format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: login-{i}}}\nstringData: {{username: {user}, password: {password}}}\n---\n"
+        ));
+        let auth = format!("{{method: Password, secretRef: {{name: login-{i}}}}}");
+        batch.push_str(&provider(
+            &format!("p-{i}"),
+            "IMAP",
+            port,
+            "Implicit",
+            &auth,
+            "",
+        ));
+        batch.push_str("---\n");
+    }
+    env.apply(&batch);
+    for i in 0..N {
+        env.wait_reason(&format!("p-{i}"), "Connected", Duration::from_secs(60))
+            .await;
+    }
+    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
+    let missing: Vec<String> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("SecretNotFound"))
+        .map(|e| {
+            format!(
+                "{:?}: {:?}",
+                e.regarding.as_ref().and_then(|r| r.name.clone()),
+                e.note
+            )
+        })
+        .collect();
+    assert!(missing.is_empty(), "said missing: {missing:#?}");
+}
+
+/// A Secret whose watch lags behind the providers' (a loaded API server: here its answers
+/// come 8 s late, on purpose): a provider applied just after its Secret is not said to
+/// miss it, for the controller reads a Secret its cache has not seen from the API server;
+/// nor is it tested again when the Secret's event comes.
+#[tokio::test]
+async fn a_secret_the_cache_has_not_seen_yet_is_read_from_the_api_server() {
+    let env = Env::new("lagging-secrets").await;
+    trust_bed_ca(&env).await;
+    let relay = crate::api_relay::DelayingRelay::start(&env, Duration::from_secs(8), |line| {
+        line.contains("/secrets?") && line.contains("watch=true")
+    })
+    .await;
+    let controller =
+        env.controller_with_env(&[], &[("KUBECONFIG", relay.kubeconfig.to_str().unwrap())]);
+    // Started, holding its Lease and with its caches listed.
+    env.apply(&provider(
+        "anon",
+        "IMAP",
+        env.bed.dovecot().imaps_port(),
+        "Implicit",
+        "{method: None}",
+        "",
+    ));
+    env.wait_reason("anon", "Connected", Duration::from_secs(60))
+        .await;
+    env.apply_alice_imaps_with("p", "late").await;
+    env.wait_reason("p", "Connected", Duration::from_secs(6))
+        .await;
+    // The Secret's event, 8 s late, finds it tested with that very Secret.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let tests = controller
+        .logs()
+        .lines()
+        .filter(|l| l.contains(" tested") && l.contains("name=p}"))
+        .count();
+    assert_eq!(tests, 1, "{}", controller.logs());
+    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
+    let reasons: Vec<String> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("p"))
+        .filter_map(|e| e.reason.clone())
+        .collect();
+    assert!(
+        !reasons.iter().any(|r| r == "SecretNotFound"),
+        "{reasons:?}"
+    );
+}

@@ -2,6 +2,7 @@
 //! controller running as it does in production. One bed per run of this binary; each
 //! test works in its own namespace.
 
+mod api_relay;
 mod chart;
 mod cli;
 mod failures;

@@ -22,6 +22,7 @@ mod versions;
 use std::sync::{Once, OnceLock};
 
 pub use bed::Bed;
+pub use certs::{Ca, Pair};
 pub use control_plane::ControlPlaneInfo;
 pub use dovecot::{
     Account, CertKind, Dovecot, DovecotInfo, DovecotOptions, LOCKING_ACCOUNT, MAIL_HOST,

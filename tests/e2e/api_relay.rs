@@ -1,0 +1,215 @@
+//! A relay to the bed's API server that reads the requests it carries, to hold back one
+//! kind of answer: it ends TLS with a CA of its own (named in the kubeconfig it writes)
+//! and goes on to the API server as the bed's admin. The answers on a connection that
+//! asked for a request `delayed` picks reach the client that much later, in order; all
+//! else passes at once. So one watch can lag behind the others, as under a loaded API
+//! server, on purpose and every time.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use base64::Engine as _;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::Env;
+
+pub struct DelayingRelay {
+    /// A kubeconfig that reaches the API server through the relay.
+    pub kubeconfig: PathBuf,
+}
+
+impl DelayingRelay {
+    /// Answers to requests whose request line (`GET /api/v1/...?watch=true HTTP/1.1`)
+    /// `delayed` picks, and all that follow on their connection, come `delay` late.
+    pub async fn start(env: &Env, delay: Duration, delayed: fn(&str) -> bool) -> DelayingRelay {
+        let text = std::fs::read_to_string(env.bed.kubeconfig_path()).unwrap();
+        let mut config: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+        let data = |v: &serde_yaml::Value| {
+            base64::engine::general_purpose::STANDARD
+                .decode(v.as_str().expect("kubeconfig data"))
+                .unwrap()
+        };
+        let cluster = config["clusters"][0]["cluster"].clone();
+        let user = config["users"][0]["user"].clone();
+        let upstream = cluster["server"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("https://")
+            .trim_end_matches('/')
+            .to_string();
+
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&data(&cluster["certificate-authority-data"])) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let client_certs: Vec<_> =
+            CertificateDer::pem_slice_iter(&data(&user["client-certificate-data"]))
+                .map(Result::unwrap)
+                .collect();
+        let client_key = PrivateKeyDer::from_pem_slice(&data(&user["client-key-data"])).unwrap();
+        let to_upstream = Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_client_auth_cert(client_certs, client_key)
+                .unwrap(),
+        );
+
+        let ca = mailroom_testbed::Ca::new("mailroom test API relay CA").unwrap();
+        let pair = ca.server("127.0.0.1", &["127.0.0.1"]).unwrap();
+        let mut serving = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                CertificateDer::pem_slice_iter(pair.cert_pem.as_bytes())
+                    .map(Result::unwrap)
+                    .collect(),
+                PrivateKeyDer::from_pem_slice(pair.key_pem.as_bytes()).unwrap(),
+            )
+            .unwrap();
+        // HTTP/1.1, whose request lines can be read as they pass.
+        serving.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(serving));
+        let connector = tokio_rustls::TlsConnector::from(to_upstream);
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let (acceptor, connector, upstream) =
+                    (acceptor.clone(), connector.clone(), upstream.clone());
+                tokio::spawn(async move {
+                    let Ok(client) = acceptor.accept(client).await else {
+                        return;
+                    };
+                    let Ok(tcp) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let name = ServerName::try_from("127.0.0.1").unwrap();
+                    let Ok(server) = connector.connect(name, tcp).await else {
+                        return;
+                    };
+                    relay(client, server, delay, delayed).await;
+                });
+            }
+        });
+
+        config["clusters"][0]["cluster"]["server"] = format!("https://127.0.0.1:{port}").into();
+        config["clusters"][0]["cluster"]["certificate-authority-data"] =
+            base64::engine::general_purpose::STANDARD
+                .encode(ca.cert_pem())
+                .into();
+        let kubeconfig = env.dir.path().join(format!("relay-{port}.kubeconfig"));
+        std::fs::write(&kubeconfig, serde_yaml::to_string(&config).unwrap()).unwrap();
+        DelayingRelay { kubeconfig }
+    }
+}
+
+async fn relay<C, S>(client: C, server: S, delay: Duration, delayed: fn(&str) -> bool)
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut client_rx, mut client_tx) = tokio::io::split(client);
+    let (mut server_rx, mut server_tx) = tokio::io::split(server);
+    let held = Arc::new(AtomicBool::new(false));
+    let hold = held.clone();
+    let requests = async move {
+        let mut requests = Requests::default();
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match client_rx.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if requests.feed(&buf[..n]).iter().any(|line| delayed(line)) {
+                hold.store(true, Ordering::SeqCst);
+            }
+            if server_tx.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = server_tx.shutdown().await;
+    };
+    // Answers go through a queue, each due when it came plus the delay once the
+    // connection is held, so that they keep their order.
+    let (queue, mut due) =
+        tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let answers = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match server_rx.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let at = tokio::time::Instant::now()
+                + if held.load(Ordering::SeqCst) {
+                    delay
+                } else {
+                    Duration::ZERO
+                };
+            if queue.send((at, buf[..n].to_vec())).is_err() {
+                break;
+            }
+        }
+    };
+    let deliver = async move {
+        while let Some((at, bytes)) = due.recv().await {
+            tokio::time::sleep_until(at).await;
+            if client_tx.write_all(&bytes).await.is_err() {
+                break;
+            }
+        }
+        let _ = client_tx.shutdown().await;
+    };
+    tokio::join!(requests, answers, deliver);
+}
+
+/// Request lines out of an HTTP/1.1 byte stream, bodies skipped by their Content-Length.
+#[derive(Default)]
+struct Requests {
+    head: Vec<u8>,
+    body_left: usize,
+    /// A body of unknown length (chunked): nothing more can be read from this stream.
+    lost: bool,
+}
+
+impl Requests {
+    fn feed(&mut self, mut bytes: &[u8]) -> Vec<String> {
+        let mut lines = Vec::new();
+        while !bytes.is_empty() && !self.lost {
+            if self.body_left > 0 {
+                let skip = self.body_left.min(bytes.len());
+                self.body_left -= skip;
+                bytes = &bytes[skip..];
+                continue;
+            }
+            self.head.push(bytes[0]);
+            bytes = &bytes[1..];
+            if !self.head.ends_with(b"\r\n\r\n") {
+                continue;
+            }
+            let head = String::from_utf8_lossy(&self.head).into_owned();
+            self.head.clear();
+            lines.push(head.lines().next().unwrap_or_default().to_string());
+            for header in head.lines().skip(1) {
+                let Some((name, value)) = header.split_once(':') else {
+                    continue;
+                };
+                match name.trim().to_ascii_lowercase().as_str() {
+                    "content-length" => self.body_left = value.trim().parse().unwrap_or(0),
+                    "transfer-encoding" => self.lost = true,
+                    _ => {}
+                }
+            }
+        }
+        lines
+    }
+}
