@@ -106,6 +106,9 @@ pub struct Context {
     /// Status writes the API server refused in a row, per provider, whatever wrote them
     /// (a result, Suspended, AccessDenied): the wait before the next grows with them.
     pub refusals: Mutex<HashMap<ObjectRef<IncomingMailProvider>, u32>>,
+    /// The uids of providers the API server said no longer exist (404 to a status write)
+    /// while the cache still holds them: not tested again on the cache's word.
+    pub gone: Mutex<std::collections::HashSet<String>>,
     pub jitter: Box<dyn schedule::Jitter>,
     /// OAuth2: keeps access tokens fresh and writes rotated refresh tokens back.
     pub tokens: Arc<TokenManager>,
@@ -504,6 +507,7 @@ async fn run_controllers(
         memory: Mutex::new(HashMap::new()),
         unwritten: Mutex::new(HashMap::new()),
         refusals: Mutex::new(HashMap::new()),
+        gone: Mutex::new(Default::default()),
         jitter: Box::new(schedule::RandomJitter),
         tokens,
         metrics,

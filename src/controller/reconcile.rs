@@ -103,6 +103,12 @@ async fn reconcile_inner(
         // Another replica's: it tests and writes this one.
         return Ok(Action::await_change());
     }
+    if gone(&ctx, &p) {
+        // Deleted, as the API server said when its status was written; the cache has
+        // not heard yet (its watch lags, or cannot watch at all). Testing what the cache
+        // holds would find it gone again, at once, in a loop of logins.
+        return Ok(Action::await_change());
+    }
     if being_deleted(&p) {
         // Deleted, held only by someone's finalizer: no more logins, nor a verdict or a
         // metrics series that would keep an alert on it firing (the sweep forgets the
@@ -341,6 +347,7 @@ async fn test_and_write(job: Job, ctx: Arc<Context>) -> Duration {
     let ns = job.p.namespace().unwrap_or_default();
     let span = info_span!("provider", namespace = %ns, name = %job.p.name_any());
     let key = job.key.clone();
+    let job_uid = job.p.metadata.uid.clone();
     match test_and_write_inner(job, &ctx, ns)
         .instrument(span.clone())
         .await
@@ -348,6 +355,9 @@ async fn test_and_write(job: Job, ctx: Arc<Context>) -> Duration {
         Ok(()) => Duration::ZERO,
         Err(error) if error.provider_gone() => {
             span.in_scope(|| info!("deleted during its test; the result is dropped"));
+            if let Some(uid) = &job_uid {
+                ctx.gone.lock().unwrap().insert(uid.clone());
+            }
             Duration::ZERO
         }
         Err(error) => {
@@ -498,6 +508,14 @@ fn still_current(queued: &IncomingMailProvider, now: Option<&IncomingMailProvide
 /// deleted), nor deleted and created again under its name.
 fn still_there(tested: &IncomingMailProvider, now: Option<&IncomingMailProvider>) -> bool {
     now.is_some_and(|now| now.metadata.uid == tested.metadata.uid && !being_deleted(now))
+}
+
+/// Said not to exist by the API server (see `Context::gone`).
+fn gone(ctx: &Context, p: &IncomingMailProvider) -> bool {
+    p.metadata
+        .uid
+        .as_ref()
+        .is_some_and(|uid| ctx.gone.lock().unwrap().contains(uid))
 }
 
 /// Deleted, and kept only until finalizers (not mailroom's: it sets none) are removed.

@@ -21,6 +21,8 @@ pub struct Live {
     providers: HashSet<ObjectRef<IncomingMailProvider>>,
     used: HashSet<(ObjectKind, String, String)>,
     unlisted: Vec<Option<String>>,
+    /// The uids of every provider the caches hold, being deleted or not.
+    uids: HashSet<String>,
 }
 
 impl Live {
@@ -30,9 +32,13 @@ impl Live {
             .filter(|(_, store)| !matches!(store.wait_until_ready().now_or_never(), Some(Ok(()))))
             .map(|(scope, _)| scope.clone())
             .collect();
-        let providers: Vec<_> = stores
+        let cached: Vec<_> = stores.iter().flat_map(|(_, s)| s.state()).collect();
+        let uids = cached
             .iter()
-            .flat_map(|(_, s)| s.state())
+            .filter_map(|p| p.metadata.uid.clone())
+            .collect();
+        let providers: Vec<_> = cached
+            .into_iter()
             .filter(|p| !super::reconcile::being_deleted(p))
             .collect();
         let used = providers
@@ -51,7 +57,14 @@ impl Live {
                 .collect(),
             used,
             unlisted,
+            uids,
         }
+    }
+
+    /// Whether a provider of this uid may still be in a cache (a scope not listed yet
+    /// may hold anything).
+    pub fn uid(&self, uid: &str) -> bool {
+        self.uids.contains(uid) || !self.unlisted.is_empty()
     }
 
     fn held(&self, namespace: &str) -> bool {
@@ -94,6 +107,7 @@ fn forget(ctx: &Context, live: &Live) {
         .unwrap()
         .retain(|k, _| live.provider(k));
     ctx.refusals.lock().unwrap().retain(|k, _| live.provider(k));
+    ctx.gone.lock().unwrap().retain(|uid| live.uid(uid));
     ctx.metrics.retain_providers(|k| live.provider_named(k));
     ctx.objects
         .retain(|(kind, ns, name)| live.object(*kind, ns, name));
@@ -162,11 +176,14 @@ mod tests {
                 k8s_openapi::jiff::Timestamp::now(),
             ));
         held.metadata.finalizers = Some(vec!["example.com/hold".into()]);
+        held.metadata.uid = Some("held-uid".into());
         let stores = vec![(
             Some("team".to_string()),
             listed(vec![held, provider("team", "kept", "kept-login")]),
         )];
         let live = Live::of(&stores);
+        assert!(live.uid("held-uid"), "still cached: its uid is kept");
+        assert!(!live.uid("deleted-uid"));
         assert!(!live.provider(&key("team", "held")));
         assert!(!live.object(ObjectKind::Secret, "team", "held-login"));
         assert!(live.provider(&key("team", "kept")));

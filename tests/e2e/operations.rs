@@ -771,6 +771,43 @@ async fn a_provider_deleted_during_its_test_is_dropped_without_a_retry() {
     assert_eq!(relay.accepted(), 1, "and it is not tested again");
 }
 
+/// A provider deleted during its test while the controller's watch of providers lags
+/// (its answers come 8 s late, on purpose): the API server answers the status write with
+/// 404, and the provider, still in the cache, is not tested again on the cache's word (it
+/// was, at once and again, one login each time, until the deletion reached the cache).
+#[tokio::test]
+async fn a_provider_the_api_server_says_is_gone_is_not_tested_again_before_its_watch_says_so() {
+    let env = alice_env("gone-lagging").await;
+    let relay = CountingRelay::to_imaps(&env, "127.0.0.15", Duration::from_secs(3)).await;
+    env.apply(&through_relay("doomed", "127.0.0.15", &relay));
+    let api = crate::api_relay::DelayingRelay::start(&env, Duration::from_secs(8), |line| {
+        line.contains("/incomingmailproviders?") && line.contains("watch=true")
+    })
+    .await;
+    let controller =
+        env.controller_with_env(&[], &[("KUBECONFIG", api.kubeconfig.to_str().unwrap())]);
+    relay.first_connection().await;
+    let out = env.kubectl(&["delete", "imp", "doomed", "--wait=true"]);
+    assert!(out.status.success(), "{out:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !controller.logs().contains("deleted during its test") {
+        assert!(
+            Instant::now() < deadline,
+            "the controller never learnt the provider was gone:\n{}",
+            controller.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Until the deletion reaches the cache (8 s after it happened) and a while after.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        relay.accepted(),
+        1,
+        "tested again after the API server said it was gone:\n{}",
+        controller.logs()
+    );
+}
+
 /// A provider deleted but held by someone else's finalizer (a backup tool, a policy
 /// engine) is what its owner deleted: no more logins, a test asked for is not answered,
 /// and its metrics series goes, so no alert keeps firing on it. The other provider,
