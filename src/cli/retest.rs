@@ -192,6 +192,16 @@ async fn ask(args: &RetestArgs) -> anyhow::Result<(Scope, i32, Vec<(Named, Strin
             code = 1;
             continue;
         }
+        if p.metadata.deletion_timestamp.is_some() {
+            // Deleted, held by a finalizer: the controller tests it no more.
+            println!(
+                "{}: being deleted (held by finalizers {}), not tested",
+                scope.show(&named),
+                p.finalizers().join(", ")
+            );
+            code = 1;
+            continue;
+        }
         let api = Api::namespaced(client.clone(), &named.0);
         let requested = request_check(&api, &named.1).await?;
         pending.push((named, requested));

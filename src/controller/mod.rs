@@ -612,6 +612,11 @@ async fn run_controllers(
                 "these namespaces' providers, or their Secrets and ConfigMaps, could not be listed for a minute (see the watch errors): their providers wait, the others are tested"
             ),
         }
+        // A replica that can list no providers at all tests nothing: it stays unready, so
+        // the rollout that brought it stops and the Deployment's alerts say so.
+        while unlisted_providers().len() == scopes.len() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
         readiness.synced();
         futures::future::pending::<()>().await
     };

@@ -262,6 +262,34 @@ impl Objects {
             })
     }
 
+    /// `versions` (as [`Self::versions`] gave them before `fetched` was read), with the
+    /// objects the cache does not hold at the version the test read from the API server:
+    /// their event, when it comes, is then no change.
+    pub fn with_fetched(
+        &self,
+        namespace: &str,
+        refs: &[Reference],
+        mut versions: Vec<Option<String>>,
+        fetched: &Fetched,
+    ) -> Vec<Option<String>> {
+        for (r, v) in refs.iter().zip(versions.iter_mut()) {
+            if self.with_meta(namespace, r, |_| ()).is_some() {
+                continue;
+            }
+            let read = match r.kind {
+                ObjectKind::Secret => fetched.secrets.get(&r.name).map(|s| s.resource_version()),
+                ObjectKind::ConfigMap => fetched
+                    .config_maps
+                    .get(&r.name)
+                    .map(|c| c.resource_version()),
+            };
+            if let Some(read) = read {
+                *v = read;
+            }
+        }
+        versions
+    }
+
     /// An event of this object came: the cache holds what it is now.
     pub fn seen(&self, kind: ObjectKind, namespace: &str, name: &str) {
         let key = (kind, namespace.to_string(), name.to_string());
@@ -354,10 +382,17 @@ impl Objects {
     }
 
     /// The referenced objects that exist, read from the cache or, when their version
-    /// moved or the cache has not seen them, from the API server: a Secret applied just
-    /// before its provider may reach the controller later than the provider (separate
-    /// watches), and must not be said missing meanwhile.
-    pub async fn fetch(&self, namespace: &str, refs: &[Reference]) -> Result<Fetched, kube::Error> {
+    /// moved, from the API server; with `read_missing`, also those the cache has not seen:
+    /// a Secret applied just before its provider may reach the controller later than the
+    /// provider (separate watches), and must not be said missing meanwhile. Only for a
+    /// provider new, changed or asked for a test: one whose Secret is missing for good
+    /// costs the API server no read per test.
+    pub async fn fetch(
+        &self,
+        namespace: &str,
+        refs: &[Reference],
+        read_missing: bool,
+    ) -> Result<Fetched, kube::Error> {
         let mut fetched = Fetched {
             namespace: namespace.to_string(),
             ..Default::default()
@@ -367,6 +402,9 @@ impl Objects {
             let in_cache = self
                 .with_meta(namespace, r, |m| m.resource_version.clone())
                 .flatten();
+            if in_cache.is_none() && !read_missing {
+                continue;
+            }
             let version = in_cache.clone().unwrap_or_default();
             let cached = {
                 let values = self.values.lock().unwrap();
@@ -379,7 +417,8 @@ impl Objects {
                 Some(v) => Some(v),
                 None => self.get(namespace, r).await?,
             };
-            if in_cache.is_none() {
+            // Unless the watch brought it during the read (then the cache has it).
+            if in_cache.is_none() && self.with_meta(namespace, r, |_| ()).is_none() {
                 let read = value.as_ref().and_then(Value::version);
                 let mut ahead = self.read_ahead.lock().unwrap();
                 match read {
@@ -441,30 +480,6 @@ async fn settled<T>(attempt: impl Fn(bool) -> Option<T>) -> T {
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-}
-
-/// `versions` (as [`Objects::versions`] gave them before `fetched` was read), with the
-/// objects the cache did not show but the API server had at the version read: their
-/// event, when it comes, is then no change.
-pub fn with_fetched(
-    refs: &[Reference],
-    mut versions: Vec<Option<String>>,
-    fetched: &Fetched,
-) -> Vec<Option<String>> {
-    for (r, v) in refs.iter().zip(versions.iter_mut()) {
-        if v.is_some() {
-            continue;
-        }
-        let read = match r.kind {
-            ObjectKind::Secret => fetched.secrets.get(&r.name).map(|s| s.resource_version()),
-            ObjectKind::ConfigMap => fetched
-                .config_maps
-                .get(&r.name)
-                .map(|c| c.resource_version()),
-        };
-        *v = read.flatten();
-    }
-    versions
 }
 
 /// The hash of `refs` at `versions` (as [`Objects::versions`] gives them): a change

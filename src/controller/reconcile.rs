@@ -54,9 +54,15 @@ pub enum Error {
 }
 
 impl Error {
-    /// A write refused because the provider no longer exists.
+    /// The provider no longer exists, by the cache's word or the API server's
+    /// (see [`confirm_gone`]).
     fn provider_gone(&self) -> bool {
         matches!(self, Error::Gone)
+    }
+
+    /// A write answered 404: the provider may be gone (see [`confirm_gone`]).
+    fn not_found(&self) -> bool {
+        self.provider_gone()
             || matches!(self, Error::WriteStatus(kube::Error::Api(status)) if status.code == 404)
     }
 
@@ -412,7 +418,11 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
                     _ = ctx.stopping.clone() => None,
                 }
             };
-            let fetched = match ctx.objects.fetch(&ns, &refs).await {
+            let read_missing = matches!(
+                job.why,
+                schedule::Why::First | schedule::Why::SpecChanged | schedule::Why::Requested
+            );
+            let fetched = match ctx.objects.fetch(&ns, &refs, read_missing).await {
                 Ok(fetched) => fetched,
                 Err(e) => {
                     // Listed and watched but not to be read (a Role without `get`): said,
@@ -429,7 +439,7 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
                 }
             };
             // What the cache had not seen yet counts at the version read.
-            let versions = objects::with_fetched(&refs, versions, &fetched);
+            let versions = ctx.objects.with_fetched(&ns, &refs, versions, &fetched);
             let fingerprint = objects::fingerprint(&refs, &versions);
             // OAuth2: a fresh access token (refreshed, and the Secret rewritten, if needed).
             let fetched = Box::pin(ctx.tokens.prepare(p, fetched)).await;
@@ -510,6 +520,32 @@ fn still_there(tested: &IncomingMailProvider, now: Option<&IncomingMailProvider>
     now.is_some_and(|now| now.metadata.uid == tested.metadata.uid && !being_deleted(now))
 }
 
+/// Whether a write's 404 means the provider is gone: the API server's own answer for the
+/// object (absent, or another uid under its name). A 404 for one that exists (its CRD's
+/// status subresource missing for a while, a proxy's answer) is a failed write like any
+/// other: the result is kept and the write retried, and the provider is not taken for
+/// deleted (it would never be tested again).
+async fn confirm_gone(
+    e: &Error,
+    api: &Api<IncomingMailProvider>,
+    p: &IncomingMailProvider,
+) -> bool {
+    if matches!(e, Error::Gone) {
+        return true;
+    }
+    match api.get_opt(&p.name_any()).await {
+        Ok(None) => true,
+        Ok(Some(now)) if now.metadata.uid != p.metadata.uid => true,
+        Ok(Some(_)) => {
+            warn!(
+                "the API server answered 404 to a status write of this provider, which exists: kept, and written again later"
+            );
+            false
+        }
+        Err(_) => false,
+    }
+}
+
 /// Said not to exist by the API server (see `Context::gone`).
 fn gone(ctx: &Context, p: &IncomingMailProvider) -> bool {
     p.metadata
@@ -545,7 +581,7 @@ async fn showing_checking<T>(
     // under way: a refused write of it costs neither the result nor a new login.
     let (shown, outcome) = tokio::join!(Box::pin(apply(api, p, checking, ctx, slot)), test);
     match shown {
-        Err(e) if e.provider_gone() => Err(e),
+        Err(e) if e.not_found() && Box::pin(confirm_gone(&e, api, p)).await => Err(Error::Gone),
         Err(e) => {
             tracing::warn!(error = %e, "could not show Checking; the test's result is written next");
             outcome
@@ -627,10 +663,10 @@ async fn record(
     if let Some(what) = what
         && let Err(e) = Box::pin(write(api, p, &new, ctx, what)).await
     {
-        if e.provider_gone() {
+        if e.not_found() && Box::pin(confirm_gone(&e, api, p)).await {
             // Deleted while it was tested: nothing to keep, nor to retry.
             ctx.memory.lock().unwrap().remove(key);
-            return Err(e);
+            return Err(Error::Gone);
         }
         // The API server is away (restarting, or its etcd is): keep the result and the
         // schedule it implies, and retry only the write (in the next reconcile), so that

@@ -23,11 +23,12 @@ const EVERY: Duration = Duration::from_secs(30);
 /// Whether `p` should have been tested again by `now`. Its last test (the status's, or
 /// `tested`, this replica's last one whose unchanged result it did not need to write; for
 /// one never tested, its creation) plus the longest wait its schedule allows, the test's
-/// own timeout and [`GRACE`]. Suspended providers are not tested on purpose, those that
-/// say `AccessDenied` are waiting for a watch and say so, and those whose durations do not
-/// parse say `InvalidSpec`: none of them is overdue.
+/// own timeout and [`GRACE`]. Suspended providers are not tested on purpose, nor are those
+/// being deleted (held by a finalizer), those that say `AccessDenied` are waiting for a
+/// watch and say so, and those whose durations do not parse say `InvalidSpec`: none of
+/// them is overdue.
 pub fn overdue(p: &IncomingMailProvider, tested: Option<Timestamp>, now: Timestamp) -> bool {
-    if p.spec.suspend {
+    if p.spec.suspend || super::reconcile::being_deleted(p) {
         return false;
     }
     let Ok((interval, timeout)) = crate::check::timing(&p.spec) else {
@@ -171,5 +172,10 @@ mod tests {
         let mut invalid = provider(Some(0), 0);
         invalid.spec.check.interval = "soon".into();
         assert!(!overdue(&invalid, None, at(3600)));
+
+        // Deleted, held by a finalizer: not tested any more, on purpose.
+        let mut held = provider(Some(0), 0);
+        held.metadata.deletion_timestamp = Some(Time(at(60)));
+        assert!(!overdue(&held, None, at(3600)));
     }
 }

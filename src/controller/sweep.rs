@@ -37,11 +37,9 @@ impl Live {
             .iter()
             .filter_map(|p| p.metadata.uid.clone())
             .collect();
-        let providers: Vec<_> = cached
-            .into_iter()
-            .filter(|p| !super::reconcile::being_deleted(p))
-            .collect();
-        let used = providers
+        // What providers being deleted reference stays: a refresh token kept since a
+        // failed write may still be stored for a provider created again on that Secret.
+        let used = cached
             .iter()
             .flat_map(|p| {
                 let ns = p.namespace().unwrap_or_default();
@@ -51,8 +49,9 @@ impl Live {
             })
             .collect();
         Live {
-            providers: providers
+            providers: cached
                 .iter()
+                .filter(|p| !super::reconcile::being_deleted(p))
                 .map(|p| ObjectRef::from_obj(&**p))
                 .collect(),
             used,
@@ -185,7 +184,8 @@ mod tests {
         assert!(live.uid("held-uid"), "still cached: its uid is kept");
         assert!(!live.uid("deleted-uid"));
         assert!(!live.provider(&key("team", "held")));
-        assert!(!live.object(ObjectKind::Secret, "team", "held-login"));
+        // What it references is kept while the cache holds it.
+        assert!(live.object(ObjectKind::Secret, "team", "held-login"));
         assert!(live.provider(&key("team", "kept")));
     }
 

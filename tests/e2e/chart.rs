@@ -3026,6 +3026,28 @@ async fn a_namespace_whose_role_binding_is_gone_holds_up_readiness_a_minute_at_m
     let out = with_input(cmd, &saved.to_string());
     assert!(out.status.success(), "{}", text(&out));
     wait_ready_reason(&env, &team_b, "mine", "Connected", &controller).await;
+
+    // Both RoleBindings gone: a replica that can list no provider anywhere tests nothing
+    // and stays unready past the minute, so a rollout of it stops.
+    let mut controller = controller;
+    assert!(controller.terminate(Duration::from_secs(30)).is_some());
+    for ns in [&team_a, &team_b] {
+        let out = kubectl_in(&env, ns, &["delete", "rolebinding", &binding]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let started = Instant::now();
+    let controller = controller_as(&env, &kubeconfig, &chart, &[], &env.ns);
+    let _ = controller.http_addr().await;
+    tokio::time::sleep(Duration::from_secs(75).saturating_sub(started.elapsed())).await;
+    let (code, body) = controller.get("/readyz").await;
+    assert_eq!(code, 503, "ready though it can list no provider: {body}");
+    assert!(
+        controller
+            .logs()
+            .contains("could not be listed for a minute"),
+        "{}",
+        controller.logs()
+    );
 }
 
 /// Whether `pattern` (one .dockerignore line, already without `!`) matches `path` the way

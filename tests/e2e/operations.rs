@@ -872,6 +872,14 @@ async fn a_provider_being_deleted_is_tested_no_more() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
+    // `mailroom retest` says so instead of waiting for an answer that cannot come.
+    let (code, out, err) = env.mailroom(&["retest", "held", "-n", &env.ns, "--timeout", "20"]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        out.contains("being deleted") && out.contains("example.com/hold"),
+        "{out}{err}"
+    );
+
     // Its finalizer removed, it goes.
     let out = env.kubectl(&[
         "patch",

@@ -68,6 +68,66 @@ impl Part {
 /// server checks the rules again at each status write and spares (ratchets) only a rule
 /// whose object is unchanged, which holds for a rule on the spec, not for one on the
 /// whole object.
+/// A status write answered 404 for a provider that exists (here the CRD without its
+/// status subresource for a while, as during a botched upgrade) is a failed write: the
+/// result is kept and written once the API server takes it, with no new login meanwhile;
+/// the provider is not taken for deleted (it would never be tested again), nor tested
+/// again at once in a loop.
+#[tokio::test]
+async fn a_404_to_the_status_write_of_a_provider_that_exists_is_retried_not_taken_for_deletion() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let env = alice_env("status-404").await;
+    let current = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/crds/incomingmailprovider.yaml"
+    ))
+    .unwrap();
+    let apply = |crd: &str| {
+        let mut cmd = env.bed.kubectl();
+        cmd.args(["apply", "--server-side", "--force-conflicts", "-f", "-"]);
+        let out = with_input(cmd, crd);
+        assert!(out.status.success(), "applying the CRD: {out:?}");
+    };
+    let mut without: serde_yaml::Value = serde_yaml::from_str(&current).unwrap();
+    without["spec"]["versions"][0]["subresources"]
+        .as_mapping_mut()
+        .unwrap()
+        .remove("status")
+        .expect("the CRD has a status subresource");
+    apply(&serde_yaml::to_string(&without).unwrap());
+    env.apply(&provider(
+        "p",
+        "IMAP",
+        env.bed.dovecot().imaps_port(),
+        "Implicit",
+        ALICE_AUTH,
+        "",
+    ));
+    let controller = env.controller();
+    let _logs = LogsOnFailure(controller.log.clone());
+    // Said once, then the kept result's write is retried (every 5 s), with no test.
+    let said = "answered 404 to a status write of this provider, which exists";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !controller.logs().contains(said) || controller.logs().matches("will retry").count() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "no retried write answered 404:\n{}",
+            controller.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        controller.tests(),
+        1,
+        "tested again while its status could not be written:\n{}",
+        controller.logs()
+    );
+    apply(&current);
+    env.wait_reason("p", "Connected", Duration::from_secs(60))
+        .await;
+    assert_eq!(controller.tests(), 1, "{}", controller.logs());
+}
+
 #[tokio::test]
 async fn a_provider_stored_before_a_crd_rule_it_breaks_keeps_getting_its_status() {
     let _one = ONE_AT_A_TIME.lock().await;
