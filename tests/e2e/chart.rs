@@ -2732,14 +2732,20 @@ async fn watch_namespaces_confines_the_controller_to_them() {
     );
 }
 
-/// One watched namespace whose Secrets the controller may not list (its Role edited, or
-/// its RoleBinding gone with it) stops no other: the other namespace is tested at once,
-/// and the failing watch backs off (it retried twice a second, for ever).
-#[tokio::test]
-async fn a_namespace_whose_secrets_are_forbidden_stops_no_other() {
-    let env = Env::new("chart-forbidden").await;
-    let helm = Helm::on_bed(&env);
-    let rel = release(&env);
+/// A release of the chart watching two namespaces of their own, team-a and team-b, each
+/// trusting the bed's CA and holding alice's login; the controller's arguments as the
+/// chart renders them, and a kubeconfig with its account's token.
+struct TwoTeams {
+    full: String,
+    team_a: String,
+    team_b: String,
+    chart: Vec<String>,
+    kubeconfig: std::path::PathBuf,
+}
+
+async fn two_teams(env: &Env) -> TwoTeams {
+    let helm = Helm::on_bed(env);
+    let rel = release(env);
     let full = fullname(&rel);
     let team_a = env.bed.namespace("team-a");
     let team_b = env.bed.namespace("team-b");
@@ -2751,9 +2757,32 @@ async fn a_namespace_whose_secrets_are_forbidden_stops_no_other() {
         values_json.as_str(),
     ];
     install(&helm, &rel, &env.ns, &values);
-    let kubeconfig = token_kubeconfig(&env, &env.ns, &full, "controller.kubeconfig");
-    mail_basics(&env, &team_a, None);
-    mail_basics(&env, &team_b, None);
+    let kubeconfig = token_kubeconfig(env, &env.ns, &full, "controller.kubeconfig");
+    mail_basics(env, &team_a, None);
+    mail_basics(env, &team_b, None);
+    let chart = chart_args(&helm, &rel, &env.ns, &values);
+    TwoTeams {
+        full,
+        team_a,
+        team_b,
+        chart,
+        kubeconfig,
+    }
+}
+
+/// One watched namespace whose Secrets the controller may not list (its Role edited, or
+/// its RoleBinding gone with it) stops no other: the other namespace is tested at once,
+/// and the failing watch backs off (it retried twice a second, for ever).
+#[tokio::test]
+async fn a_namespace_whose_secrets_are_forbidden_stops_no_other() {
+    let env = Env::new("chart-forbidden").await;
+    let TwoTeams {
+        full,
+        team_a,
+        team_b,
+        chart,
+        kubeconfig,
+    } = two_teams(&env).await;
     // team-b's Role without its Secrets rule.
     let role = format!("{full}-controller");
     let out = kubectl_in(&env, &team_b, &["get", "role", &role, "-o", "json"]);
@@ -2800,7 +2829,6 @@ async fn a_namespace_whose_secrets_are_forbidden_stops_no_other() {
         &team_b,
         &provider("anon", "IMAP", port, "Implicit", "{method: None}", ""),
     );
-    let chart = chart_args(&helm, &rel, &env.ns, &values);
     let started = Instant::now();
     let mut controller = controller_as(&env, &kubeconfig, &chart, &[], &env.ns);
     wait_ready_reason(&env, &team_a, "mine", "Connected", &controller).await;
@@ -2940,22 +2968,13 @@ async fn a_namespace_whose_secrets_are_forbidden_stops_no_other() {
 #[tokio::test]
 async fn a_namespace_whose_role_binding_is_gone_holds_up_readiness_a_minute_at_most() {
     let env = Env::new("chart-unbound").await;
-    let helm = Helm::on_bed(&env);
-    let rel = release(&env);
-    let full = fullname(&rel);
-    let team_a = env.bed.namespace("team-a");
-    let team_b = env.bed.namespace("team-b");
-    let values_json = format!(r#"watchNamespaces=["{team_a}","{team_b}"]"#);
-    let values = [
-        "--set",
-        "crds.enabled=false,rbac.userRoles=false",
-        "--set-json",
-        values_json.as_str(),
-    ];
-    install(&helm, &rel, &env.ns, &values);
-    let kubeconfig = token_kubeconfig(&env, &env.ns, &full, "controller.kubeconfig");
-    mail_basics(&env, &team_a, None);
-    mail_basics(&env, &team_b, None);
+    let TwoTeams {
+        full,
+        team_a,
+        team_b,
+        chart,
+        kubeconfig,
+    } = two_teams(&env).await;
     let binding = format!("{full}-controller");
     let out = kubectl_in(
         &env,
@@ -2984,7 +3003,6 @@ async fn a_namespace_whose_role_binding_is_gone_holds_up_readiness_a_minute_at_m
         );
     }
 
-    let chart = chart_args(&helm, &rel, &env.ns, &values);
     let started = Instant::now();
     let controller = controller_as(&env, &kubeconfig, &chart, &[], &env.ns);
     wait_ready_reason(&env, &team_a, "mine", "Connected", &controller).await;

@@ -742,25 +742,31 @@ async fn a_secret_changed_while_its_test_waits_for_the_host_is_tested_once_with_
     );
 }
 
+/// Deletes provider `doomed` once its test reached `relay` (which holds it 3 s), and
+/// waits until the controller says the result has nowhere to go.
+async fn delete_during_its_test(env: &Env, relay: &CountingRelay, controller: &Controller) {
+    relay.first_connection().await;
+    let out = env.kubectl(&["delete", "imp", "doomed", "--wait=true"]);
+    assert!(out.status.success(), "{out:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !controller.logs().contains("deleted during its test") {
+        assert!(
+            Instant::now() < deadline,
+            "the controller never learnt the provider was gone:\n{}",
+            controller.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_provider_deleted_during_its_test_is_dropped_without_a_retry() {
     let env = alice_env("deleted-running").await;
     let relay = CountingRelay::to_imaps(&env, "127.0.0.9", Duration::from_secs(3)).await;
     env.apply(&through_relay("doomed", "127.0.0.9", &relay));
     let controller = env.controller();
-    relay.first_connection().await;
-    let out = env.kubectl(&["delete", "imp", "doomed", "--wait=true"]);
-    assert!(out.status.success(), "{out:?}");
     // The test ends about 3 s after it connected, and its status has nowhere to go.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !controller.logs().contains("deleted during its test") {
-        assert!(
-            Instant::now() < deadline,
-            "the controller never noticed the provider was gone:\n{}",
-            controller.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    delete_during_its_test(&env, &relay, &controller).await;
     // A retry would be logged with the failed write itself; a second test at once.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let logs = controller.logs();
@@ -786,18 +792,7 @@ async fn a_provider_the_api_server_says_is_gone_is_not_tested_again_before_its_w
     .await;
     let controller =
         env.controller_with_env(&[], &[("KUBECONFIG", api.kubeconfig.to_str().unwrap())]);
-    relay.first_connection().await;
-    let out = env.kubectl(&["delete", "imp", "doomed", "--wait=true"]);
-    assert!(out.status.success(), "{out:?}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !controller.logs().contains("deleted during its test") {
-        assert!(
-            Instant::now() < deadline,
-            "the controller never learnt the provider was gone:\n{}",
-            controller.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    delete_during_its_test(&env, &relay, &controller).await;
     // Until the deletion reaches the cache (8 s after it happened) and a while after.
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert_eq!(

@@ -68,6 +68,23 @@ impl Part {
 /// server checks the rules again at each status write and spares (ratchets) only a rule
 /// whose object is unchanged, which holds for a rule on the spec, not for one on the
 /// whole object.
+/// The CRD as `mailroom crd` prints it (crds/).
+fn crd_yaml() -> String {
+    std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/crds/incomingmailprovider.yaml"
+    ))
+    .unwrap()
+}
+
+/// Applies a version of the CRD to the bed (server-side, taking its fields over).
+fn apply_crd(env: &Env, crd: &str) {
+    let mut cmd = env.bed.kubectl();
+    cmd.args(["apply", "--server-side", "--force-conflicts", "-f", "-"]);
+    let out = with_input(cmd, crd);
+    assert!(out.status.success(), "applying the CRD: {out:?}");
+}
+
 /// A status write answered 404 for a provider that exists (here the CRD without its
 /// status subresource for a while, as during a botched upgrade) is a failed write: the
 /// result is kept and written once the API server takes it, with no new login meanwhile;
@@ -77,17 +94,8 @@ impl Part {
 async fn a_404_to_the_status_write_of_a_provider_that_exists_is_retried_not_taken_for_deletion() {
     let _one = ONE_AT_A_TIME.lock().await;
     let env = alice_env("status-404").await;
-    let current = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/crds/incomingmailprovider.yaml"
-    ))
-    .unwrap();
-    let apply = |crd: &str| {
-        let mut cmd = env.bed.kubectl();
-        cmd.args(["apply", "--server-side", "--force-conflicts", "-f", "-"]);
-        let out = with_input(cmd, crd);
-        assert!(out.status.success(), "applying the CRD: {out:?}");
-    };
+    let current = crd_yaml();
+    let apply = |crd: &str| apply_crd(&env, crd);
     let mut without: serde_yaml::Value = serde_yaml::from_str(&current).unwrap();
     without["spec"]["versions"][0]["subresources"]
         .as_mapping_mut()
@@ -132,17 +140,8 @@ async fn a_404_to_the_status_write_of_a_provider_that_exists_is_retried_not_take
 async fn a_provider_stored_before_a_crd_rule_it_breaks_keeps_getting_its_status() {
     let _one = ONE_AT_A_TIME.lock().await;
     let env = alice_env("crd-upgrade").await;
-    let current = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/crds/incomingmailprovider.yaml"
-    ))
-    .unwrap();
-    let apply = |crd: &str| {
-        let mut cmd = env.bed.kubectl();
-        cmd.args(["apply", "--server-side", "--force-conflicts", "-f", "-"]);
-        let out = with_input(cmd, crd);
-        assert!(out.status.success(), "applying the CRD: {out:?}");
-    };
+    let current = crd_yaml();
+    let apply = |crd: &str| apply_crd(&env, crd);
     // The CRD as it was before the rule.
     let mut before: serde_yaml::Value = serde_yaml::from_str(&current).unwrap();
     let spec =
