@@ -2964,7 +2964,7 @@ async fn a_namespace_whose_secrets_are_forbidden_stops_no_other() {
 /// all refused) holds up neither the other namespace nor the pod's readiness for long:
 /// `/readyz` turns ready after a minute with an error naming the namespace (a rollout of
 /// a pod that stayed unready would never finish), and the RoleBinding given back, its
-/// provider is tested.
+/// provider is tested. A replica that can list no provider anywhere stays unready.
 #[tokio::test]
 async fn a_namespace_whose_role_binding_is_gone_holds_up_readiness_a_minute_at_most() {
     let env = Env::new("chart-unbound").await;
