@@ -15,6 +15,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use rand::RngCore as _;
 use secrecy::SecretString;
@@ -54,7 +55,7 @@ pub struct AuthorizeArgs {
     /// How long to wait for the sign-in, and then for the controller's test: seconds, or
     /// 90s, 5m, 1h [default: 300; with --device, the sign-in waits as long as its code is
     /// valid, which the server says]
-    #[arg(long, value_parser = super::seconds)]
+    #[arg(long, value_parser = super::wait_seconds)]
     pub timeout: Option<u64>,
 }
 
@@ -98,6 +99,13 @@ pub async fn run(args: AuthorizeArgs) -> anyhow::Result<i32> {
     let Some(o) = provider.spec.authentication.oauth2.clone() else {
         bail!("{ns}/{} has no spec.authentication.oauth2", args.name);
     };
+    if !args.revoke && provider.metadata.deletion_timestamp.is_some() {
+        bail!(
+            "{ns}/{} is being deleted (held by finalizers {}): nothing to authorize",
+            args.name,
+            provider.finalizers().join(", ")
+        );
+    }
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let secret_name = o.token_secret_ref.name.clone();
 
@@ -192,6 +200,19 @@ pub async fn run(args: AuthorizeArgs) -> anyhow::Result<i32> {
                 .map(|s| format!(" (in {s} s)"))
                 .unwrap_or_default()
         );
+    }
+    // As it is now: the sign-in may have taken minutes.
+    let suspended = match providers.get_opt(&args.name).await {
+        Ok(Some(now)) => now.spec.suspend,
+        _ => provider.spec.suspend,
+    };
+    if suspended {
+        // The controller does not test a suspended provider: no verdict would come.
+        eprintln!(
+            "{ns}/{} is suspended (spec.suspend: true): it is tested with these tokens once it is resumed.",
+            args.name
+        );
+        return Ok(0);
     }
     let requested = request_check(&providers, &args.name).await?;
     if args.no_wait {

@@ -192,15 +192,13 @@ async fn test_one(
         }
         let client = match &client {
             Ok(client) => client,
-            Err(e) => {
-                eprintln!(
-                    "note: {} {} is not in the files, and the cluster could not be asked for it: {}",
-                    r.kind,
-                    r.name,
-                    super::error_text(e)
-                );
-                continue;
-            }
+            // Not SecretNotFound: nobody could look (a KUBECONFIG that names no file, say).
+            Err(e) => bail!(
+                "{} {} is not in the files, and the cluster could not be asked for it: {}",
+                r.kind,
+                r.name,
+                super::error_text(e)
+            ),
         };
         fetch_from_cluster(client, &r, &mut fetched).await?;
     }
@@ -588,6 +586,15 @@ fn from_files(args: &CheckArgs) -> anyhow::Result<(Vec<Written>, Objects)> {
                                 serde_yaml::from_value(value.clone()).with_context(at)?;
                             let p = read_object::<IncomingMailProvider>(value, false, at);
                             providers.push((p, raw));
+                        }
+                        // Encrypted with SOPS (as docs/gitops.md keeps them in Git):
+                        // its values are ciphertext, not a login to send; the cluster's
+                        // copy is used, as for a Secret not in the files.
+                        "Secret" | "ConfigMap" if value.get("sops").is_some() => {
+                            eprintln!(
+                                "note: {}: encrypted with SOPS, not used; the cluster's {kind} of that name is",
+                                at()
+                            );
                         }
                         "Secret" => {
                             let s: Secret = read_object(value, true, at)?;

@@ -424,10 +424,44 @@ pub fn seconds(text: &str) -> Result<u64, String> {
         .map_err(|_| format!("{text:?}: give seconds or a duration such as 90s, 2m or 1h30m"))
 }
 
+/// A `--timeout` the command waits for (see [`seconds`]): at least a second, for 0 would
+/// give up before asking anything.
+pub fn wait_seconds(text: &str) -> Result<u64, String> {
+    match seconds(text)? {
+        0 => Err(format!(
+            "{text:?}: at least 1s (the command waits for an answer)"
+        )),
+        secs => Ok(secs),
+    }
+}
+
 /// The API server the command talks to, for an error that never reached it.
 static CLUSTER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 /// The command's `--request-timeout`, for an error that is its expiry.
 static REQUEST_TIMEOUT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+/// An error's text without the source excerpt a YAML parser appends (` --> <input>:7:8`
+/// and the numbered lines around it): in a kubeconfig those lines are its tokens and keys,
+/// which belong in no terminal or CI log. The line and column stay in the first line.
+fn without_excerpt(text: &str) -> String {
+    let excerpt = |line: &str| {
+        let t = line.trim_start();
+        t.starts_with("-->")
+            || t.trim_start_matches(|c: char| c.is_ascii_digit())
+                .trim_start()
+                .starts_with('|')
+    };
+    match text.lines().position(excerpt) {
+        Some(at) => text
+            .lines()
+            .take(at)
+            .collect::<Vec<_>>()
+            .join("\n")
+            .trim_end()
+            .to_string(),
+        None => text.to_string(),
+    }
+}
 
 /// The error as the command prints it: when the API server could not be reached at all,
 /// which one, as kubectl says.
@@ -454,7 +488,7 @@ pub fn error_text(e: &anyhow::Error) -> String {
             {
                 continue;
             }
-            _ => cause.to_string(),
+            _ => without_excerpt(&cause.to_string()),
         };
         if !text.contains(&part) {
             if !text.is_empty() {
@@ -560,6 +594,20 @@ pub fn reasons_table() -> String {
 }
 
 #[cfg(test)]
+mod excerpt_tests {
+    #[test]
+    fn a_yaml_error_loses_its_excerpt_and_keeps_where() {
+        let text = "failed to parse kubeconfig YAML: error: line 7 column 8: unclosed bracket '['\n --> <input>:7:8\n  |\n5 |   user:\n6 |     token: sha256~SECRET\n7 |     x: [\n  |        ^ unclosed bracket '['";
+        assert_eq!(
+            super::without_excerpt(text),
+            "failed to parse kubeconfig YAML: error: line 7 column 8: unclosed bracket '['"
+        );
+        let plain = "forbidden: User \"u\" cannot get secrets\nsecond line | kept";
+        assert_eq!(super::without_excerpt(plain), plain);
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use clap::Parser as _;
 
@@ -611,6 +659,16 @@ mod tests {
         for bad in ["", "m", "2 minutes", "2d", "-1", "1h 30m"] {
             assert!(super::seconds(bad).is_err(), "{bad}");
         }
+        // What a command waits for: 0 would give up before asking.
+        assert_eq!(super::wait_seconds("2m"), Ok(120));
+        for zero in ["0", "0s"] {
+            assert!(
+                super::wait_seconds(zero)
+                    .unwrap_err()
+                    .contains("at least 1s")
+            );
+        }
+        assert!(super::Cli::try_parse_from(["mailroom", "retest", "x", "--timeout", "0"]).is_err());
     }
 
     #[test]

@@ -44,7 +44,7 @@ pub struct RetestArgs {
     #[arg(long)]
     pub no_wait: bool,
     /// How long to wait for the verdicts: seconds, or 90s, 2m, 1h.
-    #[arg(long, default_value = "120", value_parser = super::seconds)]
+    #[arg(long, default_value = "120", value_parser = super::wait_seconds)]
     pub timeout: u64,
 }
 
@@ -203,8 +203,19 @@ async fn ask(args: &RetestArgs) -> anyhow::Result<(Scope, i32, Vec<(Named, Strin
             continue;
         }
         let api = Api::namespaced(client.clone(), &named.0);
-        let requested = request_check(&api, &named.1).await?;
-        pending.push((named, requested));
+        // One refused (RBAC in that namespace, deleted meanwhile) leaves the others asked
+        // and waited for; it has no verdict, as one that did not come in time.
+        match request_check(&api, &named.1).await {
+            Ok(requested) => pending.push((named, requested)),
+            Err(e) => {
+                eprintln!(
+                    "mailroom: {}: not asked: {}",
+                    scope.show(&named),
+                    super::error_text(&e)
+                );
+                code = 2;
+            }
+        }
     }
     Ok((scope, code, pending))
 }

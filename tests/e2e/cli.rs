@@ -129,6 +129,30 @@ async fn check_prints_each_step_and_exits_zero_only_when_ready() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains("AuthenticationFailed"), "{text}");
+
+    // Without the Secret in the files, and no cluster to ask (a KUBECONFIG that names no
+    // file): no verdict, rather than a SecretNotFound nobody looked for.
+    let alone = dir.path().join("alone.yaml");
+    let manifest = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&alone, manifest.replacen(&secret, "", 1)).unwrap();
+    let out = Command::new(MAILROOM)
+        .args(["check", "-f"])
+        .arg(&alone)
+        .env("KUBECONFIG", "/nonexistent")
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("Secret alice is not in the files, and the cluster could not be asked")
+            && said.contains("/nonexistent")
+            && !said.contains("SecretNotFound"),
+        "{said}"
+    );
 }
 
 /// `mailroom check -f` is a preflight: a manifest the API server would refuse (a CEL rule,
@@ -552,6 +576,46 @@ async fn retest_by_label_asks_only_the_matching_providers_in_one_or_every_namesp
         err.contains("no IncomingMailProvider in any namespace with labels matching"),
         "{err}"
     );
+
+    // Someone who may list providers everywhere but ask for tests in b only: a's is
+    // refused and said so (exit 2), b's is still waited for and printed.
+    let user = format!("carol-{}", a.ns);
+    let rbac = format!(
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {{name: {user}-read}}\nrules: [{{apiGroups: [mailroom.dev], resources: [incomingmailproviders], verbs: [get, list, watch]}}]\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {{name: {user}-read}}\nroleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: {user}-read}}\nsubjects: [{{apiGroup: rbac.authorization.k8s.io, kind: User, name: {user}}}]\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {{name: {user}-ask, namespace: {b}}}\nrules: [{{apiGroups: [mailroom.dev], resources: [incomingmailproviders], verbs: [patch]}}]\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: {user}-ask, namespace: {b}}}\nroleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: {user}-ask}}\nsubjects: [{{apiGroup: rbac.authorization.k8s.io, kind: User, name: {user}}}]\n",
+        b = b.ns
+    );
+    let mut cmd = a.bed.kubectl();
+    cmd.args(["apply", "-f", "-"]);
+    let applied = with_input(cmd, &rbac);
+    assert!(applied.status.success(), "{applied:?}");
+    let text = std::fs::read_to_string(a.bed.kubeconfig_path()).unwrap();
+    let mut config: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    for entry in config["users"].as_sequence_mut().unwrap() {
+        entry["user"]["as"] = serde_yaml::Value::from(user.as_str());
+    }
+    let kubeconfig = a.dir.path().join("carol.kubeconfig");
+    std::fs::write(&kubeconfig, serde_yaml::to_string(&config).unwrap()).unwrap();
+    let out = Command::new(MAILROOM)
+        .args(["retest", "-A", "-l", &team, "--timeout", "60"])
+        .env("KUBECONFIG", &kubeconfig)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
+    assert!(
+        stderr.contains(&format!("{}/billing: not asked: ", a.ns)) && stderr.contains("forbidden"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains(&format!("{}/billing: Ready=True Connected: ", b.ns)),
+        "{stdout}{stderr}"
+    );
 }
 
 /// `retest --timeout` bounds the whole command: an API server that accepts connections and
@@ -841,4 +905,50 @@ async fn check_of_several_manifests_tests_each_and_sums_up() {
         "{text}{err}"
     );
     env.kubectl(&["delete", "namespace", &other, "--wait=false"]);
+}
+
+/// `check -f` of files that keep their Secret encrypted with SOPS (as docs/gitops.md
+/// suggests): the ciphertext is not sent as a login, the cluster's copy is used, and a note
+/// says so. A kubeconfig that cannot be parsed is named without its lines (its tokens).
+#[tokio::test]
+async fn check_of_manifests_uses_the_clusters_copy_of_a_sops_encrypted_secret() {
+    let env = alice_env("check-sops").await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mailbox.yaml");
+    let sops = "apiVersion: v1\nkind: Secret\nmetadata: {name: alice}\nstringData:\n  username: ENC[AES256_GCM,data:Zm9v,iv:YmFy,tag:YmF6,type:str]\n  password: ENC[AES256_GCM,data:cXV4,iv:YmFy,tag:YmF6,type:str]\nsops:\n  age:\n    - recipient: age1qqqq\n  lastmodified: \"2026-11-30T00:00:00Z\"\n  version: 3.9.0\n---\n";
+    let port = env.bed.dovecot().imaps_port();
+    std::fs::write(
+        &file,
+        format!(
+            "{sops}{}",
+            provider("sealed", "IMAP", port, "Implicit", ALICE_AUTH, "")
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = env.mailroom(&["check", "-n", &env.ns, "-f", file.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("Ready=True"), "{out}{err}");
+    assert!(
+        err.contains("encrypted with SOPS, not used; the cluster's Secret of that name is"),
+        "{err}"
+    );
+
+    let broken = dir.path().join("broken.kubeconfig");
+    std::fs::write(
+        &broken,
+        "apiVersion: v1\nkind: Config\nusers:\n- name: u\n  user:\n    token: Pl4nted-Kubeconfig-Token\n    x: [\n",
+    )
+    .unwrap();
+    let out = Command::new(MAILROOM)
+        .args(["retest", "x", "--kubeconfig", broken.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(said.contains("line 7 column"), "{said}");
+    assert!(!said.contains("Pl4nted-Kubeconfig-Token"), "{said}");
 }

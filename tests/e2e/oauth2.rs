@@ -2077,3 +2077,42 @@ async fn authorize_trusts_the_oauth2_ca_bundle_in_every_flow() {
         "the refresh token still works at the server"
     );
 }
+
+/// `mailroom authorize` of a suspended provider (paused while its tokens are fixed) stores
+/// the tokens and says it is tested once resumed, instead of waiting for a test that the
+/// controller does not run and blaming the controller.
+#[tokio::test]
+async fn authorize_of_a_suspended_provider_stores_the_tokens_and_does_not_wait() {
+    let env = Env::new("oauth2-suspended").await;
+    trust_bed_ca(&env).await;
+    let server = TokenServer::start(env.bed.oauth());
+    server.register_client(CLIENT, None, None);
+    env.apply(
+        &generic_imap_with(
+            &env,
+            &server,
+            &format!(
+                ", flow: DeviceCode, deviceAuthorizationURL: '{}'",
+                server.device_authorization_url()
+            ),
+        )
+        .replace("  check:", "  suspend: true\n  check:"),
+    );
+    let _controller = env.controller();
+    let started = std::time::Instant::now();
+    let (child, rx) = authorize(&env, &["imap", "--device"]);
+    let mut seen = String::new();
+    let line = line_with(&rx, &mut seen, |l| l.trim_start().starts_with("code:"));
+    assert!(server.approve_device(line.trim().trim_start_matches("code:").trim(), "alice"));
+    let (code, stdout) = finish(child, rx, &mut seen);
+    assert_eq!(code, Some(0), "{seen}{stdout}");
+    assert!(
+        seen.contains(
+            "is suspended (spec.suspend: true): it is tested with these tokens once it is resumed"
+        ),
+        "{seen}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30), "{seen}");
+    let secret = token_secret(&env).await.expect("the tokens are stored");
+    assert!(server.refresh_token_valid(&key_of(&secret, tokens::REFRESH_TOKEN)));
+}
