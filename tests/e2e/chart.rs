@@ -2011,14 +2011,23 @@ roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: shared-provider
 subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: olga}]
 ";
     env.apply(role);
-    let out = env.kubectl(&[
-        "--as",
-        "olga",
-        "annotate",
-        "imp/shared",
-        "mailroom.dev/check-requested-at=now",
-        "--overwrite",
-    ]);
+    // The API server's authorizer learns of a new RoleBinding from its own watch, a moment
+    // after it is stored.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let out = loop {
+        let out = env.kubectl(&[
+            "--as",
+            "olga",
+            "annotate",
+            "imp/shared",
+            "mailroom.dev/check-requested-at=now",
+            "--overwrite",
+        ]);
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     assert!(out.status.success(), "olga on her provider: {}", text(&out));
     let out = env.kubectl(&["--as", "olga", "get", "imp", "other"]);
     assert!(

@@ -591,6 +591,25 @@ async fn retest_by_label_asks_only_the_matching_providers_in_one_or_every_namesp
     cmd.args(["apply", "-f", "-"]);
     let applied = with_input(cmd, &rbac);
     assert!(applied.status.success(), "{applied:?}");
+    // The API server's authorizer learns of new bindings from its own watch, a moment
+    // after they are stored.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let can = |args: &[&str]| {
+            let out = a.kubectl(&[&["auth", "can-i", "--as", user.as_str()], args].concat());
+            String::from_utf8_lossy(&out.stdout).trim() == "yes"
+        };
+        if can(&["list", "incomingmailproviders.mailroom.dev", "-A"])
+            && can(&["patch", "incomingmailproviders.mailroom.dev", "-n", &b.ns])
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the bindings took no effect"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let text = std::fs::read_to_string(a.bed.kubeconfig_path()).unwrap();
     let mut config: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
     for entry in config["users"].as_sequence_mut().unwrap() {
