@@ -1920,6 +1920,15 @@ async fn people_get_providers_through_the_view_and_edit_roles() {
         let out = env.kubectl(&["auth", "can-i", "--as", user, verb, what]);
         String::from_utf8_lossy(&out.stdout).trim() == "yes"
     };
+    // The API server's authorizer learns of the bindings from its own watch, a moment
+    // after they are stored.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(can("vera", "get", "incomingmailproviders.mailroom.dev")
+        && can("ed", "create", "incomingmailproviders.mailroom.dev"))
+    {
+        assert!(Instant::now() < deadline, "the bindings took no effect");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     for verb in ["get", "list", "watch"] {
         assert!(
             can("vera", verb, "incomingmailproviders.mailroom.dev"),
