@@ -66,6 +66,14 @@ pub struct IncomingMailProviderSpec {
     pub suspend: bool,
 }
 
+impl IncomingMailProvider {
+    /// Deleted, and kept only until finalizers (not mailroom's: it sets none) are removed:
+    /// not tested any more.
+    pub fn being_deleted(&self) -> bool {
+        self.metadata.deletion_timestamp.is_some()
+    }
+}
+
 /// The mail server's address and protocol.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]

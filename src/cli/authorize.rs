@@ -99,7 +99,7 @@ pub async fn run(args: AuthorizeArgs) -> anyhow::Result<i32> {
     let Some(o) = provider.spec.authentication.oauth2.clone() else {
         bail!("{ns}/{} has no spec.authentication.oauth2", args.name);
     };
-    if !args.revoke && provider.metadata.deletion_timestamp.is_some() {
+    if !args.revoke && provider.being_deleted() {
         bail!(
             "{ns}/{} is being deleted (held by finalizers {}): nothing to authorize",
             args.name,

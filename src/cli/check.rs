@@ -183,11 +183,7 @@ async fn test_one(
         }
     }
     for r in references(&provider.spec) {
-        let present = match r.kind {
-            ObjectKind::Secret => fetched.secrets.contains_key(&r.name),
-            ObjectKind::ConfigMap => fetched.config_maps.contains_key(&r.name),
-        };
-        if present {
+        if fetched.meta(&r).is_some() {
             continue;
         }
         let client = match &client {
@@ -313,27 +309,22 @@ fn place(
     given: Option<&str>,
     target: &str,
 ) -> anyhow::Result<Fetched> {
-    let named = std::iter::once((
+    // Where each would land, the provider first (refused as kubectl would, before any
+    // note about the others).
+    let lands = |kind: &str, name: String, written: Option<String>| {
+        landing(kind, &name, written.as_deref(), given, target).map(|lands| (lands, name))
+    };
+    let (ns, _) = lands(
         "IncomingMailProvider",
         provider.name_any(),
         provider.namespace(),
-    ))
-    .chain(
-        files
-            .secrets
-            .iter()
-            .map(|s| ("Secret", s.name_any(), s.namespace())),
-    )
-    .chain(
-        files
-            .config_maps
-            .iter()
-            .map(|c| ("ConfigMap", c.name_any(), c.namespace())),
-    );
-    for (kind, name, object_ns) in named {
-        landing(kind, &name, object_ns.as_deref(), given, target)?;
-    }
-    let ns = provider.namespace().unwrap_or_else(|| target.to_string());
+    )?;
+    let secrets = (files.secrets.iter())
+        .map(|s| Ok((lands("Secret", s.name_any(), s.namespace())?, s)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let config_maps = (files.config_maps.iter())
+        .map(|c| Ok((lands("ConfigMap", c.name_any(), c.namespace())?, c)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut fetched = Fetched {
         namespace: ns.clone(),
         ..Default::default()
@@ -341,23 +332,22 @@ fn place(
     let refs = references(&provider.spec);
     // A provider uses only what lives in its own namespace; one of the files that it names
     // but that would be applied in another is said so.
-    let ours = |kind: ObjectKind, name: String, object_ns: Option<String>| {
-        let lands = object_ns.unwrap_or_else(|| target.to_string());
-        if lands != ns && refs.iter().any(|r| r.kind == kind && r.name == name) {
+    let ours = |kind: ObjectKind, (lands, name): &(String, String)| {
+        if *lands != ns && refs.iter().any(|r| r.kind == kind && r.name == *name) {
             eprintln!(
                 "note: {kind} {name} from the files would be applied in namespace {lands}, not the provider's {ns}: not used"
             );
         }
-        (lands == ns).then_some(name)
+        *lands == ns
     };
-    for s in &files.secrets {
-        if let Some(name) = ours(ObjectKind::Secret, s.name_any(), s.namespace()) {
-            fetched.secrets.insert(name, s.clone());
+    for (landed, s) in secrets {
+        if ours(ObjectKind::Secret, &landed) {
+            fetched.secrets.insert(landed.1, s.clone());
         }
     }
-    for c in &files.config_maps {
-        if let Some(name) = ours(ObjectKind::ConfigMap, c.name_any(), c.namespace()) {
-            fetched.config_maps.insert(name, c.clone());
+    for (landed, c) in config_maps {
+        if ours(ObjectKind::ConfigMap, &landed) {
+            fetched.config_maps.insert(landed.1, c.clone());
         }
     }
     Ok(fetched)

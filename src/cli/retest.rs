@@ -192,8 +192,8 @@ async fn ask(args: &RetestArgs) -> anyhow::Result<(Scope, i32, Vec<(Named, Strin
             code = 1;
             continue;
         }
-        if p.metadata.deletion_timestamp.is_some() {
-            // Deleted, held by a finalizer: the controller tests it no more.
+        if p.being_deleted() {
+            // Held by a finalizer: the controller tests it no more.
             println!(
                 "{}: being deleted (held by finalizers {}), not tested",
                 scope.show(&named),

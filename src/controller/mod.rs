@@ -149,6 +149,20 @@ pub fn in_scope(scope: &Option<String>, namespace: Option<&str>) -> bool {
     scope.is_none() || scope.as_deref() == namespace
 }
 
+/// The scopes whose providers' cache has not listed (yet, or ever: its watch refused).
+pub fn unlisted(stores: &[(Option<String>, Store<IncomingMailProvider>)]) -> Vec<Option<String>> {
+    stores
+        .iter()
+        .filter(|(_, store)| !matches!(store.wait_until_ready().now_or_never(), Some(Ok(()))))
+        .map(|(scope, _)| scope.clone())
+        .collect()
+}
+
+/// A scope as messages name it.
+pub fn scope_name(scope: &Option<String>) -> String {
+    scope.clone().unwrap_or_else(|| "all namespaces".into())
+}
+
 /// Runs until SIGTERM or SIGINT, then finishes the tests in flight, releases the lease
 /// and returns. With a lease, tests run only while this replica holds it, and stop at
 /// once when it is lost.
@@ -589,16 +603,8 @@ async fn run_controllers(
         // a minute with those that cannot named: the others are tested meanwhile, and a
         // pod held unready by one namespace it may not read (its RoleBinding gone) would
         // stall every rollout.
-        let unlisted_providers = || -> Vec<String> {
-            scopes
-                .iter()
-                .zip(&provider_stores)
-                .filter(|(_, store)| {
-                    !matches!(store.wait_until_ready().now_or_never(), Some(Ok(())))
-                })
-                .map(|(scope, _)| scope.clone().unwrap_or_else(|| "all namespaces".into()))
-                .collect()
-        };
+        let unlisted_providers =
+            || -> Vec<String> { unlisted(&ctx.providers).iter().map(scope_name).collect() };
         let listed = async {
             while !unlisted_providers().is_empty() || !ctx.objects.unsynced().is_empty() {
                 tokio::time::sleep(Duration::from_millis(100)).await;

@@ -208,11 +208,7 @@ impl Objects {
     pub fn unsynced(&self) -> Vec<String> {
         (0..self.scopes.len())
             .filter(|&i| self.listed(i, &[ObjectKind::Secret, ObjectKind::ConfigMap]) != Some(true))
-            .map(|i| {
-                self.scopes[i]
-                    .clone()
-                    .unwrap_or_else(|| "all namespaces".into())
-            })
+            .map(|i| super::scope_name(&self.scopes[i]))
             .collect()
     }
 
@@ -276,15 +272,8 @@ impl Objects {
             if self.with_meta(namespace, r, |_| ()).is_some() {
                 continue;
             }
-            let read = match r.kind {
-                ObjectKind::Secret => fetched.secrets.get(&r.name).map(|s| s.resource_version()),
-                ObjectKind::ConfigMap => fetched
-                    .config_maps
-                    .get(&r.name)
-                    .map(|c| c.resource_version()),
-            };
-            if let Some(read) = read {
-                *v = read;
+            if let Some(read) = fetched.meta(r) {
+                *v = read.resource_version.clone();
             }
         }
         versions
@@ -426,25 +415,17 @@ impl Objects {
                     None => ahead.remove(&key),
                 };
             }
-            match value {
-                Some(Value::Secret(s)) => {
-                    let rv = s.resource_version().unwrap_or_default();
-                    self.values
-                        .lock()
-                        .unwrap()
-                        .insert(key, (rv, Value::Secret(s.clone())));
-                    fetched.secrets.insert(r.name.clone(), (*s).clone());
+            let Some(value) = value else { continue };
+            match &value {
+                Value::Secret(s) => {
+                    fetched.secrets.insert(r.name.clone(), (**s).clone());
                 }
-                Some(Value::ConfigMap(c)) => {
-                    let rv = c.resource_version().unwrap_or_default();
-                    self.values
-                        .lock()
-                        .unwrap()
-                        .insert(key, (rv, Value::ConfigMap(c.clone())));
-                    fetched.config_maps.insert(r.name.clone(), (*c).clone());
+                Value::ConfigMap(c) => {
+                    fetched.config_maps.insert(r.name.clone(), (**c).clone());
                 }
-                None => {}
             }
+            let rv = value.version().unwrap_or_default();
+            self.values.lock().unwrap().insert(key, (rv, value));
         }
         Ok(fetched)
     }

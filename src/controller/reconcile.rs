@@ -62,8 +62,16 @@ impl Error {
 
     /// A write answered 404: the provider may be gone (see [`confirm_gone`]).
     fn not_found(&self) -> bool {
-        self.provider_gone()
-            || matches!(self, Error::WriteStatus(kube::Error::Api(status)) if status.code == 404)
+        matches!(self, Error::WriteStatus(kube::Error::Api(status)) if status.code == 404)
+    }
+
+    /// Gone by the cache's word, or by a 404 the API server confirms.
+    async fn gone_for_good(
+        &self,
+        api: &Api<IncomingMailProvider>,
+        p: &IncomingMailProvider,
+    ) -> bool {
+        self.provider_gone() || (self.not_found() && Box::pin(confirm_gone(api, p)).await)
     }
 
     /// A status write the API server answered and refused (a policy, a schema, rights),
@@ -115,7 +123,7 @@ async fn reconcile_inner(
         // holds would find it gone again, at once, in a loop of logins.
         return Ok(Action::await_change());
     }
-    if being_deleted(&p) {
+    if p.being_deleted() {
         // Deleted, held only by someone's finalizer: no more logins, nor a verdict or a
         // metrics series that would keep an alert on it firing (the sweep forgets the
         // rest).
@@ -517,7 +525,7 @@ fn still_current(queued: &IncomingMailProvider, now: Option<&IncomingMailProvide
 /// Whether `now` (the cache's) is the very object `tested` was: not deleted (nor being
 /// deleted), nor deleted and created again under its name.
 fn still_there(tested: &IncomingMailProvider, now: Option<&IncomingMailProvider>) -> bool {
-    now.is_some_and(|now| now.metadata.uid == tested.metadata.uid && !being_deleted(now))
+    now.is_some_and(|now| now.metadata.uid == tested.metadata.uid && !now.being_deleted())
 }
 
 /// Whether a write's 404 means the provider is gone: the API server's own answer for the
@@ -525,14 +533,7 @@ fn still_there(tested: &IncomingMailProvider, now: Option<&IncomingMailProvider>
 /// status subresource missing for a while, a proxy's answer) is a failed write like any
 /// other: the result is kept and the write retried, and the provider is not taken for
 /// deleted (it would never be tested again).
-async fn confirm_gone(
-    e: &Error,
-    api: &Api<IncomingMailProvider>,
-    p: &IncomingMailProvider,
-) -> bool {
-    if matches!(e, Error::Gone) {
-        return true;
-    }
+async fn confirm_gone(api: &Api<IncomingMailProvider>, p: &IncomingMailProvider) -> bool {
     match api.get_opt(&p.name_any()).await {
         Ok(None) => true,
         Ok(Some(now)) if now.metadata.uid != p.metadata.uid => true,
@@ -552,11 +553,6 @@ fn gone(ctx: &Context, p: &IncomingMailProvider) -> bool {
         .uid
         .as_ref()
         .is_some_and(|uid| ctx.gone.lock().unwrap().contains(uid))
-}
-
-/// Deleted, and kept only until finalizers (not mailroom's: it sets none) are removed.
-pub(super) fn being_deleted(p: &IncomingMailProvider) -> bool {
-    p.metadata.deletion_timestamp.is_some()
 }
 
 /// Runs a first test; if it is still running after `SHOW_CHECKING_AFTER`, writes Checking
@@ -581,7 +577,7 @@ async fn showing_checking<T>(
     // under way: a refused write of it costs neither the result nor a new login.
     let (shown, outcome) = tokio::join!(Box::pin(apply(api, p, checking, ctx, slot)), test);
     match shown {
-        Err(e) if e.not_found() && Box::pin(confirm_gone(&e, api, p)).await => Err(Error::Gone),
+        Err(e) if e.gone_for_good(api, p).await => Err(Error::Gone),
         Err(e) => {
             tracing::warn!(error = %e, "could not show Checking; the test's result is written next");
             outcome
@@ -663,7 +659,7 @@ async fn record(
     if let Some(what) = what
         && let Err(e) = Box::pin(write(api, p, &new, ctx, what)).await
     {
-        if e.not_found() && Box::pin(confirm_gone(&e, api, p)).await {
+        if e.gone_for_good(api, p).await {
             // Deleted while it was tested: nothing to keep, nor to retry.
             ctx.memory.lock().unwrap().remove(key);
             return Err(Error::Gone);

@@ -28,7 +28,7 @@ const EVERY: Duration = Duration::from_secs(30);
 /// watch and say so, and those whose durations do not parse say `InvalidSpec`: none of
 /// them is overdue.
 pub fn overdue(p: &IncomingMailProvider, tested: Option<Timestamp>, now: Timestamp) -> bool {
-    if p.spec.suspend || super::reconcile::being_deleted(p) {
+    if p.spec.suspend || p.being_deleted() {
         return false;
     }
     let Ok((interval, timeout)) = crate::check::timing(&p.spec) else {

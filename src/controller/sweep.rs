@@ -6,7 +6,6 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::FutureExt;
 use kube::ResourceExt;
 use kube::runtime::reflector::{ObjectRef, Store};
 
@@ -27,11 +26,7 @@ pub struct Live {
 
 impl Live {
     pub fn of(stores: &[(Option<String>, Store<IncomingMailProvider>)]) -> Self {
-        let unlisted = stores
-            .iter()
-            .filter(|(_, store)| !matches!(store.wait_until_ready().now_or_never(), Some(Ok(()))))
-            .map(|(scope, _)| scope.clone())
-            .collect();
+        let unlisted = super::unlisted(stores);
         let cached: Vec<_> = stores.iter().flat_map(|(_, s)| s.state()).collect();
         let uids = cached
             .iter()
@@ -51,7 +46,7 @@ impl Live {
         Live {
             providers: cached
                 .iter()
-                .filter(|p| !super::reconcile::being_deleted(p))
+                .filter(|p| !p.being_deleted())
                 .map(|p| ObjectRef::from_obj(&**p))
                 .collect(),
             used,

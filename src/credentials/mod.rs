@@ -87,6 +87,19 @@ pub struct Fetched {
     pub token_source: Option<(String, String)>,
 }
 
+impl Fetched {
+    /// The metadata of the referenced object, if it was fetched.
+    pub fn meta(
+        &self,
+        r: &Reference,
+    ) -> Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta> {
+        match r.kind {
+            ObjectKind::Secret => self.secrets.get(&r.name).map(|s| &s.metadata),
+            ObjectKind::ConfigMap => self.config_maps.get(&r.name).map(|c| &c.metadata),
+        }
+    }
+}
+
 impl std::fmt::Debug for Fetched {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Fetched")

@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::support::{
-    ALICE_AUTH, Env, WRONG_AUTH, alice_env, provider, trust_bed_ca, with_input,
+    ALICE_AUTH, Env, WRONG_AUTH, alice_env, provider, text, trust_bed_ca, with_input,
     wrong_password_secret,
 };
 
@@ -23,14 +23,6 @@ const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/mailroom");
 fn repo_file(path: &str) -> String {
     let full = format!("{REPO}/{path}");
     std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("reading {full}: {e}"))
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// helm from the bed's cache, with its own config/cache/data folders, and the bed's admin
@@ -3210,6 +3202,26 @@ fn second_release_values() -> String {
 }
 
 /// `kubectl apply --server-side --dry-run=server` of rendered documents.
+/// Asserts that the API server takes `docs` (`what`), by a server-side dry run.
+fn assert_server_takes(env: &Env, docs: &[Value], what: &str) {
+    let out = dry_run_apply(env, docs);
+    assert!(
+        out.status.success(),
+        "kubectl apply --server-side --dry-run=server of {what}:\n{}",
+        text(&out)
+    );
+}
+
+/// Asserts that the API server refuses `docs`, saying `needle` (`why` it should).
+fn assert_server_refuses(env: &Env, docs: &[Value], needle: &str, why: &str) {
+    let out = dry_run_apply(env, docs);
+    assert!(
+        !out.status.success() && text(&out).contains(needle),
+        "expected the API server to refuse {why}; it said:\n{}",
+        text(&out)
+    );
+}
+
 fn dry_run_apply(env: &Env, docs: &[Value]) -> Output {
     let yaml: String = docs
         .iter()
@@ -3288,12 +3300,7 @@ async fn a_second_release_as_the_readme_gives_it_collides_with_nothing_of_the_fi
     assert_ne!(lease(&first), lease(&naive), "one Lease for two releases");
     // What the API server says of both (a dry run: the bed's CRD is every test's).
     for (which, docs) in [("first", &first), ("second", &second)] {
-        let out = dry_run_apply(&env, docs);
-        assert!(
-            out.status.success(),
-            "kubectl apply --server-side --dry-run=server of the {which} release:\n{}",
-            text(&out)
-        );
+        assert_server_takes(&env, docs, &format!("the {which} release"));
     }
 }
 
@@ -3317,24 +3324,14 @@ async fn the_api_server_takes_the_deployment_with_the_pod_values() {
             .all(|d| d["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"].is_object()),
         "the default anti-affinity is part of what is checked"
     );
-    let out = dry_run_apply(&env, &docs);
-    assert!(
-        out.status.success(),
-        "kubectl apply --server-side --dry-run=server of the Deployments:\n{}",
-        text(&out)
-    );
+    assert_server_takes(&env, &docs, "the Deployments");
     // The check is real: a mount of a volume the pod lacks is refused.
     let docs: Vec<Value> = helm
         .render("mailroom", &env.ns, &POD_VALUES[2..4])
         .into_iter()
         .filter(|d| kind(d) == "Deployment")
         .collect();
-    let out = dry_run_apply(&env, &docs);
-    assert!(
-        !out.status.success() && text(&out).contains("volumeMounts"),
-        "expected the API server to refuse a mount of no volume; it said:\n{}",
-        text(&out)
-    );
+    assert_server_refuses(&env, &docs, "volumeMounts", "a mount of no volume");
 }
 
 /// `networkPolicy.mailTo` keeps the mail ports to the networks given (a provider's editor
@@ -3391,19 +3388,14 @@ async fn mail_to_limits_where_the_mail_ports_reach() {
         rule_with(53).get("to").is_none(),
         "DNS to any address: {np}"
     );
-    let out = dry_run_apply(&env, std::slice::from_ref(np));
-    assert!(
-        out.status.success(),
-        "kubectl apply --server-side --dry-run=server of the NetworkPolicy:\n{}",
-        text(&out)
-    );
+    assert_server_takes(&env, std::slice::from_ref(np), "the NetworkPolicy");
     // The check is real: an exception outside its block is refused by name.
     let docs = render(&json!([{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["192.168.0.0/16"]}}]));
-    let out = dry_run_apply(&env, std::slice::from_ref(only(&docs, "NetworkPolicy")));
-    assert!(
-        !out.status.success() && text(&out).contains("except"),
-        "expected the API server to refuse an exception outside the block; it said:\n{}",
-        text(&out)
+    assert_server_refuses(
+        &env,
+        std::slice::from_ref(only(&docs, "NetworkPolicy")),
+        "except",
+        "an exception outside the block",
     );
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use kube::ResourceExt;
 
 use crate::support::{
-    ALICE_AUTH, Env, MAILROOM, WRONG_AUTH, alice_env, provider, trust_bed_ca, with_input,
+    ALICE_AUTH, Env, MAILROOM, WRONG_AUTH, alice_env, provider, text, trust_bed_ca, with_input,
     wrong_password_secret,
 };
 
@@ -28,11 +28,11 @@ async fn check_prints_each_step_and_exits_zero_only_when_ready() {
         .env("KUBECONFIG", env.bed.kubeconfig_path())
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
         Some(0),
-        "{text}{}",
+        "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
     for step in [
@@ -44,17 +44,17 @@ async fn check_prints_each_step_and_exits_zero_only_when_ready() {
         "mailbox",
         "Ready=True",
     ] {
-        assert!(text.contains(step), "step {step} missing from:\n{text}");
+        assert!(stdout.contains(step), "step {step} missing from:\n{stdout}");
     }
     // Each step with its time, and the total.
     let timed = regex::Regex::new(r"(?m)^\s+ok\s+\S.*?\s\d+ms(\s|$)").unwrap();
     assert!(
-        timed.find_iter(&text).count() >= 6 && text.contains("total"),
-        "each step should be printed with its time:\n{text}"
+        timed.find_iter(&stdout).count() >= 6 && stdout.contains("total"),
+        "each step should be printed with its time:\n{stdout}"
     );
     assert!(
-        text.contains("Dovecot"),
-        "the server's words should be printed:\n{text}"
+        stdout.contains("Dovecot"),
+        "the server's words should be printed:\n{stdout}"
     );
 
     // As a kubectl plugin: the same binary under the plugin's name.
@@ -121,14 +121,14 @@ async fn check_prints_each_step_and_exits_zero_only_when_ready() {
         .env("KUBECONFIG", "/nonexistent")
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
         Some(1),
-        "{text}{}",
+        "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.contains("AuthenticationFailed"), "{text}");
+    assert!(stdout.contains("AuthenticationFailed"), "{stdout}");
 
     // Without the Secret in the files, and no cluster to ask (a KUBECONFIG that names no
     // file): no verdict, rather than a SecretNotFound nobody looked for.
@@ -141,11 +141,7 @@ async fn check_prints_each_step_and_exits_zero_only_when_ready() {
         .env("KUBECONFIG", "/nonexistent")
         .output()
         .unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = text(&out);
     assert_eq!(out.status.code(), Some(2), "{said}");
     assert!(
         said.contains("Secret alice is not in the files, and the cluster could not be asked")
@@ -169,14 +165,7 @@ async fn check_of_a_manifest_is_refused_as_the_api_server_would_refuse_it() {
         cmd.args(["check", "-n", &env.ns, "-f", "-"])
             .env("KUBECONFIG", env.bed.kubeconfig_path());
         let out = with_input(cmd, manifest);
-        (
-            out.status.code(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
+        (out.status.code(), text(&out))
     };
 
     let (code, out) = check(&good.replace("interval: 5m", "interval: 10s"));
@@ -316,12 +305,7 @@ async fn the_commands_take_kubectls_kubeconfig_and_context_flags() {
             .env("HOME", dir.path())
             .output()
             .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.code(), text)
+        (out.status.code(), text(&out))
     };
     let (code, text) = run(&["check", "imaps", "--context", &bed_context]);
     assert_eq!(code, Some(0), "check with --context:\n{text}");
@@ -831,14 +815,7 @@ async fn check_of_several_manifests_tests_each_and_sums_up() {
             .env("KUBECONFIG", env.bed.kubeconfig_path())
             .output()
             .unwrap();
-        (
-            out.status.code(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
+        (out.status.code(), text(&out))
     };
     let (code, out) = check(None);
     assert_eq!(code, Some(1), "{out}");
@@ -962,11 +939,7 @@ async fn check_of_manifests_uses_the_clusters_copy_of_a_sops_encrypted_secret() 
         .args(["retest", "x", "--kubeconfig", broken.to_str().unwrap()])
         .output()
         .unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = text(&out);
     assert_eq!(out.status.code(), Some(2), "{said}");
     assert!(said.contains("line 7 column"), "{said}");
     assert!(!said.contains("Pl4nted-Kubeconfig-Token"), "{said}");

@@ -212,15 +212,19 @@ async fn suspend_stops_tests_and_the_annotation_asks_for_one() {
     );
 }
 
+/// The Events of the test's namespace.
+async fn events(env: &Env) -> Vec<Event> {
+    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
+    events.list(&ListParams::default()).await.unwrap().items
+}
+
 /// The (type, reason) of the Events about provider `name`, sorted, once there are at
 /// least `wanted` (or after 20 s).
 async fn events_of(env: &Env, name: &str, wanted: usize) -> Vec<(String, String)> {
-    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let list = events.list(&ListParams::default()).await.unwrap();
-        let mut seen: Vec<(String, String)> = list
-            .items
+        let mut seen: Vec<(String, String)> = events(env)
+            .await
             .iter()
             .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
             .map(|e| {
@@ -476,12 +480,8 @@ async fn secrets_applied_just_before_their_providers_are_never_said_missing() {
         env.wait_reason(&format!("p-{i}"), "Connected", Duration::from_secs(60))
             .await;
     }
-    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
-    let missing: Vec<String> = events
-        .list(&ListParams::default())
+    let missing: Vec<String> = events(&env)
         .await
-        .unwrap()
-        .items
         .iter()
         .filter(|e| e.reason.as_deref() == Some("SecretNotFound"))
         .map(|e| {
@@ -531,18 +531,9 @@ async fn a_secret_the_cache_has_not_seen_yet_is_read_from_the_api_server() {
         .filter(|l| l.contains(" tested") && l.contains("name=p}"))
         .count();
     assert_eq!(tests, 1, "{}", controller.logs());
-    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
-    let reasons: Vec<String> = events
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("p"))
-        .filter_map(|e| e.reason.clone())
-        .collect();
+    let seen = events_of(&env, "p", 0).await;
     assert!(
-        !reasons.iter().any(|r| r == "SecretNotFound"),
-        "{reasons:?}"
+        !seen.iter().any(|(_, reason)| reason == "SecretNotFound"),
+        "{seen:?}"
     );
 }

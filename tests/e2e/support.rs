@@ -499,6 +499,15 @@ pub async fn wrong_password_secret(env: &Env) {
     .await;
 }
 
+/// A command's stdout then stderr, as one text for a message or a search.
+pub fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// Runs `cmd` with `input` on its standard input (`kubectl apply -f -` and the like) and
 /// returns its output.
 pub fn with_input(mut cmd: Command, input: &str) -> Output {
