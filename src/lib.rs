@@ -10,3 +10,12 @@ pub mod cli;
 pub mod controller;
 pub mod credentials;
 pub mod probe;
+
+/// How a person typed this program: `mailroom`, or `kubectl mailroom` when it runs as the
+/// kubectl plugin, so the commands a message suggests can be pasted as they are. Set once
+/// by the command line; the controller leaves it, and status says `mailroom`.
+pub fn command_name() -> &'static str {
+    COMMAND_NAME.get().map_or("mailroom", |n| n)
+}
+
+static COMMAND_NAME: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();

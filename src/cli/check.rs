@@ -245,7 +245,8 @@ async fn test_one(
     ) {
         writeln!(
             out,
-            "Note: this test ran from this machine, whose DNS and network may differ from the controller's; `mailroom retest {} -n {}` has the controller test it{}.",
+            "Note: this test ran from this machine, whose DNS and network may differ from the controller's; `{} retest {} -n {}` has the controller test it{}.",
+            crate::command_name(),
             provider.name_any(),
             fetched.namespace,
             if manifest.is_some() {
@@ -389,8 +390,9 @@ fn expired_file_token(
     Some((
         Reason::AuthorizationRequired,
         format!(
-            "the access token of Secret {name:?} in the files has expired or is missing, and `mailroom check -f` does not refresh tokens from files; apply them and run `mailroom check {}`, or leave the token Secret out of the files to use the cluster's",
-            provider.name_any()
+            "the access token of Secret {name:?} in the files has expired or is missing, and `{cmd} check -f` does not refresh tokens from files; apply them and run `{cmd} check {}`, or leave the token Secret out of the files to use the cluster's",
+            provider.name_any(),
+            cmd = crate::command_name()
         ),
     ))
 }

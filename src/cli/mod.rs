@@ -120,6 +120,7 @@ fn parse() -> Cli {
     let mut command = Cli::command();
     if invoked.as_deref() == Some("kubectl-mailroom") {
         command = command.bin_name("kubectl mailroom");
+        let _ = crate::COMMAND_NAME.set("kubectl mailroom");
     }
     Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit())
 }

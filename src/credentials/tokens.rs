@@ -54,7 +54,10 @@ pub fn authorize_command(name: &str, namespace: &str, flow: OAuth2Flow) -> Strin
     } else {
         ""
     };
-    format!("mailroom authorize {name} -n {namespace}{device}")
+    format!(
+        "{} authorize {name} -n {namespace}{device}",
+        crate::command_name()
+    )
 }
 
 /// Whether a Secret is marked as holding mailroom's tokens (`mailroom authorize` marks

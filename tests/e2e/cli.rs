@@ -58,32 +58,10 @@ async fn check_prints_each_step_and_exits_zero_only_when_ready() {
     );
 
     // As a kubectl plugin: the same binary under the plugin's name.
-    let plugin_dir = tempfile::tempdir().unwrap();
-    let plugin = plugin_dir.path().join("kubectl-mailroom");
-    std::os::unix::fs::symlink(MAILROOM, &plugin).unwrap();
-    let path = format!(
-        "{}:{}",
-        plugin_dir.path().display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let out = Command::new(env.bed.kubectl_path())
-        .args(["mailroom", "check", "starttls", "-n", &env.ns])
-        .env("KUBECONFIG", env.bed.kubeconfig_path())
-        .env("PATH", path)
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "kubectl mailroom check: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, _, stderr) = env.kubectl_mailroom(&["check", "starttls", "-n", &env.ns]);
+    assert_eq!(code, Some(0), "kubectl mailroom check: {stderr}");
     // Its help names the command as the user typed it.
-    let out = Command::new(&plugin)
-        .args(["check", "--help"])
-        .output()
-        .unwrap();
-    let help = String::from_utf8_lossy(&out.stdout);
+    let (_, help, _) = env.kubectl_mailroom(&["check", "--help"]);
     assert!(help.contains("Usage: kubectl mailroom check"), "{help}");
 
     // A manifest tested before it is applied, with its Secret from a file too.

@@ -228,7 +228,14 @@ async fn network_failures_are_classified() {
     assert!(
         stdout.contains("DNSResolutionFailed")
             && stdout.contains("this test ran from this machine")
-            && stdout.contains(&format!("mailroom retest nxdomain -n {}", env.ns)),
+            && stdout.contains(&format!("`mailroom retest nxdomain -n {}`", env.ns)),
+        "{stdout}"
+    );
+    // Run as the kubectl plugin, the command it suggests is typed the same way.
+    let (code, stdout, _) = env.kubectl_mailroom(&["check", "nxdomain", "-n", &env.ns]);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains(&format!("`kubectl mailroom retest nxdomain -n {}`", env.ns)),
         "{stdout}"
     );
 }

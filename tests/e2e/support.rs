@@ -66,6 +66,29 @@ impl Env {
         )
     }
 
+    /// `kubectl mailroom ARGS`: the binary found by kubectl as its plugin `kubectl-mailroom`.
+    pub fn kubectl_mailroom(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        let plugin_dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(MAILROOM, plugin_dir.path().join("kubectl-mailroom")).unwrap();
+        let path = format!(
+            "{}:{}",
+            plugin_dir.path().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let out = Command::new(self.bed.kubectl_path())
+            .arg("mailroom")
+            .args(args)
+            .env("KUBECONFIG", self.bed.kubeconfig_path())
+            .env("PATH", path)
+            .output()
+            .expect("running kubectl mailroom");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// `kubectl apply` of a manifest; the output, whether it succeeded or not.
     pub fn try_apply(&self, yaml: &str) -> Output {
         let mut cmd = self.bed.kubectl();

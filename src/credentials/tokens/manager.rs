@@ -209,8 +209,9 @@ impl TokenManager {
         };
         match api.replace(name, &dry_run, secret).await {
             Err(kube::Error::Api(status)) if matches!(status.code, 401 | 403) => Some(format!(
-                "the access token in Secret {name:?} has expired, and refreshing it would retire the Secret's refresh token, but you may not store the new one there ({}); the controller refreshes it at its next test: `mailroom retest {} -n {}` asks for one now",
+                "the access token in Secret {name:?} has expired, and refreshing it would retire the Secret's refresh token, but you may not store the new one there ({}); the controller refreshes it at its next test: `{} retest {} -n {}` asks for one now",
                 status.message,
+                crate::command_name(),
                 provider.name_any(),
                 fetched.namespace
             )),
