@@ -476,8 +476,12 @@ fn redirect_reply(target: &str, state: &str) -> Reply {
         return Reply {
             status: "200 OK",
             page: "Sign-in failed; see the terminal.",
+            // The words came in a URL anyone could craft: no raw control characters
+            // reach the terminal.
             outcome: Some(Err(anyhow::anyhow!(
-                "the sign-in failed: {error}: {description}"
+                "the sign-in failed: {}: {}",
+                crate::probe::printable(error),
+                crate::probe::printable(&description)
             ))),
         };
     }
@@ -914,6 +918,11 @@ mod tests {
         assert_eq!(code.expose_secret(), "c");
         let failed = ends("/?error=access_denied&state=s").unwrap().unwrap_err();
         assert!(failed.to_string().contains("access_denied"), "{failed}");
+        let crafted = ends("/?error=x%1B%5B2J&error_description=a%0Ab&state=s").unwrap();
+        assert_eq!(
+            crafted.unwrap_err().to_string(),
+            "the sign-in failed: x\\u{1b}[2J: a\\nb"
+        );
         for target in [
             "/?error=access_denied&state=x",
             "/?code=c&state=x",

@@ -25,7 +25,7 @@ use crate::api::oauth2::scopes;
 use crate::api::{
     AuthMethod, IncomingMailProvider, IncomingMailProviderSpec, OAuth2Flow, OAuth2Spec, Reason,
 };
-use crate::probe::Login;
+use crate::probe::{Login, printable};
 pub use manager::TokenManager;
 
 pub const REFRESH_TOKEN: &str = "refresh_token";
@@ -341,9 +341,17 @@ pub fn read_grant(status: u16, body: &[u8], form: &[(&str, SecretString)]) -> Gr
     if let Ok(e) = serde_json::from_slice::<ErrorBody>(body) {
         let description = e.error_description.unwrap_or_default();
         let first_line = description.lines().next().unwrap_or_default();
+        // The endpoint's words go into status, Events and logs: control characters
+        // escaped, so that an endpoint cannot forge a log line or drive a terminal.
         return Grant::Refused {
-            error: scrub(&e.error, form).chars().take(100).collect(),
-            description: scrub(first_line, form).chars().take(300).collect(),
+            error: printable(&scrub(&e.error, form))
+                .chars()
+                .take(100)
+                .collect(),
+            description: printable(&scrub(first_line, form))
+                .chars()
+                .take(300)
+                .collect(),
         };
     }
     let excerpt: String = scrub(&String::from_utf8_lossy(body), form)

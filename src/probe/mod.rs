@@ -37,7 +37,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::api::{Protocol, Reason, SaslMechanism, TlsMode};
-pub(crate) use classify::cut;
+pub(crate) use classify::{cut, printable};
 use session::{Greeting, MailSession};
 use stream::{Meter, Tcp, Wire};
 

@@ -26,7 +26,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
-use super::classify::{self, quote_bytes};
+use super::classify::{self, printable, quote_bytes};
 use super::stream::Tcp;
 use super::{CertInfo, Failure, Step, Target, TlsInfo};
 use crate::api::{Protocol, Reason, TlsMode};
@@ -427,10 +427,27 @@ pub(crate) struct VerifiedChains {
     until: Memo<u64, 4096>,
 }
 
-/// Values keyed by bytes, forgotten all at once when `KEEP` are held: for verdicts and
-/// details that are cheap to compute again, of which a fleet needs only a few.
+/// Values keyed by the SHA-256 of what they describe (a certificate, a chain), forgotten
+/// all at once when `KEEP` are held: for verdicts and details that are cheap to compute
+/// again, of which a fleet needs only a few. The key is a digest, not the bytes, so that
+/// what a server sends (a chain padded with certificates it does not need, different at
+/// each handshake) cannot make an entry large: `KEEP` entries take a few hundred KB.
 #[derive(Debug)]
-struct Memo<V, const KEEP: usize>(Mutex<std::collections::HashMap<Vec<u8>, V>>);
+struct Memo<V, const KEEP: usize>(Mutex<std::collections::HashMap<Digest, V>>);
+
+type Digest = [u8; 32];
+
+/// The SHA-256 of `parts`, each length-prefixed so that different splits differ.
+fn digest<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> Digest {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in parts {
+        ctx.update(&(part.len() as u64).to_be_bytes());
+        ctx.update(part);
+    }
+    let mut out = [0; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
 
 impl<V, const KEEP: usize> Default for Memo<V, KEEP> {
     fn default() -> Self {
@@ -439,11 +456,11 @@ impl<V, const KEEP: usize> Default for Memo<V, KEEP> {
 }
 
 impl<V: Clone, const KEEP: usize> Memo<V, KEEP> {
-    fn get(&self, key: &[u8]) -> Option<V> {
+    fn get(&self, key: &Digest) -> Option<V> {
         self.0.lock().ok()?.get(key).cloned()
     }
 
-    fn put(&self, key: Vec<u8>, value: V) {
+    fn put(&self, key: Digest, value: V) {
         if let Ok(mut map) = self.0.lock() {
             if map.len() >= KEEP {
                 map.clear();
@@ -460,32 +477,23 @@ impl VerifiedChains {
         server_name: &ServerName<'_>,
         end_entity: &[u8],
         intermediates: &[CertificateDer<'_>],
-    ) -> Vec<u8> {
+    ) -> Digest {
         let name = server_name.to_str();
-        let mut key = Vec::with_capacity(
-            name.len()
-                + end_entity.len()
-                + intermediates.iter().map(|c| c.len() + 4).sum::<usize>()
-                + 8,
-        );
-        for part in std::iter::once(name.as_bytes())
-            .chain(std::iter::once(end_entity))
-            .chain(intermediates.iter().map(|c| c.as_ref()))
-        {
-            key.extend_from_slice(&(part.len() as u32).to_be_bytes());
-            key.extend_from_slice(part);
-        }
-        key
+        digest(
+            [name.as_bytes(), end_entity]
+                .into_iter()
+                .chain(intermediates.iter().map(|c| c.as_ref())),
+        )
     }
 
-    fn holds(&self, key: &[u8], now: UnixTime) -> bool {
+    fn holds(&self, key: &Digest, now: UnixTime) -> bool {
         self.until
             .get(key)
             .is_some_and(|until| now.as_secs() < until)
     }
 
     /// Remembers a verified chain: until the earliest notAfter among its certificates.
-    fn remember(&self, key: Vec<u8>, chain: &[&[u8]], now: UnixTime) {
+    fn remember(&self, key: Digest, chain: &[&[u8]], now: UnixTime) {
         let mut until = now.as_secs() + Self::AT_MOST_SECS;
         for der in chain {
             match X509Certificate::from_der(der) {
@@ -500,18 +508,45 @@ impl VerifiedChains {
     }
 }
 
-/// Builds (or reuses) the trust store for a CA bundle. Building one clones the platform's
-/// roots, which costs more than the rest of a test's client work; a fleet shares a few
-/// bundles, so the last ones built are kept, keyed by the bundle's bytes.
+/// The trust store for a CA bundle, built once and then reused (see [`TrustStores`]).
 fn trust_store(pem: Option<&[u8]>) -> Result<Trusted, Failure> {
+    static STORES: OnceLock<TrustStores> = OnceLock::new();
+    STORES.get_or_init(TrustStores::default).get(pem)
+}
+
+/// Trust stores built for CA bundles. Building one clones the platform's roots, which
+/// costs more than the rest of a test's client work; a fleet shares a few bundles, so the
+/// last ones built are kept, keyed by the bundle's digest: at most `KEEP` of them and,
+/// since a store holds about its bundle's size, at most `KEEP_BYTES` of bundles (a
+/// tenant's many large bundles are built again when used, not held).
+#[derive(Default)]
+struct TrustStores(Mutex<std::collections::VecDeque<(Digest, usize, Trusted)>>);
+
+impl TrustStores {
     const KEEP: usize = 64;
-    type Entries = Mutex<Vec<(Vec<u8>, Trusted)>>;
-    static CACHE: OnceLock<Entries> = OnceLock::new();
-    let cache = CACHE.get_or_init(|| Mutex::new(Vec::new()));
-    let key = pem.unwrap_or_default();
-    if let Some((_, trusted)) = cache.lock().unwrap().iter().find(|(k, _)| k == key) {
-        return Ok(trusted.clone());
+    const KEEP_BYTES: usize = 16 << 20;
+
+    fn get(&self, pem: Option<&[u8]>) -> Result<Trusted, Failure> {
+        let key = digest([pem.unwrap_or_default()]);
+        if let Some((_, _, trusted)) = self.0.lock().unwrap().iter().find(|(k, _, _)| *k == key) {
+            return Ok(trusted.clone());
+        }
+        let trusted = build_trust_store(pem)?;
+        let mut kept = self.0.lock().unwrap();
+        kept.push_back((key, pem.map_or(0, <[u8]>::len), trusted.clone()));
+        while kept.len() > Self::KEEP || (Self::held(&kept) > Self::KEEP_BYTES && kept.len() > 1) {
+            kept.pop_front();
+        }
+        Ok(trusted)
     }
+
+    fn held(kept: &std::collections::VecDeque<(Digest, usize, Trusted)>) -> usize {
+        kept.iter().map(|(_, size, _)| size).sum()
+    }
+}
+
+/// The platform's roots plus a bundle's certificates, and a verifier over them.
+fn build_trust_store(pem: Option<&[u8]>) -> Result<Trusted, Failure> {
     let pinned = match pem {
         Some(pem) => parse_bundle(pem)?,
         None => Vec::new(),
@@ -532,13 +567,7 @@ fn trust_store(pem: Option<&[u8]>) -> Result<Trusted, Failure> {
             .map_err(|err| setup_failed(err.to_string()))?;
         Some(built)
     };
-    let trusted = (pinned, webpki, Arc::default());
-    let mut cache = cache.lock().unwrap();
-    if cache.len() >= KEEP {
-        cache.remove(0);
-    }
-    cache.push((key.to_vec(), trusted.clone()));
-    Ok(trusted)
+    Ok((pinned, webpki, Arc::default()))
 }
 
 /// The platform's trust anchors, loaded once. Unreadable ones are skipped: a container
@@ -596,11 +625,12 @@ fn tls_info(conn: &rustls::ClientConnection) -> TlsInfo {
 fn leaf_info(der: &[u8]) -> Option<CertInfo> {
     static SEEN: OnceLock<Memo<Option<CertInfo>, 256>> = OnceLock::new();
     let seen = SEEN.get_or_init(Memo::default);
-    if let Some(info) = seen.get(der) {
+    let key = digest([der]);
+    if let Some(info) = seen.get(&key) {
         return info;
     }
     let info = cert_info(der);
-    seen.put(der.to_vec(), info.clone());
+    seen.put(key, info.clone());
     info
 }
 
@@ -613,15 +643,17 @@ pub(crate) fn cert_info(der: &[u8]) -> Option<CertInfo> {
             .general_names
             .iter()
             .filter_map(|n| match n {
-                GeneralName::DNSName(name) => Some(name.to_string()),
+                GeneralName::DNSName(name) => Some(printable(name)),
                 _ => None,
             })
             .collect(),
         _ => Vec::new(),
     };
+    // The names are the server's words: control characters in them are escaped, as in
+    // a greeting, before they reach a status, an Event or a terminal.
     Some(CertInfo {
-        subject: cert.subject().to_string(),
-        issuer: cert.issuer().to_string(),
+        subject: printable(&cert.subject().to_string()),
+        issuer: printable(&cert.issuer().to_string()),
         not_after: rfc3339(cert.validity().not_after.timestamp()),
         dns_names,
     })
@@ -801,6 +833,46 @@ mod tests {
         CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
     }
 
+    /// A server's certificate names are its words: control characters in them (a CN
+    /// that clears the screen, a newline that forges a line) reach status escaped.
+    #[test]
+    fn certificate_names_reach_status_without_raw_control_characters() {
+        let info = cert_info(&der(include_str!("testdata/control.pem"))).unwrap();
+        for name in [&info.subject, &info.issuer, &info.dns_names[0]] {
+            assert!(!name.chars().any(char::is_control), "{name:?}");
+            assert!(name.contains("\\u{1b}[31m"), "{name:?}");
+        }
+        assert!(info.subject.contains("FAKE\\nline2"), "{:?}", info.subject);
+    }
+
+    /// Kept trust stores are bounded by their bundles' bytes, not only their number:
+    /// 40 bundles of 1 MiB (one certificate and a long comment each, as a tenant could
+    /// make them) leave at most 16 MiB held, the newest kept and reused.
+    #[test]
+    fn kept_trust_stores_hold_a_bounded_size_of_bundles() {
+        let stores = TrustStores::default();
+        let ca = include_str!("testdata/ca.pem");
+        let bundle = |i: usize| format!("{i}\n{}\n{ca}", "x".repeat(1 << 20)).into_bytes();
+        for i in 0..40 {
+            stores.get(Some(&bundle(i))).unwrap();
+        }
+        let kept = stores.0.lock().unwrap().len();
+        assert!(kept <= 16, "{kept} stores of 1 MiB bundles kept");
+        assert!(TrustStores::held(&stores.0.lock().unwrap()) <= TrustStores::KEEP_BYTES);
+        let (_, again, _) = stores.get(Some(&bundle(39))).unwrap();
+        let (_, kept_one, _) = stores.0.lock().unwrap().back().unwrap().2.clone();
+        assert!(
+            Arc::ptr_eq(&again.unwrap(), &kept_one.unwrap()),
+            "the newest is reused"
+        );
+        // Small bundles are kept up to their number.
+        let small = TrustStores::default();
+        for i in 0..100 {
+            small.get(Some(format!("{i}\n{ca}").as_bytes())).unwrap();
+        }
+        assert_eq!(small.0.lock().unwrap().len(), TrustStores::KEEP);
+    }
+
     fn at(secs: u64) -> UnixTime {
         UnixTime::since_unix_epoch(Duration::from_secs(secs))
     }
@@ -832,7 +904,7 @@ mod tests {
         let now = 1_800_000_000;
         let key = VerifiedChains::key(&name, &leaf, std::slice::from_ref(&ca));
         assert!(!chains.holds(&key, at(now)));
-        chains.remember(key.clone(), &[leaf.as_ref(), ca.as_ref()], at(now));
+        chains.remember(key, &[leaf.as_ref(), ca.as_ref()], at(now));
         assert!(chains.holds(&key, at(now + 3599)));
         assert!(!chains.holds(&key, at(now + 3600)), "an hour at most");
         // Another name, another intermediate list, another leaf: not verified.
@@ -846,7 +918,7 @@ mod tests {
         let (_, cert) = X509Certificate::from_der(expired.as_ref()).unwrap();
         let not_after = cert.validity().not_after.timestamp() as u64;
         let key = VerifiedChains::key(&name, &expired, &[]);
-        chains.remember(key.clone(), &[expired.as_ref()], at(not_after - 60));
+        chains.remember(key, &[expired.as_ref()], at(not_after - 60));
         assert!(chains.holds(&key, at(not_after - 1)));
         assert!(!chains.holds(&key, at(not_after)));
     }

@@ -110,6 +110,20 @@ fn grants_and_microsoft_errors_are_read() {
     assert!(
         matches!(read_grant(502, b"<html>bad gateway</html>", &[]), Grant::Failed(m) if m.contains("HTTP 502"))
     );
+    // An endpoint's words reach status, Events and logs without raw control characters:
+    // an `error` with a newline cannot forge a log line, nor a description drive a
+    // terminal.
+    match read_grant(
+        400,
+        b"{\"error\":\"invalid_grant\\nINFO tested reason=Connected\",\"error_description\":\"\\u001b[2Jgone\\r\"}",
+        &[],
+    ) {
+        Grant::Refused { error, description } => {
+            assert_eq!(error, "invalid_grant\\nINFO tested reason=Connected");
+            assert_eq!(description, "\\u{1b}[2Jgone\\r");
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
