@@ -152,16 +152,33 @@ fn refusal(reply: &str) -> Refusal {
             "the server refuses a login this soon after the previous one (a spec.check.interval longer than its delay avoids this)",
         ),
         Some("LIMIT") => Refusal::ServerSide(TOO_MANY_SESSIONS),
-        // Gmail caps an account's sessions and says so only in words, as an [ALERT]
-        // (or with no code): "Too many simultaneous connections. (Failure)".
-        _ if reply
-            .to_ascii_lowercase()
-            .contains("too many simultaneous connections")
-            || reply.to_ascii_lowercase().contains("too many connections") =>
-        {
-            Refusal::ServerSide(TOO_MANY_SESSIONS)
-        }
-        _ => Refusal::Credentials,
+        Some("AUTHENTICATIONFAILED") | Some("AUTH") => Refusal::Credentials,
+        // Gmail's daily IMAP bandwidth and command limits: "NO [OVERQUOTA] Account
+        // exceeded command or bandwidth limits. (Failure)".
+        Some("OVERQUOTA") => Refusal::ServerSide(
+            "the account is over a limit of the server's (Gmail says so of its daily IMAP bandwidth and command limits), which clears by itself",
+        ),
+        _ => refusal_in_words(&reply.to_ascii_lowercase()),
+    }
+}
+
+/// What a refusal without a code says in words that servers are known to use: Gmail
+/// caps an account's sessions ("Too many simultaneous connections. (Failure)"), and
+/// Microsoft Exchange, which sends no codes at all, throttles a busy mailbox ("BAD
+/// Request is throttled. Suggested Backoff Time: 89117 milliseconds", at any command)
+/// and fails on its side ("-ERR Server Unavailable. 21" after PASS).
+fn refusal_in_words(reply: &str) -> Refusal {
+    if reply.contains("too many simultaneous connections") || reply.contains("too many connections")
+    {
+        Refusal::ServerSide(TOO_MANY_SESSIONS)
+    } else if reply.contains("request is throttled") {
+        Refusal::ServerSide(
+            "the server is throttling this mailbox (Microsoft 365 does when other clients use it heavily), which clears by itself",
+        )
+    } else if reply.contains("server unavailable") {
+        Refusal::ServerSide("the server reports a failure on its side")
+    } else {
+        Refusal::Credentials
     }
 }
 
@@ -589,8 +606,21 @@ mod tests {
             // Gmail's, past 15 sessions of one account: no code of its own.
             "NO [ALERT] Too many simultaneous connections. (Failure)",
             "-ERR too many connections from this account",
+            // Gmail's daily limits, Microsoft 365 throttling a busy mailbox (BAD or NO,
+            // at any command) and Exchange POP3 failing on its side after PASS.
+            "NO [OVERQUOTA] Account exceeded command or bandwidth limits. (Failure)",
+            "BAD Request is throttled. Suggested Backoff Time: 89117 milliseconds",
+            "NO Request is throttled. Suggested Backoff Time: 299910 milliseconds",
+            "-ERR Server Unavailable. 21",
         ] {
             assert!(matches!(refusal(reply), Refusal::ServerSide(_)), "{reply}");
+        }
+        // A code that says "the credentials" is taken over the words.
+        for reply in [
+            "NO [AUTHENTICATIONFAILED] too many connections? no: wrong password",
+            "-ERR [AUTH] server unavailable to you with this password",
+        ] {
+            assert_eq!(refusal(reply), Refusal::Credentials, "{reply}");
         }
     }
     use crate::probe::stream::LimitExceeded;

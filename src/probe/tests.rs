@@ -2056,6 +2056,117 @@ async fn gmail_too_many_simultaneous_connections_is_not_a_wrong_password() {
     assert!(f.message.contains("not a wrong login"), "{}", f.message);
 }
 
+/// Microsoft 365 throttles a mailbox other clients use heavily, in words and without a
+/// code, with BAD or NO, at the login or at STATUS: the server's doing, not a wrong
+/// password (which would also make an OAuth2 token count as refused), nor a command it
+/// did not understand, nor a missing mailbox.
+#[tokio::test]
+async fn exchange_throttling_is_the_server_at_login_and_at_status() {
+    const GREETING: &str = "* OK The Microsoft Exchange IMAP4 service is ready.\r\n";
+    const CAPABILITIES: &str = "* CAPABILITY IMAP4 IMAP4rev1 AUTH=PLAIN AUTH=XOAUTH2 SASL-IR\r\n$TAG OK CAPABILITY completed.\r\n";
+    let server = serve(vec![
+        Say(GREETING),
+        Cmd("CAPABILITY"),
+        Say(CAPABILITIES),
+        Cmd("AUTHENTICATE XOAUTH2"),
+        Say("$TAG BAD Request is throttled. Suggested Backoff Time: 89117 milliseconds\r\n* BYE Connection closed. 14\r\n"),
+    ])
+    .await;
+    let login = Login::OAuth2 {
+        username: "alice@example.com".into(),
+        token: SecretString::from(SECRET),
+        mechanism: SaslMechanism::Auto,
+        allow_unencrypted: true,
+    };
+    let f =
+        failure(&run(&target(server.port, Protocol::Imap, TlsMode::None), &login).await).clone();
+    assert_eq!(
+        (f.reason, f.step),
+        (Reason::ServerUnavailable, Step::Authenticate),
+        "{f:?}"
+    );
+    assert!(
+        f.message.contains("throttling") && f.message.contains("89117"),
+        "{}",
+        f.message
+    );
+
+    for reply in [
+        "$PREV BAD Request is throttled. Suggested Backoff Time: 89117 milliseconds\r\n* BYE Connection closed. 14\r\n",
+        "$PREV NO Request is throttled. Suggested Backoff Time: 299910 milliseconds\r\n* BYE bye\r\n$TAG OK LOGOUT completed.\r\n",
+    ] {
+        let server = serve(vec![
+            Say(GREETING),
+            Cmd("CAPABILITY"),
+            Say(CAPABILITIES),
+            Cmd("AUTHENTICATE PLAIN"),
+            Say("$TAG OK AUTHENTICATE completed.\r\n"),
+            Cmd("STATUS"),
+            Cmd("LOGOUT"),
+            Say(reply),
+        ])
+        .await;
+        let t = target(server.port, Protocol::Imap, TlsMode::None);
+        let f = failure(&run(&t, &password(true)).await).clone();
+        assert_eq!(
+            (f.reason, f.step),
+            (Reason::ServerUnavailable, Step::Mailbox),
+            "{reply}: {f:?}"
+        );
+    }
+}
+
+/// Gmail's daily IMAP limits ("[OVERQUOTA] Account exceeded command or bandwidth
+/// limits") stop STATUS for up to a day: the account's limit, not the mailbox's name.
+#[tokio::test]
+async fn gmail_over_its_limits_is_the_server_not_the_mailbox() {
+    let server = serve(vec![
+        Say("* OK Gimap ready for requests from 10.0.0.1\r\n"),
+        Cmd("CAPABILITY"),
+        Say("* CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2 AUTH=PLAIN\r\n$TAG OK Thats all she wrote!\r\n"),
+        Cmd("AUTHENTICATE PLAIN"),
+        Say("$TAG OK alice authenticated (Success)\r\n"),
+        Cmd("STATUS"),
+        Cmd("LOGOUT"),
+        Say("$PREV NO [OVERQUOTA] Account exceeded command or bandwidth limits. (Failure)\r\n* BYE LOGOUT Requested\r\n$TAG OK 73 good day (Success)\r\n"),
+    ])
+    .await;
+    let t = target(server.port, Protocol::Imap, TlsMode::None);
+    let f = failure(&run(&t, &password(true)).await).clone();
+    assert_eq!(
+        (f.reason, f.step),
+        (Reason::ServerUnavailable, Step::Mailbox),
+        "{f:?}"
+    );
+    assert!(f.message.contains("clears by itself"), "{}", f.message);
+}
+
+/// Exchange's POP3 answers PASS with "-ERR Server Unavailable. 21" when its mailbox
+/// back end fails: not a wrong password.
+#[tokio::test]
+async fn exchange_pop3_server_unavailable_after_pass_is_not_a_wrong_password() {
+    let server = serve(vec![
+        Say("+OK The Microsoft Exchange POP3 service is ready.\r\n"),
+        Cmd("CAPA"),
+        Say("+OK\r\nTOP\r\nUIDL\r\nUSER\r\n.\r\n"),
+        Cmd("USER"),
+        Say("+OK\r\n"),
+        Cmd("PASS"),
+        Say("-ERR Server Unavailable. 21\r\n"),
+        Cmd("QUIT"),
+        Say("+OK bye\r\n"),
+    ])
+    .await;
+    let t = target(server.port, Protocol::Pop3, TlsMode::None);
+    let f = failure(&run(&t, &password(true)).await).clone();
+    assert_eq!(
+        (f.reason, f.step),
+        (Reason::ServerUnavailable, Step::Authenticate),
+        "{f:?}"
+    );
+    assert!(f.message.contains("not a wrong login"), "{}", f.message);
+}
+
 /// After the server agreed to STARTTLS/STLS, a failed handshake says so, and does not
 /// advise the mode already in use.
 #[tokio::test]
