@@ -26,6 +26,7 @@ use super::retest::{Scope, request_check, wait_for_tests};
 use crate::api::oauth2::{endpoints, plaintext_endpoints, scopes};
 use crate::api::{AuthMethod, IncomingMailProvider, OAuth2Flow, OAuth2Provider};
 use crate::credentials::http::{Response, post_form};
+use crate::credentials::proxy::Loopback;
 use crate::credentials::tokens::{
     self, Grant, REFRESH_TOKEN, TOKEN_REQUEST_TIMEOUT, read_grant, signed_in_secret, token_tls,
     token_tls_with,
@@ -504,9 +505,15 @@ async fn exchange(
     token_url: &str,
     form: &[(&str, SecretString)],
 ) -> anyhow::Result<tokens::TokenResponse> {
-    let answer = post_form(tls, token_url, form, TOKEN_REQUEST_TIMEOUT)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let answer = post_form(
+        tls,
+        token_url,
+        form,
+        TOKEN_REQUEST_TIMEOUT,
+        Loopback::Allowed,
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
     match read_grant(answer.status, &answer.body, form) {
         Grant::Tokens(t) => Ok(t),
         Grant::Refused { error, description } => {
@@ -612,9 +619,15 @@ async fn device_flow(
     if let Some(c) = client_secret {
         form.push(("client_secret", c.clone()));
     }
-    let Response { status, body, .. } = post_form(tls, device_url, &form, TOKEN_REQUEST_TIMEOUT)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let Response { status, body, .. } = post_form(
+        tls,
+        device_url,
+        &form,
+        TOKEN_REQUEST_TIMEOUT,
+        Loopback::Allowed,
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
     if status != 200 {
         match read_grant(status, &body, &form) {
             Grant::Refused { error, description } => {
@@ -670,7 +683,15 @@ async fn device_flow(
         if let Some(c) = client_secret {
             form.push(("client_secret", c.clone()));
         }
-        let poll = match post_form(tls, token_url, &form, TOKEN_REQUEST_TIMEOUT).await {
+        let poll = match post_form(
+            tls,
+            token_url,
+            &form,
+            TOKEN_REQUEST_TIMEOUT,
+            Loopback::Allowed,
+        )
+        .await
+        {
             Ok(answer) => poll_outcome(&answer, &form, token_url, Timestamp::now()),
             Err(why) => Poll::Busy {
                 why,
@@ -759,7 +780,9 @@ async fn revoke(
                 form.push(("client_secret", secret));
             }
             let answer = match tls {
-                Ok(tls) => post_form(tls, &url, &form, TOKEN_REQUEST_TIMEOUT).await,
+                Ok(tls) => {
+                    post_form(tls, &url, &form, TOKEN_REQUEST_TIMEOUT, Loopback::Allowed).await
+                }
                 Err(e) => Err(format!("{e:#}")),
             };
             match answer {

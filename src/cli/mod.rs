@@ -76,6 +76,12 @@ pub struct ControllerArgs {
     /// the number of series small.
     #[arg(long, env = "MAILROOM_PER_PROVIDER_METRICS")]
     pub per_provider_metrics: bool,
+    /// Let providers' OAuth2 token endpoints be this pod's own loopback (an identity
+    /// provider in a sidecar). Off: the controller refuses them, since whoever may edit a
+    /// provider could otherwise POST to a sidecar's admin port (a service mesh's proxy
+    /// stops at `/quitquitquit`), which no NetworkPolicy guards.
+    #[arg(long, env = "MAILROOM_ALLOW_OAUTH2_LOOPBACK")]
+    pub allow_oauth2_loopback: bool,
     /// Test only while holding a Lease, so that of several replicas exactly one tests.
     #[arg(long, env = "MAILROOM_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub leader_election: bool,
@@ -183,6 +189,7 @@ pub async fn main() -> anyhow::Result<i32> {
                 per_host: args.per_host_concurrency,
                 metrics_addr,
                 per_provider_metrics: args.per_provider_metrics,
+                oauth2_loopback: args.allow_oauth2_loopback,
                 lease,
                 shard,
                 stopping: crate::controller::Stopping::within(std::time::Duration::from_secs(

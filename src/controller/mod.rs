@@ -61,6 +61,8 @@ pub struct Settings {
     pub metrics_addr: Option<ListenAddr>,
     /// Per-provider series (namespace and name as labels) besides the aggregates.
     pub per_provider_metrics: bool,
+    /// Whether OAuth2 token requests may go to this pod's own loopback.
+    pub oauth2_loopback: bool,
     /// Run only while holding this Lease; None runs at once (a single replica).
     pub lease: Option<LeaseSettings>,
     /// Which providers this replica tests.
@@ -182,7 +184,11 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     let shutdown: Stop = wait_for_signal().boxed().shared();
     // One token manager for the process, not per lease term: the tokens it keeps since a
     // refused write-back outlive a lost lease, and are stored before the process ends.
-    let tokens = Arc::new(TokenManager::new(client.clone())?);
+    let tokens = TokenManager::new(client.clone())?;
+    let tokens = Arc::new(match settings.oauth2_loopback {
+        true => tokens,
+        false => tokens.refusing_loopback(),
+    });
     let Some(lease) = &settings.lease else {
         metrics.set_leader(true);
         let (_always, testing) = tokio::sync::watch::channel(true);

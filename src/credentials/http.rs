@@ -148,6 +148,7 @@ pub async fn post_form(
     url: &str,
     form: &[(&str, SecretString)],
     timeout: Duration,
+    loopback: proxy::Loopback,
 ) -> Result<Response, String> {
     let target = parse_url(url)?;
     // Read at every request, as the environment is where a proxy is set.
@@ -173,7 +174,7 @@ pub async fn post_form(
     ));
     request.push_str(&body);
     let exchange = async {
-        let tcp = proxy::open(via.as_ref(), &target).await?;
+        let tcp = proxy::open(via.as_ref(), &target, loopback).await?;
         let raw = if target.tls {
             let name = rustls::pki_types::ServerName::try_from(target.host.clone())
                 .map_err(|e| format!("{:?} is not a valid TLS name: {e}", target.host))?;

@@ -4,7 +4,7 @@
 //! them is the caller's business (the controller reads a cache, the CLI the API server).
 
 pub mod http;
-mod proxy;
+pub mod proxy;
 mod references;
 pub mod tokens;
 

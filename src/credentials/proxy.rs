@@ -252,22 +252,69 @@ fn in_range(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
 /// The connection a request to `target` is written to: straight to it, to the proxy
 /// (plain HTTP, absolute form), or a tunnel through the proxy (https), ready for TLS.
 /// The caller's deadline bounds the whole of it.
-pub async fn open(via: Option<&Proxy>, target: &Url) -> Result<TcpStream, String> {
+pub async fn open(
+    via: Option<&Proxy>,
+    target: &Url,
+    loopback: Loopback,
+) -> Result<TcpStream, String> {
     match via {
         Some(proxy) if target.tls => tunnel(proxy, target).await,
         Some(proxy) => TcpStream::connect((proxy.host.as_str(), proxy.port))
             .await
             .map_err(|e| format!("connecting to the proxy {}: {e}", proxy.shown())),
-        None => TcpStream::connect((target.host.as_str(), target.port))
-            .await
-            .map_err(|e| {
-                format!(
-                    "connecting to {}: {e}",
-                    authority(&target.host, target.port)
-                )
-            }),
+        None => direct(target, loopback).await,
     }
 }
+
+/// Whether a request may go to this host's own loopback. The controller refuses it
+/// unless told otherwise: whoever may edit a provider names its token endpoint, and on
+/// the controller pod's loopback listen the admin ports of its sidecars (a service
+/// mesh's proxy stops at a POST to `/quitquitquit`), which no network policy guards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Loopback {
+    Allowed,
+    Refused,
+}
+
+/// Whether `ip` reaches this host itself: loopback, or the unspecified address, which
+/// Linux connects to loopback.
+pub fn is_own_host(ip: std::net::IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    ip.is_loopback() || ip.is_unspecified()
+}
+
+/// Connects to `target` itself, to the addresses its name resolves to in turn; refused
+/// before any byte is sent when one of them is this host's and `loopback` says so (the
+/// addresses checked are the ones connected to: a name cannot resolve anew between).
+async fn direct(target: &Url, loopback: Loopback) -> Result<TcpStream, String> {
+    let shown = authority(&target.host, target.port);
+    let addrs: Vec<_> = tokio::net::lookup_host((target.host.as_str(), target.port))
+        .await
+        .map_err(|e| format!("resolving {shown}: {e}"))?
+        .collect();
+    if loopback == Loopback::Refused
+        && let Some(own) = addrs.iter().find(|a| is_own_host(a.ip()))
+    {
+        return Err(format!(
+            "{shown} is this pod's own address ({}): {LOOPBACK_REFUSED}",
+            own.ip()
+        ));
+    }
+    let mut last = None;
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(match last {
+        Some(e) => format!("connecting to {shown}: {e}"),
+        None => format!("resolving {shown}: no address"),
+    })
+}
+
+/// Why the controller sends no OAuth2 request to its own pod, and what allows it.
+pub const LOOPBACK_REFUSED: &str = "the controller sends no OAuth2 request to its own pod, where sidecars' admin ports listen, unless it runs with --allow-oauth2-loopback (for an identity provider in a sidecar)";
 
 /// Connects to `proxy` and asks it for a tunnel to `target`.
 async fn tunnel(proxy: &Proxy, target: &Url) -> Result<TcpStream, String> {
@@ -330,6 +377,32 @@ mod tests {
 
     fn url(text: &str) -> Url {
         parse_url(text).unwrap()
+    }
+
+    /// A name that resolves to this host is refused when loopback is, before any byte
+    /// is sent (the addresses checked are those connected to); allowed, it connects.
+    #[tokio::test]
+    async fn a_name_resolving_to_this_host_is_refused_before_connecting() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let target =
+            super::super::http::parse_url(&format!("http://localhost:{port}/token")).unwrap();
+        let err = open(None, &target, Loopback::Refused).await.unwrap_err();
+        assert!(
+            err.contains("own address") && err.contains("--allow-oauth2-loopback"),
+            "{err}"
+        );
+        let accepted =
+            tokio::time::timeout(std::time::Duration::from_millis(200), listener.accept()).await;
+        assert!(accepted.is_err(), "a connection was made");
+        let unspecified =
+            super::super::http::parse_url(&format!("http://0.0.0.0:{port}/")).unwrap();
+        assert!(open(None, &unspecified, Loopback::Refused).await.is_err());
+        open(None, &target, Loopback::Allowed).await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), listener.accept())
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     #[test]

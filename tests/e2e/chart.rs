@@ -2553,12 +2553,16 @@ async fn the_controller_works_with_the_charts_service_account_and_nothing_more()
     mail_basics(&env, &env.ns, None);
     env.apply_alice_imaps("as-sa");
     let chart = chart_args(&helm, &rel, &env.ns, &values);
-    // The chart watches every namespace; on the shared bed this one only.
+    // The chart watches every namespace; on the shared bed this one only. The bed's
+    // token server, below, is on this host's loopback.
     let controller = controller_as(
         &env,
         &kubeconfig,
         &chart,
-        &[format!("--namespace={}", env.ns)],
+        &[
+            format!("--namespace={}", env.ns),
+            "--allow-oauth2-loopback".into(),
+        ],
         &env.ns,
     );
     wait_ready_reason(&env, &env.ns, "as-sa", "Connected", &controller).await;

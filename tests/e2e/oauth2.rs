@@ -1691,6 +1691,40 @@ fn with_login(proxy: &mailroom_testbed::HttpProxy, password: &str) -> String {
     )
 }
 
+/// The controller sends no token request to its own pod's loopback unless it runs with
+/// --allow-oauth2-loopback: whoever may edit a provider could otherwise POST to a
+/// sidecar's admin port there. Said as a spec to change, naming the field and the flag,
+/// before any request.
+#[tokio::test]
+async fn the_controller_refuses_a_token_endpoint_on_its_own_loopback_unless_allowed() {
+    let env = Env::new("oauth2-loopback").await;
+    trust_bed_ca(&env).await;
+    let server = TokenServer::start(env.bed.oauth());
+    app_provider(&env, &server).await;
+    let refusing = env.controller_with_env(&[], &[("MAILROOM_ALLOW_OAUTH2_LOOPBACK", "false")]);
+    let p = env
+        .wait_reason("app", "InvalidSpec", Duration::from_secs(60))
+        .await;
+    let message = &ready(&p).unwrap().message;
+    assert!(
+        message.contains("spec.authentication.oauth2.tokenURL")
+            && message.contains("own address")
+            && message.contains("--allow-oauth2-loopback"),
+        "{message}"
+    );
+    assert_eq!(
+        server.token_requests(),
+        0,
+        "no request may reach the endpoint"
+    );
+    drop(refusing);
+    // Allowed (as the bed's controllers run, its identity providers being on loopback).
+    let _controller = env.controller();
+    env.request_test("app", "allowed");
+    env.wait_reason("app", "Connected", Duration::from_secs(60))
+        .await;
+}
+
 #[tokio::test]
 async fn token_requests_tunnel_through_https_proxy_with_its_credentials() {
     let env = Env::new("oauth2-connect").await;

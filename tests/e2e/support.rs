@@ -194,6 +194,9 @@ impl Env {
             ])
             .args(extra)
             .env("KUBECONFIG", self.bed.kubeconfig_path())
+            // The bed's identity providers listen on this host's loopback, which the
+            // controller refuses by default (a test may set it to false again).
+            .env("MAILROOM_ALLOW_OAUTH2_LOOPBACK", "true")
             .envs(vars.iter().copied())
             .stdout(file.try_clone().unwrap())
             .stderr(file)

@@ -21,6 +21,7 @@ use super::{
 };
 use crate::api::oauth2::{endpoints, plaintext_endpoints, scopes};
 use crate::api::{IncomingMailProvider, OAuth2Flow, Reason};
+use crate::credentials::proxy::Loopback;
 use crate::credentials::{CredentialError, Fetched, ObjectKind, secret_text};
 
 /// A grant not yet stored in its Secret.
@@ -76,6 +77,26 @@ pub(super) fn keep(
     );
 }
 
+/// The refusal of a token endpoint whose URL names this host itself (`localhost`, a
+/// loopback or unspecified address), said before any request as a spec to change; a
+/// name that resolves there is refused when the request connects.
+fn own_host_endpoint(o: &OAuth2Spec) -> Option<String> {
+    let url = endpoints(o).token?;
+    let host = crate::credentials::http::parse_url(&url).ok()?.host;
+    let host = host.to_ascii_lowercase();
+    let own = host == "localhost"
+        || host.ends_with(".localhost")
+        || host
+            .parse()
+            .is_ok_and(crate::credentials::proxy::is_own_host);
+    own.then(|| {
+        format!(
+            "spec.authentication.oauth2.tokenURL {url:?} names this pod's own address: {}",
+            crate::credentials::proxy::LOOPBACK_REFUSED
+        )
+    })
+}
+
 /// Whether `grant` replaces the refresh token of `held` with another one.
 fn rotates(held: &TokenSet, grant: &TokenResponse) -> bool {
     grant.refresh_token.as_ref().is_some_and(|new| {
@@ -114,6 +135,8 @@ pub struct TokenManager {
     /// longer takes the one the Secret still holds. A grant is kept here the moment it
     /// arrives, and forgotten once written.
     pub(super) unsaved: BySecret<Unsaved>,
+    /// Whether token requests may go to this host's own loopback (see [`Loopback`]).
+    loopback: Loopback,
     /// App-only (ClientCredentials) tokens whose token Secret is missing or not marked as
     /// mailroom's: such a grant replaces nothing, so memory is enough.
     app: BySecret<HashMap<String, Secret>>,
@@ -149,7 +172,14 @@ impl TokenManager {
             refreshes: Default::default(),
             throttled: Mutex::default(),
             rejected: Arc::default(),
+            loopback: Loopback::Allowed,
         })
+    }
+
+    /// As the controller runs it: no token request to its own pod (see [`Loopback`]).
+    pub fn refusing_loopback(mut self) -> TokenManager {
+        self.loopback = Loopback::Refused;
+        self
     }
 
     /// The ledger of the token Secrets this manager rewrote.
@@ -233,6 +263,12 @@ impl TokenManager {
         // Refused before any token is used, not only at the next refresh: an object
         // stored before the API server's rule says so at once.
         if let Err(message) = plaintext_endpoints(o, spec.authentication.allow_unencrypted) {
+            fetched.token_problem = Some((Reason::InvalidSpec, message));
+            return fetched;
+        }
+        if self.loopback == Loopback::Refused
+            && let Some(message) = own_host_endpoint(o)
+        {
             fetched.token_problem = Some((Reason::InvalidSpec, message));
             return fetched;
         }
@@ -566,17 +602,23 @@ impl TokenManager {
         held: TokenSet,
     ) -> (Grant, Option<Timestamp>) {
         let unsaved = self.unsaved.clone();
+        let loopback = self.loopback;
         let task = self.exchanges.spawn(async move {
-            let (grant, not_before) =
-                match crate::credentials::http::post_form(&tls, &url, &form, TOKEN_REQUEST_TIMEOUT)
-                    .await
-                {
-                    Ok(r) => (
-                        read_grant(r.status, &r.body, &form),
-                        not_before(r.status, r.retry_after, Timestamp::now()),
-                    ),
-                    Err(message) => (Grant::Failed(message), None),
-                };
+            let (grant, not_before) = match crate::credentials::http::post_form(
+                &tls,
+                &url,
+                &form,
+                TOKEN_REQUEST_TIMEOUT,
+                loopback,
+            )
+            .await
+            {
+                Ok(r) => (
+                    read_grant(r.status, &r.body, &form),
+                    not_before(r.status, r.retry_after, Timestamp::now()),
+                ),
+                Err(message) => (Grant::Failed(message), None),
+            };
             if let Grant::Tokens(t) = &grant
                 && rotates(&held, t)
             {
