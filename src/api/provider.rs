@@ -301,7 +301,7 @@ pub struct OAuth2Spec {
     /// offline_access; Microsoft app-only https://outlook.office365.com/.default; Google
     /// https://mail.google.com/.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 32))]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 512)))]
     pub scopes: Vec<String>,
     /// The authorization endpoint: required for Generic with flow AuthorizationCode; for
     /// Microsoft and Google an override.
@@ -408,9 +408,11 @@ pub struct PasswordSecretRef {
     pub name: String,
     /// The key holding the username (used when authentication.username is not set).
     #[serde(default = "default_username_key")]
+    #[schemars(length(min = 1, max = 253))]
     pub username_key: String,
     /// The key holding the password.
     #[serde(default = "default_password_key")]
+    #[schemars(length(min = 1, max = 253))]
     pub password_key: String,
 }
 

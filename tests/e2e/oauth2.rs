@@ -36,6 +36,11 @@ async fn invalid_oauth2_manifests_are_rejected_with_the_field_named() {
             &["spec.authentication.oauth2.flow", "Google"],
         ),
         (
+            "a scope of 600 characters",
+            oauth(&format!("provider: Google, scopes: [{}]", "s".repeat(600))),
+            &["spec.authentication.oauth2.scopes[0]", "512"],
+        ),
+        (
             "DeviceCode with Google",
             oauth("provider: Google, flow: DeviceCode"),
             &["spec.authentication.oauth2.flow", "Google"],

@@ -54,6 +54,11 @@ async fn invalid_manifests_are_rejected_with_the_field_named() {
             &["spec.check.mailbox", "IMAP only"],
         ),
         (
+            "a Secret key longer than Kubernetes allows",
+            format!("  server: {{host: mail.example.com, protocol: IMAP}}\n  authentication: {{method: Password, secretRef: {{name: s, passwordKey: {}}}}}\n", "k".repeat(254)),
+            &["spec.authentication.secretRef.passwordKey", "253"],
+        ),
+        (
             "secretRef without a password",
             "  server: {host: mail.example.com, protocol: IMAP}\n  authentication: {method: None, secretRef: {name: s}}\n".into(),
             &["spec.authentication.secretRef", "only when method is Password"],
