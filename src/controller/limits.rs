@@ -5,11 +5,13 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
+use tokio::sync::{Semaphore, SemaphorePermit};
+
+use super::fair_slots::{FairSlot, FairSlots};
 
 pub struct HostLimits {
     per_host: usize,
-    hosts: Mutex<HashMap<String, Arc<Semaphore>>>,
+    hosts: Mutex<HashMap<String, Arc<FairSlots>>>,
 }
 
 impl HostLimits {
@@ -20,23 +22,21 @@ impl HostLimits {
         }
     }
 
-    /// Waits for a slot for `host`, however it is spelt (see [`host_key`]).
-    pub async fn acquire(&self, host: &str) -> OwnedSemaphorePermit {
-        let sem = {
+    /// Waits for a slot for `host`, however it is spelt (see [`host_key`]), for a test of
+    /// a provider in `namespace`: shared fairly between namespaces (see [`FairSlots`]).
+    pub async fn acquire(&self, host: &str, namespace: &str) -> FairSlot {
+        let slots = {
             let mut hosts = self.hosts.lock().unwrap();
             // Forget hosts nobody is testing, so the map does not grow without bound.
             if hosts.len() > 4096 {
-                let per_host = self.per_host;
-                hosts.retain(|_, s| s.available_permits() < per_host);
+                hosts.retain(|_, s| !s.idle());
             }
             hosts
                 .entry(host_key(host))
-                .or_insert_with(|| Arc::new(Semaphore::new(self.per_host)))
+                .or_insert_with(|| Arc::new(FairSlots::new(self.per_host)))
                 .clone()
         };
-        sem.acquire_owned()
-            .await
-            .expect("host semaphores are never closed")
+        slots.acquire(namespace).await
     }
 }
 
@@ -132,8 +132,9 @@ mod tests {
             ("2001:db8::1", "2001:DB8:0:0:0:0:0:1"),
         ] {
             let limits = HostLimits::new(1);
-            let _held = limits.acquire(a).await;
-            let second = tokio::time::timeout(Duration::from_millis(50), limits.acquire(b)).await;
+            let _held = limits.acquire(a, "ns").await;
+            let second =
+                tokio::time::timeout(Duration::from_millis(50), limits.acquire(b, "ns")).await;
             assert!(
                 second.is_err(),
                 "{b:?} is the server {a:?}: its test must wait"
@@ -145,11 +146,11 @@ mod tests {
     #[tokio::test]
     async fn a_host_gets_at_most_its_share() {
         let limits = HostLimits::new(2);
-        let _a = limits.acquire("mail.example.com").await;
-        let _b = limits.acquire("MAIL.example.com").await;
+        let _a = limits.acquire("mail.example.com", "ns").await;
+        let _b = limits.acquire("MAIL.example.com", "ns").await;
         let third = tokio::time::timeout(
             Duration::from_millis(50),
-            limits.acquire("mail.example.com"),
+            limits.acquire("mail.example.com", "ns"),
         )
         .await;
         assert!(
@@ -158,7 +159,7 @@ mod tests {
         );
         let other = tokio::time::timeout(
             Duration::from_millis(50),
-            limits.acquire("other.example.com"),
+            limits.acquire("other.example.com", "ns"),
         )
         .await;
         assert!(other.is_ok(), "another host must not wait");

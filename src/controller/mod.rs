@@ -4,6 +4,7 @@
 //! them, and writes.
 
 mod access;
+mod fair_slots;
 mod http;
 mod inflight;
 mod limits;
@@ -34,7 +35,6 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use kube_lease_manager::LeaseManagerBuilder;
-use tokio::sync::Semaphore;
 
 use crate::api::IncomingMailProvider;
 use crate::credentials::ObjectKind;
@@ -92,8 +92,9 @@ pub struct Context {
     pub recorder: Recorder,
     pub objects: Objects,
     pub limits: HostLimits,
-    /// Tests running at once (--concurrency), each until its status is written.
-    pub tests: Semaphore,
+    /// Tests running at once (--concurrency), each until its status is written, shared
+    /// fairly between namespaces.
+    pub tests: Arc<fair_slots::FairSlots>,
     pub writes: limits::WriteSlots,
     /// The tests started by reconciles, which run beside them (see `inflight`).
     pub inflight: inflight::InFlight,
@@ -521,7 +522,7 @@ async fn run_controllers(
             tokens.own_writes(),
         ),
         limits: HostLimits::new(settings.per_host),
-        tests: Semaphore::new(settings.concurrency.max(1)),
+        tests: Arc::new(fair_slots::FairSlots::new(settings.concurrency)),
         writes: limits::WriteSlots::new(API_WRITES, BACKGROUND_WRITES),
         stopping: shutdown.clone(),
         memory: Mutex::new(HashMap::new()),

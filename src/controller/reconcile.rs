@@ -404,7 +404,7 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
         // A controller told to stop starts no more tests: graceful shutdown waits for
         // every test started, and thousands may be queued here.
         let _host = tokio::select! {
-            permit = ctx.limits.acquire(&p.spec.server.host) => permit,
+            permit = ctx.limits.acquire(&p.spec.server.host, &ns) => permit,
             _ = ctx.stopping.clone() => return Ok(None),
         };
         if !still_current(p, ctx.provider(&job.key).as_deref()) {
@@ -422,7 +422,7 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
             // Its slot among all tests is taken last, and held until its result is written.
             let test_slot = async || {
                 tokio::select! {
-                    slot = ctx.tests.acquire() => Some(slot.expect("the test semaphore is never closed")),
+                    slot = ctx.tests.acquire(&ns) => Some(slot),
                     _ = ctx.stopping.clone() => None,
                 }
             };

@@ -946,3 +946,51 @@ async fn a_provider_whose_status_goes_stale_is_counted_overdue() {
     assert!(created.elapsed() > Duration::from_secs(90));
     remove_policy(&env, &policy);
 }
+
+/// Namespaces share a host's slots fairly: a tenant whose providers hang on a host every
+/// team uses (a server there that never answers, each test holding its slot for its whole
+/// timeout) does not make another tenant's test of that host wait behind its own queue.
+/// Two slots per host; six providers hanging 10 s each, two running and four in line when
+/// the other tenant's provider comes: in first-come order it would wait for those four,
+/// two rounds of 10 s after the current one (about 27 s); shared fairly, it takes the
+/// next slot freed.
+#[tokio::test]
+async fn a_tenant_hanging_on_a_shared_host_does_not_starve_another_tenants_tests_of_it() {
+    let greedy = Env::new("greedy").await;
+    let modest = alice_env("modest").await;
+    let host = mailroom_testbed::MAIL_HOST.to_string();
+    let tarpit = Hostile::start(&host, "IMAP", Behaviour::Silent);
+    let hanging: Vec<_> = (0..6)
+        .map(|i| {
+            fleet::connectivity(
+                &format!("hang-{i}"),
+                "hang",
+                &host,
+                tarpit.port(),
+                "IMAP",
+                "{interval: 5m, timeout: 10s}",
+            )
+        })
+        .collect();
+    fleet::create_all(&greedy, hanging).await;
+    let _controller =
+        greedy.controller_with(&["--namespace", &modest.ns, "--per-host-concurrency", "2"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tarpit.connections() < 2 {
+        assert!(Instant::now() < deadline, "the hanging tests never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The other four are in line behind them by now.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(tarpit.connections(), 2, "two slots for the host, both held");
+    let applied = Instant::now();
+    modest.apply_alice_imaps("imaps");
+    modest
+        .wait_reason("imaps", "Connected", Duration::from_secs(60))
+        .await;
+    let took = applied.elapsed();
+    assert!(
+        took < Duration::from_secs(15),
+        "another namespace's test of the shared host waited {took:?} behind the hanging ones"
+    );
+}
