@@ -31,6 +31,7 @@ use crate::credentials::tokens::{
     self, Grant, REFRESH_TOKEN, TOKEN_REQUEST_TIMEOUT, read_grant, signed_in_secret, token_tls,
     token_tls_with,
 };
+use crate::probe::sha256;
 
 #[derive(clap::Args, Debug)]
 pub struct AuthorizeArgs {
@@ -255,15 +256,6 @@ fn random_urlsafe(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     rand::rng().fill_bytes(&mut buf);
     URL_SAFE_NO_PAD.encode(buf)
-}
-
-/// SHA-256, from the TLS library's own hash provider.
-fn sha256(data: &[u8]) -> Vec<u8> {
-    let suite = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256;
-    let rustls::SupportedCipherSuite::Tls13(tls13) = suite else {
-        unreachable!("a TLS 1.3 suite")
-    };
-    tls13.common.hash_provider.hash(data).as_ref().to_vec()
 }
 
 /// The PKCE pair (RFC 7636 S256): verifier and challenge.

@@ -40,6 +40,7 @@ use crate::api::{Protocol, Reason, SaslMechanism, TlsMode};
 pub(crate) use classify::{cut, printable};
 use session::{Greeting, MailSession};
 use stream::{Meter, Tcp, Wire};
+pub(crate) use tls::sha256;
 
 /// Where to connect and how.
 #[derive(Clone, Debug, PartialEq)]

@@ -232,7 +232,7 @@ impl Setup {
         let leaf = chain.first().and_then(|der| cert_info(der));
         let subject = leaf
             .as_ref()
-            .map(|c| format!(" (subject {:?})", c.subject))
+            .map(|c| format!(" (subject \"{}\")", c.subject))
             .unwrap_or_default();
         let what = format!("the certificate of {endpoint}{subject}");
         // The names the certificate carries: from our own reading of it, else from
@@ -280,7 +280,7 @@ impl Setup {
                         ""
                     };
                     format!(
-                        "{what} is not trusted: its issuer {:?} is not a trusted root{bundle}; add it with tls.caBundleRef",
+                        "{what} is not trusted: its issuer \"{}\" is not a trusted root{bundle}; add it with tls.caBundleRef",
                         c.issuer
                     )
                 }
@@ -338,7 +338,7 @@ pub(crate) fn describe(info: &TlsInfo, insecure: bool) -> String {
     let mut text = format!("{} {}", info.version, info.cipher_suite);
     if let Some(cert) = &info.peer_certificate {
         text.push_str(&format!(
-            "; certificate {:?} issued by {:?}, valid until {}",
+            "; certificate \"{}\" issued by \"{}\", valid until {}",
             cert.subject, cert.issuer, cert.not_after
         ));
     }
@@ -439,7 +439,7 @@ type Digest = [u8; 32];
 
 /// The SHA-256 of `parts`, each length-prefixed so that different splits differ.
 fn digest<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> Digest {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut ctx = sha256_provider().start();
     for part in parts {
         ctx.update(&(part.len() as u64).to_be_bytes());
         ctx.update(part);
@@ -447,6 +447,22 @@ fn digest<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> Digest {
     let mut out = [0; 32];
     out.copy_from_slice(ctx.finish().as_ref());
     out
+}
+
+/// SHA-256 of `data`, from the TLS library's own hash provider.
+pub(crate) fn sha256(data: &[u8]) -> Digest {
+    let mut out = [0; 32];
+    out.copy_from_slice(sha256_provider().hash(data).as_ref());
+    out
+}
+
+fn sha256_provider() -> &'static dyn rustls::crypto::hash::Hash {
+    let rustls::SupportedCipherSuite::Tls13(suite) =
+        rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256
+    else {
+        unreachable!("a TLS 1.3 suite")
+    };
+    suite.common.hash_provider
 }
 
 impl<V, const KEEP: usize> Default for Memo<V, KEEP> {
@@ -516,32 +532,38 @@ fn trust_store(pem: Option<&[u8]>) -> Result<Trusted, Failure> {
 
 /// Trust stores built for CA bundles. Building one clones the platform's roots, which
 /// costs more than the rest of a test's client work; a fleet shares a few bundles, so the
-/// last ones built are kept, keyed by the bundle's digest: at most `KEEP` of them and,
-/// since a store holds about its bundle's size, at most `KEEP_BYTES` of bundles (a
-/// tenant's many large bundles are built again when used, not held).
+/// ones used last are kept (at most `KEEP`), keyed by the bundle's digest. A store holds
+/// about its bundle's size, so a bundle over `KEEP_AT_MOST` (far more than a CA bundle
+/// needs: the whole Mozilla set is about 220 KB) is built again at each use, not kept: a
+/// tenant's large bundles neither fill memory nor push out the stores others use.
 #[derive(Default)]
-struct TrustStores(Mutex<std::collections::VecDeque<(Digest, usize, Trusted)>>);
+struct TrustStores(Mutex<std::collections::VecDeque<(Digest, Trusted)>>);
 
 impl TrustStores {
     const KEEP: usize = 64;
-    const KEEP_BYTES: usize = 16 << 20;
+    const KEEP_AT_MOST: usize = 512 << 10;
 
     fn get(&self, pem: Option<&[u8]>) -> Result<Trusted, Failure> {
         let key = digest([pem.unwrap_or_default()]);
-        if let Some((_, _, trusted)) = self.0.lock().unwrap().iter().find(|(k, _, _)| *k == key) {
-            return Ok(trusted.clone());
+        {
+            let mut kept = self.0.lock().unwrap();
+            if let Some(at) = kept.iter().position(|(k, _)| *k == key) {
+                // Used last, evicted last.
+                let entry = kept.remove(at).expect("just found");
+                let trusted = entry.1.clone();
+                kept.push_back(entry);
+                return Ok(trusted);
+            }
         }
         let trusted = build_trust_store(pem)?;
-        let mut kept = self.0.lock().unwrap();
-        kept.push_back((key, pem.map_or(0, <[u8]>::len), trusted.clone()));
-        while kept.len() > Self::KEEP || (Self::held(&kept) > Self::KEEP_BYTES && kept.len() > 1) {
-            kept.pop_front();
+        if pem.map_or(0, <[u8]>::len) <= Self::KEEP_AT_MOST {
+            let mut kept = self.0.lock().unwrap();
+            kept.push_back((key, trusted.clone()));
+            if kept.len() > Self::KEEP {
+                kept.pop_front();
+            }
         }
         Ok(trusted)
-    }
-
-    fn held(kept: &std::collections::VecDeque<(Digest, usize, Trusted)>) -> usize {
-        kept.iter().map(|(_, size, _)| size).sum()
     }
 }
 
@@ -845,32 +867,34 @@ mod tests {
         assert!(info.subject.contains("FAKE\\nline2"), "{:?}", info.subject);
     }
 
-    /// Kept trust stores are bounded by their bundles' bytes, not only their number:
-    /// 40 bundles of 1 MiB (one certificate and a long comment each, as a tenant could
-    /// make them) leave at most 16 MiB held, the newest kept and reused.
+    /// Kept trust stores stay small whatever tenants put in bundles: a bundle of 1 MiB (one
+    /// certificate and a long comment, as a tenant could make it) is not kept, and the
+    /// stores in use are not pushed out by others' bundles, since eviction takes the one
+    /// used longest ago.
     #[test]
-    fn kept_trust_stores_hold_a_bounded_size_of_bundles() {
+    fn kept_trust_stores_are_the_small_ones_used_last() {
         let stores = TrustStores::default();
         let ca = include_str!("testdata/ca.pem");
-        let bundle = |i: usize| format!("{i}\n{}\n{ca}", "x".repeat(1 << 20)).into_bytes();
+        let (_, _, shared) = stores.get(None).unwrap();
         for i in 0..40 {
-            stores.get(Some(&bundle(i))).unwrap();
+            let large = format!("{i}\n{}\n{ca}", "x".repeat(1 << 20));
+            stores.get(Some(large.as_bytes())).unwrap();
         }
-        let kept = stores.0.lock().unwrap().len();
-        assert!(kept <= 16, "{kept} stores of 1 MiB bundles kept");
-        assert!(TrustStores::held(&stores.0.lock().unwrap()) <= TrustStores::KEEP_BYTES);
-        let (_, again, _) = stores.get(Some(&bundle(39))).unwrap();
-        let (_, kept_one, _) = stores.0.lock().unwrap().back().unwrap().2.clone();
-        assert!(
-            Arc::ptr_eq(&again.unwrap(), &kept_one.unwrap()),
-            "the newest is reused"
+        assert_eq!(
+            stores.0.lock().unwrap().len(),
+            1,
+            "large bundles are not kept"
         );
-        // Small bundles are kept up to their number.
-        let small = TrustStores::default();
-        for i in 0..100 {
-            small.get(Some(format!("{i}\n{ca}").as_bytes())).unwrap();
+        for i in 0..200 {
+            stores.get(Some(format!("{i}\n{ca}").as_bytes())).unwrap();
+            // The platform's store, used by most providers, between every other.
+            let (_, _, again) = stores.get(None).unwrap();
+            assert!(
+                Arc::ptr_eq(&again, &shared),
+                "the shared store was built again"
+            );
         }
-        assert_eq!(small.0.lock().unwrap().len(), TrustStores::KEEP);
+        assert_eq!(stores.0.lock().unwrap().len(), TrustStores::KEEP);
     }
 
     fn at(secs: u64) -> UnixTime {
