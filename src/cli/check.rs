@@ -213,6 +213,8 @@ async fn test_one(
         },
         Ok(client) => match crate::credentials::tokens::TokenManager::new(client.clone()) {
             Ok(manager) => {
+                // A person's test, from their machine: its loopback is theirs to use.
+                let manager = manager.allowing_loopback();
                 let fetched = manager.prepare_once(&provider, fetched).await;
                 tokens = Some(manager);
                 fetched
@@ -685,7 +687,11 @@ fn print_verdict(out: &mut impl Write, reason: Reason, message: &str) -> std::io
         reason.ready_status()
     )?;
     if reason != Reason::Connected {
-        writeln!(out, "What to do: {}", reason.hint())?;
+        // The hints name commands as `mailroom ...`; run as the plugin, as it was typed.
+        let hint = reason
+            .hint()
+            .replace("`mailroom ", &format!("`{} ", crate::command_name()));
+        writeln!(out, "What to do: {hint}")?;
     }
     Ok(())
 }

@@ -49,6 +49,7 @@ struct Waiting<'a> {
     turn: Option<oneshot::Receiver<()>>,
     slots: &'a FairSlots,
     namespace: Arc<str>,
+    place: u64,
 }
 
 impl Drop for Waiting<'_> {
@@ -57,6 +58,8 @@ impl Drop for Waiting<'_> {
             turn.close();
             if turn.try_recv().is_ok() {
                 self.slots.release(&self.namespace);
+            } else {
+                self.slots.leave(&self.namespace, self.place);
             }
         }
     }
@@ -91,18 +94,19 @@ impl FairSlots {
                 .entry(namespace.clone())
                 .or_default()
                 .push_back((place, tx));
-            rx
+            (rx, place)
         };
         let mut waiting = Waiting {
-            turn: Some(turn),
+            turn: Some(turn.0),
             slots: self,
             namespace,
+            place: turn.1,
         };
         if let Some(turn) = waiting.turn.as_mut() {
-            // Its sender stays in the line until a hand-over sends on it: never an error
-            // while `self` lives.
-            let handed = turn.await;
-            debug_assert!(handed.is_ok());
+            // Its sender stays in the line until a hand-over sends on it, or this waiter
+            // leaves it: no error while `self` lives.
+            turn.await
+                .expect("a waiter's sender is dropped only by sending or by its leaving");
         }
         waiting.turn = None;
         FairSlot {
@@ -115,6 +119,17 @@ impl FairSlots {
     pub fn idle(&self) -> bool {
         let state = self.state.lock().unwrap();
         state.in_use == 0 && state.waiting.is_empty()
+    }
+
+    /// A waiter gone before its turn leaves the line.
+    fn leave(&self, namespace: &str, place: u64) {
+        let mut state = self.state.lock().unwrap();
+        if let Some(line) = state.waiting.get_mut(namespace) {
+            line.retain(|(p, _)| *p != place);
+            if line.is_empty() {
+                state.waiting.remove(namespace);
+            }
+        }
     }
 
     fn release(&self, namespace: &str) {
@@ -183,7 +198,6 @@ mod tests {
         assert!(waits(slots.acquire("c")).await);
         drop(a);
         assert!(!waits(slots.acquire("c")).await);
-        assert!(!slots.idle());
     }
 
     /// A namespace holding every slot, with more of its tests in line, does not keep the
@@ -232,8 +246,13 @@ mod tests {
         let slots = Arc::new(FairSlots::new(1));
         let held = slots.acquire("a").await;
         assert!(waits(slots.acquire("b")).await, "cancelled in line");
+        assert!(
+            slots.state.lock().unwrap().waiting.is_empty(),
+            "b left the line"
+        );
         drop(held);
-        let held = slots.acquire("c").await;
+        assert!(slots.idle());
+        let held = soon(slots.acquire("c")).await;
 
         let mut handed = Box::pin(slots.acquire("d"));
         assert!(futures::poll!(handed.as_mut()).is_pending());
@@ -243,6 +262,12 @@ mod tests {
             slots.idle(),
             "the slot handed to a dropped waiter came back"
         );
-        let _again = slots.acquire("e").await;
+        let _again = soon(slots.acquire("e")).await;
+    }
+
+    async fn soon<F: std::future::Future>(f: F) -> F::Output {
+        tokio::time::timeout(Duration::from_secs(1), f)
+            .await
+            .expect("a free slot is given at once")
     }
 }

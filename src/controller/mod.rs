@@ -187,8 +187,8 @@ pub async fn run(client: Client, settings: Settings) -> anyhow::Result<()> {
     // refused write-back outlive a lost lease, and are stored before the process ends.
     let tokens = TokenManager::new(client.clone())?;
     let tokens = Arc::new(match settings.oauth2_loopback {
-        true => tokens,
-        false => tokens.refusing_loopback(),
+        true => tokens.allowing_loopback(),
+        false => tokens,
     });
     let Some(lease) = &settings.lease else {
         metrics.set_leader(true);

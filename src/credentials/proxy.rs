@@ -184,7 +184,7 @@ fn percent_decode(text: &str) -> Option<Zeroizing<Vec<u8>>> {
 pub fn bypass(no_proxy: &str, host: &str, port: u16) -> bool {
     let host = host.trim_end_matches('.').to_ascii_lowercase();
     let ip: Option<IpAddr> = host.parse().ok();
-    if host == "localhost" || ip.is_some_and(|ip| ip.to_canonical().is_loopback()) {
+    if names_loopback(&host) {
         return true;
     }
     no_proxy
@@ -257,6 +257,15 @@ pub async fn open(
     target: &Url,
     loopback: Loopback,
 ) -> Result<TcpStream, String> {
+    // Through a proxy the proxy resolves the name; one in this pod would reach its
+    // loopback too. A name resolved here to this host is refused; one that does not
+    // resolve here (a name only the proxy's DNS knows) goes on to the proxy.
+    if via.is_some()
+        && loopback == Loopback::Refused
+        && let Ok(addrs) = tokio::net::lookup_host((target.host.as_str(), target.port)).await
+    {
+        refused_here(target, &addrs.collect::<Vec<_>>())?;
+    }
     match via {
         Some(proxy) if target.tls => tunnel(proxy, target).await,
         Some(proxy) => TcpStream::connect((proxy.host.as_str(), proxy.port))
@@ -276,11 +285,37 @@ pub enum Loopback {
     Refused,
 }
 
-/// Whether `ip` reaches this host itself: loopback, or the unspecified address, which
-/// Linux connects to loopback.
-pub fn is_own_host(ip: std::net::IpAddr) -> bool {
+/// Whether `host` (a name or an IP address without brackets, as written in a URL) names
+/// this host's loopback: `localhost` (and its subdomains, RFC 6761), a loopback address,
+/// or the unspecified one, which Linux connects to loopback.
+pub fn names_loopback(host: &str) -> bool {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    host == "localhost"
+        || host.ends_with(".localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| {
+            let ip = ip.to_canonical();
+            ip.is_loopback() || ip.is_unspecified()
+        })
+}
+
+/// Whether a connection to `ip` stays on this host: loopback, unspecified, or one of its
+/// own addresses (a pod's IP; no NetworkPolicy sees such a connection either). An
+/// address is this host's if a socket can be bound to it.
+pub fn is_this_host(ip: IpAddr) -> bool {
     let ip = ip.to_canonical();
-    ip.is_loopback() || ip.is_unspecified()
+    ip.is_loopback() || ip.is_unspecified() || std::net::UdpSocket::bind((ip, 0)).is_ok()
+}
+
+/// With loopback refused, the refusal for `target` when one of `addrs` is this host's.
+fn refused_here(target: &Url, addrs: &[std::net::SocketAddr]) -> Result<(), String> {
+    match addrs.iter().find(|a| is_this_host(a.ip())) {
+        Some(own) => Err(format!(
+            "{} is this pod's own address ({}): {LOOPBACK_REFUSED}",
+            authority(&target.host, target.port),
+            own.ip()
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Connects to `target` itself, to the addresses its name resolves to in turn; refused
@@ -292,13 +327,8 @@ async fn direct(target: &Url, loopback: Loopback) -> Result<TcpStream, String> {
         .await
         .map_err(|e| format!("resolving {shown}: {e}"))?
         .collect();
-    if loopback == Loopback::Refused
-        && let Some(own) = addrs.iter().find(|a| is_own_host(a.ip()))
-    {
-        return Err(format!(
-            "{shown} is this pod's own address ({}): {LOOPBACK_REFUSED}",
-            own.ip()
-        ));
+    if loopback == Loopback::Refused {
+        refused_here(target, &addrs)?;
     }
     let mut last = None;
     for addr in addrs {

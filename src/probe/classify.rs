@@ -176,7 +176,9 @@ fn refusal_in_words(reply: &str) -> Refusal {
             "the server is throttling this mailbox (Microsoft 365 does when other clients use it heavily), which clears by itself",
         )
     } else if reply.contains("server unavailable") {
-        Refusal::ServerSide("the server reports a failure on its side")
+        Refusal::ServerSide(
+            "the server reports a failure on its side (Exchange says so too when POP or IMAP is turned off for the mailbox, or the mailbox has no licence or, for an app, no permission on it: those do not clear by themselves)",
+        )
     } else {
         Refusal::Credentials
     }

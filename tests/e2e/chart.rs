@@ -730,6 +730,10 @@ fn the_default_deployment_is_locked_down() {
     ] {
         assert!(a.iter().any(|x| x == expected), "{expected} not in {a:?}");
     }
+    assert!(
+        !a.iter().any(|x| x == "--allow-oauth2-loopback"),
+        "token requests to the pod itself are refused by default: {a:?}"
+    );
     assert_eq!(
         pod["terminationGracePeriodSeconds"], 30,
         "the controller is told the grace period the kubelet gives it"
@@ -2529,7 +2533,11 @@ async fn the_controller_works_with_the_charts_service_account_and_nothing_more()
     let helm = Helm::on_bed(&env);
     let rel = release(&env);
     let full = fullname(&rel);
-    let values = ["--set", "crds.enabled=false,rbac.userRoles=false"];
+    // The bed's token server, below, is on this host's loopback.
+    let values = [
+        "--set",
+        "crds.enabled=false,rbac.userRoles=false,oauth2.allowLoopback=true",
+    ];
     install(&helm, &rel, &env.ns, &values);
 
     let kubeconfig = token_kubeconfig(&env, &env.ns, &full, "controller.kubeconfig");
@@ -2553,16 +2561,12 @@ async fn the_controller_works_with_the_charts_service_account_and_nothing_more()
     mail_basics(&env, &env.ns, None);
     env.apply_alice_imaps("as-sa");
     let chart = chart_args(&helm, &rel, &env.ns, &values);
-    // The chart watches every namespace; on the shared bed this one only. The bed's
-    // token server, below, is on this host's loopback.
+    // The chart watches every namespace; on the shared bed this one only.
     let controller = controller_as(
         &env,
         &kubeconfig,
         &chart,
-        &[
-            format!("--namespace={}", env.ns),
-            "--allow-oauth2-loopback".into(),
-        ],
+        &[format!("--namespace={}", env.ns)],
         &env.ns,
     );
     wait_ready_reason(&env, &env.ns, "as-sa", "Connected", &controller).await;

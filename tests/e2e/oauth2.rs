@@ -929,8 +929,13 @@ async fn two_refreshers_racing_leave_one_valid_token() {
     let mut p = p;
     p.metadata.namespace = Some(env.ns.clone());
     // Two managers: two replicas, each with its own locks.
-    let a = TokenManager::new(env.client.clone()).unwrap();
-    let b = TokenManager::new(env.client.clone()).unwrap();
+    // The bed's identity provider is on this host's loopback.
+    let a = TokenManager::new(env.client.clone())
+        .unwrap()
+        .allowing_loopback();
+    let b = TokenManager::new(env.client.clone())
+        .unwrap()
+        .allowing_loopback();
     for round in 0..15 {
         server.revoke_user("alice");
         let refresh = server.grant("alice", CLIENT);

@@ -952,8 +952,8 @@ async fn a_provider_whose_status_goes_stale_is_counted_overdue() {
 /// timeout) does not make another tenant's test of that host wait behind its own queue.
 /// Two slots per host; six providers hanging 10 s each, two running and four in line when
 /// the other tenant's provider comes: in first-come order it would wait for those four,
-/// two rounds of 10 s after the current one (about 27 s); shared fairly, it takes the
-/// next slot freed.
+/// two rounds of 10 s after the current one (29 s measured); shared fairly, it takes
+/// the next slot freed.
 #[tokio::test]
 async fn a_tenant_hanging_on_a_shared_host_does_not_starve_another_tenants_tests_of_it() {
     let greedy = Env::new("greedy").await;
@@ -989,8 +989,12 @@ async fn a_tenant_hanging_on_a_shared_host_does_not_starve_another_tenants_tests
         .wait_reason("imaps", "Connected", Duration::from_secs(60))
         .await;
     let took = applied.elapsed();
+    // By order, not by time alone: of the two slots freed when the first hanging tests
+    // time out, it takes one (in first-come order the four in line would come first).
+    let hung = tarpit.connections();
     assert!(
-        took < Duration::from_secs(15),
-        "another namespace's test of the shared host waited {took:?} behind the hanging ones"
+        hung <= 4 && took < Duration::from_secs(25),
+        "another namespace's test of the shared host waited {took:?}, behind {} of the hanging tests",
+        hung - 2
     );
 }

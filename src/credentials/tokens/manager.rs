@@ -78,17 +78,15 @@ pub(super) fn keep(
 }
 
 /// The refusal of a token endpoint whose URL names this host itself (`localhost`, a
-/// loopback or unspecified address), said before any request as a spec to change; a
-/// name that resolves there is refused when the request connects.
+/// loopback or unspecified address, or one of its own), said before any request as a
+/// spec to change; a name that resolves there is refused when the request connects.
 fn own_host_endpoint(o: &OAuth2Spec) -> Option<String> {
     let url = endpoints(o).token?;
     let host = crate::credentials::http::parse_url(&url).ok()?.host;
-    let host = host.to_ascii_lowercase();
-    let own = host == "localhost"
-        || host.ends_with(".localhost")
+    let own = crate::credentials::proxy::names_loopback(&host)
         || host
             .parse()
-            .is_ok_and(crate::credentials::proxy::is_own_host);
+            .is_ok_and(crate::credentials::proxy::is_this_host);
     own.then(|| {
         format!(
             "spec.authentication.oauth2.tokenURL {url:?} names this pod's own address: {}",
@@ -172,13 +170,14 @@ impl TokenManager {
             refreshes: Default::default(),
             throttled: Mutex::default(),
             rejected: Arc::default(),
-            loopback: Loopback::Allowed,
+            loopback: Loopback::Refused,
         })
     }
 
-    /// As the controller runs it: no token request to its own pod (see [`Loopback`]).
-    pub fn refusing_loopback(mut self) -> TokenManager {
-        self.loopback = Loopback::Refused;
+    /// Token requests may go to this host's own loopback (see [`Loopback`]): for a person
+    /// running `mailroom check`, or a controller told so.
+    pub fn allowing_loopback(mut self) -> TokenManager {
+        self.loopback = Loopback::Allowed;
         self
     }
 

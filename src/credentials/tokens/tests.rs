@@ -441,7 +441,9 @@ async fn a_grant_that_arrives_after_its_test_was_cancelled_is_kept() {
     });
     // No API server: storing fails, and what is kept is reported.
     let config = kube::Config::new("https://127.0.0.1:1".parse().unwrap());
-    let manager = TokenManager::new(Client::try_from(config).unwrap()).unwrap();
+    let manager = TokenManager::new(Client::try_from(config).unwrap())
+        .unwrap()
+        .allowing_loopback();
     let held = TokenSet::from_secret(&secret(&[(REFRESH_TOKEN, "r1")]));
     let form = vec![
         ("grant_type", SecretString::from("refresh_token")),
@@ -492,7 +494,9 @@ fn assert_kept_rotation(manager: &TokenManager, held: &TokenSet, what: &str) -> 
 fn test_manager() -> TokenManager {
     // Never dialled: no API server answers, so nothing is stored.
     let config = kube::Config::new("https://127.0.0.1:1".parse().unwrap());
-    TokenManager::new(Client::try_from(config).unwrap()).unwrap()
+    TokenManager::new(Client::try_from(config).unwrap())
+        .unwrap()
+        .allowing_loopback()
 }
 
 /// A grant kept because its write failed is reported as at risk only if it replaced the
@@ -704,7 +708,9 @@ async fn conflicted_api_server() -> (String, tokio::task::JoinHandle<Vec<String>
 async fn a_grant_whose_write_conflicted_and_whose_reread_failed_is_kept() {
     let (url, served) = conflicted_api_server().await;
     let client = Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
-    let manager = TokenManager::new(client.clone()).unwrap();
+    let manager = TokenManager::new(client.clone())
+        .unwrap()
+        .allowing_loopback();
     let api: kube::Api<Secret> = kube::Api::namespaced(client, "ns");
     let mut current = secret(&[(REFRESH_TOKEN, "r1"), (ACCESS_TOKEN, "a1")]);
     current.metadata.name = Some("t".into());
