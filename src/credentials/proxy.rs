@@ -9,6 +9,7 @@
 //! message names the proxy as `http://host:port` and the variable it came from.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use base64::Engine;
 use secrecy::zeroize::Zeroizing;
@@ -259,12 +260,12 @@ pub async fn open(
 ) -> Result<TcpStream, String> {
     // Through a proxy the proxy resolves the name; one in this pod would reach its
     // loopback too. A name resolved here to this host is refused; one that does not
-    // resolve here (a name only the proxy's DNS knows) goes on to the proxy.
-    if via.is_some()
-        && loopback == Loopback::Refused
-        && let Ok(addrs) = tokio::net::lookup_host((target.host.as_str(), target.port)).await
-    {
-        refused_here(target, &addrs.collect::<Vec<_>>())?;
+    // resolve here, or not soon (a name only the proxy's DNS knows), goes on to the proxy.
+    if via.is_some() && loopback == Loopback::Refused {
+        let lookup = tokio::net::lookup_host((target.host.as_str(), target.port));
+        if let Ok(Ok(addrs)) = tokio::time::timeout(Duration::from_secs(2), lookup).await {
+            refused_here(target, &addrs.collect::<Vec<_>>())?;
+        }
     }
     match via {
         Some(proxy) if target.tls => tunnel(proxy, target).await,
@@ -407,6 +408,27 @@ mod tests {
 
     fn url(text: &str) -> Url {
         parse_url(text).unwrap()
+    }
+
+    /// Through a proxy too: a name that resolves here to this host's own address (its
+    /// host name, as /etc/hosts has it) is refused before the proxy is asked.
+    #[tokio::test]
+    async fn through_a_proxy_a_name_of_this_host_is_refused_before_asking_it() {
+        let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy_url = format!("http://127.0.0.1:{}", proxy.local_addr().unwrap().port());
+        let env = ProxyEnv::from_lookup(|name| (name == "HTTP_PROXY").then(|| proxy_url.clone()));
+        let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        let target =
+            super::super::http::parse_url(&format!("http://{}:8080/token", name.trim())).unwrap();
+        let via = env.proxy_for(&target).unwrap();
+        assert!(via.is_some(), "the host name goes through the proxy");
+        let err = open(via.as_ref(), &target, Loopback::Refused)
+            .await
+            .unwrap_err();
+        assert!(err.contains("own address"), "{err}");
+        let asked =
+            tokio::time::timeout(std::time::Duration::from_millis(200), proxy.accept()).await;
+        assert!(asked.is_err(), "the proxy was asked");
     }
 
     /// A name that resolves to this host is refused when loopback is, before any byte
