@@ -178,7 +178,7 @@ pub fn sasl_exchange(
         "PLAIN" => sasl::Exchange::plain(username, &secret),
         "LOGIN" => sasl::Exchange::login(username, &secret),
         "XOAUTH2" => sasl::Exchange::xoauth2(username, &secret),
-        _ => sasl::Exchange::oauthbearer(username, &secret),
+        _ => sasl::Exchange::oauthbearer(username, &secret, &classify::endpoint(HOST, PORT)),
     };
     let mut responses = Vec::new();
     if inline && let Some(initial) = exchange.initial_response() {

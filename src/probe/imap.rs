@@ -764,7 +764,7 @@ impl MailSession for Imap {
         self.mark();
         let mut exchange = match mechanism {
             Mechanism::XOAuth2 => Exchange::xoauth2(username, password),
-            Mechanism::OAuthBearer => Exchange::oauthbearer(username, password),
+            Mechanism::OAuthBearer => Exchange::oauthbearer(username, password, &self.endpoint),
             Mechanism::SaslPlain => Exchange::plain(username, password),
             Mechanism::SaslLogin => Exchange::login(username, password),
             Mechanism::ImapLogin | Mechanism::UserPass => {

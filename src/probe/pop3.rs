@@ -563,7 +563,7 @@ impl MailSession for Pop3 {
                 let exchange = if mechanism == Mechanism::XOAuth2 {
                     Exchange::xoauth2(username, password)
                 } else {
-                    Exchange::oauthbearer(username, password)
+                    Exchange::oauthbearer(username, password, &self.endpoint)
                 };
                 exchange
                     .check()

@@ -31,10 +31,13 @@ enum Credentials {
         username: String,
         token: SecretString,
     },
-    /// RFC 7628 OAUTHBEARER: a GS2 header naming the user, then `auth=Bearer <t>`.
+    /// RFC 7628 OAUTHBEARER: a GS2 header naming the user, the host and port connected
+    /// to, then `auth=Bearer <t>`.
     OAuthBearer {
         username: String,
         token: SecretString,
+        /// `host:port` as the probe names it (`[::1]:993` for IPv6).
+        endpoint: String,
     },
 }
 
@@ -97,11 +100,13 @@ impl Exchange {
         })
     }
 
-    /// SASL OAUTHBEARER (RFC 7628) with an OAuth2 access token.
-    pub fn oauthbearer(username: &str, token: &SecretString) -> Exchange {
+    /// SASL OAUTHBEARER (RFC 7628) with an OAuth2 access token, for the server at
+    /// `endpoint` (`host:port`).
+    pub fn oauthbearer(username: &str, token: &SecretString, endpoint: &str) -> Exchange {
         Exchange::new(Credentials::OAuthBearer {
             username: username.to_string(),
             token: token.clone(),
+            endpoint: endpoint.to_string(),
         })
     }
 
@@ -138,7 +143,9 @@ impl Exchange {
                 }
             }
             Credentials::XOAuth2 { username, token }
-            | Credentials::OAuthBearer { username, token } => {
+            | Credentials::OAuthBearer {
+                username, token, ..
+            } => {
                 let bad = |c: char| c == '\0' || c == '\x01';
                 if username.contains(bad) || token.expose_secret().contains(bad) {
                     Err(
@@ -185,15 +192,28 @@ impl Exchange {
                 raw.extend_from_slice(b"\x01\x01");
                 Some(Response(raw))
             }
-            Credentials::OAuthBearer { username, token } => {
+            Credentials::OAuthBearer {
+                username,
+                token,
+                endpoint,
+            } => {
                 self.initial_sent = true;
                 let token = token.expose_secret();
-                let mut raw = Zeroizing::new(Vec::with_capacity(username.len() + token.len() + 32));
+                let mut raw = Zeroizing::new(Vec::with_capacity(
+                    username.len() + token.len() + endpoint.len() + 48,
+                ));
                 // RFC 5801 GS2 header: no channel binding, the authorization identity with
                 // ',' and '=' escaped.
                 raw.extend_from_slice(b"n,a=");
                 raw.extend_from_slice(username.replace('=', "=3D").replace(',', "=2C").as_bytes());
-                raw.extend_from_slice(b",\x01auth=Bearer ");
+                raw.push(b',');
+                // The host and port connected to, which RFC 7628 has clients send (Yahoo's
+                // servers document them; Dovecot and Gmail take them).
+                if let Some((host, port)) = endpoint.rsplit_once(':') {
+                    let host = host.trim_start_matches('[').trim_end_matches(']');
+                    raw.extend_from_slice(format!("\x01host={host}\x01port={port}").as_bytes());
+                }
+                raw.extend_from_slice(b"\x01auth=Bearer ");
                 raw.extend_from_slice(token.as_bytes());
                 raw.extend_from_slice(b"\x01\x01");
                 Some(Response(raw))
@@ -397,13 +417,14 @@ mod tests {
         let mut ex = Exchange::oauthbearer(
             "user@example.com",
             &SecretString::from("vF9dft4qmTc2Nvb3RlckBhbHRhdmlzdGEuY29tCg=="),
+            "server.example.com:993",
         );
         assert_eq!(ex.mechanism(), "OAUTHBEARER");
         // The two-line form: the empty first challenge gets the initial response.
         let first = ex.respond(b"");
         assert_eq!(
             first.as_ref(),
-            b"n,a=user@example.com,\x01auth=Bearer vF9dft4qmTc2Nvb3RlckBhbHRhdmlzdGEuY29tCg==\x01\x01"
+            b"n,a=user@example.com,\x01host=server.example.com\x01port=993\x01auth=Bearer vF9dft4qmTc2Nvb3RlckBhbHRhdmlzdGEuY29tCg==\x01\x01"
         );
         // An error challenge is answered with a single ^A.
         let json = br#"{"status":"invalid_token","scope":"mail"}"#;
@@ -412,9 +433,9 @@ mod tests {
             describe_oauth_error(&ex.later_challenges()[0]).unwrap(),
             "status invalid_token, scope \"mail\""
         );
-        let odd =
-            Exchange::oauthbearer("a,b=c", &SecretString::from("t")).initial_response_for_test();
-        assert!(odd.starts_with(b"n,a=a=2Cb=3Dc,\x01"));
+        let odd = Exchange::oauthbearer("a,b=c", &SecretString::from("t"), "[::1]:143")
+            .initial_response_for_test();
+        assert!(odd.starts_with(b"n,a=a=2Cb=3Dc,\x01host=::1\x01port=143\x01auth="));
     }
 
     #[test]
@@ -429,7 +450,7 @@ mod tests {
                 .is_err()
         );
         assert!(
-            Exchange::oauthbearer("u\x01", &SecretString::from("t"))
+            Exchange::oauthbearer("u\x01", &SecretString::from("t"), "h:1")
                 .check()
                 .is_err()
         );
