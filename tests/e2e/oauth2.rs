@@ -243,9 +243,14 @@ async fn the_probe_logs_in_with_xoauth2_and_oauthbearer_over_imap_and_pop3() {
         .await;
         assert!(
             report.passed(),
-            "{protocol:?} with {mechanism:?}: {:?}\nDovecot log: {}",
+            "{protocol:?} with {mechanism:?}: {:?}\nDovecot's reasons (the bed is gone after the run):\n{}",
             report.failure,
-            d.log_path().display()
+            std::fs::read_to_string(d.log_path())
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains("oauth2 failed"))
+                .collect::<Vec<_>>()
+                .join("\n")
         );
         assert_eq!(report.findings.mechanism.as_deref(), Some(used));
         let shown = format!("{report:?}");

@@ -85,11 +85,14 @@ impl OAuthKey {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs();
+        // Issued a little before now, as an identity provider whose clock is a little
+        // behind the mail server's would: Dovecot refuses a token issued after its own
+        // "now" (a CI run once saw a fresh token refused, cause unconfirmed).
         let mut claims = json!({
             "iss": self.issuer,
             "aud": self.audience,
             "sub": user,
-            "iat": now,
+            "iat": now.saturating_sub(30),
             "exp": now + ttl.as_secs(),
             "scope": "mail",
         });
