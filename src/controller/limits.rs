@@ -27,9 +27,12 @@ impl HostLimits {
     pub async fn acquire(&self, host: &str, namespace: &str) -> FairSlot {
         let slots = {
             let mut hosts = self.hosts.lock().unwrap();
-            // Forget hosts nobody is testing, so the map does not grow without bound.
+            // Forget hosts nobody is testing or waiting for, so the map does not grow
+            // without bound. By who holds them, not by what they count: a caller that has
+            // just taken a host's slots from the map but not yet its turn holds them too,
+            // and forgetting them then would give the host a second set.
             if hosts.len() > 4096 {
-                hosts.retain(|_, s| !s.idle());
+                hosts.retain(|_, s| Arc::strong_count(s) > 1);
             }
             hosts
                 .entry(host_key(host))

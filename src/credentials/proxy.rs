@@ -299,17 +299,27 @@ pub fn names_loopback(host: &str) -> bool {
         })
 }
 
-/// Whether a connection to `ip` stays on this host: loopback, unspecified, or one of its
-/// own addresses (a pod's IP; no NetworkPolicy sees such a connection either). An
-/// address is this host's if a socket can be bound to it.
-pub fn is_this_host(ip: IpAddr) -> bool {
-    let ip = ip.to_canonical();
-    ip.is_loopback() || ip.is_unspecified() || std::net::UdpSocket::bind((ip, 0)).is_ok()
+/// Whether a connection to `addr` stays on this host: loopback, unspecified, or one of
+/// its own addresses (a pod's IP, its IPv6 link-local one; no NetworkPolicy sees such a
+/// connection either). The kernel says: a UDP socket "connected" there (no packet is
+/// sent) takes the address itself as its source only when the address is this host's.
+pub fn is_this_host(addr: std::net::SocketAddr) -> bool {
+    let ip = addr.ip().to_canonical();
+    if ip.is_loopback() || ip.is_unspecified() {
+        return true;
+    }
+    let any: std::net::SocketAddr = match addr {
+        std::net::SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        std::net::SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    std::net::UdpSocket::bind(any)
+        .and_then(|s| s.connect(addr).and_then(|()| s.local_addr()))
+        .is_ok_and(|local| local.ip().to_canonical() == ip)
 }
 
 /// With loopback refused, the refusal for `target` when one of `addrs` is this host's.
 fn refused_here(target: &Url, addrs: &[std::net::SocketAddr]) -> Result<(), String> {
-    match addrs.iter().find(|a| is_this_host(a.ip())) {
+    match addrs.iter().find(|a| is_this_host(**a)) {
         Some(own) => Err(format!(
             "{} is this pod's own address ({}): {LOOPBACK_REFUSED}",
             authority(&target.host, target.port),
@@ -418,8 +428,14 @@ mod tests {
         let proxy_url = format!("http://127.0.0.1:{}", proxy.local_addr().unwrap().port());
         let env = ProxyEnv::from_lookup(|name| (name == "HTTP_PROXY").then(|| proxy_url.clone()));
         let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
-        let target =
-            super::super::http::parse_url(&format!("http://{}:8080/token", name.trim())).unwrap();
+        let name = name.trim();
+        assert!(
+            tokio::net::lookup_host((name, 8080))
+                .await
+                .is_ok_and(|mut a| a.next().is_some()),
+            "this test needs the host name {name:?} to resolve (see /etc/hosts), as the OAuth2 proxy tests do"
+        );
+        let target = super::super::http::parse_url(&format!("http://{name}:8080/token")).unwrap();
         let via = env.proxy_for(&target).unwrap();
         assert!(via.is_some(), "the host name goes through the proxy");
         let err = open(via.as_ref(), &target, Loopback::Refused)

@@ -532,21 +532,33 @@ fn trust_store(pem: Option<&[u8]>) -> Result<Trusted, Failure> {
 
 /// Trust stores built for CA bundles. Building one clones the platform's roots, which
 /// costs more than the rest of a test's client work; a fleet shares a few bundles, so the
-/// ones used last are kept (at most `KEEP`), keyed by the bundle's digest. A store holds
-/// about its bundle's size, so a bundle over `KEEP_AT_MOST` (far more than a CA bundle
-/// needs: the whole Mozilla set is about 220 KB) is built again at each use, not kept: a
-/// tenant's large bundles neither fill memory nor push out the stores others use.
+/// ones used last are kept (at most `KEEP`), keyed by the bundle's digest, and the
+/// platform's own (no bundle), which most providers use, is kept apart for good. A store
+/// holds about its bundle's size, so a bundle over `KEEP_AT_MOST` (more than a CA bundle
+/// needs: the whole Mozilla set is about 220 KB) is built again at each use, not kept:
+/// kept bundles stay under 16 MiB whatever tenants put in them. (A tenant cycling through
+/// more than `KEEP` bundles still makes others' bundles be built again: CPU, not memory.)
 #[derive(Default)]
-struct TrustStores(Mutex<std::collections::VecDeque<(Digest, Trusted)>>);
+struct TrustStores {
+    kept: Mutex<std::collections::VecDeque<(Digest, Trusted)>>,
+    platform: OnceLock<Trusted>,
+}
 
 impl TrustStores {
     const KEEP: usize = 64;
-    const KEEP_AT_MOST: usize = 512 << 10;
+    const KEEP_AT_MOST: usize = 256 << 10;
 
     fn get(&self, pem: Option<&[u8]>) -> Result<Trusted, Failure> {
-        let key = digest([pem.unwrap_or_default()]);
+        let Some(pem) = pem else {
+            if let Some(trusted) = self.platform.get() {
+                return Ok(trusted.clone());
+            }
+            let trusted = build_trust_store(None)?;
+            return Ok(self.platform.get_or_init(|| trusted).clone());
+        };
+        let key = digest([pem]);
         {
-            let mut kept = self.0.lock().unwrap();
+            let mut kept = self.kept.lock().unwrap();
             if let Some(at) = kept.iter().position(|(k, _)| *k == key) {
                 // Used last, evicted last.
                 let entry = kept.remove(at).expect("just found");
@@ -555,9 +567,9 @@ impl TrustStores {
                 return Ok(trusted);
             }
         }
-        let trusted = build_trust_store(pem)?;
-        if pem.map_or(0, <[u8]>::len) <= Self::KEEP_AT_MOST {
-            let mut kept = self.0.lock().unwrap();
+        let trusted = build_trust_store(Some(pem))?;
+        if pem.len() <= Self::KEEP_AT_MOST {
+            let mut kept = self.kept.lock().unwrap();
             kept.push_back((key, trusted.clone()));
             if kept.len() > Self::KEEP {
                 kept.pop_front();
@@ -880,9 +892,8 @@ mod tests {
             let large = format!("{i}\n{}\n{ca}", "x".repeat(1 << 20));
             stores.get(Some(large.as_bytes())).unwrap();
         }
-        assert_eq!(
-            stores.0.lock().unwrap().len(),
-            1,
+        assert!(
+            stores.kept.lock().unwrap().is_empty(),
             "large bundles are not kept"
         );
         for i in 0..200 {
@@ -894,7 +905,9 @@ mod tests {
                 "the shared store was built again"
             );
         }
-        assert_eq!(stores.0.lock().unwrap().len(), TrustStores::KEEP);
+        assert_eq!(stores.kept.lock().unwrap().len(), TrustStores::KEEP);
+        // An empty bundle is a bundle (refused: no certificate), not the platform's.
+        assert!(stores.get(Some(b"")).is_err());
     }
 
     fn at(secs: u64) -> UnixTime {

@@ -82,11 +82,12 @@ pub(super) fn keep(
 /// spec to change; a name that resolves there is refused when the request connects.
 fn own_host_endpoint(o: &OAuth2Spec) -> Option<String> {
     let url = endpoints(o).token?;
-    let host = crate::credentials::http::parse_url(&url).ok()?.host;
-    let own = crate::credentials::proxy::names_loopback(&host)
-        || host
-            .parse()
-            .is_ok_and(crate::credentials::proxy::is_this_host);
+    let target = crate::credentials::http::parse_url(&url).ok()?;
+    let own = crate::credentials::proxy::names_loopback(&target.host)
+        || target
+            .host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| crate::credentials::proxy::is_this_host((ip, target.port).into()));
     own.then(|| {
         format!(
             "spec.authentication.oauth2.tokenURL {url:?} names this pod's own address: {}",
