@@ -451,6 +451,13 @@ mod tests {
     /// is sent (the addresses checked are those connected to); allowed, it connects.
     #[tokio::test]
     async fn a_name_resolving_to_this_host_is_refused_before_connecting() {
+        assert!(names_loopback("LocalHost.") && names_loopback("::ffff:127.0.0.1"));
+        assert!(names_loopback("mail.localhost") && !names_loopback("localhost.example.com"));
+        assert!(is_this_host("[::1]:80".parse().unwrap()));
+        assert!(
+            !is_this_host("192.0.2.1:80".parse().unwrap()),
+            "TEST-NET-1 is no one's"
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let target =
