@@ -221,6 +221,13 @@ fn failure(report: &Report) -> &Failure {
         .unwrap_or_else(|| panic!("the test should have failed: {report:#?}"))
 }
 
+/// The failure of a plaintext test of `protocol` against a server playing `script`.
+async fn failed_against(script: Vec<Act>, protocol: Protocol, login: &Login) -> Failure {
+    let server = serve(script).await;
+    let report = run(&target(server.port, protocol, TlsMode::None), login).await;
+    failure(&report).clone()
+}
+
 fn steps(report: &Report) -> Vec<(&'static str, bool)> {
     report
         .steps
@@ -2064,22 +2071,22 @@ async fn gmail_too_many_simultaneous_connections_is_not_a_wrong_password() {
 async fn exchange_throttling_is_the_server_at_login_and_at_status() {
     const GREETING: &str = "* OK The Microsoft Exchange IMAP4 service is ready.\r\n";
     const CAPABILITIES: &str = "* CAPABILITY IMAP4 IMAP4rev1 AUTH=PLAIN AUTH=XOAUTH2 SASL-IR\r\n$TAG OK CAPABILITY completed.\r\n";
-    let server = serve(vec![
-        Say(GREETING),
-        Cmd("CAPABILITY"),
-        Say(CAPABILITIES),
-        Cmd("AUTHENTICATE XOAUTH2"),
-        Say("$TAG BAD Request is throttled. Suggested Backoff Time: 89117 milliseconds\r\n* BYE Connection closed. 14\r\n"),
-    ])
-    .await;
     let login = Login::OAuth2 {
         username: "alice@example.com".into(),
         token: SecretString::from(SECRET),
         mechanism: SaslMechanism::Auto,
         allow_unencrypted: true,
     };
-    let f =
-        failure(&run(&target(server.port, Protocol::Imap, TlsMode::None), &login).await).clone();
+    let script = vec![
+        Say(GREETING),
+        Cmd("CAPABILITY"),
+        Say(CAPABILITIES),
+        Cmd("AUTHENTICATE XOAUTH2"),
+        Say(
+            "$TAG BAD Request is throttled. Suggested Backoff Time: 89117 milliseconds\r\n* BYE Connection closed. 14\r\n",
+        ),
+    ];
+    let f = failed_against(script, Protocol::Imap, &login).await;
     assert_eq!(
         (f.reason, f.step),
         (Reason::ServerUnavailable, Step::Authenticate),
@@ -2095,7 +2102,7 @@ async fn exchange_throttling_is_the_server_at_login_and_at_status() {
         "$PREV BAD Request is throttled. Suggested Backoff Time: 89117 milliseconds\r\n* BYE Connection closed. 14\r\n",
         "$PREV NO Request is throttled. Suggested Backoff Time: 299910 milliseconds\r\n* BYE bye\r\n$TAG OK LOGOUT completed.\r\n",
     ] {
-        let server = serve(vec![
+        let script = vec![
             Say(GREETING),
             Cmd("CAPABILITY"),
             Say(CAPABILITIES),
@@ -2104,10 +2111,8 @@ async fn exchange_throttling_is_the_server_at_login_and_at_status() {
             Cmd("STATUS"),
             Cmd("LOGOUT"),
             Say(reply),
-        ])
-        .await;
-        let t = target(server.port, Protocol::Imap, TlsMode::None);
-        let f = failure(&run(&t, &password(true)).await).clone();
+        ];
+        let f = failed_against(script, Protocol::Imap, &password(true)).await;
         assert_eq!(
             (f.reason, f.step),
             (Reason::ServerUnavailable, Step::Mailbox),
@@ -2120,19 +2125,21 @@ async fn exchange_throttling_is_the_server_at_login_and_at_status() {
 /// limits") stop STATUS for up to a day: the account's limit, not the mailbox's name.
 #[tokio::test]
 async fn gmail_over_its_limits_is_the_server_not_the_mailbox() {
-    let server = serve(vec![
+    let script = vec![
         Say("* OK Gimap ready for requests from 10.0.0.1\r\n"),
         Cmd("CAPABILITY"),
-        Say("* CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2 AUTH=PLAIN\r\n$TAG OK Thats all she wrote!\r\n"),
+        Say(
+            "* CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2 AUTH=PLAIN\r\n$TAG OK Thats all she wrote!\r\n",
+        ),
         Cmd("AUTHENTICATE PLAIN"),
         Say("$TAG OK alice authenticated (Success)\r\n"),
         Cmd("STATUS"),
         Cmd("LOGOUT"),
-        Say("$PREV NO [OVERQUOTA] Account exceeded command or bandwidth limits. (Failure)\r\n* BYE LOGOUT Requested\r\n$TAG OK 73 good day (Success)\r\n"),
-    ])
-    .await;
-    let t = target(server.port, Protocol::Imap, TlsMode::None);
-    let f = failure(&run(&t, &password(true)).await).clone();
+        Say(
+            "$PREV NO [OVERQUOTA] Account exceeded command or bandwidth limits. (Failure)\r\n* BYE LOGOUT Requested\r\n$TAG OK 73 good day (Success)\r\n",
+        ),
+    ];
+    let f = failed_against(script, Protocol::Imap, &password(true)).await;
     assert_eq!(
         (f.reason, f.step),
         (Reason::ServerUnavailable, Step::Mailbox),
@@ -2145,7 +2152,7 @@ async fn gmail_over_its_limits_is_the_server_not_the_mailbox() {
 /// back end fails: not a wrong password.
 #[tokio::test]
 async fn exchange_pop3_server_unavailable_after_pass_is_not_a_wrong_password() {
-    let server = serve(vec![
+    let script = vec![
         Say("+OK The Microsoft Exchange POP3 service is ready.\r\n"),
         Cmd("CAPA"),
         Say("+OK\r\nTOP\r\nUIDL\r\nUSER\r\n.\r\n"),
@@ -2155,10 +2162,8 @@ async fn exchange_pop3_server_unavailable_after_pass_is_not_a_wrong_password() {
         Say("-ERR Server Unavailable. 21\r\n"),
         Cmd("QUIT"),
         Say("+OK bye\r\n"),
-    ])
-    .await;
-    let t = target(server.port, Protocol::Pop3, TlsMode::None);
-    let f = failure(&run(&t, &password(true)).await).clone();
+    ];
+    let f = failed_against(script, Protocol::Pop3, &password(true)).await;
     assert_eq!(
         (f.reason, f.step),
         (Reason::ServerUnavailable, Step::Authenticate),
