@@ -114,9 +114,10 @@ impl Reason {
         )
     }
 
-    /// What the user should do, in one line (the README's reason table uses this).
-    pub fn hint(self) -> &'static str {
-        match self {
+    /// What the user should do, in one line (the README's reason table uses this), its
+    /// commands named as the person typed this program (see [`crate::command_name`]).
+    pub fn hint(self) -> String {
+        let text = match self {
             Reason::Connected => {
                 "Nothing: the last test connected, logged in and opened the mailbox."
             }
@@ -176,7 +177,8 @@ impl Reason {
             Reason::Timeout => {
                 "The step the message names took longer than spec.check.timeout allows."
             }
-        }
+        };
+        text.replace("`mailroom ", &format!("`{} ", crate::command_name()))
     }
 }
 

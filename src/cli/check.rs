@@ -687,11 +687,7 @@ fn print_verdict(out: &mut impl Write, reason: Reason, message: &str) -> std::io
         reason.ready_status()
     )?;
     if reason != Reason::Connected {
-        // The hints name commands as `mailroom ...`; run as the plugin, as it was typed.
-        let hint = reason
-            .hint()
-            .replace("`mailroom ", &format!("`{} ", crate::command_name()));
-        writeln!(out, "What to do: {hint}")?;
+        writeln!(out, "What to do: {}", reason.hint())?;
     }
     Ok(())
 }

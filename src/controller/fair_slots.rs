@@ -76,7 +76,7 @@ impl FairSlots {
     /// Waits for a slot for a test of a provider in `namespace`.
     pub async fn acquire(self: &Arc<Self>, namespace: &str) -> FairSlot {
         let namespace: Arc<str> = namespace.into();
-        let turn = {
+        let (turn, place) = {
             let mut state = self.state.lock().unwrap();
             // Free slots are handed to waiters at once, so a free slot means nobody waits.
             if state.in_use < self.capacity {
@@ -97,10 +97,10 @@ impl FairSlots {
             (rx, place)
         };
         let mut waiting = Waiting {
-            turn: Some(turn.0),
+            turn: Some(turn),
             slots: self,
             namespace,
-            place: turn.1,
+            place,
         };
         if let Some(turn) = waiting.turn.as_mut() {
             // Its sender stays in the line until a hand-over sends on it, or this waiter
@@ -116,7 +116,8 @@ impl FairSlots {
     }
 
     /// Whether no slot is held (nor waited for).
-    pub fn idle(&self) -> bool {
+    #[cfg(test)]
+    fn idle(&self) -> bool {
         let state = self.state.lock().unwrap();
         state.in_use == 0 && state.waiting.is_empty()
     }

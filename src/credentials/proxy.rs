@@ -289,7 +289,7 @@ pub enum Loopback {
 /// Whether `host` (a name or an IP address without brackets, as written in a URL) names
 /// this host's loopback: `localhost` (and its subdomains, RFC 6761), a loopback address,
 /// or the unspecified one, which Linux connects to loopback.
-pub fn names_loopback(host: &str) -> bool {
+fn names_loopback(host: &str) -> bool {
     let host = host.trim_end_matches('.').to_ascii_lowercase();
     host == "localhost"
         || host.ends_with(".localhost")
@@ -299,11 +299,22 @@ pub fn names_loopback(host: &str) -> bool {
         })
 }
 
+/// Whether `target`'s host, as written, is this host: a name of its loopback (see
+/// [`names_loopback`]) or one of its addresses. A name that resolves here is for
+/// [`open`] to find, at the addresses it connects to.
+pub fn names_this_host(target: &Url) -> bool {
+    names_loopback(&target.host)
+        || target
+            .host
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| is_this_host((ip, target.port).into()))
+}
+
 /// Whether a connection to `addr` stays on this host: loopback, unspecified, or one of
 /// its own addresses (a pod's IP, its IPv6 link-local one; no NetworkPolicy sees such a
 /// connection either). The kernel says: a UDP socket "connected" there (no packet is
 /// sent) takes the address itself as its source only when the address is this host's.
-pub fn is_this_host(addr: std::net::SocketAddr) -> bool {
+fn is_this_host(addr: std::net::SocketAddr) -> bool {
     let ip = addr.ip().to_canonical();
     if ip.is_loopback() || ip.is_unspecified() {
         return true;

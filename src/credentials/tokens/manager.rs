@@ -83,12 +83,7 @@ pub(super) fn keep(
 fn own_host_endpoint(o: &OAuth2Spec) -> Option<String> {
     let url = endpoints(o).token?;
     let target = crate::credentials::http::parse_url(&url).ok()?;
-    let own = crate::credentials::proxy::names_loopback(&target.host)
-        || target
-            .host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| crate::credentials::proxy::is_this_host((ip, target.port).into()));
-    own.then(|| {
+    crate::credentials::proxy::names_this_host(&target).then(|| {
         format!(
             "spec.authentication.oauth2.tokenURL {url:?} names this pod's own address: {}",
             crate::credentials::proxy::LOOPBACK_REFUSED
