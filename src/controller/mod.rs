@@ -110,8 +110,9 @@ pub struct Context {
     /// (a result, Suspended, AccessDenied): the wait before the next grows with them.
     pub refusals: Mutex<HashMap<ObjectRef<IncomingMailProvider>, u32>>,
     /// The uids of providers the API server said no longer exist (404 to a status write)
-    /// while the cache still holds them: not tested again on the cache's word.
-    pub gone: Mutex<std::collections::HashSet<String>>,
+    /// while the cache still holds them, with their namespaces: not tested again on the
+    /// cache's word.
+    pub gone: Mutex<HashMap<String, String>>,
     pub jitter: Box<dyn schedule::Jitter>,
     /// OAuth2: keeps access tokens fresh and writes rotated refresh tokens back.
     pub tokens: Arc<TokenManager>,

@@ -370,7 +370,10 @@ async fn test_and_write(job: Job, ctx: Arc<Context>) -> Duration {
         Err(error) if error.provider_gone() => {
             span.in_scope(|| info!("deleted during its test; the result is dropped"));
             if let Some(uid) = &job_uid {
-                ctx.gone.lock().unwrap().insert(uid.clone());
+                ctx.gone
+                    .lock()
+                    .unwrap()
+                    .insert(uid.clone(), key.namespace.clone().unwrap_or_default());
             }
             Duration::ZERO
         }
@@ -552,7 +555,7 @@ fn gone(ctx: &Context, p: &IncomingMailProvider) -> bool {
     p.metadata
         .uid
         .as_ref()
-        .is_some_and(|uid| ctx.gone.lock().unwrap().contains(uid))
+        .is_some_and(|uid| ctx.gone.lock().unwrap().contains_key(uid))
 }
 
 /// Runs a first test; if it is still running after `SHOW_CHECKING_AFTER`, writes Checking

@@ -55,10 +55,11 @@ impl Live {
         }
     }
 
-    /// Whether a provider of this uid may still be in a cache (a scope not listed yet
-    /// may hold anything).
-    pub fn uid(&self, uid: &str) -> bool {
-        self.uids.contains(uid) || !self.unlisted.is_empty()
+    /// Whether a provider of this uid, in this namespace, may still be in a cache (a
+    /// scope not listed yet may hold anything of its namespaces, and only of those: one
+    /// namespace whose providers cannot be listed must not keep every other's).
+    pub fn uid(&self, uid: &str, namespace: &str) -> bool {
+        self.uids.contains(uid) || self.held(namespace)
     }
 
     fn held(&self, namespace: &str) -> bool {
@@ -101,7 +102,7 @@ fn forget(ctx: &Context, live: &Live) {
         .unwrap()
         .retain(|k, _| live.provider(k));
     ctx.refusals.lock().unwrap().retain(|k, _| live.provider(k));
-    ctx.gone.lock().unwrap().retain(|uid| live.uid(uid));
+    ctx.gone.lock().unwrap().retain(|uid, ns| live.uid(uid, ns));
     ctx.metrics.retain_providers(|k| live.provider_named(k));
     ctx.objects
         .retain(|(kind, ns, name)| live.object(*kind, ns, name));
@@ -176,8 +177,11 @@ mod tests {
             listed(vec![held, provider("team", "kept", "kept-login")]),
         )];
         let live = Live::of(&stores);
-        assert!(live.uid("held-uid"), "still cached: its uid is kept");
-        assert!(!live.uid("deleted-uid"));
+        assert!(
+            live.uid("held-uid", "team"),
+            "still cached: its uid is kept"
+        );
+        assert!(!live.uid("deleted-uid", "team"));
         assert!(!live.provider(&key("team", "held")));
         // What it references is kept while the cache holds it.
         assert!(live.object(ObjectKind::Secret, "team", "held-login"));
@@ -195,10 +199,12 @@ mod tests {
         ];
         let live = Live::of(&stores);
         assert!(live.provider(&key("waiting", "any")));
+        assert!(live.uid("any-uid", "waiting"));
         assert!(live.provider_named(&("waiting".into(), "any".into())));
         assert!(live.object(ObjectKind::Secret, "waiting", "tokens"));
         // A listed scope beside it is swept as usual.
         assert!(!live.provider(&key("team", "deleted")));
+        assert!(!live.uid("deleted-uid", "team"));
         assert!(!live.object(ObjectKind::Secret, "team", "tokens"));
 
         // All namespaces in one scope, not listed yet: nothing is forgotten.
