@@ -330,10 +330,11 @@ impl TokenManager {
             .lock()
             .unwrap()
             .retain(|(ns, name), _| keep(ns, name));
-        self.app
-            .lock()
-            .unwrap()
-            .retain(|(ns, name), _| keep(ns, name));
+        let now = Timestamp::now();
+        self.app.lock().unwrap().retain(|(ns, name), kept| {
+            kept.retain(|_, token| TokenSet::from_secret(token).access_valid(now));
+            !kept.is_empty() && keep(ns, name)
+        });
         self.rejected
             .lock()
             .unwrap()
@@ -365,12 +366,13 @@ impl TokenManager {
         secret: Secret,
     ) {
         let settings = app_settings(o, protocol);
-        self.app
-            .lock()
-            .unwrap()
-            .entry(at)
-            .or_default()
-            .insert(settings, secret);
+        let now = Timestamp::now();
+        let mut app = self.app.lock().unwrap();
+        let kept = app.entry(at).or_default();
+        // Expired tokens serve no one: those of settings edited away (another client,
+        // tenant or scope) would otherwise stay as long as the Secret's name is used.
+        kept.retain(|_, token| TokenSet::from_secret(token).access_valid(now));
+        kept.insert(settings, secret);
     }
 
     /// Notes that the mail server refused the access token of `fetched`'s test. One taken

@@ -570,6 +570,46 @@ async fn an_app_only_token_serves_only_its_own_client_and_scopes() {
     );
 }
 
+/// App-only tokens of settings edited away (a spec changed client after client) are
+/// not kept once expired, and the sweep forgets them even when nothing new is kept.
+#[tokio::test]
+async fn expired_app_only_tokens_of_other_settings_are_not_kept() {
+    let manager = test_manager();
+    let spec = |client: &str| -> OAuth2Spec {
+        serde_yaml::from_str(&format!(
+            "{{provider: Microsoft, flow: ClientCredentials, tenant: contoso.com, clientId: {client}, clientSecretRef: {{name: s}}, tokenSecretRef: {{name: t}}}}"
+        ))
+        .unwrap()
+    };
+    let imap = crate::api::Protocol::Imap;
+    let at = key("ns", "t");
+    let expired = Timestamp::now() - SignedDuration::from_secs(60);
+    let fresh = Timestamp::now() + SignedDuration::from_secs(3600);
+    let token = |value: &str, expires: Timestamp| {
+        secret(&[(ACCESS_TOKEN, value), (EXPIRES_AT, &expires.to_string())])
+    };
+    for n in 0..100 {
+        let client = format!("app-{n}");
+        manager.keep_app_token(at.clone(), &spec(&client), imap, token(&client, expired));
+    }
+    manager.keep_app_token(at.clone(), &spec("live"), imap, token("live", fresh));
+    for n in 0..100 {
+        let client = format!("app-{n}");
+        assert!(
+            manager.app_token(&at, &spec(&client), imap).is_none(),
+            "{client}"
+        );
+    }
+    assert!(manager.app_token(&at, &spec("live"), imap).is_some());
+
+    // Kept, then expired, with nothing kept after it: the sweep forgets it, though the
+    // Secret's name is still used.
+    manager.keep_app_token(at.clone(), &spec("late"), imap, token("late", expired));
+    manager.retain(|_, _| true);
+    assert!(manager.app_token(&at, &spec("late"), imap).is_none());
+    assert!(manager.app_token(&at, &spec("live"), imap).is_some());
+}
+
 #[test]
 fn a_token_without_a_known_expiry_serves_one_test_but_the_controller_refreshes_it() {
     let now = at(NOW);
