@@ -534,9 +534,11 @@ fn trust_store(pem: Option<&[u8]>) -> Result<Trusted, Failure> {
 /// costs more than the rest of a test's client work; a fleet shares a few bundles, so the
 /// ones used last are kept (at most `KEEP`), keyed by the bundle's digest, and the
 /// platform's own (no bundle), which most providers use, is kept apart for good. A store
-/// holds about its bundle's size, so a bundle over `KEEP_AT_MOST` (more than a CA bundle
-/// needs: the whole Mozilla set is about 220 KB) is built again at each use, not kept:
-/// kept bundles stay under 16 MiB whatever tenants put in them. (A tenant cycling through
+/// holds a copy of the platform's roots, its bundle's certificates and a memo of the
+/// chains it verified (a few hundred KB when full), so a bundle over `KEEP_AT_MOST` (more
+/// than a CA bundle needs: the whole Mozilla set is about 220 KB) is built again at each
+/// use, not kept: each kept store stays under about 1 MiB, and all of them some tens of
+/// MiB, whatever tenants put in their bundles. (A tenant cycling through
 /// more than `KEEP` bundles still makes others' bundles be built again: CPU, not memory.)
 #[derive(Default)]
 struct TrustStores {
