@@ -99,7 +99,8 @@ pub struct ControllerArgs {
     #[arg(long, env = "MAILROOM_SHARD_INDEX", default_value_t = 0)]
     pub shard_index: u32,
     /// How many shards the providers are split into, each tested by its own replica (and
-    /// Lease); every provider belongs to exactly one, by a stable hash of namespace/name.
+    /// Lease); every provider belongs to exactly one, by a stable hash of namespace/name
+    /// (of its token Secret's for an OAuth2 provider, so that one shard refreshes it).
     #[arg(long, env = "MAILROOM_SHARD_COUNT", default_value_t = 1)]
     pub shard_count: u32,
     /// The pod's terminationGracePeriodSeconds (seconds, or 30s, 1m): on SIGTERM, tests in

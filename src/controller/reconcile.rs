@@ -113,8 +113,15 @@ async fn reconcile_inner(
     ctx: Arc<Context>,
     ns: String,
 ) -> Result<Action, Error> {
-    if !ctx.shard.owns(&ns, &p.name_any()) {
-        // Another replica's: it tests and writes this one.
+    if !ctx.shard.owns(&p) {
+        // Another replica's: it tests and writes this one. One that was this replica's
+        // until its spec named another token Secret is forgotten, so that its series and
+        // its schedule are not kept (and counted) in two replicas.
+        let key = ObjectRef::from_obj(&*p);
+        ctx.metrics.provider_ready(&ns, &p.name_any(), None);
+        ctx.memory.lock().unwrap().remove(&key);
+        ctx.unwritten.lock().unwrap().remove(&key);
+        ctx.refusals.lock().unwrap().remove(&key);
         return Ok(Action::await_change());
     }
     if gone(&ctx, &p) {

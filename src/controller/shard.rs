@@ -2,6 +2,15 @@
 //! hash of namespace/name falls in shard `i`, so n replicas share a fleet, each provider
 //! tested by exactly one of them. The hash never changes between releases or machines
 //! (FNV-1a, not Rust's randomised hasher), so a restart keeps every provider where it was.
+//!
+//! An OAuth2 provider goes by the name of its token Secret instead: the controller
+//! refreshes the tokens there and writes them back, and only within one process is there
+//! one refresh of a Secret at a time, and are its own write-backs known for its own. Two
+//! providers of one token Secret in two replicas took each other's write-back for a
+//! change of their Secret and were tested again; with access tokens of five minutes or
+//! less, refreshed at every test, that was a loop of refreshes and logins.
+
+use crate::api::{AuthMethod, IncomingMailProvider};
 
 /// This replica's slice of the providers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,8 +32,20 @@ impl Shard {
         Ok(Shard { index, count })
     }
 
-    pub fn owns(&self, namespace: &str, name: &str) -> bool {
-        self.count <= 1 || shard_of(namespace, name, self.count) == self.index
+    /// Whether this replica tests `p`.
+    pub fn owns(&self, p: &IncomingMailProvider) -> bool {
+        let namespace = p.metadata.namespace.as_deref().unwrap_or_default();
+        self.count <= 1 || shard_of(namespace, placed_by(p), self.count) == self.index
+    }
+}
+
+/// The name that places a provider among the shards (with its namespace): that of its
+/// token Secret for OAuth2, its own otherwise.
+pub fn placed_by(p: &IncomingMailProvider) -> &str {
+    let auth = &p.spec.authentication;
+    match &auth.oauth2 {
+        Some(o) if auth.method == AuthMethod::OAuth2 => &o.token_secret_ref.name,
+        _ => p.metadata.name.as_deref().unwrap_or_default(),
     }
 }
 
@@ -42,15 +63,72 @@ pub fn shard_of(namespace: &str, name: &str, count: u32) -> u32 {
 mod tests {
     use super::*;
 
+    fn provider(name: &str, auth: serde_json::Value) -> IncomingMailProvider {
+        let spec = serde_json::from_value(serde_json::json!({
+            "server": {"host": "mail.example.com", "protocol": "IMAP"},
+            "authentication": auth,
+        }))
+        .unwrap();
+        let mut p = IncomingMailProvider::new(name, spec);
+        p.metadata.namespace = Some("ops".into());
+        p
+    }
+
+    fn password(name: &str) -> IncomingMailProvider {
+        provider(
+            name,
+            serde_json::json!({"method": "Password", "username": "u", "secretRef": {"name": "login"}}),
+        )
+    }
+
+    fn oauth2(name: &str, tokens: &str) -> IncomingMailProvider {
+        provider(
+            name,
+            serde_json::json!({"method": "OAuth2", "username": "u", "oauth2": {
+                "provider": "Microsoft", "clientId": "c", "tokenSecretRef": {"name": tokens}}}),
+        )
+    }
+
     #[test]
     fn every_provider_has_exactly_one_shard() {
         for count in 1..6 {
             let shards: Vec<Shard> = (0..count).map(|i| Shard::new(i, count).unwrap()).collect();
             for n in 0..500 {
-                let name = format!("p{n}");
-                let owners = shards.iter().filter(|s| s.owns("ops", &name)).count();
-                assert_eq!(owners, 1, "{name} among {count} shards");
+                for p in [
+                    password(&format!("p{n}")),
+                    oauth2(&format!("o{n}"), &format!("t{n}")),
+                ] {
+                    let owners = shards.iter().filter(|s| s.owns(&p)).count();
+                    assert_eq!(
+                        owners,
+                        1,
+                        "{} among {count} shards",
+                        p.metadata.name.unwrap()
+                    );
+                }
             }
+        }
+    }
+
+    #[test]
+    fn the_providers_of_one_token_secret_share_a_shard() {
+        // Names that the shards would otherwise split.
+        let names: Vec<String> = (0..50).map(|n| format!("mailbox-{n}")).collect();
+        assert!(
+            names
+                .iter()
+                .any(|n| shard_of("ops", n, 3) != shard_of("ops", &names[0], 3))
+        );
+        let shards: Vec<Shard> = (0..3).map(|i| Shard::new(i, 3).unwrap()).collect();
+        let owner = |p: &IncomingMailProvider| shards.iter().position(|s| s.owns(p)).unwrap();
+        for name in &names {
+            assert_eq!(
+                owner(&oauth2(name, "team-tokens")) as u32,
+                shard_of("ops", "team-tokens", 3),
+                "{name}"
+            );
+            // A password provider goes by its own name, whatever Secret it reads.
+            assert_eq!(owner(&password(name)) as u32, shard_of("ops", name, 3));
         }
     }
 

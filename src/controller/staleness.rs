@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 
 use super::{Context, schedule};
@@ -59,10 +58,7 @@ pub async fn run(ctx: Arc<Context>) {
             .providers
             .iter()
             .flat_map(|(_, store)| store.state())
-            .filter(|p| {
-                ctx.shard
-                    .owns(&p.namespace().unwrap_or_default(), &p.name_any())
-            })
+            .filter(|p| ctx.shard.owns(p))
             .collect();
         let count = {
             let memory = ctx.memory.lock().unwrap();

@@ -576,6 +576,60 @@ async fn an_expired_token_is_refreshed_and_the_rotated_refresh_token_stored() {
     }
 }
 
+/// Sharded, the providers of one token Secret are tested by one replica, the Secret's,
+/// whatever their names: in two replicas, each took the other's write-back of the tokens
+/// for a change of its Secret and tested again, and with access tokens shorter than the
+/// five minutes they are refreshed ahead of, each test refreshed: a loop of token
+/// requests and logins.
+#[tokio::test]
+async fn the_providers_of_one_token_secret_are_tested_by_one_shard() {
+    use mailroom::controller::shard::shard_of;
+    let env = Env::new("oauth2-shards").await;
+    trust_bed_ca(&env).await;
+    let (server, refresh) = alice_grant(&env);
+    server.set_access_ttl(Duration::from_secs(120));
+    expired_token_secret(&env, &refresh, "x").await;
+    // Two names that the shards, by name, would split.
+    let first = "imap-0".to_string();
+    let second = (1..)
+        .map(|i| format!("imap-{i}"))
+        .find(|n| shard_of(&env.ns, n, 3) != shard_of(&env.ns, &first, 3))
+        .unwrap();
+    let port = env.bed.dovecot().imaps_port();
+    for name in [&first, &second] {
+        env.apply(&oauth_provider(name, "IMAP", port, &generic(&server, "")));
+    }
+    let mut shards: Vec<_> = (0..3)
+        .map(|i| env.controller_with(&["--shard-index", &i.to_string(), "--shard-count", "3"]))
+        .collect();
+    for name in [&first, &second] {
+        env.wait_reason(name, "Connected", Duration::from_secs(60))
+            .await;
+    }
+    let requests = server.token_requests();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert!(
+        server.token_requests() <= requests + 1,
+        "{} token requests in 20 s after both were Connected (interval 5m)",
+        server.token_requests() - requests
+    );
+    let owner = shard_of(&env.ns, "alice-token", 3) as usize;
+    for (i, c) in shards.iter().enumerate() {
+        let expected = if i == owner { 2 } else { 0 };
+        assert_eq!(c.tests(), expected, "shard {i}:\n{}", c.logs());
+    }
+    assert!(
+        server.reused_refresh_tokens().is_empty(),
+        "one refresh token redeemed twice"
+    );
+    for c in &mut shards {
+        assert!(
+            c.terminate(Duration::from_secs(15))
+                .is_some_and(|s| s.success())
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_revoked_grant_is_authorization_revoked() {
     let env = Env::new("oauth2-revoked").await;
