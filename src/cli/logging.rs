@@ -34,6 +34,13 @@ pub fn init(format: LogFormat, filter: &str) -> anyhow::Result<()> {
             .event_format(FlatJson)
             .init(),
     }
+    // A panic (a defect of mailroom's, or of a parser it calls on what a server sent,
+    // which the probe survives) is logged like everything else, in the chosen format and
+    // with the provider it happened for, instead of as a raw line on stderr.
+    std::panic::set_hook(Box::new(|info| {
+        let panic = crate::probe::printable(&info.to_string());
+        tracing::error!(%panic, "panicked (a defect of mailroom's)");
+    }));
     Ok(())
 }
 

@@ -32,6 +32,7 @@ use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
+use futures::FutureExt;
 use secrecy::SecretString;
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -245,7 +246,7 @@ impl Failure {
 
 /// Runs one test. Never panics and never takes (much) longer than `target.timeout`.
 pub async fn run(target: &Target, login: &Login) -> Report {
-    let mut rec = Recorder::start(target.timeout);
+    let mut rec = Recorder::start(target);
     let span = tracing::debug_span!(
         "probe",
         host = %target.host,
@@ -636,18 +637,25 @@ struct Recorder {
     started: Instant,
     deadline: Instant,
     timeout: Duration,
+    /// "IMAP server host:port", for a failure no step could explain (see `timed`).
+    server: String,
 }
 
 impl Recorder {
-    /// A test starting now, with `timeout` for all its steps.
-    fn start(timeout: Duration) -> Recorder {
+    /// A test of `target` starting now, with its timeout for all its steps.
+    fn start(target: &Target) -> Recorder {
         let started = Instant::now();
         Recorder {
             steps: Vec::new(),
             findings: Findings::default(),
             started,
-            deadline: started + timeout,
-            timeout,
+            deadline: started + target.timeout,
+            timeout: target.timeout,
+            server: format!(
+                "{} server {}",
+                target.protocol.as_str(),
+                classify::endpoint(&target.host, target.port)
+            ),
         }
     }
 
@@ -667,9 +675,22 @@ impl Recorder {
     {
         let started = Instant::now();
         let span = tracing::debug_span!("step", step = step.as_str());
-        let outcome = match tokio::time::timeout_at(self.deadline, fut.instrument(span)).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(failure)) => Err(Stop::Failed(failure)),
+        // A parser that panics on what a server sent (async-imap's did, on a response
+        // code followed by a non-ASCII byte, found by fuzzing) fails this test, as any
+        // reply that cannot be read does, instead of the whole test: the connection is
+        // then left unused, and dropped.
+        let step_fut = std::panic::AssertUnwindSafe(fut.instrument(span)).catch_unwind();
+        let outcome = match tokio::time::timeout_at(self.deadline, step_fut).await {
+            Ok(Ok(Ok(value))) => Ok(value),
+            Ok(Ok(Err(failure))) => Err(Stop::Failed(failure)),
+            Ok(Err(_panic)) => Err(Stop::Failed(Failure::new(
+                Reason::ProtocolError,
+                step,
+                format!(
+                    "{} sent a reply at the {step} step that mailroom could not read",
+                    self.server
+                ),
+            ))),
             Err(_) => Err(Stop::TimedOut),
         };
         Timed {

@@ -2302,3 +2302,33 @@ async fn an_exchange_oauth2_refusal_lists_its_usual_causes() {
         assert_secret_kept(&report);
     }
 }
+
+/// A response code followed by a non-ASCII byte instead of a space made async-imap's
+/// parser panic (found by fuzzing): the test fails as ProtocolError at that step.
+#[tokio::test]
+async fn a_reply_that_makes_the_imap_parser_panic_is_a_protocol_error_of_its_step() {
+    let script = vec![SayBytes(
+        b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN]\x8bDovecot ready\r\n".to_vec(),
+    )];
+    let f = failed_against(script, Protocol::Imap, &password(true)).await;
+    assert_eq!(
+        (f.reason, f.step),
+        (Reason::ProtocolError, Step::Greeting),
+        "{f:?}"
+    );
+    assert!(f.message.contains("could not read"), "{}", f.message);
+
+    let script = vec![
+        Say("* OK ready\r\n"),
+        Cmd("CAPABILITY"),
+        Say("* CAPABILITY IMAP4rev1\r\n$TAG OK done\r\n"),
+        Cmd("LOGIN"),
+        Say("$TAG OK [CAPABILITY IMAP4rev1]\u{e9} logged in\r\n"),
+    ];
+    let f = failed_against(script, Protocol::Imap, &password(true)).await;
+    assert_eq!(
+        (f.reason, f.step),
+        (Reason::ProtocolError, Step::Authenticate),
+        "{f:?}"
+    );
+}
