@@ -9,7 +9,7 @@
 //! hashing of object refs) while the tests had long finished: the ramp took twice as long
 //! as the tests did.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
@@ -18,6 +18,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender, unbounded};
 use kube::runtime::reflector::ObjectRef;
+use tokio::sync::Notify;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
@@ -28,9 +29,10 @@ type Key = ObjectRef<IncomingMailProvider>;
 /// The wait before a test that panicked is tried again.
 const AFTER_A_PANIC: Duration = Duration::from_secs(60);
 
-/// The tests running or waiting for a slot, at most one per provider.
+/// The tests running or waiting for a slot, at most one per provider, each with what
+/// nudges it (see [`InFlight::nudge`]).
 pub struct InFlight {
-    running: Arc<Mutex<HashSet<Key>>>,
+    running: Arc<Mutex<HashMap<Key, Arc<Notify>>>>,
     tasks: TaskTracker,
     /// Cancelled when the controllers are dropped (the lease is lost): the tests stop.
     cancel: CancellationToken,
@@ -64,15 +66,34 @@ impl InFlight {
     }
 
     pub fn is_running(&self, key: &Key) -> bool {
-        self.running.lock().unwrap().contains(key)
+        self.running.lock().unwrap().contains_key(key)
     }
 
-    /// Runs `test` for the provider `key` unless one runs already; when it ends, after
-    /// the delay it returns, the provider is reconciled. Returns whether it started.
-    pub fn start(&self, key: Key, test: impl Future<Output = Duration> + Send + 'static) -> bool {
-        if !self.running.lock().unwrap().insert(key.clone()) {
-            return false;
+    /// Tells the test of `key`, if one runs, that its provider changed: one still waiting
+    /// for a slot looks whether it is still the test to run (see `reconcile`).
+    pub fn nudge(&self, key: &Key) {
+        if let Some(nudges) = self.running.lock().unwrap().get(key) {
+            nudges.notify_one();
         }
+    }
+
+    /// Runs the test `test` makes for the provider `key` (given what nudges it) unless one
+    /// runs already; when it ends, after the delay it returns, the provider is reconciled.
+    /// Returns whether it started.
+    pub fn start<F>(&self, key: Key, test: impl FnOnce(Arc<Notify>) -> F) -> bool
+    where
+        F: Future<Output = Duration> + Send + 'static,
+    {
+        let nudges = {
+            let mut running = self.running.lock().unwrap();
+            if running.contains_key(&key) {
+                return false;
+            }
+            let nudges = Arc::new(Notify::new());
+            running.insert(key.clone(), nudges.clone());
+            nudges
+        };
+        let test = test(nudges);
         let running = Running {
             set: self.running.clone(),
             key: Some(key.clone()),
@@ -143,7 +164,7 @@ impl InFlight {
 
 /// Marks a provider's test as running until dropped (finished or cancelled).
 struct Running {
-    set: Arc<Mutex<HashSet<Key>>>,
+    set: Arc<Mutex<HashMap<Key, Arc<Notify>>>>,
     key: Option<Key>,
 }
 
@@ -173,13 +194,13 @@ mod tests {
         let scopes = [Some("a".to_string()), Some("b".to_string())];
         let (inflight, mut rx) = InFlight::new(&scopes, never());
         let (release, released) = tokio::sync::oneshot::channel::<()>();
-        assert!(inflight.start(key("b", "p"), async move {
+        assert!(inflight.start(key("b", "p"), |_| async move {
             let _ = released.await;
             Duration::ZERO
         }));
         assert!(inflight.is_running(&key("b", "p")));
         assert!(
-            !inflight.start(key("b", "p"), async { Duration::ZERO }),
+            !inflight.start(key("b", "p"), |_| async { Duration::ZERO }),
             "a second test of one provider must not start while the first runs"
         );
         release.send(()).unwrap();
@@ -194,10 +215,31 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_nudge_reaches_the_running_test_of_its_provider_only() {
+        let (inflight, mut rx) = InFlight::new(&[None], never());
+        for name in ["p", "q"] {
+            assert!(inflight.start(key("a", name), |nudges| async move {
+                nudges.notified().await;
+                Duration::ZERO
+            }));
+        }
+        inflight.nudge(&key("a", "p"));
+        inflight.nudge(&key("a", "absent"));
+        let asked = tokio::time::timeout(Duration::from_secs(5), rx[0].next())
+            .await
+            .expect("the nudged test ends");
+        assert_eq!(asked, Some(key("a", "p")));
+        assert!(
+            inflight.is_running(&key("a", "q")),
+            "another's test goes on"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_test_that_panics_is_tried_again_later() {
         let (inflight, mut rx) = InFlight::new(&[None], never());
-        assert!(inflight.start(key("a", "p"), async {
+        assert!(inflight.start(key("a", "p"), |_| async {
             panic!("a defect");
         }));
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -212,7 +254,7 @@ mod tests {
         let (inflight, mut rx) = InFlight::new(&[None], never());
         let guard = inflight.cancel_on_drop();
         let (_keep, never_released) = tokio::sync::oneshot::channel::<()>();
-        assert!(inflight.start(key("a", "p"), async move {
+        assert!(inflight.start(key("a", "p"), |_| async move {
             let _ = never_released.await;
             Duration::ZERO
         }));
@@ -242,7 +284,7 @@ mod tests {
         let (inflight, mut rx) = InFlight::new(&[None], stopping.clone());
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let d = done.clone();
-        assert!(inflight.start(key("a", "p"), async move {
+        assert!(inflight.start(key("a", "p"), |_| async move {
             tokio::time::sleep(Duration::from_millis(100)).await;
             d.store(true, std::sync::atomic::Ordering::SeqCst);
             Duration::from_secs(3600)
@@ -262,11 +304,11 @@ mod tests {
     async fn a_test_that_outlasts_the_drain_is_cancelled() {
         let (inflight, mut rx) = InFlight::new(&[None], never());
         let (_keep, never_released) = tokio::sync::oneshot::channel::<()>();
-        assert!(inflight.start(key("a", "slow"), async move {
+        assert!(inflight.start(key("a", "slow"), |_| async move {
             let _ = never_released.await;
             Duration::ZERO
         }));
-        assert!(inflight.start(key("a", "quick"), async { Duration::ZERO }));
+        assert!(inflight.start(key("a", "quick"), |_| async { Duration::ZERO }));
         let cancelled = tokio::time::timeout(
             Duration::from_secs(5),
             inflight.finish(Duration::from_millis(200)),

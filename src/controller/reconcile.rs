@@ -144,7 +144,9 @@ async fn reconcile_inner(
     ctx.metrics.provider_seen(&ns, &p.name_any(), ready);
     let key = ObjectRef::from_obj(&*p);
     if ctx.inflight.is_running(&key) {
-        // When it is done, the test asks for this reconcile again.
+        // When it is done, the test asks for this reconcile again. One still waiting for
+        // a slot looks whether its provider was changed, deleted or created again.
+        ctx.inflight.nudge(&key);
         return Ok(Action::await_change());
     }
     let api: Api<IncomingMailProvider> = Api::namespaced(ctx.client.clone(), &ns);
@@ -265,14 +267,17 @@ async fn reconcile_inner(
         Err(why) => why,
     };
 
-    let job = Job {
+    let job = |nudges| Job {
         p: p.clone(),
         key: key.clone(),
         why,
         interval,
         now,
+        nudges,
     };
-    let started = ctx.inflight.start(key, test_and_write(job, ctx.clone()));
+    let started = ctx.inflight.start(key.clone(), |nudges| {
+        test_and_write(job(nudges), ctx.clone())
+    });
     debug_assert!(
         started,
         "one reconcile per provider at a time, and none while it tests"
@@ -355,6 +360,8 @@ struct Job {
     why: schedule::Why,
     interval: Duration,
     now: Timestamp,
+    /// Notified when its provider changes (see `InFlight::nudge`).
+    nudges: Arc<tokio::sync::Notify>,
 }
 
 /// Waits for the slots, runs the test, writes the status and an Event, and remembers
@@ -413,13 +420,10 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
         // tarpit, say) must not sit on a slot that a test of another host could use.
         // A controller told to stop starts no more tests: graceful shutdown waits for
         // every test started, and thousands may be queued here.
-        let _host = tokio::select! {
-            permit = ctx.limits.acquire(&p.spec.server.host, &ns) => permit,
-            _ = ctx.stopping.clone() => return Ok(None),
-        };
-        if !still_current(p, ctx.provider(&job.key).as_deref()) {
+        let host_slot = ctx.limits.acquire(&p.spec.server.host, &ns);
+        let Some(_host) = while_current(host_slot, &job, ctx).await else {
             return Ok(None);
-        }
+        };
         // Read the Secrets and refresh a token only now, so that these reads and token
         // requests are bounded per host like the tests, however many providers wait.
         // Boxed: what follows is large, and only a test that has its slot needs it.
@@ -430,12 +434,7 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
             let versions = ctx.objects.versions(&ns, &refs).await;
             let fingerprint = objects::fingerprint(&refs, &versions);
             // Its slot among all tests is taken last, and held until its result is written.
-            let test_slot = async || {
-                tokio::select! {
-                    slot = ctx.tests.acquire(&ns) => Some(slot),
-                    _ = ctx.stopping.clone() => None,
-                }
-            };
+            let test_slot = async || while_current(ctx.tests.acquire(&ns), &job, ctx).await;
             let read_missing = matches!(
                 job.why,
                 schedule::Why::First | schedule::Why::SpecChanged | schedule::Why::Requested
@@ -481,12 +480,6 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
             let Some(slot) = test_slot().await else {
                 return Ok(None);
             };
-            // Asked again: with many hosts busy, the wait for a slot among all tests can
-            // be long, and a provider deleted or re-pointed meanwhile must not be tested
-            // with what it said before.
-            if !still_current(p, ctx.provider(&job.key).as_deref()) {
-                return Ok(None);
-            }
             let outcome = Box::pin(check::run(&p.spec, &fetched)).await;
             if outcome.reason == Reason::AuthenticationFailed {
                 ctx.tokens.rejected(p, &fetched);
@@ -521,6 +514,27 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
     // rather than results piling up in memory, and a change waits for at most
     // --concurrency writes. Boxed too: only a finished test needs this.
     Box::pin(record(&job, *outcome, fingerprint, &api, &sctx, ctx)).await
+}
+
+/// Waits for `slot` (a host's, or one among all tests) while the test is still the one
+/// to run: None once its provider is deleted, created again or changed meanwhile (looked
+/// at when a reconcile nudges the test, and once the slot is had), or the controller
+/// stops. A test in line behind a host that hangs would otherwise hold back, for as long
+/// as the line takes, the test of what its provider says now: a new host, or a fix.
+async fn while_current<T>(slot: impl Future<Output = T>, job: &Job, ctx: &Context) -> Option<T> {
+    tokio::pin!(slot);
+    let current = || still_current(&job.p, ctx.provider(&job.key).as_deref());
+    loop {
+        tokio::select! {
+            got = &mut slot => return current().then_some(got),
+            () = job.nudges.notified() => {
+                if !current() {
+                    return None;
+                }
+            }
+            _ = ctx.stopping.clone() => return None,
+        }
+    }
 }
 
 /// Whether a test that waited for its host's slot is still the one to run: not once its

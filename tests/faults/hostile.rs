@@ -950,6 +950,48 @@ async fn a_provider_whose_status_goes_stale_is_counted_overdue() {
 /// Namespaces share a host's slots fairly: a tenant whose providers hang on a host every
 /// team uses (a server there that never answers, each test holding its slot for its whole
 /// timeout) does not make another tenant's test of that host wait behind its own queue.
+/// A test in line behind others that hang on their host leaves the line when its provider
+/// is pointed at another host: the fix of a typo'd host is tested at once, not after every
+/// test ahead of it has timed out (three of 10 s here, one slot for the host).
+#[tokio::test]
+async fn a_test_in_line_behind_a_hanging_host_leaves_it_when_its_provider_is_pointed_elsewhere() {
+    let env = alice_env("repointed").await;
+    // Another host than the bed's mail host (127.0.0.2), so the slots are another's.
+    let host = "127.0.0.1";
+    let tarpit = Hostile::start(host, "IMAP", Behaviour::Silent);
+    let hang = |name: &str| {
+        fleet::connectivity(
+            name,
+            "hang",
+            host,
+            tarpit.port(),
+            "IMAP",
+            "{interval: 5m, timeout: 10s}",
+        )
+    };
+    fleet::create_all(&env, (0..3).map(|i| hang(&format!("hang-{i}"))).collect()).await;
+    let _controller = env.controller_with(&["--per-host-concurrency", "1"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tarpit.connections() < 1 {
+        assert!(Instant::now() < deadline, "the hanging tests never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Last in line: behind the one hanging and the two waiting.
+    fleet::create_all(&env, vec![hang("typo")]).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(tarpit.connections(), 1, "one slot for the host, held");
+    let fixed = Instant::now();
+    env.apply_alice_imaps("typo");
+    env.wait_reason("typo", "Connected", Duration::from_secs(60))
+        .await;
+    let took = fixed.elapsed();
+    assert!(
+        took < Duration::from_secs(8) && tarpit.connections() <= 2,
+        "the fixed provider was tested {took:?} after its fix, after {} hanging tests",
+        tarpit.connections()
+    );
+}
+
 /// Two slots per host; six providers hanging 10 s each, two running and four in line when
 /// the other tenant's provider comes: in first-come order it would wait for those four,
 /// two rounds of 10 s after the current one (29 s measured); shared fairly, it takes
