@@ -149,6 +149,13 @@ async fn reconcile_inner(
         ctx.inflight.nudge(&key);
         return Ok(Action::await_change());
     }
+    if behind_own_write(&ctx, &key, &p) {
+        // What is decided and built now would start from the status before this
+        // replica's last write (a failure not counted, a change announced again). The
+        // write's watch event is on its way, and calls this again; the requeue is for a
+        // status someone else changed meanwhile.
+        return Ok(Action::requeue(Duration::from_millis(250)));
+    }
     let api: Api<IncomingMailProvider> = Api::namespaced(ctx.client.clone(), &ns);
     let old = p.status.as_ref();
     let generation = p.meta().generation;
@@ -256,6 +263,7 @@ async fn reconcile_inner(
                 .and_modify(|m| m.next_due = m.next_due.min(due))
                 .or_insert_with(|| Memory {
                     tested: None,
+                    written: None,
                     uid: p.metadata.uid.clone(),
                     generation,
                     request: request.map(str::to_string),
@@ -308,6 +316,7 @@ async fn access_denied(
         .entry(key.clone())
         .or_insert_with(|| Memory {
             tested: None,
+            written: None,
             uid: p.metadata.uid.clone(),
             generation: p.meta().generation,
             request: None,
@@ -661,13 +670,15 @@ async fn record(
     let since_write = since_last_check(stored, finished);
     let failures = u32::try_from(new.consecutive_failures).unwrap_or(u32::MAX);
     let wait = schedule::next_wait(interval, failures, &*ctx.jitter);
-    let next = Memory {
+    let written_before = remembered(ctx, key, p).and_then(|m| m.written);
+    let mut next = Memory {
         uid: p.metadata.uid.clone(),
         generation: sctx.generation,
         request: sctx.check_request.map(str::to_string),
         references: fingerprint,
         next_due: after(finished, wait),
         tested: Some(finished),
+        written: written_before,
     };
     let what = if status::differs(stored, &new) {
         Some(Write::Change)
@@ -702,9 +713,30 @@ async fn record(
         ctx.memory.lock().unwrap().insert(key.clone(), next);
         return Err(e);
     }
+    if what.is_some() {
+        next.written = Some(schedule::Written {
+            last_check: finished,
+            at: tokio::time::Instant::now(),
+        });
+    }
     Box::pin(announce(p, stored, &new, ctx)).await;
     ctx.memory.lock().unwrap().insert(key.clone(), next);
     Ok(())
+}
+
+/// Whether the cache's copy of `p` does not show this replica's last status write of it
+/// yet (see [`schedule::behind_own_write`]).
+fn behind_own_write(
+    ctx: &Context,
+    key: &ObjectRef<IncomingMailProvider>,
+    p: &IncomingMailProvider,
+) -> bool {
+    let memory = ctx.memory.lock().unwrap();
+    let written = memory
+        .get(key)
+        .filter(|m| m.uid == p.metadata.uid)
+        .and_then(|m| m.written.as_ref());
+    schedule::behind_own_write(written, p.status.as_ref(), tokio::time::Instant::now())
 }
 
 /// How long ago the stored status's lastCheckTime was written, for the heartbeat. One in
@@ -759,6 +791,12 @@ async fn write_unwritten(
     let new = kept.status(old, sctx);
     write(api, p, &new, ctx, Write::Change).await?;
     ctx.unwritten.lock().unwrap().remove(key);
+    if let Some(m) = ctx.memory.lock().unwrap().get_mut(key) {
+        m.written = Some(schedule::Written {
+            last_check: kept.finished,
+            at: tokio::time::Instant::now(),
+        });
+    }
     info!(
         reason = kept.outcome.reason.as_str(),
         "wrote the status of the last test"

@@ -162,6 +162,39 @@ pub struct Memory {
     /// When this replica's last test of it finished, written or not (an unchanged
     /// result within the interval is not written): what its schedule counts from.
     pub tested: Option<k8s_openapi::jiff::Timestamp>,
+    /// This replica's last write of a test's result into its status.
+    pub written: Option<Written>,
+}
+
+/// A status write of a test's result: the lastCheckTime it wrote, and when.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Written {
+    pub last_check: k8s_openapi::jiff::Timestamp,
+    pub at: tokio::time::Instant,
+}
+
+/// The longest the controller waits for its cache to show its own last status write of a
+/// provider (see [`behind_own_write`]).
+pub const OWN_WRITE_LAG: Duration = Duration::from_secs(5);
+
+/// Whether `status`, the cache's, is older than this replica's last write of it (the
+/// watch that brings the write lags): a status built on it, or a decision taken from it,
+/// would miss that result (a failure not counted, a change announced twice). Not past
+/// [`OWN_WRITE_LAG`] after the write: a status someone else cleared or replaced must not
+/// hold the provider up. Compared by the second, as lastCheckTime is stored.
+pub fn behind_own_write(
+    written: Option<&Written>,
+    status: Option<&crate::api::IncomingMailProviderStatus>,
+    now: tokio::time::Instant,
+) -> bool {
+    let Some(w) = written else {
+        return false;
+    };
+    let shown = status
+        .and_then(|s| s.last_check_time.as_ref())
+        .map(|t| t.0.as_second());
+    shown.is_none_or(|s| s < w.last_check.as_second())
+        && now.saturating_duration_since(w.at) < OWN_WRITE_LAG
 }
 
 /// The jitter at its most: the longest wait.
@@ -300,6 +333,7 @@ mod decide_tests {
 
     fn memory(next_due: i64) -> Memory {
         Memory {
+            written: None,
             tested: None,
             uid: None,
             generation: Some(1),
@@ -502,5 +536,39 @@ mod decide_tests {
     fn a_clock_stepped_back_does_not_stretch_the_wait_past_the_interval() {
         let wait = decide(Some(&memory(300)), &seen(None, -3600), &Zero);
         assert_eq!(wait, Ok(Duration::from_secs(330)));
+    }
+
+    #[test]
+    fn a_cache_is_behind_the_own_write_until_it_shows_it_or_a_few_seconds_pass() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let checked = |secs: i64| IncomingMailProviderStatus {
+            last_check_time: Some(Time(at(secs))),
+            ..Default::default()
+        };
+        let now = tokio::time::Instant::now();
+        // Written with a lastCheckTime of 10.6 s, which the API server keeps as 10 s.
+        let w = Written {
+            last_check: at(10) + k8s_openapi::jiff::SignedDuration::from_millis(600),
+            at: now,
+        };
+        assert!(behind_own_write(Some(&w), Some(&checked(-290)), now));
+        assert!(behind_own_write(Some(&w), None, now), "no status yet");
+        assert!(
+            !behind_own_write(Some(&w), Some(&checked(10)), now),
+            "shown"
+        );
+        assert!(
+            !behind_own_write(Some(&w), Some(&checked(70)), now),
+            "and more"
+        );
+        assert!(
+            !behind_own_write(None, Some(&checked(-290)), now),
+            "none written"
+        );
+        let later = now + OWN_WRITE_LAG;
+        assert!(
+            !behind_own_write(Some(&w), Some(&checked(-290)), later),
+            "not waited for past the bound"
+        );
     }
 }

@@ -803,6 +803,69 @@ async fn a_provider_the_api_server_says_is_gone_is_not_tested_again_before_its_w
     );
 }
 
+/// A test requested while another runs, with the controller's watch of providers 2 s
+/// late: the test that follows starts once the cache shows the status the controller just
+/// wrote, and counts on from it. It started from the status before, counted one failure
+/// too few (2 for 3), and would have announced again a change already announced.
+#[tokio::test]
+async fn a_test_right_after_another_builds_on_the_status_just_written_though_the_watch_lags() {
+    let env = alice_env("own-write-lag").await;
+    env.secret(
+        "wrong",
+        &[("username", "alice"), ("password", "not-alices-password")],
+    )
+    .await;
+    let relay = CountingRelay::to_imaps(&env, "127.0.0.16", Duration::from_secs(3)).await;
+    env.apply(
+        &through_relay("lagging", "127.0.0.16", &relay)
+            .replace(ALICE_AUTH, "{method: Password, secretRef: {name: wrong}}"),
+    );
+    let api = crate::api_relay::DelayingRelay::start(&env, Duration::from_secs(2), |line| {
+        line.contains("/incomingmailproviders?") && line.contains("watch=true")
+    })
+    .await;
+    let controller =
+        env.controller_with_env(&[], &[("KUBECONFIG", api.kubeconfig.to_str().unwrap())]);
+    let failures =
+        |p: &mailroom::api::IncomingMailProvider| p.status.as_ref().map(|s| s.consecutive_failures);
+    env.wait("lagging", "a first failure", Duration::from_secs(60), |p| {
+        failures(p) == Some(1)
+    })
+    .await;
+    env.request_test("lagging", "one");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while relay.accepted() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the requested test never connected"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Asked while that test runs (it is held 3 s): tested once it is done.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    env.request_test("lagging", "two");
+    let p = env
+        .wait(
+            "lagging",
+            "the second request answered",
+            Duration::from_secs(60),
+            |p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.last_handled_check_request.as_deref())
+                    == Some("two")
+            },
+        )
+        .await;
+    assert_eq!(
+        failures(&p),
+        Some(3),
+        "three failed tests:\n{}",
+        controller.logs()
+    );
+    assert_eq!(relay.accepted(), 3);
+}
+
 /// A provider deleted but held by someone else's finalizer (a backup tool, a policy
 /// engine) is what its owner deleted: no more logins, a test asked for is not answered,
 /// and its metrics series goes, so no alert keeps firing on it. The other provider,
