@@ -563,28 +563,63 @@ async fn run_controllers(
         let watched = watcher(providers, watches::config())
             .modify(|p: &mut IncomingMailProvider| p.managed_fields_mut().clear())
             .inspect_ok(move |event| indexed.apply(event));
+        // Once a (re)list of providers, Secrets or ConfigMaps is in its cache, every
+        // provider of the scope is reconciled: what changed while the watch was away
+        // shows only in the list (see `watches::changes`).
+        let (relisted_tx, relisted) = futures::channel::mpsc::unbounded();
+        let reconcile_scope = {
+            let store = store.clone();
+            move || {
+                for p in store.state() {
+                    let _ = relisted_tx.unbounded_send(ObjectRef::from_obj(&*p));
+                }
+            }
+        };
         let controller = Controller::for_stream(
-            reflector::reflector(writer, watched).applied_objects(),
+            watches::changes(
+                watches::on_relisted(
+                    reflector::reflector(writer, watched),
+                    reconcile_scope.clone(),
+                ),
+                false,
+            ),
             store.clone(),
         )
         .with_config(ControllerConfig::default().concurrency(0));
         let (by_secret, by_cm) = (referrers.clone(), referrers);
         let (secrets_seen, cms_seen) = (ctx.clone(), ctx.clone());
+        let relisted_kind = |kind: ObjectKind| {
+            let (ctx, scope, reconcile_scope) =
+                (ctx.clone(), scope.clone(), reconcile_scope.clone());
+            move || {
+                ctx.objects.relisted(kind, scope.as_deref());
+                reconcile_scope();
+            }
+        };
+        let secret_stream = watches::retried("Secrets", secret_stream, secrets_access);
+        let cm_stream = watches::retried("ConfigMaps", cm_stream, cms_access);
         let controller = controller
             .watches_stream(
-                watches::retried("Secrets", secret_stream, secrets_access).touched_objects(),
+                watches::changes(
+                    watches::on_relisted(secret_stream, relisted_kind(ObjectKind::Secret)),
+                    true,
+                ),
                 move |meta: PartialObjectMeta<Secret>| {
                     dependents(&secrets_seen, &by_secret, ObjectKind::Secret, &meta)
                 },
             )
             .watches_stream(
-                watches::retried("ConfigMaps", cm_stream, cms_access).touched_objects(),
+                watches::changes(
+                    watches::on_relisted(cm_stream, relisted_kind(ObjectKind::ConfigMap)),
+                    true,
+                ),
                 move |meta: PartialObjectMeta<ConfigMap>| {
                     dependents(&cms_seen, &by_cm, ObjectKind::ConfigMap, &meta)
                 },
             )
             // A finished test asks for its provider's reconcile, which schedules the next.
             .reconcile_on(retest)
+            .reconcile_on(relisted)
             // Now only the providers' own watch reaches this backoff (see `watches`).
             .trigger_backoff(watches::WatchBackoff::default())
             .graceful_shutdown_on(shutdown.clone().map(|_| ()));

@@ -279,6 +279,15 @@ impl Objects {
         versions
     }
 
+    /// A (re)list of the `kind` of object in `scope` (a namespace, or None for all) is in
+    /// the cache: it holds every one of them as it is now.
+    pub fn relisted(&self, kind: ObjectKind, scope: Option<&str>) {
+        self.read_ahead
+            .lock()
+            .unwrap()
+            .retain(|(k, ns, _), _| *k != kind || scope.is_some_and(|s| s != ns));
+    }
+
     /// An event of this object came: the cache holds what it is now.
     pub fn seen(&self, kind: ObjectKind, namespace: &str, name: &str) {
         let key = (kind, namespace.to_string(), name.to_string());

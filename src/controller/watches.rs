@@ -54,6 +54,44 @@ impl Backoff for WatchBackoff {
     }
 }
 
+/// Each object a reflector's watch applied (and deleted, with `deletes`), for a
+/// controller's triggers; the objects of a (re)list are left to [`on_relisted`].
+/// kube-runtime's own `applied_objects` and `touched_objects` give each listed object as
+/// its page arrives, while the store still holds what it held before the list (the
+/// reflector swaps the list in whole at its end): after a watch gap ended by "410 Gone",
+/// a reconcile started then read a provider, or a Secret's version, from before the gap,
+/// or found no provider at all for one created meanwhile, and nothing asked again until
+/// its next test was due.
+pub fn changes<K, S>(events: S, deletes: bool) -> impl Stream<Item = Result<K, watcher::Error>>
+where
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+{
+    events.filter_map(move |event| {
+        futures::future::ready(match event {
+            Ok(watcher::Event::Apply(o)) => Some(Ok(o)),
+            Ok(watcher::Event::Delete(o)) if deletes => Some(Ok(o)),
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
+        })
+    })
+}
+
+/// Calls `relisted` each time a (re)list is in the store: placed after the reflector,
+/// which applies each event to its store before passing it on.
+pub fn on_relisted<K, S>(
+    events: S,
+    mut relisted: impl FnMut() + Send,
+) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>
+where
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+{
+    events.inspect(move |event| {
+        if matches!(event, Ok(watcher::Event::InitDone)) {
+            relisted();
+        }
+    })
+}
+
 /// A watch (or reflector) stream that retries on its own [`WatchBackoff`] and logs each
 /// failure instead of passing it on, for `Controller::watches_stream`. The watcher says
 /// `Init` before each attempt to list; it is left out here (the reflector before has its
@@ -90,4 +128,84 @@ where
 /// per watch while the API server is away.
 pub fn failed(watch: &str, error: &watcher::Error) {
     tracing::warn!(watch, %error, "watch failed; retrying");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use futures::StreamExt;
+    use kube::runtime::reflector::{self, ObjectRef};
+    use kube::runtime::watcher::Event;
+
+    use super::*;
+    use crate::api::IncomingMailProvider;
+
+    fn provider(name: &str, version: &str) -> IncomingMailProvider {
+        let spec = serde_json::from_value(serde_json::json!({
+            "server": {"host": "mail.example.com", "protocol": "IMAP"},
+            "authentication": {"method": "None"},
+        }))
+        .unwrap();
+        let mut p = IncomingMailProvider::new(name, spec);
+        p.metadata.namespace = Some("team".into());
+        p.metadata.resource_version = Some(version.into());
+        p
+    }
+
+    /// A relist after a watch gap: `old` changed and `new` was created meanwhile. No
+    /// trigger comes while the list's pages arrive (the store still holds the old copies
+    /// then); once the list is in the store, the relisted callback sees it whole.
+    #[tokio::test]
+    async fn a_relist_triggers_once_its_objects_are_in_the_store() {
+        let (store, writer) = reflector::store::<IncomingMailProvider>();
+        let events = vec![
+            Event::Init,
+            Event::InitApply(provider("old", "1")),
+            Event::InitDone,
+            Event::Apply(provider("old", "2")),
+            Event::Init,
+            Event::InitApply(provider("old", "3")),
+            Event::InitApply(provider("new", "4")),
+            Event::InitDone,
+            Event::Delete(provider("new", "5")),
+        ];
+        let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let relists = seen.clone();
+        let reader = store.clone();
+        let stream =
+            reflector::reflector(writer, futures::stream::iter(events.into_iter().map(Ok)));
+        let triggered: Vec<_> = changes(
+            on_relisted(stream, move || {
+                let mut versions: Vec<_> = reader
+                    .state()
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "{}@{}",
+                            p.metadata.name.clone().unwrap(),
+                            p.metadata.resource_version.clone().unwrap()
+                        )
+                    })
+                    .collect();
+                versions.sort();
+                relists.lock().unwrap().push(versions);
+            }),
+            false,
+        )
+        .map(|p| p.unwrap().metadata.resource_version.unwrap())
+        .collect()
+        .await;
+        assert_eq!(
+            triggered,
+            ["2"],
+            "only the watch's own change, not the listed ones"
+        );
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [vec!["old@1"], vec!["new@4", "old@3"]],
+            "each list whole in the store when it is done"
+        );
+        assert!(store.get(&ObjectRef::new("new").within("team")).is_none());
+    }
 }
