@@ -49,12 +49,12 @@ impl Tenure {
         }
     }
 
-    async fn read(&self) -> Seen {
-        let lease =
-            match tokio::time::timeout(self.look_again(), self.api.get_opt(&self.name)).await {
-                Ok(Ok(lease)) => lease,
-                _ => return Seen::Unknown,
-            };
+    /// Reads the Lease, waiting at most `within` for the answer.
+    async fn read(&self, within: Duration) -> Seen {
+        let lease = match tokio::time::timeout(within, self.api.get_opt(&self.name)).await {
+            Ok(Ok(lease)) => lease,
+            _ => return Seen::Unknown,
+        };
         let spec = lease.and_then(|l| l.spec).unwrap_or_default();
         match (spec.holder_identity, spec.renew_time) {
             (Some(holder), Some(renewed)) if holder == self.identity => Seen::Renewed(renewed.0),
@@ -66,7 +66,10 @@ impl Tenure {
     /// test; returns when it was renewed.
     pub async fn confirmed(&self) -> Timestamp {
         loop {
-            if let Seen::Renewed(at) = self.read().await
+            // As long as the lease manager's own renewal may take: an API server slow to
+            // answer (seconds, under load) must not keep a replica whose Lease is renewed
+            // from testing.
+            if let Seen::Renewed(at) = self.read(self.grace).await
                 && Timestamp::now() < stop_at(at, self.duration, self.grace)
             {
                 return at;
@@ -83,10 +86,14 @@ impl Tenure {
             sleep_until(look_at(renewed, self.duration, self.grace)).await;
             let stop = stop_at(renewed, self.duration, self.grace);
             loop {
-                if Timestamp::now() >= stop {
+                let left =
+                    Duration::try_from(Timestamp::now().duration_until(stop)).unwrap_or_default();
+                if left.is_zero() {
                     return;
                 }
-                match self.read().await {
+                // Until the stop, not less: a slow answer that says the Lease was renewed
+                // keeps the tests going, and none may run past the stop.
+                match self.read(left).await {
                     Seen::Renewed(at) if at > renewed => {
                         renewed = at;
                         break;

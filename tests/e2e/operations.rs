@@ -866,6 +866,33 @@ async fn a_test_right_after_another_builds_on_the_status_just_written_though_the
     assert_eq!(relay.accepted(), 3);
 }
 
+/// An API server slow to answer (every answer on a connection that read the Lease comes
+/// 1 s late; the tests' Lease lasts 6 s and is renewed 3 s before it expires): the leader
+/// still sees its Lease renewed, and tests. It gave each read of the Lease 0.75 s, never
+/// saw it, and tested nothing while the Lease was renewed all along.
+#[tokio::test]
+async fn a_leader_tests_while_the_api_server_answers_its_lease_reads_slowly() {
+    let env = alice_env("slow-lease").await;
+    env.apply_alice_imaps("imaps");
+    let api = crate::api_relay::DelayingRelay::start(&env, Duration::from_secs(1), |line| {
+        line.starts_with("GET ") && line.contains("/leases/")
+    })
+    .await;
+    let controller =
+        env.controller_with_env(&[], &[("KUBECONFIG", api.kubeconfig.to_str().unwrap())]);
+    env.wait_reason("imaps", "Connected", Duration::from_secs(40))
+        .await;
+    // And it goes on testing, renewal after renewal.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let p = env.retest("imaps", "later").await;
+    assert_eq!(
+        ready(&p).map(|c| c.reason.as_str()),
+        Some("Connected"),
+        "{}",
+        controller.logs()
+    );
+}
+
 /// A provider deleted but held by someone else's finalizer (a backup tool, a policy
 /// engine) is what its owner deleted: no more logins, a test asked for is not answered,
 /// and its metrics series goes, so no alert keeps firing on it. The other provider,
