@@ -106,9 +106,9 @@ pub struct Context {
     pub memory: Mutex<HashMap<ObjectRef<IncomingMailProvider>, schedule::Memory>>,
     /// Results whose status write failed, written on the next reconcile instead of a test.
     pub unwritten: Mutex<HashMap<ObjectRef<IncomingMailProvider>, reconcile::Unwritten>>,
-    /// Status writes the API server refused in a row, per provider, whatever wrote them
-    /// (a result, Suspended, AccessDenied): the wait before the next grows with them.
-    pub refusals: Mutex<HashMap<ObjectRef<IncomingMailProvider>, u32>>,
+    /// Status writes that failed in a row, per provider, whatever wrote them (a result,
+    /// Suspended, AccessDenied): the wait before the next grows with them.
+    pub failed_writes: Mutex<HashMap<ObjectRef<IncomingMailProvider>, u32>>,
     /// The uids of providers the API server said no longer exist (404 to a status write)
     /// while the cache still holds them, with their namespaces: not tested again on the
     /// cache's word.
@@ -528,7 +528,7 @@ async fn run_controllers(
         stopping: shutdown.clone(),
         memory: Mutex::new(HashMap::new()),
         unwritten: Mutex::new(HashMap::new()),
-        refusals: Mutex::new(HashMap::new()),
+        failed_writes: Mutex::new(HashMap::new()),
         gone: Mutex::new(Default::default()),
         jitter: Box::new(schedule::RandomJitter),
         tokens,

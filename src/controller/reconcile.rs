@@ -34,10 +34,14 @@ const SHOW_CHECKING_AFTER: Duration = Duration::from_secs(2);
 /// controller may take a moment); also how often they look again.
 const ACCESS_DENIED_AFTER: Duration = Duration::from_secs(15);
 
-/// How long after a failed read or write the provider is reconciled again.
+/// How long after a failed read or write the provider is reconciled again, at first.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
 /// The longest wait between writes of a status the API server keeps refusing.
 const REFUSED_RETRY_CAP: Duration = Duration::from_secs(300);
+/// The longest wait between writes of a status that keep failing otherwise (an admission
+/// webhook that cannot be reached, an API server answering 500): shorter, since the
+/// cause is more often passing.
+const FAILED_RETRY_CAP: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -81,24 +85,40 @@ impl Error {
         matches!(self, Error::WriteStatus(kube::Error::Api(status))
             if (400..500).contains(&status.code) && ![404, 409, 429].contains(&status.code))
     }
+
+    /// A status write that failed other than by a conflict (409), which the next write
+    /// resolves: refused, answered 500 (a webhook that cannot be reached), or not answered.
+    fn write_failed(&self) -> bool {
+        matches!(self, Error::WriteStatus(e)
+            if !matches!(e, kube::Error::Api(status) if status.code == 409))
+    }
 }
 
-/// When to try again after `error`: soon, unless the API server keeps refusing this
-/// provider's status; then 5 s doubling with each refusal, up to 5 minutes (a status the
-/// server will never take is otherwise written every 5 s, for ever).
+/// When to try again after `error`: soon, unless this provider's status writes keep
+/// failing; then 5 s doubling with each failure in a row, up to 5 minutes for a status
+/// the API server refuses and a minute for one it cannot take now, with ±10% so that
+/// providers failing together do not retry together. Each was written again every 5 s,
+/// for ever: with a fleet, thousands of writes a minute against an API server already
+/// in trouble.
 fn retry_after(ctx: &Context, key: &ObjectRef<IncomingMailProvider>, error: &Error) -> Duration {
-    if !error.write_refused() {
+    if !error.write_failed() {
         return RETRY_AFTER;
     }
-    let refusals = ctx
-        .refusals
+    let failures = ctx
+        .failed_writes
         .lock()
         .unwrap()
         .get(key)
         .map_or(1, |&n| n.max(1));
+    let cap = if error.write_refused() {
+        REFUSED_RETRY_CAP
+    } else {
+        FAILED_RETRY_CAP
+    };
     RETRY_AFTER
-        .saturating_mul(1 << (refusals - 1).min(10))
-        .min(REFUSED_RETRY_CAP)
+        .saturating_mul(1 << (failures - 1).min(10))
+        .min(cap)
+        .mul_f64(0.9 + 0.2 * ctx.jitter.unit())
 }
 
 pub async fn reconcile(p: Arc<IncomingMailProvider>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -121,7 +141,7 @@ async fn reconcile_inner(
         ctx.metrics.provider_ready(&ns, &p.name_any(), None);
         ctx.memory.lock().unwrap().remove(&key);
         ctx.unwritten.lock().unwrap().remove(&key);
-        ctx.refusals.lock().unwrap().remove(&key);
+        ctx.failed_writes.lock().unwrap().remove(&key);
         return Ok(Action::await_change());
     }
     if gone(&ctx, &p) {
@@ -863,15 +883,15 @@ async fn apply(
     }
     .await
     .map_err(Error::WriteStatus);
-    // Refusals in a row (see `retry_after`): any other answer ends the row.
+    // Failures in a row (see `retry_after`): a success or a conflict ends the row.
     match &written {
-        Err(e) if e.write_refused() => {
-            let mut refusals = ctx.refusals.lock().unwrap();
-            let n = refusals.entry(key).or_default();
+        Err(e) if e.write_failed() => {
+            let mut failed = ctx.failed_writes.lock().unwrap();
+            let n = failed.entry(key).or_default();
             *n = n.saturating_add(1);
         }
         _ => {
-            ctx.refusals.lock().unwrap().remove(&key);
+            ctx.failed_writes.lock().unwrap().remove(&key);
         }
     }
     written?;

@@ -1,5 +1,5 @@
 //! Forgetting deleted providers: what the controller keeps per provider (schedule memory,
-//! unwritten results, refusals, metrics series) and per referenced object (cached
+//! unwritten results, failed writes, metrics series) and per referenced object (cached
 //! metadata, kept OAuth2 tokens) goes once nothing live uses it.
 
 use std::collections::HashSet;
@@ -101,7 +101,10 @@ fn forget(ctx: &Context, live: &Live) {
         .lock()
         .unwrap()
         .retain(|k, _| live.provider(k));
-    ctx.refusals.lock().unwrap().retain(|k, _| live.provider(k));
+    ctx.failed_writes
+        .lock()
+        .unwrap()
+        .retain(|k, _| live.provider(k));
     ctx.gone.lock().unwrap().retain(|uid, ns| live.uid(uid, ns));
     ctx.metrics.retain_providers(|k| live.provider_named(k));
     ctx.objects

@@ -790,6 +790,44 @@ async fn a_refused_status_of_a_suspended_provider_is_retried_with_a_growing_wait
         .await;
 }
 
+/// A status the API server cannot take now, rather than refuses (an admission webhook it
+/// cannot reach: 500 InternalError): the writes fail in a row and are tried again with a
+/// growing wait too (it was every 5 s, for ever: with a fleet, thousands of writes a
+/// minute), and the status is written once the webhook is gone.
+#[tokio::test]
+async fn a_status_write_answered_500_is_retried_with_a_growing_wait() {
+    let env = alice_env("status-500").await;
+    let webhook = format!("unreachable-{}", env.ns);
+    env.apply(&format!(
+        "apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingWebhookConfiguration
+metadata: {{name: {webhook}}}
+webhooks:
+  - name: unreachable.mailroom.test
+    clientConfig: {{url: 'https://127.0.0.1:1/validate'}}
+    rules:
+      - {{apiGroups: [mailroom.dev], apiVersions: ['*'], operations: [UPDATE], resources: [incomingmailproviders/status]}}
+    failurePolicy: Fail
+    sideEffects: None
+    admissionReviewVersions: [v1]
+    timeoutSeconds: 2
+    namespaceSelector:
+      matchLabels: {{kubernetes.io/metadata.name: {ns}}}
+",
+        ns = env.ns
+    ));
+    env.apply_alice_imaps("p");
+    let (_controller, logs) = refused_for_40_seconds(&env, "p").await;
+    assert!(logs.contains("failed calling webhook"), "{logs}");
+    env.bed
+        .kubectl()
+        .args(["delete", "validatingwebhookconfiguration", &webhook])
+        .output()
+        .unwrap();
+    env.wait_reason("p", "Connected", Duration::from_secs(90))
+        .await;
+}
+
 /// Runs the controller for 40 s while every status write of `name` is refused (the policy
 /// in place), and checks that it tried at 0 s, then 5, 15 and 35 s, not every 5 s (8
 /// writes); returns it, still running, and its log.
