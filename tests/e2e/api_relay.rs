@@ -20,9 +20,76 @@ use crate::support::Env;
 pub struct DelayingRelay {
     /// A kubeconfig that reaches the API server through the relay.
     pub kubeconfig: PathBuf,
+    /// Breaks the watches [`DelayingRelay::with_gap`] names.
+    pub gap: Arc<Gap>,
+}
+
+/// A watch gap as a long disconnection makes one: while it is open, what the API server
+/// sends on the watches it breaks is dropped; [`Gap::close`] then ends those watches, and
+/// each one made again asks from a resourceVersion long compacted, which the API server
+/// answers with "410 Gone", so the client lists again.
+#[derive(Default)]
+pub struct Gap {
+    watches: std::sync::OnceLock<fn(&str) -> bool>,
+    open: AtomicBool,
+    expire: AtomicBool,
+    /// What ends each connection that carries a watch it breaks (made before it closes).
+    cuts: std::sync::Mutex<Vec<Arc<tokio::sync::Notify>>>,
+}
+
+impl Gap {
+    pub fn open(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+
+    pub fn close(&self) {
+        self.expire.store(true, Ordering::SeqCst);
+        self.open.store(false, Ordering::SeqCst);
+        for cut in self.cuts.lock().unwrap().drain(..) {
+            cut.notify_one();
+        }
+    }
+
+    fn breaks(&self, line: &str) -> bool {
+        self.watches.get().is_some_and(|watches| watches(line))
+    }
+
+    /// The request bytes to send on: the first watch this gap breaks made after it
+    /// closed asks from resourceVersion 1.
+    fn rewrite(&self, bytes: &[u8]) -> Vec<u8> {
+        let text = String::from_utf8_lossy(bytes);
+        let first = text.lines().next().unwrap_or_default();
+        if !self.breaks(first) || !self.expire.swap(false, Ordering::SeqCst) {
+            return bytes.to_vec();
+        }
+        let Some(at) = first.find("resourceVersion=") else {
+            return bytes.to_vec();
+        };
+        let start = at + "resourceVersion=".len();
+        let end = first[start..]
+            .find(|c: char| !c.is_ascii_digit())
+            .map_or(first.len(), |n| start + n);
+        let mut out = bytes[..start].to_vec();
+        out.push(b'1');
+        out.extend_from_slice(&bytes[end..]);
+        out
+    }
 }
 
 impl DelayingRelay {
+    /// As [`DelayingRelay::start`], and the watches whose request line `watches` picks
+    /// can be broken by the relay's [`Gap`].
+    pub async fn with_gap(
+        env: &Env,
+        delay: Duration,
+        delayed: fn(&str) -> bool,
+        watches: fn(&str) -> bool,
+    ) -> DelayingRelay {
+        let relay = DelayingRelay::start(env, delay, delayed).await;
+        relay.gap.watches.set(watches).unwrap();
+        relay
+    }
+
     /// Answers to requests whose request line (`GET /api/v1/...?watch=true HTTP/1.1`)
     /// `delayed` picks, and all that follow on their connection, come `delay` late.
     pub async fn start(env: &Env, delay: Duration, delayed: fn(&str) -> bool) -> DelayingRelay {
@@ -81,10 +148,16 @@ impl DelayingRelay {
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
+        let gap = Arc::new(Gap::default());
+        let broken = gap.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let (acceptor, connector, upstream) =
-                    (acceptor.clone(), connector.clone(), upstream.clone());
+                let (acceptor, connector, upstream, gap) = (
+                    acceptor.clone(),
+                    connector.clone(),
+                    upstream.clone(),
+                    broken.clone(),
+                );
                 tokio::spawn(async move {
                     let Ok(client) = acceptor.accept(client).await else {
                         return;
@@ -96,7 +169,7 @@ impl DelayingRelay {
                     let Ok(server) = connector.connect(name, tcp).await else {
                         return;
                     };
-                    relay(client, server, delay, delayed).await;
+                    relay(client, server, delay, delayed, gap).await;
                 });
             }
         });
@@ -108,12 +181,17 @@ impl DelayingRelay {
                 .into();
         let kubeconfig = env.dir.path().join(format!("relay-{port}.kubeconfig"));
         std::fs::write(&kubeconfig, serde_yaml::to_string(&config).unwrap()).unwrap();
-        DelayingRelay { kubeconfig }
+        DelayingRelay { kubeconfig, gap }
     }
 }
 
-async fn relay<C, S>(client: C, server: S, delay: Duration, delayed: fn(&str) -> bool)
-where
+async fn relay<C, S>(
+    client: C,
+    server: S,
+    delay: Duration,
+    delayed: fn(&str) -> bool,
+    gap: Arc<Gap>,
+) where
     C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -121,6 +199,10 @@ where
     let (mut server_rx, mut server_tx) = tokio::io::split(server);
     let held = Arc::new(AtomicBool::new(false));
     let hold = held.clone();
+    // Whether this connection carries a watch the gap breaks.
+    let breakable = Arc::new(AtomicBool::new(false));
+    let cut = Arc::new(tokio::sync::Notify::new());
+    let (is_breakable, requests_gap, this_cut) = (breakable.clone(), gap.clone(), cut.clone());
     let requests = async move {
         let mut requests = Requests::default();
         let mut buf = vec![0u8; 16 * 1024];
@@ -129,10 +211,17 @@ where
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            if requests.feed(&buf[..n]).iter().any(|line| delayed(line)) {
+            let lines = requests.feed(&buf[..n]);
+            if lines.iter().any(|line| delayed(line)) {
                 hold.store(true, Ordering::SeqCst);
             }
-            if server_tx.write_all(&buf[..n]).await.is_err() {
+            if lines.iter().any(|line| requests_gap.breaks(line))
+                && !is_breakable.swap(true, Ordering::SeqCst)
+            {
+                requests_gap.cuts.lock().unwrap().push(this_cut.clone());
+            }
+            let bytes = requests_gap.rewrite(&buf[..n]);
+            if server_tx.write_all(&bytes).await.is_err() {
                 break;
             }
         }
@@ -145,10 +234,17 @@ where
     let answers = async move {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
-            let n = match server_rx.read(&mut buf).await {
+            let read = tokio::select! {
+                read = server_rx.read(&mut buf) => read,
+                () = cut.notified() => break,
+            };
+            let n = match read {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
+            if breakable.load(Ordering::SeqCst) && gap.open.load(Ordering::SeqCst) {
+                continue;
+            }
             let at = tokio::time::Instant::now()
                 + if held.load(Ordering::SeqCst) {
                     delay

@@ -866,6 +866,78 @@ async fn a_test_right_after_another_builds_on_the_status_just_written_though_the
     assert_eq!(relay.accepted(), 3);
 }
 
+/// A watch gap ended by "410 Gone" (a long disconnection, an API server that lost its
+/// watch cache): the providers are listed again, in pages of 500 (the second held back
+/// 3 s), and what changed in the gap is acted on once the list is in the cache: a
+/// provider created in the gap is tested, and a test requested in the gap is answered.
+/// Each provider was reconciled as its page came, from the cache of before the gap: the
+/// new one was not there and the request not seen, and neither was acted on until a next
+/// test (minutes).
+#[tokio::test]
+async fn what_changed_in_a_watch_gap_is_acted_on_once_the_list_that_ends_it_is_in() {
+    use futures::StreamExt;
+    let env = alice_env("relisted").await;
+    // More than a page, listed after the two that matter (a list is sorted by name).
+    let port = env.bed.dovecot().imaps_port();
+    let parked: Vec<mailroom::api::IncomingMailProvider> = (0..510)
+        .map(|i| {
+            let yaml = provider(
+                &format!("z-{i:03}"),
+                "IMAP",
+                port,
+                "Implicit",
+                ALICE_AUTH,
+                "",
+            )
+            .replace("  check:", "  suspend: true\n  check:");
+            serde_yaml::from_str(&yaml).unwrap()
+        })
+        .collect();
+    let api = env.providers();
+    futures::stream::iter(parked)
+        .map(|p| {
+            let api = api.clone();
+            async move { api.create(&Default::default(), &p).await.unwrap() }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    env.apply_alice_imaps("a-old");
+    let relay = crate::api_relay::DelayingRelay::with_gap(
+        &env,
+        Duration::from_secs(3),
+        |line| line.contains("/incomingmailproviders?") && line.contains("continue="),
+        |line| line.contains("/incomingmailproviders?") && line.contains("watch=true"),
+    )
+    .await;
+    let controller =
+        env.controller_with_env(&[], &[("KUBECONFIG", relay.kubeconfig.to_str().unwrap())]);
+    env.wait_reason("a-old", "Connected", Duration::from_secs(60))
+        .await;
+    env.wait_reason("z-509", "Suspended", Duration::from_secs(60))
+        .await;
+
+    relay.gap.open();
+    env.request_test("a-old", "in-the-gap");
+    env.apply_alice_imaps("a-new");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    relay.gap.close();
+    env.wait_reason("a-new", "Connected", Duration::from_secs(30))
+        .await;
+    env.wait(
+        "a-old",
+        "the test requested in the gap answered",
+        Duration::from_secs(30),
+        |p| answered(p, "in-the-gap"),
+    )
+    .await;
+    assert!(
+        controller.logs().contains("410") || controller.logs().contains("too old"),
+        "the watch did not end with 410 Gone:\n{}",
+        controller.logs()
+    );
+}
+
 /// An API server slow to answer (every answer on a connection that read the Lease comes
 /// 1 s late; the tests' Lease lasts 6 s and is renewed 3 s before it expires): the leader
 /// still sees its Lease renewed, and tests. It gave each read of the Lease 0.75 s, never
