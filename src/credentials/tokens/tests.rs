@@ -528,16 +528,19 @@ async fn only_a_kept_grant_that_rotated_the_refresh_token_is_reported() {
     assert!(left[0].contains("Secret ns/rotating"), "{left:?}");
 }
 
+/// A ClientCredentials spec of Microsoft's for `client`, whose tokens go in Secret `t`.
+fn app_spec(client: &str) -> OAuth2Spec {
+    serde_yaml::from_str(&format!(
+        "{{provider: Microsoft, flow: ClientCredentials, tenant: contoso.com, clientId: {client}, clientSecretRef: {{name: s}}, tokenSecretRef: {{name: t}}}}"
+    ))
+    .unwrap()
+}
+
 /// App-only tokens in memory serve only the settings they were granted for.
 #[tokio::test]
 async fn an_app_only_token_serves_only_its_own_client_and_scopes() {
     let manager = test_manager();
-    let spec = |client: &str| -> OAuth2Spec {
-        serde_yaml::from_str(&format!(
-            "{{provider: Microsoft, flow: ClientCredentials, tenant: contoso.com, clientId: {client}, clientSecretRef: {{name: s}}, tokenSecretRef: {{name: t}}}}"
-        ))
-        .unwrap()
-    };
+    let spec = app_spec;
     let imap = crate::api::Protocol::Imap;
     let at = key("ns", "t");
     manager.keep_app_token(
@@ -575,12 +578,7 @@ async fn an_app_only_token_serves_only_its_own_client_and_scopes() {
 #[tokio::test]
 async fn expired_app_only_tokens_of_other_settings_are_not_kept() {
     let manager = test_manager();
-    let spec = |client: &str| -> OAuth2Spec {
-        serde_yaml::from_str(&format!(
-            "{{provider: Microsoft, flow: ClientCredentials, tenant: contoso.com, clientId: {client}, clientSecretRef: {{name: s}}, tokenSecretRef: {{name: t}}}}"
-        ))
-        .unwrap()
-    };
+    let spec = app_spec;
     let imap = crate::api::Protocol::Imap;
     let at = key("ns", "t");
     let expired = Timestamp::now() - SignedDuration::from_secs(60);
