@@ -462,8 +462,10 @@ fn is_parse_error(err: &io::Error) -> bool {
 fn capability_text(cap: &Capability<'_>) -> String {
     match cap {
         Capability::Imap4rev1 => "IMAP4rev1".into(),
-        Capability::Auth(mech) => format!("AUTH={mech}"),
-        Capability::Atom(atom) => atom.to_string(),
+        // imap-proto lets DEL (0x7f) into an atom (found by fuzzing): escaped, as every
+        // control character a server sends is where it is shown.
+        Capability::Auth(mech) => classify::printable(&format!("AUTH={mech}")),
+        Capability::Atom(atom) => classify::printable(atom),
     }
 }
 
@@ -904,6 +906,14 @@ mod tests {
             "AUTH=PLAIN"
         );
         assert_eq!(capability_text(&Capability::Atom("IDLE".into())), "IDLE");
+        assert_eq!(
+            capability_text(&Capability::Atom("LITERAL+\u{7f}".into())),
+            "LITERAL+\\u{7f}"
+        );
+        assert_eq!(
+            capability_text(&Capability::Auth("PLAIN\u{7f}".into())),
+            "AUTH=PLAIN\\u{7f}"
+        );
     }
 
     #[test]
