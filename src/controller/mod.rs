@@ -563,6 +563,14 @@ async fn run_controllers(
         let watched = watcher(providers, watches::config())
             .modify(|p: &mut IncomingMailProvider| p.managed_fields_mut().clear())
             .inspect_ok(move |event| indexed.apply(event));
+        // No reconcile follows a deletion: a test of it waiting for a slot is told once the
+        // cache has dropped it, and leaves the line.
+        let deleted = ctx.clone();
+        let cached = reflector::reflector(writer, watched).inspect_ok(move |event| {
+            if let watcher::Event::Delete(p) = event {
+                deleted.inflight.nudge(&ObjectRef::from_obj(p));
+            }
+        });
         // Once a (re)list of providers, Secrets or ConfigMaps is in its cache, every
         // provider of the scope is reconciled: what changed while the watch was away
         // shows only in the list (see `watches::changes`).
@@ -576,13 +584,7 @@ async fn run_controllers(
             }
         };
         let controller = Controller::for_stream(
-            watches::changes(
-                watches::on_relisted(
-                    reflector::reflector(writer, watched),
-                    reconcile_scope.clone(),
-                ),
-                false,
-            ),
+            watches::changes(watches::on_relisted(cached, reconcile_scope.clone()), false),
             store.clone(),
         )
         .with_config(ControllerConfig::default().concurrency(0));

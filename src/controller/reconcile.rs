@@ -55,6 +55,8 @@ pub enum Error {
         "the provider was deleted (or deleted and created again) before its status was written"
     )]
     Gone,
+    #[error("the provider now belongs to another shard, which writes its status")]
+    Moved,
 }
 
 impl Error {
@@ -138,6 +140,8 @@ async fn reconcile_inner(
         // until its spec named another token Secret is forgotten, so that its series and
         // its schedule are not kept (and counted) in two replicas.
         let key = ObjectRef::from_obj(&*p);
+        // A test of it waiting for a slot leaves; one under way writes nothing (`apply`).
+        ctx.inflight.nudge(&key);
         ctx.metrics.provider_ready(&ns, &p.name_any(), None);
         ctx.memory.lock().unwrap().remove(&key);
         ctx.unwritten.lock().unwrap().remove(&key);
@@ -153,7 +157,8 @@ async fn reconcile_inner(
     if p.being_deleted() {
         // Deleted, held only by someone's finalizer: no more logins, nor a verdict or a
         // metrics series that would keep an alert on it firing (the sweep forgets the
-        // rest).
+        // rest). A test of it waiting for a slot leaves the line.
+        ctx.inflight.nudge(&ObjectRef::from_obj(&*p));
         ctx.metrics.provider_ready(&ns, &p.name_any(), None);
         return Ok(Action::await_change());
     }
@@ -410,6 +415,12 @@ async fn test_and_write(job: Job, ctx: Arc<Context>) -> Duration {
         .await
     {
         Ok(()) => Duration::ZERO,
+        Err(Error::Moved) => {
+            span.in_scope(|| {
+                info!("moved to another shard during its test; the result is dropped")
+            });
+            Duration::ZERO
+        }
         Err(error) if error.provider_gone() => {
             span.in_scope(|| info!("deleted during its test; the result is dropped"));
             if let Some(uid) = &job_uid {
@@ -631,6 +642,7 @@ async fn showing_checking<T>(
     let (shown, outcome) = tokio::join!(Box::pin(apply(api, p, checking, ctx, slot)), test);
     match shown {
         Err(e) if e.gone_for_good(api, p).await => Err(Error::Gone),
+        Err(Error::Moved) => Err(Error::Moved),
         Err(e) => {
             tracing::warn!(error = %e, "could not show Checking; the test's result is written next");
             outcome
@@ -719,6 +731,11 @@ async fn record(
             ctx.memory.lock().unwrap().remove(key);
             return Err(Error::Gone);
         }
+        if matches!(e, Error::Moved) {
+            // Another shard's now: nothing to keep, nor to retry.
+            ctx.memory.lock().unwrap().remove(key);
+            return Err(e);
+        }
         // The API server is away (restarting, or its etcd is): keep the result and the
         // schedule it implies, and retry only the write (in the next reconcile), so that
         // an outage costs no mail server a login per retry, nor loses this result.
@@ -734,10 +751,7 @@ async fn record(
         return Err(e);
     }
     if what.is_some() {
-        next.written = Some(schedule::Written {
-            last_check: finished,
-            at: tokio::time::Instant::now(),
-        });
+        next.written = Some(schedule::Written::of(&new, tokio::time::Instant::now()));
     }
     Box::pin(announce(p, stored, &new, ctx)).await;
     ctx.memory.lock().unwrap().insert(key.clone(), next);
@@ -812,10 +826,7 @@ async fn write_unwritten(
     write(api, p, &new, ctx, Write::Change).await?;
     ctx.unwritten.lock().unwrap().remove(key);
     if let Some(m) = ctx.memory.lock().unwrap().get_mut(key) {
-        m.written = Some(schedule::Written {
-            last_check: kept.finished,
-            at: tokio::time::Instant::now(),
-        });
+        m.written = Some(schedule::Written::of(&new, tokio::time::Instant::now()));
     }
     info!(
         reason = kept.outcome.reason.as_str(),
@@ -858,8 +869,14 @@ async fn apply(
     // The slot may have taken a while: a provider deleted, or deleted and created again
     // under its name, meanwhile would get this status (applied by name), the new one
     // another object's verdict and no first test of its own.
-    if !still_there(p, ctx.provider(&key).as_deref()) {
+    let current = ctx.provider(&key);
+    if !still_there(p, current.as_deref()) {
         return Err(Error::Gone);
+    }
+    // Its spec now names a token Secret of another shard's (see `shard`): that shard
+    // tests it, and this result of the old spec would overwrite the new one's.
+    if current.is_some_and(|now| !ctx.shard.owns(&now)) {
+        return Err(Error::Moved);
     }
     let patch = json!({
         "apiVersion": IncomingMailProvider::api_version(&()),

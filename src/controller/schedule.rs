@@ -166,11 +166,43 @@ pub struct Memory {
     pub written: Option<Written>,
 }
 
-/// A status write of a test's result: the lastCheckTime it wrote, and when.
+/// A status write of a test's result: the lastCheckTime it wrote, what tells it from
+/// another written within the same second (see [`mark`]), and when.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Written {
     pub last_check: k8s_openapi::jiff::Timestamp,
+    pub mark: u64,
     pub at: tokio::time::Instant,
+}
+
+impl Written {
+    pub fn of(status: &crate::api::IncomingMailProviderStatus, at: tokio::time::Instant) -> Self {
+        Written {
+            last_check: status
+                .last_check_time
+                .as_ref()
+                .map_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH, |t| t.0),
+            mark: mark(status),
+            at,
+        }
+    }
+}
+
+/// What tells two results written within one second apart (lastCheckTime is stored in
+/// whole seconds): the generation and request answered, the failures counted, Ready.
+pub fn mark(status: &crate::api::IncomingMailProviderStatus) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    status.observed_generation.hash(&mut h);
+    status.last_handled_check_request.hash(&mut h);
+    status.consecutive_failures.hash(&mut h);
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| (&c.status, &c.reason))
+        .hash(&mut h);
+    h.finish()
 }
 
 /// The longest the controller waits for its cache to show its own last status write of a
@@ -181,7 +213,8 @@ pub const OWN_WRITE_LAG: Duration = Duration::from_secs(5);
 /// watch that brings the write lags): a status built on it, or a decision taken from it,
 /// would miss that result (a failure not counted, a change announced twice). Not past
 /// [`OWN_WRITE_LAG`] after the write: a status someone else cleared or replaced must not
-/// hold the provider up. Compared by the second, as lastCheckTime is stored.
+/// hold the provider up. Compared by the second, as lastCheckTime is stored, and within
+/// one second by [`mark`].
 pub fn behind_own_write(
     written: Option<&Written>,
     status: Option<&crate::api::IncomingMailProviderStatus>,
@@ -190,11 +223,18 @@ pub fn behind_own_write(
     let Some(w) = written else {
         return false;
     };
-    let shown = status
-        .and_then(|s| s.last_check_time.as_ref())
-        .map(|t| t.0.as_second());
-    shown.is_none_or(|s| s < w.last_check.as_second())
-        && now.saturating_duration_since(w.at) < OWN_WRITE_LAG
+    if now.saturating_duration_since(w.at) >= OWN_WRITE_LAG {
+        return false;
+    }
+    let Some(status) = status else {
+        return true;
+    };
+    let shown = status.last_check_time.as_ref().map(|t| t.0.as_second());
+    match shown.map(|s| s.cmp(&w.last_check.as_second())) {
+        None | Some(std::cmp::Ordering::Less) => true,
+        Some(std::cmp::Ordering::Equal) => mark(status) != w.mark,
+        Some(std::cmp::Ordering::Greater) => false,
+    }
 }
 
 /// The jitter at its most: the longest wait.
@@ -546,17 +586,23 @@ mod decide_tests {
             ..Default::default()
         };
         let now = tokio::time::Instant::now();
-        // Written with a lastCheckTime of 10.6 s, which the API server keeps as 10 s.
-        let w = Written {
-            last_check: at(10) + k8s_openapi::jiff::SignedDuration::from_millis(600),
-            at: now,
-        };
+        // Written with a lastCheckTime of 10.6 s, which the API server keeps as 10 s, and
+        // a second failure.
+        let mut written = checked(10);
+        written.last_check_time = Some(Time(
+            at(10) + k8s_openapi::jiff::SignedDuration::from_millis(600),
+        ));
+        written.consecutive_failures = 2;
+        let w = Written::of(&written, now);
+        let mut shown = checked(10);
+        shown.consecutive_failures = 2;
         assert!(behind_own_write(Some(&w), Some(&checked(-290)), now));
         assert!(behind_own_write(Some(&w), None, now), "no status yet");
-        assert!(
-            !behind_own_write(Some(&w), Some(&checked(10)), now),
-            "shown"
-        );
+        assert!(!behind_own_write(Some(&w), Some(&shown), now), "shown");
+        // Another result of ours within the same second (the first failure) is not it.
+        let mut earlier = checked(10);
+        earlier.consecutive_failures = 1;
+        assert!(behind_own_write(Some(&w), Some(&earlier), now));
         assert!(
             !behind_own_write(Some(&w), Some(&checked(70)), now),
             "and more"

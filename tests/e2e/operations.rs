@@ -938,6 +938,93 @@ async fn what_changed_in_a_watch_gap_is_acted_on_once_the_list_that_ends_it_is_i
     );
 }
 
+/// An OAuth2 provider moved to another shard while its test runs (its spec now names a
+/// token Secret of the other shard's, and a quicker server): the other shard tests the
+/// new spec, and the old shard's result, which comes later, is not written over it. It
+/// was, with the old generation, and stood until the next test, an interval later.
+#[tokio::test]
+async fn a_result_of_the_shard_a_provider_moved_from_is_not_written_over_the_new_ones() {
+    use mailroom::controller::shard::shard_of;
+    let env = alice_env("moved-shard").await;
+    // Two token Secrets in two different shards of two, each with a valid token.
+    let names: Vec<String> = (0..).map(|i| format!("tokens-{i}")).take(20).collect();
+    let first = names[0].clone();
+    let second = names
+        .iter()
+        .find(|n| shard_of(&env.ns, n, 2) != shard_of(&env.ns, &first, 2))
+        .unwrap()
+        .clone();
+    let access = env
+        .bed
+        .oauth()
+        .access_token("alice", Duration::from_secs(3600));
+    let expires = (k8s_openapi::jiff::Timestamp::now()
+        + k8s_openapi::jiff::SignedDuration::from_secs(3600))
+    .to_string();
+    for name in [&first, &second] {
+        env.token_secret(name, &[("access_token", &access), ("expires_at", &expires)])
+            .await;
+    }
+    let slow = CountingRelay::to_imaps(&env, "127.0.0.17", Duration::from_secs(6)).await;
+    let quick = CountingRelay::to_imaps(&env, "127.0.0.18", Duration::ZERO).await;
+    let spec = |host: &str, relay: &CountingRelay, tokens: &str| {
+        through_relay("moving", host, relay).replace(
+            ALICE_AUTH,
+            &format!(
+                "{{method: OAuth2, username: alice, oauth2: {{provider: Generic, clientId: c, \
+                 tokenURL: 'https://127.0.0.1:1/token', tokenSecretRef: {{name: {tokens}}}}}}}"
+            ),
+        )
+    };
+    env.apply(&spec("127.0.0.17", &slow, &first));
+    let shards: Vec<_> = (0..2)
+        .map(|i| env.controller_with(&["--shard-index", &i.to_string(), "--shard-count", "2"]))
+        .collect();
+    env.wait_reason("moving", "Connected", Duration::from_secs(60))
+        .await;
+    // A second test by the first shard, held 6 s by the slow server...
+    env.request_test("moving", "held");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while slow.accepted() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the requested test never connected"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ...while the provider moves to the other shard and the quick server.
+    env.apply(&spec("127.0.0.18", &quick, &second));
+    let moved = env
+        .providers()
+        .get("moving")
+        .await
+        .unwrap()
+        .metadata
+        .generation;
+    env.wait(
+        "moving",
+        "the new spec tested",
+        Duration::from_secs(30),
+        |p| p.status.as_ref().and_then(|s| s.observed_generation) == moved,
+    )
+    .await;
+    // The held test ends meanwhile; its result must not come after.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let p = env.providers().get("moving").await.unwrap();
+    let status = p.status.as_ref().unwrap();
+    let logs: Vec<String> = shards.iter().map(|c| c.logs()).collect();
+    assert_eq!(
+        status.observed_generation, moved,
+        "the old shard's result was written over the new one's: {status:?}\n{logs:#?}"
+    );
+    let old = shard_of(&env.ns, &first, 2) as usize;
+    assert!(
+        logs[old].contains("moved to another shard during its test"),
+        "{}",
+        logs[old]
+    );
+}
+
 /// An API server slow to answer (every answer on a connection that read the Lease comes
 /// 1 s late; the tests' Lease lasts 6 s and is renewed 3 s before it expires): the leader
 /// still sees its Lease renewed, and tests. It gave each read of the Lease 0.75 s, never

@@ -985,9 +985,6 @@ async fn a_provider_whose_status_goes_stale_is_counted_overdue() {
     remove_policy(&env, &policy);
 }
 
-/// Namespaces share a host's slots fairly: a tenant whose providers hang on a host every
-/// team uses (a server there that never answers, each test holding its slot for its whole
-/// timeout) does not make another tenant's test of that host wait behind its own queue.
 /// A test in line behind others that hang on their host leaves the line when its provider
 /// is pointed at another host: the fix of a typo'd host is tested at once, not after every
 /// test ahead of it has timed out (three of 10 s here, one slot for the host).
@@ -1030,6 +1027,9 @@ async fn a_test_in_line_behind_a_hanging_host_leaves_it_when_its_provider_is_poi
     );
 }
 
+/// Namespaces share a host's slots fairly: a tenant whose providers hang on a host every
+/// team uses (a server there that never answers, each test holding its slot for its whole
+/// timeout) does not make another tenant's test of that host wait behind its own queue.
 /// Two slots per host; six providers hanging 10 s each, two running and four in line when
 /// the other tenant's provider comes: in first-come order it would wait for those four,
 /// two rounds of 10 s after the current one (29 s measured); shared fairly, it takes

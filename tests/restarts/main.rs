@@ -113,7 +113,7 @@ async fn a_404_to_the_status_write_of_a_provider_that_exists_is_retried_not_take
     ));
     let controller = env.controller();
     let _logs = LogsOnFailure(controller.log.clone());
-    // Said once, then the kept result's write is retried (every 5 s), with no test.
+    // Said once, then the kept result's write is retried (5, 10, 20 s apart), with no test.
     let said = "answered 404 to a status write of this provider, which exists";
     let deadline = Instant::now() + Duration::from_secs(60);
     while !controller.logs().contains(said) || controller.logs().matches("will retry").count() < 3 {
