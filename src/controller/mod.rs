@@ -37,8 +37,8 @@ use kube::{Client, Resource, ResourceExt};
 use kube_lease_manager::LeaseManagerBuilder;
 
 use crate::api::IncomingMailProvider;
-use crate::credentials::ObjectKind;
 use crate::credentials::tokens::TokenManager;
+use crate::credentials::{ObjectKind, references};
 
 use access::Access;
 pub use http::ListenAddr;
@@ -571,20 +571,25 @@ async fn run_controllers(
                 deleted.inflight.nudge(&ObjectRef::from_obj(p));
             }
         });
-        // Once a (re)list of providers, Secrets or ConfigMaps is in its cache, every
-        // provider of the scope is reconciled: what changed while the watch was away
-        // shows only in the list (see `watches::changes`).
+        // Once a (re)list of providers is in its cache, every provider of the scope is
+        // reconciled, and after one of Secrets or ConfigMaps, every one that references
+        // that kind: what changed while the watch was away shows only in the list (see
+        // `watches::changes`).
         let (relisted_tx, relisted) = futures::channel::mpsc::unbounded();
         let reconcile_scope = {
             let store = store.clone();
-            move || {
+            move |kind: Option<ObjectKind>| {
                 for p in store.state() {
-                    let _ = relisted_tx.unbounded_send(ObjectRef::from_obj(&*p));
+                    let uses = |k| references(&p.spec).iter().any(|r| r.kind == k);
+                    if kind.is_none_or(uses) {
+                        let _ = relisted_tx.unbounded_send(ObjectRef::from_obj(&*p));
+                    }
                 }
             }
         };
+        let all = reconcile_scope.clone();
         let controller = Controller::for_stream(
-            watches::changes(watches::on_relisted(cached, reconcile_scope.clone()), false),
+            watches::changes(watches::on_relisted(cached, move || all(None)), false),
             store.clone(),
         )
         .with_config(ControllerConfig::default().concurrency(0));
@@ -595,7 +600,7 @@ async fn run_controllers(
                 (ctx.clone(), scope.clone(), reconcile_scope.clone());
             move || {
                 ctx.objects.relisted(kind, scope.as_deref());
-                reconcile_scope();
+                reconcile_scope(Some(kind));
             }
         };
         let secret_stream = watches::retried("Secrets", secret_stream, secrets_access);
