@@ -77,6 +77,14 @@ impl InFlight {
         }
     }
 
+    /// Nudges every test running or waiting (see [`InFlight::nudge`]): after a relist,
+    /// whose deletions come as no event of their own.
+    pub fn nudge_all(&self) {
+        for nudges in self.running.lock().unwrap().values() {
+            nudges.notify_one();
+        }
+    }
+
     /// Runs the test `test` makes for the provider `key` (given what nudges it) unless one
     /// runs already; when it ends, after the delay it returns, the provider is reconciled.
     /// Returns whether it started.

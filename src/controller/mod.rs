@@ -587,9 +587,14 @@ async fn run_controllers(
                 }
             }
         };
-        let all = reconcile_scope.clone();
+        let (all, relisted_ctx) = (reconcile_scope.clone(), ctx.clone());
+        let providers_relisted = move || {
+            all(None);
+            // Those deleted while the watch was away: their waiting tests leave.
+            relisted_ctx.inflight.nudge_all();
+        };
         let controller = Controller::for_stream(
-            watches::changes(watches::on_relisted(cached, move || all(None)), false),
+            watches::changes(watches::on_relisted(cached, providers_relisted), false),
             store.clone(),
         )
         .with_config(ControllerConfig::default().concurrency(0));

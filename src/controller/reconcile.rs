@@ -127,7 +127,12 @@ pub async fn reconcile(p: Arc<IncomingMailProvider>, ctx: Arc<Context>) -> Resul
     let ns = p.namespace().unwrap_or_default();
     let name = p.name_any();
     let span = info_span!("provider", namespace = %ns, name = %name);
-    reconcile_inner(p, ctx, ns).instrument(span).await
+    match reconcile_inner(p, ctx, ns).instrument(span).await {
+        // Moved to another shard while this reconcile waited to write: that shard's now,
+        // and the watch event of the move reconciles it here once more (to forget it).
+        Err(Error::Moved) => Ok(Action::await_change()),
+        other => other,
+    }
 }
 
 async fn reconcile_inner(

@@ -134,6 +134,9 @@ pub enum Why {
     Scheduled,
     /// Its Secrets could not be read (AccessDenied) and now can.
     AccessRestored,
+    /// Its status was replaced after this replica's last write by one of another
+    /// generation (a shard it moved from, writing late).
+    StatusReplaced,
 }
 
 impl Why {
@@ -145,6 +148,7 @@ impl Why {
             Why::ReferencesChanged => "referenced object changed",
             Why::Scheduled => "scheduled",
             Why::AccessRestored => "its Secrets can be read again",
+            Why::StatusReplaced => "status replaced by another writer",
         }
     }
 }
@@ -171,6 +175,7 @@ pub struct Memory {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Written {
     pub last_check: k8s_openapi::jiff::Timestamp,
+    pub generation: Option<i64>,
     pub mark: u64,
     pub at: tokio::time::Instant,
 }
@@ -182,6 +187,7 @@ impl Written {
                 .last_check_time
                 .as_ref()
                 .map_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH, |t| t.0),
+            generation: status.observed_generation,
             mark: mark(status),
             at,
         }
@@ -208,6 +214,19 @@ pub fn mark(status: &crate::api::IncomingMailProviderStatus) -> u64 {
 /// The longest the controller waits for its cache to show its own last status write of a
 /// provider (see [`behind_own_write`]).
 pub const OWN_WRITE_LAG: Duration = Duration::from_secs(5);
+
+/// Whether `status` came after this replica's last write `w` (by lastCheckTime) and is of
+/// another generation: written by someone else since, with an older spec's result (the
+/// shard a provider moved from, its test ending late). Not a status the cache has not
+/// caught up with (older), nor one cleared by hand (no lastCheckTime).
+fn replaced(w: &Written, status: Option<&crate::api::IncomingMailProviderStatus>) -> bool {
+    status.is_some_and(|s| {
+        s.last_check_time
+            .as_ref()
+            .is_some_and(|t| t.0.as_second() >= w.last_check.as_second())
+            && s.observed_generation != w.generation
+    })
+}
 
 /// Whether `status`, the cache's, is older than this replica's last write of it (the
 /// watch that brings the write lags): a status built on it, or a decision taken from it,
@@ -295,6 +314,9 @@ pub fn decide(memory: Option<&Memory>, seen: &Seen, jitter: &dyn Jitter) -> Resu
         }
         if m.references != seen.references {
             return Err(Why::ReferencesChanged);
+        }
+        if m.written.is_some_and(|w| replaced(&w, seen.status)) {
+            return Err(Why::StatusReplaced);
         }
         return until(m.next_due);
     }
@@ -576,6 +598,39 @@ mod decide_tests {
     fn a_clock_stepped_back_does_not_stretch_the_wait_past_the_interval() {
         let wait = decide(Some(&memory(300)), &seen(None, -3600), &Zero);
         assert_eq!(wait, Ok(Duration::from_secs(330)));
+    }
+
+    #[test]
+    fn a_status_of_another_generation_written_after_the_own_is_tested_again() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let status = |secs: i64, generation: i64| IncomingMailProviderStatus {
+            last_check_time: Some(Time(at(secs))),
+            observed_generation: Some(generation),
+            ..Default::default()
+        };
+        let mut m = memory(300);
+        m.generation = Some(2);
+        m.written = Some(Written::of(&status(10, 2), tokio::time::Instant::now()));
+        let mut s = seen(None, 40);
+        s.generation = Some(2);
+        let replaced = status(12, 1);
+        s.status = Some(&replaced);
+        assert_eq!(decide(Some(&m), &s, &Zero), Err(Why::StatusReplaced));
+        // The cache not caught up with the own write, the own write itself, one cleared
+        // by hand: none of these.
+        let others = [
+            status(8, 1),
+            status(10, 2),
+            IncomingMailProviderStatus::default(),
+        ];
+        for shown in &others {
+            s.status = Some(shown);
+            assert_eq!(
+                decide(Some(&m), &s, &Zero),
+                Ok(Duration::from_secs(260)),
+                "{shown:?}"
+            );
+        }
     }
 
     #[test]
