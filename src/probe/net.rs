@@ -28,11 +28,29 @@ pub(crate) async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, Fa
                     format!("could not resolve {host}: the name has no addresses"),
                 ))
             } else {
-                Ok(addrs)
+                Ok(interleaved(addrs))
             }
         }
         Err(err) => Err(classify::resolve_failure(host, &err)),
     }
+}
+
+/// The addresses in the order to try them: the resolver's first, then the two families
+/// in turn (RFC 8305 §4), so that a family that does not work here (IPv6, in many
+/// clusters) holds the other back by one attempt, not by all of its own.
+fn interleaved(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    let Some(first) = addrs.first() else {
+        return addrs;
+    };
+    let first_v6 = first.is_ipv6();
+    let (mut same, mut other): (std::collections::VecDeque<_>, std::collections::VecDeque<_>) =
+        addrs.into_iter().partition(|a| a.is_ipv6() == first_v6);
+    let mut out = Vec::with_capacity(same.len() + other.len());
+    while !same.is_empty() || !other.is_empty() {
+        out.extend(same.pop_front());
+        out.extend(other.pop_front());
+    }
+    out
 }
 
 /// "127.0.0.1, ::1".
@@ -146,6 +164,31 @@ mod tests {
             reason,
             words: words.into(),
         }
+    }
+
+    #[test]
+    fn the_families_are_tried_in_turn_from_the_resolvers_first() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let resolved = vec![
+            a("[2001:db8::1]:993"),
+            a("[2001:db8::2]:993"),
+            a("192.0.2.1:993"),
+            a("192.0.2.2:993"),
+            a("192.0.2.3:993"),
+        ];
+        assert_eq!(
+            interleaved(resolved),
+            [
+                a("[2001:db8::1]:993"),
+                a("192.0.2.1:993"),
+                a("[2001:db8::2]:993"),
+                a("192.0.2.2:993"),
+                a("192.0.2.3:993"),
+            ]
+        );
+        let v4_only = vec![a("192.0.2.2:993"), a("192.0.2.1:993")];
+        assert_eq!(interleaved(v4_only.clone()), v4_only);
+        assert!(interleaved(Vec::new()).is_empty());
     }
 
     #[test]
