@@ -37,8 +37,8 @@ use kube::{Client, Resource, ResourceExt};
 use kube_lease_manager::LeaseManagerBuilder;
 
 use crate::api::IncomingMailProvider;
+use crate::credentials::ObjectKind;
 use crate::credentials::tokens::TokenManager;
-use crate::credentials::{ObjectKind, references};
 
 use access::Access;
 pub use http::ListenAddr;
@@ -133,6 +133,12 @@ impl Context {
         if self.testing.clone().wait_for(|go| !go).await.is_err() {
             std::future::pending::<()>().await;
         }
+    }
+
+    /// Forgets what it remembers of a provider's schedule and a result not yet written.
+    pub fn forget(&self, key: &ObjectRef<IncomingMailProvider>) {
+        self.memory.lock().unwrap().remove(key);
+        self.unwritten.lock().unwrap().remove(key);
     }
 
     /// A provider as its scope's cache holds it now; `None` once it is deleted.
@@ -576,20 +582,18 @@ async fn run_controllers(
         // that kind: what changed while the watch was away shows only in the list (see
         // `watches::changes`).
         let (relisted_tx, relisted) = futures::channel::mpsc::unbounded();
-        let reconcile_scope = {
-            let store = store.clone();
-            move |kind: Option<ObjectKind>| {
-                for p in store.state() {
-                    let uses = |k| references(&p.spec).iter().any(|r| r.kind == k);
-                    if kind.is_none_or(uses) {
-                        let _ = relisted_tx.unbounded_send(ObjectRef::from_obj(&*p));
-                    }
-                }
+        let reconcile = move |keys: Vec<ObjectRef<IncomingMailProvider>>| {
+            for key in keys {
+                let _ = relisted_tx.unbounded_send(key);
             }
         };
-        let (all, relisted_ctx) = (reconcile_scope.clone(), ctx.clone());
+        let (all, scope_store, relisted_ctx) = (reconcile.clone(), store.clone(), ctx.clone());
         let providers_relisted = move || {
-            all(None);
+            all(scope_store
+                .state()
+                .iter()
+                .map(|p| ObjectRef::from_obj(&**p))
+                .collect());
             // Those deleted while the watch was away: their waiting tests leave.
             relisted_ctx.inflight.nudge_all();
         };
@@ -598,14 +602,18 @@ async fn run_controllers(
             store.clone(),
         )
         .with_config(ControllerConfig::default().concurrency(0));
-        let (by_secret, by_cm) = (referrers.clone(), referrers);
+        let (by_secret, by_cm) = (referrers.clone(), referrers.clone());
         let (secrets_seen, cms_seen) = (ctx.clone(), ctx.clone());
         let relisted_kind = |kind: ObjectKind| {
-            let (ctx, scope, reconcile_scope) =
-                (ctx.clone(), scope.clone(), reconcile_scope.clone());
+            let (ctx, scope, reconcile, referrers) = (
+                ctx.clone(),
+                scope.clone(),
+                reconcile.clone(),
+                referrers.clone(),
+            );
             move || {
                 ctx.objects.relisted(kind, scope.as_deref());
-                reconcile_scope(Some(kind));
+                reconcile(referrers.of_kind(kind));
             }
         };
         let secret_stream = watches::retried("Secrets", secret_stream, secrets_access);

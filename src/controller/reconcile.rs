@@ -148,8 +148,7 @@ async fn reconcile_inner(
         // A test of it waiting for a slot leaves; one under way writes nothing (`apply`).
         ctx.inflight.nudge(&key);
         ctx.metrics.provider_ready(&ns, &p.name_any(), None);
-        ctx.memory.lock().unwrap().remove(&key);
-        ctx.unwritten.lock().unwrap().remove(&key);
+        ctx.forget(&key);
         ctx.failed_writes.lock().unwrap().remove(&key);
         return Ok(Action::await_change());
     }
@@ -223,8 +222,7 @@ async fn reconcile_inner(
     if p.spec.suspend {
         // Resumed, it starts afresh: neither its old schedule nor a result kept from
         // before comes back.
-        ctx.memory.lock().unwrap().remove(&key);
-        ctx.unwritten.lock().unwrap().remove(&key);
+        ctx.forget(&key);
         let new = status::suspended(old, &Endpoint::of(&p.spec), &sctx);
         if status::differs(old, &new) {
             Box::pin(write(&api, &p, &new, &ctx, Write::Change)).await?;
@@ -707,7 +705,7 @@ async fn record(
     let since_write = since_last_check(stored, finished);
     let failures = u32::try_from(new.consecutive_failures).unwrap_or(u32::MAX);
     let wait = schedule::next_wait(interval, failures, &*ctx.jitter);
-    let written_before = remembered(ctx, key, p).and_then(|m| m.written);
+    let written_before = last_written(ctx, key, p);
     let mut next = Memory {
         uid: p.metadata.uid.clone(),
         generation: sctx.generation,
@@ -731,15 +729,12 @@ async fn record(
     if let Some(what) = what
         && let Err(e) = Box::pin(write(api, p, &new, ctx, what)).await
     {
-        if e.gone_for_good(api, p).await {
-            // Deleted while it was tested: nothing to keep, nor to retry.
+        let moved = matches!(e, Error::Moved);
+        if moved || e.gone_for_good(api, p).await {
+            // Deleted, or another shard's now, while it was tested: nothing to keep, nor
+            // to retry.
             ctx.memory.lock().unwrap().remove(key);
-            return Err(Error::Gone);
-        }
-        if matches!(e, Error::Moved) {
-            // Another shard's now: nothing to keep, nor to retry.
-            ctx.memory.lock().unwrap().remove(key);
-            return Err(e);
+            return Err(if moved { e } else { Error::Gone });
         }
         // The API server is away (restarting, or its etcd is): keep the result and the
         // schedule it implies, and retry only the write (in the next reconcile), so that
@@ -763,6 +758,19 @@ async fn record(
     Ok(())
 }
 
+/// This replica's last write of a test's result for this very object, if it remembers one.
+fn last_written(
+    ctx: &Context,
+    key: &ObjectRef<IncomingMailProvider>,
+    p: &IncomingMailProvider,
+) -> Option<schedule::Written> {
+    let memory = ctx.memory.lock().unwrap();
+    memory
+        .get(key)
+        .filter(|m| m.uid == p.metadata.uid)
+        .and_then(|m| m.written)
+}
+
 /// Whether the cache's copy of `p` does not show this replica's last status write of it
 /// yet (see [`schedule::behind_own_write`]).
 fn behind_own_write(
@@ -770,12 +778,12 @@ fn behind_own_write(
     key: &ObjectRef<IncomingMailProvider>,
     p: &IncomingMailProvider,
 ) -> bool {
-    let memory = ctx.memory.lock().unwrap();
-    let written = memory
-        .get(key)
-        .filter(|m| m.uid == p.metadata.uid)
-        .and_then(|m| m.written.as_ref());
-    schedule::behind_own_write(written, p.status.as_ref(), tokio::time::Instant::now())
+    let written = last_written(ctx, key, p);
+    schedule::behind_own_write(
+        written.as_ref(),
+        p.status.as_ref(),
+        tokio::time::Instant::now(),
+    )
 }
 
 /// How long ago the stored status's lastCheckTime was written, for the heartbeat. One in

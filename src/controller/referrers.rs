@@ -56,6 +56,17 @@ impl Referrers {
         }
     }
 
+    /// The providers that reference any object of this kind.
+    pub fn of_kind(&self, kind: ObjectKind) -> Vec<Provider> {
+        let index = self.0.lock().unwrap();
+        index
+            .by_provider
+            .iter()
+            .filter(|(_, objects)| objects.iter().any(|(k, _, _)| *k == kind))
+            .map(|(provider, _)| provider.clone())
+            .collect()
+    }
+
     /// The providers that reference this object.
     pub fn of(&self, kind: ObjectKind, namespace: &str, name: &str) -> Vec<Provider> {
         let object = (kind, namespace.to_string(), name.to_string());
@@ -142,6 +153,19 @@ mod tests {
         r.apply(&Event::Delete(provider("team", "a", "login")));
         assert!(r.of(ObjectKind::Secret, "team", "login").is_empty());
         assert_eq!(names(r.of(ObjectKind::ConfigMap, "team", "ca")), ["b"]);
+    }
+
+    #[test]
+    fn the_providers_of_a_kind_are_those_referencing_any_object_of_it() {
+        let r = Referrers::default();
+        r.apply(&Event::Apply(provider("team", "a", "login")));
+        r.apply(&Event::Apply(provider("other", "b", "login")));
+        let mut none = provider("team", "c", "login");
+        none.spec.authentication.secret_ref = None;
+        none.spec.tls.ca_bundle_ref = None;
+        r.apply(&Event::Apply(none));
+        assert_eq!(names(r.of_kind(ObjectKind::Secret)), ["a", "b"]);
+        assert_eq!(names(r.of_kind(ObjectKind::ConfigMap)), ["a", "b"]);
     }
 
     #[test]

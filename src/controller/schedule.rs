@@ -202,13 +202,20 @@ pub fn mark(status: &crate::api::IncomingMailProviderStatus) -> u64 {
     status.observed_generation.hash(&mut h);
     status.last_handled_check_request.hash(&mut h);
     status.consecutive_failures.hash(&mut h);
-    status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")
+    super::status::ready(Some(status))
         .map(|c| (&c.status, &c.reason))
         .hash(&mut h);
     h.finish()
+}
+
+/// When `status` was checked, by the second (as lastCheckTime is stored), against this
+/// replica's last write `w`; None for a status without a lastCheckTime.
+fn against(
+    status: &crate::api::IncomingMailProviderStatus,
+    w: &Written,
+) -> Option<std::cmp::Ordering> {
+    let shown = status.last_check_time.as_ref()?;
+    Some(shown.0.as_second().cmp(&w.last_check.as_second()))
 }
 
 /// The longest the controller waits for its cache to show its own last status write of a
@@ -221,10 +228,7 @@ pub const OWN_WRITE_LAG: Duration = Duration::from_secs(5);
 /// caught up with (older), nor one cleared by hand (no lastCheckTime).
 fn replaced(w: &Written, status: Option<&crate::api::IncomingMailProviderStatus>) -> bool {
     status.is_some_and(|s| {
-        s.last_check_time
-            .as_ref()
-            .is_some_and(|t| t.0.as_second() >= w.last_check.as_second())
-            && s.observed_generation != w.generation
+        against(s, w).is_some_and(|o| o.is_ge()) && s.observed_generation != w.generation
     })
 }
 
@@ -248,8 +252,7 @@ pub fn behind_own_write(
     let Some(status) = status else {
         return true;
     };
-    let shown = status.last_check_time.as_ref().map(|t| t.0.as_second());
-    match shown.map(|s| s.cmp(&w.last_check.as_second())) {
+    match against(status, w) {
         None | Some(std::cmp::Ordering::Less) => true,
         Some(std::cmp::Ordering::Equal) => mark(status) != w.mark,
         Some(std::cmp::Ordering::Greater) => false,

@@ -10,7 +10,8 @@
 //! change of their Secret and were tested again; with access tokens of five minutes or
 //! less, refreshed at every test, that was a loop of refreshes and logins.
 
-use crate::api::{AuthMethod, IncomingMailProvider};
+use crate::api::IncomingMailProvider;
+use crate::credentials::tokens::oauth2_of;
 
 /// This replica's slice of the providers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,10 +43,9 @@ impl Shard {
 /// The name that places a provider among the shards (with its namespace): that of its
 /// token Secret for OAuth2, its own otherwise.
 pub fn placed_by(p: &IncomingMailProvider) -> &str {
-    let auth = &p.spec.authentication;
-    match &auth.oauth2 {
-        Some(o) if auth.method == AuthMethod::OAuth2 => &o.token_secret_ref.name,
-        _ => p.metadata.name.as_deref().unwrap_or_default(),
+    match oauth2_of(p) {
+        Some(o) => &o.token_secret_ref.name,
+        None => p.metadata.name.as_deref().unwrap_or_default(),
     }
 }
 

@@ -269,7 +269,7 @@ pub async fn run(target: &Target, login: &Login) -> Report {
 async fn drive<S: MailSession>(
     target: &Target,
     login: &Login,
-    rec: &mut Recorder,
+    rec: &mut Recorder<'_>,
 ) -> Result<(), Failure> {
     let endpoint = classify::endpoint(&target.host, target.port);
 
@@ -310,7 +310,7 @@ async fn talk<S: MailSession>(
     target: &Target,
     login: &Login,
     endpoint: &str,
-    rec: &mut Recorder,
+    rec: &mut Recorder<'_>,
 ) -> Result<(), Failure> {
     let mut session = S::open(wire, endpoint.to_string());
     let result = converse(&mut session, target, login, endpoint, rec).await;
@@ -341,7 +341,7 @@ async fn converse<S: MailSession>(
     target: &Target,
     login: &Login,
     endpoint: &str,
-    rec: &mut Recorder,
+    rec: &mut Recorder<'_>,
 ) -> Result<(), Failure> {
     let protocol = target.protocol;
     let t = rec.timed(Step::Greeting, session.greeting()).await;
@@ -565,7 +565,7 @@ pub(crate) fn oauth_mechanism(
 async fn capabilities<S: MailSession>(
     session: &mut S,
     endpoint: &str,
-    rec: &mut Recorder,
+    rec: &mut Recorder<'_>,
 ) -> Result<Vec<String>, Failure> {
     let t = rec.timed(Step::Capabilities, session.capabilities()).await;
     let caps = rec.settle(
@@ -596,7 +596,7 @@ async fn capabilities<S: MailSession>(
 async fn handshake(
     target: &Target,
     endpoint: &str,
-    rec: &mut Recorder,
+    rec: &mut Recorder<'_>,
     mut tcp: Tcp,
     meter: Meter,
 ) -> Result<Wire, Failure> {
@@ -631,19 +631,19 @@ struct Timed<T> {
 }
 
 /// Collects the steps and findings of one test and keeps its deadline.
-struct Recorder {
+struct Recorder<'t> {
     steps: Vec<StepRecord>,
     findings: Findings,
     started: Instant,
     deadline: Instant,
     timeout: Duration,
-    /// "IMAP server host:port", for a failure no step could explain (see `timed`).
-    server: String,
+    /// What is tested, to name the server in a failure no step could explain (`timed`).
+    target: &'t Target,
 }
 
-impl Recorder {
+impl<'t> Recorder<'t> {
     /// A test of `target` starting now, with its timeout for all its steps.
-    fn start(target: &Target) -> Recorder {
+    fn start(target: &'t Target) -> Recorder<'t> {
         let started = Instant::now();
         Recorder {
             steps: Vec::new(),
@@ -651,11 +651,7 @@ impl Recorder {
             started,
             deadline: started + target.timeout,
             timeout: target.timeout,
-            server: format!(
-                "{} server {}",
-                target.protocol.as_str(),
-                classify::endpoint(&target.host, target.port)
-            ),
+            target,
         }
     }
 
@@ -687,8 +683,9 @@ impl Recorder {
                 Reason::ProtocolError,
                 step,
                 format!(
-                    "{} sent a reply at the {step} step that mailroom could not read",
-                    self.server
+                    "{} server {} sent a reply at the {step} step that mailroom could not read",
+                    self.target.protocol.as_str(),
+                    classify::endpoint(&self.target.host, self.target.port)
                 ),
             ))),
             Err(_) => Err(Stop::TimedOut),

@@ -609,9 +609,14 @@ impl CountingRelay {
 
     /// Waits until a first connection came through.
     async fn first_connection(&self) {
+        self.connections(1, "the first test never connected").await;
+    }
+
+    /// Waits until `n` connections came through in all; `never` says what did not happen.
+    async fn connections(&self, n: usize, never: &str) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while self.accepted() == 0 {
-            assert!(Instant::now() < deadline, "the first test never connected");
+        while self.accepted() < n {
+            assert!(Instant::now() < deadline, "{never}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -833,14 +838,9 @@ async fn a_test_right_after_another_builds_on_the_status_just_written_though_the
     })
     .await;
     env.request_test("lagging", "one");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while relay.accepted() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the requested test never connected"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    relay
+        .connections(2, "the requested test never connected")
+        .await;
     // Asked while that test runs (it is held 3 s): tested once it is done.
     tokio::time::sleep(Duration::from_millis(300)).await;
     env.request_test("lagging", "two");
@@ -849,12 +849,7 @@ async fn a_test_right_after_another_builds_on_the_status_just_written_though_the
             "lagging",
             "the second request answered",
             Duration::from_secs(60),
-            |p| {
-                p.status
-                    .as_ref()
-                    .and_then(|s| s.last_handled_check_request.as_deref())
-                    == Some("two")
-            },
+            |p| answered(p, "two"),
         )
         .await;
     assert_eq!(
@@ -984,14 +979,8 @@ async fn a_result_of_the_shard_a_provider_moved_from_is_not_written_over_the_new
         .await;
     // A second test by the first shard, held 6 s by the slow server...
     env.request_test("moving", "held");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while slow.accepted() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the requested test never connected"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    slow.connections(2, "the requested test never connected")
+        .await;
     // ...while the provider moves to the other shard and the quick server.
     env.apply(&spec("127.0.0.18", &quick, &second));
     let moved = env

@@ -332,7 +332,7 @@ impl TokenManager {
             .retain(|(ns, name), _| keep(ns, name));
         let now = Timestamp::now();
         self.app.lock().unwrap().retain(|(ns, name), kept| {
-            kept.retain(|_, token| TokenSet::from_secret(token).access_valid(now));
+            drop_expired(kept, now);
             !kept.is_empty() && keep(ns, name)
         });
         self.rejected
@@ -366,12 +366,9 @@ impl TokenManager {
         secret: Secret,
     ) {
         let settings = app_settings(o, protocol);
-        let now = Timestamp::now();
         let mut app = self.app.lock().unwrap();
         let kept = app.entry(at).or_default();
-        // Expired tokens serve no one: those of settings edited away (another client,
-        // tenant or scope) would otherwise stay as long as the Secret's name is used.
-        kept.retain(|_, token| TokenSet::from_secret(token).access_valid(now));
+        drop_expired(kept, Timestamp::now());
         kept.insert(settings, secret);
     }
 
@@ -955,6 +952,13 @@ impl TokenManager {
             format!("Secret {namespace}/{secret_name} kept changing while its token was refreshed"),
         ))
     }
+}
+
+/// Drops the app-only tokens kept for one Secret that have expired: they serve no one,
+/// and those of settings edited away (another client, tenant or scope) would otherwise
+/// stay as long as the Secret's name is used.
+fn drop_expired(kept: &mut HashMap<String, Secret>, now: Timestamp) {
+    kept.retain(|_, token| TokenSet::from_secret(token).access_valid(now));
 }
 
 /// What an app-only token was granted for: token endpoint, client and scopes.
