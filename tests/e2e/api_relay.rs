@@ -26,15 +26,26 @@ pub struct DelayingRelay {
 
 /// A watch gap as a long disconnection makes one: while it is open, what the API server
 /// sends on the watches it breaks is dropped; [`Gap::close`] then ends those watches, and
-/// each one made again asks from a resourceVersion long compacted, which the API server
-/// answers with "410 Gone", so the client lists again.
+/// the first of each made again is answered "410 Gone", as the API server answers a watch
+/// from a resourceVersion compacted meanwhile, so the client lists again. The relay
+/// answers it itself: the bed's etcd is rarely compacted yet, and the API server serves
+/// a watch of Secrets from an old resourceVersion out of etcd's history.
 #[derive(Default)]
 pub struct Gap {
     watches: std::sync::OnceLock<fn(&str) -> bool>,
     open: AtomicBool,
-    expire: AtomicBool,
-    /// What ends each connection that carries a watch it breaks (made before it closes).
-    cuts: std::sync::Mutex<Vec<Arc<tokio::sync::Notify>>>,
+    /// The paths (`/api/v1/namespaces/x/secrets`) of the watches ended at the close whose
+    /// next watch has not yet been made again: each of those gets its "410 Gone".
+    expired: std::sync::Mutex<Vec<String>>,
+    /// What ends each connection that carries a watch it breaks (made before it closes),
+    /// with that watch's path.
+    cuts: std::sync::Mutex<Vec<(String, Arc<tokio::sync::Notify>)>>,
+}
+
+/// The path of a request line, without its query.
+fn path_of(line: &str) -> String {
+    let target = line.split_whitespace().nth(1).unwrap_or_default();
+    target.split('?').next().unwrap_or_default().to_string()
 }
 
 impl Gap {
@@ -43,9 +54,12 @@ impl Gap {
     }
 
     pub fn close(&self) {
-        self.expire.store(true, Ordering::SeqCst);
+        let mut expired = self.expired.lock().unwrap();
         self.open.store(false, Ordering::SeqCst);
-        for cut in self.cuts.lock().unwrap().drain(..) {
+        for (path, cut) in self.cuts.lock().unwrap().drain(..) {
+            if !expired.contains(&path) {
+                expired.push(path);
+            }
             cut.notify_one();
         }
     }
@@ -54,26 +68,35 @@ impl Gap {
         self.watches.get().is_some_and(|watches| watches(line))
     }
 
-    /// The request bytes to send on: the first watch this gap breaks made after it
-    /// closed asks from resourceVersion 1.
-    fn rewrite(&self, bytes: &[u8]) -> Vec<u8> {
+    /// Whether the request that `bytes` start is the first watch of a path this gap ended
+    /// made after it closed, which is answered "410 Gone" (see [`GONE`]).
+    fn expires(&self, bytes: &[u8]) -> bool {
         let text = String::from_utf8_lossy(bytes);
         let first = text.lines().next().unwrap_or_default();
-        if !self.breaks(first) || !self.expire.swap(false, Ordering::SeqCst) {
-            return bytes.to_vec();
+        if !self.breaks(first) {
+            return false;
         }
-        let Some(at) = first.find("resourceVersion=") else {
-            return bytes.to_vec();
+        let mut expired = self.expired.lock().unwrap();
+        let path = path_of(first);
+        let Some(at) = expired.iter().position(|p| *p == path) else {
+            return false;
         };
-        let start = at + "resourceVersion=".len();
-        let end = first[start..]
-            .find(|c: char| !c.is_ascii_digit())
-            .map_or(first.len(), |n| start + n);
-        let mut out = bytes[..start].to_vec();
-        out.push(b'1');
-        out.extend_from_slice(&bytes[end..]);
-        out
+        expired.remove(at);
+        true
     }
+}
+
+/// The API server's answer to a watch from a compacted resourceVersion: an ERROR event
+/// with status 410 ("Expired"), after which the watch ends.
+const GONE: &str = r#"{"type":"ERROR","object":{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"too old resource version: 1 (2)","reason":"Expired","code":410}}"#;
+
+fn gone_response() -> Vec<u8> {
+    let event = format!("{GONE}\n");
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{event}\r\n0\r\n\r\n",
+        event.len()
+    )
+    .into_bytes()
 }
 
 impl DelayingRelay {
@@ -203,6 +226,12 @@ async fn relay<C, S>(
     let breakable = Arc::new(AtomicBool::new(false));
     let cut = Arc::new(tokio::sync::Notify::new());
     let (is_breakable, requests_gap, this_cut) = (breakable.clone(), gap.clone(), cut.clone());
+    // Answers go through a queue, each due when it came plus the delay once the
+    // connection is held, so that they keep their order.
+    let (queue, mut due) =
+        tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    // Weak: the answers' end (a cut) must close the queue, and so the connection.
+    let injected = queue.downgrade();
     let requests = async move {
         let mut requests = Requests::default();
         let mut buf = vec![0u8; 16 * 1024];
@@ -215,22 +244,25 @@ async fn relay<C, S>(
             if lines.iter().any(|line| delayed(line)) {
                 hold.store(true, Ordering::SeqCst);
             }
-            if lines.iter().any(|line| requests_gap.breaks(line))
+            if let Some(line) = lines.iter().find(|line| requests_gap.breaks(line))
                 && !is_breakable.swap(true, Ordering::SeqCst)
             {
-                requests_gap.cuts.lock().unwrap().push(this_cut.clone());
+                let cut = (path_of(line), this_cut.clone());
+                requests_gap.cuts.lock().unwrap().push(cut);
             }
-            let bytes = requests_gap.rewrite(&buf[..n]);
-            if server_tx.write_all(&bytes).await.is_err() {
+            if requests_gap.expires(&buf[..n]) {
+                // Answered here, not sent on: the API server never sees it.
+                if let Some(queue) = injected.upgrade() {
+                    let _ = queue.send((tokio::time::Instant::now(), gone_response()));
+                }
+                continue;
+            }
+            if server_tx.write_all(&buf[..n]).await.is_err() {
                 break;
             }
         }
         let _ = server_tx.shutdown().await;
     };
-    // Answers go through a queue, each due when it came plus the delay once the
-    // connection is held, so that they keep their order.
-    let (queue, mut due) =
-        tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
     let answers = async move {
         let mut buf = vec![0u8; 16 * 1024];
         loop {

@@ -933,6 +933,87 @@ async fn what_changed_in_a_watch_gap_is_acted_on_once_the_list_that_ends_it_is_i
     );
 }
 
+/// A Secret and a CA bundle's ConfigMap changed while their watches were away (a gap the
+/// API server ends with "410 Gone") are acted on once the lists that end it are in the
+/// cache: their providers are tested again then, not an interval (5 m) later. A relist
+/// triggers no reconcile per listed object (their versions would be read from before the
+/// list); its end reconciles every provider that references that kind.
+#[tokio::test]
+async fn a_secret_or_ca_bundle_changed_in_a_watch_gap_is_acted_on_once_relisted() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::Api;
+    let env = alice_env("relisted-refs").await;
+    let (user, password) = env.bed.dovecot().account("alice");
+    env.secret("alice-2", &[("username", &user), ("password", &password)])
+        .await;
+    let ca = |file: &std::path::Path| -> ConfigMap {
+        let pem = std::fs::read_to_string(file).unwrap();
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "other-ca"}, "data": {"ca.crt": pem}
+        }))
+        .unwrap()
+    };
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.ns);
+    cms.create(&Default::default(), &ca(&env.bed.dovecot().ca_file()))
+        .await
+        .unwrap();
+    env.apply_alice_imaps("by-secret");
+    env.apply(
+        &provider(
+            "by-ca",
+            "IMAP",
+            env.bed.dovecot().imaps_port(),
+            "Implicit",
+            "{method: Password, secretRef: {name: alice-2}}",
+            "",
+        )
+        .replace("name: test-ca", "name: other-ca"),
+    );
+    let relay = crate::api_relay::DelayingRelay::with_gap(
+        &env,
+        Duration::ZERO,
+        |_| false,
+        |line| {
+            (line.contains("/secrets?") || line.contains("/configmaps?"))
+                && line.contains("watch=true")
+        },
+    )
+    .await;
+    let controller =
+        env.controller_with_env(&[], &[("KUBECONFIG", relay.kubeconfig.to_str().unwrap())]);
+    for name in ["by-secret", "by-ca"] {
+        env.wait_reason(name, "Connected", Duration::from_secs(60))
+            .await;
+    }
+
+    relay.gap.open();
+    env.secret("alice", &[("username", &user), ("password", "not-alices")])
+        .await;
+    let other = ca(&env.bed.self_signed_dovecot().ca_file());
+    cms.patch(
+        "other-ca",
+        &Default::default(),
+        &kube::api::Patch::Merge(serde_json::json!({ "data": other.data })),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    relay.gap.close();
+    env.wait_reason("by-secret", "AuthenticationFailed", Duration::from_secs(30))
+        .await;
+    env.wait_reason("by-ca", "CertificateInvalid", Duration::from_secs(30))
+        .await;
+    let logs = controller.logs();
+    for watch in ["Secrets", "ConfigMaps"] {
+        assert!(
+            logs.lines()
+                .any(|line| line.contains(watch)
+                    && (line.contains("410") || line.contains("too old"))),
+            "the {watch} watch did not end with 410 Gone:\n{logs}"
+        );
+    }
+}
+
 /// An OAuth2 provider moved to another shard while its test runs (its spec now names a
 /// token Secret of the other shard's, and a quicker server): the other shard tests the
 /// new spec, and the old shard's result, which comes later, is not written over it. It
