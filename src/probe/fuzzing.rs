@@ -44,7 +44,7 @@ pub async fn session(
         timeout: Duration::from_secs(30),
     };
     let endpoint = classify::endpoint(HOST, PORT);
-    let mut rec = Recorder::start(&target);
+    let mut rec = Recorder::start(&target, login);
     let result = match protocol {
         Protocol::Imap => {
             let wire = Wire::memory(server, Meter::new(imap::Imap::limits()));

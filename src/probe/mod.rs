@@ -23,6 +23,7 @@ pub mod fuzzing;
 mod imap;
 mod net;
 mod pop3;
+mod redact;
 mod sasl;
 mod session;
 mod stream;
@@ -246,7 +247,7 @@ impl Failure {
 
 /// Runs one test. Never panics and never takes (much) longer than `target.timeout`.
 pub async fn run(target: &Target, login: &Login) -> Report {
-    let mut rec = Recorder::start(target);
+    let mut rec = Recorder::start(target, login);
     let span = tracing::debug_span!(
         "probe",
         host = %target.host,
@@ -639,11 +640,13 @@ struct Recorder<'t> {
     timeout: Duration,
     /// What is tested, to name the server in a failure no step could explain (`timed`).
     target: &'t Target,
+    /// Takes the login's secret out of every text recorded, should the server echo it.
+    redactor: redact::Redactor,
 }
 
 impl<'t> Recorder<'t> {
-    /// A test of `target` starting now, with its timeout for all its steps.
-    fn start(target: &'t Target) -> Recorder<'t> {
+    /// A test of `target` with `login` starting now, with its timeout for all its steps.
+    fn start(target: &'t Target, login: &Login) -> Recorder<'t> {
         let started = Instant::now();
         Recorder {
             steps: Vec::new(),
@@ -652,15 +655,29 @@ impl<'t> Recorder<'t> {
             deadline: started + target.timeout,
             timeout: target.timeout,
             target,
+            redactor: redact::Redactor::of(login, &classify::endpoint(&target.host, target.port)),
         }
     }
 
+    /// The report, with the login's secret taken out of all the server said.
     fn into_report(self, result: Result<(), Failure>) -> Report {
+        let failure = result.err().map(|f| self.redacted(f));
+        let redact = |text: String| self.redactor.apply(text);
+        let mut findings = self.findings;
+        findings.greeting = findings.greeting.map(redact);
+        findings.capabilities = findings.capabilities.into_iter().map(redact).collect();
         Report {
             steps: self.steps,
-            findings: self.findings,
-            failure: result.err(),
+            findings,
+            failure,
             duration: self.started.elapsed(),
+        }
+    }
+
+    fn redacted(&self, failure: Failure) -> Failure {
+        Failure {
+            message: self.redactor.apply(failure.message),
+            ..failure
         }
     }
 
@@ -716,10 +733,10 @@ impl<'t> Recorder<'t> {
                 Ok(value)
             }
             Err(stop) => {
-                let failure = match stop {
+                let failure = self.redacted(match stop {
                     Stop::Failed(failure) => failure,
                     Stop::TimedOut => on_timeout(elapsed, self.timeout),
-                };
+                });
                 self.record(step, elapsed, false, failure.message.clone());
                 Err(failure)
             }
@@ -728,12 +745,13 @@ impl<'t> Recorder<'t> {
 
     /// Records a failure decided without I/O (the step took no time).
     fn fail_now<T>(&mut self, failure: Failure) -> Result<T, Failure> {
+        let failure = self.redacted(failure);
         self.record(failure.step, Duration::ZERO, false, failure.message.clone());
         Err(failure)
     }
 
     fn record(&mut self, step: Step, duration: Duration, ok: bool, detail: String) {
-        let detail = classify::printable(&detail);
+        let detail = classify::printable(&self.redactor.apply(detail));
         tracing::debug!(
             step = step.as_str(),
             ok,

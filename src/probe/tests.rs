@@ -2332,3 +2332,72 @@ async fn a_reply_that_makes_the_imap_parser_panic_is_a_protocol_error_of_its_ste
         "{f:?}"
     );
 }
+
+/// `text` with the secret (and the base64 of alice's SASL PLAIN response with it) where
+/// `{secret}` and `{plain}` stand, for a server that echoes what it was sent.
+fn echoing(text: &str) -> &'static str {
+    let plain = sasl::encode(
+        &sasl::Exchange::plain("alice", &SecretString::from(SECRET))
+            .initial_response()
+            .unwrap(),
+    );
+    let text = text.replace("{secret}", SECRET).replace("{plain}", &plain);
+    Box::leak(text.into_boxed_str())
+}
+
+#[tokio::test]
+async fn a_password_the_server_echoes_is_redacted_from_all_it_said() {
+    let server = serve(vec![
+        Say("* OK ready\r\n"),
+        Cmd("CAPABILITY"),
+        Say("* CAPABILITY IMAP4rev1\r\n$TAG OK done\r\n"),
+        Cmd("LOGIN"),
+        Say(echoing("$TAG NO you sent \"alice\" \"{secret}\"\r\n")),
+        Cmd("LOGOUT"),
+        Say(echoing(
+            "* BYE bye {secret}\r\n$TAG OK Logout completed.\r\n",
+        )),
+    ])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Imap, TlsMode::None),
+        &password(true),
+    )
+    .await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::AuthenticationFailed, "{f:?}");
+    assert_eq!(
+        f.message,
+        format!(
+            "IMAP LOGIN rejected by 127.0.0.1:{}: \"NO you sent \\\"alice\\\" \\\"[redacted]\\\"\"",
+            server.port
+        )
+    );
+    assert_secret_kept(&report);
+
+    let server = serve(vec![
+        Say("+OK ready\r\n"),
+        Cmd("CAPA"),
+        Say("+OK\r\nSASL PLAIN\r\n.\r\n"),
+        Cmd("AUTH PLAIN"),
+        Say("+ \r\n"),
+        Any,
+        Say(echoing("-ERR [AUTH] cannot take {plain} for {secret}\r\n")),
+        Cmd("QUIT"),
+        Say("+OK bye\r\n"),
+    ])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Pop3, TlsMode::None),
+        &password(true),
+    )
+    .await;
+    let f = failure(&report);
+    assert_eq!(f.reason, Reason::AuthenticationFailed, "{f:?}");
+    assert!(
+        f.message
+            .ends_with("\"-ERR [AUTH] cannot take [redacted] for [redacted]\""),
+        "{f:?}"
+    );
+    assert_secret_kept(&report);
+}

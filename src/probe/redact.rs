@@ -1,0 +1,172 @@
+//! Keeps a login's secret out of what a test reports. A server may quote back what it was
+//! sent ("-ERR bad password hunter2", "NO you sent \"alice\" \"hunter2\""), and the probe
+//! quotes the server, into step details, logs, the failure message and so into status and
+//! Events, which people who may not read Secrets see. So every text of a test passes
+//! through [`Redactor::apply`], which puts `[redacted]` in place of the password or token
+//! in each form it went out in.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use secrecy::ExposeSecret;
+use secrecy::zeroize::Zeroizing;
+
+use super::Login;
+use super::sasl::Exchange;
+
+/// What stands in for a secret.
+pub(crate) const REDACTED: &str = "[redacted]";
+
+/// The forms of one login's secret that could come back in a server's words.
+#[derive(Default)]
+pub(crate) struct Redactor {
+    forms: Vec<Zeroizing<String>>,
+}
+
+/// A secret shorter than this is not looked for: it would cut ordinary words out of a
+/// server's replies ("no", "OK"), and so short a secret guards nothing anyway.
+const SHORTEST: usize = 4;
+
+impl Redactor {
+    /// The forms of `login`'s secret as they go out to `endpoint` (`host:port`): as is,
+    /// as an IMAP quoted string, alone in base64 (SASL LOGIN), and as each SASL initial
+    /// response in base64 (PLAIN, XOAUTH2, OAUTHBEARER).
+    pub(crate) fn of(login: &Login, endpoint: &str) -> Redactor {
+        let mut r = Redactor::default();
+        let (secret, exchanges) = match login {
+            Login::None => return r,
+            Login::Password {
+                username, password, ..
+            } => (
+                password,
+                vec![
+                    Exchange::plain(username, password),
+                    Exchange::login(username, password),
+                ],
+            ),
+            Login::OAuth2 {
+                username, token, ..
+            } => (
+                token,
+                vec![
+                    Exchange::xoauth2(username, token),
+                    Exchange::oauthbearer(username, token, endpoint),
+                ],
+            ),
+        };
+        let raw = secret.expose_secret();
+        if raw.chars().count() < SHORTEST {
+            return r;
+        }
+        r.add(raw.to_string());
+        // As a failure message shows it, its control characters escaped.
+        r.add(super::classify::printable(raw));
+        r.add(raw.replace('\\', "\\\\").replace('"', "\\\""));
+        r.add(STANDARD.encode(raw));
+        for mut exchange in exchanges {
+            if let Some(response) = exchange.initial_response() {
+                r.add(super::sasl::encode(&response).to_string());
+            }
+        }
+        // The longest first, so that a form holding another is replaced whole.
+        r.forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
+        r
+    }
+
+    fn add(&mut self, form: String) {
+        if !self.forms.iter().any(|f| **f == form) {
+            self.forms.push(Zeroizing::new(form));
+        }
+    }
+
+    /// `text` with every form of the secret replaced by [`REDACTED`].
+    pub(crate) fn apply(&self, text: String) -> String {
+        if !self.forms.iter().any(|f| text.contains(f.as_str())) {
+            return text;
+        }
+        let mut out = text;
+        for form in &self.forms {
+            out = out.replace(form.as_str(), REDACTED);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use secrecy::SecretString;
+
+    use super::*;
+    use crate::api::SaslMechanism;
+
+    /// Alice's password login to an IMAPS server.
+    fn password(password: &str) -> Redactor {
+        let login = Login::Password {
+            username: "alice".into(),
+            password: SecretString::from(password),
+            allow_unencrypted: false,
+        };
+        Redactor::of(&login, "mail.example.com:993")
+    }
+
+    #[test]
+    fn a_password_echoed_in_any_form_it_went_out_in_is_redacted() {
+        let r = password(r#"hunter"2\x"#);
+        let plain = STANDARD.encode("\0alice\0hunter\"2\\x");
+        for (said, shown) in [
+            (
+                r#"-ERR [AUTH] bad password hunter"2\x"#.to_string(),
+                "-ERR [AUTH] bad password [redacted]",
+            ),
+            (
+                r#"NO you sent "alice" "hunter\"2\\x""#.to_string(),
+                r#"NO you sent "alice" "[redacted]""#,
+            ),
+            (
+                format!("-ERR cannot decode {plain}"),
+                "-ERR cannot decode [redacted]",
+            ),
+            (
+                format!("NO bad LOGIN response {}", STANDARD.encode(r#"hunter"2\x"#)),
+                "NO bad LOGIN response [redacted]",
+            ),
+        ] {
+            assert_eq!(r.apply(said), shown);
+        }
+        assert_eq!(
+            r.apply("NO [AUTHENTICATIONFAILED] Authentication failed.".into()),
+            "NO [AUTHENTICATIONFAILED] Authentication failed."
+        );
+    }
+
+    #[test]
+    fn a_token_echoed_raw_or_in_its_sasl_response_is_redacted() {
+        let token = SecretString::from("ya29.a0AfH6SMBx-token");
+        for mechanism in [SaslMechanism::XOAuth2, SaslMechanism::OAuthBearer] {
+            let login = Login::OAuth2 {
+                username: "alice@example.com".into(),
+                token: token.clone(),
+                mechanism,
+                allow_unencrypted: false,
+            };
+            let r = Redactor::of(&login, "imap.example.com:993");
+            let xoauth2 = STANDARD
+                .encode("user=alice@example.com\x01auth=Bearer ya29.a0AfH6SMBx-token\x01\x01");
+            let bearer = STANDARD.encode(
+                "n,a=alice@example.com,\x01host=imap.example.com\x01port=993\x01auth=Bearer ya29.a0AfH6SMBx-token\x01\x01",
+            );
+            assert_eq!(
+                r.apply(format!(
+                    "NO token ya29.a0AfH6SMBx-token expired; got {xoauth2} and {bearer}"
+                )),
+                "NO token [redacted] expired; got [redacted] and [redacted]"
+            );
+        }
+    }
+
+    #[test]
+    fn a_very_short_password_cuts_no_words() {
+        let r = password("OK");
+        assert_eq!(r.apply("OK Logged in".into()), "OK Logged in");
+        assert_eq!(Redactor::of(&Login::None, "h:1").apply("OK".into()), "OK");
+    }
+}
