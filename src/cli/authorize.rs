@@ -115,9 +115,10 @@ pub async fn run(args: AuthorizeArgs) -> anyhow::Result<i32> {
         // Revoking at the server is best effort: a CA bundle that cannot be read must not
         // keep the tokens in the Secret.
         let tls = endpoint_tls(&client, &ns, &provider).await;
-        revoke(&secrets, &secret_name, &o, &tls).await?;
-        request_check(&providers, &args.name).await?;
-        eprintln!("Removed the tokens of {ns}/{}.", args.name);
+        if revoke(&secrets, &secret_name, &o, &tls).await? {
+            request_check(&providers, &args.name).await?;
+            eprintln!("Removed the tokens of {ns}/{}.", args.name);
+        }
         return Ok(0);
     }
     plaintext_endpoints(&o, provider.spec.authentication.allow_unencrypted)
@@ -747,15 +748,16 @@ async fn store(
 /// Removes the tokens: the whole Secret when it is a token Secret holding nothing else,
 /// else only its token keys (authorize labels a Secret it writes into, which may hold the
 /// user's own data); and revokes the refresh token where the provider has an endpoint.
+/// False when there was no Secret, so nothing to remove.
 async fn revoke(
     secrets: &Api<Secret>,
     name: &str,
     o: &crate::api::OAuth2Spec,
     tls: &anyhow::Result<Arc<rustls::ClientConfig>>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let Some(secret) = secrets.get_opt(name).await? else {
         eprintln!("Secret {name} does not exist: no tokens to remove.");
-        return Ok(());
+        return Ok(false);
     };
     let refresh = tokens::TokenSet::from_secret(&secret).refresh_token;
     match (endpoints(o).revocation, refresh) {
@@ -818,7 +820,7 @@ async fn revoke(
             )
             .await?;
     }
-    Ok(())
+    Ok(true)
 }
 
 #[cfg(test)]

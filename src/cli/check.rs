@@ -591,8 +591,8 @@ fn from_files(args: &CheckArgs) -> anyhow::Result<(Vec<Written>, Objects)> {
                             );
                         }
                         "Secret" => {
-                            let s: Secret = read_object(value, true, at)?;
-                            fetched.secrets.push(s);
+                            let s: Secret = read_object(unwrapped_data(value), true, at)?;
+                            fetched.secrets.push(as_stored(s));
                         }
                         "ConfigMap" => {
                             let c: ConfigMap = read_object(value, false, at)?;
@@ -635,6 +635,32 @@ fn read_object<T: serde::de::DeserializeOwned>(
             anyhow::anyhow!("{}: {path}: {}", at(), e.into_inner())
         }
     })
+}
+
+/// A Secret manifest with line breaks taken out of its `data` values: base64 wrapped at 76
+/// columns (`base64 file` prints it so), which the API server decodes as one.
+fn unwrapped_data(mut value: serde_yaml::Value) -> serde_yaml::Value {
+    if let Some(data) = value.get_mut("data").and_then(|d| d.as_mapping_mut()) {
+        for (_, v) in data.iter_mut() {
+            if let Some(text) = v.as_str()
+                && text.contains(['\r', '\n'])
+            {
+                *v = text.replace(['\r', '\n'], "").into();
+            }
+        }
+    }
+    value
+}
+
+/// A Secret of a file as the API server would store it: `stringData` written over `data`.
+fn as_stored(mut secret: Secret) -> Secret {
+    if let Some(strings) = secret.string_data.take() {
+        let data = secret.data.get_or_insert_with(Default::default);
+        for (key, text) in strings {
+            data.insert(key, k8s_openapi::ByteString(text.into_bytes()));
+        }
+    }
+    secret
 }
 
 fn kind_of(value: &serde_yaml::Value) -> String {
@@ -729,5 +755,16 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    /// As the API server stores it: base64 wrapped over lines is one value, and a key in
+    /// both `data` and `stringData` takes the string.
+    #[test]
+    fn a_secret_of_a_file_reads_as_the_api_server_stores_it() {
+        let text = "metadata: {name: s}\ndata:\n  ca.crt: |\n    aHVudGVy\n    Mi1zZWNyZXQ=\n  password: d3Jvbmc=\nstringData: {password: right-one}";
+        let s: Secret = read_object(unwrapped_data(yaml(text)), true, || "s".into()).unwrap();
+        let data = as_stored(s).data.unwrap();
+        assert_eq!(data["ca.crt"].0, b"hunter2-secret");
+        assert_eq!(data["password"].0, b"right-one");
     }
 }

@@ -209,7 +209,8 @@ async fn ask(args: &RetestArgs) -> anyhow::Result<(Scope, i32, Vec<(Named, Strin
             Ok(requested) => pending.push((named, requested)),
             Err(e) => {
                 eprintln!(
-                    "mailroom: {}: not asked: {}",
+                    "{}: {}: not asked: {}",
+                    crate::command_name(),
                     scope.show(&named),
                     super::error_text(&e)
                 );

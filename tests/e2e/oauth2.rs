@@ -1234,6 +1234,15 @@ async fn authorize_with_a_browser_then_ready_over_imaps_xoauth2_and_pop3s_oauthb
     );
     env.wait_reason("imap", "AuthorizationRequired", Duration::from_secs(60))
         .await;
+    assert!(seen.contains("Removed the tokens of"), "{seen}");
+
+    // Again, with no Secret left: nothing is said to be removed.
+    let (child, rx) = authorize(&env, &["imap", "--revoke"]);
+    let mut seen = String::new();
+    let (code_status, _) = finish(child, rx, &mut seen);
+    assert_eq!(code_status, Some(0), "{seen}");
+    assert!(seen.contains("no tokens to remove"), "{seen}");
+    assert!(!seen.contains("Removed the tokens"), "{seen}");
 }
 
 /// A token Secret that also holds other data (authorize labels any Secret it writes

@@ -560,14 +560,15 @@ impl TokenManager {
             .iter()
             .filter(|(_, kept)| kept.rotated)
             .map(|((namespace, name), kept)| {
+                let command = crate::command_name();
                 tracing::error!(
                     %namespace,
                     secret = %name,
                     why = %kept.why,
-                    "stopping with OAuth2 tokens the API server did not store: if the token endpoint rotates refresh tokens, the Secret's is no longer valid; run `mailroom authorize` for the providers that use it"
+                    "stopping with OAuth2 tokens the API server did not store: if the token endpoint rotates refresh tokens, the Secret's is no longer valid; run `{command} authorize` for the providers that use it"
                 );
                 format!(
-                    "the rotated OAuth2 tokens could not be stored in Secret {namespace}/{name} ({}); if the token endpoint rotates refresh tokens, the one the Secret holds is no longer valid: run `mailroom authorize` for the providers that use it",
+                    "the rotated OAuth2 tokens could not be stored in Secret {namespace}/{name} ({}); if the token endpoint rotates refresh tokens, the one the Secret holds is no longer valid: run `{command} authorize` for the providers that use it",
                     kept.why
                 )
             })
