@@ -2207,6 +2207,14 @@ async fn the_argocd_and_flux_health_checks_read_real_providers() {
         ALICE_AUTH,
         "  suspend: true\n",
     ));
+    // A fault that may pass by itself: a port nothing listens on.
+    let closed = {
+        let l = std::net::TcpListener::bind((mailroom_testbed::MAIL_HOST, 0)).unwrap();
+        l.local_addr().unwrap().port()
+    };
+    env.apply(&provider(
+        "closed", "IMAP", closed, "Implicit", ALICE_AUTH, "",
+    ));
 
     // Before any test: no status.
     assert_eq!(argocd_health(&env, "good").0, "Progressing");
@@ -2217,6 +2225,8 @@ async fn the_argocd_and_flux_health_checks_read_real_providers() {
     env.wait_reason("bad", "AuthenticationFailed", Duration::from_secs(60))
         .await;
     env.wait_reason("paused", "Suspended", Duration::from_secs(60))
+        .await;
+    env.wait_reason("closed", "ConnectionRefused", Duration::from_secs(60))
         .await;
     // The kubectl wait recipe of docs/gitops.md.
     let out = env.kubectl(&["wait", "--for=condition=Ready", "imp/good", "--timeout=30s"]);
@@ -2233,6 +2243,8 @@ async fn the_argocd_and_flux_health_checks_read_real_providers() {
     assert_eq!(flux_health(&env, "good").await, flux(true, false, false));
     assert_eq!(flux_health(&env, "bad").await, flux(false, true, false));
     assert_eq!(flux_health(&env, "paused").await, flux(true, false, false));
+    // One refused connection is no verdict yet: in progress (none of the three holds).
+    assert_eq!(flux_health(&env, "closed").await, flux(false, false, false));
 
     let (status, message) = argocd_health(&env, "good");
     assert_eq!(status, "Healthy", "{message}");
@@ -2244,6 +2256,9 @@ async fn the_argocd_and_flux_health_checks_read_real_providers() {
     let (status, message) = argocd_health(&env, "paused");
     assert_eq!(status, "Healthy", "{message}");
     assert!(message.starts_with("Suspended: "), "{message}");
+    let (status, message) = argocd_health(&env, "closed");
+    assert_eq!(status, "Progressing", "{message}");
+    assert!(message.starts_with("ConnectionRefused: "), "{message}");
 
     // A spec the controller has not tested yet: Progressing, whatever Ready says.
     controller.terminate(Duration::from_secs(10));
@@ -2278,6 +2293,20 @@ async fn the_argocd_and_flux_health_checks_read_real_providers() {
     assert!(out.status.success(), "{}", text(&out));
     let (status, message) = argocd_health(&env, "bad");
     assert_eq!(status, "Progressing", "{message}");
+    // The refused connection, three tests in a row: now a verdict.
+    let out = env.kubectl(&[
+        "patch",
+        "imp",
+        "closed",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"consecutiveFailures":3}}"#,
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(flux_health(&env, "closed").await, flux(false, true, false));
+    let (status, message) = argocd_health(&env, "closed");
+    assert_eq!(status, "Degraded", "{message}");
 }
 
 #[test]
