@@ -475,6 +475,63 @@ fn values_cannot_override_the_charts_own_labels_or_probe_endpoints() {
     assert!(probe.get("exec").is_none(), "two handlers: {probe}");
 }
 
+/// A label key in commonLabels and in an object's own labels is rendered once, the
+/// object's value winning: twice is YAML that kustomize refuses (Flux's post-renderer,
+/// Argo CD's helmCharts), and parsing it here fails on the duplicate key.
+#[test]
+fn a_label_in_common_labels_and_an_objects_own_is_rendered_once() {
+    let docs = Helm::offline().render(
+        "mailroom",
+        "ops",
+        &[
+            "--set-json",
+            r#"commonLabels={"team":"common","release":"common"}"#,
+            "--set-json",
+            r#"podLabels={"team":"pod"}"#,
+            "--set-json",
+            r#"metrics.serviceMonitor={"enabled":true,"labels":{"release":"kps"},"namespace":"monitoring"}"#,
+            "--set-json",
+            r#"metrics.prometheusRule={"enabled":true,"labels":{"release":"kps"}}"#,
+        ],
+    );
+    let pod = &only(&docs, "Deployment")["spec"]["template"]["metadata"]["labels"];
+    assert_eq!(pod["team"], "pod");
+    assert_eq!(pod["release"], "common");
+    let sm = only(&docs, "ServiceMonitor");
+    assert_eq!(sm["metadata"]["labels"]["release"], "kps");
+    let rule = only(&docs, "PrometheusRule");
+    assert_eq!(rule["metadata"]["labels"]["release"], "kps");
+    assert_eq!(rule["metadata"]["labels"]["team"], "common");
+    // The rules go where the ServiceMonitor went, unless told otherwise.
+    assert_eq!(rule["metadata"]["namespace"], "monitoring");
+    let docs = Helm::offline().render(
+        "mailroom",
+        "ops",
+        &[
+            "--set",
+            "metrics.serviceMonitor.enabled=true,metrics.prometheusRule.enabled=true",
+            "--set",
+            "metrics.prometheusRule.namespace=rules",
+        ],
+    );
+    assert_eq!(
+        only(&docs, "PrometheusRule")["metadata"]["namespace"],
+        "rules"
+    );
+    assert_eq!(
+        only(&docs, "ServiceMonitor")["metadata"]["namespace"],
+        "ops"
+    );
+}
+
+/// The chart as a dependency behind the usual `condition: mailroom.enabled`: the parent
+/// passes `enabled` in its values, which the schema allows.
+#[test]
+fn the_chart_takes_an_enabled_value_for_a_parent_charts_condition() {
+    let docs = Helm::offline().render("mailroom", "ops", &["--set", "enabled=true"]);
+    only(&docs, "Deployment");
+}
+
 #[test]
 fn a_service_monitor_needs_the_metrics_service() {
     let helm = Helm::offline();
@@ -492,9 +549,15 @@ fn a_service_monitor_needs_the_metrics_service() {
     );
     let sm = only(&docs, "ServiceMonitor");
     let service = only(&docs, "Service");
-    for (k, v) in sm["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+    let selector = sm["spec"]["selector"]["matchLabels"].as_object().unwrap();
+    for (k, v) in selector {
         assert_eq!(&service["metadata"]["labels"][k], v, "Service label {k}");
     }
+    // Not by the label Argo CD's label tracking rewrites to the Application's name.
+    assert!(
+        !selector.contains_key("app.kubernetes.io/instance"),
+        "{selector:?}"
+    );
     assert_eq!(
         sm["spec"]["endpoints"][0]["port"],
         service["spec"]["ports"][0]["name"]

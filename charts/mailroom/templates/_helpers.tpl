@@ -53,14 +53,23 @@ mailroom.dev/shard: {{ index . 1 | quote }}
 {{- end -}}
 
 {{- define "mailroom.labels" -}}
-helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
-{{ include "mailroom.selectorLabels" . }}
-app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
-app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{ include "mailroom.labelsWith" (list . dict) }}
+{{- end -}}
+
+{{- /* The chart's labels, then commonLabels with the object's own labels (podLabels,
+a ServiceMonitor's) over them, each key once: a key in two of them rendered twice is YAML
+that kustomize (Flux's post-renderer, Argo CD's helmCharts) refuses. The chart's own keys
+are not overridden: a duplicate key in a pod template makes its labels miss the
+Deployment's selector, and the Deployment is refused. */}}
+{{- define "mailroom.labelsWith" -}}
+{{- $ctx := index . 0 -}}
+helm.sh/chart: {{ printf "%s-%s" $ctx.Chart.Name $ctx.Chart.Version | replace "+" "_" }}
+{{ include "mailroom.selectorLabels" $ctx }}
+app.kubernetes.io/version: {{ $ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ $ctx.Release.Service }}
 app.kubernetes.io/part-of: mailroom
-{{- /* The chart's own keys are not overridden: a duplicate key in a pod template
-makes its labels miss the Deployment's selector, and the Deployment is refused. */}}
-{{- with omit .Values.commonLabels "helm.sh/chart" "app.kubernetes.io/name" "app.kubernetes.io/instance" "app.kubernetes.io/version" "app.kubernetes.io/managed-by" "app.kubernetes.io/part-of" }}
+{{- $user := mergeOverwrite (deepCopy ($ctx.Values.commonLabels | default dict)) (deepCopy (index . 1 | default dict)) }}
+{{- with omit $user "helm.sh/chart" "app.kubernetes.io/name" "app.kubernetes.io/instance" "app.kubernetes.io/version" "app.kubernetes.io/managed-by" "app.kubernetes.io/part-of" "mailroom.dev/shard" "mailroom.dev/metrics" }}
 {{ toYaml . }}
 {{- end }}
 {{- end -}}
