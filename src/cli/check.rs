@@ -159,28 +159,14 @@ async fn test_one(
         && token_secret(&provider).is_some_and(|name| fetched.secrets.contains_key(name));
     // A manifest is what `kubectl apply` would send: the API server says first whether it
     // would take it (schema, CEL rules, unknown fields), which the test cannot.
-    if let Some(manifest) = &manifest {
-        match &client {
-            Ok(client) => {
-                if let Some(refusal) = refused_by_api_server(
-                    client,
-                    &fetched.namespace,
-                    &provider.name_any(),
-                    manifest,
-                )
-                .await
-                {
-                    let label = format!("{}/{}", fetched.namespace, provider.name_any());
-                    let outcome =
-                        Outcome::before_connecting(&provider.spec, Reason::InvalidSpec, refusal);
-                    print_outcome(&mut std::io::stdout().lock(), &label, &outcome)?;
-                    return Ok(1);
-                }
-            }
-            Err(_) => eprintln!(
-                "note: no cluster to check the manifest against the CRD's rules; `kubectl apply --dry-run=server -f` does, once one is reachable"
-            ),
-        }
+    if let Some(manifest) = &manifest
+        && let Some(refusal) =
+            refusal(client, &fetched.namespace, &provider.name_any(), manifest).await
+    {
+        let label = format!("{}/{}", fetched.namespace, provider.name_any());
+        let outcome = Outcome::before_connecting(&provider.spec, Reason::InvalidSpec, refusal);
+        print_outcome(&mut std::io::stdout().lock(), &label, &outcome)?;
+        return Ok(1);
     }
     for r in references(&provider.spec) {
         if fetched.meta(&r).is_some() {
@@ -399,6 +385,44 @@ fn expired_file_token(
     ))
 }
 
+/// Why `manifest` would not be applied, if it would not: in the API server's words, or,
+/// where it cannot be asked (no cluster, no right to apply providers there), by the CRD's
+/// schema checked here, with a note that its CEL rules were not.
+async fn refusal(
+    client: &anyhow::Result<kube::Client>,
+    namespace: &str,
+    name: &str,
+    manifest: &serde_json::Value,
+) -> Option<String> {
+    if let Ok(client) = client {
+        match refused_by_api_server(client, namespace, name, manifest).await {
+            ApiServer::Refused(words) => return Some(words),
+            ApiServer::Took => return None,
+            ApiServer::NotAsked => {}
+        }
+    } else {
+        eprintln!("note: no cluster to check the manifest with");
+    }
+    eprintln!(
+        "note: the manifest was checked against the CRD's schema here, not against its rules (x-kubernetes-validations); `kubectl apply --dry-run=server -f` checks both, once a cluster is reachable"
+    );
+    let found = super::schema::refusals(manifest);
+    (!found.is_empty()).then(|| {
+        format!(
+            "the CRD's schema refuses this manifest (checked here, without the API server): {}",
+            found.join("; ")
+        )
+    })
+}
+
+/// What the API server says of an apply of a manifest.
+enum ApiServer {
+    Refused(String),
+    Took,
+    /// It could not be asked (a note says why).
+    NotAsked,
+}
+
 /// Whether the API server refuses the provider as `manifest` has it (a server-side apply,
 /// dry run, unknown fields refused as `kubectl apply` refuses them): its words if it does.
 /// When it cannot be asked (no right to apply providers there, no CRD), a note says so.
@@ -407,7 +431,7 @@ async fn refused_by_api_server(
     namespace: &str,
     name: &str,
     manifest: &serde_json::Value,
-) -> Option<String> {
+) -> ApiServer {
     // What a person writes: a manifest saved from the cluster (`kubectl get -o yaml`)
     // also carries what the API server sets, which an apply must not send.
     let mut object = manifest.clone();
@@ -427,7 +451,7 @@ async fn refused_by_api_server(
         field_validation: Some(ValidationDirective::Strict),
     };
     match api.patch(name, &params, &Patch::Apply(&object)).await {
-        Ok(_) => None,
+        Ok(_) => ApiServer::Took,
         // Invalid (422), undecodable (400), or a field the schema does not declare or a
         // value of another type, which server-side apply reports as a failed typed patch
         // (as `kubectl apply --server-side` shows it).
@@ -442,7 +466,7 @@ async fn refused_by_api_server(
                 true => undeclared_fields(client, namespace, &object).await,
                 false => None,
             };
-            Some(format!(
+            ApiServer::Refused(format!(
                 "the API server refuses this manifest: {}",
                 words.unwrap_or(status.message)
             ))
@@ -452,7 +476,7 @@ async fn refused_by_api_server(
                 "note: the manifest was not checked against the CRD's rules: {}",
                 super::error_text(&anyhow::Error::new(e))
             );
-            None
+            ApiServer::NotAsked
         }
     }
 }
@@ -467,24 +491,29 @@ async fn unreadable_manifest(
     unreadable: anyhow::Error,
 ) -> anyhow::Result<i32> {
     let name = manifest["metadata"]["name"].as_str().unwrap_or_default();
-    let Ok(client) = client else {
-        return Err(unreadable);
-    };
     if name.is_empty() {
         return Err(unreadable);
     }
-    let target = args
-        .namespace
-        .clone()
-        .unwrap_or_else(|| client.default_namespace().to_string());
-    let namespace = landing(
-        "IncomingMailProvider",
-        name,
-        manifest["metadata"]["namespace"].as_str(),
-        args.namespace.as_deref(),
-        &target,
-    )?;
-    let Some(refusal) = refused_by_api_server(client, &namespace, name, manifest).await else {
+    let written = manifest["metadata"]["namespace"].as_str();
+    let namespace = match client {
+        Ok(client) => {
+            let target = args
+                .namespace
+                .clone()
+                .unwrap_or_else(|| client.default_namespace().to_string());
+            landing(
+                "IncomingMailProvider",
+                name,
+                written,
+                args.namespace.as_deref(),
+                &target,
+            )?
+        }
+        Err(_) => (args.namespace.as_deref().or(written))
+            .unwrap_or("default")
+            .to_string(),
+    };
+    let Some(refusal) = refusal(client, &namespace, name, manifest).await else {
         return Err(unreadable);
     };
     let mut out = std::io::stdout().lock();

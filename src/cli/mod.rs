@@ -5,6 +5,7 @@ mod authorize;
 mod check;
 mod logging;
 mod retest;
+mod schema;
 
 use clap::{Parser, Subcommand};
 

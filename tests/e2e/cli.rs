@@ -127,6 +127,36 @@ async fn check_prints_each_step_and_exits_zero_only_when_ready() {
             && !said.contains("SecretNotFound"),
         "{said}"
     );
+
+    // No cluster, and a manifest the CRD's schema refuses (a typo, a port out of range):
+    // refused naming the fields, before any test, with a note that its rules went unchecked.
+    let typo = dir.path().join("typo.yaml");
+    std::fs::write(
+        &typo,
+        manifest
+            .replace(
+                &format!("port: {}", env.bed.dovecot().pop3s_port()),
+                "port: 70000",
+            )
+            .replace("interval: 5m", "interval: 5m, mailbx: Archive"),
+    )
+    .unwrap();
+    let out = Command::new(MAILROOM)
+        .args(["check", "-f"])
+        .arg(&typo)
+        .env("KUBECONFIG", "/nonexistent")
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("reason=InvalidSpec")
+            && said.contains(".spec.check.mailbx: field not declared in schema")
+            && said.contains("spec.server.port: Invalid value: 70000")
+            && said.contains("not against its rules (x-kubernetes-validations)"),
+        "{said}"
+    );
+    assert!(!said.contains("connect"), "tested anyway: {said}");
 }
 
 /// `mailroom check -f` is a preflight: a manifest the API server would refuse (a CEL rule,
