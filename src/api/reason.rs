@@ -121,7 +121,9 @@ impl Reason {
             Reason::Connected => {
                 "Nothing: the last test connected, logged in and opened the mailbox."
             }
-            Reason::Checking => "Wait: the first test has not finished yet.",
+            Reason::Checking => {
+                "Wait: the first test, or that of a changed Secret or ConfigMap, has not finished yet."
+            }
             Reason::Suspended => "Set spec.suspend to false to resume testing.",
             Reason::InvalidSpec => "Fix the field the message names.",
             Reason::SecretNotFound => {

@@ -26,7 +26,8 @@ use crate::api::{
 use crate::check;
 use crate::credentials::{ObjectKind, references};
 
-/// How long a first test may run before the status says Checking.
+/// How long a first test, or that of a changed Secret or ConfigMap, may run before the
+/// status says Checking.
 const SHOW_CHECKING_AFTER: Duration = Duration::from_secs(2);
 
 /// How long the API server must have refused the watch of a namespace's Secrets or
@@ -542,12 +543,20 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
     };
 
     // A new provider shows Checking only if its first test is slow (queued behind others,
-    // or a server taking its time): most finish first, which saves a write each.
-    let outcome = if old.is_none_or(|s| s.conditions.is_empty()) {
-        let checking = status::checking(old, &Endpoint::of(&p.spec), &sctx);
-        showing_checking(test, &api, p, &checking, ctx).await?
+    // or a server taking its time): most finish first, which saves a write each. So does
+    // the test of a changed Secret or ConfigMap, whose old verdict would otherwise stand
+    // meanwhile, for a health check to read as the new value's.
+    let endpoint = Endpoint::of(&p.spec);
+    let checking = if old.is_none_or(|s| s.conditions.is_empty()) {
+        Some(status::checking(old, &endpoint, &sctx))
+    } else if job.why == schedule::Why::ReferencesChanged {
+        Some(status::checking_again(old, &endpoint, &sctx))
     } else {
-        test.await?
+        None
+    };
+    let outcome = match &checking {
+        Some(checking) => showing_checking(test, &api, p, checking, ctx).await?,
+        None => test.await?,
     };
     let Some((outcome, fingerprint, _slot)) = outcome else {
         return Ok(());
@@ -622,9 +631,10 @@ fn gone(ctx: &Context, p: &IncomingMailProvider) -> bool {
         .is_some_and(|uid| ctx.gone.lock().unwrap().contains_key(uid))
 }
 
-/// Runs a first test; if it is still running after `SHOW_CHECKING_AFTER`, writes Checking
-/// meanwhile. Checking waits behind results (10,000 providers applied at once all show
-/// it), and is not written at all if the test ends while it waits for a slot.
+/// Runs a first test (or one of changed references); if it is still running after
+/// `SHOW_CHECKING_AFTER`, writes Checking meanwhile. Checking waits behind results
+/// (10,000 providers applied at once all show it), and is not written at all if the test
+/// ends while it waits for a slot.
 async fn showing_checking<T>(
     test: impl Future<Output = Result<T, Error>>,
     api: &Api<IncomingMailProvider>,

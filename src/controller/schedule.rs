@@ -137,6 +137,9 @@ pub enum Why {
     /// Its status was replaced after this replica's last write by one of another
     /// generation (a shard it moved from, writing late).
     StatusReplaced,
+    /// Its status says Checking, and this replica runs no test of it: the one that wrote
+    /// it stopped during the test (killed, or its Lease lost).
+    Interrupted,
 }
 
 impl Why {
@@ -149,6 +152,7 @@ impl Why {
             Why::Scheduled => "scheduled",
             Why::AccessRestored => "its Secrets can be read again",
             Why::StatusReplaced => "status replaced by another writer",
+            Why::Interrupted => "a test under way was interrupted",
         }
     }
 }
@@ -343,8 +347,12 @@ pub fn decide(memory: Option<&Memory>, seen: &Seen, jitter: &dyn Jitter) -> Resu
     if seen.unwatched.changed.is_some_and(|t| t > last.0) {
         return Err(Why::ReferencesChanged);
     }
-    // Deleted meanwhile: the last verdict did not miss it.
     let reason = super::status::ready(Some(status)).map(|c| c.reason.as_str());
+    // Checking stays until a result replaces it: none would come before the interval.
+    if reason == Some(crate::api::Reason::Checking.as_str()) {
+        return Err(Why::Interrupted);
+    }
+    // Deleted meanwhile: the last verdict did not miss it.
     if seen.unwatched.missing && reason != Some(crate::api::Reason::SecretNotFound.as_str()) {
         return Err(Why::ReferencesChanged);
     }
@@ -442,6 +450,28 @@ mod decide_tests {
         assert_eq!(
             decide(Some(&handled), &s, &Zero),
             Ok(Duration::from_secs(60))
+        );
+    }
+
+    #[test]
+    fn a_checking_left_by_a_replica_that_stopped_is_tested_at_once() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+        let status = IncomingMailProviderStatus {
+            observed_generation: Some(1),
+            last_check_time: Some(Time(at(0))),
+            conditions: vec![Condition {
+                type_: "Ready".into(),
+                status: "Unknown".into(),
+                reason: "Checking".into(),
+                message: "the first test is running".into(),
+                last_transition_time: Time(at(0)),
+                observed_generation: Some(1),
+            }],
+            ..Default::default()
+        };
+        assert_eq!(
+            decide(None, &seen(Some(&status), 10), &Zero),
+            Err(Why::Interrupted)
         );
     }
 

@@ -165,6 +165,19 @@ pub fn checking(old: Option<&Status>, endpoint: &Endpoint, ctx: &Context) -> Sta
     )
 }
 
+/// Ready Unknown (Checking) while the test of a changed Secret or ConfigMap runs: the
+/// verdict before it was on the old value, and a GitOps health check (Flux, Argo CD) or
+/// `kubectl wait` reading it then would take it for the new one's.
+pub fn checking_again(old: Option<&Status>, endpoint: &Endpoint, ctx: &Context) -> Status {
+    unknown(
+        old,
+        endpoint,
+        ctx,
+        Reason::Checking,
+        "a referenced Secret or ConfigMap changed: testing again",
+    )
+}
+
 /// Ready Unknown for `reason`, the endpoint the spec gives, everything else as last seen.
 fn unknown(
     old: Option<&Status>,

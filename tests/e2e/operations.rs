@@ -660,6 +660,35 @@ fn through_relay(name: &str, host: &str, relay: &CountingRelay) -> String {
         )
 }
 
+/// The test of a changed Secret that takes a while shows Checking meanwhile, not the
+/// verdict on the old value: a health check (Flux, Argo CD) or `kubectl wait` reading the
+/// status then would take that for the new value's.
+#[tokio::test]
+async fn the_test_of_a_changed_secret_shows_checking_while_it_runs() {
+    let env = alice_env("checking-again").await;
+    let slow = CountingRelay::to_imaps(&env, "127.0.0.19", Duration::from_secs(5)).await;
+    env.apply(&through_relay("slow", "127.0.0.19", &slow));
+    let _controller = env.controller();
+    env.wait_reason("slow", "Connected", Duration::from_secs(60))
+        .await;
+    let (user, _) = env.bed.dovecot().account("alice");
+    env.secret("alice", &[("username", &user), ("password", "not-alices")])
+        .await;
+    env.wait(
+        "slow",
+        "Ready Unknown, Checking, while the changed Secret's test runs",
+        Duration::from_secs(4),
+        |p| {
+            ready(p).is_some_and(|c| {
+                c.status == "Unknown" && c.reason == "Checking" && c.message.contains("Secret")
+            })
+        },
+    )
+    .await;
+    env.wait_reason("slow", "AuthenticationFailed", Duration::from_secs(30))
+        .await;
+}
+
 #[tokio::test]
 async fn a_mail_host_never_sees_more_simultaneous_tests_than_per_host_concurrency() {
     let env = alice_env("per-host").await;
