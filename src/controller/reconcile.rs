@@ -705,12 +705,15 @@ async fn record(
         ..*sctx
     };
     let new = status::after_test(old, &outcome, &sctx);
-    info!(
-        why = why.as_str(),
-        reason = outcome.reason.as_str(),
-        duration = new.last_check_duration.as_deref().unwrap_or(""),
-        "tested"
-    );
+    // A scheduled test whose verdict stands is routine: at debug, or a fleet of 10,000
+    // logs 33 lines a second saying nothing new. What changed, or was asked for, at info.
+    let (said, reason) = (why.as_str(), outcome.reason.as_str());
+    let duration = new.last_check_duration.as_deref().unwrap_or("");
+    if *why == schedule::Why::Scheduled && status::ready(old).is_some_and(|c| c.reason == reason) {
+        tracing::debug!(why = said, reason, duration, "tested");
+    } else {
+        info!(why = said, reason, duration, "tested");
+    }
 
     let since_write = since_last_check(stored, finished);
     let failures = u32::try_from(new.consecutive_failures).unwrap_or(u32::MAX);
