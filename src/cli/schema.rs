@@ -38,18 +38,20 @@ pub fn refusals(manifest: &Value) -> Vec<String> {
 /// `value` at `path` (`spec.server.port`) against `schema`, adding what is refused.
 fn walk(schema: &Value, value: &Value, path: &str, found: &mut Vec<String>) {
     let at = if path.is_empty() { "<root>" } else { path };
+    // A null is taken for an absent field: the API server drops it where the schema does
+    // not allow it, and defaults the field.
     if value.is_null() {
-        if !schema["nullable"].as_bool().unwrap_or(false) {
-            found.push(format!(
-                "{at}: Invalid value: \"null\": {at} in body must not be null"
-            ));
-        }
         return;
     }
     let want = schema["type"].as_str().unwrap_or_default();
     let is = match value {
         Value::Bool(_) => "boolean",
-        Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
+        // 993.0, as a YAML reader may give 993: JSON has one number type.
+        Value::Number(n)
+            if n.is_i64() || n.is_u64() || n.as_f64().is_some_and(|f| f.fract() == 0.0) =>
+        {
+            "integer"
+        }
         Value::Number(_) => "number",
         Value::String(_) => "string",
         Value::Array(_) => "array",
@@ -81,7 +83,7 @@ fn walk(schema: &Value, value: &Value, path: &str, found: &mut Vec<String>) {
                 || schema.get("additionalProperties").is_some();
             for required in schema["required"].as_array().into_iter().flatten() {
                 let name = required.as_str().unwrap_or_default();
-                if !fields.contains_key(name) {
+                if fields.get(name).is_none_or(Value::is_null) {
                     found.push(format!("{}: Required value", join(path, name)));
                 }
             }
@@ -240,6 +242,17 @@ mod tests {
             has("apiVersion: Unsupported value: \"mailroom.dev/v1beta9\""),
             "{found:?}"
         );
+    }
+
+    #[test]
+    fn a_null_field_or_a_whole_number_as_a_float_is_taken_as_the_api_server_takes_it() {
+        let mut m = manifest(
+            "{server: {host: h, protocol: IMAP}, authentication: {method: None}, check: null}",
+        );
+        m["spec"]["server"]["port"] = serde_json::json!(993.0);
+        assert_eq!(refusals(&m), Vec::<String>::new());
+        m["spec"]["server"]["host"] = Value::Null;
+        assert_eq!(refusals(&m), ["spec.server.host: Required value"]);
     }
 
     #[test]

@@ -554,18 +554,19 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
     } else {
         None
     };
-    let outcome = match &checking {
+    let (outcome, shown) = match &checking {
         Some(checking) => showing_checking(test, &api, p, checking, ctx).await?,
-        None => test.await?,
+        None => (test.await?, false),
     };
     let Some((outcome, fingerprint, _slot)) = outcome else {
         return Ok(());
     };
+
     // The test's slot is held until its result is written: when the API server is
     // slower than the mail servers (10,000 first tests on 2 shared cores), tests wait
     // rather than results piling up in memory, and a change waits for at most
     // --concurrency writes. Boxed too: only a finished test needs this.
-    Box::pin(record(&job, *outcome, fingerprint, &api, &sctx, ctx)).await
+    Box::pin(record(&job, *outcome, fingerprint, shown, &api, &sctx, ctx)).await
 }
 
 /// Waits for `slot` (a host's, or one among all tests) while the test is still the one
@@ -641,13 +642,13 @@ async fn showing_checking<T>(
     p: &IncomingMailProvider,
     checking: &IncomingMailProviderStatus,
     ctx: &Context,
-) -> Result<T, Error> {
+) -> Result<(T, bool), Error> {
     tokio::pin!(test);
     if let Ok(outcome) = tokio::time::timeout(SHOW_CHECKING_AFTER, &mut test).await {
-        return outcome;
+        return Ok((outcome?, false));
     }
     let slot = tokio::select! {
-        outcome = &mut test => return outcome,
+        outcome = &mut test => return Ok((outcome?, false)),
         slot = ctx.writes.acquire(Write::Background) => slot,
     };
     // The test goes on while Checking is written. Checking only tells people a test is
@@ -658,17 +659,21 @@ async fn showing_checking<T>(
         Err(Error::Moved) => Err(Error::Moved),
         Err(e) => {
             tracing::warn!(error = %e, "could not show Checking; the test's result is written next");
-            outcome
+            Ok((outcome?, false))
         }
-        Ok(()) => outcome,
+        Ok(()) => Ok((outcome?, true)),
     }
 }
 
 /// Writes a test's outcome (status, Event) and remembers when the next test is due.
+/// `replaces_checking`: a Checking was written during the test, which the result replaces
+/// as a change, whatever it says, not to wait behind the routine writes (other Checkings
+/// among them).
 async fn record(
     job: &Job,
     outcome: check::Outcome,
     fingerprint: u64,
+    replaces_checking: bool,
     api: &Api<IncomingMailProvider>,
     sctx: &StatusContext<'_>,
     ctx: &Context,
@@ -728,7 +733,7 @@ async fn record(
         tested: Some(finished),
         written: written_before,
     };
-    let what = if status::differs(stored, &new) {
+    let what = if status::differs(stored, &new) || replaces_checking {
         Some(Write::Change)
     } else if schedule::heartbeat_due(since_write, interval)
         // The stored lastCheckTime must come after the change: else every restart until
