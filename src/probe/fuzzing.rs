@@ -45,13 +45,16 @@ pub async fn session(
     };
     let endpoint = classify::endpoint(HOST, PORT);
     let mut rec = Recorder::start(&target, login);
+    let redactor = rec.redactor.clone();
     let result = match protocol {
         Protocol::Imap => {
-            let wire = Wire::memory(server, Meter::new(imap::Imap::limits()));
+            let meter = Meter::new(imap::Imap::limits()).redacting(redactor);
+            let wire = Wire::memory(server, meter);
             talk::<imap::Imap>(wire, &target, login, &endpoint, &mut rec).await
         }
         Protocol::Pop3 => {
-            let wire = Wire::memory(server, Meter::new(pop3::Pop3::limits()));
+            let meter = Meter::new(pop3::Pop3::limits()).redacting(redactor);
+            let wire = Wire::memory(server, meter);
             talk::<pop3::Pop3>(wire, &target, login, &endpoint, &mut rec).await
         }
     };

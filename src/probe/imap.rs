@@ -29,6 +29,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::io::AsyncWriteExt;
 
 use super::classify::{self, quote};
+use super::redact::Redactor;
 use super::sasl::{self, Exchange};
 use super::session::{Greeting, MailSession, Mechanism};
 use super::stream::{Limits, Meter, Tcp, Wire, limit_exceeded};
@@ -57,6 +58,9 @@ pub(crate) struct Imap {
     sasl_ir: bool,
     /// The tag of a LOGOUT that went out with STATUS, whose reply is still to be read.
     logout_sent: Option<String>,
+    /// Takes the login's secret out of the server's words (see `probe::redact`); the
+    /// meter's recent lines, which most messages quote, are already without it.
+    redactor: Redactor,
 }
 
 /// How a command we wrote ended.
@@ -174,7 +178,10 @@ impl Imap {
             other => {
                 // Cut by characters: the text may quote the server, and a cut inside a
                 // character panics.
-                let text: String = other.to_string().chars().take(200).collect();
+                let text: String = (self.redactor.apply(other.to_string()))
+                    .chars()
+                    .take(200)
+                    .collect();
                 Failure::new(
                     Reason::ProtocolError,
                     step,
@@ -321,10 +328,10 @@ impl Imap {
                     let ok = *status == Status::Ok;
                     let text =
                         classify::tagged_reply_to(&self.recent(), tag).unwrap_or_else(|| {
-                            format!(
+                            self.redactor.apply(format!(
                                 "{status:?} {}",
                                 outcome.information.as_deref().unwrap_or_default()
-                            )
+                            ))
                         });
                     self.busy = false;
                     return Ok(Done { ok, text });
@@ -422,17 +429,16 @@ impl Imap {
             };
             let Ok(challenge) = sasl::decode_challenge(challenge) else {
                 // Worded as async-imap's error was; cut by characters, as it may quote anything.
-                let text: String =
-                    format!("parse: unable to parse authentication response: {challenge}")
-                        .chars()
-                        .take(200)
-                        .collect();
+                let text = format!("parse: unable to parse authentication response: {challenge}");
+                let text: String = self.redactor.apply(text).chars().take(200).collect();
                 return Err(Failure::new(
                     Reason::ProtocolError,
                     step,
                     format!("IMAP {command} with {} failed: {text}", self.endpoint),
                 ));
             };
+            // The challenge is kept for messages, not read.
+            let challenge = self.redactor.apply_bytes(&challenge);
             let response = sasl::encode(&exchange.respond(&challenge));
             self.write(step, &[&response, "\r\n"]).await?;
         }
@@ -554,6 +560,7 @@ impl MailSession for Imap {
 
     fn open(wire: Wire, endpoint: String) -> Imap {
         Imap {
+            redactor: wire.meter().redactor().clone(),
             state: State::Client(Client::new(wire)),
             endpoint,
             busy: false,

@@ -295,7 +295,8 @@ async fn drive<S: MailSession>(
         |(_, addr)| format!("connected to {addr}"),
     )?;
 
-    let mut wire = Wire::plain(Tcp::new(tcp), Meter::new(S::limits()));
+    let meter = Meter::new(S::limits()).redacting(rec.redactor.clone());
+    let mut wire = Wire::plain(Tcp::new(tcp), meter);
     if target.tls_mode == TlsMode::Implicit {
         let (tcp, meter) = wire.into_plain().expect("a new connection is plaintext");
         wire = handshake(target, &endpoint, rec, tcp, meter).await?;
@@ -640,7 +641,8 @@ struct Recorder<'t> {
     timeout: Duration,
     /// What is tested, to name the server in a failure no step could explain (`timed`).
     target: &'t Target,
-    /// Takes the login's secret out of every text recorded, should the server echo it.
+    /// Takes the login's secret out of the server's words, should it echo it: given to the
+    /// reader (see [`redact`]).
     redactor: redact::Redactor,
 }
 
@@ -659,25 +661,12 @@ impl<'t> Recorder<'t> {
         }
     }
 
-    /// The report, with the login's secret taken out of all the server said.
     fn into_report(self, result: Result<(), Failure>) -> Report {
-        let failure = result.err().map(|f| self.redacted(f));
-        let redact = |text: String| self.redactor.apply(text);
-        let mut findings = self.findings;
-        findings.greeting = findings.greeting.map(redact);
-        findings.capabilities = findings.capabilities.into_iter().map(redact).collect();
         Report {
             steps: self.steps,
-            findings,
-            failure,
+            findings: self.findings,
+            failure: result.err(),
             duration: self.started.elapsed(),
-        }
-    }
-
-    fn redacted(&self, failure: Failure) -> Failure {
-        Failure {
-            message: self.redactor.apply(failure.message),
-            ..failure
         }
     }
 
@@ -733,10 +722,10 @@ impl<'t> Recorder<'t> {
                 Ok(value)
             }
             Err(stop) => {
-                let failure = self.redacted(match stop {
+                let failure = match stop {
                     Stop::Failed(failure) => failure,
                     Stop::TimedOut => on_timeout(elapsed, self.timeout),
-                });
+                };
                 self.record(step, elapsed, false, failure.message.clone());
                 Err(failure)
             }
@@ -745,13 +734,12 @@ impl<'t> Recorder<'t> {
 
     /// Records a failure decided without I/O (the step took no time).
     fn fail_now<T>(&mut self, failure: Failure) -> Result<T, Failure> {
-        let failure = self.redacted(failure);
         self.record(failure.step, Duration::ZERO, false, failure.message.clone());
         Err(failure)
     }
 
     fn record(&mut self, step: Step, duration: Duration, ok: bool, detail: String) {
-        let detail = classify::printable(&self.redactor.apply(detail));
+        let detail = classify::printable(&detail);
         tracing::debug!(
             step = step.as_str(),
             ok,

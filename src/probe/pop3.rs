@@ -10,6 +10,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::classify::{self, quote};
+use super::redact::Redactor;
 use super::sasl::{self, Exchange};
 use super::session::{Greeting, MailSession, Mechanism};
 use super::stream::{LimitExceeded, Limits, MAX_LINE, Meter, Tcp, Wire};
@@ -176,6 +177,8 @@ pub(crate) struct Pop3 {
     pipelining: bool,
     /// QUIT went out with STAT; its reply is still to be read.
     quit_sent: bool,
+    /// Takes the login's secret out of replies quoted in messages (see `probe::redact`).
+    redactor: Redactor,
 }
 
 impl Pop3 {
@@ -210,7 +213,10 @@ impl Pop3 {
     async fn read_reply(&mut self, step: Step, shown: &str) -> Result<(Reply, String), Failure> {
         let read = self.lines(step)?.read_line().await;
         let line = read.map_err(|err| self.io_failure(step, &err))?;
-        let raw = String::from_utf8_lossy(&line).into_owned();
+        // The reply as messages quote it; the protocol reads `line`.
+        let raw = self
+            .redactor
+            .apply(String::from_utf8_lossy(&line).into_owned());
         match parse_reply(&line) {
             Some(reply) => {
                 self.busy = false;
@@ -332,6 +338,8 @@ impl Pop3 {
                             ),
                         )
                     })?;
+                    // The challenge is kept for messages, not read.
+                    let challenge = self.redactor.apply_bytes(&challenge);
                     let response = sasl::encode(&exchange.respond(&challenge));
                     (reply, raw) = self
                         .command(step, &format!("the {shown} response"), response.as_bytes())
@@ -416,6 +424,7 @@ impl MailSession for Pop3 {
 
     fn open(wire: Wire, endpoint: String) -> Pop3 {
         Pop3 {
+            redactor: wire.meter().redactor().clone(),
             conn: Some(Lines::new(wire)),
             endpoint,
             busy: false,

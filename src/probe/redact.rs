@@ -1,9 +1,12 @@
 //! Keeps a login's secret out of what a test reports. A server may quote back what it was
 //! sent ("-ERR bad password hunter2", "NO you sent \"alice\" \"hunter2\""), and the probe
 //! quotes the server, into step details, logs, the failure message and so into status and
-//! Events, which people who may not read Secrets see. So every text of a test passes
-//! through [`Redactor::apply`], which puts `[redacted]` in place of the password or token
-//! in each form it went out in.
+//! Events, which people who may not read Secrets see. So the server's words pass through
+//! [`Redactor::apply`], which puts `[redacted]` in place of the password or token in each
+//! form it went out in, where they are read (the meter's recent lines, POP3 replies, SASL
+//! challenges): before they are quoted, escaped or cut, which would hide a secret from a
+//! match and leave part of it, and never over mailroom's own words (a host named like the
+//! password would tell it).
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -16,24 +19,36 @@ use super::sasl::Exchange;
 /// What stands in for a secret.
 pub(crate) const REDACTED: &str = "[redacted]";
 
-/// The forms of one login's secret that could come back in a server's words.
-#[derive(Default)]
+/// The forms of one login's secret that could come back in a server's words; shared by a
+/// test's reader and sessions.
+#[derive(Clone, Default)]
 pub(crate) struct Redactor {
-    forms: Vec<Zeroizing<String>>,
+    forms: std::sync::Arc<Vec<Zeroizing<String>>>,
+}
+
+impl std::fmt::Debug for Redactor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Redactor({} forms)", self.forms.len())
+    }
 }
 
 /// A secret shorter than this is not looked for: it would cut ordinary words out of a
-/// server's replies ("no", "OK"), and so short a secret guards nothing anyway.
-const SHORTEST: usize = 4;
+/// server's replies ("ready", "OK"), and where `[redacted]` then stood would tell it.
+const SHORTEST: usize = 6;
 
 impl Redactor {
     /// The forms of `login`'s secret as they go out to `endpoint` (`host:port`): as is,
     /// as an IMAP quoted string, alone in base64 (SASL LOGIN), and as each SASL initial
     /// response in base64 (PLAIN, XOAUTH2, OAUTHBEARER).
     pub(crate) fn of(login: &Login, endpoint: &str) -> Redactor {
-        let mut r = Redactor::default();
+        let mut forms = Vec::new();
+        let mut add = |form: String| {
+            if !forms.iter().any(|f: &Zeroizing<String>| **f == form) {
+                forms.push(Zeroizing::new(form));
+            }
+        };
         let (secret, exchanges) = match login {
-            Login::None => return r,
+            Login::None => return Redactor::default(),
             Login::Password {
                 username, password, ..
             } => (
@@ -55,27 +70,27 @@ impl Redactor {
         };
         let raw = secret.expose_secret();
         if raw.chars().count() < SHORTEST {
-            return r;
+            return Redactor::default();
         }
-        r.add(raw.to_string());
-        // As a failure message shows it, its control characters escaped.
-        r.add(super::classify::printable(raw));
-        r.add(raw.replace('\\', "\\\\").replace('"', "\\\""));
-        r.add(STANDARD.encode(raw));
+        add(raw.to_string());
+        add(raw.replace('\\', "\\\\").replace('"', "\\\""));
+        add(STANDARD.encode(raw));
         for mut exchange in exchanges {
             if let Some(response) = exchange.initial_response() {
-                r.add(super::sasl::encode(&response).to_string());
+                add(super::sasl::encode(&response).to_string());
             }
         }
         // The longest first, so that a form holding another is replaced whole.
-        r.forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
-        r
+        forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
+        Redactor {
+            forms: std::sync::Arc::new(forms),
+        }
     }
 
-    fn add(&mut self, form: String) {
-        if !self.forms.iter().any(|f| **f == form) {
-            self.forms.push(Zeroizing::new(form));
-        }
+    /// The length in bytes of the longest form: how much past a cut a line must be kept
+    /// for a secret that straddles it to be found whole.
+    pub(crate) fn longest(&self) -> usize {
+        self.forms.first().map_or(0, |f| f.len())
     }
 
     /// `text` with every form of the secret replaced by [`REDACTED`].
@@ -84,10 +99,23 @@ impl Redactor {
             return text;
         }
         let mut out = text;
-        for form in &self.forms {
+        for form in self.forms.iter() {
             out = out.replace(form.as_str(), REDACTED);
         }
         out
+    }
+
+    /// The same for bytes (a SASL challenge, decoded), read as UTF-8 where they are.
+    pub(crate) fn apply_bytes(&self, bytes: &[u8]) -> Vec<u8> {
+        if self.forms.is_empty() {
+            return bytes.to_vec();
+        }
+        match std::str::from_utf8(bytes) {
+            Ok(text) => self.apply(text.to_string()).into_bytes(),
+            Err(_) => self
+                .apply(String::from_utf8_lossy(bytes).into_owned())
+                .into_bytes(),
+        }
     }
 }
 
@@ -165,8 +193,8 @@ mod tests {
 
     #[test]
     fn a_very_short_password_cuts_no_words() {
-        let r = password("OK");
-        assert_eq!(r.apply("OK Logged in".into()), "OK Logged in");
+        let r = password("ready");
+        assert_eq!(r.apply("+OK Dovecot ready.".into()), "+OK Dovecot ready.");
         assert_eq!(Redactor::of(&Login::None, "h:1").apply("OK".into()), "OK");
     }
 }

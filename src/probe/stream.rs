@@ -38,6 +38,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
+use super::redact::Redactor;
+
 /// Longest line the server may send (bytes, including CRLF).
 pub(crate) const MAX_LINE: usize = 64 * 1024;
 /// Most bytes one test may read from the server (after TLS decryption).
@@ -114,6 +116,8 @@ pub(crate) struct Meter {
     literal_left: u64,
     /// Just after each line end in the chunk last admitted.
     ends: Vec<usize>,
+    /// Takes the login's secret out of the lines it gives for quoting.
+    redactor: Redactor,
 }
 
 impl Meter {
@@ -127,7 +131,18 @@ impl Meter {
             partial: Vec::new(),
             literal_left: 0,
             ends: Vec::new(),
+            redactor: Redactor::default(),
         }
+    }
+
+    /// The same, its recent lines without the secret `redactor` knows.
+    pub fn redacting(self, redactor: Redactor) -> Meter {
+        Meter { redactor, ..self }
+    }
+
+    /// What takes the login's secret out of the server's words.
+    pub fn redactor(&self) -> &Redactor {
+        &self.redactor
     }
 
     /// Accounts for `chunk`, just read; an error means the chunk must not be used.
@@ -171,7 +186,9 @@ impl Meter {
                 self.ends.push(i);
             } else {
                 self.tail = self.tail.then(byte);
-                if self.partial.len() < TAIL_WIDTH {
+                // Kept past the width by the longest form of the secret, so that one
+                // straddling the cut is found whole (and taken out) before the cut.
+                if self.partial.len() < TAIL_WIDTH + self.redactor.longest() {
                     self.partial.push(byte);
                 }
             }
@@ -198,15 +215,25 @@ impl Meter {
     }
 
     /// The lines seen since the last [`mark`](Self::mark), oldest first, then the line
-    /// still being received (if any). Each is cut to 1 KiB and decoded lossily.
+    /// still being received (if any). Each is decoded lossily, the secret taken out, and
+    /// cut to 1 KiB.
     pub fn recent(&self) -> Vec<String> {
-        let mut out: Vec<String> = self
-            .lines
-            .iter()
-            .map(|l| String::from_utf8_lossy(l).into_owned())
-            .collect();
+        let shown = |line: &[u8]| {
+            let mut text = self
+                .redactor
+                .apply(String::from_utf8_lossy(line).into_owned());
+            if text.len() > TAIL_WIDTH {
+                let mut at = TAIL_WIDTH;
+                while !text.is_char_boundary(at) {
+                    at -= 1;
+                }
+                text.truncate(at);
+            }
+            text
+        };
+        let mut out: Vec<String> = self.lines.iter().map(|l| shown(l)).collect();
         if !self.partial.is_empty() {
-            out.push(String::from_utf8_lossy(&self.partial).into_owned());
+            out.push(shown(&self.partial));
         }
         out
     }

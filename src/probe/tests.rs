@@ -2401,3 +2401,125 @@ async fn a_password_the_server_echoes_is_redacted_from_all_it_said() {
     );
     assert_secret_kept(&report);
 }
+
+/// `text` for the server to say, `'static` as scripts take it.
+fn said(text: String) -> &'static str {
+    Box::leak(text.into_boxed_str())
+}
+
+/// A POP3 server that refuses PASS with `reply`, tested with `login`.
+async fn pop3_pass_refused(login: &Login, host: &str, reply: &'static str) -> Report {
+    let server = serve(vec![
+        Say("+OK ready\r\n"),
+        Cmd("CAPA"),
+        Say("+OK\r\nUSER\r\n.\r\n"),
+        Cmd("USER"),
+        Say("+OK\r\n"),
+        Cmd("PASS"),
+        Say(reply),
+        Cmd("QUIT"),
+        Say("+OK bye\r\n"),
+    ])
+    .await;
+    let mut t = target(server.port, Protocol::Pop3, TlsMode::None);
+    t.host = host.into();
+    run(&t, login).await
+}
+
+fn plain_login(password: &str, allow_unencrypted: bool) -> Login {
+    Login::Password {
+        username: "alice".into(),
+        password: SecretString::from(password),
+        allow_unencrypted,
+    }
+}
+
+/// The secret is taken out of the server's words before they are quoted (which escapes
+/// `"`, `\` and combining marks) or cut (which would leave its first part).
+#[tokio::test]
+async fn an_echoed_secret_is_redacted_before_it_is_escaped_or_cut() {
+    // Quoted as IMAP LOGIN sends it, with a `"` in it.
+    let pw = "Tr0ub4dor\"&3xyz";
+    let server = serve(vec![
+        Say("* OK ready\r\n"),
+        Cmd("CAPABILITY"),
+        Say("* CAPABILITY IMAP4rev1\r\n$TAG OK done\r\n"),
+        Cmd("LOGIN"),
+        Say(said(format!(
+            "$TAG NO you sent \"alice\" \"{}\"\r\n",
+            pw.replace('"', "\\\"")
+        ))),
+        Cmd("LOGOUT"),
+        Say("* BYE bye\r\n$TAG OK Logout completed.\r\n"),
+    ])
+    .await;
+    let login = plain_login(pw, true);
+    let report = run(&target(server.port, Protocol::Imap, TlsMode::None), &login).await;
+    let shown = format!("{report:?}");
+    assert!(failure(&report).message.contains("[redacted]"), "{shown}");
+    assert!(!shown.contains("Tr0ub4dor"), "{shown}");
+
+    // With a combining mark, which quoting escapes.
+    let pw = "cafe\u{301}-latte-42";
+    let login = plain_login(pw, true);
+    let reply = said(format!("-ERR bad password {pw}\r\n"));
+    let report = pop3_pass_refused(&login, "127.0.0.1", reply).await;
+    let shown = format!("{report:?}");
+    assert!(shown.contains("bad password [redacted]"), "{shown}");
+    assert!(!shown.contains("latte-42"), "{shown}");
+
+    // Where a message cuts the reply (200 characters), inside the password.
+    let pw = "CorrectHorseBatteryStaple";
+    let login = plain_login(pw, true);
+    let reply = said(format!("-ERR {} bad password {pw}\r\n", "x".repeat(170)));
+    let report = pop3_pass_refused(&login, "127.0.0.1", reply).await;
+    let shown = format!("{report:?}");
+    assert!(!shown.contains("CorrectHorse"), "{shown}");
+
+    // An OAuth2 token longer than the cut.
+    let token = format!("ya29.{}", "A1b2C3d4".repeat(30));
+    let server = serve(vec![
+        Say("* OK [CAPABILITY IMAP4rev1 AUTH=XOAUTH2 SASL-IR] ready\r\n"),
+        Cmd("AUTHENTICATE"),
+        Say(said(format!("$TAG NO invalid token {token}\r\n"))),
+        Cmd("LOGOUT"),
+        Say("* BYE bye\r\n$TAG OK Logout completed.\r\n"),
+    ])
+    .await;
+    let login = Login::OAuth2 {
+        username: "alice".into(),
+        token: SecretString::from(token.clone()),
+        mechanism: SaslMechanism::XOAuth2,
+        allow_unencrypted: true,
+    };
+    let report = run(&target(server.port, Protocol::Imap, TlsMode::None), &login).await;
+    let shown = format!("{report:?}");
+    assert!(failure(&report).message.contains("[redacted]"), "{shown}");
+    assert!(!shown.contains(&token[..20]), "{shown}");
+}
+
+/// mailroom's own words are never redacted: where `[redacted]` stood would tell the
+/// password (one that names the host, or is the word "password").
+#[tokio::test]
+async fn mailrooms_own_words_are_not_taken_for_the_secret() {
+    let login = plain_login("localhost", true);
+    let reply = "-ERR [AUTH] Authentication failed.\r\n";
+    let report = pop3_pass_refused(&login, "localhost", reply).await;
+    let f = failure(&report);
+    assert!(f.message.contains("by localhost:"), "{f:?}");
+    assert!(!format!("{report:?}").contains("[redacted]"), "{report:?}");
+
+    let server = serve(vec![
+        Say("+OK ready\r\n"),
+        Cmd("CAPA"),
+        Say("+OK\r\nUSER\r\n.\r\n"),
+        Cmd("QUIT"),
+        Say("+OK bye\r\n"),
+    ])
+    .await;
+    let login = plain_login("password", false);
+    let report = run(&target(server.port, Protocol::Pop3, TlsMode::None), &login).await;
+    let shown = format!("{report:?}");
+    assert!(failure(&report).message.contains("password"), "{shown}");
+    assert!(!shown.contains("[redacted]"), "{shown}");
+}
