@@ -485,9 +485,9 @@ fn a_label_in_common_labels_and_an_objects_own_is_rendered_once() {
         "ops",
         &[
             "--set-json",
-            r#"commonLabels={"team":"common","release":"common"}"#,
+            r#"commonLabels={"team":"common","release":"common","cost":"c"}"#,
             "--set-json",
-            r#"podLabels={"team":"pod"}"#,
+            r#"podLabels={"team":"pod","cost":""}"#,
             "--set-json",
             r#"metrics.serviceMonitor={"enabled":true,"labels":{"release":"kps"},"namespace":"monitoring"}"#,
             "--set-json",
@@ -497,6 +497,8 @@ fn a_label_in_common_labels_and_an_objects_own_is_rendered_once() {
     let pod = &only(&docs, "Deployment")["spec"]["template"]["metadata"]["labels"];
     assert_eq!(pod["team"], "pod");
     assert_eq!(pod["release"], "common");
+    // An empty value overrides too (a label may be empty).
+    assert_eq!(pod["cost"], "");
     let sm = only(&docs, "ServiceMonitor");
     assert_eq!(sm["metadata"]["labels"]["release"], "kps");
     let rule = only(&docs, "PrometheusRule");

@@ -68,7 +68,12 @@ helm.sh/chart: {{ printf "%s-%s" $ctx.Chart.Name $ctx.Chart.Version | replace "+
 app.kubernetes.io/version: {{ $ctx.Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ $ctx.Release.Service }}
 app.kubernetes.io/part-of: mailroom
-{{- $user := mergeOverwrite (deepCopy ($ctx.Values.commonLabels | default dict)) (deepCopy (index . 1 | default dict)) }}
+{{- $user := deepCopy ($ctx.Values.commonLabels | default dict) }}
+{{- /* set, not mergeOverwrite: that one skips an empty value, which would then not
+override commonLabels' */}}
+{{- range $key, $value := (index . 1 | default dict) }}
+{{- $_ := set $user $key $value }}
+{{- end }}
 {{- with omit $user "helm.sh/chart" "app.kubernetes.io/name" "app.kubernetes.io/instance" "app.kubernetes.io/version" "app.kubernetes.io/managed-by" "app.kubernetes.io/part-of" "mailroom.dev/shard" "mailroom.dev/metrics" }}
 {{ toYaml . }}
 {{- end }}
