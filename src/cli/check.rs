@@ -621,7 +621,7 @@ fn from_files(args: &CheckArgs) -> anyhow::Result<(Vec<Written>, Objects)> {
                         }
                         "Secret" => {
                             let s: Secret = read_object(unwrapped_data(value), true, at)?;
-                            fetched.secrets.push(as_stored(s));
+                            fetched.secrets.push(crate::credentials::as_stored(s));
                         }
                         "ConfigMap" => {
                             let c: ConfigMap = read_object(value, false, at)?;
@@ -679,17 +679,6 @@ fn unwrapped_data(mut value: serde_yaml::Value) -> serde_yaml::Value {
         }
     }
     value
-}
-
-/// A Secret of a file as the API server would store it: `stringData` written over `data`.
-fn as_stored(mut secret: Secret) -> Secret {
-    if let Some(strings) = secret.string_data.take() {
-        let data = secret.data.get_or_insert_with(Default::default);
-        for (key, text) in strings {
-            data.insert(key, k8s_openapi::ByteString(text.into_bytes()));
-        }
-    }
-    secret
 }
 
 fn kind_of(value: &serde_yaml::Value) -> String {
@@ -792,7 +781,7 @@ mod tests {
     fn a_secret_of_a_file_reads_as_the_api_server_stores_it() {
         let text = "metadata: {name: s}\ndata:\n  ca.crt: |\n    aHVudGVy\n    Mi1zZWNyZXQ=\n  password: d3Jvbmc=\nstringData: {password: right-one}";
         let s: Secret = read_object(unwrapped_data(yaml(text)), true, || "s".into()).unwrap();
-        let data = as_stored(s).data.unwrap();
+        let data = crate::credentials::as_stored(s).data.unwrap();
         assert_eq!(data["ca.crt"].0, b"hunter2-secret");
         assert_eq!(data["password"].0, b"right-one");
     }

@@ -274,6 +274,18 @@ fn secret_bytes(
         })
 }
 
+/// A Secret as the API server stores it: `stringData` written over `data` (a Secret of a
+/// file, or one about to be written back).
+pub fn as_stored(mut secret: Secret) -> Secret {
+    if let Some(strings) = secret.string_data.take() {
+        let data = secret.data.get_or_insert_with(BTreeMap::new);
+        for (key, text) in strings {
+            data.insert(key, k8s_openapi::ByteString(text.into_bytes()));
+        }
+    }
+    secret
+}
+
 pub(crate) fn secret_text(
     secret: &Secret,
     name: &str,

@@ -381,13 +381,8 @@ fn scrub(text: &str, form: &[(&str, SecretString)]) -> String {
 /// The token Secret after a grant: the new tokens over the old keys; a refresh token the
 /// server did not rotate is kept.
 pub fn updated_secret(current: Option<&Secret>, grant: &TokenResponse, now: Timestamp) -> Secret {
-    let mut secret = current.cloned().unwrap_or_default();
+    let mut secret = super::as_stored(current.cloned().unwrap_or_default());
     let data = secret.data.get_or_insert_with(BTreeMap::new);
-    if let Some(string_data) = secret.string_data.take() {
-        for (k, v) in string_data {
-            data.insert(k, ByteString(v.into_bytes()));
-        }
-    }
     let mut put = |k: &str, v: &str| {
         data.insert(k.to_string(), ByteString(v.as_bytes().to_vec()));
     };

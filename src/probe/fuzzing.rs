@@ -44,8 +44,8 @@ pub async fn session(
         timeout: Duration::from_secs(30),
     };
     let endpoint = classify::endpoint(HOST, PORT);
-    let mut rec = Recorder::start(&target, login);
-    let redactor = rec.redactor.clone();
+    let mut rec = Recorder::start(&target);
+    let redactor = super::redact::Redactor::of(login, &endpoint);
     let result = match protocol {
         Protocol::Imap => {
             let meter = Meter::new(imap::Imap::limits()).redacting(redactor);

@@ -247,7 +247,7 @@ impl Failure {
 
 /// Runs one test. Never panics and never takes (much) longer than `target.timeout`.
 pub async fn run(target: &Target, login: &Login) -> Report {
-    let mut rec = Recorder::start(target, login);
+    let mut rec = Recorder::start(target);
     let span = tracing::debug_span!(
         "probe",
         host = %target.host,
@@ -295,7 +295,8 @@ async fn drive<S: MailSession>(
         |(_, addr)| format!("connected to {addr}"),
     )?;
 
-    let meter = Meter::new(S::limits()).redacting(rec.redactor.clone());
+    // The reader takes the login's secret out of the server's words (see `redact`).
+    let meter = Meter::new(S::limits()).redacting(redact::Redactor::of(login, &endpoint));
     let mut wire = Wire::plain(Tcp::new(tcp), meter);
     if target.tls_mode == TlsMode::Implicit {
         let (tcp, meter) = wire.into_plain().expect("a new connection is plaintext");
@@ -641,14 +642,11 @@ struct Recorder<'t> {
     timeout: Duration,
     /// What is tested, to name the server in a failure no step could explain (`timed`).
     target: &'t Target,
-    /// Takes the login's secret out of the server's words, should it echo it: given to the
-    /// reader (see [`redact`]).
-    redactor: redact::Redactor,
 }
 
 impl<'t> Recorder<'t> {
-    /// A test of `target` with `login` starting now, with its timeout for all its steps.
-    fn start(target: &'t Target, login: &Login) -> Recorder<'t> {
+    /// A test of `target` starting now, with its timeout for all its steps.
+    fn start(target: &'t Target) -> Recorder<'t> {
         let started = Instant::now();
         Recorder {
             steps: Vec::new(),
@@ -657,7 +655,6 @@ impl<'t> Recorder<'t> {
             deadline: started + target.timeout,
             timeout: target.timeout,
             target,
-            redactor: redact::Redactor::of(login, &classify::endpoint(&target.host, target.port)),
         }
     }
 

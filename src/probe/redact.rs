@@ -110,12 +110,8 @@ impl Redactor {
         if self.forms.is_empty() {
             return bytes.to_vec();
         }
-        match std::str::from_utf8(bytes) {
-            Ok(text) => self.apply(text.to_string()).into_bytes(),
-            Err(_) => self
-                .apply(String::from_utf8_lossy(bytes).into_owned())
-                .into_bytes(),
-        }
+        self.apply(String::from_utf8_lossy(bytes).into_owned())
+            .into_bytes()
     }
 }
 

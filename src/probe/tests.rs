@@ -223,9 +223,15 @@ fn failure(report: &Report) -> &Failure {
 
 /// The failure of a plaintext test of `protocol` against a server playing `script`.
 async fn failed_against(script: Vec<Act>, protocol: Protocol, login: &Login) -> Failure {
+    failure(&tested_against(script, protocol, login).await.1).clone()
+}
+
+/// The port and the report of a plaintext test of `protocol` against a server playing
+/// `script`.
+async fn tested_against(script: Vec<Act>, protocol: Protocol, login: &Login) -> (u16, Report) {
     let server = serve(script).await;
     let report = run(&target(server.port, protocol, TlsMode::None), login).await;
-    failure(&report).clone()
+    (server.port, report)
 }
 
 fn steps(report: &Report) -> Vec<(&'static str, bool)> {
@@ -2341,26 +2347,24 @@ fn echoing(text: &str) -> &'static str {
             .initial_response()
             .unwrap(),
     );
-    let text = text.replace("{secret}", SECRET).replace("{plain}", &plain);
-    Box::leak(text.into_boxed_str())
+    said(text.replace("{secret}", SECRET).replace("{plain}", &plain))
 }
 
 #[tokio::test]
 async fn a_password_the_server_echoes_is_redacted_from_all_it_said() {
-    let server = serve(vec![
-        Say("* OK ready\r\n"),
-        Cmd("CAPABILITY"),
-        Say("* CAPABILITY IMAP4rev1\r\n$TAG OK done\r\n"),
-        Cmd("LOGIN"),
-        Say(echoing("$TAG NO you sent \"alice\" \"{secret}\"\r\n")),
-        Cmd("LOGOUT"),
-        Say(echoing(
-            "* BYE bye {secret}\r\n$TAG OK Logout completed.\r\n",
-        )),
-    ])
-    .await;
-    let report = run(
-        &target(server.port, Protocol::Imap, TlsMode::None),
+    let (port, report) = tested_against(
+        vec![
+            Say("* OK ready\r\n"),
+            Cmd("CAPABILITY"),
+            Say("* CAPABILITY IMAP4rev1\r\n$TAG OK done\r\n"),
+            Cmd("LOGIN"),
+            Say(echoing("$TAG NO you sent \"alice\" \"{secret}\"\r\n")),
+            Cmd("LOGOUT"),
+            Say(echoing(
+                "* BYE bye {secret}\r\n$TAG OK Logout completed.\r\n",
+            )),
+        ],
+        Protocol::Imap,
         &password(true),
     )
     .await;
@@ -2370,25 +2374,24 @@ async fn a_password_the_server_echoes_is_redacted_from_all_it_said() {
         f.message,
         format!(
             "IMAP LOGIN rejected by 127.0.0.1:{}: \"NO you sent \\\"alice\\\" \\\"[redacted]\\\"\"",
-            server.port
+            port
         )
     );
     assert_secret_kept(&report);
 
-    let server = serve(vec![
-        Say("+OK ready\r\n"),
-        Cmd("CAPA"),
-        Say("+OK\r\nSASL PLAIN\r\n.\r\n"),
-        Cmd("AUTH PLAIN"),
-        Say("+ \r\n"),
-        Any,
-        Say(echoing("-ERR [AUTH] cannot take {plain} for {secret}\r\n")),
-        Cmd("QUIT"),
-        Say("+OK bye\r\n"),
-    ])
-    .await;
-    let report = run(
-        &target(server.port, Protocol::Pop3, TlsMode::None),
+    let (_, report) = tested_against(
+        vec![
+            Say("+OK ready\r\n"),
+            Cmd("CAPA"),
+            Say("+OK\r\nSASL PLAIN\r\n.\r\n"),
+            Cmd("AUTH PLAIN"),
+            Say("+ \r\n"),
+            Any,
+            Say(echoing("-ERR [AUTH] cannot take {plain} for {secret}\r\n")),
+            Cmd("QUIT"),
+            Say("+OK bye\r\n"),
+        ],
+        Protocol::Pop3,
         &password(true),
     )
     .await;
@@ -2440,21 +2443,24 @@ fn plain_login(password: &str, allow_unencrypted: bool) -> Login {
 async fn an_echoed_secret_is_redacted_before_it_is_escaped_or_cut() {
     // Quoted as IMAP LOGIN sends it, with a `"` in it.
     let pw = "Tr0ub4dor\"&3xyz";
-    let server = serve(vec![
-        Say("* OK ready\r\n"),
-        Cmd("CAPABILITY"),
-        Say("* CAPABILITY IMAP4rev1\r\n$TAG OK done\r\n"),
-        Cmd("LOGIN"),
-        Say(said(format!(
-            "$TAG NO you sent \"alice\" \"{}\"\r\n",
-            pw.replace('"', "\\\"")
-        ))),
-        Cmd("LOGOUT"),
-        Say("* BYE bye\r\n$TAG OK Logout completed.\r\n"),
-    ])
-    .await;
     let login = plain_login(pw, true);
-    let report = run(&target(server.port, Protocol::Imap, TlsMode::None), &login).await;
+    let (_, report) = tested_against(
+        vec![
+            Say("* OK ready\r\n"),
+            Cmd("CAPABILITY"),
+            Say("* CAPABILITY IMAP4rev1\r\n$TAG OK done\r\n"),
+            Cmd("LOGIN"),
+            Say(said(format!(
+                "$TAG NO you sent \"alice\" \"{}\"\r\n",
+                pw.replace('"', "\\\"")
+            ))),
+            Cmd("LOGOUT"),
+            Say("* BYE bye\r\n$TAG OK Logout completed.\r\n"),
+        ],
+        Protocol::Imap,
+        &login,
+    )
+    .await;
     let shown = format!("{report:?}");
     assert!(failure(&report).message.contains("[redacted]"), "{shown}");
     assert!(!shown.contains("Tr0ub4dor"), "{shown}");
@@ -2478,21 +2484,24 @@ async fn an_echoed_secret_is_redacted_before_it_is_escaped_or_cut() {
 
     // An OAuth2 token longer than the cut.
     let token = format!("ya29.{}", "A1b2C3d4".repeat(30));
-    let server = serve(vec![
-        Say("* OK [CAPABILITY IMAP4rev1 AUTH=XOAUTH2 SASL-IR] ready\r\n"),
-        Cmd("AUTHENTICATE"),
-        Say(said(format!("$TAG NO invalid token {token}\r\n"))),
-        Cmd("LOGOUT"),
-        Say("* BYE bye\r\n$TAG OK Logout completed.\r\n"),
-    ])
-    .await;
     let login = Login::OAuth2 {
         username: "alice".into(),
         token: SecretString::from(token.clone()),
         mechanism: SaslMechanism::XOAuth2,
         allow_unencrypted: true,
     };
-    let report = run(&target(server.port, Protocol::Imap, TlsMode::None), &login).await;
+    let (_, report) = tested_against(
+        vec![
+            Say("* OK [CAPABILITY IMAP4rev1 AUTH=XOAUTH2 SASL-IR] ready\r\n"),
+            Cmd("AUTHENTICATE"),
+            Say(said(format!("$TAG NO invalid token {token}\r\n"))),
+            Cmd("LOGOUT"),
+            Say("* BYE bye\r\n$TAG OK Logout completed.\r\n"),
+        ],
+        Protocol::Imap,
+        &login,
+    )
+    .await;
     let shown = format!("{report:?}");
     assert!(failure(&report).message.contains("[redacted]"), "{shown}");
     assert!(!shown.contains(&token[..20]), "{shown}");
@@ -2509,16 +2518,19 @@ async fn mailrooms_own_words_are_not_taken_for_the_secret() {
     assert!(f.message.contains("by localhost:"), "{f:?}");
     assert!(!format!("{report:?}").contains("[redacted]"), "{report:?}");
 
-    let server = serve(vec![
-        Say("+OK ready\r\n"),
-        Cmd("CAPA"),
-        Say("+OK\r\nUSER\r\n.\r\n"),
-        Cmd("QUIT"),
-        Say("+OK bye\r\n"),
-    ])
-    .await;
     let login = plain_login("password", false);
-    let report = run(&target(server.port, Protocol::Pop3, TlsMode::None), &login).await;
+    let (_, report) = tested_against(
+        vec![
+            Say("+OK ready\r\n"),
+            Cmd("CAPA"),
+            Say("+OK\r\nUSER\r\n.\r\n"),
+            Cmd("QUIT"),
+            Say("+OK bye\r\n"),
+        ],
+        Protocol::Pop3,
+        &login,
+    )
+    .await;
     let shown = format!("{report:?}");
     assert!(failure(&report).message.contains("password"), "{shown}");
     assert!(!shown.contains("[redacted]"), "{shown}");

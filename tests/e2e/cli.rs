@@ -93,12 +93,7 @@ async fn check_prints_each_step_and_exits_zero_only_when_ready() {
         ),
     )
     .unwrap();
-    let out = Command::new(MAILROOM)
-        .args(["check", "-f"])
-        .arg(&file)
-        .env("KUBECONFIG", "/nonexistent")
-        .output()
-        .unwrap();
+    let out = check_without_a_cluster(&file);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -113,12 +108,7 @@ async fn check_prints_each_step_and_exits_zero_only_when_ready() {
     let alone = dir.path().join("alone.yaml");
     let manifest = std::fs::read_to_string(&file).unwrap();
     std::fs::write(&alone, manifest.replacen(&secret, "", 1)).unwrap();
-    let out = Command::new(MAILROOM)
-        .args(["check", "-f"])
-        .arg(&alone)
-        .env("KUBECONFIG", "/nonexistent")
-        .output()
-        .unwrap();
+    let out = check_without_a_cluster(&alone);
     let said = text(&out);
     assert_eq!(out.status.code(), Some(2), "{said}");
     assert!(
@@ -141,12 +131,7 @@ async fn check_prints_each_step_and_exits_zero_only_when_ready() {
             .replace("interval: 5m", "interval: 5m, mailbx: Archive"),
     )
     .unwrap();
-    let out = Command::new(MAILROOM)
-        .args(["check", "-f"])
-        .arg(&typo)
-        .env("KUBECONFIG", "/nonexistent")
-        .output()
-        .unwrap();
+    let out = check_without_a_cluster(&typo);
     let said = text(&out);
     assert_eq!(out.status.code(), Some(1), "{said}");
     assert!(
@@ -951,4 +936,14 @@ async fn check_of_manifests_uses_the_clusters_copy_of_a_sops_encrypted_secret() 
     assert_eq!(out.status.code(), Some(2), "{said}");
     assert!(said.contains("line 7 column"), "{said}");
     assert!(!said.contains("Pl4nted-Kubeconfig-Token"), "{said}");
+}
+
+/// `mailroom check -f file` with no cluster to ask (a KUBECONFIG that names no file).
+fn check_without_a_cluster(file: &std::path::Path) -> std::process::Output {
+    Command::new(MAILROOM)
+        .args(["check", "-f"])
+        .arg(file)
+        .env("KUBECONFIG", "/nonexistent")
+        .output()
+        .unwrap()
 }
