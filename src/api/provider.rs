@@ -515,7 +515,8 @@ pub struct IncomingMailProviderStatus {
     /// How long the last test took, such as 143ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_check_duration: Option<String>,
-    /// Failed tests in a row; 0 after a success.
+    /// Failed tests in a row; 0 after a success, and counted afresh after an edit of the
+    /// spec.
     #[serde(default)]
     pub consecutive_failures: i32,
     /// The value of the mailroom.dev/check-requested-at annotation last acted upon.

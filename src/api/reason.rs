@@ -91,6 +91,11 @@ impl Reason {
     }
 
     /// The `Ready` condition status this reason goes with.
+    /// The reason `as_str` spells `name`.
+    pub fn named(name: &str) -> Option<Reason> {
+        Reason::ALL.into_iter().find(|r| r.as_str() == name)
+    }
+
     pub fn ready_status(self) -> &'static str {
         match self {
             Reason::Connected => "True",

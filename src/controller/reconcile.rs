@@ -239,7 +239,7 @@ async fn reconcile_inner(
             // The CRD refuses such durations; an object stored before a rule existed may not.
             let outcome = check::Outcome::before_connecting(&p.spec, Reason::InvalidSpec, message);
             let new = status::after_test(old, &outcome, &sctx);
-            if status::differs(old, &new) {
+            if status::untested_news(old, &new) {
                 Box::pin(write(&api, &p, &new, &ctx, Write::Change)).await?;
                 // A Warning Event like every change of Ready.
                 Box::pin(announce(&p, old, &new, &ctx)).await;
@@ -356,15 +356,7 @@ async fn access_denied(
     let old = p.status.as_ref();
     let outcome = check::Outcome::before_connecting(&p.spec, Reason::AccessDenied, message);
     let new = status::after_test(old, &outcome, sctx);
-    // Written once, not at every look (the message as status keeps it, cut); again for
-    // a new spec or a new test request, which `mailroom retest` and `kubectl wait` wait
-    // to see answered.
-    let said = |s: Option<&IncomingMailProviderStatus>| {
-        let ready = status::ready(s).map(|c| (c.reason.clone(), c.message.clone()));
-        let answered = s.map(|s| (s.observed_generation, s.last_handled_check_request.clone()));
-        (ready, answered)
-    };
-    if said(old) != said(Some(&new)) {
+    if status::untested_news(old, &new) {
         write(api, p, &new, ctx, Write::Change).await?;
         announce(p, old, &new, ctx).await;
     }

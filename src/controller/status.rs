@@ -48,10 +48,17 @@ fn cut_list(items: &[String]) -> Vec<String> {
 /// The status after a test.
 pub fn after_test(old: Option<&Status>, outcome: &Outcome, ctx: &Context) -> Status {
     let old = old.cloned().unwrap_or_default();
+    // A new spec starts afresh: the failures of the one before are not its own, and its
+    // retries start again at 10 s (a count carried over would put them at the interval).
+    let failed_before = if old.observed_generation == ctx.generation {
+        old.consecutive_failures
+    } else {
+        0
+    };
     let mut new = Status {
         observed_generation: ctx.generation,
         conditions: old.conditions.clone(),
-        endpoint: Some(endpoint_status(&outcome.endpoint)),
+        endpoint: old.endpoint.clone(),
         // What this test did not reach stays as last seen: "last known" beats "unknown".
         server: old.server.clone(),
         tls: old.tls.clone(),
@@ -62,13 +69,18 @@ pub fn after_test(old: Option<&Status>, outcome: &Outcome, ctx: &Context) -> Sta
         consecutive_failures: if outcome.is_ready() {
             0
         } else {
-            old.consecutive_failures.saturating_add(1)
+            failed_before.saturating_add(1)
         },
         last_handled_check_request: ctx
             .check_request
             .map(str::to_string)
             .or(old.last_handled_check_request.clone()),
     };
+    tested_at(&mut new, &outcome.endpoint);
+    if outcome.anonymous {
+        // No login, no mailbox: counts kept from a login before would read as today's.
+        new.mailbox = None;
+    }
     if outcome.is_ready() {
         new.last_success_time = Some(Time(ctx.now));
     }
@@ -168,13 +180,33 @@ pub fn checking(old: Option<&Status>, endpoint: &Endpoint, ctx: &Context) -> Sta
 /// Ready Unknown (Checking) while the test of a changed Secret or ConfigMap runs: the
 /// verdict before it was on the old value, and a GitOps health check (Flux, Argo CD) or
 /// `kubectl wait` reading it then would take it for the new one's.
+///
+/// Its message names the verdict it hides: a person reads what was the case, and the
+/// result compared with it, not with Checking, when this test never ends (a rollout, a
+/// lost Lease): the same failure again is no news, and a fix is.
 pub fn checking_again(old: Option<&Status>, endpoint: &Endpoint, ctx: &Context) -> Status {
-    unknown(
-        old,
-        endpoint,
-        ctx,
-        Reason::Checking,
-        "a referenced Secret or ConfigMap changed: testing again",
+    let message = match hidden_verdict(ready(old)) {
+        Some(reason) => format!("{CHECKING_AGAIN} ({LAST_RESULT}{reason})"),
+        None => CHECKING_AGAIN.to_string(),
+    };
+    unknown(old, endpoint, ctx, Reason::Checking, &message)
+}
+
+const CHECKING_AGAIN: &str = "a referenced Secret or ConfigMap changed: testing again";
+const LAST_RESULT: &str = "the last result was ";
+
+/// The verdict Ready gives, or, while it says Checking, the one `checking_again` hid.
+fn hidden_verdict(ready: Option<&Condition>) -> Option<Reason> {
+    let ready = ready?;
+    if ready.reason != Reason::Checking.as_str() {
+        return Reason::named(&ready.reason);
+    }
+    let hidden = ready.message.strip_prefix(CHECKING_AGAIN)?;
+    Reason::named(
+        hidden
+            .strip_prefix(" (")?
+            .strip_prefix(LAST_RESULT)?
+            .strip_suffix(')')?,
     )
 }
 
@@ -188,7 +220,7 @@ fn unknown(
 ) -> Status {
     let mut new = old.cloned().unwrap_or_default();
     new.observed_generation = ctx.generation;
-    new.endpoint = Some(endpoint_status(endpoint));
+    tested_at(&mut new, endpoint);
     set_condition(
         &mut new.conditions,
         READY,
@@ -199,6 +231,19 @@ fn unknown(
         ctx.now,
     );
     new
+}
+
+/// Sets the status's endpoint. What was found of another one (its greeting, certificate
+/// and mailbox) goes: after a change of host, port, protocol or TLS mode, it would be read
+/// as this one's.
+fn tested_at(status: &mut Status, endpoint: &Endpoint) {
+    let endpoint = endpoint_status(endpoint);
+    if status.endpoint.as_ref().is_some_and(|e| *e != endpoint) {
+        status.server = None;
+        status.tls = None;
+        status.mailbox = None;
+    }
+    status.endpoint = Some(endpoint);
 }
 
 fn endpoint_status(e: &Endpoint) -> EndpointStatus {
@@ -340,6 +385,19 @@ pub fn differs(old: Option<&Status>, new: &Status) -> bool {
     strip(old) != strip(new)
 }
 
+/// Whether a verdict reached without a test (a read refused, a spec mailroom cannot use)
+/// is worth a write: once, not at every look, for each of these looks counts a failure
+/// and each write brings the next look; again for a new spec or a new test request, which
+/// `mailroom retest` and `kubectl wait` wait to see answered.
+pub fn untested_news(old: Option<&Status>, new: &Status) -> bool {
+    let said = |s: Option<&Status>| {
+        let ready = ready(s).map(|c| (c.reason.clone(), c.message.clone()));
+        let answered = s.map(|s| (s.observed_generation, s.last_handled_check_request.clone()));
+        (ready, answered)
+    };
+    said(old) != said(Some(new))
+}
+
 /// Whether going from `old` to `new` is worth an Event: Ready changed, and this is not a
 /// first result that works. That one changes nothing anybody has seen (the status says
 /// it), and 10,000 providers applied at once would mean 10,000 Events for the API server
@@ -351,7 +409,11 @@ pub fn worth_an_event(old: Option<&Status>, new: &Status) -> bool {
     match ready(old) {
         Some(before) if before.status == after.status && before.reason == after.reason => false,
         Some(before) if before.reason != Reason::Checking.as_str() => true,
-        _ => after.status != "True",
+        // A test of a changed Secret that never ended: compared with what it hid.
+        before => match hidden_verdict(before) {
+            Some(hidden) => hidden.as_str() != after.reason,
+            None => after.status != "True",
+        },
     }
 }
 

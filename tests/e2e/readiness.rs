@@ -166,3 +166,45 @@ async fn a_connectivity_only_provider_is_ready_without_a_login() {
         "no login, so no mailbox"
     );
 }
+
+/// A provider moved to another server (an edit of host, port, protocol or TLS mode) shows
+/// nothing of the old one: its greeting, certificate and mailbox counts read beside the
+/// new endpoint would say the new one answered. And its failures count from the edit.
+#[tokio::test]
+async fn a_provider_moved_to_another_server_shows_nothing_of_the_old_one() {
+    let env = alice_env("moved").await;
+    let d = env.bed.dovecot();
+    env.apply(&provider(
+        "moved",
+        "IMAP",
+        d.imaps_port(),
+        "Implicit",
+        ALICE_AUTH,
+        "",
+    ));
+    let _controller = env.controller();
+    let p = env
+        .wait_reason("moved", "Connected", Duration::from_secs(60))
+        .await;
+    let status = p.status.unwrap();
+    assert!(status.server.is_some() && status.tls.is_some() && status.mailbox.is_some());
+
+    let closed = {
+        let l = std::net::TcpListener::bind((mailroom_testbed::MAIL_HOST, 0)).unwrap();
+        l.local_addr().unwrap().port()
+    };
+    env.apply(&provider(
+        "moved", "IMAP", closed, "Implicit", ALICE_AUTH, "",
+    ));
+    let p = env
+        .wait_reason("moved", "ConnectionRefused", Duration::from_secs(60))
+        .await;
+    let status = p.status.unwrap();
+    assert_eq!(status.endpoint.unwrap().port, i32::from(closed));
+    assert_eq!(
+        (status.server, status.tls, status.mailbox),
+        (None, None, None),
+        "what was found of the old endpoint"
+    );
+    assert_eq!(status.consecutive_failures, 1);
+}

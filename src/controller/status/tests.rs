@@ -335,3 +335,193 @@ fn server_text_in_status_is_bounded() {
     let s = after_test(None, &success(), &ctx(0));
     assert_eq!(s.server.unwrap().capabilities, vec!["IMAP4rev1"]);
 }
+
+fn tls_findings() -> Findings {
+    Findings {
+        tls: Some(crate::probe::TlsInfo {
+            version: "TLSv1.3".into(),
+            cipher_suite: "TLS13_AES_256_GCM_SHA384".into(),
+            peer_certificate: None,
+        }),
+        ..findings()
+    }
+}
+
+#[test]
+fn what_was_found_of_another_endpoint_goes_with_it() {
+    let mut ok = success();
+    ok.report.as_mut().unwrap().findings = tls_findings();
+    let a = after_test(None, &ok, &ctx(0));
+    assert!(a.server.is_some() && a.tls.is_some() && a.mailbox.is_some());
+    // The same endpoint failing before the greeting: last known beats unknown.
+    let refused = failure(
+        Step::Connect,
+        Reason::ConnectionRefused,
+        Findings::default(),
+    );
+    let b = after_test(Some(&a), &refused, &ctx(10));
+    assert_eq!(
+        (&b.server, &b.tls, &b.mailbox),
+        (&a.server, &a.tls, &a.mailbox)
+    );
+    // Another host (or port, protocol, TLS mode) failing: nothing of the old server is
+    // shown as the new one's.
+    let elsewhere = |mut outcome: Outcome, change: fn(&mut Endpoint)| {
+        change(&mut outcome.endpoint);
+        outcome
+    };
+    let changes: [fn(&mut Endpoint); 4] = [
+        |e| e.host = "imap.example".into(),
+        |e| e.port = 143,
+        |e| e.protocol = Protocol::Pop3,
+        |e| e.tls_mode = TlsMode::None,
+    ];
+    for change in changes {
+        let c = after_test(Some(&a), &elsewhere(refused.clone(), change), &ctx(20));
+        assert_eq!((&c.server, &c.tls, &c.mailbox), (&None, &None, &None));
+    }
+    // Plaintext reached: the TLS session of the old endpoint does not stay beside it.
+    let mut plain = elsewhere(success(), |e| e.tls_mode = TlsMode::None);
+    plain.report.as_mut().unwrap().findings.tls = None;
+    let d = after_test(Some(&a), &plain, &ctx(30));
+    assert!(d.tls.is_none() && d.server.is_some() && d.mailbox.is_some());
+    // So for a suspended provider whose spec names another server.
+    let mut moved = endpoint();
+    moved.host = "imap.example".into();
+    let s = suspended(Some(&a), &moved, &ctx(40));
+    assert_eq!((&s.server, &s.tls, &s.mailbox), (&None, &None, &None));
+    assert_eq!(s.endpoint.unwrap().host, "imap.example");
+}
+
+#[test]
+fn a_test_without_login_keeps_no_mailbox_counts() {
+    let a = after_test(None, &success(), &ctx(0));
+    let mut anonymous = success();
+    anonymous.anonymous = true;
+    anonymous.report.as_mut().unwrap().findings.mailbox = None;
+    let b = after_test(Some(&a), &anonymous, &ctx(10));
+    assert_eq!(b.mailbox, None);
+    assert!(b.server.is_some());
+}
+
+#[test]
+fn a_new_spec_counts_its_failures_afresh() {
+    let refused = || {
+        failure(
+            Step::Connect,
+            Reason::ConnectionRefused,
+            Findings::default(),
+        )
+    };
+    let a = after_test(None, &refused(), &ctx(0));
+    let b = after_test(Some(&a), &refused(), &ctx(10));
+    assert_eq!(b.consecutive_failures, 2);
+    let edited = Context {
+        generation: Some(4),
+        ..ctx(20)
+    };
+    let c = after_test(Some(&b), &refused(), &edited);
+    assert_eq!(
+        c.consecutive_failures, 1,
+        "a new generation's first failure"
+    );
+    // Resumed after a suspension (itself a new generation): afresh too.
+    let s = suspended(
+        Some(&c),
+        &endpoint(),
+        &Context {
+            generation: Some(5),
+            ..ctx(30)
+        },
+    );
+    let resumed = Context {
+        generation: Some(6),
+        ..ctx(40)
+    };
+    assert_eq!(
+        after_test(Some(&s), &refused(), &resumed).consecutive_failures,
+        1
+    );
+}
+
+#[test]
+fn a_recheck_that_never_ended_is_compared_with_the_verdict_it_hid() {
+    let refused = failure(
+        Step::Connect,
+        Reason::ConnectionRefused,
+        Findings::default(),
+    );
+    let broke = after_test(None, &refused, &ctx(0));
+    // A Secret changed; the test showing Checking never ended (a rollout, a lost Lease).
+    let checking = checking_again(Some(&broke), &endpoint(), &ctx(10));
+    assert_eq!(cond(&checking, READY).reason, "Checking");
+    assert!(
+        cond(&checking, READY)
+            .message
+            .ends_with("(the last result was ConnectionRefused)"),
+        "{}",
+        cond(&checking, READY).message
+    );
+    // Another change while it still shows Checking: the verdict stays named.
+    let again = checking_again(Some(&checking), &endpoint(), &ctx(15));
+    assert_eq!(cond(&again, READY).message, cond(&checking, READY).message);
+    for before in [&checking, &again] {
+        let same = after_test(Some(before), &refused, &ctx(20));
+        assert!(!worth_an_event(Some(before), &same), "announced already");
+        let fixed = after_test(Some(before), &success(), &ctx(20));
+        assert!(worth_an_event(Some(before), &fixed), "a fix is news");
+        let other = after_test(
+            Some(before),
+            &failure(Step::Authenticate, Reason::AuthenticationFailed, findings()),
+            &ctx(20),
+        );
+        assert!(worth_an_event(Some(before), &other), "another failure too");
+    }
+    // Hiding a success: the same success is no news, a failure is.
+    let ok = after_test(None, &success(), &ctx(0));
+    let checking = checking_again(Some(&ok), &endpoint(), &ctx(10));
+    assert!(!worth_an_event(
+        Some(&checking),
+        &after_test(Some(&checking), &success(), &ctx(20))
+    ));
+    assert!(worth_an_event(
+        Some(&checking),
+        &after_test(Some(&checking), &refused, &ctx(20))
+    ));
+}
+
+#[test]
+fn a_verdict_without_a_test_is_written_once() {
+    let invalid = || Outcome {
+        endpoint: endpoint(),
+        report: None,
+        reason: Reason::InvalidSpec,
+        message: "spec.check.interval: cannot be read".into(),
+        anonymous: false,
+    };
+    let a = after_test(None, &invalid(), &ctx(0));
+    assert!(untested_news(None, &a));
+    // Each look counts one more failure: that alone is no news (each write would bring
+    // the next look, for ever).
+    let b = after_test(Some(&a), &invalid(), &ctx(1));
+    assert_eq!(b.consecutive_failures, 2);
+    assert!(differs(Some(&a), &b));
+    assert!(!untested_news(Some(&a), &b));
+    // A new spec or a new test request is answered.
+    let edited = Context {
+        generation: Some(4),
+        ..ctx(2)
+    };
+    assert!(untested_news(
+        Some(&a),
+        &after_test(Some(&a), &invalid(), &edited)
+    ));
+    let requested = Context {
+        check_request: Some("now"),
+        ..ctx(2)
+    };
+    assert!(untested_news(
+        Some(&a),
+        &after_test(Some(&a), &invalid(), &requested)
+    ));
+}
