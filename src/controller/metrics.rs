@@ -46,7 +46,10 @@ struct ProviderLabels {
 }
 
 /// The `result` label values of `mailroom_token_refreshes_total`.
-pub const TOKEN_REFRESH_RESULTS: [&str; 3] = ["refreshed", "failed", "revoked"];
+/// Each is a token endpoint's answer: a grant, a failure (no answer, an HTTP error, a
+/// refusal), a refusal only a new sign-in cures, a request to wait (429 or 503 with
+/// Retry-After).
+pub const TOKEN_REFRESH_RESULTS: [&str; 4] = ["refreshed", "failed", "revoked", "throttled"];
 
 /// Every series mailroom exports.
 pub struct Metrics {
@@ -172,12 +175,12 @@ impl Metrics {
             .inc();
     }
 
-    pub fn token_refresh(&self, result: &str) {
+    pub fn token_refreshes(&self, result: &str, count: u64) {
         self.token_refreshes
             .get_or_create(&ResultLabels {
                 result: result.into(),
             })
-            .inc();
+            .inc_by(count);
     }
 
     /// Whether this replica tests. One that stops (its lease lost) stops reporting the

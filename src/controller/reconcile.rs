@@ -495,7 +495,11 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
             let versions = ctx.objects.with_fetched(&ns, &refs, versions, &fetched);
             let fingerprint = objects::fingerprint(&refs, &versions);
             // OAuth2: a fresh access token (refreshed, and the Secret rewritten, if needed).
-            let fetched = Box::pin(ctx.tokens.prepare(p, fetched)).await;
+            let fetched = if job.why == schedule::Why::Requested {
+                Box::pin(ctx.tokens.prepare_asked(p, fetched)).await
+            } else {
+                Box::pin(ctx.tokens.prepare(p, fetched)).await
+            };
             // The token Secret as this test used it, where the token manager read or
             // wrote it (see `Fetched::token_source`); the others as read before.
             let fingerprint = match &fetched.token_source {
@@ -505,13 +509,8 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
                 }
                 None => fingerprint,
             };
-            for _ in 0..ctx.tokens.take_refreshes() {
-                ctx.metrics.token_refresh("refreshed");
-            }
-            match &fetched.token_problem {
-                Some((Reason::AuthorizationRevoked, _)) => ctx.metrics.token_refresh("revoked"),
-                Some((Reason::TokenRefreshFailed, _)) => ctx.metrics.token_refresh("failed"),
-                _ => {}
+            for (result, count) in ctx.tokens.take_answers() {
+                ctx.metrics.token_refreshes(result, count);
             }
             let Some(slot) = test_slot().await else {
                 return Ok(None);

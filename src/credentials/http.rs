@@ -244,19 +244,31 @@ pub fn parse_response(raw: &[u8]) -> Result<Response, String> {
     if raw.len() > MAX_RESPONSE {
         return Err(format!("with more than {MAX_RESPONSE} bytes"));
     }
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("with no complete HTTP header")?;
-    let head = String::from_utf8_lossy(&raw[..end]);
+    let mut raw = raw;
+    let (end, head, status) = loop {
+        let end = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .ok_or("with no complete HTTP header")?;
+        let head = String::from_utf8_lossy(&raw[..end]);
+        let status_line = head.split("\r\n").next().unwrap_or_default();
+        let status: u16 = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .filter(|_| status_line.starts_with("HTTP/1."))
+            .ok_or_else(|| format!("with something that is not HTTP: {status_line:?}"))?;
+        // An interim answer (100 Continue, 103 Early Hints) comes before the real one
+        // (RFC 9110 §15.2): read as the answer, the real one, tokens and all, would be
+        // taken for its body.
+        if (100..200).contains(&status) {
+            raw = &raw[end + 4..];
+            continue;
+        }
+        break (end, head, status);
+    };
     let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status: u16 = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .filter(|_| status_line.starts_with("HTTP/1."))
-        .ok_or_else(|| format!("with something that is not HTTP: {status_line:?}"))?;
+    lines.next();
     let mut chunked = false;
     let mut length = None;
     let mut retry_after = None;
@@ -363,6 +375,17 @@ mod tests {
         .unwrap();
         assert_eq!((r.status, r.body.as_slice()), (400, b"{\"a\"}".as_slice()));
         assert!(parse_response(b"SSH-2.0-OpenSSH\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn interim_answers_are_skipped_for_the_real_one() {
+        let r = parse_response(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+        )
+        .unwrap();
+        assert_eq!((r.status, r.body.as_slice()), (200, b"{}".as_slice()));
+        // Nothing after the interim answer: no answer at all.
+        assert!(parse_response(b"HTTP/1.1 100 Continue\r\n\r\n").is_err());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! token good, refresh or not, what a token endpoint's answer means) are pure functions
 //! of values, here; [`TokenManager`] (in `manager`) reads, calls them, and writes.
 
+mod holds;
 mod manager;
 pub mod own_writes;
 
@@ -215,11 +216,14 @@ pub struct TokenResponse {
     /// A number, or a string holding one (as some endpoints send it).
     #[serde(default, deserialize_with = "seconds")]
     pub expires_in: Option<u64>,
-    #[serde(default)]
+    /// Space-separated (some servers send a list instead).
+    #[serde(default, deserialize_with = "scope_text")]
     pub scope: Option<String>,
 }
 
-/// `expires_in`: a number of seconds, or a string holding one, as some servers send it.
+/// `expires_in`: a number of seconds (some servers send a fraction), or a string holding
+/// one. Anything else is an unknown expiry, with a warning: refused, it would throw away
+/// the grant, and with it a rotated refresh token the endpoint has already retired.
 pub(crate) fn seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     named_seconds(d, "expires_in")
 }
@@ -231,22 +235,45 @@ pub(crate) fn interval_seconds<'de, D: serde::Deserializer<'de>>(
     named_seconds(d, "interval")
 }
 
+/// `scope`: a space-separated string (RFC 6749 §3.3), or a list, which some servers send;
+/// anything else says nothing of the scope, and costs no grant.
+fn scope_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let value = <Option<serde_json::Value> as serde::Deserialize>::deserialize(d)?;
+    Ok(match value {
+        Some(serde_json::Value::String(s)) => Some(s),
+        Some(serde_json::Value::Array(items)) => Some(
+            items
+                .iter()
+                .filter_map(|i| i.as_str())
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
+        _ => None,
+    })
+}
+
 fn named_seconds<'de, D: serde::Deserializer<'de>>(
     d: D,
     field: &str,
 ) -> Result<Option<u64>, D::Error> {
-    #[derive(serde::Deserialize)]
-    #[serde(untagged)]
-    enum NumberOrText {
-        Number(u64),
-        Text(String),
-    }
-    match <Option<NumberOrText> as serde::Deserialize>::deserialize(d)? {
-        None => Ok(None),
-        Some(NumberOrText::Number(n)) => Ok(Some(n)),
-        Some(NumberOrText::Text(t)) => t.trim().parse().map(Some).map_err(|_| {
-            serde::de::Error::custom(format!("{field} {t:?} is not a number of seconds"))
-        }),
+    let value = <Option<serde_json::Value> as serde::Deserialize>::deserialize(d)?;
+    let seconds = match &value {
+        None | Some(serde_json::Value::Null) => return Ok(None),
+        Some(serde_json::Value::Number(n)) => n.as_f64(),
+        Some(serde_json::Value::String(t)) => t.trim().parse::<f64>().ok(),
+        Some(_) => None,
+    };
+    match seconds.filter(|s| s.is_finite() && *s >= 0.0) {
+        // Whole seconds, rounded down: a token is never taken to last longer than said.
+        Some(s) => Ok(Some(s.min(u64::MAX as f64) as u64)),
+        None => {
+            let shown: String = value.map(|v| v.to_string()).unwrap_or_default();
+            let shown: String = shown.chars().take(40).collect();
+            tracing::warn!(
+                "the token endpoint's {field} {shown} is not a number of seconds: taken as unknown"
+            );
+            Ok(None)
+        }
     }
 }
 

@@ -778,6 +778,16 @@ async fn a_token_server_that_is_down_leaves_a_valid_token_in_use_then_fails() {
         "the failed refresh is logged:\n{}",
         controller.logs()
     );
+    // And counted, while the old token still serves: the warning comes before the
+    // mailbox fails, not with it.
+    let series = "mailroom_token_refreshes_total{result=\"failed\"} 1";
+    let metrics = controller
+        .metrics_with(&[series], Duration::from_secs(10))
+        .await;
+    assert!(
+        metrics.contains(series),
+        "a failed refresh counted:\n{metrics}"
+    );
     // Once no valid token is left, the provider says why.
     env.token_secret(
         "alice-token",
@@ -803,6 +813,52 @@ async fn a_token_server_that_is_down_leaves_a_valid_token_in_use_then_fails() {
     ]);
     env.wait_reason("imap", "Connected", Duration::from_secs(60))
         .await;
+}
+
+/// Providers sharing one client's token endpoint, which fails: it is asked once, then
+/// again after 10 s, 20 s, …, not by every test of every provider (one after another
+/// under the token Secret's lock, each holding its mail host's slot). A test a person
+/// asks for asks again at once.
+#[tokio::test]
+async fn a_failing_token_endpoint_is_not_asked_by_every_test() {
+    let env = Env::new("oauth2-failing").await;
+    trust_bed_ca(&env).await;
+    let (server, refresh) = alice_grant(&env);
+    server.set_down(true);
+    expired_token_secret(&env, &refresh, "x").await;
+    let names: Vec<String> = (0..6).map(|i| format!("imap-{i}")).collect();
+    for name in &names {
+        env.apply(&oauth_provider(
+            name,
+            "IMAP",
+            env.bed.dovecot().imaps_port(),
+            &generic(&server, ""),
+        ));
+    }
+    let _controller = env.controller();
+    for name in &names {
+        env.wait_reason(name, "TokenRefreshFailed", Duration::from_secs(60))
+            .await;
+    }
+    let first = server.dropped_connections();
+    assert!(first >= 1);
+    // Each provider's own retries (10 s, 20 s) come within these 25 s: 12 requests or
+    // more if each asked.
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    let asked = server.dropped_connections();
+    assert!(asked <= 3, "{asked} token requests in 25 s");
+    let p = env
+        .wait_reason("imap-5", "TokenRefreshFailed", Duration::from_secs(5))
+        .await;
+    let message = &ready(&p).unwrap().message;
+    assert!(
+        message.contains("not asked again before") && message.contains(&server.token_url()),
+        "{message}"
+    );
+    // The endpoint is back, and a person asks for a test: it asks at once.
+    server.set_down(false);
+    let p = env.retest("imap-0", "after-the-fix").await;
+    assert_eq!(ready(&p).unwrap().reason, "Connected", "{:?}", ready(&p));
 }
 
 #[tokio::test]

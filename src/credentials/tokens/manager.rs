@@ -12,6 +12,7 @@ use kube::api::{Api, PostParams};
 use kube::{Client, ResourceExt};
 use secrecy::{ExposeSecret, SecretString};
 
+use super::holds::{Holds, Inputs};
 use super::own_writes::OwnWrites;
 use super::{
     Grant, OAuth2Spec, Plan, REFRESH_AHEAD, TOKEN_REQUEST_TIMEOUT, TokenResponse, TokenSet,
@@ -136,11 +137,10 @@ pub struct TokenManager {
     app: BySecret<HashMap<String, Secret>>,
     /// Token requests in flight, each in a task of its own (see [`Self::exchange`]).
     exchanges: tokio_util::task::TaskTracker,
-    /// Tokens obtained from the token endpoint since [`Self::take_refreshes`] last ran.
-    refreshes: std::sync::atomic::AtomicU64,
-    /// (token endpoint, client) to the time before which it asked not to be called
-    /// again (HTTP 429 or 503 with Retry-After): every test would otherwise ask anew.
-    throttled: Mutex<HashMap<(String, String), Timestamp>>,
+    /// The token endpoints' answers since [`Self::take_answers`] last ran, by result.
+    answers: Mutex<HashMap<&'static str, u64>>,
+    /// When not to call a token endpoint (it asked, or it failed a moment ago).
+    holds: Holds,
     /// The access token the mail server last refused, by token Secret, and whether the
     /// next test refreshes rather than using it until it expires: yes for one taken from
     /// the cache, no for one granted for the test that was refused (a refresh per test
@@ -149,9 +149,16 @@ pub struct TokenManager {
 }
 
 impl TokenManager {
-    /// How many tokens the endpoint granted since the last call (for the metrics).
-    pub fn take_refreshes(&self) -> u64 {
-        self.refreshes.swap(0, std::sync::atomic::Ordering::Relaxed)
+    /// The token endpoints' answers since the last call, by result (`refreshed`,
+    /// `failed`, `revoked`, `throttled`), for the metrics: counted as they come, so that a
+    /// failed refresh shows while the old access token still serves, not only once the
+    /// provider fails for want of one.
+    pub fn take_answers(&self) -> Vec<(&'static str, u64)> {
+        self.answers.lock().unwrap().drain().collect()
+    }
+
+    fn answered(&self, result: &'static str) {
+        *self.answers.lock().unwrap().entry(result).or_default() += 1;
     }
 
     pub fn new(client: Client) -> anyhow::Result<TokenManager> {
@@ -163,8 +170,8 @@ impl TokenManager {
             unsaved: Arc::default(),
             app: Arc::default(),
             exchanges: tokio_util::task::TaskTracker::new(),
-            refreshes: Default::default(),
-            throttled: Mutex::default(),
+            answers: Mutex::default(),
+            holds: Holds::default(),
             rejected: Arc::default(),
             loopback: Loopback::Refused,
         })
@@ -191,7 +198,20 @@ impl TokenManager {
     /// Makes sure `fetched` carries a fresh access token for `provider` (refreshing and
     /// writing the token Secret back if needed), or the reason there is none.
     pub async fn prepare(&self, provider: &IncomingMailProvider, fetched: Fetched) -> Fetched {
-        self.prepare_ahead(provider, fetched, REFRESH_AHEAD).await
+        self.prepare_ahead(provider, fetched, REFRESH_AHEAD, false)
+            .await
+    }
+
+    /// As [`Self::prepare`], for a test a person asked for (`mailroom retest`): a token
+    /// endpoint that failed a moment ago is asked again (the person may have fixed what
+    /// stood between), unless it asked to wait.
+    pub async fn prepare_asked(
+        &self,
+        provider: &IncomingMailProvider,
+        fetched: Fetched,
+    ) -> Fetched {
+        self.prepare_ahead(provider, fetched, REFRESH_AHEAD, true)
+            .await
     }
 
     /// As [`Self::prepare`], for one test run by a person (`mailroom check`): a token that
@@ -207,7 +227,8 @@ impl TokenManager {
             fetched.token_problem = Some((Reason::TokenRefreshFailed, refusal));
             return fetched;
         }
-        self.prepare_ahead(provider, fetched, Duration::ZERO).await
+        self.prepare_ahead(provider, fetched, Duration::ZERO, true)
+            .await
     }
 
     /// Why a refresh for one test must not happen, if it must not: it would redeem the
@@ -249,6 +270,7 @@ impl TokenManager {
         provider: &IncomingMailProvider,
         mut fetched: Fetched,
         ahead: Duration,
+        asked: bool,
     ) -> Fetched {
         fetched.provider = provider.name_any();
         let spec = &provider.spec;
@@ -292,7 +314,7 @@ impl TokenManager {
         let lock = self.lock(&namespace, &secret_name);
         let _guard = lock.lock().await;
         let refreshed = self
-            .refresh(provider, o, tls, &secret_name, &fetched, ahead)
+            .refresh(provider, o, tls, &secret_name, &fetched, ahead, asked)
             .await;
         // One refresh per refusal: an endpoint that answers with the same access token,
         // or a token Secret shared with a provider the token works for, is not asked again
@@ -420,19 +442,6 @@ impl TokenManager {
     }
 
     /// Until when `token_url` asked `client_id` not to call, if that is still ahead.
-    fn throttled_until(
-        &self,
-        token_url: &str,
-        client_id: &str,
-        now: Timestamp,
-    ) -> Option<Timestamp> {
-        let mut throttled = self.throttled.lock().unwrap();
-        throttled.retain(|_, until| *until > now);
-        throttled
-            .get(&(token_url.to_string(), client_id.to_string()))
-            .copied()
-    }
-
     fn forget_unsaved(&self, namespace: &str, name: &str) {
         self.unsaved.lock().unwrap().remove(&key(namespace, name));
     }
@@ -741,6 +750,7 @@ impl TokenManager {
 
     /// A usable token for `provider` from its token Secret, memory or the token endpoint
     /// (reached with `tls`), written back where it rotated.
+    #[allow(clippy::too_many_arguments)]
     async fn refresh(
         &self,
         provider: &IncomingMailProvider,
@@ -749,6 +759,7 @@ impl TokenManager {
         secret_name: &str,
         fetched: &Fetched,
         ahead: Duration,
+        asked: bool,
     ) -> Result<Secret, (Reason, String)> {
         let namespace = fetched.namespace.as_str();
         let name = provider.name_any();
@@ -857,13 +868,13 @@ impl TokenManager {
             } else {
                 "refresh of the access token"
             };
-            let throttled = |until: Timestamp| {
-                format!(
-                    "the token endpoint {token_url} asked (HTTP 429 or 503 with Retry-After) not to be called before {until}: throttled until {until}, no {what} is asked for until then"
-                )
-            };
-            if let Some(until) = self.throttled_until(&token_url, &o.client_id, now) {
-                return still_valid(source, &used, now, throttled(until));
+            let client = (token_url.clone(), o.client_id.clone());
+            let bundle = crate::credentials::oauth2_ca_bundle(&provider.spec, fetched)
+                .ok()
+                .flatten();
+            let inputs = Inputs::of(client_secret.as_ref(), bundle.as_deref());
+            if let Some(why) = self.holds.why_not(&client, inputs, asked, now) {
+                return still_valid(source, &used, now, format!("no {what} asked for: {why}"));
             }
             let (grant, not_before) = self
                 .exchange(
@@ -876,16 +887,35 @@ impl TokenManager {
                 .await;
             if let Some(until) = not_before {
                 tracing::warn!(secret = secret_name, ?grant, "token endpoint throttled");
-                self.throttled
-                    .lock()
-                    .unwrap()
-                    .insert((token_url.clone(), o.client_id.clone()), until);
-                return still_valid(source, &used, now, throttled(until));
+                self.answered("throttled");
+                self.holds.asked(client.clone(), until);
+                let why = self
+                    .holds
+                    .why_not(&client, inputs, true, now)
+                    .unwrap_or_default();
+                return still_valid(source, &used, now, format!("no {what} asked for: {why}"));
+            }
+            // Only a failure of the endpoint holds back the next request: a grant, or a
+            // refusal of this refresh token, says the endpoint works.
+            match &grant {
+                Grant::Tokens(_) => self.holds.answered(&client),
+                Grant::Refused { error, .. } if needs_sign_in(error) => {
+                    self.holds.answered(&client)
+                }
+                Grant::Refused { error, description } => self.holds.failed(
+                    client.clone(),
+                    inputs,
+                    &format!("{error}: {description}"),
+                    Timestamp::now(),
+                ),
+                Grant::Failed(message) => {
+                    self.holds
+                        .failed(client.clone(), inputs, message, Timestamp::now())
+                }
             }
             let response = match grant {
                 Grant::Tokens(t) => {
-                    self.refreshes
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.answered("refreshed");
                     t
                 }
                 Grant::Refused { error, description } if needs_sign_in(&error) => {
@@ -907,6 +937,7 @@ impl TokenManager {
                     if rotated {
                         continue;
                     }
+                    self.answered("revoked");
                     tracing::warn!(secret = secret_name, %error, %description, "token endpoint refused the grant");
                     return Err((
                         Reason::AuthorizationRevoked,
@@ -916,12 +947,14 @@ impl TokenManager {
                     ));
                 }
                 Grant::Refused { error, description } => {
+                    self.answered("failed");
                     let message = format!(
                         "the token endpoint {token_url} refused the {what}: {error}: {description}"
                     );
                     return still_valid(source, &used, now, message);
                 }
                 Grant::Failed(message) => {
+                    self.answered("failed");
                     return still_valid(source, &used, now, format!("{what} failed: {message}"));
                 }
             };

@@ -268,16 +268,45 @@ fn a_token_endpoint_echoing_the_request_has_its_secrets_cut_out() {
 }
 
 #[test]
+fn a_scope_may_come_as_a_list() {
+    let body = br#"{"access_token":"at","scope":["https://mail.example/imap","offline_access"]}"#;
+    match read_grant(200, body, &[]) {
+        Grant::Tokens(t) => assert_eq!(
+            t.scope.as_deref(),
+            Some("https://mail.example/imap offline_access")
+        ),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
 fn expires_in_may_come_as_a_string() {
     match read_grant(200, br#"{"access_token":"at","expires_in":"3599"}"#, &[]) {
         Grant::Tokens(t) => assert_eq!(t.expires_in, Some(3599)),
         other => panic!("{other:?}"),
     }
-    // Not a number at all: the message names the field, and the grant is not lost
-    // silently as "no access_token".
-    match read_grant(200, br#"{"access_token":"at","expires_in":"soon"}"#, &[]) {
-        Grant::Failed(m) => assert!(m.contains("expires_in"), "{m}"),
-        other => panic!("{other:?}"),
+    // A fraction, as a number or text: rounded down.
+    for body in [
+        br#"{"access_token":"at","expires_in":3599.5}"#.as_slice(),
+        br#"{"access_token":"at","expires_in":"3599.9"}"#,
+    ] {
+        match read_grant(200, body, &[]) {
+            Grant::Tokens(t) => assert_eq!(t.expires_in, Some(3599)),
+            other => panic!("{other:?}"),
+        }
+    }
+    // Not a number at all: an unknown expiry, and the grant kept, with the refresh token
+    // a rotating endpoint has just put in place of the one it retired.
+    for expires_in in [r#""soon""#, "-5", "[1]"] {
+        let body =
+            format!(r#"{{"access_token":"at","refresh_token":"rt2","expires_in":{expires_in}}}"#);
+        match read_grant(200, body.as_bytes(), &[]) {
+            Grant::Tokens(t) => {
+                assert_eq!(t.expires_in, None, "{expires_in}");
+                assert_eq!(t.refresh_token.unwrap().expose_secret(), "rt2");
+            }
+            other => panic!("{expires_in}: {other:?}"),
+        }
     }
 }
 

@@ -66,6 +66,8 @@ struct State {
     /// Grants without a refresh token (a server asked for no offline access).
     no_refresh_tokens: bool,
     down: bool,
+    /// Connections dropped unanswered while down.
+    dropped: usize,
     token_requests: usize,
     /// Refresh tokens presented (to prove none was used twice).
     presented: Vec<String>,
@@ -303,6 +305,11 @@ impl TokenServer {
             .collect()
     }
 
+    /// Connections dropped unanswered while the server was down.
+    pub fn dropped_connections(&self) -> usize {
+        self.state.lock().unwrap().dropped
+    }
+
     /// Token requests answered so far.
     pub fn token_requests(&self) -> usize {
         self.state.lock().unwrap().token_requests
@@ -427,9 +434,13 @@ fn serve(
     key: &OAuthKey,
 ) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-    if state.lock().unwrap().down {
-        drop(conn);
-        return Ok(());
+    {
+        let mut st = state.lock().unwrap();
+        if st.down {
+            st.dropped += 1;
+            drop(conn);
+            return Ok(());
+        }
     }
     let local = conn.local_addr()?;
     match tls {
