@@ -9,7 +9,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -51,6 +51,13 @@ struct ProviderLabels {
 /// Retry-After).
 pub const TOKEN_REFRESH_RESULTS: [&str; 4] = ["refreshed", "failed", "revoked", "throttled"];
 
+/// The upper bounds of `mailroom_test_duration_seconds`' buckets: a test takes
+/// milliseconds against a nearby server, and may run for its whole `check.timeout`, which
+/// can be minutes.
+pub const TEST_DURATION_BUCKETS: [f64; 16] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
 /// Every series mailroom exports.
 pub struct Metrics {
     registry: Registry,
@@ -86,7 +93,7 @@ impl Metrics {
             tests.clone(),
         );
         let duration = Family::<ProtocolLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.005, 2.0, 14))
+            Histogram::new(TEST_DURATION_BUCKETS)
         });
         registry.register(
             "test_duration_seconds",
@@ -354,6 +361,29 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("mailroom_provider_ready{"), "{text}");
+    }
+
+    #[test]
+    fn a_test_that_runs_for_minutes_is_told_apart_from_one_that_runs_for_seconds() {
+        let m = Metrics::new(false);
+        m.test_finished("IMAP", "Connected", Some(0.004));
+        m.test_finished("IMAP", "Timeout", Some(45.0));
+        m.test_finished("IMAP", "Timeout", Some(240.0));
+        let text = m.encode();
+        for (le, count) in [
+            ("0.005", 1),
+            ("30.0", 1),
+            ("60.0", 2),
+            ("120.0", 2),
+            ("300.0", 3),
+            ("600.0", 3),
+            ("+Inf", 3),
+        ] {
+            let series = format!(
+                "mailroom_test_duration_seconds_bucket{{le=\"{le}\",protocol=\"IMAP\"}} {count}"
+            );
+            assert!(text.contains(&series), "{series} missing:\n{text}");
+        }
     }
 
     #[test]
