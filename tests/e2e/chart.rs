@@ -1323,23 +1323,31 @@ fn the_alerts_fire_when_a_mailbox_stays_down_or_no_replica_tests() {
     let dir = tempfile::tempdir().unwrap();
     // Release mailroom in namespace mail: the ServiceMonitor's job is mailroom-metrics.
     let job = "job=\"mailroom-metrics\"";
-    let write_rules = |file: &str, values: &str| {
-        let docs = helm.render("mailroom", "mail", &["--set", values]);
+    let write_rules_of = |file: &str, ns: &str, values: &str| {
+        let docs = helm.render("mailroom", ns, &["--set", values]);
         let rule = only(&docs, "PrometheusRule");
         let text = serde_json::to_string_pretty(&rule["spec"]).unwrap();
         std::fs::write(dir.path().join(file), text).unwrap();
     };
-    // A series as one replica's scrape has it: its pod and instance besides the job.
-    let series = |name: &str, pod: &str, labels: &str, values: &str| {
-        let labels = if labels.is_empty() {
+    let write_rules = |file: &str, values: &str| write_rules_of(file, "mail", values);
+    // A series as one replica's scrape has it: its pod and instance besides the job, and
+    // the namespace of its pod unless the series names one of its own (honorLabels).
+    let series_of = |ns: &str, name: &str, pod: &str, labels: &str, values: &str| {
+        let mut labels = if labels.is_empty() {
             String::new()
         } else {
             format!(",{labels}")
         };
+        if !labels.contains("namespace=") {
+            labels.push_str(&format!(",namespace=\"{ns}\""));
+        }
         json!({
             "series": format!("{name}{{{job},pod=\"{pod}\",instance=\"{pod}:8080\"{labels}}}"),
             "values": values,
         })
+    };
+    let series = |name: &str, pod: &str, labels: &str, values: &str| {
+        series_of("mail", name, pod, labels, values)
     };
     let ready_on = |pod: &str, ns: &str, name: &str, reason: &str, values: &str| {
         series(
@@ -1371,16 +1379,25 @@ fn the_alerts_fire_when_a_mailbox_stays_down_or_no_replica_tests() {
     };
     let not_ready = |ns: &str, name: &str| {
         json!({
-            "exp_labels": {"severity": "warning", "namespace": ns, "name": name},
+            "exp_labels": {"severity": "warning", "namespace": ns, "name": name, "job": "mailroom-metrics"},
             "exp_annotations": {
                 "summary": format!("Mailbox {ns}/{name} has not been Ready for 15m"),
                 "description": format!("Its status says why: kubectl -n {ns} describe imp {name}"),
             },
         })
     };
+    // The release's namespace and job on every alert that is not a mailbox's: two
+    // releases' alerts are two, and an AlertmanagerConfig in the release's namespace
+    // routes them.
+    let release_labels = |labels: Value| {
+        let mut labels = labels;
+        labels["namespace"] = json!("mail");
+        labels["job"] = json!("mailroom-metrics");
+        labels
+    };
     let no_leader = |summary: &str| {
         json!({
-            "exp_labels": {"severity": "warning", "cause": "NoLeader"},
+            "exp_labels": release_labels(json!({"severity": "warning", "cause": "NoLeader"})),
             "exp_annotations": {
                 "summary": summary,
                 "description": "Statuses are going stale: kubectl -n mail get pods \
@@ -1391,7 +1408,7 @@ fn the_alerts_fire_when_a_mailbox_stays_down_or_no_replica_tests() {
     };
     let overdue_alert = |pod: &str, providers: u32| {
         json!({
-            "exp_labels": {"severity": "warning", "cause": "Overdue", "instance": format!("{pod}:8080")},
+            "exp_labels": release_labels(json!({"severity": "warning", "cause": "Overdue", "instance": format!("{pod}:8080")})),
             "exp_annotations": {
                 "summary": format!("mailroom mail/mailroom: {providers} providers tested by the \
                     replica {pod}:8080 are overdue for a test"),
@@ -1542,7 +1559,7 @@ fn the_alerts_fire_when_a_mailbox_stays_down_or_no_replica_tests() {
     );
     let fleet_alert = |now: u32| {
         json!([{
-            "exp_labels": {"severity": "warning"},
+            "exp_labels": release_labels(json!({"severity": "warning"})),
             "exp_annotations": {
                 "summary": format!("Mailboxes have been failing without a break for 15m; {now} are not Ready now"),
                 "description": "Which, and why: kubectl get imp -A (not necessarily the same \
@@ -1619,10 +1636,46 @@ fn the_alerts_fire_when_a_mailbox_stays_down_or_no_replica_tests() {
         ],
     });
 
+    // Two releases of the same name, in namespaces mail and other: their ServiceMonitors'
+    // jobs have the same name. Each release's alerts are its own, and say whose they are.
+    let one_shard = "metrics.prometheusRule.enabled=true,metrics.serviceMonitor.enabled=true";
+    write_rules_of("mail.json", "mail", one_shard);
+    write_rules_of("other.json", "other", one_shard);
+    let two_releases = json!({
+        "rule_files": ["mail.json", "other.json"],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [
+                // mail's leader lost its lease at 5m; other's tests all along.
+                leader("a", "1x4 0x15"),
+                series_of("other", "mailroom_leader", "b", "", "1x20"),
+                // other has 2 mailboxes failing; mail none.
+                providers("a", "False", "0x20"),
+                series_of("other", "mailroom_providers", "b", "ready=\"False\"", "2x20"),
+            ],
+            "alert_rule_test": [
+                alert("16m", "MailroomNotTesting", json!([no_leader(
+                    "No replica of mailroom mail/mailroom has been testing for 10m",
+                )])),
+                alert("16m", "MailroomMailboxesNotReady", json!([{
+                    "exp_labels": {"severity": "warning", "namespace": "other", "job": "mailroom-metrics"},
+                    "exp_annotations": {
+                        "summary": "Mailboxes have been failing without a break for 15m; 2 are not Ready now",
+                        "description": "Which, and why: kubectl get imp -A (not necessarily the \
+                            same mailboxes all along; metrics.perProvider names each one that \
+                            failed throughout in an alert of its own)",
+                    },
+                }])),
+            ],
+        }],
+    });
+
     let mut files = Vec::new();
     for (file, test) in [
         ("per-provider.test.json", per_provider),
         ("counts.test.json", counts),
+        ("two-releases.test.json", two_releases),
     ] {
         std::fs::write(
             dir.path().join(file),
@@ -1644,7 +1697,14 @@ fn the_alerts_fire_when_a_mailbox_stays_down_or_no_replica_tests() {
             text(&out)
         );
     };
-    promtool(&["check", "rules", "per-provider.json", "counts.json"]);
+    promtool(&[
+        "check",
+        "rules",
+        "per-provider.json",
+        "counts.json",
+        "mail.json",
+        "other.json",
+    ]);
     let mut args = vec!["test", "rules"];
     args.extend(files);
     promtool(&args);
