@@ -51,6 +51,10 @@ struct ProviderLabels {
 /// Retry-After).
 pub const TOKEN_REFRESH_RESULTS: [&str; 4] = ["refreshed", "failed", "revoked", "throttled"];
 
+/// The `kind` label values of `mailroom_namespaces_unlisted`: the caches a watched
+/// namespace needs listed for its providers to be tested.
+pub const UNLISTED_KINDS: [&str; 3] = ["IncomingMailProvider", "Secret", "ConfigMap"];
+
 /// The upper bounds of `mailroom_test_duration_seconds`' buckets: a test takes
 /// milliseconds against a nearby server, and may run for its whole `check.timeout`, which
 /// can be minutes.
@@ -68,6 +72,7 @@ pub struct Metrics {
     token_refreshes: Family<ResultLabels, Counter>,
     leader: Gauge,
     overdue: Gauge,
+    unlisted: Family<KindLabels, Gauge>,
     per_provider: Option<Family<ProviderLabels, Gauge>>,
     /// Ready status (and reason) last written per provider, for the gauges.
     ready: Mutex<HashMap<(String, String), (String, String)>>,
@@ -136,6 +141,16 @@ impl Metrics {
             "Providers this replica tests whose last test is older than their schedule allows (interval or backoff with jitter, check.timeout and a minute): their status is going stale",
             overdue.clone(),
         );
+        let unlisted = Family::<KindLabels, Gauge>::default();
+        registry.register(
+            "namespaces_unlisted",
+            "Watched namespaces (1 for a watch of all namespaces) whose objects of this kind this replica has not listed, or may not list now: their providers are not tested, or say AccessDenied",
+            unlisted.clone(),
+        );
+        // Initialised so that the alert sees 0, not nothing, while all are listed.
+        for kind in UNLISTED_KINDS {
+            let _ = unlisted.get_or_create(&KindLabels { kind: kind.into() });
+        }
         let per_provider = per_provider.then(|| {
             let family = Family::<ProviderLabels, Gauge>::default();
             registry.register(
@@ -154,6 +169,7 @@ impl Metrics {
             token_refreshes,
             leader,
             overdue,
+            unlisted,
             per_provider,
             ready: Mutex::new(HashMap::new()),
         }
@@ -198,6 +214,9 @@ impl Metrics {
         if !leading {
             self.retain_providers(|_| false);
             self.overdue.set(0);
+            for kind in UNLISTED_KINDS {
+                self.set_unlisted(kind, 0);
+            }
         }
     }
 
@@ -249,6 +268,14 @@ impl Metrics {
     /// How many of this replica's providers are overdue (see `staleness`).
     pub fn set_overdue(&self, count: usize) {
         self.overdue.set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// How many watched namespaces' objects of `kind` (one of [`UNLISTED_KINDS`]) are not
+    /// listed (see `staleness`).
+    pub fn set_unlisted(&self, kind: &str, count: usize) {
+        self.unlisted
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     /// Records a provider's Ready status as its stored status says, unless one is known
@@ -350,17 +377,36 @@ mod tests {
         m.provider_ready("ops", "a", Some(("False", "Timeout")));
         m.provider_ready("ops", "b", Some(("True", "Connected")));
         m.set_overdue(3);
-        assert!(m.encode().contains("mailroom_providers_overdue 3"));
+        m.set_unlisted("Secret", 2);
+        let text = m.encode();
+        assert!(text.contains("mailroom_providers_overdue 3"), "{text}");
+        assert!(
+            text.contains("mailroom_namespaces_unlisted{kind=\"Secret\"} 2"),
+            "{text}"
+        );
         m.set_leader(false);
         let text = m.encode();
         assert!(text.contains("mailroom_leader 0"), "{text}");
         assert!(text.contains("mailroom_providers_overdue 0"), "{text}");
+        assert!(
+            text.contains("mailroom_namespaces_unlisted{kind=\"Secret\"} 0"),
+            "{text}"
+        );
         assert!(
             text.contains("mailroom_providers{ready=\"False\"} 0")
                 && text.contains("mailroom_providers{ready=\"True\"} 0"),
             "{text}"
         );
         assert!(!text.contains("mailroom_provider_ready{"), "{text}");
+    }
+
+    #[test]
+    fn every_kind_of_unlisted_namespace_is_reported_before_any_is_counted() {
+        let text = Metrics::new(false).encode();
+        for kind in UNLISTED_KINDS {
+            let series = format!("mailroom_namespaces_unlisted{{kind=\"{kind}\"}} 0");
+            assert!(text.contains(&series), "{series} missing:\n{text}");
+        }
     }
 
     #[test]

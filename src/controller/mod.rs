@@ -120,6 +120,8 @@ pub struct Context {
     pub shard: shard::Shard,
     /// The providers as the watches see them now, one cache per watched scope.
     pub providers: Vec<(Option<String>, Store<IncomingMailProvider>)>,
+    /// Whether each scope's providers' watch is let through, in the order of `providers`.
+    providers_access: Vec<Arc<Access>>,
 }
 
 impl Context {
@@ -139,6 +141,23 @@ impl Context {
     pub fn forget(&self, key: &ObjectRef<IncomingMailProvider>) {
         self.memory.lock().unwrap().remove(key);
         self.unwritten.lock().unwrap().remove(key);
+    }
+
+    /// How many watched scopes' providers' caches cannot be trusted now: not listed (yet,
+    /// or ever), or listed before the API server began refusing their watch (the cache
+    /// keeps what it held then, and nothing is written on them).
+    pub fn unlisted_providers(&self) -> usize {
+        let not_listed = unlisted(&self.providers).len();
+        let refused = self
+            .providers
+            .iter()
+            .zip(&self.providers_access)
+            .filter(|((_, store), access)| {
+                matches!(store.wait_until_ready().now_or_never(), Some(Ok(())))
+                    && access.denied(Duration::ZERO).is_some()
+            })
+            .count();
+        not_listed + refused
     }
 
     /// A provider as its scope's cache holds it now; `None` once it is deleted.
@@ -514,6 +533,7 @@ async fn run_controllers(
     // runs (see `reconcile::still_current`).
     let (provider_stores, provider_writers): (Vec<_>, Vec<_>) =
         scopes.iter().map(|_| reflector::store()).unzip();
+    let providers_access: Vec<_> = scopes.iter().map(|_| Arc::new(Access::default())).collect();
     let (inflight, retests) = inflight::InFlight::new(&scopes, shutdown.clone());
     let ctx = Arc::new(Context {
         inflight,
@@ -545,17 +565,19 @@ async fn run_controllers(
             .cloned()
             .zip(provider_stores.clone())
             .collect(),
+        providers_access: providers_access.clone(),
     });
     // Losing the lease drops this future: the tests it started stop with it.
     let _cancel_tests = ctx.inflight.cancel_on_drop();
     let mut controllers = Vec::new();
-    for (((((scope, secret_stream), cm_stream), retest), (store, writer)), access) in scopes
+    for ((((((scope, secret_stream), cm_stream), retest), (store, writer)), access), seen) in scopes
         .iter()
         .zip(secret_streams)
         .zip(cm_streams)
         .zip(retests)
         .zip(provider_stores.iter().cloned().zip(provider_writers))
         .zip(accesses)
+        .zip(providers_access)
     {
         let [secrets_access, cms_access] = access;
         let (providers, _, _) = api_for(scope);
@@ -566,7 +588,7 @@ async fn run_controllers(
         // server-side applied, never read here) are not kept.
         let referrers = Arc::new(referrers::Referrers::default());
         let indexed = referrers.clone();
-        let watched = watcher(providers, watches::config())
+        let watched = watches::noted(watcher(providers, watches::config()), seen)
             .modify(|p: &mut IncomingMailProvider| p.managed_fields_mut().clear())
             .inspect_ok(move |event| indexed.apply(event));
         // No reconcile follows a deletion: a test of it waiting for a slot is told once the

@@ -212,6 +212,24 @@ impl Objects {
             .collect()
     }
 
+    /// How many watched scopes' caches of `kind` cannot be trusted now: not listed (yet,
+    /// or ever), or listed before the API server began refusing their watch (the cache
+    /// keeps what it held then).
+    pub fn unlisted(&self, kind: ObjectKind) -> usize {
+        let watch = match kind {
+            ObjectKind::Secret => 0,
+            ObjectKind::ConfigMap => 1,
+        };
+        (0..self.scopes.len())
+            .filter(|&i| {
+                self.listed(i, &[kind]) != Some(true)
+                    || self.access[i][watch]
+                        .denied(std::time::Duration::ZERO)
+                        .is_some()
+            })
+            .count()
+    }
+
     /// Whether scope `i`'s stores of these kinds have listed: `None` while they have not
     /// yet, `Some(false)` if they never will (their watch is gone).
     fn listed(&self, i: usize, kinds: &[ObjectKind]) -> Option<bool> {
@@ -529,6 +547,47 @@ mod tests {
             objects.denied("team-b", &[ObjectKind::ConfigMap], now),
             None
         );
+    }
+
+    #[tokio::test]
+    async fn a_scope_is_unlisted_until_it_lists_and_again_once_its_watch_is_refused() {
+        let config = kube::Config::new("https://127.0.0.1:1".parse().unwrap());
+        let scopes = vec![Some("team-a".to_string()), Some("team-b".to_string())];
+        let (mut secrets, mut cms) = (Vec::new(), Vec::new());
+        let mut writers = Vec::new();
+        for _ in &scopes {
+            let (store, writer) = reflector::store();
+            secrets.push(store);
+            writers.push(writer);
+            cms.push(reflector::store().0);
+        }
+        let access: Vec<[Arc<Access>; 2]> = scopes
+            .iter()
+            .map(|_| [Arc::new(Access::default()), Arc::new(Access::default())])
+            .collect();
+        let objects = Objects::new(
+            Client::try_from(config).unwrap(),
+            scopes,
+            secrets,
+            cms,
+            access.clone(),
+            Arc::default(),
+        );
+        assert_eq!(objects.unlisted(ObjectKind::Secret), 2, "none listed yet");
+        for writer in &mut writers {
+            writer.apply_watcher_event(&watcher::Event::InitDone);
+        }
+        assert_eq!(objects.unlisted(ObjectKind::Secret), 0);
+        assert_eq!(objects.unlisted(ObjectKind::ConfigMap), 2);
+        // team-b's RoleBinding removed: its cache stays listed, but is stale.
+        let status =
+            kube::core::Status::failure("secrets is forbidden", "Forbidden").with_code(403);
+        access[1][0].failed(&watcher::Error::WatchFailed(kube::Error::Api(Box::new(
+            status,
+        ))));
+        assert_eq!(objects.unlisted(ObjectKind::Secret), 1);
+        access[1][0].allowed();
+        assert_eq!(objects.unlisted(ObjectKind::Secret), 0);
     }
 
     #[tokio::test]

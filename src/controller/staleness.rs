@@ -2,6 +2,9 @@
 //! their status is going stale. Counted from the stored statuses, not from what this
 //! replica believes it has started, so a replica whose tests never begin (its caches
 //! never synced, say) or never get written (an API server refusing them) shows it.
+//! Providers a cache does not hold cannot be counted so: the watched namespaces whose
+//! providers, Secrets or ConfigMaps are not listed (a RoleBinding gone) are counted
+//! beside them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,8 +12,11 @@ use std::time::Duration;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::runtime::reflector::ObjectRef;
 
+use kube::Resource;
+
 use super::{Context, schedule};
 use crate::api::{IncomingMailProvider, Reason};
+use crate::credentials::ObjectKind;
 
 /// Slack past a provider's latest allowed test, for a queue behind its host's slots and
 /// for clocks apart between replicas.
@@ -48,9 +54,10 @@ pub fn overdue(p: &IncomingMailProvider, tested: Option<Timestamp>, now: Timesta
     last.checked_add(allowed).is_ok_and(|due| due < now)
 }
 
-/// Counts this replica's overdue providers every [`EVERY`], for the metric.
+/// Counts this replica's overdue providers and unlisted namespaces every [`EVERY`], for
+/// the metrics; first after [`EVERY`], by when the caches have listed unless they cannot.
 pub async fn run(ctx: Arc<Context>) {
-    let mut tick = tokio::time::interval(EVERY);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + EVERY, EVERY);
     loop {
         tick.tick().await;
         let now = Timestamp::now();
@@ -78,6 +85,12 @@ pub async fn run(ctx: Arc<Context>) {
                 .count()
         };
         ctx.metrics.set_overdue(count);
+        ctx.metrics
+            .set_unlisted(&IncomingMailProvider::kind(&()), ctx.unlisted_providers());
+        for kind in [ObjectKind::Secret, ObjectKind::ConfigMap] {
+            ctx.metrics
+                .set_unlisted(&kind.to_string(), ctx.objects.unlisted(kind));
+        }
     }
 }
 
@@ -138,6 +151,18 @@ mod tests {
         assert!(overdue(&p, Some(at(40 * 60)), at(47 * 60 + 1)));
         // One older than the status's counts for nothing.
         assert!(overdue(&p, Some(at(-60)), at(10 * 60)));
+    }
+
+    #[test]
+    fn the_kinds_counted_unlisted_are_those_the_metric_reports() {
+        assert_eq!(
+            super::super::metrics::UNLISTED_KINDS,
+            [
+                IncomingMailProvider::kind(&()).as_ref(),
+                &ObjectKind::Secret.to_string(),
+                &ObjectKind::ConfigMap.to_string(),
+            ]
+        );
     }
 
     #[test]

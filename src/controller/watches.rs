@@ -124,6 +124,24 @@ where
     })
 }
 
+/// Tells `access` what each attempt of a watch not [`retried`] here (the providers' own,
+/// paced by kube-runtime's controller) came to: a refusal, or something listed or
+/// watched. `Init` starts every attempt to list, one that will be refused too, so it
+/// tells nothing.
+pub fn noted<K, S>(
+    stream: S,
+    access: Arc<Access>,
+) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>
+where
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+{
+    stream.inspect(move |item| match item {
+        Ok(watcher::Event::Init) => {}
+        Ok(_) => access.allowed(),
+        Err(error) => access.failed(error),
+    })
+}
+
 /// One log line per failed attempt of a watch; with the backoff, at most one per 5 s
 /// per watch while the API server is away.
 pub fn failed(watch: &str, error: &watcher::Error) {
@@ -151,6 +169,28 @@ mod tests {
         p.metadata.namespace = Some("team".into());
         p.metadata.resource_version = Some(version.into());
         p
+    }
+
+    #[tokio::test]
+    async fn a_refused_list_is_noted_until_one_is_let_through() {
+        let access = Arc::new(Access::default());
+        let forbidden = kube::core::Status::failure("forbidden", "Forbidden").with_code(403);
+        let refused = || {
+            futures::stream::iter([
+                Ok(Event::Init),
+                Err(watcher::Error::InitialListFailed(kube::Error::Api(
+                    Box::new(forbidden.clone()),
+                ))),
+                // The next attempt begins: no answer yet.
+                Ok(Event::<IncomingMailProvider>::Init),
+            ])
+        };
+        let _: Vec<_> = noted(refused(), access.clone()).collect().await;
+        assert!(access.denied(Duration::ZERO).is_some());
+        let listed =
+            futures::stream::iter([Ok(Event::Init), Ok(Event::<IncomingMailProvider>::InitDone)]);
+        let _: Vec<_> = noted(listed, access.clone()).collect().await;
+        assert!(access.denied(Duration::ZERO).is_none());
     }
 
     /// A relist after a watch gap: `old` changed and `new` was created meanwhile. No

@@ -1369,6 +1369,14 @@ fn the_alerts_fire_when_a_mailbox_stays_down_or_no_replica_tests() {
         )
     };
     let overdue = |pod: &str, values: &str| series("mailroom_providers_overdue", pod, "", values);
+    let unlisted = |pod: &str, kind: &str, values: &str| {
+        series(
+            "mailroom_namespaces_unlisted",
+            pod,
+            &format!("kind=\"{kind}\""),
+            values,
+        )
+    };
     let tests = |pod: &str, values: &str| {
         series(
             "mailroom_tests_total",
@@ -1415,6 +1423,21 @@ fn the_alerts_fire_when_a_mailbox_stays_down_or_no_replica_tests() {
                 "description": "Their statuses are going stale while it holds the lease: its \
                     log says why (forbidden: a missing RBAC rule; writing status: the API \
                     server refuses it): kubectl -n mail logs -l app.kubernetes.io/instance=mailroom",
+            },
+        })
+    };
+    let unlisted_alert = |kind: &str, namespaces: u32| {
+        json!({
+            "exp_labels": release_labels(json!({"severity": "warning", "cause": "Unlisted", "kind": kind})),
+            "exp_annotations": {
+                "summary": format!("mailroom mail/mailroom cannot list the {kind}s of \
+                    {namespaces} of its watched namespaces (a watch of all namespaces counts \
+                    as one)"),
+                "description": "Their providers go untested: its ServiceAccount needs get, \
+                    list and watch on them there (the chart's Role and RoleBinding in each \
+                    namespace of watchNamespaces, or its ClusterRole and ClusterRoleBinding). \
+                    The log names the namespaces (watch failed ... forbidden): kubectl -n mail \
+                    logs -l app.kubernetes.io/instance=mailroom",
             },
         })
     };
@@ -1531,6 +1554,26 @@ fn the_alerts_fire_when_a_mailbox_stays_down_or_no_replica_tests() {
                     alert("32m", "MailroomNotTesting", json!([
                         overdue_alert("stuck", 4),
                         overdue_alert("stopped", 2),
+                    ])),
+                ],
+            },
+            {
+                // A leader that from 2m on may not list the providers of one of its
+                // namespaces (its RoleBinding gone): they drop out of every other series.
+                // At its start nothing was listed yet, for a moment: no alert.
+                "interval": "1m",
+                "input_series": [
+                    leader("a", "1x30"),
+                    unlisted("a", "IncomingMailProvider", "0x1 1x29"),
+                    unlisted("a", "Secret", "2 0x29"),
+                    unlisted("a", "ConfigMap", "0x30"),
+                    leader("standby", "0x30"),
+                    unlisted("standby", "IncomingMailProvider", "0x30"),
+                ],
+                "alert_rule_test": [
+                    alert("11m", "MailroomNotTesting", json!([])),
+                    alert("13m", "MailroomNotTesting", json!([
+                        unlisted_alert("IncomingMailProvider", 1),
                     ])),
                 ],
             },
@@ -3099,6 +3142,8 @@ async fn a_namespace_whose_secrets_are_forbidden_stops_no_other() {
         (1..=12).contains(&retries),
         "{retries} failed attempts of the Secrets watch in 20 s:\n{logs}"
     );
+    // The metric names what it cannot list, and nothing else.
+    assert_unlisted(&controller, &[0, 1, 0], "team-b's Secrets refused").await;
 
     // The Role given back its Secrets rule: tested at once, Ready.
     replace_role(&original);
@@ -3132,11 +3177,35 @@ async fn a_namespace_whose_secrets_are_forbidden_stops_no_other() {
     );
 }
 
+/// `mailroom_namespaces_unlisted` of `[IncomingMailProvider, Secret, ConfigMap]`, within
+/// 45 s: it is taken every 30 s.
+async fn assert_unlisted(controller: &Controller, counts: &[u32; 3], why: &str) {
+    let expected: Vec<String> = ["IncomingMailProvider", "Secret", "ConfigMap"]
+        .iter()
+        .zip(counts)
+        .map(|(kind, n)| format!("mailroom_namespaces_unlisted{{kind=\"{kind}\"}} {n}\n"))
+        .collect();
+    let wanted: Vec<&str> = expected.iter().map(String::as_str).collect();
+    let metrics = controller
+        .metrics_with(&wanted, Duration::from_secs(45))
+        .await;
+    for series in wanted {
+        assert!(
+            metrics.contains(series),
+            "{why}: expected {series:?} in /metrics:\n{metrics}\ncontroller log ({}):\n{}",
+            controller.log.display(),
+            controller.logs()
+        );
+    }
+}
+
 /// A watched namespace whose RoleBinding is gone (its providers, Secrets and ConfigMaps
 /// all refused) holds up neither the other namespace nor the pod's readiness for long:
 /// `/readyz` turns ready after a minute with an error naming the namespace (a rollout of
 /// a pod that stayed unready would never finish), and the RoleBinding given back, its
-/// provider is tested. A replica that can list no provider anywhere stays unready.
+/// provider is tested. Meanwhile `mailroom_namespaces_unlisted` counts it (its providers
+/// are in no other series), until it is listed. A replica that can list no provider
+/// anywhere stays unready.
 #[tokio::test]
 async fn a_namespace_whose_role_binding_is_gone_holds_up_readiness_a_minute_at_most() {
     let env = Env::new("chart-unbound").await;
@@ -3209,13 +3278,15 @@ async fn a_namespace_whose_role_binding_is_gone_holds_up_readiness_a_minute_at_m
         .find(|l| l.contains("could not be listed for a minute"))
         .unwrap_or_else(|| panic!("no error says which namespace:\n{logs}"));
     assert!(said.contains(&team_b) && !said.contains(&team_a), "{said}");
+    assert_unlisted(&controller, &[1, 1, 1], "team-b's RoleBinding gone").await;
 
-    // The RoleBinding given back: its provider is tested.
+    // The RoleBinding given back: its provider is tested, and nothing is unlisted.
     let mut cmd = env.bed.kubectl();
     cmd.args(["-n", &team_b, "create", "-f", "-"]);
     let out = with_input(cmd, &saved.to_string());
     assert!(out.status.success(), "{}", text(&out));
     wait_ready_reason(&env, &team_b, "mine", "Connected", &controller).await;
+    assert_unlisted(&controller, &[0, 0, 0], "team-b's RoleBinding given back").await;
 
     // Both RoleBindings gone: a replica that can list no provider anywhere tests nothing
     // and stays unready past the minute, so a rollout of it stops.
@@ -3231,6 +3302,7 @@ async fn a_namespace_whose_role_binding_is_gone_holds_up_readiness_a_minute_at_m
     tokio::time::sleep(Duration::from_secs(75).saturating_sub(started.elapsed())).await;
     let (code, body) = controller.get("/readyz").await;
     assert_eq!(code, 503, "ready though it can list no provider: {body}");
+    assert_unlisted(&controller, &[2, 2, 2], "both RoleBindings gone").await;
     assert!(
         controller
             .logs()
