@@ -498,15 +498,7 @@ async fn exchange(
     token_url: &str,
     form: &[(&str, SecretString)],
 ) -> anyhow::Result<tokens::TokenResponse> {
-    let answer = post_form(
-        tls,
-        token_url,
-        form,
-        TOKEN_REQUEST_TIMEOUT,
-        Loopback::Allowed,
-    )
-    .await
-    .map_err(anyhow::Error::msg)?;
+    let answer = post_riding_out(tls, token_url, form).await?;
     match read_grant(answer.status, &answer.body, form) {
         Grant::Tokens(t) => Ok(t),
         Grant::Refused { error, description } => {
@@ -514,6 +506,42 @@ async fn exchange(
         }
         Grant::Failed(message) => bail!("the token endpoint {token_url}: {message}"),
     }
+}
+
+/// Tries after the first, for a request made once per sign-in (the code exchange, the
+/// device authorization), and the longest wait between two.
+const RETRIES: u32 = 3;
+const MOST_RETRY_WAIT: Duration = Duration::from_secs(30);
+
+/// Posts `form`, asking again (after 1 s, 2 s, 4 s, or the server's `Retry-After` up to
+/// 30 s) when no answer came or the endpoint answered 429 or 5xx: a gateway's passing
+/// error must not cost a person the sign-in they just made, MFA and all. A code the first
+/// request did redeem is refused as `invalid_grant` the second time, which says so.
+async fn post_riding_out(
+    tls: &Arc<rustls::ClientConfig>,
+    url: &str,
+    form: &[(&str, SecretString)],
+) -> anyhow::Result<Response> {
+    let mut wait = Duration::from_secs(1);
+    for retry in 0..=RETRIES {
+        let answer = post_form(tls, url, form, TOKEN_REQUEST_TIMEOUT, Loopback::Allowed).await;
+        let (why, asked) = match answer {
+            Ok(a) if a.status == 429 || a.status >= 500 => (
+                format!("HTTP {}", a.status),
+                a.retry_after.map(|r| r.delay(Timestamp::now())),
+            ),
+            Ok(a) => return Ok(a),
+            Err(why) => (why, None),
+        };
+        if retry == RETRIES {
+            bail!("{url} did not answer after {} tries: {why}", RETRIES + 1);
+        }
+        let pause = asked.unwrap_or(wait).min(MOST_RETRY_WAIT);
+        eprintln!("{url}: {why}; trying again in {} s", pause.as_secs().max(1));
+        tokio::time::sleep(pause).await;
+        wait *= 2;
+    }
+    unreachable!("the last try returns")
 }
 
 #[derive(serde::Deserialize)]
@@ -612,15 +640,7 @@ async fn device_flow(
     if let Some(c) = client_secret {
         form.push(("client_secret", c.clone()));
     }
-    let Response { status, body, .. } = post_form(
-        tls,
-        device_url,
-        &form,
-        TOKEN_REQUEST_TIMEOUT,
-        Loopback::Allowed,
-    )
-    .await
-    .map_err(anyhow::Error::msg)?;
+    let Response { status, body, .. } = post_riding_out(tls, device_url, &form).await?;
     if status != 200 {
         match read_grant(status, &body, &form) {
             Grant::Refused { error, description } => {

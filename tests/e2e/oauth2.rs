@@ -1238,9 +1238,17 @@ async fn authorize_with_a_browser_then_ready_over_imaps_xoauth2_and_pop3s_oauthb
             .next()
             .unwrap()
             .to_string();
+        if name == "pop3" {
+            // A gateway's passing error at the code exchange, after the person signed in:
+            // asked again, not a sign-in lost.
+            server.answer_next(502, &[], serde_json::json!("<html>Bad Gateway</html>"));
+        }
         follow_redirect(&redirect);
         let (code_status, stdout) = finish(child, rx, &mut seen);
         assert_eq!(code_status, Some(0), "authorize {name}:\n{seen}{stdout}");
+        if name == "pop3" {
+            assert!(seen.contains("HTTP 502; trying again in 1 s"), "{seen}");
+        }
         assert!(stdout.contains("Ready=True Connected"), "{stdout}");
         let p = env
             .wait_reason(name, "Connected", Duration::from_secs(5))
@@ -1493,9 +1501,16 @@ async fn authorize_with_a_device_code_rides_out_a_busy_token_endpoint() {
         ),
     ));
     let _controller = env.controller();
+    // The device authorization request meets one too, asking for a second's wait.
+    server.answer_next_device(
+        503,
+        &[("Retry-After", "1")],
+        serde_json::json!("<html>Service Unavailable</html>"),
+    );
     let (child, rx) = authorize(&env, &["imap", "--device"]);
     let mut seen = String::new();
     let line = line_with(&rx, &mut seen, |l| l.trim_start().starts_with("code:"));
+    assert!(seen.contains("HTTP 503; trying again in 1 s"), "{seen}");
     let user_code = line.trim().trim_start_matches("code:").trim().to_string();
     // A poll meets a gateway's error page, perhaps after the user signed in: the
     // sign-in must not be lost.

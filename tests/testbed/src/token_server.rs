@@ -74,6 +74,8 @@ struct State {
     issued_access: HashSet<String>,
     /// Answers the token endpoint gives, in turn, instead of its own.
     scripted: VecDeque<Scripted>,
+    /// The same for the device authorization endpoint.
+    scripted_device: VecDeque<Scripted>,
 }
 
 /// An answer written in advance: status, extra headers, JSON body.
@@ -81,6 +83,19 @@ struct Scripted {
     status: u16,
     headers: Vec<(String, String)>,
     body: Value,
+}
+
+impl Scripted {
+    fn new(status: u16, headers: &[(&str, &str)], body: Value) -> Scripted {
+        Scripted {
+            status,
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body,
+        }
+    }
 }
 
 /// The running server; stops when dropped.
@@ -239,14 +254,14 @@ impl TokenServer {
     /// whatever it asks (a refusal, a throttled or unavailable server); later ones as
     /// usual. Calls queue up. Counted as token requests.
     pub fn answer_next(&self, status: u16, headers: &[(&str, &str)], body: Value) {
-        self.state.lock().unwrap().scripted.push_back(Scripted {
-            status,
-            headers: headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            body,
-        });
+        let answer = Scripted::new(status, headers, body);
+        self.state.lock().unwrap().scripted.push_back(answer);
+    }
+
+    /// As [`Self::answer_next`], for the next device authorization request.
+    pub fn answer_next_device(&self, status: u16, headers: &[(&str, &str)], body: Value) {
+        let answer = Scripted::new(status, headers, body);
+        self.state.lock().unwrap().scripted_device.push_back(answer);
     }
 
     /// The next token request is refused with `error` (HTTP 400, as Microsoft answers),
@@ -483,6 +498,11 @@ fn respond<S: Read + Write>(
     let path = parts.next().unwrap_or_default();
     let mut headers = Vec::new();
     let (status, answer) = match (method, path.split('?').next().unwrap_or_default()) {
+        ("POST", "/devicecode") if state.lock().unwrap().scripted_device.front().is_some() => {
+            let answer = state.lock().unwrap().scripted_device.pop_front().unwrap();
+            headers = answer.headers;
+            (answer.status, answer.body)
+        }
         ("POST", "/devicecode") => {
             let form = parse_form(&String::from_utf8_lossy(&body));
             let mut st = state.lock().unwrap();
