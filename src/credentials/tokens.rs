@@ -381,10 +381,18 @@ pub fn read_grant(status: u16, body: &[u8], form: &[(&str, SecretString)]) -> Gr
                 .collect(),
         };
     }
-    let excerpt: String = scrub(&String::from_utf8_lossy(body), form)
-        .chars()
-        .take(200)
-        .collect();
+    let text = String::from_utf8_lossy(body);
+    // Tokens the endpoint sent in a form mailroom cannot read are not quoted: status,
+    // Events and logs would show them.
+    if ["access_token", "refresh_token", "id_token"]
+        .iter()
+        .any(|t| text.contains(t))
+    {
+        return Grant::Failed(format!(
+            "HTTP {status} with a body that names tokens, in a form mailroom cannot read (not shown)"
+        ));
+    }
+    let excerpt: String = scrub(&text, form).chars().take(200).collect();
     Grant::Failed(format!("HTTP {status}: {:?}", excerpt.trim()))
 }
 

@@ -268,6 +268,22 @@ fn a_token_endpoint_echoing_the_request_has_its_secrets_cut_out() {
 }
 
 #[test]
+fn a_body_with_tokens_mailroom_cannot_read_is_not_quoted() {
+    for (status, body) in [
+        (302, "access_token=eyJhbGciOi.secret-part&token_type=bearer".as_bytes()),
+        (200, br#"{"access_token": 12345, "refresh_token": "rt-secret-value"}"#),
+    ] {
+        match read_grant(status, body, &[]) {
+            Grant::Failed(m) => {
+                assert!(!m.contains("secret"), "{m}");
+                assert!(m.contains(&format!("HTTP {status}")), "{m}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
 fn a_scope_may_come_as_a_list() {
     let body = br#"{"access_token":"at","scope":["https://mail.example/imap","offline_access"]}"#;
     match read_grant(200, body, &[]) {
