@@ -90,12 +90,12 @@ impl Reason {
         }
     }
 
-    /// The `Ready` condition status this reason goes with.
     /// The reason `as_str` spells `name`.
     pub fn named(name: &str) -> Option<Reason> {
         Reason::ALL.into_iter().find(|r| r.as_str() == name)
     }
 
+    /// The `Ready` condition status this reason goes with.
     pub fn ready_status(self) -> &'static str {
         match self {
             Reason::Connected => "True",

@@ -195,6 +195,7 @@ async fn reconcile_inner(
         generation,
         now,
         check_request: request,
+        new_references: false,
     };
     // A provider waits only for the caches of the kinds it references (none for one that
     // references nothing).
@@ -445,6 +446,7 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
         generation,
         now: *now,
         check_request: request,
+        new_references: job.why == schedule::Why::ReferencesChanged,
     };
     let test = async {
         // Not while paused (the Lease not seen renewed): a standby may be testing.
@@ -1067,6 +1069,7 @@ mod tests {
             generation: Some(1),
             now: at(0),
             check_request: None,
+            new_references: false,
         };
         // Stored before the outage: one failure.
         let stored = super::status::after_test(None, &refused, &sctx);

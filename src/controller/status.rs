@@ -20,6 +20,9 @@ pub struct Context<'a> {
     pub generation: Option<i64>,
     pub now: Timestamp,
     pub check_request: Option<&'a str>,
+    /// The test of a changed Secret or ConfigMap: like a new spec, a new value (a fixed
+    /// password, a new CA) counts its failures from zero.
+    pub new_references: bool,
 }
 
 /// Longest server or certificate text kept in status (characters), and most items of a
@@ -48,9 +51,10 @@ fn cut_list(items: &[String]) -> Vec<String> {
 /// The status after a test.
 pub fn after_test(old: Option<&Status>, outcome: &Outcome, ctx: &Context) -> Status {
     let old = old.cloned().unwrap_or_default();
-    // A new spec starts afresh: the failures of the one before are not its own, and its
-    // retries start again at 10 s (a count carried over would put them at the interval).
-    let failed_before = if old.observed_generation == ctx.generation {
+    // A new spec, or a new value of what it references, starts afresh: the failures
+    // before are not its own, its retries start again at 10 s (a count carried over would
+    // put them at the interval), and a GitOps health check gives it its three tests.
+    let failed_before = if old.observed_generation == ctx.generation && !ctx.new_references {
         old.consecutive_failures
     } else {
         0

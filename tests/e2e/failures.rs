@@ -34,6 +34,41 @@ async fn a_wrong_password_quotes_the_server_and_fixing_the_secret_heals_at_once(
     assert_eq!(condition(&p, "Reachable").unwrap().status, "True");
     assert_eq!(condition(&p, "Authenticated").unwrap().status, "False");
 
+    // Retried (after 10 s) and failing again: two in a row.
+    env.wait(
+        "alice",
+        "two failures in a row",
+        Duration::from_secs(30),
+        |p| {
+            p.status
+                .as_ref()
+                .is_some_and(|s| s.consecutive_failures >= 2)
+        },
+    )
+    .await;
+    // Another password, wrong too: a new value's failures count from one (its retries
+    // start again at 10 s, and a GitOps health check gives it its three tests).
+    env.secret(
+        "alice",
+        &[
+            ("username", "alice"),
+            ("password", "still-not-the-password"),
+        ],
+    )
+    .await;
+    let p = env
+        .wait(
+            "alice",
+            "the new value tested",
+            Duration::from_secs(20),
+            |p| {
+                let s = p.status.as_ref().unwrap();
+                s.consecutive_failures == 1 || s.consecutive_failures > 2
+            },
+        )
+        .await;
+    assert_eq!(p.status.unwrap().consecutive_failures, 1);
+
     // The interval is 5m; the Secret's change must be noticed now, not then.
     let (_, password) = env.bed.dovecot().account("alice");
     let fixed = Instant::now();

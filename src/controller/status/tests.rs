@@ -71,6 +71,7 @@ fn ctx(now: i64) -> Context<'static> {
         generation: Some(3),
         now: at(now),
         check_request: None,
+        new_references: false,
     }
 }
 
@@ -441,6 +442,18 @@ fn a_new_spec_counts_its_failures_afresh() {
     assert_eq!(
         after_test(Some(&s), &refused(), &resumed).consecutive_failures,
         1
+    );
+    // So does the test of a changed Secret or ConfigMap (a password fixed that meets a
+    // server restarting), and the one after it goes on counting.
+    let changed = Context {
+        new_references: true,
+        ..ctx(50)
+    };
+    let d = after_test(Some(&b), &refused(), &changed);
+    assert_eq!(d.consecutive_failures, 1);
+    assert_eq!(
+        after_test(Some(&d), &refused(), &ctx(60)).consecutive_failures,
+        2
     );
 }
 
