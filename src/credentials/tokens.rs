@@ -356,9 +356,11 @@ pub fn read_grant(status: u16, body: &[u8], form: &[(&str, SecretString)]) -> Gr
     if (200..300).contains(&status) {
         return match serde_json::from_slice::<TokenResponse>(body) {
             Ok(t) => Grant::Tokens(t),
+            // serde's words may quote a value, which may be a token: where, not what.
             Err(e) if e.is_data() => Grant::Failed(format!(
-                "HTTP {status} with a JSON body mailroom cannot use: {}",
-                scrub(&e.to_string(), form)
+                "HTTP {status} with a JSON body mailroom cannot use (a field of the wrong type at line {}, column {})",
+                e.line(),
+                e.column()
             )),
             Err(_) => Grant::Failed(format!(
                 "HTTP {status} without an access_token in a JSON body"

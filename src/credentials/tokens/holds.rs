@@ -19,18 +19,24 @@ const MOST: Duration = Duration::from_secs(300);
 pub(super) type Client = (String, String);
 
 /// What a request went with that a person may change to fix it (the client secret, the
-/// CA bundle trusted for the endpoint), as a digest: a request with others is not held
+/// CA bundle trusted for the endpoint, the flow and scopes asked for), as a digest: a request with others is not held
 /// back by the failure of one without them.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) struct Inputs([u8; 32]);
 
 impl Inputs {
-    pub(super) fn of(client_secret: Option<&SecretString>, ca_bundle: Option<&[u8]>) -> Inputs {
+    pub(super) fn of(
+        client_secret: Option<&SecretString>,
+        ca_bundle: Option<&[u8]>,
+        settings: &str,
+    ) -> Inputs {
         let mut text = Vec::new();
-        for part in [
+        let parts = [
             client_secret.map(|s| s.expose_secret().as_bytes()),
             ca_bundle,
-        ] {
+            Some(settings.as_bytes()),
+        ];
+        for part in parts {
             // Length-prefixed, and None told from empty.
             match part {
                 Some(bytes) => {
@@ -118,6 +124,10 @@ impl Holds {
     pub(super) fn failed(&self, client: Client, inputs: Inputs, message: &str, now: Timestamp) {
         let mut holds = self.0.lock().unwrap();
         let failures = match holds.get(&client) {
+            // Requests sent together (for several token Secrets) that fail together are
+            // one failure, not a hold doubled for each; and a wait the endpoint asked for
+            // stands.
+            Some(Hold::Failed { until, .. } | Hold::Asked { until }) if *until > now => return,
             Some(Hold::Failed { failures, .. }) => failures.saturating_add(1),
             _ => 1,
         };
@@ -161,9 +171,11 @@ mod tests {
     #[test]
     fn failures_hold_requests_back_longer_each_time_up_to_five_minutes() {
         let holds = Holds::default();
-        let s = Inputs::of(Some(&SecretString::from("s3cret-value")), None);
+        let s = Inputs::of(Some(&SecretString::from("s3cret-value")), None, "");
         assert_eq!(holds.why_not(&client(), s, false, at(0)), None);
         holds.failed(client(), s, "connection refused", at(0));
+        // Another request that was in flight fails too: one failure, not two.
+        holds.failed(client(), s, "connection refused", at(1));
         let why = holds.why_not(&client(), s, false, at(9)).unwrap();
         assert!(why.contains("connection refused"), "{why}");
         assert!(!why.contains("in a row"), "{why}");
@@ -191,15 +203,22 @@ mod tests {
     fn a_failure_holds_back_neither_other_inputs_nor_a_persons_request() {
         let holds = Holds::default();
         let secret = |s: &str| SecretString::from(s.to_string());
-        let old = Inputs::of(Some(&secret("old-client-secret")), None);
+        let old = Inputs::of(Some(&secret("old-client-secret")), None, "");
         holds.failed(client(), old, "invalid_client", at(0));
         assert!(holds.why_not(&client(), old, false, at(1)).is_some());
         for other in [
-            Inputs::of(Some(&secret("new-client-secret")), None),
-            Inputs::of(None, None),
+            Inputs::of(Some(&secret("new-client-secret")), None, ""),
+            Inputs::of(None, None, ""),
             Inputs::of(
                 Some(&secret("old-client-secret")),
                 Some(b"-----BEGIN CERTIFICATE-----"),
+                "",
+            ),
+            // The same client asking other scopes (another team's provider).
+            Inputs::of(
+                Some(&secret("old-client-secret")),
+                None,
+                "AuthorizationCode https://mail.example/.default",
             ),
         ] {
             assert_eq!(holds.why_not(&client(), other, false, at(1)), None);
@@ -209,14 +228,16 @@ mod tests {
         let other = (client().0, "other-app".to_string());
         assert_eq!(holds.why_not(&other, old, false, at(1)), None);
         // Nothing but a CA bundle is not an empty one.
-        assert!(Inputs::of(None, None) != Inputs::of(None, Some(b"")));
+        assert!(Inputs::of(None, None, "") != Inputs::of(None, Some(b""), ""));
     }
 
     #[test]
     fn a_retry_after_holds_back_everything_until_then() {
         let holds = Holds::default();
         holds.asked(client(), at(30));
-        let any = Inputs::of(None, None);
+        let any = Inputs::of(None, None, "");
+        // A failure meanwhile (another request in flight) does not shorten it.
+        holds.failed(client(), any, "HTTP 502", at(1));
         let why = holds.why_not(&client(), any, true, at(29)).unwrap();
         assert!(why.contains("throttled until"), "{why}");
         assert_eq!(holds.why_not(&client(), any, true, at(30)), None);

@@ -441,7 +441,6 @@ impl TokenManager {
         false
     }
 
-    /// Until when `token_url` asked `client_id` not to call, if that is still ahead.
     fn forget_unsaved(&self, namespace: &str, name: &str) {
         self.unsaved.lock().unwrap().remove(&key(namespace, name));
     }
@@ -872,7 +871,8 @@ impl TokenManager {
             let bundle = crate::credentials::oauth2_ca_bundle(&provider.spec, fetched)
                 .ok()
                 .flatten();
-            let inputs = Inputs::of(client_secret.as_ref(), bundle.as_deref());
+            let settings = format!("{:?} {}", o.flow, scopes(o, protocol).join(" "));
+            let inputs = Inputs::of(client_secret.as_ref(), bundle.as_deref(), &settings);
             if let Some(why) = self.holds.why_not(&client, inputs, asked, now) {
                 return still_valid(source, &used, now, format!("no {what} asked for: {why}"));
             }
