@@ -107,16 +107,12 @@ where
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
     K: Send + 'static,
 {
-    let attempts =
-        stream.filter(|item| futures::future::ready(!matches!(item, Ok(watcher::Event::Init))));
+    let attempts = noted(stream, access)
+        .filter(|item| futures::future::ready(!matches!(item, Ok(watcher::Event::Init))));
     StreamBackoff::new(attempts, WatchBackoff::default()).filter_map(move |item| {
         futures::future::ready(match item {
-            Ok(item) => {
-                access.allowed();
-                Some(Ok(item))
-            }
+            Ok(item) => Some(Ok(item)),
             Err(error) => {
-                access.failed(&error);
                 failed(watch, &error);
                 None
             }
@@ -124,10 +120,10 @@ where
     })
 }
 
-/// Tells `access` what each attempt of a watch not [`retried`] here (the providers' own,
-/// paced by kube-runtime's controller) came to: a refusal, or something listed or
-/// watched. `Init` starts every attempt to list, one that will be refused too, so it
-/// tells nothing.
+/// Tells `access` what each attempt of a watch came to: a refusal, or something listed
+/// or watched (for the providers' own watch, paced by kube-runtime's controller, alone;
+/// [`retried`] does it for the others). `Init` starts every attempt to list, one that
+/// will be refused too, so it tells nothing.
 pub fn noted<K, S>(
     stream: S,
     access: Arc<Access>,

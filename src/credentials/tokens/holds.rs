@@ -91,9 +91,7 @@ impl Holds {
         });
         let url = &client.0;
         match holds.get(client)? {
-            Hold::Asked { until } if *until > now => Some(format!(
-                "the token endpoint {url} asked (HTTP 429 or 503 with Retry-After) not to be called before {until}: throttled until {until}"
-            )),
+            Hold::Asked { until } if *until > now => Some(throttled(url, *until)),
             Hold::Failed {
                 at,
                 until,
@@ -114,9 +112,11 @@ impl Holds {
         }
     }
 
-    /// The endpoint asked not to be called before `until`.
-    pub(super) fn asked(&self, client: Client, until: Timestamp) {
+    /// The endpoint asked not to be called before `until`; what the hold says.
+    pub(super) fn asked(&self, client: Client, until: Timestamp) -> String {
+        let words = throttled(&client.0, until);
         self.0.lock().unwrap().insert(client, Hold::Asked { until });
+        words
     }
 
     /// A request failed with `message`: no other is sent for a while, longer with each
@@ -154,6 +154,12 @@ impl Holds {
     pub(super) fn answered(&self, client: &Client) {
         self.0.lock().unwrap().remove(client);
     }
+}
+
+fn throttled(url: &str, until: Timestamp) -> String {
+    format!(
+        "the token endpoint {url} asked (HTTP 429 or 503 with Retry-After) not to be called before {until}: throttled until {until}"
+    )
 }
 
 #[cfg(test)]

@@ -888,11 +888,7 @@ impl TokenManager {
             if let Some(until) = not_before {
                 tracing::warn!(secret = secret_name, ?grant, "token endpoint throttled");
                 self.answered("throttled");
-                self.holds.asked(client.clone(), until);
-                let why = self
-                    .holds
-                    .why_not(&client, inputs, true, now)
-                    .unwrap_or_default();
+                let why = self.holds.asked(client.clone(), until);
                 return still_valid(source, &used, now, format!("no {what} asked for: {why}"));
             }
             // Only a failure of the endpoint holds back the next request: a grant, or a
