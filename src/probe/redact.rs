@@ -32,18 +32,22 @@ impl std::fmt::Debug for Redactor {
     }
 }
 
-/// A secret shorter than this is not looked for: it would cut ordinary words out of a
-/// server's replies ("ready", "OK"), and where `[redacted]` then stood would tell it.
+/// A secret shorter than this is not looked for as it is (or quoted): it would cut
+/// ordinary words out of a server's replies ("ready", "OK"), and where `[redacted]` then
+/// stood would tell it. Its base64 forms are looked for whatever its length: they decode to
+/// it, and they do not read as a server's words.
 const SHORTEST: usize = 6;
 
 impl Redactor {
     /// The forms of `login`'s secret as they go out to `endpoint` (`host:port`): as is,
-    /// as an IMAP quoted string, alone in base64 (SASL LOGIN), and as each SASL initial
-    /// response in base64 (PLAIN, XOAUTH2, OAUTHBEARER).
+    /// as an IMAP quoted string (both only from [`SHORTEST`] characters on), alone in
+    /// base64 (SASL LOGIN), and as each SASL initial response in base64 (PLAIN, XOAUTH2,
+    /// OAUTHBEARER).
     pub(crate) fn of(login: &Login, endpoint: &str) -> Redactor {
         let mut forms = Vec::new();
         let mut add = |form: String| {
-            if !forms.iter().any(|f: &Zeroizing<String>| **f == form) {
+            // An empty form (the base64 of an empty password) would match everywhere.
+            if !form.is_empty() && !forms.iter().any(|f: &Zeroizing<String>| **f == form) {
                 forms.push(Zeroizing::new(form));
             }
         };
@@ -69,11 +73,10 @@ impl Redactor {
             ),
         };
         let raw = secret.expose_secret();
-        if raw.chars().count() < SHORTEST {
-            return Redactor::default();
+        if raw.chars().count() >= SHORTEST {
+            add(raw.to_string());
+            add(raw.replace('\\', "\\\\").replace('"', "\\\""));
         }
-        add(raw.to_string());
-        add(raw.replace('\\', "\\\\").replace('"', "\\\""));
         add(STANDARD.encode(raw));
         for mut exchange in exchanges {
             if let Some(response) = exchange.initial_response() {
@@ -185,6 +188,61 @@ mod tests {
                 "NO token [redacted] expired; got [redacted] and [redacted]"
             );
         }
+    }
+
+    /// A short password is not looked for as it is, but each base64 form it went out in
+    /// is: a server quoting `AUTH PLAIN`'s blob quotes the password.
+    #[test]
+    fn a_short_secret_echoed_in_base64_is_redacted() {
+        let r = password("Pa55!");
+        // SASL PLAIN: "\0alice\0Pa55!".
+        assert_eq!(
+            r.apply("-ERR cannot decode AGFsaWNlAFBhNTUh".into()),
+            "-ERR cannot decode [redacted]"
+        );
+        // SASL LOGIN, the password alone: "Pa55!".
+        assert_eq!(
+            r.apply("NO bad LOGIN response UGE1NSE=".into()),
+            "NO bad LOGIN response [redacted]"
+        );
+        // Not as it is: it would cut words.
+        assert_eq!(r.apply("-ERR Pa55! no".into()), "-ERR Pa55! no");
+
+        let token = SecretString::from("t0k");
+        for (mechanism, blob) in [
+            (
+                SaslMechanism::XOAuth2,
+                STANDARD.encode("user=alice@example.com\x01auth=Bearer t0k\x01\x01"),
+            ),
+            (
+                SaslMechanism::OAuthBearer,
+                STANDARD.encode(
+                    "n,a=alice@example.com,\x01host=imap.example.com\x01port=993\x01auth=Bearer t0k\x01\x01",
+                ),
+            ),
+        ] {
+            let login = Login::OAuth2 {
+                username: "alice@example.com".into(),
+                token: token.clone(),
+                mechanism,
+                allow_unencrypted: false,
+            };
+            let r = Redactor::of(&login, "imap.example.com:993");
+            assert_eq!(
+                r.apply(format!("NO cannot decode {blob}")),
+                "NO cannot decode [redacted]",
+                "{mechanism:?}"
+            );
+            assert_eq!(r.apply("NO t0k expired".into()), "NO t0k expired");
+        }
+    }
+
+    /// The base64 of an empty password is empty, and an empty form would put
+    /// `[redacted]` between every two characters.
+    #[test]
+    fn an_empty_password_is_found_nowhere() {
+        let r = password("");
+        assert_eq!(r.apply("+OK ready".into()), "+OK ready");
     }
 
     #[test]
