@@ -222,6 +222,40 @@ pub(crate) fn refused_login(
     }
 }
 
+/// The failure a refusal of `command` (POP3 `AUTH PLAIN`, `reply` the server's line)
+/// stands for when it came before any credential was sent and its code or words say the
+/// server is unavailable or the mailbox in use (RFC 2449, 3206): not the mechanism, nor
+/// the login, which was never tried. `None` when it refuses the mechanism (the caller says
+/// so its own way, and may try another form).
+pub(crate) fn refused_before_credentials(
+    protocol: Protocol,
+    endpoint: &str,
+    command: &str,
+    reply: &str,
+) -> Option<Failure> {
+    let said = quote(reply);
+    let name = protocol.as_str();
+    match refusal(reply) {
+        Refusal::Credentials => None,
+        Refusal::MailboxInUse => Some(Failure::new(
+            Reason::MailboxUnavailable,
+            Step::Authenticate,
+            format!(
+                "{name} server {endpoint} refused {command} before any credential was sent: another session holds the mailbox: {said}"
+            ),
+        )),
+        Refusal::ServerSide(what) => Some(Failure::new(
+            Reason::ServerUnavailable,
+            Step::Authenticate,
+            format!(
+                "{name} server {endpoint} refused {command} before any credential was sent: {what}, not the mechanism or the login: {said}"
+            ),
+        )),
+        // The same words as after the credentials: no login without TLS.
+        Refusal::PrivacyRequired => refused_login(protocol, endpoint, command, reply),
+    }
+}
+
 /// The hint for a refused password login on Microsoft Exchange that offers OAuth2:
 /// Microsoft 365 refuses every password over IMAP and POP3 (basic authentication is
 /// off), in the words of a wrong one. Other servers offering OAuth2 (Gmail, Dovecot) take

@@ -320,7 +320,9 @@ impl Pop3 {
         // The two-line form first: every server that has AUTH takes it (RFC 1734 and
         // 5034), and it is the only form for responses longer than an AUTH line may be
         // (OAuth2 tokens). A server that refuses it before any credential was sent gets
-        // the inline form (RFC 5034 initial response) once, if the mechanism has one.
+        // the inline form (RFC 5034 initial response) once, if the mechanism has one,
+        // unless its refusal says it is unavailable or the mailbox in use ([SYS/TEMP],
+        // [IN-USE]): then nothing more is sent.
         let (mut reply, mut raw) = self.command(step, &shown, shown.as_bytes()).await?;
         let mut tried_inline = false;
         for _ in 0..=MAX_CHALLENGES {
@@ -346,6 +348,14 @@ impl Pop3 {
                         .await?;
                 }
                 Reply::Err(_) if !exchange.credentials_sent() && !tried_inline => {
+                    if let Some(failure) = classify::refused_before_credentials(
+                        Protocol::Pop3,
+                        &self.endpoint,
+                        &shown,
+                        &raw,
+                    ) {
+                        return Err(failure);
+                    }
                     tried_inline = true;
                     let Some(initial) = exchange.initial_response() else {
                         return Err(self.mechanism_refused(&shown, &raw));
@@ -392,7 +402,14 @@ impl Pop3 {
         Failure::new(Reason::AuthenticationFailed, Step::Authenticate, message)
     }
 
+    /// A refusal of `command` before any credential was sent: the mechanism, unless the
+    /// server's code or words say it is unavailable.
     fn mechanism_refused(&self, command: &str, raw: &str) -> Failure {
+        if let Some(failure) =
+            classify::refused_before_credentials(Protocol::Pop3, &self.endpoint, command, raw)
+        {
+            return failure;
+        }
         Failure::new(
             Reason::AuthMechanismUnsupported,
             Step::Authenticate,

@@ -1354,6 +1354,96 @@ async fn pop3_auth_plain_inline_when_the_two_line_form_is_refused() {
     assert_secret_kept(&report);
 }
 
+/// A POP3 server that answers `AUTH <mechanism>` (offered in CAPA) with `refusal`, before
+/// any credential was sent: the failure, and what the server read.
+async fn pop3_auth_refused_at_once(
+    mechanism: &str,
+    refusal: &'static str,
+) -> (u16, Failure, Vec<String>) {
+    let server = serve(vec![
+        Say("+OK ready\r\n"),
+        Cmd("CAPA"),
+        Say(said(format!("+OK\r\nUSER\r\nSASL {mechanism}\r\n.\r\n"))),
+        Cmd(said(format!("AUTH {mechanism}"))),
+        Say(refusal),
+        Cmd("QUIT"),
+        Say("+OK bye\r\n"),
+    ])
+    .await;
+    let report = run(
+        &target(server.port, Protocol::Pop3, TlsMode::None),
+        &password(true),
+    )
+    .await;
+    let f = failure(&report).clone();
+    assert_secret_kept(&report);
+    (server.port, f, server.seen().await)
+}
+
+/// A refusal of `AUTH PLAIN` whose code says the server is unavailable or the mailbox in
+/// use (RFC 2449, 3206) is that, not an unsupported mechanism, and the credentials are not
+/// sent inline after it.
+#[tokio::test]
+async fn pop3_auth_refused_by_an_unavailable_server_sends_no_credentials() {
+    let (port, f, seen) =
+        pop3_auth_refused_at_once("PLAIN", "-ERR [SYS/TEMP] backend down\r\n").await;
+    assert_eq!(
+        (f.reason, f.step),
+        (Reason::ServerUnavailable, Step::Authenticate),
+        "{f:?}"
+    );
+    assert_eq!(
+        f.message,
+        format!(
+            "POP3 server 127.0.0.1:{port} refused AUTH PLAIN before any credential was sent: \
+             the server reports a temporary failure on its side, not the mechanism or the \
+             login: \"-ERR [SYS/TEMP] backend down\""
+        )
+    );
+    assert_eq!(seen, ["CAPA", "AUTH PLAIN", "QUIT"]);
+
+    let (port, f, seen) = pop3_auth_refused_at_once(
+        "PLAIN",
+        "-ERR [IN-USE] Mailbox is locked by another POP3 session.\r\n",
+    )
+    .await;
+    assert_eq!(
+        (f.reason, f.step),
+        (Reason::MailboxUnavailable, Step::Authenticate),
+        "{f:?}"
+    );
+    assert_eq!(
+        f.message,
+        format!(
+            "POP3 server 127.0.0.1:{port} refused AUTH PLAIN before any credential was sent: \
+             another session holds the mailbox: \"-ERR [IN-USE] Mailbox is locked by another \
+             POP3 session.\""
+        )
+    );
+    assert_eq!(seen, ["CAPA", "AUTH PLAIN", "QUIT"]);
+
+    // Without a code, in Exchange's words; and for a mechanism without an inline form.
+    let (_, f, seen) = pop3_auth_refused_at_once("PLAIN", "-ERR Server Unavailable. 21\r\n").await;
+    assert_eq!(f.reason, Reason::ServerUnavailable, "{f:?}");
+    assert_eq!(seen, ["CAPA", "AUTH PLAIN", "QUIT"]);
+    let (_, f, seen) = pop3_auth_refused_at_once("LOGIN", "-ERR [SYS/TEMP] backend down\r\n").await;
+    assert_eq!(f.reason, Reason::ServerUnavailable, "{f:?}");
+    assert_eq!(seen, ["CAPA", "AUTH LOGIN", "QUIT"]);
+
+    // A plain refusal of the mechanism is still that.
+    let (port, f, seen) =
+        pop3_auth_refused_at_once("LOGIN", "-ERR Unsupported mechanism\r\n").await;
+    assert_eq!(f.reason, Reason::AuthMechanismUnsupported, "{f:?}");
+    assert_eq!(
+        f.message,
+        format!(
+            "POP3 server 127.0.0.1:{port} refused AUTH LOGIN before any credential was sent: \
+             \"-ERR Unsupported mechanism\""
+        )
+    );
+    assert_eq!(seen, ["CAPA", "AUTH LOGIN", "QUIT"]);
+}
+
 #[tokio::test]
 async fn pop3_stls_then_wrong_password() {
     let server = serve(vec![
