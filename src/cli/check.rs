@@ -10,7 +10,7 @@ use anyhow::{Context as _, bail};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use kube::api::{Api, Patch, PatchParams, ValidationDirective};
+use kube::api::Api;
 
 use crate::api::{IncomingMailProvider, Reason};
 use crate::check::{self, Outcome};
@@ -29,7 +29,8 @@ pub struct CheckArgs {
     pub kube: super::KubeArgs,
     /// Test the provider in a manifest instead (repeatable; a file, a directory of .yaml,
     /// .yml and .json files, or - for stdin). When the cluster can be reached, the API
-    /// server first checks the provider against the CRD's rules (a server-side dry run).
+    /// server first checks the provider against the CRD's rules (a dry-run create of the
+    /// manifest alone, whether or not the provider exists).
     /// Secrets and ConfigMaps in the files are used first; the cluster supplies the rest
     /// when it can be reached. An OAuth2 token Secret from the files is used as it is,
     /// never refreshed.
@@ -62,13 +63,7 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<i32> {
             .clone()
             .unwrap_or_else(|| client.default_namespace().to_string());
         let api: Api<IncomingMailProvider> = Api::namespaced(client.clone(), &ns);
-        let Some(p) = api
-            .get_opt(name)
-            .await
-            .with_context(|| format!("reading IncomingMailProvider {ns}/{name}"))?
-        else {
-            bail!("IncomingMailProvider {ns}/{name} not found");
-        };
+        let p = read_provider(&api, client, &args.kube, &ns, name).await?;
         let fetched = Fetched {
             namespace: ns,
             ..Default::default()
@@ -160,8 +155,7 @@ async fn test_one(
     // A manifest is what `kubectl apply` would send: the API server says first whether it
     // would take it (schema, CEL rules, unknown fields), which the test cannot.
     if let Some(manifest) = &manifest
-        && let Some(refusal) =
-            refusal(client, &fetched.namespace, &provider.name_any(), manifest).await
+        && let Some(refusal) = refusal(client, &args.kube, &fetched.namespace, manifest).await
     {
         let label = format!("{}/{}", fetched.namespace, provider.name_any());
         let outcome = Outcome::before_connecting(&provider.spec, Reason::InvalidSpec, refusal);
@@ -386,16 +380,16 @@ fn expired_file_token(
 }
 
 /// Why `manifest` would not be applied, if it would not: in the API server's words, or,
-/// where it cannot be asked (no cluster, no right to apply providers there), by the CRD's
+/// where it cannot be asked (no cluster, no right to create providers there), by the CRD's
 /// schema checked here, with a note that its CEL rules were not.
 async fn refusal(
     client: &anyhow::Result<kube::Client>,
+    kube: &super::KubeArgs,
     namespace: &str,
-    name: &str,
     manifest: &serde_json::Value,
 ) -> Option<String> {
     if let Ok(client) = client {
-        match refused_by_api_server(client, namespace, name, manifest).await {
+        match refused_by_api_server(client, kube, namespace, manifest).await {
             ApiServer::Refused(words) => return Some(words),
             ApiServer::Took => return None,
             ApiServer::NotAsked => {}
@@ -415,7 +409,7 @@ async fn refusal(
     })
 }
 
-/// What the API server says of an apply of a manifest.
+/// What the API server says of a manifest.
 enum ApiServer {
     Refused(String),
     Took,
@@ -423,17 +417,24 @@ enum ApiServer {
     NotAsked,
 }
 
-/// Whether the API server refuses the provider as `manifest` has it (a server-side apply,
-/// dry run, unknown fields refused as `kubectl apply` refuses them): its words if it does.
-/// When it cannot be asked (no right to apply providers there, no CRD), a note says so.
+/// Whether the API server refuses the provider as `manifest` has it, alone: a dry-run
+/// create, unknown fields refused (all of them named) as `kubectl apply` refuses them; its
+/// words if it does. The API server validates a create (schema, CEL rules, admission)
+/// before it looks whether the name is taken, so `AlreadyExists` means it took the
+/// manifest. A server-side apply would validate the cluster's copy merged with the
+/// manifest instead, keeping what other managers own (kubectl, Argo CD, Flux): a
+/// `secretRef` that a provider moved to OAuth2 no longer has was kept and refused, and a
+/// required field the manifest lacks was supplied. When it cannot be asked (no right to
+/// create providers there, no CRD), a note says so.
 async fn refused_by_api_server(
     client: &kube::Client,
+    kube: &super::KubeArgs,
     namespace: &str,
-    name: &str,
     manifest: &serde_json::Value,
 ) -> ApiServer {
+    use kube::Resource as _;
     // What a person writes: a manifest saved from the cluster (`kubectl get -o yaml`)
-    // also carries what the API server sets, which an apply must not send.
+    // also carries what the API server sets, which a create must not send.
     let mut object = manifest.clone();
     if let Some(map) = object.as_object_mut() {
         map.remove("status");
@@ -442,43 +443,126 @@ async fn refused_by_api_server(
         metadata.retain(|k, _| matches!(k.as_str(), "name" | "labels" | "annotations"));
         metadata.insert("namespace".into(), serde_json::Value::from(namespace));
     }
-    let api: Api<IncomingMailProvider> = Api::namespaced(client.clone(), namespace);
-    let params = PatchParams {
-        dry_run: true,
-        // Fields another manager owns do not conflict with a dry run that changes nothing.
-        force: true,
-        field_manager: Some("mailroom-check".into()),
-        field_validation: Some(ValidationDirective::Strict),
-    };
-    match api.patch(name, &params, &Patch::Apply(&object)).await {
+    let url = format!(
+        "{}?dryRun=All&fieldValidation=Strict&fieldManager=mailroom-check",
+        IncomingMailProvider::url_path(&(), Some(namespace))
+    );
+    let request = hyper::Request::post(url)
+        .header("Content-Type", "application/json")
+        .body(serde_json::to_vec(&object).expect("a JSON value serializes"))
+        .expect("a request of a valid URL");
+    match client.request_text(request).await {
         Ok(_) => ApiServer::Took,
-        // Invalid (422), undecodable (400), or a field the schema does not declare or a
-        // value of another type, which server-side apply reports as a failed typed patch
-        // (as `kubectl apply --server-side` shows it).
-        Err(kube::Error::Api(status))
-            if matches!(status.code, 400 | 422)
-                || status
-                    .message
-                    .contains("failed to create typed patch object") =>
-        {
-            // Server-side apply names only the first field the schema does not declare.
-            let words = match status.message.contains("field not declared in schema") {
-                true => undeclared_fields(client, namespace, &object).await,
-                false => None,
-            };
-            ApiServer::Refused(format!(
-                "the API server refuses this manifest: {}",
-                words.unwrap_or(status.message)
-            ))
-        }
+        Err(kube::Error::Api(status)) if status.is_already_exists() => ApiServer::Took,
+        // Invalid (422: schema, CEL rules), or undecodable (400: a field the schema does
+        // not declare, with every such field named).
+        Err(kube::Error::Api(status)) if matches!(status.code, 400 | 422) => ApiServer::Refused(
+            format!("the API server refuses this manifest: {}", status.message),
+        ),
         Err(e) => {
+            let unserved = match &e {
+                kube::Error::Api(status) if status.code == 404 => unserved(client, kube).await,
+                _ => None,
+            };
             eprintln!(
                 "note: the manifest was not checked against the CRD's rules: {}",
-                super::error_text(&anyhow::Error::new(e))
+                unserved.unwrap_or_else(|| super::error_text(&anyhow::Error::new(e)))
             );
             ApiServer::NotAsked
         }
     }
+}
+
+/// IncomingMailProvider `ns/name` as `api` reads it. A 404 says either that it is not
+/// there or, when the cluster does not serve IncomingMailProviders at all (a kubeconfig's
+/// context of another cluster: the API server answers a plain `404 page not found`), that,
+/// naming the cluster and the ways out.
+pub(super) async fn read_provider(
+    api: &Api<IncomingMailProvider>,
+    client: &kube::Client,
+    kube: &super::KubeArgs,
+    ns: &str,
+    name: &str,
+) -> anyhow::Result<IncomingMailProvider> {
+    let reading = || format!("reading IncomingMailProvider {ns}/{name}");
+    match api.get_opt(name).await {
+        Ok(Some(p)) => return Ok(p),
+        Ok(None) => {}
+        Err(kube::Error::Api(status)) if status.code == 404 => {}
+        Err(e) => return Err(anyhow::Error::new(e).context(reading())),
+    }
+    match unserved(client, kube).await {
+        Some(unserved) => bail!("IncomingMailProvider {ns}/{name} cannot be read: {unserved}"),
+        None => bail!("IncomingMailProvider {ns}/{name} not found"),
+    }
+}
+
+/// Why the cluster has no IncomingMailProviders, if it does not serve them (their CRD is
+/// not installed there): which cluster, and what to do. None when it serves them, or when
+/// its discovery could not tell.
+pub(super) async fn unserved(client: &kube::Client, kube: &super::KubeArgs) -> Option<String> {
+    use kube::Resource as _;
+    let answer = client
+        .list_api_group_resources(&IncomingMailProvider::api_version(&()))
+        .await;
+    match serves(&answer) {
+        Some(false) => Some(not_served(
+            super::CLUSTER.get().map(String::as_str),
+            context_name(kube).as_deref(),
+        )),
+        _ => None,
+    }
+}
+
+/// Whether the API server serves IncomingMailProviders, from its discovery answer for their
+/// group and version: a 404 (`404 page not found`, as for any path it does not serve) or a
+/// list without them says no; None when the answer says neither (a refusal, no answer).
+fn serves(
+    answer: &Result<k8s_openapi::apimachinery::pkg::apis::meta::v1::APIResourceList, kube::Error>,
+) -> Option<bool> {
+    use kube::Resource as _;
+    match answer {
+        Ok(list) => Some(
+            list.resources
+                .iter()
+                .any(|r| r.name == IncomingMailProvider::plural(&())),
+        ),
+        Err(kube::Error::Api(status)) if status.code == 404 => Some(false),
+        Err(_) => None,
+    }
+}
+
+/// The words for a cluster that does not serve IncomingMailProviders: the API server at
+/// `cluster`, through kubeconfig context `context`, and the two ways out.
+fn not_served(cluster: Option<&str>, context: Option<&str>) -> String {
+    use kube::Resource as _;
+    let place = match (context, cluster) {
+        (Some(context), Some(cluster)) => format!("the cluster of context {context:?} ({cluster})"),
+        (Some(context), None) => format!("the cluster of context {context:?}"),
+        (None, Some(cluster)) => format!("the cluster at {cluster}"),
+        (None, None) => "the cluster".to_string(),
+    };
+    format!(
+        "{place} does not serve IncomingMailProviders ({}): their CRD is not installed there. If this is not the cluster meant, name another with --context (or --kubeconfig); if it is, install the CRD (`kubectl apply -f crds/` from mailroom's repository, or `{} crd | kubectl apply -f -`)",
+        IncomingMailProvider::api_version(&()),
+        crate::command_name()
+    )
+}
+
+/// The kubeconfig context the command talks through: `--context`, else the current
+/// context of the kubeconfig it read (none in a pod, with no kubeconfig).
+fn context_name(kube: &super::KubeArgs) -> Option<String> {
+    if let Some(context) = &kube.context {
+        return Some(context.clone());
+    }
+    let file = match &kube.kubeconfig {
+        Some(path) => kube::config::Kubeconfig::read_from(path).ok()?,
+        None => match super::kubeconfig_files() {
+            Ok(Some(file)) => file,
+            _ => kube::config::Kubeconfig::read().ok()?,
+        },
+    };
+    file.current_context
 }
 
 /// A provider of the files that mailroom cannot read (`unreadable`): the API server's
@@ -513,37 +597,13 @@ async fn unreadable_manifest(
             .unwrap_or("default")
             .to_string(),
     };
-    let Some(refusal) = refusal(client, &namespace, name, manifest).await else {
+    let Some(refusal) = refusal(client, &args.kube, &namespace, manifest).await else {
         return Err(unreadable);
     };
     let mut out = std::io::stdout().lock();
     writeln!(out, "Testing {namespace}/{name}: not tested")?;
     print_verdict(&mut out, Reason::InvalidSpec, &refusal)?;
     Ok(1)
-}
-
-/// Every field of `object` the schema does not declare, in the API server's words, as a
-/// strict dry-run create names them all (`kubectl apply` reports them so), if it names any.
-async fn undeclared_fields(
-    client: &kube::Client,
-    namespace: &str,
-    object: &serde_json::Value,
-) -> Option<String> {
-    use kube::Resource as _;
-    let url = format!(
-        "{}?dryRun=All&fieldValidation=Strict",
-        IncomingMailProvider::url_path(&(), Some(namespace))
-    );
-    let request = hyper::Request::post(url)
-        .header("Content-Type", "application/json")
-        .body(serde_json::to_vec(object).ok()?)
-        .ok()?;
-    match client.request_text(request).await {
-        Err(kube::Error::Api(status)) if status.message.contains("strict decoding error") => {
-            Some(status.message)
-        }
-        _ => None,
-    }
 }
 
 /// The documents of one -f argument: a file, every .yaml, .yml and .json file of a
@@ -590,8 +650,11 @@ fn from_files(args: &CheckArgs) -> anyhow::Result<(Vec<Written>, Objects)> {
     for path in &args.files {
         for (source, text) in documents(path)? {
             for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-                let value = serde_yaml::Value::deserialize_from(doc)
+                let mut value = serde_yaml::Value::deserialize_from(doc)
                     .with_context(|| format!("{source}: document {} is not YAML", i + 1))?;
+                // `<<: *defaults`, as kubectl's YAML reader expands it.
+                expand_merge_keys(&mut value)
+                    .map_err(|e| anyhow::anyhow!("{source}: document {}: {e}", i + 1))?;
                 // A list (`kubectl get -o yaml`) holds its objects in `items`.
                 let objects = match value.get("items").and_then(|i| i.as_sequence()) {
                     Some(items) if kind_of(&value).ends_with("List") => items.clone(),
@@ -643,6 +706,47 @@ fn from_files(args: &CheckArgs) -> anyhow::Result<(Vec<Written>, Objects)> {
         }
     }
     Ok((providers, fetched))
+}
+
+/// `value` with its YAML merge keys expanded (`<<: *defaults`, or `<<: [*a, *b]`), as
+/// kubectl reads them: a mapping's own keys win, then each merged mapping's, the first of
+/// a list first; a merged mapping that merges others is expanded first, so chains of
+/// anchors are too. serde_yaml leaves `<<` as a key, which the schema does not declare.
+fn expand_merge_keys(value: &mut serde_yaml::Value) -> Result<(), String> {
+    use serde_yaml::Value;
+    match value {
+        Value::Mapping(map) => {
+            for v in map.values_mut() {
+                expand_merge_keys(v)?;
+            }
+            let Some(merged) = map.remove("<<") else {
+                return Ok(());
+            };
+            let merged = match merged {
+                Value::Sequence(items) => items,
+                one => vec![one],
+            };
+            for item in merged {
+                let Value::Mapping(item) = item else {
+                    return Err(
+                        "a merge key (<<) takes a mapping or a list of mappings (an anchor's alias, *name)"
+                            .into(),
+                    );
+                };
+                for (k, v) in item {
+                    map.entry(k).or_insert(v);
+                }
+            }
+        }
+        Value::Sequence(items) => {
+            for v in items {
+                expand_merge_keys(v)?;
+            }
+        }
+        Value::Tagged(tagged) => expand_merge_keys(&mut tagged.value)?,
+        _ => {}
+    }
+    Ok(())
 }
 
 /// One object of a file, its error naming the field (`spec.server.port: invalid type`).
@@ -784,5 +888,129 @@ mod tests {
         let data = crate::credentials::as_stored(s).data.unwrap();
         assert_eq!(data["ca.crt"].0, b"hunter2-secret");
         assert_eq!(data["password"].0, b"right-one");
+    }
+
+    /// `<<: *anchor` as kubectl expands it: the mapping's own keys win, then the merged
+    /// ones in order, chains of anchors included, in every document and list item.
+    #[test]
+    fn yaml_merge_keys_are_expanded_as_kubectl_expands_them() {
+        let mut value = yaml(
+            "base: &base {interval: 5m, timeout: 10s}
+longer: &longer {<<: *base, interval: 1h}
+items:
+- check: {<<: *longer, mailbox: Archive}
+- check:
+    <<: [{timeout: 20s}, *base]
+    mailbox: INBOX
+    timeout: 5s
+- check: {<<: [{timeout: 20s}, *base]}",
+        );
+        expand_merge_keys(&mut value).unwrap();
+        assert_eq!(
+            value["items"],
+            yaml(
+                "- check: {interval: 1h, timeout: 10s, mailbox: Archive}
+- check: {interval: 5m, timeout: 5s, mailbox: INBOX}
+- check: {interval: 5m, timeout: 20s}"
+            )
+        );
+        assert_eq!(value["longer"], yaml("{interval: 1h, timeout: 10s}"));
+        let mut scalar = yaml("check: {<<: 5m}");
+        assert!(
+            expand_merge_keys(&mut scalar)
+                .unwrap_err()
+                .contains("a merge key (<<) takes a mapping")
+        );
+    }
+
+    /// A merge key in a file is read as kubectl reads it, not as a field `<<`.
+    #[test]
+    fn a_provider_of_a_file_with_merge_keys_reads_as_kubectl_reads_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.yaml");
+        std::fs::write(
+            &file,
+            "apiVersion: mailroom.dev/v1alpha1
+kind: IncomingMailProvider
+metadata: {name: merged}
+spec:
+  server: {host: imap.example.com, port: 993, protocol: IMAP}
+  authentication: {method: Password, secretRef: {name: s}}
+  check:
+    <<: &defaults {interval: 1h, timeout: 20s}
+    mailbox: Archive
+",
+        )
+        .unwrap();
+        let args = CheckArgs {
+            name: None,
+            namespace: None,
+            kube: Default::default(),
+            files: vec![file],
+        };
+        let (providers, _) = from_files(&args).unwrap();
+        let [(Ok(p), raw)] = &providers[..] else {
+            panic!("not one readable provider")
+        };
+        assert_eq!(raw["spec"]["check"]["interval"], "1h");
+        assert!(raw["spec"]["check"].get("<<").is_none(), "{raw}");
+        assert_eq!(p.spec.check.timeout, "20s");
+        assert_eq!(p.spec.check.mailbox, "Archive");
+        assert!(super::super::schema::refusals(raw).is_empty());
+    }
+
+    fn api_error(code: u16, message: &str) -> kube::Error {
+        kube::Error::Api(Box::new(
+            kube::core::Status::failure(message, "").with_code(code),
+        ))
+    }
+
+    /// A cluster without the CRD answers the discovery of its group with a plain 404
+    /// (`404 page not found`, as the bed's API server does), where a provider that is not
+    /// there is a NotFound of the API server's own.
+    #[test]
+    fn a_cluster_serves_providers_only_when_its_discovery_lists_them() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{APIResource, APIResourceList};
+        let list = |names: &[&str]| APIResourceList {
+            group_version: "mailroom.dev/v1alpha1".into(),
+            resources: names
+                .iter()
+                .map(|n| APIResource {
+                    name: n.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        assert_eq!(
+            serves(&Ok(list(&[
+                "incomingmailproviders",
+                "incomingmailproviders/status"
+            ]))),
+            Some(true)
+        );
+        assert_eq!(serves(&Ok(list(&["othermailthings"]))), Some(false));
+        assert_eq!(
+            serves(&Err(api_error(404, "404 page not found"))),
+            Some(false)
+        );
+        // Neither: no verdict, and the provider is only said not found.
+        assert_eq!(serves(&Err(api_error(403, "forbidden"))), None);
+        assert_eq!(serves(&Err(api_error(503, "unavailable"))), None);
+    }
+
+    #[test]
+    fn a_cluster_without_the_crd_is_named_with_the_ways_out() {
+        let said = not_served(Some("https://10.0.0.1:6443"), Some("prod"));
+        assert!(
+            said.starts_with(
+                "the cluster of context \"prod\" (https://10.0.0.1:6443) does not serve IncomingMailProviders (mailroom.dev/v1alpha1): their CRD is not installed there."
+            ) && said.contains("--context")
+                && said.contains("kubectl apply -f crds/"),
+            "{said}"
+        );
+        assert!(
+            not_served(Some("https://10.0.0.1:6443"), None)
+                .starts_with("the cluster at https://10.0.0.1:6443 does not serve")
+        );
     }
 }

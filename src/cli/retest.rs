@@ -147,14 +147,27 @@ async fn ask(args: &RetestArgs) -> anyhow::Result<(Scope, i32, Vec<(Named, Strin
 
     // Every provider is read before any is annotated: a typo asks for nothing.
     let providers = if args.names.is_empty() {
-        let list = scope
-            .api()
-            .list(&scope.list_params())
-            .await
-            .with_context(|| {
-                let place = scope.describe("all namespaces");
-                format!("listing the IncomingMailProviders of {place}")
-            })?;
+        let listing = || {
+            let place = scope.describe("all namespaces");
+            format!("listing the IncomingMailProviders of {place}")
+        };
+        let list = match scope.api().list(&scope.list_params()).await {
+            Ok(list) => list,
+            Err(e) => {
+                // The resource type itself may be what is missing (another cluster's
+                // context): the API server answers 404 for the list.
+                let unserved = match &e {
+                    kube::Error::Api(status) if status.code == 404 => {
+                        super::check::unserved(&client, &args.kube).await
+                    }
+                    _ => None,
+                };
+                match unserved {
+                    Some(unserved) => bail!("{}: {unserved}", listing()),
+                    None => return Err(anyhow::Error::new(e).context(listing())),
+                }
+            }
+        };
         if list.items.is_empty() {
             bail!(
                 "no IncomingMailProvider in {}",
@@ -167,14 +180,7 @@ async fn ask(args: &RetestArgs) -> anyhow::Result<(Scope, i32, Vec<(Named, Strin
         let ns = scope.namespace.as_deref().unwrap_or_default();
         let mut found = Vec::new();
         for name in &args.names {
-            let p = api
-                .get_opt(name)
-                .await
-                .with_context(|| format!("reading IncomingMailProvider {ns}/{name}"))?;
-            let Some(p) = p else {
-                bail!("IncomingMailProvider {ns}/{name} not found");
-            };
-            found.push(p);
+            found.push(super::check::read_provider(&api, &client, &args.kube, ns, name).await?);
         }
         found
     };

@@ -202,7 +202,8 @@ async fn check_of_a_manifest_is_refused_as_the_api_server_would_refuse_it() {
     let (code, out) = check(&good.replace(&format!("port: {port}"), &format!("port: \"{port}\"")));
     assert_eq!(code, Some(1), "{out}");
     assert!(
-        out.contains("InvalidSpec") && out.contains(".spec.server.port: expected numeric"),
+        out.contains("InvalidSpec")
+            && out.contains("spec.server.port in body must be of type integer"),
         "{out}"
     );
 
@@ -946,4 +947,242 @@ fn check_without_a_cluster(file: &std::path::Path) -> std::process::Output {
         .env("KUBECONFIG", "/nonexistent")
         .output()
         .unwrap()
+}
+
+/// `check -f` of a provider that exists checks the manifest alone, as the API server checks
+/// `kubectl apply` of it, not the cluster's copy merged with it (which keeps the fields
+/// other managers own): a Password provider applied with kubectl and moved to OAuth2 (its
+/// `secretRef` dropped, which a rule allows only with Password) is tested, not refused; a
+/// manifest that lacks a required field is refused naming it, though the cluster's copy
+/// has it.
+#[tokio::test]
+async fn check_of_a_manifest_of_an_existing_provider_checks_the_manifest_alone() {
+    let env = alice_env("cli-alone").await;
+    let port = env.bed.dovecot().imaps_port();
+    let password = provider("moved", "IMAP", port, "Implicit", ALICE_AUTH, "");
+    env.apply(&password);
+    let check = |manifest: &str| {
+        let mut cmd = Command::new(MAILROOM);
+        cmd.args(["check", "-n", &env.ns, "-f", "-"])
+            .env("KUBECONFIG", env.bed.kubeconfig_path());
+        let out = with_input(cmd, manifest);
+        (out.status.code(), text(&out))
+    };
+    let server_dry_run = |manifest: &str| {
+        let mut cmd = env.bed.kubectl();
+        cmd.args(["-n", &env.ns, "apply", "--dry-run=server", "-f", "-"]);
+        with_input(cmd, manifest)
+    };
+
+    let oauth2 = password.replace(
+        ALICE_AUTH,
+        "{method: OAuth2, username: alice, oauth2: {provider: Generic, clientId: c, tokenURL: 'https://127.0.0.1:1/token', tokenSecretRef: {name: alice-token}}}",
+    );
+    let applied = server_dry_run(&oauth2);
+    assert!(
+        applied.status.success(),
+        "kubectl apply would take the move to OAuth2: {}",
+        text(&applied)
+    );
+    let (code, out) = check(&oauth2);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(&format!("Testing {}/moved: IMAP", env.ns))
+            && !out.contains("InvalidSpec")
+            && !out.contains("secretRef is used only"),
+        "the move to OAuth2 should be tested, not refused:\n{out}"
+    );
+    assert!(
+        out.contains("reason=AuthorizationRequired")
+            && out.contains("\"alice-token\" does not exist"),
+        "{out}"
+    );
+
+    let hostless = password.replace(&format!("host: {}, ", mailroom_testbed::MAIL_HOST), "");
+    assert!(!hostless.contains("host:"), "{hostless}");
+    let (code, out) = check(&hostless);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("reason=InvalidSpec")
+            && out.contains("the API server refuses this manifest")
+            && out.contains("spec.server.host: Required value"),
+        "the missing host should be refused by the API server, naming it:\n{out}"
+    );
+    assert!(!out.contains("connect "), "a test ran:\n{out}");
+
+    // Neither dry run changed the provider.
+    let stored = env.providers().get("moved").await.unwrap();
+    assert_eq!(
+        stored.spec.server.host,
+        mailroom_testbed::MAIL_HOST.to_string()
+    );
+    assert!(
+        stored.spec.authentication.secret_ref.is_some(),
+        "{:?}",
+        stored.spec.authentication
+    );
+}
+
+/// `check -f` reads YAML merge keys (`<<: *anchor`) as kubectl does: providers of a list
+/// that share their settings through anchors are checked and tested as `kubectl apply`
+/// would apply them, not refused for a field `<<`.
+#[tokio::test]
+async fn check_of_manifests_expands_yaml_merge_keys() {
+    let env = alice_env("cli-merge").await;
+    let port = env.bed.dovecot().imaps_port();
+    let host = mailroom_testbed::MAIL_HOST;
+    let list = format!(
+        "apiVersion: v1
+kind: List
+items:
+- apiVersion: mailroom.dev/v1alpha1
+  kind: IncomingMailProvider
+  metadata: {{name: first}}
+  spec: &spec
+    server: {{host: {host}, port: {port}, protocol: IMAP}}
+    tls: {{mode: Implicit, caBundleRef: {{kind: ConfigMap, name: test-ca}}}}
+    authentication: {ALICE_AUTH}
+    check: &check {{interval: 5m, timeout: 10s}}
+- apiVersion: mailroom.dev/v1alpha1
+  kind: IncomingMailProvider
+  metadata: {{name: second}}
+  spec:
+    <<: *spec
+    check:
+      <<: *check
+      interval: 10m
+"
+    );
+    let mut cmd = env.bed.kubectl();
+    cmd.args(["-n", &env.ns, "apply", "--dry-run=server", "-f", "-"]);
+    let applied = with_input(cmd, &list);
+    assert!(applied.status.success(), "{}", text(&applied));
+
+    let mut cmd = Command::new(MAILROOM);
+    cmd.args(["check", "-n", &env.ns, "-f", "-"])
+        .env("KUBECONFIG", env.bed.kubeconfig_path());
+    let out = with_input(cmd, &list);
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains(&format!("Testing {}/second: IMAP", env.ns))
+            && said.contains("2 of 2 IncomingMailProviders would be Ready")
+            && !said.contains("<<"),
+        "{said}"
+    );
+}
+
+/// `check NAME` and `retest` against a cluster that does not serve IncomingMailProviders
+/// (a kubeconfig's context of another cluster, where the CRD is not installed) say so,
+/// naming the context and the API server, and the ways out; not that the provider is not
+/// there. The bed's API server is every test's, so the CRD stays: the cluster is one that
+/// answers every path as kube-apiserver answers one it does not serve (a plain-text
+/// `404 page not found`, as the bed answers for a group without a CRD).
+#[tokio::test]
+async fn check_and_retest_say_when_the_cluster_does_not_serve_providers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, server) = api_server_without_the_crd(&dir);
+    let run = |args: &[&str]| {
+        let out = Command::new(MAILROOM)
+            .args(args)
+            .args(["--request-timeout", "10s", "--kubeconfig"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        (out.status.code(), text(&out))
+    };
+    let unserved = format!(
+        "the cluster of context \"elsewhere\" ({server}/) does not serve IncomingMailProviders (mailroom.dev/v1alpha1): their CRD is not installed there"
+    );
+    for (args, first) in [
+        (
+            &["check", "inbox", "-n", "ops"][..],
+            "IncomingMailProvider ops/inbox cannot be read: ",
+        ),
+        (
+            &["retest", "inbox", "-n", "ops", "--timeout", "20"][..],
+            "IncomingMailProvider ops/inbox cannot be read: ",
+        ),
+        (
+            &["retest", "--all", "-n", "ops", "--timeout", "20"][..],
+            "listing the IncomingMailProviders of namespace ops: ",
+        ),
+    ] {
+        let (code, said) = run(args);
+        assert_eq!(code, Some(2), "{args:?}: {said}");
+        assert!(
+            said.contains(&format!("{first}{unserved}"))
+                && said.contains("--context")
+                && said.contains("kubectl apply -f crds/")
+                && !said.contains("not found"),
+            "{args:?}: expected {first}{unserved}, saw:\n{said}"
+        );
+    }
+    // A manifest is checked here instead, and the note says why the API server was not.
+    let manifest = dir.path().join("provider.yaml");
+    std::fs::write(
+        &manifest,
+        provider("inbox", "IMAP", 993, "Implicit", ALICE_AUTH, ""),
+    )
+    .unwrap();
+    let (_, said) = run(&["check", "-n", "ops", "-f", manifest.to_str().unwrap()]);
+    assert!(
+        said.contains(&format!(
+            "note: the manifest was not checked against the CRD's rules: {unserved}"
+        )),
+        "{said}"
+    );
+}
+
+/// A kubeconfig in `dir` (its current context `elsewhere`) whose API server, plain HTTP,
+/// answers every request as kube-apiserver answers a path it does not serve; and that
+/// server's URL.
+fn api_server_without_the_crd(dir: &tempfile::TempDir) -> (std::path::PathBuf, String) {
+    use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let answer = |conn: std::net::TcpStream| -> std::io::Result<()> {
+        let mut reader = BufReader::new(conn.try_clone()?);
+        let mut conn = conn;
+        loop {
+            // The request line and headers, then the body it announces.
+            let mut length = 0;
+            let mut line = String::new();
+            loop {
+                line.clear();
+                if reader.read_line(&mut line)? == 0 {
+                    return Ok(());
+                }
+                if line == "\r\n" {
+                    break;
+                }
+                if let Some((name, value)) = line.split_once(':')
+                    && name.eq_ignore_ascii_case("content-length")
+                {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+            }
+            reader.read_exact(&mut vec![0; length])?;
+            conn.write_all(
+                b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain; charset=utf-8\r\nX-Content-Type-Options: nosniff\r\nContent-Length: 19\r\n\r\n404 page not found\n",
+            )?;
+        }
+    };
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || answer(conn));
+        }
+    });
+    let file = dir.path().join("elsewhere.kubeconfig");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: elsewhere\n\
+             clusters: [{{name: other, cluster: {{server: '{server}'}}}}]\n\
+             users: [{{name: u, user: {{token: t}}}}]\n\
+             contexts: [{{name: elsewhere, context: {{cluster: other, user: u, namespace: ops}}}}]\n"
+        ),
+    )
+    .unwrap();
+    (file, server)
 }
