@@ -742,18 +742,18 @@ async fn store(
     name: &str,
     grant: &tokens::TokenResponse,
 ) -> anyhow::Result<()> {
+    let params = PostParams {
+        field_manager: Some(tokens::AUTHORIZE_WRITER.into()),
+        ..Default::default()
+    };
     for _ in 0..5 {
         let current = secrets.get_opt(name).await?;
         let mut updated = signed_in_secret(current.as_ref(), grant, Timestamp::now());
         let result = match current {
-            Some(_) => {
-                secrets
-                    .replace(name, &PostParams::default(), &updated)
-                    .await
-            }
+            Some(_) => secrets.replace(name, &params, &updated).await,
             None => {
                 updated.metadata.name = Some(name.to_string());
-                secrets.create(&PostParams::default(), &updated).await
+                secrets.create(&params, &updated).await
             }
         };
         match result {
@@ -835,7 +835,10 @@ async fn revoke(
         secrets
             .patch(
                 name,
-                &PatchParams::default(),
+                &PatchParams {
+                    field_manager: Some(tokens::AUTHORIZE_WRITER.into()),
+                    ..Default::default()
+                },
                 &Patch::Merge(serde_json::json!({"data": keys})),
             )
             .await?;

@@ -38,7 +38,7 @@ use kube_lease_manager::LeaseManagerBuilder;
 
 use crate::api::IncomingMailProvider;
 use crate::credentials::ObjectKind;
-use crate::credentials::tokens::TokenManager;
+use crate::credentials::tokens::{self, TokenManager};
 
 use access::Access;
 pub use http::ListenAddr;
@@ -745,7 +745,8 @@ async fn run_controllers(
 }
 
 /// What the caches keep of a Secret or ConfigMap: name, namespace, resourceVersion,
-/// labels, creation time and the time of its last change. managedFields' field sets would
+/// labels, creation time and the time of its last change by anyone but the token
+/// manager's refreshes (see [`tokens::REFRESH_WRITER`]). managedFields' field sets would
 /// cost memory per object (only the newest entry's time is kept, for a provider first seen
 /// after a restart), and a Secret's `kubectl.kubernetes.io/last-applied-configuration`
 /// annotation holds its data.
@@ -755,6 +756,7 @@ fn slim_metadata<K: Resource>(meta: &mut K) {
         .managed_fields
         .iter()
         .flatten()
+        .filter(|f| f.manager.as_deref() != Some(tokens::REFRESH_WRITER))
         .filter_map(|f| f.time.clone())
         .max_by_key(|t| t.0);
     m.managed_fields = changed.map(|time| {
@@ -805,6 +807,35 @@ async fn wait_for_signal() -> Instant {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A token Secret refreshed by the controller after a person signed in: what a
+    /// controller started afresh compares with the last test is the sign-in, not the
+    /// refresh (its own write, which every test of a short-lived token makes).
+    #[test]
+    fn the_time_of_a_change_leaves_out_the_controllers_token_refreshes() {
+        let at = |s: i64| {
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::from_second(1_800_000_000 + s).unwrap(),
+            )
+        };
+        let entry = |manager: &str, s: i64| ManagedFieldsEntry {
+            manager: Some(manager.into()),
+            time: Some(at(s)),
+            ..Default::default()
+        };
+        let mut secret = PartialObjectMeta::<Secret>::default();
+        secret.metadata.managed_fields = Some(vec![
+            entry(tokens::AUTHORIZE_WRITER, 10),
+            entry(tokens::REFRESH_WRITER, 20),
+        ]);
+        secret.metadata.annotations = Some([("a".to_string(), "b".to_string())].into());
+        slim_metadata(&mut secret);
+        let kept = secret.metadata.managed_fields.unwrap();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].time, Some(at(10)));
+        assert_eq!(kept[0].manager, None, "only the time is kept");
+        assert_eq!(secret.metadata.annotations, None);
+    }
 
     #[test]
     fn stopping_fits_in_the_grace_period_with_time_to_spare() {

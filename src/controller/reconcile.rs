@@ -24,7 +24,7 @@ use crate::api::{
     CHECK_REQUESTED_AT, Endpoint, IncomingMailProvider, IncomingMailProviderStatus, Reason,
 };
 use crate::check;
-use crate::credentials::{ObjectKind, references};
+use crate::credentials::references;
 
 /// How long a first test, or that of a changed Secret or ConfigMap, may run before the
 /// status says Checking.
@@ -254,21 +254,7 @@ async fn reconcile_inner(
     // Only where `decide` reads it: a provider first seen since this replica started.
     let unwatched = match memory {
         Some(_) => Unwatched::default(),
-        None => {
-            // The OAuth2 token Secret changes with every refresh, the controller's own writes.
-            let token = p
-                .spec
-                .authentication
-                .oauth2
-                .as_ref()
-                .map(|o| &o.token_secret_ref.name);
-            let others: Vec<_> = refs
-                .iter()
-                .filter(|r| !(r.kind == ObjectKind::Secret && Some(&r.name) == token))
-                .cloned()
-                .collect();
-            ctx.objects.unwatched(&ns, &others)
-        }
+        None => ctx.objects.unwatched(&ns, &refs),
     };
     let seen = Seen {
         generation,
@@ -281,7 +267,7 @@ async fn reconcile_inner(
     };
     let why = match schedule::decide(memory.as_ref(), &seen, &*ctx.jitter) {
         Ok(wait) => {
-            Box::pin(write_unwritten(&api, &p, &key, &sctx, &ctx)).await?;
+            Box::pin(write_unwritten(&api, &p, &key, &ctx)).await?;
             // First sight after a restart: adopt the schedule the status implies. Else
             // the test is due when the wait ends: `decide` waits no longer than an
             // interval (a clock stepped back leaves a due time further off).
@@ -690,7 +676,7 @@ async fn record(
     // failures it counted go on counting (and the backoff with them) through an outage
     // of the API server.
     let kept = ctx.unwritten.lock().unwrap().remove(key);
-    let unstored = kept.map(|kept| kept.status(stored, sctx));
+    let unstored = kept.map(|kept| kept.status(stored));
     let old = unstored.as_ref().or(stored);
     let seconds = outcome.report.as_ref().map(|r| r.duration.as_secs_f64());
     ctx.metrics.test_finished(
@@ -752,11 +738,7 @@ async fn record(
         // an outage costs no mail server a login per retry, nor loses this result.
         ctx.unwritten.lock().unwrap().insert(
             key.clone(),
-            Unwritten {
-                outcome,
-                finished,
-                before: unstored.map(Box::new),
-            },
+            Unwritten::of(outcome, &sctx, unstored.map(Box::new)),
         );
         ctx.memory.lock().unwrap().insert(key.clone(), next);
         return Err(e);
@@ -807,26 +789,47 @@ fn since_last_check(stored: Option<&IncomingMailProviderStatus>, now: Timestamp)
         .unwrap_or(Duration::MAX)
 }
 
-/// A test's result whose status write failed, kept until a write succeeds.
+/// A test's result whose status write failed, kept until a write succeeds, with what its
+/// status was made of: the generation it tested, the request it answered and whether it
+/// tested changed references. A later reconcile (a new spec, a routine test) must not
+/// relabel it: counted as the newer generation's, a failure went on counting where the
+/// new spec's first should start from one.
 #[derive(Clone, Debug)]
 pub struct Unwritten {
     outcome: check::Outcome,
     finished: Timestamp,
+    generation: Option<i64>,
+    check_request: Option<String>,
+    new_references: bool,
     /// The status it followed, when that was not stored either (several failed writes in
     /// a row): so the status finally written counts every failure of the outage.
     before: Option<Box<IncomingMailProviderStatus>>,
 }
 
 impl Unwritten {
-    /// The status this result makes, after `stored` or the unstored one it followed.
-    fn status(
-        &self,
-        stored: Option<&IncomingMailProviderStatus>,
+    /// The result of a test whose status `sctx` (with `now` its end) was to make.
+    fn of(
+        outcome: check::Outcome,
         sctx: &StatusContext<'_>,
-    ) -> IncomingMailProviderStatus {
+        before: Option<Box<IncomingMailProviderStatus>>,
+    ) -> Self {
+        Self {
+            outcome,
+            finished: sctx.now,
+            generation: sctx.generation,
+            check_request: sctx.check_request.map(str::to_string),
+            new_references: sctx.new_references,
+            before,
+        }
+    }
+
+    /// The status this result makes, after `stored` or the unstored one it followed.
+    fn status(&self, stored: Option<&IncomingMailProviderStatus>) -> IncomingMailProviderStatus {
         let sctx = StatusContext {
+            generation: self.generation,
             now: self.finished,
-            ..*sctx
+            check_request: self.check_request.as_deref(),
+            new_references: self.new_references,
         };
         status::after_test(self.before.as_deref().or(stored), &self.outcome, &sctx)
     }
@@ -839,14 +842,13 @@ async fn write_unwritten(
     api: &Api<IncomingMailProvider>,
     p: &IncomingMailProvider,
     key: &ObjectRef<IncomingMailProvider>,
-    sctx: &StatusContext<'_>,
     ctx: &Context,
 ) -> Result<(), Error> {
     let Some(kept) = ctx.unwritten.lock().unwrap().get(key).cloned() else {
         return Ok(());
     };
     let old = p.status.as_ref();
-    let new = kept.status(old, sctx);
+    let new = kept.status(old);
     write(api, p, &new, ctx, Write::Change).await?;
     ctx.unwritten.lock().unwrap().remove(key);
     if let Some(m) = ctx.memory.lock().unwrap().get_mut(key) {
@@ -1046,13 +1048,10 @@ mod tests {
         assert_eq!(super::event_note("short"), "short");
     }
 
-    /// Results kept through an outage of the API server, one after another: the status
-    /// finally written counts every failure, and schedules the backoff from that count.
-    #[test]
-    fn results_kept_through_an_outage_go_on_counting_failures() {
+    /// A test that found the port closed.
+    fn refused() -> crate::check::Outcome {
         use crate::api::{Endpoint, Protocol, Reason, TlsMode};
-        use k8s_openapi::jiff::Timestamp;
-        let refused = crate::check::Outcome {
+        crate::check::Outcome {
             endpoint: Endpoint {
                 host: "mail.example".into(),
                 port: 993,
@@ -1063,8 +1062,19 @@ mod tests {
             reason: Reason::ConnectionRefused,
             message: "refused".into(),
             anonymous: false,
-        };
-        let at = |s: i64| Timestamp::from_second(1_800_000_000 + s).unwrap();
+        }
+    }
+
+    /// A moment, `s` seconds after an arbitrary start.
+    fn at(s: i64) -> k8s_openapi::jiff::Timestamp {
+        k8s_openapi::jiff::Timestamp::from_second(1_800_000_000 + s).unwrap()
+    }
+
+    /// Results kept through an outage of the API server, one after another: the status
+    /// finally written counts every failure, and schedules the backoff from that count.
+    #[test]
+    fn results_kept_through_an_outage_go_on_counting_failures() {
+        let refused = refused();
         let sctx = super::StatusContext {
             generation: Some(1),
             now: at(0),
@@ -1075,23 +1085,50 @@ mod tests {
         let stored = super::status::after_test(None, &refused, &sctx);
         assert_eq!(stored.consecutive_failures, 1);
         // Two more tests fail while no write gets through; each follows the one before.
-        let first = super::Unwritten {
-            outcome: refused.clone(),
-            finished: at(10),
-            before: None,
-        };
-        let second = super::Unwritten {
-            outcome: refused.clone(),
-            finished: at(30),
-            before: Some(Box::new(first.status(Some(&stored), &sctx))),
-        };
-        let written = second.status(Some(&stored), &sctx);
+        let ended = |s: i64| super::StatusContext { now: at(s), ..sctx };
+        let first = super::Unwritten::of(refused.clone(), &ended(10), None);
+        let second = super::Unwritten::of(
+            refused.clone(),
+            &ended(30),
+            Some(Box::new(first.status(Some(&stored)))),
+        );
+        let written = second.status(Some(&stored));
         assert_eq!(written.consecutive_failures, 3);
         assert_eq!(
             written.last_check_time.as_ref().map(|t| t.0),
             Some(at(30)),
             "the status says when the last test ran"
         );
+    }
+
+    /// A result kept through an outage is written as the test made it, whatever the
+    /// provider has become meanwhile: the next test, of an edited spec, then counts its
+    /// failure from one.
+    #[test]
+    fn a_kept_result_keeps_the_generation_it_tested() {
+        let refused = refused();
+        let tested = super::StatusContext {
+            generation: Some(1),
+            now: at(10),
+            check_request: Some("asked"),
+            new_references: false,
+        };
+        let kept = super::Unwritten::of(refused.clone(), &tested, None);
+        // The spec edited meanwhile (generation 2): the kept result still says 1.
+        let unstored = kept.status(None);
+        assert_eq!(unstored.observed_generation, Some(1));
+        assert_eq!(
+            unstored.last_handled_check_request.as_deref(),
+            Some("asked")
+        );
+        let edited = super::StatusContext {
+            generation: Some(2),
+            now: at(40),
+            check_request: Some("asked"),
+            new_references: false,
+        };
+        let next = super::status::after_test(Some(&unstored), &refused, &edited);
+        assert_eq!(next.consecutive_failures, 1, "the new spec's first failure");
     }
 
     #[test]

@@ -36,6 +36,12 @@ pub const USERNAME: &str = "username";
 pub const SCOPE: &str = "scope";
 /// The label that marks a Secret as holding mailroom's OAuth2 tokens.
 pub const TOKEN_LABEL: &str = "mailroom.dev/oauth2-tokens";
+/// The field manager of the token manager's writes of refreshed tokens, which a controller
+/// started afresh tells apart from a person's change of the Secret (`mailroom authorize`,
+/// its `--revoke`, an edit), by managedFields: only those are news to test at once.
+pub const REFRESH_WRITER: &str = "mailroom-token-refresh";
+/// The field manager of `mailroom authorize`'s writes of a token Secret.
+pub const AUTHORIZE_WRITER: &str = "mailroom-authorize";
 
 /// An access token is refreshed when it has less than this left.
 pub const REFRESH_AHEAD: Duration = Duration::from_secs(5 * 60);

@@ -921,6 +921,70 @@ async fn no_token_is_authorization_required_with_the_command() {
     );
 }
 
+/// A token Secret changed while no controller runs (a person puts other tokens in it during
+/// a rollout) is seen by the next one at once, as any Secret a provider references is:
+/// the provider, Ready with tokens the mail server now refuses, says so now, not at its
+/// next interval (five minutes here, an hour for many). The controller's own write-back of refreshed
+/// tokens is no such change: a restart after it tests nothing early.
+#[tokio::test]
+async fn a_token_secret_changed_while_no_controller_ran_is_tested_at_once() {
+    let env = Env::new("oauth2-offline").await;
+    trust_bed_ca(&env).await;
+    let (server, refresh) = alice_grant(&env);
+    let expired = env
+        .bed
+        .oauth()
+        .access_token("alice", Duration::from_secs(1));
+    expired_token_secret(&env, &refresh, &expired).await;
+    env.apply(&generic_imap(&env, &server));
+    let mut controller = env.controller();
+    let p = env
+        .wait_reason("imap", "Connected", Duration::from_secs(60))
+        .await;
+    let tested = p.status.unwrap().last_check_time;
+    assert_ne!(
+        key_of(&token_secret(&env).await.unwrap(), tokens::ACCESS_TOKEN),
+        expired,
+        "the controller refreshed the token and wrote it back"
+    );
+    assert!(controller.terminate(Duration::from_secs(30)).is_some());
+
+    // Started again: its own write-back is no news.
+    let mut controller = env.controller();
+    let started = std::time::Instant::now();
+    while controller.get("/readyz").await.0 != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "not ready:\n{}",
+            controller.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let p = env.providers().get("imap").await.unwrap();
+    assert_eq!(
+        p.status.unwrap().last_check_time,
+        tested,
+        "tested again after a restart for the controller's own token write:\n{}",
+        controller.logs()
+    );
+    assert!(controller.terminate(Duration::from_secs(30)).is_some());
+
+    // Changed while no controller runs (an access token for an hour that the mail server
+    // refuses): the next one tests at once.
+    refused_from_cache(&env, &refresh, 3600).await;
+    let controller = env.controller();
+    let started = std::time::Instant::now();
+    env.wait_reason("imap", "AuthenticationFailed", Duration::from_secs(30))
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "AuthenticationFailed {:?} after the start:\n{}",
+        started.elapsed(),
+        controller.logs()
+    );
+}
+
 #[tokio::test]
 async fn a_token_the_mail_server_rejects_is_authentication_failed_in_status() {
     let env = Env::new("oauth2-rejected").await;

@@ -649,7 +649,11 @@ impl TokenManager {
         own: bool,
     ) -> Result<Secret, kube::Error> {
         let pending = own.then(|| self.own.begin(namespace, name, current.resource_version()));
-        let written = api.replace(name, &PostParams::default(), updated).await;
+        let params = PostParams {
+            field_manager: Some(super::REFRESH_WRITER.into()),
+            ..Default::default()
+        };
+        let written = api.replace(name, &params, updated).await;
         if let (Ok(secret), Some(pending)) = (&written, pending)
             && let Some(after) = secret.resource_version()
         {
