@@ -42,15 +42,32 @@ impl Outcome {
     }
 }
 
-/// The durations of `spec.check`, parsed (the CRD's rules make failure rare; a manifest
-/// checked before it is applied may still carry a bad one).
+/// The durations of `spec.check`, parsed and held to the CRD's rules, in their words. The
+/// rules make failure rare, but an object stored before a rule existed (or by an API
+/// server that skipped them) may carry an interval of 0s, which would test in a loop, and
+/// a manifest checked without a cluster was never held to them.
 pub fn timing(spec: &IncomingMailProviderSpec) -> Result<(Duration, Duration), String> {
     let interval =
         parse_duration(&spec.check.interval).map_err(|e| format!("spec.check.interval: {e}"))?;
     let timeout =
         parse_duration(&spec.check.timeout).map_err(|e| format!("spec.check.timeout: {e}"))?;
+    if interval < MIN_INTERVAL {
+        return Err("spec.check.interval: interval must be at least 30s".into());
+    }
+    if timeout < MIN_TIMEOUT {
+        return Err("spec.check.timeout: timeout must be at least 1s".into());
+    }
+    if timeout > interval {
+        return Err(
+            "spec.check.timeout: timeout (30s unless set) must not be longer than interval".into(),
+        );
+    }
     Ok((interval, timeout))
 }
+
+/// The CRD's floors for `spec.check` (its CEL rules say the same).
+const MIN_INTERVAL: Duration = Duration::from_secs(30);
+const MIN_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Builds the probe's inputs, or the verdict that stops the test before it connects.
 pub fn prepare(
@@ -165,6 +182,57 @@ mod tests {
     use super::*;
     use crate::api::SaslMechanism;
     use secrecy::SecretString;
+
+    /// What the CRD's rules refuse is refused here too, naming the field, in their words:
+    /// an interval of 0s stored before a rule existed must not test in a loop.
+    #[test]
+    fn timing_holds_the_durations_to_the_crds_rules() {
+        let spec = |check: &str| -> IncomingMailProviderSpec {
+            serde_yaml::from_str(&format!(
+                "server: {{host: mail.example.com, protocol: IMAP}}\nauthentication: {{method: None}}\ncheck: {check}\n"
+            ))
+            .unwrap()
+        };
+        let secs = Duration::from_secs;
+        assert_eq!(timing(&spec("{}")), Ok((secs(300), secs(30))));
+        assert_eq!(
+            timing(&spec("{interval: 30s, timeout: 30s}")),
+            Ok((secs(30), secs(30)))
+        );
+        assert_eq!(
+            timing(&spec("{interval: 1h, timeout: 1s}")),
+            Ok((secs(3600), secs(1)))
+        );
+        for (check, said) in [
+            (
+                "{interval: 0s}",
+                "spec.check.interval: interval must be at least 30s",
+            ),
+            (
+                "{interval: 29s}",
+                "spec.check.interval: interval must be at least 30s",
+            ),
+            (
+                "{interval: 1m, timeout: 500ms}",
+                "spec.check.timeout: timeout must be at least 1s",
+            ),
+            (
+                "{interval: 1m, timeout: 0s}",
+                "spec.check.timeout: timeout must be at least 1s",
+            ),
+            (
+                "{interval: 1m, timeout: 61s}",
+                "spec.check.timeout: timeout (30s unless set) must not be longer than interval",
+            ),
+            (
+                "{interval: soon}",
+                "spec.check.interval: \"soon\" is not a duration",
+            ),
+        ] {
+            let err = timing(&spec(check)).unwrap_err();
+            assert!(err.starts_with(said), "{check}: {err}");
+        }
+    }
 
     fn passed() -> Report {
         Report {
