@@ -361,6 +361,43 @@ fn the_values_schema_refuses_what_the_chart_cannot_use() {
             "an egress rule open to every port: {egress}"
         );
     }
+    // DNS where the cluster's resolver listens (OpenShift's on 5353), over UDP and TCP.
+    let docs = Helm::offline().render(
+        "r",
+        "ops",
+        &[
+            "--set",
+            "networkPolicy.enabled=true",
+            "--set-json",
+            "networkPolicy.dnsPorts=[53,5353]",
+        ],
+    );
+    let egress = &only(&docs, "NetworkPolicy")["spec"]["egress"];
+    let dns: Vec<(u64, &str)> = egress[0]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["port"].as_u64().unwrap(), p["protocol"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        dns,
+        [(53, "UDP"), (53, "TCP"), (5353, "UDP"), (5353, "TCP")],
+        "{egress}"
+    );
+    let out = helm.run(&[
+        "template",
+        "r",
+        CHART,
+        "--set",
+        "networkPolicy.enabled=true",
+        "--set-json",
+        "networkPolicy.dnsPorts=[]",
+    ]);
+    assert!(
+        !out.status.success() && text(&out).contains("dnsPorts"),
+        "a DNS rule with no ports; helm said:\n{}",
+        text(&out)
+    );
     let out = helm.run(&[
         "template",
         "r",
@@ -888,6 +925,28 @@ fn the_controller_gets_exactly_its_rules_cluster_wide_and_the_lease_in_its_names
         objects(&docs)
     );
     assert!(args(&docs).contains(&"--leader-election=false".to_string()));
+    // Nor a rollout's two pods testing side by side: the new one starts after the old.
+    let deployment = find(&docs, "Deployment", "mailroom");
+    assert_eq!(deployment["spec"]["strategy"]["type"], "Recreate");
+    let docs = Helm::offline().render(
+        "mailroom",
+        "mailroom-system",
+        &[
+            "--set",
+            "leaderElection.enabled=false",
+            "--set-json",
+            r#"strategy={"type":"RollingUpdate","rollingUpdate":{"maxSurge":0}}"#,
+        ],
+    );
+    let deployment = find(&docs, "Deployment", "mailroom");
+    assert_eq!(
+        deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"], 0,
+        "the strategy the values name"
+    );
+    // With a Lease, Kubernetes' default: the new pod waits for the Lease.
+    let docs = Helm::offline().render("mailroom", "mailroom-system", &[]);
+    let deployment = find(&docs, "Deployment", "mailroom");
+    assert!(deployment["spec"].get("strategy").is_none(), "{deployment}");
 }
 
 #[test]
@@ -2698,7 +2757,18 @@ async fn wait_ready_reason(
     reason: &str,
     controller: &Controller,
 ) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(90);
+    wait_ready_reason_within(env, ns, name_, reason, controller, Duration::from_secs(90)).await
+}
+
+async fn wait_ready_reason_within(
+    env: &Env,
+    ns: &str,
+    name_: &str,
+    reason: &str,
+    controller: &Controller,
+    within: Duration,
+) -> Value {
+    let deadline = Instant::now() + within;
     loop {
         let out = kubectl_in(env, ns, &["get", "imp", name_, "-o", "json"]);
         let p = serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null);
@@ -2710,7 +2780,7 @@ async fn wait_ready_reason(
         }
         assert!(
             Instant::now() < deadline,
-            "{ns}/{name_}: expected Ready reason {reason} within 90 s; status was:\n{}\ncontroller log ({}):\n{}",
+            "{ns}/{name_}: expected Ready reason {reason} within {within:?}; status was:\n{}\ncontroller log ({}):\n{}",
             serde_json::to_string_pretty(&p["status"]).unwrap(),
             controller.log.display(),
             controller.logs()
@@ -2999,30 +3069,9 @@ async fn a_namespace_whose_secrets_are_forbidden_stops_no_other() {
         kubeconfig,
     } = two_teams(&env).await;
     // team-b's Role without its Secrets rule.
-    let role = format!("{full}-controller");
-    let out = kubectl_in(&env, &team_b, &["get", "role", &role, "-o", "json"]);
-    assert!(out.status.success(), "{}", text(&out));
-    let mut r: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let replace_role = |role: &Value| {
-        let mut cmd = env.bed.kubectl();
-        cmd.args(["-n", &team_b, "replace", "-f", "-"]);
-        let out = with_input(cmd, &role.to_string());
-        assert!(out.status.success(), "{}", text(&out));
-    };
-    let mut original = r.clone();
-    original["metadata"]
-        .as_object_mut()
-        .unwrap()
-        .remove("resourceVersion");
-    let rules: Vec<Value> = r["rules"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|rule| !rule["resources"].to_string().contains("secrets"))
-        .cloned()
-        .collect();
-    r["rules"] = Value::Array(rules);
-    replace_role(&r);
+    let original = controller_role(&env, &team_b, &full);
+    let replace_role = |role: &Value| replace(&env, &team_b, role);
+    replace_role(&without_secrets(&original));
     let out = kubectl_as(
         &env,
         &kubeconfig,
@@ -3175,6 +3224,96 @@ async fn a_namespace_whose_secrets_are_forbidden_stops_no_other() {
             && message.contains(&format!("on secrets in namespace {team_b} through a Role")),
         "{message}"
     );
+}
+
+/// A namespace whose Secrets the controller may no longer list after it has listed them (its
+/// Role edited while the controller runs): once the Secrets' watch is made again (within a
+/// minute) and refused, the provider there says `AccessDenied`. The rule given back, the
+/// provider is tested again and the namespace is no longer counted unlisted, though
+/// nothing in it changed: the watch, resumed from where it was, yields nothing (the
+/// refusal used to stand until something changed there, the provider `AccessDenied` all
+/// that while).
+#[tokio::test]
+async fn secrets_refused_after_listing_then_allowed_again_are_used_again() {
+    let env = Env::new("chart-rerefused").await;
+    let TwoTeams {
+        full,
+        team_b,
+        chart,
+        kubeconfig,
+        ..
+    } = two_teams(&env).await;
+    let port = env.bed.dovecot().imaps_port();
+    // Tested every 30 s: what the cache says is read again that often.
+    apply_in(
+        &env,
+        &team_b,
+        &provider("mine", "IMAP", port, "Implicit", ALICE_AUTH, "")
+            .replace("interval: 5m", "interval: 30s"),
+    );
+    let controller = controller_as(&env, &kubeconfig, &chart, &[], &env.ns);
+    wait_ready_reason(&env, &team_b, "mine", "Connected", &controller).await;
+
+    let original = controller_role(&env, &team_b, &full);
+    replace(&env, &team_b, &without_secrets(&original));
+    // The watch made again after its minute, 15 s of refusals, then the next test.
+    wait_ready_reason_within(
+        &env,
+        &team_b,
+        "mine",
+        "AccessDenied",
+        &controller,
+        Duration::from_secs(150),
+    )
+    .await;
+    assert_unlisted(&controller, &[0, 1, 0], "team-b's Secrets refused").await;
+
+    replace(&env, &team_b, &original);
+    let restored = Instant::now();
+    wait_ready_reason(&env, &team_b, "mine", "Connected", &controller).await;
+    // The refusal lapses 30 s after the last one; the provider asks again every 15 s.
+    assert!(
+        restored.elapsed() < Duration::from_secs(60),
+        "Connected {:?} after the Role was restored:\n{}",
+        restored.elapsed(),
+        controller.logs()
+    );
+    assert_unlisted(&controller, &[0, 0, 0], "team-b's Secrets allowed again").await;
+}
+
+/// The chart's Role for the controller in `ns`, ready to be put back with [`replace`].
+fn controller_role(env: &Env, ns: &str, full: &str) -> Value {
+    let role = format!("{full}-controller");
+    let out = kubectl_in(env, ns, &["get", "role", &role, "-o", "json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let mut role: Value = serde_json::from_slice(&out.stdout).unwrap();
+    role["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("resourceVersion");
+    role
+}
+
+/// `role` without its rule for Secrets.
+fn without_secrets(role: &Value) -> Value {
+    let mut role = role.clone();
+    let rules: Vec<Value> = role["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|rule| !rule["resources"].to_string().contains("secrets"))
+        .cloned()
+        .collect();
+    role["rules"] = Value::Array(rules);
+    role
+}
+
+/// `kubectl replace` of `object` in `ns`.
+fn replace(env: &Env, ns: &str, object: &Value) {
+    let mut cmd = env.bed.kubectl();
+    cmd.args(["-n", ns, "replace", "-f", "-"]);
+    let out = with_input(cmd, &object.to_string());
+    assert!(out.status.success(), "{}", text(&out));
 }
 
 /// `mailroom_namespaces_unlisted` of `[IncomingMailProvider, Secret, ConfigMap]`, within
