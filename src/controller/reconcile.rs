@@ -524,10 +524,13 @@ async fn test_and_write_inner(job: Job, ctx: &Context, ns: String) -> Result<(),
     // A new provider shows Checking only if its first test is slow (queued behind others,
     // or a server taking its time): most finish first, which saves a write each. So does
     // the test of a changed Secret or ConfigMap, whose old verdict would otherwise stand
-    // meanwhile, for a health check to read as the new value's.
+    // meanwhile, for a health check to read as the new value's, and the first test after a
+    // suspension, whose "no tests run" would.
     let endpoint = Endpoint::of(&p.spec);
     let checking = if old.is_none_or(|s| s.conditions.is_empty()) {
         Some(status::checking(old, &endpoint, &sctx))
+    } else if status::says_suspended(old) {
+        Some(status::resuming(old, &endpoint, &sctx))
     } else if job.why == schedule::Why::ReferencesChanged {
         Some(status::checking_again(old, &endpoint, &sctx))
     } else {

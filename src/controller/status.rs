@@ -169,6 +169,23 @@ pub fn suspended(old: Option<&Status>, endpoint: &Endpoint, ctx: &Context) -> St
     new
 }
 
+/// Ready Unknown (Checking) while the first test after `spec.suspend` went back to false
+/// runs: the Suspended message ("no tests run") would say the opposite of what happens.
+pub fn resuming(old: Option<&Status>, endpoint: &Endpoint, ctx: &Context) -> Status {
+    unknown(
+        old,
+        endpoint,
+        ctx,
+        Reason::Checking,
+        "spec.suspend is false again: testing",
+    )
+}
+
+/// Whether Ready says the provider is suspended.
+pub fn says_suspended(old: Option<&Status>) -> bool {
+    ready(old).is_some_and(|r| r.reason == Reason::Suspended.as_str())
+}
+
 /// The status of a provider whose first test has not finished (its endpoint shown
 /// already: the PORT column reads it).
 pub fn checking(old: Option<&Status>, endpoint: &Endpoint, ctx: &Context) -> Status {

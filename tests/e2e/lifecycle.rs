@@ -284,12 +284,9 @@ async fn transitions_are_recorded_as_events_and_sigterm_exits_cleanly() {
     );
 }
 
-#[tokio::test]
-async fn sigterm_cancels_a_test_that_outlasts_the_drain_and_exits_within_the_grace_period() {
-    let env = Env::new("drain").await;
-    trust_bed_ca(&env).await;
-    // A server that accepts and never speaks, under a two-minute timeout: the test
-    // would take all of it.
+/// A server on the bed's mail address that accepts connections and never speaks: its port,
+/// and a message for each connection.
+fn tarpit() -> (u16, std::sync::mpsc::Receiver<()>) {
     let tarpit = std::net::TcpListener::bind((mailroom_testbed::MAIL_HOST, 0)).unwrap();
     let port = tarpit.local_addr().unwrap().port();
     let (accepted, connected) = std::sync::mpsc::channel();
@@ -300,6 +297,53 @@ async fn sigterm_cancels_a_test_that_outlasts_the_drain_and_exits_within_the_gra
             let _ = accepted.send(());
         }
     });
+    (port, connected)
+}
+
+/// The first test after a suspension, while it runs (a slow server here), shows Checking
+/// with what is happening, not the Suspended words ("no tests run") that say otherwise.
+#[tokio::test]
+async fn a_provider_resumed_says_it_is_testing_while_its_first_test_runs() {
+    let env = Env::new("resume").await;
+    trust_bed_ca(&env).await;
+    let (port, connected) = tarpit();
+    env.apply(
+        &provider("slow", "IMAP", port, "None", "{method: None}", "")
+            .replace("timeout: 10s", "timeout: 2m")
+            .replace("  check:", "  suspend: true\n  check:"),
+    );
+    let controller = env.controller();
+    env.wait_reason("slow", "Suspended", Duration::from_secs(30))
+        .await;
+    env.providers()
+        .patch(
+            "slow",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"suspend": false}})),
+        )
+        .await
+        .unwrap();
+    connected
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("not connected once resumed ({e}):\n{}", controller.logs()));
+    let p = env
+        .wait_reason("slow", "Checking", Duration::from_secs(15))
+        .await;
+    let ready = ready(&p).unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.message.as_str()),
+        ("Unknown", "spec.suspend is false again: testing")
+    );
+    assert_eq!(ready.observed_generation, p.metadata.generation);
+}
+
+#[tokio::test]
+async fn sigterm_cancels_a_test_that_outlasts_the_drain_and_exits_within_the_grace_period() {
+    let env = Env::new("drain").await;
+    trust_bed_ca(&env).await;
+    // A server that accepts and never speaks, under a two-minute timeout: the test
+    // would take all of it.
+    let (port, connected) = tarpit();
     env.apply(
         &provider("slow", "IMAP", port, "None", "{method: None}", "")
             .replace("timeout: 10s", "timeout: 2m"),
